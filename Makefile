@@ -1,0 +1,33 @@
+# `make demo` and `make test` set everything up on a fresh clone, then run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+EXTRAS ?= cpu,dev
+
+# No network but loopback: keep libraries from phoning home.
+export HF_HUB_OFFLINE=1
+export WANDB_MODE=disabled
+export NO_ALBUMENTATIONS_UPDATE=1
+export RAY_USAGE_STATS_ENABLED=0
+export RAY_AUTH_MODE=disabled
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if (3, 11) <= v[:2] < (3, 13) else "vlmcurate needs Python 3.11 or 3.12 (img2dataset imports imghdr, gone in 3.13); set PYTHON=")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/vlmcurate demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

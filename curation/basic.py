@@ -1,0 +1,159 @@
+"""Basic text rules: cheap, vectorised filters that run on captions alone, before any download.
+
+Each rule is its own stage so a config can order, drop or rename them, and each rejection names
+its reason. Non-UTF-8 captions never reach these stages: the source rejects them at read time
+(``caption_not_utf8``), because Arrow text columns hold valid UTF-8 only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.stage import Rejections, Stage
+from schemas.columns import CAPTION
+
+CONTROL_CHARACTERS = "control_characters"
+REPLACEMENT_CHARACTER = "replacement_character"
+EMPTY_CAPTION = "empty_caption"
+FILENAME_CAPTION = "filename_caption"
+DIMENSIONS_CAPTION = "dimensions_caption"
+URL_CAPTION = "url_caption"
+GENERIC_CAPTION = "generic_caption"
+TOO_FEW_WORDS = "too_few_words"
+TOO_MANY_WORDS = "too_many_words"
+TOO_SHORT = "too_short"
+TOO_LONG = "too_long"
+
+# RE2 patterns (pyarrow.compute). C0 controls except tab, newline and carriage return; DEL; C1.
+_CONTROL = r"[\x{00}-\x{08}\x{0b}\x{0c}\x{0e}-\x{1f}\x{7f}-\x{9f}]"
+_CONTROL_STRICT = r"[\x{00}-\x{1f}\x{7f}-\x{9f}]"
+_WORD = r"[^\s\p{Z}]+"  # RE2's \s is ASCII-only; \p{Z} adds Unicode spaces (NBSP, U+3000, ...)
+_IMAGE_EXTENSIONS = r"jpe?g|png|gif|webp|bmp|tiff?|svg|heic|heif|avif|jfif|ico"
+_JUNK_PATTERNS = {
+    FILENAME_CAPTION: (
+        rf"(?i)^\s*(?:[\w\-.()\[\]~+]+(?: [\w\-.()\[\]~+]+)*\.(?:{_IMAGE_EXTENSIONS})"
+        r"|(?:img|dsc[nf]?|pxl|dcim|image|photo|pic|screenshot|scan|untitled)[\s_\-]*\d+[\w\-]*)\s*$"
+    ),
+    DIMENSIONS_CAPTION: r"(?i)^\s*\d{1,5}\s*[x×*]\s*\d{1,5}\s*(?:px|pixels?)?\s*$",
+    URL_CAPTION: r"(?i)^\s*(?:https?://|www\.)\S+\s*$",
+}
+DEFAULT_GENERIC_CAPTIONS = (
+    "image", "images", "photo", "photos", "picture", "pic", "img", "untitled", "thumbnail", "thumb",
+    "placeholder", "default", "logo", "icon", "banner", "null", "none", "n/a", "undefined",
+    "no image", "image not found", "alt", "alt text", "spacer", "blank",
+)
+
+
+@dataclass
+class CaptionCharacters(Stage):
+    """Rejects captions holding control characters, or U+FFFD left by a lossy decode upstream.
+
+    Tab, newline and carriage return are allowed unless ``allow_line_breaks`` is false (MetaCLIP
+    treats them as spaces).
+    """
+
+    name: ClassVar[str] = "caption_characters"
+    input_columns: ClassVar[tuple[str, ...]] = (CAPTION,)
+
+    allow_line_breaks: bool = True
+    reject_replacement_character: bool = True
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        caption = batch[CAPTION]
+        rejections = Rejections(batch.num_rows)
+        pattern = _CONTROL if self.allow_line_breaks else _CONTROL_STRICT
+        rejections.add(pc.match_substring_regex(caption, pattern), CONTROL_CHARACTERS,
+                       "caption holds control characters")
+        if self.reject_replacement_character:
+            rejections.add(pc.match_substring(caption, "\ufffd"), REPLACEMENT_CHARACTER,
+                           "caption holds U+FFFD (undecodable bytes upstream)")
+        return rejections.attach(batch.select([]))
+
+
+@dataclass
+class JunkAltText(Stage):
+    """Rejects alt-text that describes nothing: empty, a file name, bare dimensions, a URL, a stock word.
+
+    ``rules`` selects which of ``empty_caption``, ``filename_caption``, ``dimensions_caption``,
+    ``url_caption``, ``generic_caption`` apply; ``generic_captions`` is the list of stock words
+    compared case-insensitively after trimming.
+    """
+
+    name: ClassVar[str] = "junk_alt_text"
+    input_columns: ClassVar[tuple[str, ...]] = (CAPTION,)
+    RULES: ClassVar[tuple[str, ...]] = (EMPTY_CAPTION, FILENAME_CAPTION, DIMENSIONS_CAPTION, URL_CAPTION,
+                                        GENERIC_CAPTION)
+
+    rules: list[str] = field(default_factory=lambda: list(JunkAltText.RULES))
+    generic_captions: list[str] = field(default_factory=lambda: list(DEFAULT_GENERIC_CAPTIONS))
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.rules) - set(self.RULES))
+        if unknown:
+            raise ValueError(f"rules: unknown rule(s) {unknown}; allowed: {list(self.RULES)}")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        caption = batch[CAPTION]
+        trimmed = pc.utf8_trim_whitespace(caption)
+        rejections = Rejections(batch.num_rows)
+        for rule in self.rules:
+            if rule == EMPTY_CAPTION:
+                rejections.add(pc.equal(pc.utf8_length(trimmed), 0), rule, "caption is empty or whitespace")
+            elif rule == GENERIC_CAPTION:
+                words = pa.array([w.lower() for w in self.generic_captions], pa.string())
+                rejections.add(pc.is_in(pc.utf8_lower(trimmed), value_set=words), rule,
+                               pc.binary_join_element_wise("stock caption: ", trimmed, ""))
+            else:
+                rejections.add(pc.match_substring_regex(caption, _JUNK_PATTERNS[rule]), rule,
+                               pc.binary_join_element_wise(f"{rule.split('_')[0]}: ", caption, ""))
+        return rejections.attach(batch.select([]))
+
+
+@dataclass
+class CaptionLength(Stage):
+    """Rejects captions outside word and character bounds (``null`` disables a bound).
+
+    Words are runs of non-whitespace (Unicode whitespace separates them); characters are
+    Unicode code points. The defaults drop one-word and shorter-than-five-character captions,
+    a common floor for web alt-text; raise ``min_words`` to 3 for DataComp's "more than two words".
+    """
+
+    name: ClassVar[str] = "caption_length"
+    input_columns: ClassVar[tuple[str, ...]] = (CAPTION,)
+
+    min_words: int | None = 2
+    max_words: int | None = None
+    min_chars: int | None = 5
+    max_chars: int | None = 1000
+
+    def __post_init__(self) -> None:
+        for low, high in (("min_words", "max_words"), ("min_chars", "max_chars")):
+            a, b = getattr(self, low), getattr(self, high)
+            for key, value in ((low, a), (high, b)):
+                if value is not None and value < 0:
+                    raise ValueError(f"{key} must be >= 0 or null, got {value}")
+            if a is not None and b is not None and a > b:
+                raise ValueError(f"{low} ({a}) is greater than {high} ({b})")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        caption = batch[CAPTION]
+        words = pc.count_substring_regex(caption, _WORD)
+        chars = pc.utf8_length(caption)
+        rejections = Rejections(batch.num_rows)
+        checks = (
+            (words, "min_words", pc.less, TOO_FEW_WORDS, "<"),
+            (words, "max_words", pc.greater, TOO_MANY_WORDS, ">"),
+            (chars, "min_chars", pc.less, TOO_SHORT, "<"),
+            (chars, "max_chars", pc.greater, TOO_LONG, ">"),
+        )
+        for values, param, compare, reason, sign in checks:
+            bound = getattr(self, param)
+            if bound is None:
+                continue
+            detail = pc.binary_join_element_wise(pc.cast(values, pa.string()), f" {sign} {param}={bound}", "")
+            rejections.add(compare(values, bound), reason, detail)
+        return rejections.attach(batch.select([]))

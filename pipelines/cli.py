@@ -1,0 +1,148 @@
+"""The ``vlmcurate`` command line: run a pipeline, inspect a run, run the demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipelines.config import PipelineConfig, load_config
+from pipelines.execute import ConfigChangedError, run_pipeline
+from pipelines.ledger import LedgerError
+from pipelines.plan import build_plan
+from pipelines.runner import make_runner
+from schemas.manifest import Manifest
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Curate web image-text pools into training data for vision-language models.")
+console = Console()
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML, e.g. configs/text-pool.yaml.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. runner=ray.")] = None,
+) -> None:
+    """Run (or resume) a pipeline."""
+    with _errors():
+        cfg = load_config(config, overrides or [])
+        _run(cfg)
+
+
+@app.command()
+def inspect(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory (holds manifest.json).")],
+    phase: Annotated[str | None, typer.Option(help="Phase to describe (default: the last).")] = None,
+) -> None:
+    """Show a run's ledger and the column statistics of one of its phases."""
+    from pipelines.inspect_run import column_stats, load_manifest
+
+    with _errors():
+        manifest = load_manifest(str(run_dir))
+        console.print(ledger_table(manifest))
+        phase = phase or manifest.final_phase
+        if phase is None:
+            return
+        rows, stats = column_stats(str(run_dir), phase)
+        table = Table(title=f"{phase}: {rows:,} rows")
+        for header in ("column", "type", "nulls", "min", "mean", "max", "of"):
+            table.add_column(header, justify="left" if header in ("column", "type", "of") else "right")
+        for s in stats:
+            table.add_row(s.name, s.dtype, f"{s.nulls:,}", _num(s.minimum), _num(s.mean), _num(s.maximum), s.measure)
+        console.print(table)
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[Path, typer.Option(help="Where the demo pool and run go.")] = Path("runs"),
+    runner: Annotated[str, typer.Option(help="local or ray.")] = "ray",
+) -> None:
+    """Run the main job on embedded defaults: a generated noisy pool through configs/demo.yaml."""
+    from pipelines.demo_pool import write_demo_pool
+
+    with _errors():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        pool = output_dir / "demo-pool.csv"
+        lines = write_demo_pool(str(pool))
+        console.print(f"demo pool: {lines:,} lines written to [bold]{pool}[/]")
+        cfg = load_config(REPO_ROOT / "configs" / "demo.yaml",
+                          [f"input={pool}", f"output_dir={output_dir}", f"runner={runner}"])
+        _run(cfg)
+
+
+def _run(cfg: PipelineConfig) -> None:
+    plan = build_plan(cfg)
+    runner = make_runner(cfg.runner, cfg.ray)
+    console.print(f"run [bold]{cfg.name}[/] ({cfg.runner} runner, config {plan.config_hash}) → {plan.run_uri}")
+    columns = [TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    try:
+        with Progress(*columns, console=console, transient=False) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase, total=total or None)
+                bar.update(tasks[phase], completed=done, total=total or None)
+
+            manifest = run_pipeline(plan, runner, progress=progress)
+    finally:
+        runner.close()
+    console.print(ledger_table(manifest))
+    run_root = plan.run_uri
+    kept = manifest.phases[-1].rows_out if manifest.phases else 0
+    console.print(f"kept rows: {kept:,} in [bold]{run_root}/{manifest.final_phase}/[/]")
+    console.print(f"rejects:   [bold]{run_root}/rejects/[/]  manifest: [bold]{run_root}/manifest.json[/]")
+
+
+def ledger_table(manifest: Manifest) -> Table:
+    table = Table(title=f"ledger of run {manifest.name} ({manifest.status})")
+    table.add_column("phase / stage", no_wrap=True)
+    for header in ("in", "kept", "rejected"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("reasons", overflow="fold")
+    for phase in manifest.phases:
+        table.add_row(f"[dim]{phase.name}[/]")
+        for name, c in phase.counts.items():
+            reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(c.rejected.items(), key=lambda x: -x[1]))
+            table.add_row(f"  {name}", f"{c.rows_in:,}", f"{c.rows_kept:,}", f"{c.rows_rejected:,}", reasons)
+    return table
+
+
+class _errors:
+    """Turn the errors a user can fix into a one-paragraph message and a non-zero exit."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or not isinstance(error, (ValueError, ConfigChangedError, LedgerError, OSError)):
+            return False
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(code=2 if isinstance(error, (ValueError, ConfigChangedError)) else 1)
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if abs(value) >= 1000 or float(value).is_integer() else f"{value:,.3g}"
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    app(prog_name="vlmcurate", args=sys.argv[1:])

@@ -1,0 +1,158 @@
+"""The driver: runs a plan into its run directory, resumably, and keeps the manifest.
+
+Order of work: check the run directory (a changed config is refused), clear temporary files a
+killed run left, read the input into ``00_input`` shards, then for each phase compute the
+aggregate of its global stage (or reuse the saved one), process the shards that have no ledger
+entry yet, and check that the phase's ledger closes before the next phase starts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import platform
+from collections.abc import Callable
+from importlib import metadata
+
+from pipelines.ledger import LedgerError, check_phase, summarise
+from pipelines.phase import PhaseTask
+from pipelines.plan import INPUT_PHASE, Plan, fingerprint_diff
+from pipelines.rundir import RunDir
+from pipelines.runner import Runner
+from pipelines.source import READ_STAGE, read_shards
+from schemas.manifest import Manifest, ShardEntry
+
+log = logging.getLogger(__name__)
+
+#: ``progress(phase, shards_done, shards_total)`` after every written shard.
+Progress = Callable[[str, int, int], None]
+
+VERSIONED_PACKAGES = ("vlmcurate", "pyarrow", "ray", "polars", "torch", "open_clip_torch",
+                      "img2dataset", "transformers", "openai", "datasketch", "pillow")
+
+
+class ConfigChangedError(RuntimeError):
+    """The run directory holds a run of a different configuration."""
+
+
+def run_pipeline(plan: Plan, runner: Runner, progress: Progress | None = None) -> Manifest:
+    """Execute ``plan`` with ``runner``, resuming whatever an earlier attempt finished."""
+    rundir = RunDir(plan.run_uri)
+    manifest = _open_manifest(rundir, plan)
+    removed = rundir.remove_temporaries()
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run", removed)
+    try:
+        shards, previous = _ingest(plan, rundir, manifest, progress)
+        input_phase = INPUT_PHASE
+        for phase in plan.phases:
+            if phase.global_stage is not None:
+                _bind_aggregate(phase.global_stage, runner, rundir, input_phase, shards, manifest)
+            task = PhaseTask(rundir, input_phase, phase.name, phase.stages)
+            done = rundir.shard_entries(phase.name)
+            pending = [s for s in shards if s not in done]
+            for entry in runner.run_phase(task, pending):
+                done[entry.shard] = entry
+                if progress:
+                    progress(phase.name, len(done), len(shards))
+            entries = rundir.shard_entries(phase.name)
+            check_phase(phase.name, entries, previous)
+            summary = summarise(phase.name, [s.name for s in phase.stages], entries, len(shards))
+            _set_phase(manifest, summary, plan.phase_names)
+            _write(rundir, manifest)
+            input_phase, previous = phase.name, entries
+    except BaseException:
+        manifest.status = "failed"
+        _write(rundir, manifest)
+        raise
+    manifest.status = "complete"
+    _write(rundir, manifest)
+    return manifest
+
+
+def _open_manifest(rundir: RunDir, plan: Plan) -> Manifest:
+    existing = rundir.read_manifest()
+    if existing is not None:
+        if existing.config_hash != plan.config_hash:
+            changes = fingerprint_diff(existing.config.get("fingerprint", {}), plan.fingerprint)
+            raise ConfigChangedError(
+                f"run directory {plan.run_uri} holds a run of another configuration "
+                f"(hash {existing.config_hash}, now {plan.config_hash}). Changed:\n  "
+                + "\n  ".join(changes or ["(no readable difference)"])
+                + "\nTo keep both, start a new run: add name=<new name> (or output_dir=<other folder>). "
+                "To start over, delete the run directory."
+            )
+        existing.status = "running"
+        existing.config["pipeline"] = plan.config.model_dump()
+        return existing
+    now = _now()
+    manifest = Manifest(
+        name=plan.config.name, config_hash=plan.config_hash,
+        config={"fingerprint": plan.fingerprint, "pipeline": plan.config.model_dump()},
+        versions=_versions(), created_at=now, updated_at=now,
+    )
+    _write(rundir, manifest)
+    return manifest
+
+
+def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress | None):
+    """Read the input into ``00_input`` shards (skipping shards already written)."""
+    summary = next((p for p in manifest.phases if p.name == INPUT_PHASE), None)
+    done = rundir.shard_entries(INPUT_PHASE)
+    if summary is None or summary.shards_done != summary.shards_total or len(done) != summary.shards_total:
+        total = 0
+        for shard in read_shards(plan.source, plan.config.shard_size):
+            total += 1
+            if shard.shard in done:
+                continue
+            entry = ShardEntry(phase=INPUT_PHASE, shard=shard.shard, rows_in=shard.counts.rows_in,
+                               rows_out=shard.rows.num_rows, stages={READ_STAGE: shard.counts})
+            rundir.write_shard(entry, shard.rows, shard.rejects)
+            done[shard.shard] = entry
+            if progress:
+                progress(INPUT_PHASE, len(done), 0)
+        if len(done) != total:
+            raise LedgerError(
+                f"the input now gives {total} shards but {len(done)} were written earlier: the input "
+                f"changed under the run"
+            )
+        check_phase(INPUT_PHASE, done, None)
+        _set_phase(manifest, summarise(INPUT_PHASE, [READ_STAGE], done, total), plan.phase_names)
+        _write(rundir, manifest)
+    return sorted(done), done
+
+
+def _bind_aggregate(planned, runner: Runner, rundir: RunDir, phase: str, shards: list[int], manifest: Manifest):
+    found, state = rundir.load_aggregate(planned.name)
+    if not found:
+        partials = runner.compute_partials(planned, rundir, phase, shards)
+        state = planned.stage.aggregate(partials)
+        rundir.save_aggregate(planned.name, state)
+    planned.state = state
+    manifest.aggregates[planned.name] = planned.stage.describe(state)
+    _write(rundir, manifest)
+
+
+def _set_phase(manifest: Manifest, summary, order: list[str]) -> None:
+    phases = {p.name: p for p in manifest.phases}
+    phases[summary.name] = summary
+    manifest.phases = [phases[name] for name in order if name in phases]
+
+
+def _write(rundir: RunDir, manifest: Manifest) -> None:
+    manifest.updated_at = _now()
+    rundir.write_manifest(manifest)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions

@@ -1,0 +1,42 @@
+"""One phase over one shard: load the previous phase's rows, run the stages, write the result.
+
+:class:`PhaseTask` is what a runner ships to its workers (it pickles small: the run directory's
+URI and the planned stages). Both runners call ``load``, ``chain.apply_stage`` and ``finish``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.chain import PlannedStage, ShardState
+from pipelines.ledger import check_shard
+from pipelines.rundir import RunDir
+from schemas.manifest import ShardEntry
+
+
+@dataclass
+class PhaseTask:
+    """Run ``stages`` over shards of ``input_phase`` and write them as phase ``name``."""
+
+    rundir: RunDir
+    input_phase: str
+    name: str
+    stages: list[PlannedStage]
+
+    def load(self, shard: int) -> ShardState:
+        rows = self.rundir.read_table(self.rundir.shard_path(self.input_phase, shard))
+        return ShardState(shard=shard, rows=rows, rows_in=rows.num_rows)
+
+    def finish(self, state: ShardState) -> ShardEntry:
+        entry = ShardEntry(phase=self.name, shard=state.shard, rows_in=state.rows_in,
+                           rows_out=state.rows.num_rows, stages=state.counts)
+        check_shard(entry)
+        self.rundir.write_shard(entry, state.rows, state.rejects_table())
+        return entry
+
+
+def compute_partial(planned: PlannedStage, rundir: RunDir, phase: str, shard: int) -> Any:
+    """The ``compute`` pass of a global stage on one finished shard (only the columns it needs)."""
+    columns = list(planned.stage.compute_columns)
+    return planned.stage.compute(rundir.read_table(rundir.shard_path(phase, shard), columns=columns))

@@ -1,0 +1,151 @@
+"""The run directory on disk (local or any pyarrow filesystem): shards, rejects, ledger, manifest.
+
+Layout of ``<output_dir>/<run name>/``::
+
+    manifest.json                      config, hash, versions, phases, aggregates, ledger
+    <phase>/<shard:05d>.parquet        rows kept by the phase
+    <phase>/_ledger/<shard:05d>.json   the shard's ledger entry: the shard is done when it exists
+    rejects/<phase>/<shard:05d>.parquet  reject records of the phase
+    aggregates/<stage>.pkl             the state of a global stage, reused on resume
+
+Every file is written under a hidden temporary name in its final folder and renamed into place,
+so a reader never sees a partial file; the ledger entry is written last.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from schemas.manifest import Manifest, ShardEntry
+
+MANIFEST = "manifest.json"
+LEDGER_DIR = "_ledger"
+REJECTS_DIR = "rejects"
+AGGREGATES_DIR = "aggregates"
+TMP_MARK = ".tmp-"
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:05d}"
+
+
+class RunDir:
+    """Paths and atomic I/O of one run directory. Picklable, so workers can write shards."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.fs, self.root = pafs.FileSystem.from_uri(_as_uri(uri))
+        self.root = self.root.rstrip("/")
+
+    def __reduce__(self):
+        return (RunDir, (self.uri,))
+
+    # Paths -------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join((self.root, *parts))
+
+    def shard_path(self, phase: str, shard: int) -> str:
+        return self.path(phase, f"{shard_name(shard)}.parquet")
+
+    def ledger_path(self, phase: str, shard: int) -> str:
+        return self.path(phase, LEDGER_DIR, f"{shard_name(shard)}.json")
+
+    def rejects_path(self, phase: str, shard: int) -> str:
+        return self.path(REJECTS_DIR, phase, f"{shard_name(shard)}.parquet")
+
+    def aggregate_path(self, stage: str) -> str:
+        return self.path(AGGREGATES_DIR, f"{stage}.pkl")
+
+    # Atomic writes -----------------------------------------------------------------------
+    def write_bytes(self, path: str, data: bytes) -> None:
+        tmp = self._tmp_name(path)
+        with self.fs.open_output_stream(tmp) as out:
+            out.write(data)
+        self.fs.move(tmp, path)
+
+    def write_table(self, path: str, table: pa.Table) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        self.write_bytes(path, buffer.getvalue())
+
+    def _tmp_name(self, path: str) -> str:
+        folder, _, name = path.rpartition("/")
+        self.fs.create_dir(folder, recursive=True)
+        return f"{folder}/.{name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+
+    # Reads -------------------------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(path, columns=columns, filesystem=self.fs)
+
+    def list_files(self, folder: str) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
+        return [f for f in self.fs.get_file_info(selector) if f.type == pafs.FileType.File]
+
+    # Shards and ledger -------------------------------------------------------------------
+    def write_shard(self, entry: ShardEntry, rows: pa.Table, rejects: pa.Table | None) -> None:
+        """Write a finished shard: rows, then rejects, then the ledger entry that marks it done."""
+        self.write_table(self.shard_path(entry.phase, entry.shard), rows)
+        rejects_path = self.rejects_path(entry.phase, entry.shard)
+        if rejects is not None:
+            self.write_table(rejects_path, rejects)
+        elif self.exists(rejects_path):  # left by an earlier attempt at this shard
+            self.fs.delete_file(rejects_path)
+        self.write_bytes(self.ledger_path(entry.phase, entry.shard), entry.to_json().encode())
+
+    def shard_entries(self, phase: str) -> dict[int, ShardEntry]:
+        """Ledger entries of the finished shards of a phase, by shard number."""
+        entries = {}
+        for info in self.list_files(f"{phase}/{LEDGER_DIR}"):
+            if info.base_name.startswith(".") or not info.base_name.endswith(".json"):
+                continue
+            entry = ShardEntry.from_json(self.read_bytes(info.path).decode())
+            entries[entry.shard] = entry
+        return entries
+
+    def remove_temporaries(self) -> int:
+        """Delete temporary files a killed run left behind; return how many."""
+        removed = 0
+        selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File and info.base_name.startswith(".") and TMP_MARK in info.base_name:
+                self.fs.delete_file(info.path)
+                removed += 1
+        return removed
+
+    # Aggregates and manifest -------------------------------------------------------------
+    def save_aggregate(self, stage: str, state: Any) -> None:
+        self.write_bytes(self.aggregate_path(stage), pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def load_aggregate(self, stage: str) -> tuple[bool, Any]:
+        path = self.aggregate_path(stage)
+        if not self.exists(path):
+            return False, None
+        return True, pickle.loads(self.read_bytes(path))
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        self.write_bytes(self.path(MANIFEST), manifest.to_json().encode())
+
+    def read_manifest(self) -> Manifest | None:
+        path = self.path(MANIFEST)
+        if not self.exists(path):
+            return None
+        return Manifest.from_json(self.read_bytes(path).decode())
+
+
+def _as_uri(uri: str) -> str:
+    return uri if "://" in uri else os.path.abspath(uri)

@@ -1,0 +1,176 @@
+"""The Stage contract: what every curation and generation step looks like to the runners.
+
+A stage is a small dataclass. Its fields are its parameters (validated against the config when a
+pipeline is built); ``input_columns`` and ``output_columns`` say what it reads and writes;
+``resources`` says what one worker needs. ``setup()`` runs once per worker before the first
+batch (load a model there), and ``__call__`` maps a batch to a batch.
+
+The runner hands a stage only its ``input_columns`` and merges back only its
+``output_columns``, so a stage cannot read or clobber what it did not declare. A stage never
+deletes rows: it returns exactly as many rows as it received, in the same order, and marks the
+ones to drop with a reason (:class:`Rejections`). The runner moves those rows to the rejects
+sink and counts them in the ledger.
+
+Decisions that need the whole pool (entry counts, a global score cutoff, duplicate clusters)
+are a :class:`GlobalStage`: ``compute`` runs per shard on finished data, ``aggregate`` combines
+the partial results once, and ``decide`` maps every batch with the combined result.
+
+Stages never import Ray: the same object runs in-process under ``LocalRunner`` and inside Ray
+Data workers under ``RayRunner``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.rejects import REJECT_DETAIL, REJECT_REASON
+
+
+@dataclass
+class Resources:
+    """What one worker of a stage needs; every field can be overridden from the YAML config.
+
+    ``batch_size`` is the number of rows per call of the stage. ``concurrency`` is the number of
+    workers (actors for stages with ``setup``, tasks otherwise); ``None`` lets the runner size
+    the pool from the cluster. ``gpus`` greater than zero asks for a GPU where the cluster has
+    one and falls back to the CPU, with a warning, where it has none.
+    """
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    batch_size: int = 1024
+    concurrency: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cpus <= 0:
+            raise ValueError(f"resources.cpus must be > 0, got {self.cpus}")
+        if self.gpus < 0:
+            raise ValueError(f"resources.gpus must be >= 0, got {self.gpus}")
+        if self.batch_size < 1:
+            raise ValueError(f"resources.batch_size must be >= 1, got {self.batch_size}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"resources.concurrency must be >= 1 or null, got {self.concurrency}")
+
+
+@dataclass
+class Stage:
+    """Base class of every pipeline step (see the module docstring for the contract)."""
+
+    #: Default name of the stage in the ledger and in reject records.
+    name: ClassVar[str] = "stage"
+    #: Columns the stage reads; the runner passes exactly these.
+    input_columns: ClassVar[tuple[str, ...]] = ()
+    #: Columns the stage writes (new or replaced), registered in ``schemas.columns``.
+    output_columns: ClassVar[tuple[str, ...]] = ()
+
+    resources: Resources = field(default_factory=Resources)
+
+    def setup(self) -> None:
+        """Load models or other per-worker state; called once per worker before any batch."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError(f"{type(self).__name__} does not implement __call__")
+
+    @property
+    def has_setup(self) -> bool:
+        """Whether the stage overrides ``setup`` (it then runs in long-lived actors)."""
+        return type(self).setup is not Stage.setup
+
+
+@dataclass
+class GlobalStage(Stage):
+    """A two-pass decision over the whole pool: compute per shard, aggregate, decide.
+
+    ``compute`` sees the ``compute_columns`` of one finished shard and returns a small partial
+    result; ``aggregate`` receives the partial results of all shards in shard order and returns
+    the global state (saved with the run, so a resumed run decides exactly as before);
+    ``decide`` maps a batch of ``input_columns`` using that state, like ``__call__`` for an
+    ordinary stage. ``describe`` turns the state into a JSON-friendly summary for the manifest
+    (a chosen cutoff, the number of clusters).
+    """
+
+    @property
+    def compute_columns(self) -> tuple[str, ...]:
+        return self.input_columns
+
+    def compute(self, batch: pa.Table) -> Any:
+        raise NotImplementedError
+
+    def aggregate(self, partials: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def decide(self, batch: pa.Table, state: Any) -> pa.Table:
+        raise NotImplementedError
+
+    def describe(self, state: Any) -> dict[str, Any]:
+        return {}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        raise TypeError(f"{type(self).__name__} is a GlobalStage: it runs as compute/aggregate/decide")
+
+
+class Rejections:
+    """Collects reject reasons for the rows of one batch; the first reason set on a row wins.
+
+    >>> r = Rejections(3)
+    >>> r.add([True, False, False], "caption_too_short", "1 word")
+    >>> kept_columns_only = r.attach(batch.select([]))
+    """
+
+    def __init__(self, num_rows: int) -> None:
+        self.num_rows = num_rows
+        self._reason: pa.Array = pa.nulls(num_rows, pa.string())
+        self._detail: pa.Array = pa.nulls(num_rows, pa.string())
+
+    def add(self, mask: Any, reason: str, detail: Any = None) -> None:
+        """Reject the rows where ``mask`` is true (nulls count as false) and that have no reason yet.
+
+        ``detail`` is a string for all rows or a per-row array of strings.
+        """
+        mask = _as_bool_array(mask, self.num_rows)
+        fresh = pc.and_(pc.fill_null(mask, False), pc.is_null(self._reason))
+        self._reason = pc.if_else(fresh, pa.scalar(reason, pa.string()), self._reason)
+        if detail is not None:
+            if isinstance(detail, str):
+                detail = pa.scalar(detail, pa.string())
+            else:
+                detail = pc.cast(_as_array(detail), pa.string())
+            self._detail = pc.if_else(fresh, detail, self._detail)
+
+    @property
+    def any(self) -> bool:
+        return self._reason.null_count < self.num_rows
+
+    @property
+    def mask(self) -> pa.Array:
+        """True for rows rejected so far."""
+        return pc.is_valid(self._reason)
+
+    def attach(self, table: pa.Table, num_rows: int | None = None) -> pa.Table:
+        """``table`` with the reserved reject columns appended (only when some row is rejected)."""
+        if num_rows is not None and num_rows != self.num_rows:
+            raise ValueError(f"Rejections for {self.num_rows} rows attached to {num_rows} rows")
+        if not self.any:
+            return table
+        return table.append_column(REJECT_REASON, self._reason).append_column(REJECT_DETAIL, self._detail)
+
+
+def _as_array(values: Any) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values
+    return pa.array(values)
+
+
+def _as_bool_array(mask: Any, num_rows: int) -> pa.Array:
+    array = _as_array(mask)
+    if len(array) != num_rows:
+        raise ValueError(f"reject mask has {len(array)} values for {num_rows} rows")
+    if array.type != pa.bool_():
+        array = pc.cast(array, pa.bool_())
+    return array

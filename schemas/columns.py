@@ -1,0 +1,100 @@
+"""Column names and types of a sample row: the one place where they are defined.
+
+Every stage declares the columns it reads and the columns it writes by the names below; the
+runner checks those declarations when a pipeline is built and checks the types of what a stage
+returns against :data:`COLUMN_TYPES` at run time. A capability that adds a column registers it
+here, next to its type and a one-line description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+# Identity and provenance (written by the source when the pool is read).
+UID = "uid"
+SOURCE_INDEX = "source_index"
+URL = "url"
+CAPTION = "caption"
+
+# Image, written by the download stage.
+IMAGE = "image"
+WIDTH = "width"
+HEIGHT = "height"
+ORIGINAL_WIDTH = "original_width"
+ORIGINAL_HEIGHT = "original_height"
+SHA256 = "sha256"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A registered column: its name, Arrow type and meaning."""
+
+    name: str
+    type: pa.DataType
+    description: str
+    #: Heavy payloads (image bytes, embeddings) are not copied into reject files.
+    heavy: bool = False
+
+
+_COLUMNS = (
+    Column(UID, pa.string(), "stable id: the input's own uid, or a hash of url, caption and position"),
+    Column(SOURCE_INDEX, pa.int64(), "0-based position of the row in the input, across all files"),
+    Column(URL, pa.string(), "image URL as given in the input"),
+    Column(CAPTION, pa.string(), "caption (alt-text) as given in the input, valid UTF-8"),
+    Column(IMAGE, pa.binary(), "encoded image bytes", heavy=True),
+    Column(WIDTH, pa.int32(), "width of the stored image in pixels"),
+    Column(HEIGHT, pa.int32(), "height of the stored image in pixels"),
+    Column(ORIGINAL_WIDTH, pa.int32(), "width of the image as downloaded"),
+    Column(ORIGINAL_HEIGHT, pa.int32(), "height of the image as downloaded"),
+    Column(SHA256, pa.string(), "hex sha256 of the stored image bytes"),
+)
+
+COLUMNS: dict[str, Column] = {c.name: c for c in _COLUMNS}
+COLUMN_TYPES: dict[str, pa.DataType] = {c.name: c.type for c in _COLUMNS}
+
+#: Columns every row has from the moment the pool is read.
+BASE_COLUMNS = (UID, SOURCE_INDEX, URL, CAPTION)
+
+
+def register_column(name: str, type: pa.DataType, description: str, *, heavy: bool = False) -> Column:
+    """Register a column that a stage outside this package writes.
+
+    Registering the same name again with the same type and weight is a no-op (modules are
+    imported again in every worker); anything else is an error, because two stages would then
+    disagree about what the column holds.
+    """
+    existing = COLUMNS.get(name)
+    if existing is not None:
+        if existing.type != type or existing.heavy != heavy:
+            raise ValueError(
+                f"column {name!r} is already registered as {existing.type} (heavy={existing.heavy}), "
+                f"not {type} (heavy={heavy})"
+            )
+        return existing
+    column = Column(name, type, description, heavy)
+    COLUMNS[name] = column
+    COLUMN_TYPES[name] = type
+    return column
+
+
+def column_type(name: str) -> pa.DataType:
+    """The registered Arrow type of a column; a clear error for an unknown name."""
+    try:
+        return COLUMN_TYPES[name]
+    except KeyError:
+        raise ValueError(
+            f"column {name!r} is not registered in schemas.columns; register it with "
+            f"schemas.register_column before a stage declares it"
+        ) from None
+
+
+def is_heavy(name: str) -> bool:
+    column = COLUMNS.get(name)
+    return column is not None and column.heavy
+
+
+def sample_schema(names: tuple[str, ...] | list[str] = BASE_COLUMNS) -> pa.Schema:
+    """The Arrow schema of a row holding the named registered columns, in that order."""
+    return pa.schema([pa.field(n, column_type(n)) for n in names])

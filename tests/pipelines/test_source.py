@@ -1,0 +1,735 @@
+"""Tests of pipelines/source.py: reading a url pool into shards, uids, and bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.source import (
+    READ_STAGE,
+    SourceError,
+    SourceSpec,
+    check_keep_columns,
+    detect_format,
+    read_shards,
+    resolve_files,
+)
+from schemas.columns import BASE_COLUMNS
+from schemas.rejects import REJECT_SCHEMA
+from tests.conftest import shared_path
+
+GOOD = [
+    ("http://a.example/1.jpg", "a red bicycle leaning on a wall"),
+    ("http://a.example/2.jpg", "two dogs on a beach"),
+    ("http://a.example/3.jpg", "a bowl of fresh fruit"),
+]
+
+
+# Helpers ---------------------------------------------------------------------------------------
+
+def read_all(spec: SourceSpec, shard_size: int = 1000):
+    """Every shard of ``spec``; checks the per-shard invariants; returns (shards, kept, rejects)."""
+    shards = list(read_shards(spec, shard_size))
+    for i, shard in enumerate(shards):
+        assert shard.shard == i
+        c = shard.counts
+        # The ledger of the read stage closes: every input row is kept or rejected.
+        assert c.closes, c
+        assert c.rows_in == c.rows_kept + c.rows_rejected
+        assert shard.rows.num_rows == c.rows_kept
+        n_rejects = 0 if shard.rejects is None else shard.rejects.num_rows
+        assert n_rejects == c.rows_rejected
+        if shard.rejects is not None:
+            got = {}
+            for reason in shard.rejects["reason"].to_pylist():
+                got[reason] = got.get(reason, 0) + 1
+            assert got == c.rejected
+            assert set(shard.rejects["stage"].to_pylist()) == {READ_STAGE}
+            assert set(shard.rejects["shard"].to_pylist()) == {i}
+            assert shard.rejects.schema.names[:5] == REJECT_SCHEMA.names
+        # Kept rows start with the base columns, typed as registered, and hold no reject columns.
+        assert shard.rows.column_names[:4] == list(BASE_COLUMNS)
+        assert shard.rows.schema.field("uid").type == pa.string()
+        assert shard.rows.schema.field("source_index").type == pa.int64()
+        assert shard.rows.schema.field("url").type == pa.string()
+        assert shard.rows.schema.field("caption").type == pa.string()
+        assert "_reject_reason" not in shard.rows.column_names
+    kept = pa.concat_tables([s.rows for s in shards]) if shards else None
+    rejects = [s.rejects for s in shards if s.rejects is not None]
+    rejects = pa.concat_tables(rejects, promote_options="permissive") if rejects else None
+    # source_index covers every input row exactly once, across kept and rejected rows.
+    indexes = kept["source_index"].to_pylist() + ([] if rejects is None else rejects["source_index"].to_pylist())
+    assert sorted(indexes) == list(range(sum(s.counts.rows_in for s in shards)))
+    return shards, kept, rejects
+
+
+def write_csv(path: Path, rows, header=("url", "caption"), sep=",") -> Path:
+    lines = [sep.join(header)] + [sep.join(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records),
+                    encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, columns: dict) -> Path:
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def reasons_by_index(rejects: pa.Table) -> dict[int, str]:
+    return dict(zip(rejects["source_index"].to_pylist(), rejects["reason"].to_pylist()))
+
+
+# Formats ---------------------------------------------------------------------------------------
+
+def test_reads_parquet(tmp_path):
+    path = write_parquet(tmp_path / "pool.parquet",
+                         {"url": [u for u, _ in GOOD], "caption": [c for _, c in GOOD]})
+    shards, kept, rejects = read_all(SourceSpec(str(path)))
+    assert len(shards) == 1 and rejects is None
+    assert kept["url"].to_pylist() == [u for u, _ in GOOD]
+    assert kept["caption"].to_pylist() == [c for _, c in GOOD]
+    assert kept["source_index"].to_pylist() == [0, 1, 2]
+    assert kept.column_names == list(BASE_COLUMNS)
+
+
+def test_reads_csv_with_quotes_and_embedded_newline(tmp_path):
+    path = tmp_path / "pool.csv"
+    path.write_text('url,caption\nhttp://a/1.jpg,"a dog, a cat"\nhttp://a/2.jpg,"line one\nline two"\n'
+                    'http://a/3.jpg,plain words\n', encoding="utf-8")
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert rejects is None
+    assert kept["caption"].to_pylist() == ["a dog, a cat", "line one\nline two", "plain words"]
+    assert kept["url"].to_pylist() == ["http://a/1.jpg", "http://a/2.jpg", "http://a/3.jpg"]
+
+
+def test_reads_tsv_without_quote_processing(tmp_path):
+    path = write_csv(tmp_path / "pool.tsv", [("http://a/1.jpg", 'say "hi" there'), ("http://a/2.jpg", "b, c")],
+                     sep="\t")
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert rejects is None
+    assert kept["caption"].to_pylist() == ['say "hi" there', "b, c"]
+
+
+def test_reads_jsonl_and_skips_blank_lines(tmp_path):
+    path = tmp_path / "pool.jsonl"
+    path.write_text(json.dumps({"url": GOOD[0][0], "caption": GOOD[0][1]}) + "\n\n   \n"
+                    + json.dumps({"url": GOOD[1][0], "caption": GOOD[1][1]}) + "\n", encoding="utf-8")
+    shards, kept, rejects = read_all(SourceSpec(str(path)))
+    assert rejects is None
+    assert shards[0].counts.rows_in == 2  # blank lines are not rows
+    assert kept["url"].to_pylist() == [GOOD[0][0], GOOD[1][0]]
+    assert kept["source_index"].to_pylist() == [0, 1]
+
+
+def test_reads_gzipped_jsonl(tmp_path):
+    path = tmp_path / "pool.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for url, caption in GOOD:
+            f.write(json.dumps({"url": url, "caption": caption}) + "\n")
+    _, kept, _ = read_all(SourceSpec(str(path)))
+    assert kept["caption"].to_pylist() == [c for _, c in GOOD]
+
+
+def test_explicit_format_overrides_extension(tmp_path):
+    path = write_csv(tmp_path / "pool.txt", GOOD, sep="\t")
+    with pytest.raises(SourceError, match="cannot tell the input format"):
+        list(read_shards(SourceSpec(str(path)), 10))
+    _, kept, _ = read_all(SourceSpec(str(path), format="tsv"))
+    assert kept["url"].to_pylist() == [u for u, _ in GOOD]
+
+
+def test_unknown_explicit_format_is_rejected(tmp_path):
+    with pytest.raises(SourceError, match=r"input_format 'xml' is not one of: auto, parquet, csv, tsv, jsonl"):
+        detect_format([str(tmp_path / "a.csv")], "xml")
+
+
+# Files, folders, globs, shards -----------------------------------------------------------------
+
+def _three_csv_files(folder: Path) -> list[list[tuple[str, str]]]:
+    folder.mkdir(exist_ok=True)
+    sizes = {"part-0.csv": 3, "part-1.csv": 4, "part-2.csv": 2}
+    contents = []
+    n = 0
+    for name, size in sizes.items():
+        rows = [(f"http://x/{n + i}.jpg", f"caption number {n + i}") for i in range(size)]
+        n += size
+        write_csv(folder / name, rows)
+        contents.append(rows)
+    return contents
+
+
+def test_folder_reads_files_in_order_and_continues_source_index(tmp_path):
+    contents = _three_csv_files(tmp_path / "pool")
+    # Files the folder reader must ignore: hidden, underscore-prefixed, unknown extension.
+    (tmp_path / "pool" / "_SUCCESS").write_text("")
+    (tmp_path / "pool" / ".hidden.csv").write_text("url,caption\nhttp://hidden,hidden row\n")
+    (tmp_path / "pool" / "_meta.csv").write_text("url,caption\nhttp://meta,meta row\n")
+    (tmp_path / "pool" / "README.txt").write_text("not data")
+    shards, kept, rejects = read_all(SourceSpec(str(tmp_path / "pool")), shard_size=4)
+    expected = [r for rows in contents for r in rows]
+    assert rejects is None
+    assert kept["url"].to_pylist() == [u for u, _ in expected]
+    assert kept["source_index"].to_pylist() == list(range(9))
+    # Shards are cut every 4 input rows, in input order, across file boundaries.
+    assert [s.counts.rows_in for s in shards] == [4, 4, 1]
+    assert [s.rows["source_index"].to_pylist() for s in shards] == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
+    # The first row of the second file is input row 3.
+    assert kept.filter(pc.equal(kept["url"], contents[1][0][0]))["source_index"].to_pylist() == [3]
+
+
+def test_glob_reads_only_matching_files(tmp_path):
+    contents = _three_csv_files(tmp_path)
+    write_csv(tmp_path / "other.csv", [("http://other", "not in the glob")])
+    shards, kept, _ = read_all(SourceSpec(str(tmp_path / "part-*.csv")), shard_size=2)
+    assert kept["url"].to_pylist() == [u for rows in contents for u, _ in rows]
+    assert [s.counts.rows_in for s in shards] == [2, 2, 2, 2, 1]
+    assert resolve_files(str(tmp_path / "part-*.csv")) == [str(tmp_path / f"part-{i}.csv") for i in range(3)]
+
+
+def test_exact_multiple_of_shard_size_gives_no_empty_shard(tmp_path):
+    rows = [(f"http://x/{i}", f"caption {i}") for i in range(6)]
+    path = write_csv(tmp_path / "pool.csv", rows)
+    shards, _, _ = read_all(SourceSpec(str(path)), shard_size=3)
+    assert [s.counts.rows_in for s in shards] == [3, 3]
+
+
+def test_shard_size_larger_than_pool_gives_one_shard(tmp_path):
+    path = write_csv(tmp_path / "pool.csv", GOOD)
+    shards, _, _ = read_all(SourceSpec(str(path)), shard_size=10_000)
+    assert len(shards) == 1 and shards[0].counts.rows_in == 3
+
+
+def test_glob_matching_nothing(tmp_path):
+    with pytest.raises(SourceError, match=r"input glob .*\*\.csv' matches no file"):
+        resolve_files(str(tmp_path / "*.csv"))
+
+
+def test_folder_without_data_files(tmp_path):
+    (tmp_path / "README.txt").write_text("x")
+    with pytest.raises(SourceError, match=r"holds no \.parquet, \.csv, \.tsv or \.jsonl file"):
+        list(read_shards(SourceSpec(str(tmp_path)), 10))
+
+
+def test_folder_with_mixed_formats(tmp_path):
+    write_csv(tmp_path / "a.csv", GOOD)
+    write_jsonl(tmp_path / "b.jsonl", [{"url": "http://b", "caption": "b b"}])
+    with pytest.raises(SourceError, match="all input files must share one format"):
+        list(read_shards(SourceSpec(str(tmp_path)), 10))
+
+
+# Column detection ------------------------------------------------------------------------------
+
+def test_auto_detects_laion_columns_in_parquet(tmp_path):
+    path = write_parquet(tmp_path / "laion.parquet",
+                         {"SAMPLE_ID": [1, 2], "URL": ["http://l/1", "http://l/2"],
+                          "TEXT": ["laion one", "laion two"], "similarity": [0.3, 0.4]})
+    _, kept, _ = read_all(SourceSpec(str(path)))
+    assert kept["url"].to_pylist() == ["http://l/1", "http://l/2"]
+    assert kept["caption"].to_pylist() == ["laion one", "laion two"]
+    # Columns that are not asked for are not carried.
+    assert kept.column_names == list(BASE_COLUMNS)
+
+
+def test_auto_detects_laion_columns_in_csv_and_jsonl(tmp_path):
+    csv = write_csv(tmp_path / "laion.csv", [("http://l/1", "laion one")], header=("URL", "TEXT"))
+    jsonl = write_jsonl(tmp_path / "laion.jsonl", [{"TEXT": "laion two", "URL": "http://l/2"}])
+    _, kept_csv, _ = read_all(SourceSpec(str(csv)))
+    _, kept_json, _ = read_all(SourceSpec(str(jsonl)))
+    assert kept_csv.select(["url", "caption"]).to_pylist() == [{"url": "http://l/1", "caption": "laion one"}]
+    assert kept_json.select(["url", "caption"]).to_pylist() == [{"url": "http://l/2", "caption": "laion two"}]
+
+
+def test_auto_detection_prefers_earlier_candidates(tmp_path):
+    # ``url`` wins over ``image_url``, ``caption`` over ``TEXT`` and ``title``.
+    path = write_parquet(tmp_path / "p.parquet",
+                         {"image_url": ["http://img"], "url": ["http://page"], "title": ["the title"],
+                          "TEXT": ["laion text"], "caption": ["the caption"]})
+    _, kept, _ = read_all(SourceSpec(str(path)))
+    assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://page", "caption": "the caption"}]
+
+
+def test_explicit_columns(tmp_path):
+    path = write_csv(tmp_path / "p.csv", [("http://page", "http://img", "alt words", "the title")],
+                     header=("url", "img_src", "alt", "title"))
+    _, kept, _ = read_all(SourceSpec(str(path), url_column="img_src", caption_column="title"))
+    assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://img", "caption": "the title"}]
+
+
+def test_auto_detection_failure_lists_candidates_and_columns(tmp_path):
+    path = write_csv(tmp_path / "p.csv", [("http://a", "words")], header=("link", "caption"))
+    with pytest.raises(SourceError) as info:
+        list(read_shards(SourceSpec(str(path)), 10))
+    message = str(info.value)
+    assert "no url column found" in message
+    assert "looked for url, URL, image_url, img_url" in message
+    assert "['link', 'caption']" in message
+    assert "columns.url" in message
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet", "jsonl"])
+def test_misnamed_explicit_column_names_it_and_lists_columns(tmp_path, fmt):
+    path = tmp_path / f"p.{fmt}"
+    if fmt == "parquet":
+        write_parquet(path, {"url": ["http://a"], "caption": ["words here"]})
+    elif fmt == "jsonl":
+        write_jsonl(path, [{"url": "http://a", "caption": "words here"}])
+    else:
+        write_csv(path, [("http://a", "words here")], sep="," if fmt == "csv" else "\t")
+    with pytest.raises(SourceError, match=re.escape("caption_column 'capton' is not a column of")) as info:
+        list(read_shards(SourceSpec(str(path), caption_column="capton"), 10))
+    assert "its columns are ['url', 'caption']" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_missing_keep_or_uid_column_is_named(tmp_path):
+    path = write_csv(tmp_path / "p.csv", [("http://a", "words here")])
+    with pytest.raises(SourceError, match=r"column 'width' is not in .*its columns are \['url', 'caption'\]"):
+        list(read_shards(SourceSpec(str(path), keep_columns=("width",)), 10))
+    with pytest.raises(SourceError, match=r"column 'key' is not in .*its columns are \['url', 'caption'\]"):
+        list(read_shards(SourceSpec(str(path), uid_column="key"), 10))
+
+
+# uids ------------------------------------------------------------------------------------------
+
+def test_uids_are_stable_unique_and_independent_of_sharding(tmp_path):
+    rows = [(f"http://x/{i % 3}", f"same caption {i % 3}") for i in range(9)]  # duplicates on purpose
+    path = write_csv(tmp_path / "pool.csv", rows)
+    _, first, _ = read_all(SourceSpec(str(path)), shard_size=100)
+    _, second, _ = read_all(SourceSpec(str(path)), shard_size=100)
+    _, resharded, _ = read_all(SourceSpec(str(path)), shard_size=2)
+    uids = first["uid"].to_pylist()
+    assert uids == second["uid"].to_pylist() == resharded["uid"].to_pylist()
+    assert len(set(uids)) == len(uids) == 9  # identical rows still get distinct uids
+    assert all(re.fullmatch(r"[0-9a-f]{32}", u) for u in uids)
+
+
+def test_uid_depends_on_content(tmp_path):
+    a = write_csv(tmp_path / "a.csv", [("http://x/1", "one caption")])
+    b = write_csv(tmp_path / "b.csv", [("http://x/1", "another caption")])
+    _, kept_a, _ = read_all(SourceSpec(str(a)))
+    _, kept_b, _ = read_all(SourceSpec(str(b)))
+    assert kept_a["uid"].to_pylist() != kept_b["uid"].to_pylist()
+
+
+def test_same_rows_give_same_uids_across_formats(tmp_path):
+    csv = write_csv(tmp_path / "p.csv", GOOD)
+    jsonl = write_jsonl(tmp_path / "p.jsonl", [{"url": u, "caption": c} for u, c in GOOD])
+    parquet = write_parquet(tmp_path / "p.parquet", {"url": [u for u, _ in GOOD], "caption": [c for _, c in GOOD]})
+    uids = [read_all(SourceSpec(str(p)))[1]["uid"].to_pylist() for p in (csv, jsonl, parquet)]
+    assert uids[0] == uids[1] == uids[2]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_user_uid_column_is_used_as_is(tmp_path, fmt):
+    ids = ["id-b", "0042", "zz"]
+    path = tmp_path / f"p.{fmt}"
+    if fmt == "csv":
+        write_csv(path, [(i, u, c) for i, (u, c) in zip(ids, GOOD)], header=("key", "url", "caption"))
+    elif fmt == "parquet":
+        write_parquet(path, {"key": ids, "url": [u for u, _ in GOOD], "caption": [c for _, c in GOOD]})
+    else:
+        write_jsonl(path, [{"key": i, "url": u, "caption": c} for i, (u, c) in zip(ids, GOOD)])
+    _, kept, _ = read_all(SourceSpec(str(path), uid_column="key"))
+    assert kept["uid"].to_pylist() == ids  # "0042" keeps its leading zeros: not parsed as a number
+    assert "key" not in kept.column_names
+
+
+def test_integer_uid_column_becomes_text(tmp_path):
+    path = write_parquet(tmp_path / "p.parquet", {"id": pa.array([7, 8], pa.int64()),
+                                                  "url": ["http://a", "http://b"], "caption": ["a a", "b b"]})
+    _, kept, _ = read_all(SourceSpec(str(path), uid_column="id"))
+    assert kept["uid"].to_pylist() == ["7", "8"]
+
+
+def test_empty_user_uid_is_rejected(tmp_path):
+    path = write_parquet(tmp_path / "p.parquet", {"id": ["u1", "", "u3"],
+                                                  "url": [u for u, _ in GOOD], "caption": [c for _, c in GOOD]})
+    _, kept, rejects = read_all(SourceSpec(str(path), uid_column="id"))
+    assert kept["uid"].to_pylist() == ["u1", "u3"]
+    assert reasons_by_index(rejects) == {1: "missing_uid"}
+    assert rejects["detail"].to_pylist() == ["no value in column 'id'"]
+
+
+def test_null_user_uid_is_rejected(tmp_path):
+    path = write_parquet(tmp_path / "p.parquet", {"id": ["u1", None, "u3"],
+                                                  "url": [u for u, _ in GOOD], "caption": [c for _, c in GOOD]})
+    _, kept, rejects = read_all(SourceSpec(str(path), uid_column="id"))
+    assert kept["uid"].to_pylist() == ["u1", "u3"]
+    assert reasons_by_index(rejects) == {1: "missing_uid"}
+    # The rejected row still gets an identifier of its own.
+    assert rejects["uid"].to_pylist()[0] not in (None, "", "u1", "u3")
+
+
+def test_rows_with_empty_user_uid_get_distinct_reject_uids(tmp_path):
+    path = write_csv(tmp_path / "p.csv", [("u1", *GOOD[0]), ("", *GOOD[1]), ("", *GOOD[2])],
+                     header=("key", "url", "caption"))
+    _, kept, rejects = read_all(SourceSpec(str(path), uid_column="key"))
+    assert kept["uid"].to_pylist() == ["u1"]
+    assert rejects["reason"].to_pylist() == ["missing_uid", "missing_uid"]
+    reject_uids = rejects["uid"].to_pylist()
+    assert "" not in reject_uids
+    assert len(set(reject_uids)) == 2
+
+
+# keep_columns ----------------------------------------------------------------------------------
+
+def test_keep_columns_carried_through_parquet_with_types(tmp_path):
+    path = write_parquet(tmp_path / "p.parquet", {
+        "URL": [u for u, _ in GOOD], "TEXT": [c for _, c in GOOD],
+        "similarity": pa.array([0.1, 0.2, 0.3], pa.float64()), "WIDTH": pa.array([10, 20, 30], pa.int32()),
+        "dropped": ["x", "y", "z"],
+    })
+    _, kept, _ = read_all(SourceSpec(str(path), keep_columns=("similarity", "WIDTH")))
+    assert kept.column_names == [*BASE_COLUMNS, "similarity", "WIDTH"]
+    assert kept["similarity"].to_pylist() == [0.1, 0.2, 0.3]
+    assert kept.schema.field("WIDTH").type == pa.int32()
+    assert kept["WIDTH"].to_pylist() == [10, 20, 30]
+
+
+def test_keep_columns_carried_through_csv_and_jsonl(tmp_path):
+    csv = write_csv(tmp_path / "p.csv", [("http://a", "a a", "p1"), ("http://b", "b b", "p2")],
+                    header=("url", "caption", "page"))
+    jsonl = write_jsonl(tmp_path / "p.jsonl", [{"url": "http://a", "caption": "a a", "meta": {"w": 1}},
+                                               {"url": "http://b", "caption": "b b", "meta": {"w": 2}}])
+    _, kept_csv, _ = read_all(SourceSpec(str(csv), keep_columns=("page",)))
+    _, kept_json, _ = read_all(SourceSpec(str(jsonl), keep_columns=("meta",)))
+    assert kept_csv["page"].to_pylist() == ["p1", "p2"]
+    assert kept_json["meta"].to_pylist() == [{"w": 1}, {"w": 2}]
+
+
+def test_keep_column_with_mixed_json_types_is_json_text(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"url": "http://a", "caption": "a a", "extra": 1},
+                                              {"url": "http://b", "caption": "b b", "extra": "two"},
+                                              {"url": "http://c", "caption": "c c", "extra": [3]}])
+    _, kept, _ = read_all(SourceSpec(str(path), keep_columns=("extra",)))
+    assert kept["extra"].to_pylist() == ["1", '"two"', "[3]"]
+
+
+def test_keep_columns_appear_in_reject_records(tmp_path):
+    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a", "http://b"], "caption": ["a a", None],
+                                                  "page": ["p1", "p2"]})
+    _, kept, rejects = read_all(SourceSpec(str(path), keep_columns=("page",)))
+    assert kept["page"].to_pylist() == ["p1"]
+    assert rejects.select(["reason", "url", "page"]).to_pylist() == [
+        {"reason": "missing_caption", "url": "http://b", "page": "p2"}]
+
+
+def test_keep_columns_must_not_clash_with_reserved_names():
+    check_keep_columns(("similarity", "page"))
+    for name in ("url", "uid", "source_index", "caption", "reason", "_reject_reason", "image"):
+        with pytest.raises(SourceError, match=re.escape(f"reserved column(s) ['{name}']")):
+            check_keep_columns(("similarity", name))
+
+
+def test_keep_column_types_may_differ_between_files(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"url": "http://a", "caption": "a a", "page": None}])
+    write_jsonl(tmp_path / "b.jsonl", [{"url": "http://b", "caption": "b b", "page": "p2"}])
+    _, kept, _ = read_all(SourceSpec(str(tmp_path), keep_columns=("page",)))
+    assert kept["page"].to_pylist() == [None, "p2"]
+
+
+# Whole-file problems ---------------------------------------------------------------------------
+
+def test_missing_input_file(tmp_path):
+    path = tmp_path / "nope.parquet"
+    with pytest.raises(SourceError, match=re.escape(f"input file {str(path)!r} does not exist")):
+        list(read_shards(SourceSpec(str(path)), 10))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
+def test_empty_file(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    path.write_bytes(b"")
+    with pytest.raises(SourceError, match=re.escape(f"input file {str(path)!r} is empty")):
+        list(read_shards(SourceSpec(str(path)), 10))
+
+
+def test_empty_file_among_others_fails_the_read(tmp_path):
+    write_csv(tmp_path / "a.csv", GOOD)
+    (tmp_path / "b.csv").write_bytes(b"")
+    with pytest.raises(SourceError, match=r"b\.csv' is empty"):
+        list(read_shards(SourceSpec(str(tmp_path)), 10))
+
+
+@pytest.mark.parametrize("kind", ["csv_header_only", "parquet_zero_rows", "jsonl_blank_lines"])
+def test_file_without_rows(tmp_path, kind):
+    if kind == "csv_header_only":
+        path = tmp_path / "p.csv"
+        path.write_text("url,caption\n")
+    elif kind == "parquet_zero_rows":
+        path = write_parquet(tmp_path / "p.parquet", {"url": pa.array([], pa.string()),
+                                                      "caption": pa.array([], pa.string())})
+    else:
+        path = tmp_path / "p.jsonl"
+        path.write_text("\n\n  \n")
+    with pytest.raises(SourceError, match=re.escape(f"input {str(path)!r} holds no rows")):
+        list(read_shards(SourceSpec(str(path)), 10))
+
+
+def test_csv_without_header_line(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("\n")
+    with pytest.raises(SourceError, match=r"p\.csv' cannot be parsed as csv"):
+        list(read_shards(SourceSpec(str(path)), 10))
+
+
+def test_unreadable_parquet(tmp_path):
+    path = tmp_path / "p.parquet"
+    path.write_text("this is not parquet at all")
+    with pytest.raises(SourceError, match=r"p\.parquet' is not a readable parquet file"):
+        list(read_shards(SourceSpec(str(path)), 10))
+
+
+@pytest.mark.parametrize("column", ["caption", "url"])
+def test_parquet_column_that_is_not_text(tmp_path, column):
+    values = {"url": ["http://a", "http://b"], "caption": ["a a", "b b"]}
+    values[column] = pa.array([1, 2], pa.int64())
+    path = write_parquet(tmp_path / "p.parquet", values)
+    with pytest.raises(SourceError, match=rf"column '{column}' of .* has type int64; it must hold text"):
+        list(read_shards(SourceSpec(str(path)), 10))
+
+
+@pytest.mark.parametrize("text_type", [pa.large_string(), pa.binary(), pa.large_binary(), pa.string_view()])
+def test_parquet_text_types_are_accepted(tmp_path, text_type):
+    path = write_parquet(tmp_path / "p.parquet", {"url": pa.array(["http://a", "http://b"]).cast(text_type),
+                                                  "caption": pa.array(["a a", None]).cast(text_type)})
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://a", "caption": "a a"}]
+    assert reasons_by_index(rejects) == {1: "missing_caption"}
+
+
+def test_parquet_all_null_caption_column_rejects_every_row(tmp_path):
+    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a", "http://b"], "caption": pa.nulls(2)})
+    shards, kept, rejects = read_all(SourceSpec(str(path)))
+    assert kept.num_rows == 0
+    assert shards[0].counts.rejected == {"missing_caption": 2}
+
+
+def test_parquet_dictionary_encoded_caption_is_text(tmp_path):
+    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a", "http://b"],
+                                                  "caption": pa.array(["a cat", "a cat"]).dictionary_encode()})
+    _, kept, _ = read_all(SourceSpec(str(path)))
+    assert kept["caption"].to_pylist() == ["a cat", "a cat"]
+
+
+# Row-level problems ----------------------------------------------------------------------------
+
+def test_csv_malformed_row_is_rejected_and_others_kept(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("url,caption\nhttp://a,one two\nhttp://b,x,y\nhttp://c,three four\nhttp://d\n")
+    shards, kept, rejects = read_all(SourceSpec(str(path)))
+    assert shards[0].counts.rows_in == 4
+    assert shards[0].counts.rejected == {"malformed_row": 2}
+    assert kept["url"].to_pylist() == ["http://a", "http://c"]
+    details = sorted(rejects["detail"].to_pylist())
+    assert details[0].startswith("csv row 3: expected 2 columns, got 3") and "'http://b,x,y'" in details[0]
+    assert details[1].startswith("csv row 5: expected 2 columns, got 1") and "'http://d'" in details[1]
+    assert rejects["url"].to_pylist() == [None, None]
+    assert len(set(rejects["uid"].to_pylist())) == 2  # the detail makes their uids distinct
+
+
+def test_tsv_malformed_row(tmp_path):
+    path = write_csv(tmp_path / "p.tsv", [("http://a", "a a"), ("http://b", "b b", "extra")], sep="\t")
+    shards, kept, rejects = read_all(SourceSpec(str(path)))
+    assert kept["url"].to_pylist() == ["http://a"]
+    assert rejects["reason"].to_pylist() == ["malformed_row"]
+    assert rejects["detail"][0].as_py().startswith("csv row 3: expected 2 columns, got 3")
+
+
+def test_csv_of_only_malformed_rows(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("url,caption\na,b,c\nd,e,f\n")
+    shards, kept, _ = read_all(SourceSpec(str(path)))
+    assert kept.num_rows == 0
+    assert shards[0].counts.rejected == {"malformed_row": 2}
+
+
+def test_csv_malformed_row_keeps_its_input_position(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("url,caption\nhttp://a,one two\nhttp://b,x,y\nhttp://c,three four\n")
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert dict(zip(kept["url"].to_pylist(), kept["source_index"].to_pylist())) == {"http://a": 0, "http://c": 2}
+    assert rejects["source_index"].to_pylist() == [1]
+
+
+def test_csv_empty_url_is_missing_url(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("url,caption\n,no url here\nhttp://b,b b\n")
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert kept["url"].to_pylist() == ["http://b"]
+    assert reasons_by_index(rejects) == {0: "missing_url"}
+    assert rejects["detail"].to_pylist() == ["no value in column 'url'"]
+
+
+def test_csv_invalid_utf8_caption(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes(b"url,caption\nhttp://a,fine words\nhttp://b,bad \xff\xfe bytes\nhttp://c,more words\n")
+    shards, kept, rejects = read_all(SourceSpec(str(path)))
+    assert kept["url"].to_pylist() == ["http://a", "http://c"]
+    assert reasons_by_index(rejects) == {1: "caption_not_utf8"}
+    assert rejects["detail"].to_pylist() == ["'caption' is not valid UTF-8"]
+    assert rejects["url"].to_pylist() == ["http://b"]  # the url is still recorded for the reject
+    assert rejects["caption"].to_pylist() == [None]
+
+
+def test_csv_invalid_utf8_url(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes(b"url,caption\nhttp://a\xc3(,fine words\nhttp://c,more words\n")
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert kept["url"].to_pylist() == ["http://c"]
+    assert reasons_by_index(rejects) == {0: "url_not_utf8"}
+
+
+@pytest.mark.parametrize("as_string", [False, True], ids=["binary", "string_view_of_bytes"])
+def test_parquet_invalid_utf8_caption(tmp_path, as_string):
+    caption = pa.array([b"good caption", b"bad \xff bytes", None], pa.binary())
+    if as_string:
+        caption = caption.view(pa.string())  # parquet does not validate UTF-8 on write or read
+    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a", "http://b", "http://c"], "caption": caption})
+    shards, kept, rejects = read_all(SourceSpec(str(path)))
+    assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://a", "caption": "good caption"}]
+    assert reasons_by_index(rejects) == {1: "caption_not_utf8", 2: "missing_caption"}
+    assert shards[0].counts.rejected == {"caption_not_utf8": 1, "missing_caption": 1}
+
+
+def test_parquet_empty_url_and_null_caption(tmp_path):
+    path = write_parquet(tmp_path / "p.parquet", {
+        "url": ["http://a", "", "http://c", ""],
+        "caption": ["a a", "b b", None, None],
+    })
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert kept["url"].to_pylist() == ["http://a"]
+    # A row with both problems is rejected once, for the first checked (the url).
+    assert reasons_by_index(rejects) == {1: "missing_url", 2: "missing_caption", 3: "missing_url"}
+    details = dict(zip(rejects["source_index"].to_pylist(), rejects["detail"].to_pylist()))
+    assert details == {1: "no value in column 'url'", 2: "no value in column 'caption'",
+                       3: "no value in column 'url'"}
+
+
+def test_parquet_null_url_is_missing_url(tmp_path):
+    path = write_parquet(tmp_path / "p.parquet", {"URL": ["http://a", None, None], "TEXT": ["a a", "b b", None]})
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert kept["url"].to_pylist() == ["http://a"]
+    assert reasons_by_index(rejects) == {1: "missing_url", 2: "missing_url"}
+    assert rejects["detail"].to_pylist() == ["no value in column 'URL'"] * 2
+
+
+def test_parquet_reject_details_name_the_input_column(tmp_path):
+    path = write_parquet(tmp_path / "p.parquet", {"URL": ["", "http://b"], "TEXT": ["a a", None]})
+    _, _, rejects = read_all(SourceSpec(str(path)))
+    assert rejects["detail"].to_pylist() == ["no value in column 'URL'", "no value in column 'TEXT'"]
+
+
+def test_jsonl_bad_lines(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"url": "http://a", "caption": "good one"},          # 0 kept
+        "this is not json",                                   # 1 malformed_row
+        "[1, 2, 3]",                                          # 2 malformed_row (array)
+        '{"url": "http://d", "caption": "truncated',         # 3 malformed_row
+        {"url": "http://e", "caption": 42},                   # 4 caption_not_text
+        {"url": "http://f", "caption": ["a", "list"]},        # 5 caption_not_text
+        {"url": None, "caption": "null url"},                 # 6 missing_url
+        {"caption": "no url key"},                            # 7 missing_url
+        {"url": "", "caption": "empty url"},                  # 8 missing_url
+        {"url": "http://j", "caption": None},                 # 9 missing_caption
+        {"url": 17, "caption": "numeric url"},                # 10 url_not_text
+        '{"url": "http://l", "caption": "lone \\ud800 surrogate"}',  # 11 caption_not_utf8
+        {"url": "http://m", "caption": "good two"},           # 12 kept
+    ])
+    shards, kept, rejects = read_all(SourceSpec(str(path)))
+    assert kept["url"].to_pylist() == ["http://a", "http://m"]
+    assert kept["source_index"].to_pylist() == [0, 12]
+    assert reasons_by_index(rejects) == {
+        1: "malformed_row", 2: "malformed_row", 3: "malformed_row", 4: "caption_not_text",
+        5: "caption_not_text", 6: "missing_url", 7: "missing_url", 8: "missing_url", 9: "missing_caption",
+        10: "url_not_text", 11: "caption_not_utf8",
+    }
+    details = dict(zip(rejects["source_index"].to_pylist(), rejects["detail"].to_pylist()))
+    assert details[1].startswith("line 2: ") and "this is not json" in details[1]
+    assert details[2].startswith("line 3: a JSON list, not an object")
+    assert details[4] == "'caption' holds a JSON int"
+    assert details[5] == "'caption' holds a JSON list"
+    assert details[10] == "'url' holds a JSON int"
+    assert shards[0].counts.rows_in == 13
+
+
+def test_jsonl_invalid_utf8_line_is_malformed(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"url": "http://a", "caption": "ok ok"}\n{"url": "http://b", "caption": "bad \xff"}\n')
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert kept["url"].to_pylist() == ["http://a"]
+    assert reasons_by_index(rejects) == {1: "malformed_row"}
+    assert rejects["detail"][0].as_py().startswith("line 2: ")
+
+
+def test_jsonl_missing_user_uid(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "k1", "url": "http://a", "caption": "a a"},
+                                              {"id": "", "url": "http://b", "caption": "b b"},
+                                              {"id": None, "url": "http://c", "caption": "c c"}])
+    _, kept, rejects = read_all(SourceSpec(str(path), uid_column="id"))
+    assert kept["uid"].to_pylist() == ["k1"]
+    assert reasons_by_index(rejects) == {1: "missing_uid", 2: "missing_uid"}
+    assert len(set(rejects["uid"].to_pylist())) == 2
+
+
+def test_jsonl_first_record_without_caption_key_is_a_row_reject(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"url": "http://a"}, {"url": "http://b", "caption": "b b"}])
+    _, kept, rejects = read_all(SourceSpec(str(path), url_column="url", caption_column="caption"))
+    assert kept["url"].to_pylist() == ["http://b"]
+    assert reasons_by_index(rejects) == {0: "missing_caption"}
+
+
+def test_counts_close_for_every_shard_of_a_messy_pool(tmp_path):
+    lines = ["url,caption"]
+    expected = {"malformed_row": 0, "missing_url": 0}
+    for i in range(50):
+        if i % 7 == 3:
+            lines.append(f"http://x/{i},too,many")
+            expected["malformed_row"] += 1
+        elif i % 11 == 5:
+            lines.append(f",caption {i}")
+            expected["missing_url"] += 1
+        else:
+            lines.append(f"http://x/{i},caption {i}")
+    path = tmp_path / "p.csv"
+    path.write_text("\n".join(lines) + "\n")
+    shards, kept, rejects = read_all(SourceSpec(str(path)), shard_size=8)
+    assert [s.counts.rows_in for s in shards] == [8] * 6 + [2]
+    total = {}
+    for s in shards:
+        for reason, n in s.counts.rejected.items():
+            total[reason] = total.get(reason, 0) + n
+    assert total == expected
+    assert kept.num_rows == 50 - sum(expected.values())
+    assert len(set(kept["uid"].to_pylist()) | set(rejects["uid"].to_pylist())) == 50
+
+
+# A real pool -----------------------------------------------------------------------------------
+
+def test_laion_style_pool():
+    path = shared_path("alttext", "laion_style_10000.parquet")
+    source = pq.read_table(path, columns=["URL", "TEXT"])
+    shards, kept, rejects = read_all(SourceSpec(str(path)), shard_size=3000)
+    assert [s.counts.rows_in for s in shards] == [3000, 3000, 3000, 1000]
+    assert sum(s.counts.rows_in for s in shards) == 10_000
+    assert kept.num_rows + (0 if rejects is None else rejects.num_rows) == 10_000
+    assert kept.column_names == list(BASE_COLUMNS)  # pandas' __index_level_0__ is not carried
+    # Auto-detected LAION columns: url is URL, caption is TEXT, row for row.
+    by_index = dict(zip(kept["source_index"].to_pylist(), kept["url"].to_pylist()))
+    urls = source["URL"].to_pylist()
+    assert all(urls[i] == u for i, u in by_index.items())
+    captions = source["TEXT"].to_pylist()
+    assert all(captions[i] == c for i, c in zip(kept["source_index"].to_pylist(), kept["caption"].to_pylist()))
+    assert len(set(kept["uid"].to_pylist())) == kept.num_rows

@@ -1,0 +1,79 @@
+"""Stages used only by tests; importable by Ray workers as ``tests.stages``."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.stage import Rejections, Stage
+from schemas.columns import CAPTION, SOURCE_INDEX, register_column
+
+SETUP_CALLS = register_column("test_setup_calls", pa.int32(), "tests: times setup ran in this worker").name
+CAPTION_WORDS = register_column("test_caption_words", pa.int32(), "tests: words in the caption").name
+
+
+@dataclass
+class CountSetup(Stage):
+    """Writes how many times ``setup`` ran in this worker (must be 1) and counts words."""
+
+    name: ClassVar[str] = "count_setup"
+    input_columns: ClassVar[tuple[str, ...]] = (CAPTION,)
+    output_columns: ClassVar[tuple[str, ...]] = (SETUP_CALLS, CAPTION_WORDS)
+
+    def __post_init__(self) -> None:
+        self._calls = 0
+
+    def setup(self) -> None:
+        self._calls += 1
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        words = pc.cast(pc.count_substring_regex(batch[CAPTION], r"\S+"), pa.int32())
+        return pa.table({SETUP_CALLS: pa.repeat(pa.scalar(self._calls, pa.int32()), n), CAPTION_WORDS: words})
+
+
+@dataclass
+class Slow(Stage):
+    """Sleeps ``seconds`` per batch and keeps every row; runs in actors (it has ``setup``)."""
+
+    name: ClassVar[str] = "slow"
+    seconds: float = 0.3
+
+    def setup(self) -> None:
+        pass
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        time.sleep(self.seconds)
+        return batch.select([])
+
+
+@dataclass
+class FailOnIndex(Stage):
+    """Raises on the batch holding input row ``source_index`` (a stage bug), keeps everything else."""
+
+    name: ClassVar[str] = "fail_on_index"
+    input_columns: ClassVar[tuple[str, ...]] = (SOURCE_INDEX,)
+    source_index: int = 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.source_index in batch[SOURCE_INDEX].to_pylist():
+            raise RuntimeError(f"boom on row {self.source_index} in pid {os.getpid()}")
+        return batch.select([])
+
+
+@dataclass
+class RejectOddWords(Stage):
+    """Rejects captions with an odd number of words (a deterministic, content-based drop)."""
+
+    name: ClassVar[str] = "reject_odd_words"
+    input_columns: ClassVar[tuple[str, ...]] = (CAPTION_WORDS,)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rejections = Rejections(batch.num_rows)
+        rejections.add(pc.equal(pc.bit_wise_and(batch[CAPTION_WORDS], 1), 1), "odd_words", "odd word count")
+        return rejections.attach(batch.select([]))
