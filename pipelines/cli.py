@@ -79,7 +79,7 @@ def demo(
         output_dir.mkdir(parents=True, exist_ok=True)
         pool = output_dir / "demo-pool.csv"
         lines = write_demo_pool(str(pool))
-        console.print(f"demo pool: {lines:,} lines written to [bold]{pool}[/]")
+        console.print(f"demo pool: {lines:,} lines written to [bold]{pool}[/]", soft_wrap=True)
         cfg = load_config(REPO_ROOT / "configs" / "demo.yaml",
                           [f"input={pool}", f"output_dir={output_dir}", f"runner={runner}"])
         _run(cfg)
@@ -88,7 +88,8 @@ def demo(
 def _run(cfg: PipelineConfig) -> None:
     plan = build_plan(cfg)
     runner = make_runner(cfg.runner, cfg.ray)
-    console.print(f"run [bold]{cfg.name}[/] ({cfg.runner} runner, config {plan.config_hash}) → {plan.run_uri}")
+    console.print(f"run [bold]{cfg.name}[/] ({cfg.runner} runner, config {plan.config_hash}) → {plan.run_uri}",
+                  soft_wrap=True)
     columns = [TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
         with Progress(*columns, console=console, transient=False) as bar:
@@ -105,8 +106,9 @@ def _run(cfg: PipelineConfig) -> None:
     console.print(ledger_table(manifest))
     run_root = plan.run_uri
     kept = manifest.phases[-1].rows_out if manifest.phases else 0
-    console.print(f"kept rows: {kept:,} in [bold]{run_root}/{manifest.final_phase}/[/]")
-    console.print(f"rejects:   [bold]{run_root}/rejects/[/]  manifest: [bold]{run_root}/manifest.json[/]")
+    console.print(f"kept rows: {kept:,} in [bold]{run_root}/{manifest.final_phase}/[/]", soft_wrap=True)
+    console.print(f"rejects:   [bold]{run_root}/rejects/[/]", soft_wrap=True)
+    console.print(f"manifest:  [bold]{run_root}/manifest.json[/]", soft_wrap=True)
 
 
 def ledger_table(manifest: Manifest) -> Table:
@@ -132,7 +134,7 @@ class _errors:
     def __exit__(self, kind, error, tb):
         if error is None or not isinstance(error, (ValueError, ConfigChangedError, LedgerError, OSError)):
             return False
-        console.print(f"[bold red]error:[/] {error}")
+        console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
         raise typer.Exit(code=2 if isinstance(error, (ValueError, ConfigChangedError)) else 1)
 
 

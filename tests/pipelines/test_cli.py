@@ -1,0 +1,67 @@
+"""The command line, in-process: run, inspect, demo, and errors a user can fix."""
+
+from __future__ import annotations
+
+import yaml
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.demo_pool import write_demo_pool
+
+cli = CliRunner()
+
+
+def _config_file(tmp_path, **extra):
+    pool = tmp_path / "pool.csv"
+    lines = write_demo_pool(str(pool), rows=1200, seed=2)
+    (tmp_path / "lines").write_text(str(lines))
+    raw = {"name": "cli", "input": str(pool), "output_dir": str(tmp_path / "runs"), "shard_size": 400,
+           "stages": [{"stage": "curation.basic:JunkAltText"}, {"stage": "curation.basic:CaptionLength"}],
+           **extra}
+    path = tmp_path / "cli.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_run_then_inspect(tmp_path):
+    config = _config_file(tmp_path)
+    result = cli.invoke(app, ["run", str(config), "shard_size=300"])
+    assert result.exit_code == 0, result.output
+    assert "kept rows:" in result.output and "junk_alt_text" in result.output
+    run_dir = tmp_path / "runs" / "cli"
+    shards = -(-int((tmp_path / "lines").read_text()) // 300)
+    assert len(list((run_dir / "01_caption_length").glob("*.parquet"))) == shards
+    result = cli.invoke(app, ["inspect", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "ledger of run cli (complete)" in result.output
+    assert "caption" in result.output and "characters" in result.output
+    result = cli.invoke(app, ["inspect", str(run_dir), "--phase", "00_input"])
+    assert result.exit_code == 0 and "00_input: 1,20" in result.output
+
+
+def test_bad_config_key_exits_2_with_the_message(tmp_path):
+    result = cli.invoke(app, ["run", str(_config_file(tmp_path, shard_sise=3))])
+    assert result.exit_code == 2
+    assert "shard_sise: unknown key" in result.output
+
+
+def test_changed_config_exits_2_and_says_how_to_start_a_new_run(tmp_path):
+    config = _config_file(tmp_path)
+    assert cli.invoke(app, ["run", str(config)]).exit_code == 0
+    result = cli.invoke(app, ["run", str(config), "stages.caption_length.min_words=5"])
+    assert result.exit_code == 2
+    assert "min_words: 2 -> 5" in result.output and "name=<new name>" in result.output
+
+
+def test_missing_input_and_non_run_directories_are_clear_errors(tmp_path):
+    result = cli.invoke(app, ["run", str(_config_file(tmp_path)), f"input={tmp_path}/nope.parquet"])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = cli.invoke(app, ["inspect", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a run directory" in result.output
+
+
+def test_demo_with_the_local_runner(tmp_path):
+    result = cli.invoke(app, ["demo", "--output-dir", str(tmp_path), "--runner", "local"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo" / "manifest.json").exists()
+    assert "duplicate" in result.output and "malformed_row" in result.output
