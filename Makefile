@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE=1
 export RAY_USAGE_STATS_ENABLED=0
 export RAY_AUTH_MODE=disabled
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipelines curation generators models schemas benchmarks tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines.stage import GlobalStage, Rejections, Resources
 from schemas.columns import CAPTION, SOURCE_INDEX, UID, URL

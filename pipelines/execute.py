@@ -145,7 +145,7 @@ def _write(rundir: RunDir, manifest: Manifest) -> None:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def _versions() -> dict[str, str]:

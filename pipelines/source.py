@@ -169,13 +169,14 @@ def _read_parquet(path: str, spec: SourceSpec) -> Iterator[pa.Table]:
 
 
 def _read_delimited(path: str, spec: SourceSpec, delimiter: str) -> Iterator[pa.Table]:
-    parse = dict(delimiter=delimiter, newlines_in_values=delimiter == ",", quote_char='"' if delimiter == "," else False)
+    csv = delimiter == ","  # TSV pools (img2dataset's) are unquoted: a stray quote is caption text
+    parse = dict(delimiter=delimiter, newlines_in_values=csv, quote_char='"' if csv else False)
     try:
         probe_options = pacsv.ParseOptions(**parse, invalid_row_handler=lambda row: "skip")
         with pacsv.open_csv(path, parse_options=probe_options) as probe:
             names = probe.schema.names
     except pa.ArrowInvalid as e:
-        raise SourceError(f"input file {path!r} cannot be parsed as {'tsv' if delimiter != ',' else 'csv'}: {e}") from None
+        raise SourceError(f"input file {path!r} cannot be parsed as {'csv' if csv else 'tsv'}: {e}") from None
     url_col, caption_col = _resolve_columns(names, spec, path)
     pending: list[tuple[int, str]] = []
 
@@ -439,14 +440,9 @@ def _finish_shard(shard: int, table: pa.Table, first_index: int, spec: SourceSpe
     n = table.num_rows
     index = pa.array(range(first_index, first_index + n), pa.int64())
     if not spec.uid_column:
-        uid = pa.array(
-            [_uid(i, u, c, d) for i, u, c, d in zip(
-                index.to_pylist(), table[URL].to_pylist(), table[CAPTION].to_pylist(),
-                table[REJECT_DETAIL].to_pylist())],
-            pa.string(),
-        )
+        uid = _uids(index, pc.coalesce(table[URL], table[REJECT_DETAIL]), table[CAPTION])
     else:
-        generated = pa.array([_uid(i, None, None, None) for i in index.to_pylist()], pa.string())
+        generated = _uids(index, pa.nulls(n, pa.string()), pa.nulls(n, pa.string()))
         uid = pc.coalesce(table[UID], generated)
     front = {UID: uid, SOURCE_INDEX: index, URL: table[URL], CAPTION: table[CAPTION]}
     rest = [name for name in table.column_names if name not in front]
@@ -461,10 +457,16 @@ def _finish_shard(shard: int, table: pa.Table, first_index: int, spec: SourceSpe
     return InputShard(shard, kept, rejects, counts)
 
 
-def _uid(index: int, url: str | None, caption: str | None, detail: str | None) -> str:
-    """Stable 128-bit id from the row's position and content (identical across runs and runners)."""
-    key = f"{index}\x1f{url if url is not None else detail or ''}\x1f{caption or ''}"
-    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+def _uids(index: pa.Array, url: pa.Array, caption: pa.Array) -> pa.Array:
+    """Stable 128-bit ids from each row's position, url and caption (same across runs and runners).
+
+    A rejected row without a url hashes its reject detail in the url's place.
+    """
+    keys = pc.binary_join_element_wise(pc.cast(index, pa.string()), pc.fill_null(url, ""),
+                                       pc.fill_null(caption, ""), "\x1f")
+    blake2b = hashlib.blake2b
+    return pa.array([blake2b(k, digest_size=16).hexdigest() for k in keys.cast(pa.binary()).to_pylist()],
+                    pa.string())
 
 
 def check_keep_columns(keep: tuple[str, ...]) -> None:

@@ -129,17 +129,26 @@ class Rejections:
     def add(self, mask: Any, reason: str, detail: Any = None) -> None:
         """Reject the rows where ``mask`` is true (nulls count as false) and that have no reason yet.
 
-        ``detail`` is a string for all rows or a per-row array of strings.
+        ``detail`` is a string for all rows, a per-row array of strings, or a callable that
+        receives the boolean mask of the newly rejected rows and returns one string per such row
+        (so that costly details are built for rejected rows only).
         """
         mask = _as_bool_array(mask, self.num_rows)
         fresh = pc.and_(pc.fill_null(mask, False), pc.is_null(self._reason))
+        if not pc.any(fresh).as_py():
+            return
         self._reason = pc.if_else(fresh, pa.scalar(reason, pa.string()), self._reason)
-        if detail is not None:
-            if isinstance(detail, str):
-                detail = pa.scalar(detail, pa.string())
-            else:
-                detail = pc.cast(_as_array(detail), pa.string())
-            self._detail = pc.if_else(fresh, detail, self._detail)
+        if detail is None:
+            return
+        if callable(detail):
+            values = pc.cast(_as_array(detail(fresh)), pa.string())
+            self._detail = pc.replace_with_mask(self._detail, fresh, values)
+            return
+        if isinstance(detail, str):
+            detail = pa.scalar(detail, pa.string())
+        else:
+            detail = pc.cast(_as_array(detail), pa.string())
+        self._detail = pc.if_else(fresh, detail, self._detail)
 
     @property
     def any(self) -> bool:

@@ -12,6 +12,7 @@ from typing import ClassVar
 import pytest
 import yaml
 
+from curation.basic import TEXT_BATCH
 from pipelines.config import (
     PipelineConfig,
     apply_overrides,
@@ -193,7 +194,8 @@ def test_load_config_name_defaults_to_file_stem(tmp_path, pool):
 
 def test_load_config_defaults(tmp_path, pool):
     cfg = load_config(write_yaml(tmp_path / "c.yaml", {"input": pool}))
-    assert (cfg.runner, cfg.shard_size, cfg.seed, cfg.output_dir, cfg.input_format) == ("local", 10_000, 0, "runs", "auto")
+    defaults = (cfg.runner, cfg.shard_size, cfg.seed, cfg.output_dir, cfg.input_format)
+    assert defaults == ("local", 10_000, 0, "runs", "auto")
     assert cfg.columns.model_dump() == {"url": "auto", "caption": "auto", "uid": None, "keep": []}
     assert cfg.stages == []
 
@@ -285,8 +287,9 @@ def test_unknown_stage_parameter_lists_allowed(pool):
 
 
 def test_unknown_parameter_of_a_later_stage_names_its_index(pool):
-    with pytest.raises(ValueError, match=re.escape("stages[1] (curation.exact_duplicates:ExactDuplicates): "
-                                                   "unknown parameter(s) ['key']; allowed: ['keys', 'normalize_text']")):
+    expected = re.escape("stages[1] (curation.exact_duplicates:ExactDuplicates): "
+                         "unknown parameter(s) ['key']; allowed: ['keys', 'normalize_text']")
+    with pytest.raises(ValueError, match=expected):
         plan_of(raw_config(pool, LENGTH, {"stage": DEDUP, "key": ["url"]}))
 
 
@@ -319,7 +322,7 @@ def test_stage_own_checks_are_reported_with_the_stage(pool, entry, expected):
 def test_resources_overrides_keep_the_stage_defaults(pool):
     plan = plan_of(raw_config(pool, {"stage": LENGTH, "resources": {"cpus": 2, "concurrency": 3}},
                               {"stage": DEDUP, "resources": {"cpus": 0.5}}))
-    assert plan.stages[0].stage.resources == Resources(cpus=2.0, gpus=0.0, batch_size=1024, concurrency=3)
+    assert plan.stages[0].stage.resources == Resources(cpus=2.0, gpus=0.0, batch_size=TEXT_BATCH, concurrency=3)
     # ExactDuplicates' own default batch size survives an override of another key.
     assert plan.stages[1].stage.resources == Resources(cpus=0.5, batch_size=65536)
     assert plan_of(raw_config(pool, DEDUP)).stages[0].stage.resources.batch_size == 65536
@@ -340,7 +343,8 @@ def test_unknown_resources_key(pool):
     ({"batch_size": "big"}, "batch_size: Input should be a valid integer"),
 ])
 def test_bad_resources_value(pool, resources, expected):
-    with pytest.raises(ValueError, match=re.escape("stages[0] (curation.basic:CaptionLength): invalid resources")) as info:
+    prefix = re.escape("stages[0] (curation.basic:CaptionLength): invalid resources")
+    with pytest.raises(ValueError, match=prefix) as info:
         plan_of(raw_config(pool, {"stage": LENGTH, "resources": resources}))
     assert expected in str(info.value)
 

@@ -11,7 +11,6 @@ import pytest
 from pipelines.stage import GlobalStage, Rejections, Resources, Stage
 from schemas.rejects import REJECT_DETAIL, REJECT_REASON
 
-
 # Resources -------------------------------------------------------------------------------------
 
 def test_resources_defaults_are_valid():

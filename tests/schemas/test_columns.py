@@ -69,7 +69,8 @@ def test_register_builtin_column_with_its_own_type_is_allowed():
 
 def test_register_different_type_is_an_error():
     register_column("test_columns_typed", pa.int32(), "test")
-    with pytest.raises(ValueError, match=r"'test_columns_typed' is already registered as int32 \(heavy=False\), not string"):
+    expected = r"'test_columns_typed' is already registered as int32 \(heavy=False\), not string"
+    with pytest.raises(ValueError, match=expected):
         register_column("test_columns_typed", pa.string(), "test")
     assert column_type("test_columns_typed") == pa.int32()  # unchanged
     with pytest.raises(ValueError, match="already registered"):

@@ -8,7 +8,6 @@ import pytest
 
 from schemas.manifest import MANIFEST_FORMAT, Manifest, PhaseSummary, ShardEntry, StageCounts
 
-
 # StageCounts -----------------------------------------------------------------------------------
 
 def test_stage_counts_closes():
@@ -48,7 +47,8 @@ def test_stage_counts_dict_round_trip_sorts_reasons():
 
 
 def test_stage_counts_from_dict_coerces_ints():
-    assert StageCounts.from_dict({"rows_in": "3", "rows_kept": 2.0, "rejected": {"a": "1"}}) == StageCounts(3, 2, {"a": 1})
+    loose = {"rows_in": "3", "rows_kept": 2.0, "rejected": {"a": "1"}}
+    assert StageCounts.from_dict(loose) == StageCounts(3, 2, {"a": 1})
 
 
 # ShardEntry ------------------------------------------------------------------------------------
