@@ -213,6 +213,9 @@ def format_validation_error(error: ValidationError, model: type[BaseModel] | Non
             lines.append(f"  {loc}: unknown key{hint}")
         elif kind == "missing":
             lines.append(f"  {loc}: required key is missing")
+        elif kind == "value_error":  # raised by a __post_init__ check, which names its field
+            where = "" if loc == "(top level)" else f"{loc}: "
+            lines.append(f"  {where}{problem['ctx']['error']}")
         else:
             lines.append(f"  {loc}: {problem['msg']} (got {problem.get('input')!r})")
     return "\n".join(lines)

@@ -54,8 +54,9 @@ class LocalRunner(Runner):
             self._ready.add(id(planned))
 
     def run_phase(self, task: PhaseTask, shards: list[int]) -> Iterator[ShardEntry]:
-        for planned in task.stages:
-            self._setup(planned)
+        if shards:
+            for planned in task.stages:
+                self._setup(planned)
         for shard in shards:
             state = task.load(shard)
             for planned in task.stages:
