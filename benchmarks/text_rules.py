@@ -61,7 +61,7 @@ def baseline_reason(caption: str) -> str | None:
         return "url_caption"
     if trimmed.lower() in GENERIC:
         return "generic_caption"
-    words, chars = len(trimmed.split()), len(caption)
+    words, chars = len(trimmed.split()), len(trimmed)
     if words < 2:
         return "too_few_words"
     if chars < 5:

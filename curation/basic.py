@@ -122,9 +122,10 @@ class JunkAltText(Stage):
 class CaptionLength(Stage):
     """Rejects captions outside word and character bounds (``null`` disables a bound).
 
-    Words are runs of non-whitespace (Unicode whitespace separates them); characters are
-    Unicode code points. The defaults drop one-word and shorter-than-five-character captions,
-    a common floor for web alt-text; raise ``min_words`` to 3 for DataComp's "more than two words".
+    Words are runs of non-whitespace (Unicode whitespace separates them); characters are the
+    Unicode code points of the caption without its leading and trailing whitespace. The
+    defaults drop one-word and shorter-than-five-character captions, a common floor for web
+    alt-text; raise ``min_words`` to 3 for DataComp's "more than two words".
     """
 
     name: ClassVar[str] = "caption_length"
@@ -146,17 +147,17 @@ class CaptionLength(Stage):
                 raise ValueError(f"{low} ({a}) is greater than {high} ({b})")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        caption = batch[CAPTION]
+        trimmed = pc.utf8_trim_whitespace(batch[CAPTION])
         rejections = Rejections(batch.num_rows)
         if self.min_words is not None or self.max_words is not None:
-            words = self._word_counts(caption)
+            words = self._word_counts(trimmed)
             if self.min_words is not None:
                 rejections.add(pc.less(words, self.min_words), TOO_FEW_WORDS,
                                _measured(words, f" < min_words={self.min_words}"))
             if self.max_words is not None:
                 rejections.add(pc.greater(words, self.max_words), TOO_MANY_WORDS,
                                _measured(words, f" > max_words={self.max_words}"))
-        chars = pc.utf8_length(caption)
+        chars = pc.utf8_length(trimmed)
         if self.min_chars is not None:
             rejections.add(pc.less(chars, self.min_chars), TOO_SHORT,
                            _measured(chars, f" < min_chars={self.min_chars}"))
@@ -165,13 +166,12 @@ class CaptionLength(Stage):
                            _measured(chars, f" > max_chars={self.max_chars}"))
         return rejections.attach(batch.select([]))
 
-    def _word_counts(self, caption) -> pa.Array:
-        """Words per caption; without ``max_words``, counted only up to ``min_words`` (exact below it).
+    def _word_counts(self, trimmed) -> pa.Array:
+        """Words per trimmed caption; without ``max_words``, counted only up to ``min_words``.
 
-        Splitting stops after ``min_words - 1`` separators, which is all the minimum needs and
-        7x cheaper than a full split.
+        Splitting stops after ``min_words - 1`` separators (exact below the minimum, which is all
+        the rule and its detail need), 7x cheaper than a full split.
         """
-        trimmed = pc.utf8_trim_whitespace(caption)
         limit = None if self.max_words is not None else max(self.min_words - 1, 0)
         pieces = pc.list_value_length(pc.utf8_split_whitespace(trimmed, max_splits=limit))
         return pc.if_else(pc.equal(pc.utf8_length(trimmed), 0), 0, pieces)

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from pipelines.stage import GlobalStage, Stage
 from schemas.columns import UID, column_type, is_heavy
 from schemas.manifest import StageCounts
-from schemas.rejects import DETAIL, REASON, REJECT_DETAIL, REJECT_REASON, SHARD, STAGE
+from schemas.rejects import DETAIL, REASON, REJECT_DETAIL, REJECT_REASON, REJECT_SCHEMA, SHARD, STAGE
 
 RESERVED = (REJECT_REASON, REJECT_DETAIL)
 
@@ -32,14 +32,32 @@ class PlannedStage:
     stage: Stage
     import_path: str = ""
     checkpoint: bool = False
+    #: For a GlobalStage: its aggregate, or where to load it from (the run directory) in ``setup``.
     state: Any = None
+    state_source: Any = None
 
     @property
     def is_global(self) -> bool:
         return isinstance(self.stage, GlobalStage)
 
+    @property
+    def stateful(self) -> bool:
+        """Runs in long-lived workers: it loads something in ``setup`` or carries a global state."""
+        return self.stage.has_setup or self.is_global
+
     def setup(self) -> None:
+        if self.is_global and self.state is None and self.state_source is not None:
+            found, self.state = self.state_source.load_aggregate(self.name)
+            if not found:
+                raise RuntimeError(f"the aggregate of global stage {self.name!r} is missing from the run")
         self.stage.setup()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Workers load a global stage's state from the run directory rather than receive it."""
+        state = dict(self.__dict__)
+        if state.get("state_source") is not None:
+            state["state"] = None
+        return state
 
     def process(self, batch: pa.Table) -> pa.Table:
         if isinstance(self.stage, GlobalStage):
@@ -81,40 +99,44 @@ def apply_stage(planned: PlannedStage, state: ShardState) -> ShardState:
     else:
         result = _empty_output(planned)
     merged = _merge(rows, result)
-
-    counts = StageCounts(rows_in=num_rows)
-    if REJECT_REASON in merged.column_names:
-        reason = merged[REJECT_REASON]
-        rejected_mask = pc.is_valid(reason)
-        rejected = merged.filter(rejected_mask)
-        kept = merged.filter(pc.invert(rejected_mask)).drop_columns(list(RESERVED))
-        for item in pc.value_counts(rejected[REJECT_REASON]).to_pylist():
-            counts.rejected[item["values"]] = item["counts"]
-        new_rejects = [reject_records(rejected, planned.name, state.shard)]
-    else:
-        kept, new_rejects = merged, []
-    counts.rows_kept = kept.num_rows
-    if not counts.closes:
-        raise StageContractError(f"stage {planned.name!r}: ledger does not close: {counts}")
+    kept, rejects, counts = split_rejected(merged, planned.name, state.shard)
     return ShardState(
         shard=state.shard,
         rows=kept,
         rows_in=state.rows_in,
-        rejects=state.rejects + new_rejects,
+        rejects=state.rejects + ([rejects] if rejects is not None else []),
         counts={**state.counts, planned.name: counts},
     )
 
 
+def split_rejected(rows: pa.Table, stage: str, shard: int) -> tuple[pa.Table, pa.Table | None, StageCounts]:
+    """Kept rows (reserved columns dropped), reject records and counts of rows a stage marked."""
+    counts = StageCounts(rows_in=rows.num_rows)
+    if REJECT_REASON not in rows.column_names:
+        counts.rows_kept = rows.num_rows
+        return rows, None, counts
+    rejected_mask = pc.is_valid(rows[REJECT_REASON])
+    kept = rows.filter(pc.invert(rejected_mask)).drop_columns(list(RESERVED))
+    rejected = rows.filter(rejected_mask)
+    for item in pc.value_counts(rejected[REJECT_REASON]).to_pylist():
+        counts.rejected[item["values"]] = item["counts"]
+    counts.rows_kept = kept.num_rows
+    if not counts.closes:
+        raise StageContractError(f"stage {stage!r}: ledger does not close: {counts}")
+    return kept, (reject_records(rejected, stage, shard) if rejected.num_rows else None), counts
+
+
 def reject_records(rows: pa.Table, stage: str, shard: int) -> pa.Table:
-    """Reject records for rejected ``rows``: uid, stage, reason, detail, shard, then light columns."""
+    """Reject records for rejected ``rows``: the fields of ``REJECT_SCHEMA``, then light columns."""
     n = rows.num_rows
-    record = {
+    values = {
         UID: rows[UID],
         STAGE: pa.repeat(pa.scalar(stage, pa.string()), n),
-        REASON: rows[REJECT_REASON] if REJECT_REASON in rows.column_names else pa.nulls(n, pa.string()),
+        REASON: rows[REJECT_REASON],
         DETAIL: rows[REJECT_DETAIL] if REJECT_DETAIL in rows.column_names else pa.nulls(n, pa.string()),
         SHARD: pa.repeat(pa.scalar(shard, pa.int32()), n),
     }
+    record = {f.name: values[f.name].cast(f.type) for f in REJECT_SCHEMA}
     for name in rows.column_names:
         if name in record or name in RESERVED or _is_heavy(rows.schema.field(name)):
             continue
@@ -136,6 +158,11 @@ def _check_output(planned: PlannedStage, batch: pa.Table, result: Any) -> None:
             f"add rows; mark drops with pipelines.stage.Rejections"
         )
     declared = set(planned.stage.output_columns)
+    reserved = [c for c in RESERVED if c in result.column_names]
+    if reserved and (len(reserved) != len(RESERVED) or
+                     any(result.schema.field(c).type != pa.string() for c in RESERVED)):
+        raise StageContractError(f"{where} returned {reserved}: reject columns come as a pair of strings; "
+                                 f"set them with pipelines.stage.Rejections")
     extra = [c for c in result.column_names if c not in declared and c not in RESERVED]
     if extra:
         raise StageContractError(f"{where} returned undeclared column(s) {extra}; declared: {sorted(declared)}")

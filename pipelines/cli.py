@@ -18,6 +18,7 @@ from pipelines.config import PipelineConfig, load_config
 from pipelines.execute import ConfigChangedError, run_pipeline
 from pipelines.ledger import LedgerError
 from pipelines.plan import build_plan
+from pipelines.rundir import RunDirInUse
 from pipelines.runner import make_runner
 from schemas.manifest import Manifest
 
@@ -55,9 +56,12 @@ def inspect(
     with _errors():
         manifest = load_manifest(str(run_dir))
         console.print(ledger_table(manifest))
+        phases = [p.name for p in manifest.phases]
         phase = phase or manifest.final_phase
         if phase is None:
             return
+        if phase not in phases:
+            raise ValueError(f"run {manifest.name} has no finished phase {phase!r}; its phases are {phases}")
         rows, stats = column_stats(str(run_dir), phase)
         table = Table(title=f"{phase}: {rows:,} rows")
         for header in ("column", "type", "nulls", "min", "mean", "max", "of"):
@@ -132,7 +136,7 @@ class _errors:
         return self
 
     def __exit__(self, kind, error, tb):
-        if error is None or not isinstance(error, (ValueError, ConfigChangedError, LedgerError, OSError)):
+        if error is None or not isinstance(error, (ValueError, ConfigChangedError, LedgerError, RunDirInUse, OSError)):
             return False
         console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
         raise typer.Exit(code=2 if isinstance(error, (ValueError, ConfigChangedError)) else 1)

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import importlib
 import os
+import sys
 from typing import Any, Literal
 
 import yaml
@@ -39,6 +40,7 @@ class RayConfig(BaseModel):
     num_gpus: int | None = Field(default=None, ge=0)
     object_store_memory: int | None = Field(default=None, ge=78643200)
     temp_dir: str | None = None
+    log_to_driver: bool = False
 
 
 class StageConfig(BaseModel):
@@ -58,8 +60,8 @@ class StageConfig(BaseModel):
 class PipelineConfig(BaseModel):
     """A whole pipeline: input, columns, output, runner, sharding, seed and stages."""
 
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
     input: str
     input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
@@ -147,10 +149,13 @@ def resolve_stage_class(path: str) -> type[Stage]:
     module_name, sep, class_name = path.partition(":")
     if not sep or not module_name or not class_name:
         raise ValueError(f"stage {path!r} must be an import path of the form module:Class")
+    if os.getcwd() not in sys.path:  # stage modules beside the user, as `python -m` would find them
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"stage {path!r}: cannot import {module_name!r}: {e}") from None
+        raise ValueError(f"stage {path!r}: cannot import {module_name!r}: {e} (the module must be "
+                         f"importable: installed, in the current directory or on PYTHONPATH)") from None
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Stage)) or cls in (Stage, GlobalStage):
         raise ValueError(f"stage {path!r}: {class_name!r} is not a Stage class in {module_name!r}")

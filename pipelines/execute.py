@@ -14,8 +14,8 @@ import platform
 from collections.abc import Callable
 from importlib import metadata
 
-from pipelines.ledger import LedgerError, check_phase, summarise
-from pipelines.phase import PhaseTask
+from pipelines.ledger import LedgerError, check_phase, check_run, summarise
+from pipelines.phase import PhaseTask, ShardIO
 from pipelines.plan import INPUT_PHASE, Plan, fingerprint_diff
 from pipelines.rundir import RunDir
 from pipelines.runner import Runner
@@ -38,54 +38,73 @@ class ConfigChangedError(RuntimeError):
 def run_pipeline(plan: Plan, runner: Runner, progress: Progress | None = None) -> Manifest:
     """Execute ``plan`` with ``runner``, resuming whatever an earlier attempt finished."""
     rundir = RunDir(plan.run_uri)
-    manifest = _open_manifest(rundir, plan)
-    removed = rundir.remove_temporaries()
-    if removed:
-        log.info("removed %d temporary file(s) left by an interrupted run", removed)
-    try:
-        shards, previous = _ingest(plan, rundir, manifest, progress)
-        input_phase = INPUT_PHASE
-        for phase in plan.phases:
-            if phase.global_stage is not None:
-                _bind_aggregate(phase.global_stage, runner, rundir, input_phase, shards, manifest)
-            task = PhaseTask(rundir, input_phase, phase.name, phase.stages)
-            done = rundir.shard_entries(phase.name)
-            pending = [s for s in shards if s not in done]
-            for entry in runner.run_phase(task, pending):
-                done[entry.shard] = entry
-                if progress:
-                    progress(phase.name, len(done), len(shards))
-            entries = rundir.shard_entries(phase.name)
-            check_phase(phase.name, entries, previous)
-            summary = summarise(phase.name, [s.name for s in phase.stages], entries, len(shards))
-            _set_phase(manifest, summary, plan.phase_names)
+    with rundir.lock():
+        manifest = _open_manifest(rundir, plan)
+        removed = rundir.remove_temporaries()
+        if removed:
+            log.info("removed %d temporary file(s) left by an interrupted run", removed)
+        try:
+            _execute(plan, runner, rundir, manifest, progress)
+        except BaseException:
+            manifest.status = "failed"
             _write(rundir, manifest)
-            input_phase, previous = phase.name, entries
-    except BaseException:
-        manifest.status = "failed"
+            raise
+        manifest.status = "complete"
         _write(rundir, manifest)
-        raise
-    manifest.status = "complete"
-    _write(rundir, manifest)
     return manifest
+
+
+def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, progress: Progress | None) -> None:
+    shards, previous = _ingest(plan, rundir, manifest, progress)
+    input_phase = INPUT_PHASE
+    for phase in plan.phases:
+        if phase.global_stage is not None:
+            _bind_aggregate(phase.global_stage, runner, rundir, input_phase, shards, manifest)
+        task = PhaseTask(ShardIO(rundir, input_phase, phase.name), phase.stages)
+        done = rundir.shard_entries(phase.name)
+        pending = [s for s in shards if s not in done]
+        for entry in runner.run_phase(task, pending):
+            done[entry.shard] = entry
+            if progress:
+                progress(phase.name, len(done), len(shards))
+        entries = rundir.shard_entries(phase.name)
+        missing = sorted(set(shards) - set(entries))
+        if missing:
+            raise LedgerError(f"phase {phase.name!r} finished without shard(s) {missing[:10]}: their rows are "
+                              f"unaccounted for (is output_dir on storage every worker writes to?)")
+        check_phase(phase.name, entries, previous)
+        summary = summarise(phase.name, [s.name for s in phase.stages], entries, len(shards))
+        _set_phase(manifest, summary, plan.phase_names)
+        _write(rundir, manifest)
+        input_phase, previous = phase.name, entries
+    check_run(manifest)
 
 
 def _open_manifest(rundir: RunDir, plan: Plan) -> Manifest:
     existing = rundir.read_manifest()
-    if existing is not None:
-        if existing.config_hash != plan.config_hash:
-            changes = fingerprint_diff(existing.config.get("fingerprint", {}), plan.fingerprint)
-            raise ConfigChangedError(
-                f"run directory {plan.run_uri} holds a run of another configuration "
-                f"(hash {existing.config_hash}, now {plan.config_hash}). Changed:\n  "
-                + "\n  ".join(changes or ["(no readable difference)"])
-                + "\nTo keep both, start a new run: add name=<new name> (or output_dir=<other folder>). "
-                "To start over, delete the run directory."
-            )
+    if existing is not None and existing.config_hash != plan.config_hash and rundir.has_shard_entries():
+        changes = fingerprint_diff(existing.config.get("fingerprint", {}), plan.fingerprint)
+        raise ConfigChangedError(
+            f"run directory {plan.run_uri} holds a run of another configuration "
+            f"(hash {existing.config_hash}, now {plan.config_hash}). Changed:\n  "
+            + "\n  ".join(changes or ["(no readable difference)"])
+            + "\nTo keep both, start a new run: add name=<new name> (or output_dir=<other folder>). "
+            "To start over, delete the run directory."
+        )
+    now = _now()
+    if existing is not None and existing.config_hash == plan.config_hash:
+        versions = _versions()
+        before = existing.versions
+        changed = {k: f"{before.get(k)} -> {v}" for k, v in versions.items() if before.get(k) != v}
+        if changed:
+            log.warning("resuming run %s with other package versions: %s", plan.config.name, changed)
+        existing.history.append({"resumed_at": now, **({"versions_changed": changed} if changed else {})})
+        existing.versions = versions
         existing.status = "running"
         existing.config["pipeline"] = plan.config.model_dump()
         return existing
-    now = _now()
+    if existing is not None:
+        log.info("run %s finished no shard under its earlier configuration: replacing it", plan.config.name)
     manifest = Manifest(
         name=plan.config.name, config_hash=plan.config_hash,
         config={"fingerprint": plan.fingerprint, "pipeline": plan.config.model_dump()},
@@ -129,6 +148,7 @@ def _bind_aggregate(planned, runner: Runner, rundir: RunDir, phase: str, shards:
         state = planned.stage.aggregate(partials)
         rundir.save_aggregate(planned.name, state)
     planned.state = state
+    planned.state_source = rundir  # workers load it from there (see PlannedStage.setup)
     manifest.aggregates[planned.name] = planned.stage.describe(state)
     _write(rundir, manifest)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from pipelines.rundir import RunDir
-from schemas.manifest import Manifest, StageCounts
+from schemas.manifest import Manifest
 
 
 @dataclass
@@ -33,11 +33,6 @@ def load_manifest(run: str) -> Manifest:
     if manifest is None:
         raise ValueError(f"{run!r} is not a run directory (no manifest.json)")
     return manifest
-
-
-def ledger_rows(manifest: Manifest) -> list[tuple[str, str, StageCounts]]:
-    """(phase, stage, counts) in pipeline order."""
-    return [(phase.name, name, counts) for phase in manifest.phases for name, counts in phase.counts.items()]
 
 
 def column_stats(run: str, phase: str) -> tuple[int, list[ColumnStats]]:

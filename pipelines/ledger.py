@@ -7,7 +7,7 @@ fails the run: a ledger that does not close means rows were lost or invented.
 
 from __future__ import annotations
 
-from schemas.manifest import PhaseSummary, ShardEntry, StageCounts
+from schemas.manifest import Manifest, PhaseSummary, ShardEntry, StageCounts
 
 
 class LedgerError(RuntimeError):
@@ -56,3 +56,17 @@ def summarise(phase: str, stages: list[str], entries: dict[int, ShardEntry], sha
         rows_out=sum(e.rows_out for e in entries.values()),
         counts=counts,
     )
+
+
+def check_run(manifest: Manifest) -> None:
+    """Every input row is kept by the last phase or rejected by exactly one stage."""
+    totals = manifest.stage_totals()
+    if not totals or not manifest.phases:
+        return
+    read = next(iter(totals.values()))
+    rejected = sum(c.rows_rejected for c in totals.values())
+    kept = manifest.phases[-1].rows_out
+    if read.rows_in != kept + rejected:
+        raise LedgerError(
+            f"run {manifest.name!r}: {read.rows_in} input rows but {kept} kept + {rejected} rejected"
+        )

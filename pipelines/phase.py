@@ -1,7 +1,9 @@
 """One phase over one shard: load the previous phase's rows, run the stages, write the result.
 
-:class:`PhaseTask` is what a runner ships to its workers (it pickles small: the run directory's
-URI and the planned stages). Both runners call ``load``, ``chain.apply_stage`` and ``finish``.
+:class:`ShardIO` reads a shard of the input phase and writes a finished shard of this phase; it
+pickles small (the run directory's URI and two phase names), so Ray ships it to the read and
+write tasks without the stages or their state. Both runners call ``load``,
+``chain.apply_stage`` and ``finish``.
 """
 
 from __future__ import annotations
@@ -15,14 +17,13 @@ from pipelines.rundir import RunDir
 from schemas.manifest import ShardEntry
 
 
-@dataclass
-class PhaseTask:
-    """Run ``stages`` over shards of ``input_phase`` and write them as phase ``name``."""
+@dataclass(frozen=True)
+class ShardIO:
+    """Reads shards of ``input_phase`` and writes finished shards of phase ``name``."""
 
     rundir: RunDir
     input_phase: str
     name: str
-    stages: list[PlannedStage]
 
     def load(self, shard: int) -> ShardState:
         rows = self.rundir.read_table(self.rundir.shard_path(self.input_phase, shard))
@@ -34,6 +35,18 @@ class PhaseTask:
         check_shard(entry)
         self.rundir.write_shard(entry, state.rows, state.rejects_table())
         return entry
+
+
+@dataclass
+class PhaseTask:
+    """Run ``stages`` over shards read and written by ``io``."""
+
+    io: ShardIO
+    stages: list[PlannedStage]
+
+    @property
+    def name(self) -> str:
+        return self.io.name
 
 
 def compute_partial(planned: PlannedStage, rundir: RunDir, phase: str, shard: int) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 from pipelines.chain import PlannedStage
 from pipelines.config import PipelineConfig, build_stage
-from pipelines.source import SourceSpec, check_keep_columns, resolve_files
+from pipelines.source import READ_STAGE, SourceSpec, check_keep_columns, probe_source, resolve_files
 from schemas.columns import BASE_COLUMNS, column_type
 
 INPUT_PHASE = "00_input"
@@ -66,6 +66,7 @@ def build_plan(config: PipelineConfig) -> Plan:
         path=config.input, format=config.input_format, url_column=config.columns.url,
         caption_column=config.columns.caption, uid_column=config.columns.uid, keep_columns=keep,
     )
+    probe_source(source)
     stages = [build_stage(entry, i, config.seed) for i, entry in enumerate(config.stages)]
     _check_names(stages)
     _check_columns(stages, available=list(BASE_COLUMNS) + list(keep))
@@ -97,11 +98,12 @@ def _short(value: Any) -> str:
 
 
 def _check_names(stages: list[PlannedStage]) -> None:
-    seen: set[str] = set()
+    seen: set[str] = {READ_STAGE}  # the source's own line in the ledger
     for stage in stages:
         if stage.name in seen:
             raise ValueError(
-                f"two stages are named {stage.name!r}; give one of them a distinct `name:` in the config"
+                f"stage name {stage.name!r} is taken (by another stage, or reserved); give it a distinct "
+                f"`name:` in the config"
             )
         seen.add(stage.name)
 
@@ -157,8 +159,26 @@ def _fingerprint(config: PipelineConfig, source: SourceSpec, stages: list[Planne
 
 
 def _file_identities(path: str) -> list[dict[str, Any]]:
-    identities = []
-    for file in resolve_files(path):
-        stat = os.stat(file)
-        identities.append({"path": os.path.abspath(file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    return identities
+    """Each input file by name, size and a hash of sampled content (not its path or mtime).
+
+    Copying, touching or re-syncing the same data keeps a run resumable; any change of size, or
+    of the sampled bytes (head, tail and eight blocks in between), is a change of input.
+    """
+    files = resolve_files(path)
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+    return [{"file": os.path.relpath(os.path.abspath(f), root), "size": os.path.getsize(f),
+             "sample_blake2b": _sampled_hash(f)} for f in files]
+
+
+def _sampled_hash(path: str, edge: int = 1 << 16, block: int = 1 << 12, blocks: int = 8) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size <= 2 * edge + blocks * block:
+            digest.update(f.read())
+        else:
+            offsets = [0] + [edge + i * (size - 2 * edge) // blocks for i in range(blocks)] + [size - edge]
+            for offset in offsets:
+                f.seek(offset)
+                digest.update(f.read(edge if offset in (0, size - edge) else block))
+    return digest.hexdigest()

@@ -14,9 +14,12 @@ so a reader never sees a partial file; the ledger entry is written last.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 import pickle
+import socket
 import uuid
 from typing import Any
 
@@ -31,6 +34,11 @@ LEDGER_DIR = "_ledger"
 REJECTS_DIR = "rejects"
 AGGREGATES_DIR = "aggregates"
 TMP_MARK = ".tmp-"
+LOCK = ".lock"
+
+
+class RunDirInUse(RuntimeError):
+    """Another process holds the run directory."""
 
 
 def shard_name(shard: int) -> str:
@@ -116,6 +124,40 @@ class RunDir:
             entry = ShardEntry.from_json(self.read_bytes(info.path).decode())
             entries[entry.shard] = entry
         return entries
+
+    def has_shard_entries(self) -> bool:
+        """Whether any phase of this run has a finished shard."""
+        selector = pafs.FileSelector(self.root, allow_not_found=True)
+        for folder in self.fs.get_file_info(selector):
+            if folder.type == pafs.FileType.Directory and self.list_files(f"{folder.base_name}/{LEDGER_DIR}"):
+                return True
+        return False
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run directory for one process at a time (local file systems only).
+
+        A second ``vlmcurate run`` on the same directory would redo the same shards and could
+        delete the first one's temporary files; it fails at once instead.
+        """
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            yield
+            return
+        os.makedirs(self.root, exist_ok=True)
+        with open(os.path.join(self.root, LOCK), "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                raise RunDirInUse(f"run directory {self.root} is in use by another process "
+                                   f"({handle.read().strip() or 'pid unknown'})") from None
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def remove_temporaries(self) -> int:
         """Delete temporary files a killed run left behind; return how many."""

@@ -12,19 +12,31 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import pickle
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from pipelines.chain import PlannedStage, ShardState, apply_stage
 from pipelines.config import RayConfig
-from pipelines.phase import PhaseTask, compute_partial
+from pipelines.phase import PhaseTask, ShardIO, compute_partial
 from pipelines.rundir import RunDir
 from schemas.manifest import ShardEntry, StageCounts
 
 log = logging.getLogger(__name__)
+
+#: Largest actor pool per stage on an autoscaling cluster when the stage sets no concurrency.
+AUTOSCALE_MAX_ACTORS = 64
+
+
+#: How often a crashed worker is restarted, or a failed task retried, before the phase fails.
+#: Finite on purpose: a stage that kills its worker on some input must fail the run, not loop.
+WORKER_RETRIES = 3
 
 
 class Runner(ABC):
@@ -58,17 +70,24 @@ class LocalRunner(Runner):
             for planned in task.stages:
                 self._setup(planned)
         for shard in shards:
-            state = task.load(shard)
+            state = task.io.load(shard)
             for planned in task.stages:
                 state = apply_stage(planned, state)
-            yield task.finish(state)
+            yield task.io.finish(state)
 
     def compute_partials(self, planned, rundir, phase, shards):
+        if shards:
+            self._setup(planned)
         return [compute_partial(planned, rundir, phase, shard) for shard in shards]
 
 
 class RayRunner(Runner):
-    """Runs phases as Ray Data pipelines on a local Ray or on the cluster at ``address``."""
+    """Runs phases as Ray Data pipelines on a local Ray or on the cluster at ``address``.
+
+    On a Ray it starts itself (or one already running in this process) the cluster is fixed, so
+    actor pools are sized to fit it, leaving room for the read and write tasks. Connected to a
+    cluster by ``address``, it leaves sizing and GPU placement to Ray's autoscaler.
+    """
 
     def __init__(self, config: RayConfig | None = None) -> None:
         self.config = config or RayConfig()
@@ -79,18 +98,18 @@ class RayRunner(Runner):
 
         if ray.is_initialized():
             return
-        common = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        common = dict(include_dashboard=False, log_to_driver=self.config.log_to_driver, configure_logging=False)
         if self.config.address:
             ray.init(address=self.config.address, **common)
         else:
+            # Workers inherit the driver's environment: make stage modules beside the user importable.
+            paths = [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
             ray.init(num_cpus=self.config.num_cpus, num_gpus=self.config.num_gpus,
                      object_store_memory=self.config.object_store_memory,
                      _temp_dir=self.config.temp_dir, **common)
         self._started_ray = True
         log.info("started Ray: %s", ray.cluster_resources())
-        # Ray Data's own progress bars are off (the CLI draws one per phase); silence its notice.
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     def close(self) -> None:
         import ray
@@ -99,36 +118,54 @@ class RayRunner(Runner):
             ray.shutdown()
         self._started_ray = False
 
-    def run_phase(self, task: PhaseTask, shards: list[int]) -> Iterator[ShardEntry]:
-        if not shards:
-            return
-        import ray
+    def _data_context(self):
         import ray.data
 
         self._ensure_ray()
         context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
+        context.enable_progress_bars = False  # the CLI draws one bar per phase
         context.print_on_execution_start = False
-        resources = ray.cluster_resources()
-        has_gpu = resources.get("GPU", 0) > 0
-        pools = plan_actor_pools(task.stages, resources.get("CPU", 1))
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        return context
 
-        items = [{"shard": shard} for shard in shards]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(_load_shards, fn_kwargs={"task": task}, batch_size=1, batch_format="pyarrow")
+    def _placement(self, stages: list[PlannedStage]) -> Placement:
+        import ray
+
+        resources = ray.cluster_resources()
+        if self.config.address:  # an autoscaling cluster: ask, and let Ray provide
+            return Placement(True, 1.0, {p.name: (1, p.stage.resources.concurrency or AUTOSCALE_MAX_ACTORS)
+                                         for p in stages if p.stateful})
+        return plan_placement(stages, resources.get("CPU", 1), resources.get("GPU", 0) > 0)
+
+    def run_phase(self, task: PhaseTask, shards: list[int]) -> Iterator[ShardEntry]:
+        if not shards:
+            return
+        import ray.data
+
+        self._data_context()
+        placement = self._placement(task.stages)
+        io_args = dict(fn_kwargs={"io": task.io}, batch_size=1, batch_format="pyarrow",
+                       num_cpus=placement.cpu_scale, max_retries=WORKER_RETRIES)
+        ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=len(shards))
+        ds = _map_batches(ds, _load_shards, **io_args)
         for planned in task.stages:
-            ds = ds.map_batches(**_stage_map_args(planned, has_gpu, pools.get(planned.name)))
-        ds = ds.map_batches(_finish_shards, fn_kwargs={"task": task}, batch_size=1, batch_format="pyarrow")
+            ds = _map(ds, planned, _apply_stage_batch, placement)
+        ds = _map_batches(ds, _finish_shards, **io_args)
         for row in ds.iter_rows():
             yield ShardEntry.from_json(row["entry"])
 
     def compute_partials(self, planned, rundir, phase, shards):
-        import ray
+        if not shards:
+            return []
+        import ray.data
 
-        self._ensure_ray()
-        remote = ray.remote(num_cpus=planned.stage.resources.cpus)(compute_partial)
-        planned_ref = ray.put(planned)
-        return ray.get([remote.remote(planned_ref, rundir, phase, shard) for shard in shards])
+        self._data_context()
+        placement = self._placement([planned])
+        ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=len(shards))
+        ds = _map(ds, planned, _compute_batch, placement, rundir=rundir, phase=phase)
+        partials = {row["shard"]: pickle.loads(row["partial"]) for row in ds.iter_rows()}
+        return [partials[shard] for shard in shards]
 
 
 def make_runner(kind: str, ray_config: RayConfig | None = None) -> Runner:
@@ -142,82 +179,110 @@ def make_runner(kind: str, ray_config: RayConfig | None = None) -> Runner:
 # Ray Data map functions. A row is a shard: its rows and rejects as Arrow IPC, its counts as JSON.
 
 class _StageActor:
-    """Holds one stage in a Ray actor; ``setup`` runs once when the actor starts."""
+    """Holds one stage in a Ray actor: ``setup`` runs once when the actor starts."""
 
-    def __init__(self, planned: PlannedStage) -> None:
-        self.planned = planned
+    def __init__(self, planned: PlannedStage, fn, **kwargs) -> None:
+        self.planned, self.fn, self.kwargs = planned, fn, kwargs
         planned.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _encode([apply_stage(self.planned, state) for state in _decode(batch)])
+        return self.fn(batch, self.planned, **self.kwargs)
 
 
 def _apply_stage_batch(batch: pa.Table, planned: PlannedStage) -> pa.Table:
     return _encode([apply_stage(planned, state) for state in _decode(batch)])
 
 
-def _load_shards(batch: pa.Table, task: PhaseTask) -> pa.Table:
-    return _encode([task.load(shard) for shard in batch["shard"].to_pylist()])
+def _compute_batch(batch: pa.Table, planned: PlannedStage, rundir: RunDir, phase: str) -> pa.Table:
+    shards = batch["shard"].to_pylist()
+    partials = [pickle.dumps(compute_partial(planned, rundir, phase, s), protocol=5) for s in shards]
+    return pa.table({"shard": pa.array(shards, pa.int64()), "partial": pa.array(partials, pa.large_binary())})
 
 
-def _finish_shards(batch: pa.Table, task: PhaseTask) -> pa.Table:
-    entries = [task.finish(state) for state in _decode(batch)]
+def _load_shards(batch: pa.Table, io: ShardIO) -> pa.Table:
+    return _encode([io.load(shard) for shard in batch["shard"].to_pylist()])
+
+
+def _finish_shards(batch: pa.Table, io: ShardIO) -> pa.Table:
+    entries = [io.finish(state) for state in _decode(batch)]
     return pa.table({"entry": pa.array([e.to_json() for e in entries], pa.string())})
 
 
-def plan_actor_pools(stages: list[PlannedStage], cluster_cpus: float) -> dict[str, tuple[int, int]]:
-    """(min, max) actor-pool sizes for the stages with ``setup``, within the cluster's CPUs.
-
-    Actors hold their CPUs for the whole phase, so if they took every CPU the task-based steps
-    (reading, stateless stages, writing) could never be scheduled and the phase would hang.
-    One task's worth of CPUs stays free; pools asked to be larger are shrunk with a warning,
-    and a phase whose smallest pools cannot fit fails with a message instead of hanging.
-    """
-    actors = [p for p in stages if p.stage.has_setup]
-    reserve = max([1.0] + [p.stage.resources.cpus for p in stages if not p.stage.has_setup])
-    budget = cluster_cpus - reserve
-    needed = sum(p.stage.resources.cpus for p in actors)
-    if actors and needed > budget + 1e-9:
-        raise ValueError(
-            f"stages {[p.name for p in actors]} run as actors needing {needed:g} CPU(s) at one actor "
-            f"each, and {reserve:g} more must stay free for the other steps, but the cluster has "
-            f"{cluster_cpus:g}: lower their resources.cpus or add CPUs (ray.num_cpus)"
-        )
-    pools = {}
-    for p in actors:
-        cpus = p.stage.resources.cpus
-        spare = budget - (needed - cpus)  # what is left for this pool once the others have one actor
-        largest = max(1, int((spare + 1e-9) // cpus))
-        wanted = p.stage.resources.concurrency
-        if wanted is not None and wanted > largest:
-            log.warning("stage %r asks for %d actors but only %d fit beside the other steps on %g CPUs",
-                        p.name, wanted, largest, cluster_cpus)
-        pools[p.name] = (min(wanted, largest), min(wanted, largest)) if wanted else (1, largest)
-    return pools
+def _map_batches(ds, fn, **args):
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing max_restarts/max_retries as keyword arguments but offers
+        # no named parameter for them yet; without them a crashing worker is retried forever.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        return ds.map_batches(fn, **args)
 
 
-def _stage_map_args(planned: PlannedStage, has_gpu: bool, pool: tuple[int, int] | None) -> dict[str, Any]:
+def _map(ds, planned: PlannedStage, fn, placement: Placement, **kwargs):
+    """``ds.map_batches`` running ``fn(batch, planned, **kwargs)`` with the stage's resources."""
     import ray.data
 
     resources = planned.stage.resources
+    pool = placement.pools.get(planned.name)
     gpus = resources.gpus
-    if gpus and not has_gpu:
+    if gpus and not placement.has_gpu:
         log.warning("stage %r asks for %s GPU(s) but the cluster has none: running it on CPUs", planned.name, gpus)
         gpus = 0
-    args: dict[str, Any] = dict(batch_size=1, batch_format="pyarrow", num_cpus=resources.cpus)
+    args: dict[str, Any] = dict(batch_size=1, batch_format="pyarrow", num_cpus=resources.cpus * placement.cpu_scale)
     if gpus:
         args["num_gpus"] = gpus
     if pool is not None:
         low, high = pool
         strategy = ray.data.ActorPoolStrategy(size=low) if low == high else \
             ray.data.ActorPoolStrategy(min_size=low, max_size=high)
-        # Ray Data restarts crashed actors and retries their tasks by default (max_restarts=-1).
-        args.update(fn=_StageActor, fn_constructor_args=(planned,), compute=strategy)
+        args.update(compute=strategy, fn_constructor_args=(planned, fn), fn_constructor_kwargs=kwargs,
+                    max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES)
+        target = _StageActor
     else:
         if resources.concurrency is not None:
             args["compute"] = ray.data.TaskPoolStrategy(size=resources.concurrency)
-        args.update(fn=_apply_stage_batch, fn_kwargs={"planned": planned})
-    return args
+        args.update(fn_kwargs={"planned": planned, **kwargs}, max_retries=WORKER_RETRIES)
+        target = fn
+    return _map_batches(ds, target, **args)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a phase's steps are placed: a CPU scale for every request and the actor-pool sizes."""
+
+    has_gpu: bool
+    cpu_scale: float
+    pools: dict[str, tuple[int, int]]
+
+
+def plan_placement(stages: list[PlannedStage], cluster_cpus: float, has_gpu: bool) -> Placement:
+    """Fit a phase on a fixed cluster: actor pools never take the CPUs the tasks need.
+
+    Actors hold their CPUs for the whole phase. If they took every CPU, the task-based steps
+    (reading, stateless stages, writing) could never be scheduled and the phase would hang. One
+    task's worth of CPUs (the largest task request, at least 1) stays free. When even one actor
+    per stateful stage plus that reserve exceeds the cluster (two model stages on a 2-CPU
+    laptop), every CPU request of the phase is scaled down by the same factor, with a warning:
+    the steps then share cores instead of waiting for each other forever.
+    """
+    actors = [p for p in stages if p.stateful]
+    reserve = max([1.0] + [p.stage.resources.cpus for p in stages if not p.stateful])
+    needed = sum(p.stage.resources.cpus for p in actors)
+    scale = min(1.0, cluster_cpus / (needed + reserve)) if actors else 1.0
+    if scale < 1.0:
+        log.warning("stages %s need %g CPU(s) as actors plus %g for the other steps, more than the %g this Ray "
+                    "has: scaling the phase's CPU requests by %.2f (they share cores)",
+                    [p.name for p in actors], needed, reserve, cluster_cpus, scale)
+    budget = cluster_cpus - reserve * scale
+    pools = {}
+    for p in actors:
+        cpus = p.stage.resources.cpus * scale
+        spare = budget - (needed - p.stage.resources.cpus) * scale  # once the other pools have one actor
+        largest = max(1, int((spare + 1e-9) // cpus))
+        wanted = p.stage.resources.concurrency
+        if wanted is not None and wanted > largest:
+            log.warning("stage %r asks for %d actors but only %d fit beside the other steps on %g CPUs",
+                        p.name, wanted, largest, cluster_cpus)
+        pools[p.name] = (min(wanted, largest), min(wanted, largest)) if wanted else (1, largest)
+    return Placement(has_gpu, scale, pools)
 
 
 def _ipc(table: pa.Table) -> bytes:

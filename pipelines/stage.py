@@ -56,7 +56,7 @@ class Resources:
             raise ValueError(f"resources.concurrency must be >= 1 or null, got {self.concurrency}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Stage:
     """Base class of every pipeline step (see the module docstring for the contract)."""
 
@@ -81,7 +81,7 @@ class Stage:
         return type(self).setup is not Stage.setup
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GlobalStage(Stage):
     """A two-pass decision over the whole pool: compute per shard, aggregate, decide.
 

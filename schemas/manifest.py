@@ -105,6 +105,8 @@ class Manifest:
     status: str = "running"  # running | complete | failed
     phases: list[PhaseSummary] = field(default_factory=list)
     aggregates: dict[str, Any] = field(default_factory=dict)
+    #: One entry per resume: when, and which package versions changed since the last attempt.
+    history: list[dict[str, Any]] = field(default_factory=list)
     format: int = MANIFEST_FORMAT
 
     @property
@@ -134,5 +136,5 @@ class Manifest:
             name=d["name"], config_hash=d["config_hash"], config=d["config"],
             versions=d["versions"], created_at=d["created_at"], updated_at=d["updated_at"],
             status=d["status"], phases=[PhaseSummary.from_dict(p) for p in d["phases"]],
-            aggregates=d.get("aggregates", {}),
+            aggregates=d.get("aggregates", {}), history=d.get("history", []),
         )

@@ -77,3 +77,30 @@ class RejectOddWords(Stage):
         rejections = Rejections(batch.num_rows)
         rejections.add(pc.equal(pc.bit_wise_and(batch[CAPTION_WORDS], 1), 1), "odd_words", "odd word count")
         return rejections.attach(batch.select([]))
+
+
+@dataclass
+class DieInCall(Stage):
+    """Kills its own worker process on every batch (a crashing decoder, an OOM kill)."""
+
+    name: ClassVar[str] = "die_in_call"
+
+    def setup(self) -> None:
+        pass
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        os._exit(1)
+
+
+@dataclass
+class MinWords(Stage):
+    """A stage with a required parameter (no default)."""
+
+    name: ClassVar[str] = "min_words_required"
+    input_columns: ClassVar[tuple[str, ...]] = (CAPTION_WORDS,)
+    minimum: int
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rejections = Rejections(batch.num_rows)
+        rejections.add(pc.less(batch[CAPTION_WORDS], self.minimum), "few_words", f"< {self.minimum}")
+        return rejections.attach(batch.select([]))

@@ -318,3 +318,27 @@ def test_global_stage_decide_receives_bound_state():
 def test_planned_stage_is_global():
     assert planned(RejectUidsInState()).is_global
     assert not planned(Recorder()).is_global
+
+
+def test_reject_columns_must_come_as_a_pair_of_strings():
+    from schemas.rejects import REJECT_DETAIL, REJECT_REASON
+
+    @dataclass
+    class DetailOnly(Stage):
+        name: ClassVar[str] = "detail_only"
+
+        def __call__(self, batch):
+            return pa.table({REJECT_DETAIL: pa.nulls(batch.num_rows, pa.string())})
+
+    @dataclass
+    class IntReason(Stage):
+        name: ClassVar[str] = "int_reason"
+
+        def __call__(self, batch):
+            n = batch.num_rows
+            return pa.table({REJECT_REASON: pa.array([1] * n), REJECT_DETAIL: pa.nulls(n, pa.string())})
+
+    table = pa.table({"uid": ["a", "b"], "caption": ["x y", "z w"]})
+    for stage in (DetailOnly(), IntReason()):
+        with pytest.raises(StageContractError, match="reject columns come as a pair of strings"):
+            apply_stage(PlannedStage(stage.name, stage), ShardState(0, table, rows_in=2))

@@ -65,3 +65,16 @@ def test_demo_with_the_local_runner(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo" / "manifest.json").exists()
     assert "duplicate" in result.output and "malformed_row" in result.output
+
+
+def test_demo_runs_again_on_the_same_folder(tmp_path):
+    for _ in range(2):  # the pool is rewritten with the same content: not a config change
+        result = cli.invoke(app, ["demo", "--output-dir", str(tmp_path), "--runner", "local"])
+        assert result.exit_code == 0, result.output
+
+
+def test_inspect_an_unknown_phase_names_the_phases(tmp_path):
+    config = _config_file(tmp_path)
+    assert cli.invoke(app, ["run", str(config)]).exit_code == 0
+    result = cli.invoke(app, ["inspect", str(tmp_path / "runs" / "cli"), "--phase", "nope"])
+    assert result.exit_code == 2 and "has no finished phase 'nope'" in result.output

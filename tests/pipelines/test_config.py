@@ -494,10 +494,10 @@ def test_value_may_contain_equals_sign(pool):
 # Stage names and columns -----------------------------------------------------------------------
 
 def test_duplicate_stage_names_rejected(pool):
-    with pytest.raises(ValueError, match=re.escape("two stages are named 'caption_length'; give one of them "
-                                                   "a distinct `name:`")):
+    with pytest.raises(ValueError, match=re.escape("stage name 'caption_length' is taken (by another stage, or "
+                                                   "reserved); give it a distinct `name:`")):
         plan_of(raw_config(pool, LENGTH, CHARS, LENGTH))
-    with pytest.raises(ValueError, match="two stages are named 'mine'"):
+    with pytest.raises(ValueError, match="stage name 'mine' is taken"):
         plan_of(raw_config(pool, {"stage": LENGTH, "name": "mine"}, {"stage": CHARS, "name": "mine"}))
     plan = plan_of(raw_config(pool, LENGTH, {"stage": LENGTH, "name": "caption_length_strict", "min_words": 5}))
     assert [s.name for s in plan.stages] == ["caption_length", "caption_length_strict"]
@@ -665,7 +665,7 @@ def test_config_hash_changes_with_the_input_file(tmp_path, pool):
     assert before.config_hash != after.config_hash
     diff = fingerprint_diff(before.fingerprint, after.fingerprint)
     assert diff and all(line.startswith("input.files:") for line in diff)
-    assert before.fingerprint["input"]["files"][0]["path"] == os.path.abspath(pool)
+    assert before.fingerprint["input"]["files"][0]["file"] == os.path.basename(pool)
 
 
 def test_added_stage_shows_in_the_diff(pool):
@@ -699,3 +699,18 @@ def test_run_uri(pool):
 
 def test_parse_config_returns_the_model(pool):
     assert isinstance(parse_config(raw_config(pool)), PipelineConfig)
+
+
+def test_a_stage_may_have_a_required_parameter(pool):
+    entry = {"stage": "tests.stages:MinWords"}
+    with pytest.raises(ValueError, match="minimum"):
+        plan_of(raw_config(pool, {"stage": "tests.stages:CountSetup"}, entry))
+    plan = plan_of(raw_config(pool, {"stage": "tests.stages:CountSetup"}, {**entry, "minimum": 3}))
+    assert plan.stages[1].stage.minimum == 3
+
+
+def test_run_names_cannot_climb_out_of_the_output_dir(pool):
+    for name in (".", "..", ".hidden"):
+        with pytest.raises(ValueError, match="name"):
+            plan_of({**raw_config(pool, LENGTH), "name": name})
+    assert plan_of({**raw_config(pool, LENGTH), "name": 2024}).config.name == "2024"

@@ -146,3 +146,38 @@ def test_global_aggregate_is_saved_and_reused_on_resume(config):
     _run(config, runner)
     assert computed == []  # the saved decision was used, not recomputed
     assert runner.processed["02_exact_duplicates"] == [0]
+
+
+class DroppingRunner(LocalRunner):
+    """Loses one shard's result, as a worker writing to its own local disk would."""
+
+    def run_phase(self, task, shards):
+        return super().run_phase(task, [s for s in shards if s != 2])
+
+
+def test_a_phase_missing_a_shard_fails_the_run(config):
+    with pytest.raises(LedgerError, match=r"finished without shard\(s\) \[2\]"):
+        _run(config, DroppingRunner())
+
+
+def test_a_run_stopped_before_any_shard_takes_a_corrected_config(config, tmp_path):
+    bad = {**config, "columns": {"caption": "capton"}}
+    with pytest.raises(ValueError, match="columns.caption: column 'capton'"):
+        _run(bad)
+    _, manifest = _run(config)  # not refused: nothing was written under the bad config
+    assert manifest.status == "complete"
+
+
+def test_a_second_process_on_the_same_run_directory_is_refused(config):
+    from pipelines.rundir import RunDir, RunDirInUse
+
+    plan = build_plan(parse_config(config))
+    with RunDir(plan.run_uri).lock():
+        with pytest.raises(RunDirInUse, match="in use by another process"):
+            run_pipeline(plan, LocalRunner())
+
+
+def test_resume_is_recorded_in_the_manifest_history(config):
+    _run(config)
+    _, manifest = _run(config)
+    assert len(manifest.history) == 1 and "resumed_at" in manifest.history[0]

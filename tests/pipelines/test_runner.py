@@ -81,3 +81,42 @@ def test_a_failing_stage_fails_the_run_and_never_marks_its_shard_done(tmp_path, 
     assert "00004.json" not in done  # rows 4000-4999 (input rows, malformed lines included)
     if kind == "local":  # in order: every earlier shard was finished and recorded
         assert done == {f"{i:05d}.json" for i in range(4)}
+
+
+def test_a_stage_that_kills_its_worker_fails_the_run_instead_of_retrying_forever(tmp_path, pool, runner_factory):
+    stages = [{"stage": "tests.stages:DieInCall"}]
+    with pytest.raises(Exception):  # noqa: B017 - Ray's error type for a dead actor varies
+        run_pipeline_dict(_config(tmp_path, pool, "die", stages, shard_size=5000), runner_factory("ray"))
+    assert Manifest.from_json((tmp_path / "runs" / "die" / "manifest.json").read_text()).status == "failed"
+
+
+def test_placement_scales_cpu_requests_when_stateful_stages_do_not_fit(caplog):
+    from pipelines.chain import PlannedStage
+    from pipelines.runner import plan_placement
+    from tests.stages import CountSetup, Slow
+
+    stages = [PlannedStage("a", CountSetup()), PlannedStage("b", Slow())]
+    tight = plan_placement(stages, cluster_cpus=2, has_gpu=False)
+    assert tight.cpu_scale == pytest.approx(2 / 3)  # two 1-CPU actors + one task's CPU on 2 CPUs
+    assert tight.pools == {"a": (1, 1), "b": (1, 1)}
+    assert "scaling the phase's CPU requests" in caplog.text
+    roomy = plan_placement(stages, cluster_cpus=8, has_gpu=False)
+    assert roomy.cpu_scale == 1.0
+    assert roomy.pools == {"a": (1, 6), "b": (1, 6)}  # 8 - 1 reserved - 1 for the other pool
+
+
+def test_global_state_is_not_shipped_to_workers_but_loaded_from_the_run(tmp_path):
+    import pickle
+
+    from curation.exact_duplicates import ExactDuplicates
+    from pipelines.chain import PlannedStage
+    from pipelines.rundir import RunDir
+
+    rundir = RunDir(str(tmp_path / "run"))
+    state = {"duplicate_of": {i: "x" for i in range(10_000)}, "groups": 1, "largest": 2}
+    rundir.save_aggregate("exact_duplicates", state)
+    planned = PlannedStage("exact_duplicates", ExactDuplicates(), state=state, state_source=rundir)
+    shipped = pickle.loads(pickle.dumps(planned))
+    assert shipped.state is None and len(pickle.dumps(planned)) < 2_000
+    shipped.setup()
+    assert shipped.state == state

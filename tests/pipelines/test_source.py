@@ -272,7 +272,7 @@ def test_auto_detection_failure_lists_candidates_and_columns(tmp_path):
     with pytest.raises(SourceError) as info:
         list(read_shards(SourceSpec(str(path)), 10))
     message = str(info.value)
-    assert "no url column found" in message
+    assert "columns.url: no column of" in message
     assert "looked for url, URL, image_url, img_url" in message
     assert "['link', 'caption']" in message
     assert "columns.url" in message
@@ -287,7 +287,7 @@ def test_misnamed_explicit_column_names_it_and_lists_columns(tmp_path, fmt):
         write_jsonl(path, [{"url": "http://a", "caption": "words here"}])
     else:
         write_csv(path, [("http://a", "words here")], sep="," if fmt == "csv" else "\t")
-    with pytest.raises(SourceError, match=re.escape("caption_column 'capton' is not a column of")) as info:
+    with pytest.raises(SourceError, match=re.escape("columns.caption: column 'capton' is not in")) as info:
         list(read_shards(SourceSpec(str(path), caption_column="capton"), 10))
     assert "its columns are ['url', 'caption']" in str(info.value)
     assert str(path) in str(info.value)
@@ -406,7 +406,7 @@ def test_keep_columns_carried_through_csv_and_jsonl(tmp_path):
     _, kept_csv, _ = read_all(SourceSpec(str(csv), keep_columns=("page",)))
     _, kept_json, _ = read_all(SourceSpec(str(jsonl), keep_columns=("meta",)))
     assert kept_csv["page"].to_pylist() == ["p1", "p2"]
-    assert kept_json["meta"].to_pylist() == [{"w": 1}, {"w": 2}]
+    assert kept_json["meta"].to_pylist() == ['{"w": 1}', '{"w": 2}']  # kept JSON values are JSON text
 
 
 def test_keep_column_with_mixed_json_types_is_json_text(tmp_path):
@@ -414,7 +414,7 @@ def test_keep_column_with_mixed_json_types_is_json_text(tmp_path):
                                               {"url": "http://b", "caption": "b b", "extra": "two"},
                                               {"url": "http://c", "caption": "c c", "extra": [3]}])
     _, kept, _ = read_all(SourceSpec(str(path), keep_columns=("extra",)))
-    assert kept["extra"].to_pylist() == ["1", '"two"', "[3]"]
+    assert kept["extra"].to_pylist() == ["1", "two", "[3]"]  # strings as they are, other values as JSON
 
 
 def test_keep_columns_appear_in_reject_records(tmp_path):
@@ -733,3 +733,25 @@ def test_laion_style_pool():
     captions = source["TEXT"].to_pylist()
     assert all(captions[i] == c for i, c in zip(kept["source_index"].to_pylist(), kept["caption"].to_pylist()))
     assert len(set(kept["uid"].to_pylist())) == kept.num_rows
+
+
+def test_repeated_user_uids_keep_the_first_and_reject_the_rest_with_a_reason(tmp_path):
+    path = write_csv(tmp_path / "p.csv", [("http://a", "a a", "u1"), ("http://b", "b b", "u2"),
+                                          ("http://c", "c c", "u1"), ("http://d", "d d", "u1")],
+                     header=("url", "caption", "id"))
+    shards = list(read_shards(SourceSpec(str(path), uid_column="id"), 2))  # repeats cross shards
+    kept = pa.concat_tables([s.rows for s in shards])
+    rejects = pa.concat_tables([s.rejects for s in shards if s.rejects is not None])
+    assert kept["uid"].to_pylist() == ["u1", "u2"] and kept["url"].to_pylist() == ["http://a", "http://b"]
+    assert rejects["reason"].to_pylist() == ["duplicate_uid", "duplicate_uid"]
+    assert rejects["detail"].to_pylist() == ["uid 'u1' first seen at input row 0"] * 2
+
+
+def test_kept_columns_have_one_schema_in_every_shard(tmp_path):
+    rows = [{"url": f"http://x/{i}", "caption": "a b", "note": None} for i in range(70_000)]
+    rows += [{"url": "http://y", "caption": "c d", "note": "late text"}, {"url": "http://z", "caption": "e f",
+                                                                         "note": 5}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    shards = list(read_shards(SourceSpec(str(path), keep_columns=("note",)), 30_000))
+    assert len({s.rows.schema for s in shards}) == 1
+    assert shards[-1].rows["note"].to_pylist()[-2:] == ["late text", "5"]
