@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipelines.config import PipelineConfig, load_config
+from pipelines.demo.server import DEFAULT_PORT
 from pipelines.execute import ConfigChangedError, run_pipeline
 from pipelines.ledger import LedgerError
 from pipelines.plan import build_plan
@@ -75,18 +76,27 @@ def inspect(
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the demo pool and run go.")] = Path("runs"),
     runner: Annotated[str, typer.Option(help="local or ray.")] = "ray",
+    port: Annotated[int, typer.Option(help="Loopback port of the demo's image server.")] = DEFAULT_PORT,
+    rows: Annotated[int, typer.Option(help="Rows in the generated pool.")] = 4000,
 ) -> None:
-    """Run the main job on embedded defaults: a generated noisy pool through configs/demo.yaml."""
-    from pipelines.demo_pool import write_demo_pool
+    """Run the main job on embedded defaults: serve generated images on 127.0.0.1, write a noisy
+    pool of their urls, curate it with configs/demo.yaml and export webdataset + parquet shards."""
+    from pipelines.demo.pool import write_demo_pool
+    from pipelines.demo.server import DemoImageServer
 
     with _errors():
         output_dir.mkdir(parents=True, exist_ok=True)
-        pool = output_dir / "demo-pool.csv"
-        lines = write_demo_pool(str(pool))
-        console.print(f"demo pool: {lines:,} lines written to [bold]{pool}[/]", soft_wrap=True)
-        cfg = load_config(REPO_ROOT / "configs" / "demo.yaml",
-                          [f"input={pool}", f"output_dir={output_dir}", f"runner={runner}"])
-        _run(cfg)
+        server = DemoImageServer(port)
+        try:
+            pool = output_dir / "demo-pool.csv"
+            lines = write_demo_pool(str(pool), server.base, rows=rows)
+            console.print(f"demo pool: {lines:,} lines written to [bold]{pool}[/], images served at {server.base}",
+                          soft_wrap=True)
+            cfg = load_config(REPO_ROOT / "configs" / "demo.yaml",
+                              [f"input={pool}", f"output_dir={output_dir}", f"runner={runner}"])
+            _run(cfg)
+        finally:
+            server.close()
 
 
 def _run(cfg: PipelineConfig) -> None:
@@ -113,6 +123,9 @@ def _run(cfg: PipelineConfig) -> None:
     console.print(f"kept rows: {kept:,} in [bold]{run_root}/{manifest.final_phase}/[/]", soft_wrap=True)
     console.print(f"rejects:   [bold]{run_root}/rejects/[/]", soft_wrap=True)
     console.print(f"manifest:  [bold]{run_root}/manifest.json[/]", soft_wrap=True)
+    if manifest.export:
+        console.print(f"export:    [bold]{manifest.export['folder']}[/] ({', '.join(manifest.export['formats'])}; "
+                      f"{manifest.export['rows']:,} rows in {manifest.export['shards']} shards)", soft_wrap=True)
 
 
 def ledger_table(manifest: Manifest) -> Table:

@@ -43,13 +43,23 @@ class RayConfig(BaseModel):
     log_to_driver: bool = False
 
 
+class ExportConfig(BaseModel):
+    """Where and how the kept rows are exported when the run completes (inside the run directory)."""
+
+    model_config = ConfigDict(extra="forbid")
+    formats: list[Literal["webdataset", "parquet"]] = Field(default_factory=lambda: ["webdataset", "parquet"],
+                                                            min_length=1)
+    samples_per_shard: int = Field(default=10_000, ge=1)
+    folder: str = Field(default="export", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]*$")
+
+
 class StageConfig(BaseModel):
     """One entry of ``stages``: the import path, optional name/checkpoint/resources, parameters."""
 
     model_config = ConfigDict(extra="allow")
     stage: str
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]+$")
-    checkpoint: bool = False
+    checkpoint: bool | None = None
     resources: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -71,6 +81,7 @@ class PipelineConfig(BaseModel):
     seed: int = 0
     ray: RayConfig = Field(default_factory=RayConfig)
     stages: list[StageConfig] = Field(default_factory=list)
+    export: ExportConfig | None = None
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
@@ -187,8 +198,8 @@ def build_stage(entry: StageConfig, index: int, seed: int) -> PlannedStage:
         raise ValueError(f"{where}: invalid parameters:\n" + format_validation_error(e)) from None
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
-    return PlannedStage(name=entry.name or cls.name, stage=stage, import_path=entry.stage,
-                        checkpoint=entry.checkpoint)
+    checkpoint = cls.checkpoint_after if entry.checkpoint is None else entry.checkpoint
+    return PlannedStage(name=entry.name or cls.name, stage=stage, import_path=entry.stage, checkpoint=checkpoint)
 
 
 def _build_resources(cls: type[Stage], overrides: dict[str, Any], where: str) -> Resources:

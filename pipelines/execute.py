@@ -14,6 +14,7 @@ import platform
 from collections.abc import Callable
 from importlib import metadata
 
+from pipelines.export import ExportJob, export_done, export_settings, finish_export, plan_export, write_export_shard
 from pipelines.ledger import LedgerError, check_phase, check_run, summarise
 from pipelines.phase import PhaseTask, ShardIO
 from pipelines.plan import INPUT_PHASE, Plan, fingerprint_diff
@@ -78,6 +79,23 @@ def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, pro
         _write(rundir, manifest)
         input_phase, previous = phase.name, entries
     check_run(manifest)
+    if plan.config.export is not None:
+        _export(plan, runner, rundir, manifest, input_phase, previous)
+
+
+def _export(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, phase: str, entries) -> None:
+    options = plan.config.export
+    rows = sum(e.rows_out for e in entries.values())
+    settings = export_settings(options.formats, options.samples_per_shard, phase, rows)
+    if not export_done(rundir, options.folder, settings):
+        rundir.remove_folder(options.folder)  # an export with other settings, or a partial one
+        shards = plan_export(entries, options.samples_per_shard)
+        job = ExportJob(rundir, phase, options.folder, tuple(options.formats))
+        counts = runner.map_tasks(write_export_shard, job, shards)
+        finish_export(rundir, options.folder, settings, counts)
+    manifest.export = {**settings, "folder": rundir.path(options.folder),
+                       "shards": -(-rows // options.samples_per_shard)}
+    _write(rundir, manifest)
 
 
 def _open_manifest(rundir: RunDir, plan: Plan) -> Manifest:
@@ -135,6 +153,8 @@ def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress |
                 f"the input now gives {total} shards but {len(done)} were written earlier: the input "
                 f"changed under the run"
             )
+        if progress:
+            progress(INPUT_PHASE, len(done), total)
         check_phase(INPUT_PHASE, done, None)
         _set_phase(manifest, summarise(INPUT_PHASE, [READ_STAGE], done, total), plan.phase_names)
         _write(rundir, manifest)

@@ -97,13 +97,24 @@ class Fetcher:
 
     def __init__(self, policy: FetchPolicy) -> None:
         self.policy = policy
-        self.allowed = [ipaddress.ip_network(a, strict=False) for a in policy.allow_addresses]
+        self.allowed = self.check_allow_list(policy.allow_addresses)
         self.disallowed = {d.strip().lower() for d in policy.disallowed_directives}
         self.agent = policy.user_agent_token.strip().lower()
         self._ssl = ssl.create_default_context()
         self._watchdog = _Watchdog()
         # getaddrinfo cannot be interrupted: it runs here so a hung resolver cannot pass the deadline.
         self._resolver = ThreadPoolExecutor(max_workers=8, thread_name_prefix="resolve")
+
+    @staticmethod
+    def check_allow_list(entries) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """Parse addresses or CIDR ranges (``127.0.0.1``, ``10.0.0.0/8``); ValueError names a bad one."""
+        networks = []
+        for entry in entries:
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR range") from None
+        return networks
 
     def close(self) -> None:
         self._watchdog.stop()
@@ -272,13 +283,16 @@ def blocked_category(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
         embedded = [address.ipv4_mapped, address.sixtofour]
         if address.teredo:
             embedded += list(address.teredo)
-        if address in ipaddress.ip_network("64:ff9b::/96") or address in ipaddress.ip_network("::/96"):
+        # NAT64, and the deprecated IPv4-compatible form (::a.b.c.d, not :: or ::1).
+        compatible = address in ipaddress.ip_network("::/96") and int(address) > 0xFFFF
+        if address in ipaddress.ip_network("64:ff9b::/96") or compatible:
             embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-        candidates += [a for a in embedded if a is not None]
+        candidates = [a for a in embedded if a is not None] + candidates  # name the IPv4 inside first
     if any(a in network for a in candidates for network in allowed if a.version == network.version):
         return None
     for a in candidates:
-        for category in ("loopback", "private", "link_local", "multicast", "unspecified", "reserved"):
+        # Most specific first: 169.254.169.254 is link-local (and also counted as private).
+        for category in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):
             if getattr(a, f"is_{category}"):
                 return category.replace("_", "-")
         if not a.is_global:

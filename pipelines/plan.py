@@ -18,7 +18,7 @@ from typing import Any
 from pipelines.chain import PlannedStage
 from pipelines.config import PipelineConfig, build_stage
 from pipelines.source import READ_STAGE, SourceSpec, check_keep_columns, probe_source, resolve_files
-from schemas.columns import BASE_COLUMNS, column_type
+from schemas.columns import BASE_COLUMNS, IMAGE, column_type
 
 INPUT_PHASE = "00_input"
 
@@ -69,7 +69,10 @@ def build_plan(config: PipelineConfig) -> Plan:
     probe_source(source)
     stages = [build_stage(entry, i, config.seed) for i, entry in enumerate(config.stages)]
     _check_names(stages)
-    _check_columns(stages, available=list(BASE_COLUMNS) + list(keep))
+    final_columns = _check_columns(stages, available=list(BASE_COLUMNS) + list(keep))
+    if config.export is not None and "webdataset" in config.export.formats and IMAGE not in final_columns:
+        raise ValueError("export.formats includes webdataset, which needs image bytes, but no stage writes the "
+                         "image column: add a download stage (pipelines.download:Download) or export parquet only")
     phases = _split_phases(stages)
     return Plan(config, source, stages, phases, _fingerprint(config, source, stages))
 
@@ -108,7 +111,7 @@ def _check_names(stages: list[PlannedStage]) -> None:
         seen.add(stage.name)
 
 
-def _check_columns(stages: list[PlannedStage], available: list[str]) -> None:
+def _check_columns(stages: list[PlannedStage], available: list[str]) -> list[str]:
     have = list(available)
     for stage in stages:
         reads = set(stage.stage.input_columns)
@@ -124,6 +127,7 @@ def _check_columns(stages: list[PlannedStage], available: list[str]) -> None:
             column_type(name)  # a clear error for an unregistered column
             if name not in have:
                 have.append(name)
+    return have
 
 
 def _split_phases(stages: list[PlannedStage]) -> list[Phase]:

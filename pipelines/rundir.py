@@ -125,6 +125,10 @@ class RunDir:
             entries[entry.shard] = entry
         return entries
 
+    def remove_folder(self, folder: str) -> None:
+        if self.fs.get_file_info(self.path(folder)).type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(folder))
+
     def has_shard_entries(self) -> bool:
         """Whether any phase of this run has a finished shard."""
         selector = pafs.FileSelector(self.root, allow_not_found=True)

@@ -16,7 +16,7 @@ import os
 import pickle
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,10 @@ class Runner(ABC):
     def compute_partials(self, planned: PlannedStage, rundir: RunDir, phase: str, shards: list[int]) -> list[Any]:
         """``planned.stage.compute`` on each finished shard of ``phase``, in the order of ``shards``."""
 
+    @abstractmethod
+    def map_tasks(self, fn: Callable[..., Any], first: Any, items: list[Any]) -> list[Any]:
+        """``[fn(first, item) for item in items]``, in parallel where the runner can."""
+
     def close(self) -> None:
         """Release what the runner started."""
 
@@ -79,6 +83,9 @@ class LocalRunner(Runner):
         if shards:
             self._setup(planned)
         return [compute_partial(planned, rundir, phase, shard) for shard in shards]
+
+    def map_tasks(self, fn, first, items):
+        return [fn(first, item) for item in items]
 
 
 class RayRunner(Runner):
@@ -166,6 +173,16 @@ class RayRunner(Runner):
         ds = _map(ds, planned, _compute_batch, placement, rundir=rundir, phase=phase)
         partials = {row["shard"]: pickle.loads(row["partial"]) for row in ds.iter_rows()}
         return [partials[shard] for shard in shards]
+
+    def map_tasks(self, fn, first, items):
+        if not items:
+            return []
+        import ray
+
+        self._ensure_ray()
+        remote = ray.remote(max_retries=WORKER_RETRIES)(fn)
+        first_ref = ray.put(first)
+        return ray.get([remote.remote(first_ref, item) for item in items])
 
 
 def make_runner(kind: str, ray_config: RayConfig | None = None) -> Runner:
@@ -268,7 +285,7 @@ def plan_placement(stages: list[PlannedStage], cluster_cpus: float, has_gpu: boo
     needed = sum(p.stage.resources.cpus for p in actors)
     scale = min(1.0, cluster_cpus / (needed + reserve)) if actors else 1.0
     if scale < 1.0:
-        log.warning("stages %s need %g CPU(s) as actors plus %g for the other steps, more than the %g this Ray "
+        log.info("stages %s need %g CPU(s) as actors plus %g for the other steps, more than the %g this Ray "
                     "has: scaling the phase's CPU requests by %.2f (they share cores)",
                     [p.name for p in actors], needed, reserve, cluster_cpus, scale)
     budget = cluster_cpus - reserve * scale

@@ -66,6 +66,9 @@ class Stage:
     input_columns: ClassVar[tuple[str, ...]] = ()
     #: Columns the stage writes (new or replaced), registered in ``schemas.columns``.
     output_columns: ClassVar[tuple[str, ...]] = ()
+    #: Whether its phase ends after it unless the config says otherwise (``checkpoint:``), so
+    #: that what it produced at great cost (downloads) is on disk before anything else runs.
+    checkpoint_after: ClassVar[bool] = False
 
     resources: Resources = field(default_factory=Resources)
 

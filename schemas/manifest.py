@@ -107,6 +107,8 @@ class Manifest:
     aggregates: dict[str, Any] = field(default_factory=dict)
     #: One entry per resume: when, and which package versions changed since the last attempt.
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: The export of the kept rows, once written: settings, folder, shards and rows.
+    export: dict[str, Any] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
 
     @property
@@ -136,5 +138,5 @@ class Manifest:
             name=d["name"], config_hash=d["config_hash"], config=d["config"],
             versions=d["versions"], created_at=d["created_at"], updated_at=d["updated_at"],
             status=d["status"], phases=[PhaseSummary.from_dict(p) for p in d["phases"]],
-            aggregates=d.get("aggregates", {}), history=d.get("history", []),
+            aggregates=d.get("aggregates", {}), history=d.get("history", []), export=d.get("export", {}),
         )

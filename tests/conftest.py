@@ -84,3 +84,15 @@ def read_rejects(run_dir: str | Path):
     if not files:
         return None
     return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive").sort_by("uid")
+
+
+#: Host of the urls in text-only test pools: reserved, never resolved (no stage downloads them).
+TEXT_ONLY_HOST = "https://demo.invalid"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

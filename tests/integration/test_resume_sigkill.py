@@ -13,8 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from pipelines.demo_pool import write_demo_pool
-from tests.conftest import REPO_ROOT, read_phase, read_rejects, run_pipeline_dict
+from pipelines.demo.pool import write_demo_pool
+from tests.conftest import REPO_ROOT, TEXT_ONLY_HOST, read_phase, read_rejects, run_pipeline_dict
 
 VLMCURATE = str(Path(sys.executable).parent / "vlmcurate")
 SHARDS = 16
@@ -59,7 +59,7 @@ def _ledger(run_dir: Path, phase: str) -> set[str]:
 
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     pool = tmp_path / "pool.csv"
-    write_demo_pool(str(pool), rows=SHARDS * 250 - 10, seed=7)
+    write_demo_pool(str(pool), TEXT_ONLY_HOST, rows=SHARDS * 250 - 10, seed=7)
     config_path = tmp_path / "kill.yaml"
     config_path.write_text(yaml.safe_dump(_config(tmp_path, pool, "kill", seconds=0.4)))
     ray_temp = tempfile.mkdtemp(prefix="vr-", dir="/tmp")

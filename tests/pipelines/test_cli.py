@@ -6,14 +6,15 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.demo_pool import write_demo_pool
+from pipelines.demo.pool import write_demo_pool
+from tests.conftest import TEXT_ONLY_HOST, free_port
 
 cli = CliRunner()
 
 
 def _config_file(tmp_path, **extra):
     pool = tmp_path / "pool.csv"
-    lines = write_demo_pool(str(pool), rows=1200, seed=2)
+    lines = write_demo_pool(str(pool), TEXT_ONLY_HOST, rows=1200, seed=2)
     (tmp_path / "lines").write_text(str(lines))
     raw = {"name": "cli", "input": str(pool), "output_dir": str(tmp_path / "runs"), "shard_size": 400,
            "stages": [{"stage": "curation.basic:JunkAltText"}, {"stage": "curation.basic:CaptionLength"}],
@@ -60,16 +61,23 @@ def test_missing_input_and_non_run_directories_are_clear_errors(tmp_path):
     assert result.exit_code == 2 and "is not a run directory" in result.output
 
 
+def _demo(tmp_path, port):
+    return cli.invoke(app, ["demo", "--output-dir", str(tmp_path), "--runner", "local", "--rows", "300",
+                            "--port", str(port)])
+
+
 def test_demo_with_the_local_runner(tmp_path):
-    result = cli.invoke(app, ["demo", "--output-dir", str(tmp_path), "--runner", "local"])
+    result = _demo(tmp_path, free_port())
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo" / "manifest.json").exists()
-    assert "duplicate" in result.output and "malformed_row" in result.output
+    assert "duplicate" in result.output and "http_404" in result.output
+    assert (tmp_path / "demo" / "export" / "webdataset" / "sizes.json").exists()
 
 
 def test_demo_runs_again_on_the_same_folder(tmp_path):
+    port = free_port()
     for _ in range(2):  # the pool is rewritten with the same content: not a config change
-        result = cli.invoke(app, ["demo", "--output-dir", str(tmp_path), "--runner", "local"])
+        result = _demo(tmp_path, port)
         assert result.exit_code == 0, result.output
 
 

@@ -148,9 +148,24 @@ def test_every_config_loads_and_builds_a_plan(path, pool):
 def test_demo_config_plan(pool):
     cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"input={pool}", "runner=local"])
     plan = build_plan(cfg)
-    assert cfg.name == "demo" and cfg.shard_size == 2500 and cfg.ray.num_cpus == 2
-    assert plan.phase_names == ["00_input", "01_caption_length", "02_exact_duplicates"]
+    assert cfg.name == "demo" and cfg.shard_size == 1000 and cfg.ray.num_cpus == 2
+    # Download ends its phase by itself; each global stage opens one.
+    assert plan.phase_names == ["00_input", "01_caption_length", "02_download", "03_image_size",
+                                "04_image_duplicates"]
     assert plan.phases[1].global_stage is plan.stages[3]
+    assert plan.stages[4].stage.allow_addresses == ["127.0.0.1"]
+    assert cfg.export.formats == ["webdataset", "parquet"]
+
+
+def test_an_explicit_checkpoint_false_keeps_download_in_its_phase(pool):
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"input={pool}", "stages.download.checkpoint=false"])
+    assert build_plan(cfg).phase_names == ["00_input", "01_caption_length", "02_image_size", "03_image_duplicates"]
+
+
+def test_webdataset_export_without_images_is_refused_at_build_time(pool):
+    cfg = load_config(REPO_ROOT / "configs" / "text-pool.yaml", [f"input={pool}", "export={formats: [webdataset]}"])
+    with pytest.raises(ValueError, match="webdataset, which needs image bytes"):
+        build_plan(cfg)
 
 
 def test_text_pool_config_plan(pool):

@@ -8,13 +8,13 @@ import os
 import pytest
 
 from pipelines.config import parse_config
-from pipelines.demo_pool import write_demo_pool
+from pipelines.demo.pool import write_demo_pool
 from pipelines.execute import ConfigChangedError, run_pipeline
 from pipelines.ledger import LedgerError
 from pipelines.plan import build_plan
 from pipelines.runner import LocalRunner, Runner
 from schemas.manifest import StageCounts
-from tests.conftest import read_phase, read_rejects
+from tests.conftest import TEXT_ONLY_HOST, read_phase, read_rejects
 
 STAGES = [
     {"stage": "curation.basic:JunkAltText"},
@@ -26,7 +26,7 @@ STAGES = [
 @pytest.fixture
 def config(tmp_path):
     pool = tmp_path / "pool.csv"
-    write_demo_pool(str(pool), rows=3000, seed=1)
+    write_demo_pool(str(pool), TEXT_ONLY_HOST, rows=3000, seed=1)
     return {"name": "run", "input": str(pool), "output_dir": str(tmp_path / "runs"), "shard_size": 500,
             "stages": STAGES}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import pytest
 
-from pipelines.demo_pool import write_demo_pool
+from pipelines.demo.pool import write_demo_pool
 from schemas.manifest import Manifest
-from tests.conftest import read_phase, read_rejects, run_pipeline_dict
+from tests.conftest import TEXT_ONLY_HOST, read_phase, read_rejects, run_pipeline_dict
 from tests.stages import CAPTION_WORDS, SETUP_CALLS
 
 
@@ -29,7 +29,7 @@ MIXED_STAGES = [
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     path = tmp_path_factory.mktemp("pool") / "pool.csv"
-    write_demo_pool(str(path), rows=5000, seed=3)
+    write_demo_pool(str(path), TEXT_ONLY_HOST, rows=5000, seed=3)
     return path
 
 
@@ -91,6 +91,7 @@ def test_a_stage_that_kills_its_worker_fails_the_run_instead_of_retrying_forever
 
 
 def test_placement_scales_cpu_requests_when_stateful_stages_do_not_fit(caplog):
+    caplog.set_level("INFO")
     from pipelines.chain import PlannedStage
     from pipelines.runner import plan_placement
     from tests.stages import CountSetup, Slow

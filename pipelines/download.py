@@ -1,0 +1,152 @@
+"""The download stage: url → image bytes, with img2dataset's resizer behind a guarded fetch.
+
+What is img2dataset's and what is not: decoding, resizing (resize modes, interpolation) and
+encoding (format, quality) are img2dataset's ``Resizer``, unchanged. The fetch step is replaced
+by :mod:`pipelines.fetch` (address checks on every redirect hop, a total deadline, a byte cap,
+opt-out headers, retries of transient failures only), and a Pillow header check runs before
+decoding (:mod:`pipelines.decode`: not-an-image, decompression bombs, truncated files).
+
+Like img2dataset, each worker fetches with a pool of threads and decodes in one thread, with a
+bounded number of bodies in flight. On Ray, workers are actors (one per CPU by default), fed a
+shard at a time with Ray Data's backpressure; the stage ends its phase, so downloaded bytes are
+on disk before any later, costlier stage runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pyarrow as pa
+
+from pipelines.decode import (
+    DEFAULT_MAX_PIXELS,
+    ENCODE_FORMATS,
+    RESIZE_MODES,
+    Encoded,
+    ImageRejected,
+    Reencoder,
+)
+from pipelines.fetch import DEFAULT_DISALLOWED, Fetcher, FetchError, FetchPolicy
+from pipelines.stage import Rejections, Resources, Stage
+from schemas.columns import HEIGHT, IMAGE, ORIGINAL_HEIGHT, ORIGINAL_WIDTH, SHA256, URL, WIDTH
+
+
+@dataclass
+class Download(Stage):
+    """Downloads each url and stores the image re-encoded by img2dataset's resizer.
+
+    Fetch: ``threads`` concurrent requests per worker; ``timeout`` seconds in all per attempt;
+    at most ``max_bytes`` read; ``max_redirects`` hops; ``retries`` more attempts for transient
+    failures (timeouts, connection errors, 429, 5xx) after ``backoff`` × 2^attempt seconds with
+    jitter, or the server's ``Retry-After`` up to ``max_retry_after``; ``X-Robots-Tag``
+    directives in ``disallowed_header_directives`` honoured for every agent and for
+    ``user_agent_token``; loopback, private, link-local, multicast and other non-global
+    addresses refused unless listed in ``allow_addresses`` (addresses or CIDR ranges).
+
+    Image: ``max_pixels`` (decompression-bomb limit, checked on the header), then img2dataset's
+    resizer with ``image_size``, ``resize_mode``, ``resize_only_if_bigger``, ``encode_format``,
+    ``encode_quality`` and ``min_image_size``. The defaults follow DataComp's download
+    (512 px, keep_ratio, only if bigger, JPEG quality 95).
+    """
+
+    name: ClassVar[str] = "download"
+    input_columns: ClassVar[tuple[str, ...]] = (URL,)
+    output_columns: ClassVar[tuple[str, ...]] = (IMAGE, WIDTH, HEIGHT, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, SHA256)
+    checkpoint_after: ClassVar[bool] = True
+
+    resources: Resources = field(default_factory=lambda: Resources(batch_size=4096))
+    threads: int = 32
+    timeout: float = 10.0
+    max_bytes: int = 32 * 1024 * 1024
+    max_redirects: int = 5
+    retries: int = 2
+    backoff: float = 0.5
+    max_retry_after: float = 30.0
+    user_agent_token: str = "vlmcurate"
+    disallowed_header_directives: list[str] = field(default_factory=lambda: list(DEFAULT_DISALLOWED))
+    allow_addresses: list[str] = field(default_factory=list)
+    image_size: int = 512
+    resize_mode: str = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    min_image_size: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode {self.resize_mode!r} is not one of {list(RESIZE_MODES)}")
+        if self.encode_format not in ENCODE_FORMATS:
+            raise ValueError(f"encode_format {self.encode_format!r} is not one of {list(ENCODE_FORMATS)}")
+        for key in ("threads", "max_bytes", "image_size", "max_pixels"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("timeout", "backoff", "max_retry_after"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        for key in ("retries", "max_redirects", "min_image_size"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        try:
+            Fetcher.check_allow_list(self.allow_addresses)
+        except ValueError as e:
+            raise ValueError(f"allow_addresses: {e}") from None
+
+    def setup(self) -> None:
+        self._fetcher = Fetcher(FetchPolicy(
+            timeout=self.timeout, max_bytes=self.max_bytes, max_redirects=self.max_redirects,
+            retries=self.retries, backoff=self.backoff, max_retry_after=self.max_retry_after,
+            user_agent_token=self.user_agent_token,
+            disallowed_directives=tuple(self.disallowed_header_directives),
+            allow_addresses=tuple(self.allow_addresses),
+        ))
+        self._reencode = Reencoder(
+            image_size=self.image_size, resize_mode=self.resize_mode,
+            resize_only_if_bigger=self.resize_only_if_bigger, encode_format=self.encode_format,
+            encode_quality=self.encode_quality, min_image_size=self.min_image_size, max_pixels=self.max_pixels,
+        )
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="fetch")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        urls = batch[URL].to_pylist()
+        images: list[Encoded | None] = [None] * len(urls)
+        rejections: list[tuple[str, str] | None] = [None] * len(urls)
+
+        def finish(index: int, future: Future) -> None:
+            try:
+                images[index] = self._reencode(future.result())
+            except (FetchError, ImageRejected) as e:
+                rejections[index] = (e.reason, e.detail)
+
+        in_flight: dict[Future, int] = {}
+        for index, url in enumerate(urls):
+            if len(in_flight) >= 2 * self.threads:  # bound the bodies held in memory
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finish(in_flight.pop(future), future)
+            in_flight[self._pool.submit(self._fetcher.fetch, url)] = index
+        for future in list(in_flight):
+            finish(in_flight.pop(future), future)
+        return _columns(images, rejections)
+
+
+def _columns(images: list[Encoded | None], rejections: list[tuple[str, str] | None]) -> pa.Table:
+    def ints(values):
+        return pa.array(values, pa.int32())
+
+    table = pa.table({
+        IMAGE: pa.array([e.data if e else None for e in images], pa.binary()),
+        WIDTH: ints([e.width if e else None for e in images]),
+        HEIGHT: ints([e.height if e else None for e in images]),
+        ORIGINAL_WIDTH: ints([e.original_width if e else None for e in images]),
+        ORIGINAL_HEIGHT: ints([e.original_height if e else None for e in images]),
+        SHA256: pa.array([hashlib.sha256(e.data).hexdigest() if e else None for e in images], pa.string()),
+    })
+    marks = Rejections(len(images))
+    for reason in sorted({r[0] for r in rejections if r}):
+        mask = [r is not None and r[0] == reason for r in rejections]
+        marks.add(mask, reason, pa.array([r[1] if r else None for r in rejections], pa.string()))
+    return marks.attach(table)

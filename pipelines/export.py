@@ -1,0 +1,154 @@
+"""Exporting a finished run: webdataset tars for open_clip's trainer, and parquet.
+
+The kept rows of the last phase, in shard order, are cut into export shards of
+``samples_per_shard`` rows each (uniform sizes, whatever each pipeline shard kept), and written
+in parallel by the runner:
+
+- ``webdataset/NNNNN.tar``: per sample ``<uid>.jpg`` (or ``.png`` / ``.webp``, as encoded),
+  ``<uid>.txt`` (the caption) and ``<uid>.json`` (every other column but binary ones), members in
+  sample order with fixed metadata so the same run gives byte-identical tars; ``sizes.json``
+  maps each tar to its sample count, as open_clip's ``--dataset-type webdataset`` expects.
+- ``parquet/NNNNN.parquet``: the same rows with every column, image bytes included.
+
+Files are written under temporary names and renamed; ``_export.json`` is written last and
+records the export settings, so a rerun with the same settings skips the export and a rerun
+with other settings rewrites it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.rundir import RunDir
+from schemas.columns import CAPTION, IMAGE, UID
+from schemas.manifest import ShardEntry
+
+WEBDATASET = "webdataset"
+PARQUET = "parquet"
+EXPORT_FORMATS = (WEBDATASET, PARQUET)
+DONE = "_export.json"
+SIZES = "sizes.json"
+
+
+@dataclass(frozen=True)
+class ExportShard:
+    """Export shard ``index``: ``(pipeline shard, first row, rows)`` pieces of the last phase."""
+
+    index: int
+    pieces: tuple[tuple[int, int, int], ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(length for _, _, length in self.pieces)
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """Everything a worker needs to write one export shard."""
+
+    rundir: RunDir
+    phase: str
+    folder: str
+    formats: tuple[str, ...]
+
+
+def plan_export(entries: dict[int, ShardEntry], samples_per_shard: int) -> list[ExportShard]:
+    """Cut the kept rows, in pipeline-shard order, into export shards of equal size."""
+    pieces: list[list[tuple[int, int, int]]] = []
+    filled = samples_per_shard
+    for shard in sorted(entries):
+        start, remaining = 0, entries[shard].rows_out
+        while remaining:
+            if filled == samples_per_shard:
+                pieces.append([])
+                filled = 0
+            take = min(remaining, samples_per_shard - filled)
+            pieces[-1].append((shard, start, take))
+            start, remaining, filled = start + take, remaining - take, filled + take
+    return [ExportShard(i, tuple(p)) for i, p in enumerate(pieces)]
+
+
+def export_settings(formats: list[str], samples_per_shard: int, phase: str, rows: int) -> dict[str, Any]:
+    return {"formats": sorted(formats), "samples_per_shard": samples_per_shard, "phase": phase, "rows": rows}
+
+
+def export_done(rundir: RunDir, folder: str, settings: dict[str, Any]) -> bool:
+    path = rundir.path(folder, DONE)
+    return rundir.exists(path) and json.loads(rundir.read_bytes(path)) == settings
+
+
+def write_export_shard(job: ExportJob, shard: ExportShard) -> tuple[int, int]:
+    """Write one export shard in every format; return ``(index, rows)``."""
+    tables = []
+    for pipeline_shard, start, length in shard.pieces:
+        table = job.rundir.read_table(job.rundir.shard_path(job.phase, pipeline_shard))
+        tables.append(table.slice(start, length))
+    rows = pa.concat_tables(tables) if tables else pa.table({})
+    name = f"{shard.index:05d}"
+    if WEBDATASET in job.formats:
+        job.rundir.write_bytes(job.rundir.path(job.folder, WEBDATASET, f"{name}.tar"), webdataset_tar(rows))
+    if PARQUET in job.formats:
+        job.rundir.write_table(job.rundir.path(job.folder, PARQUET, f"{name}.parquet"), rows)
+    return shard.index, rows.num_rows
+
+
+def finish_export(rundir: RunDir, folder: str, settings: dict[str, Any], counts: list[tuple[int, int]]) -> None:
+    if WEBDATASET in settings["formats"]:
+        sizes = {f"{index:05d}.tar": rows for index, rows in sorted(counts)}
+        rundir.write_bytes(rundir.path(folder, WEBDATASET, SIZES), json.dumps(sizes, indent=1).encode())
+    rundir.write_bytes(rundir.path(folder, DONE), json.dumps(settings, indent=1).encode())
+
+
+def webdataset_tar(rows: pa.Table) -> bytes:
+    """A webdataset tar of ``rows``: image, caption and JSON metadata per sample, by uid."""
+    if IMAGE not in rows.column_names:
+        raise ValueError("webdataset export needs the image column: add a download stage, or export parquet only")
+    light = [c for c in rows.column_names
+             if c not in (IMAGE, CAPTION) and not pa.types.is_binary(rows.schema.field(c).type)
+             and not pa.types.is_large_binary(rows.schema.field(c).type)]
+    meta_rows = rows.select(light).to_pylist()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for image, caption, meta in zip(rows[IMAGE].to_pylist(), rows[CAPTION].to_pylist(), meta_rows):
+            key = meta[UID]
+            _add(tar, f"{key}.{image_extension(image)}", image)
+            _add(tar, f"{key}.txt", caption.encode("utf-8"))
+            record = {name: _jsonable(value) for name, value in {**meta, CAPTION: caption}.items()}
+            _add(tar, f"{key}.json", json.dumps(record, ensure_ascii=False, default=str).encode("utf-8"))
+    return buffer.getvalue()
+
+
+def image_extension(data: bytes) -> str:
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    raise ValueError(f"image bytes of unknown format (start {data[:12]!r})")
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _jsonable(value: Any) -> Any:
+    """Values JSON can hold: non-finite floats become null, dates ISO text, containers recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value

@@ -1,0 +1,135 @@
+"""The download stage against a hostile loopback server: each case ends in its exact reason."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipelines.download import Download
+from tests.http_server import ImageServer, make_image
+
+TIMEOUT, RETRIES, BACKOFF = 1.0, 1, 0.05
+#: The most time one URL may take: every attempt at its deadline, plus backoff and slack.
+WORST_CASE = (RETRIES + 1) * TIMEOUT + 2 * BACKOFF * 2 ** RETRIES + 1.0
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = ImageServer()
+    server.add("ok.jpg", make_image(320, 240))
+    server.add("ok.png", make_image(200, 150, "PNG", seed=1))
+    server.add("ok.gif", make_image(100, 80, "GIF", seed=2))
+    server.add("ok.webp", make_image(120, 90, "WEBP", seed=3))
+    server.add("tiny.jpg", make_image(12, 12))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def stage():
+    stage = Download(timeout=TIMEOUT, retries=RETRIES, backoff=BACKOFF, max_retry_after=5, max_bytes=200_000,
+                     allow_addresses=["127.0.0.1"], threads=8, min_image_size=16, image_size=256)
+    stage.setup()
+    return stage
+
+
+def run(stage: Download, urls: list[str]) -> list[dict]:
+    out = stage(pa.table({"url": pa.array(urls, pa.string())}))
+    rows = out.to_pylist()
+    return [{**row, "_reject_reason": row.get("_reject_reason"), "_reject_detail": row.get("_reject_detail")}
+            for row in rows]
+
+
+def reason(stage, url) -> str | None:
+    return run(stage, [url])[0]["_reject_reason"]
+
+
+@pytest.mark.parametrize("name, size", [("ok.jpg", (320, 240)), ("ok.png", (200, 150)), ("ok.gif", (100, 80)),
+                                        ("ok.webp", (120, 90))])
+def test_images_are_downloaded_resized_and_hashed(server, stage, name, size):
+    [row] = run(stage, [server.url(f"/img/{name}")])
+    assert row["_reject_reason"] is None
+    assert (row["original_width"], row["original_height"]) == size
+    stored = Image.open(io.BytesIO(row["image"]))
+    assert stored.format == "JPEG" and stored.size == (row["width"], row["height"])
+    assert min(row["width"], row["height"]) == min(256, min(size))  # keep_ratio, only if bigger
+    assert row["sha256"] == hashlib.sha256(row["image"]).hexdigest()
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("/status/404", "http_404"), ("/status/403", "http_403"), ("/status/410", "http_410"),
+    ("/html", "not_an_image"), ("/empty", "not_an_image"), ("/truncated/ok.jpg", "decode_error"),
+    ("/truncated/ok.png", "decode_error"), ("/bomb.png", "decompression_bomb"), ("/img/tiny.jpg", "too_small"),
+    ("/endless", "too_large"), ("/declared-huge", "too_large"), ("/bytes/300000", "too_large"),
+    ("/loop/a", "too_many_redirects"), ("/chain/9/ok.jpg", "too_many_redirects"),
+    ("/robots/noai/ok.jpg", "opt_out"), ("/robots/noimageai/ok.jpg", "opt_out"),
+    ("/robots/noindex/ok.jpg", "opt_out"), ("/robots/noimageindex/ok.jpg", "opt_out"),
+    ("/robots/listed/ok.jpg", "opt_out"), ("/robots/ours/ok.jpg", "opt_out"),
+    ("/robots/ours-upper/ok.jpg", "opt_out"), ("/robots/second-header/ok.jpg", "opt_out"),
+    ("/robots/other-agent/ok.jpg", None), ("/robots/harmless/ok.jpg", None), ("/chain/3/ok.jpg", None),
+])
+def test_each_failure_has_its_reason(server, stage, path, expected):
+    assert reason(stage, server.url(path)) == expected
+
+
+def test_a_client_error_is_not_retried(server, stage):
+    url = server.url("/status/404?once")
+    assert reason(stage, url) == "http_404"
+    assert server.requests["/status/404?once"] == 1
+
+
+def test_server_errors_are_retried_then_succeed_or_give_up(server, stage):
+    assert reason(stage, server.url("/flaky/1/ok.jpg")) is None
+    assert server.requests["/flaky/1/ok.jpg"] == 2
+    assert reason(stage, server.url("/status/503")) == "http_503"
+    assert server.requests["/status/503"] == RETRIES + 1
+
+
+def test_retry_after_is_honoured_and_a_long_one_gives_up(server, stage):
+    start = time.monotonic()
+    assert reason(stage, server.url("/ratelimit/1/1/ok.jpg")) is None
+    assert time.monotonic() - start >= 1.0
+    assert reason(stage, server.url("/ratelimit/3600/1/ok.jpg")) == "http_429"
+    assert server.requests["/ratelimit/3600/1/ok.jpg"] == 1  # no retry: the wait exceeds max_retry_after
+
+
+@pytest.mark.parametrize("path", ["/drip/ok.jpg", "/slow-headers"])
+def test_slow_servers_time_out_at_the_deadline(server, stage, path):
+    start = time.monotonic()
+    assert reason(stage, server.url(path)) == "timeout"
+    assert time.monotonic() - start < WORST_CASE
+
+
+def test_a_short_body_is_a_connection_failure(server, stage):
+    [row] = run(stage, [server.url("/short/ok.jpg")])
+    assert row["_reject_reason"] == "connection" and "of" in row["_reject_detail"]
+
+
+@pytest.mark.parametrize("target", ["http://127.0.0.2:{port}/img/ok.jpg", "http://10.0.0.1/x.jpg",
+                                    "http://169.254.169.254/latest/meta-data/", "http://2130706434:{port}/img/ok.jpg",
+                                    "http://0x7f000002:{port}/img/ok.jpg", "http://[::ffff:127.0.0.2]:{port}/img/ok.jpg"])
+def test_redirects_to_private_addresses_are_refused_before_connecting(server, stage, target):
+    url = server.url("/redirect?to=" + target.format(port=server.port))
+    start = time.monotonic()
+    [row] = run(stage, [url])
+    assert row["_reject_reason"] == "blocked_address", row["_reject_detail"]
+    assert time.monotonic() - start < 1.0
+
+
+def test_a_batch_mixes_successes_and_failures_in_input_order(server, stage):
+    urls = [server.url("/img/ok.jpg"), server.url("/status/404"), server.url("/img/ok.png"), "file:///etc/passwd"]
+    rows = run(stage, urls)
+    assert [r["_reject_reason"] for r in rows] == [None, "http_404", None, "bad_url"]
+    assert rows[1]["image"] is None and rows[0]["image"] is not None
+
+
+def test_parameters_are_validated():
+    for bad, message in (({"resize_mode": "stretch"}, "resize_mode"), ({"encode_format": "gif"}, "encode_format"),
+                         ({"threads": 0}, "threads"), ({"allow_addresses": ["localhost"]}, "allow_addresses")):
+        with pytest.raises(ValueError, match=message):
+            Download(**bad)
