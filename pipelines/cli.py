@@ -14,7 +14,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipelines.config import PipelineConfig, load_config
+from pipelines.config import PipelineConfig, load_config, parse_config
 from pipelines.demo.server import DEFAULT_PORT
 from pipelines.execute import ConfigChangedError, run_pipeline
 from pipelines.ledger import LedgerError
@@ -70,6 +70,36 @@ def inspect(
         for s in stats:
             table.add_row(s.name, s.dtype, f"{s.nulls:,}", _num(s.minimum), _num(s.mean), _num(s.maximum), s.measure)
         console.print(table)
+
+
+@app.command("retry-failed")
+def retry_failed_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory (holds manifest.json).")],
+    runner: Annotated[str | None, typer.Option(help="local or ray (default: as the run was made).")] = None,
+) -> None:
+    """Re-attempt the rows rejected for a transient reason (timeouts, 429, 5xx, ...) and rebuild the run."""
+    from pipelines.inspect_run import load_manifest
+    from pipelines.retry import retry_failed
+
+    with _errors():
+        manifest = load_manifest(str(run_dir))
+        raw = {**manifest.config["pipeline"], "output_dir": str(run_dir.resolve().parent)}
+        if runner:
+            raw["runner"] = runner
+        cfg = parse_config(raw)
+        plan = build_plan(cfg)
+        engine = make_runner(cfg.runner, cfg.ray)
+        try:
+            report, manifest = retry_failed(plan, engine)
+        finally:
+            engine.close()
+        if report.phase is None:
+            console.print("nothing to retry: no reject has a transient reason")
+        else:
+            attempted = ", ".join(f"{r} {n:,}" for r, n in report.attempted.most_common())
+            console.print(f"retried {sum(report.attempted.values()):,} rows of {report.phase} ({attempted}): "
+                          f"{report.recovered:,} recovered", soft_wrap=True)
+        console.print(ledger_table(manifest))
 
 
 @app.command()

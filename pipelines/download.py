@@ -29,7 +29,7 @@ from pipelines.decode import (
     ImageRejected,
     Reencoder,
 )
-from pipelines.fetch import DEFAULT_DISALLOWED, Fetcher, FetchError, FetchPolicy
+from pipelines.fetch import DEFAULT_DISALLOWED, Fetcher, FetchError, FetchPolicy, is_transient_reason
 from pipelines.stage import Rejections, Resources, Stage
 from schemas.columns import HEIGHT, IMAGE, ORIGINAL_HEIGHT, ORIGINAL_WIDTH, SHA256, URL, WIDTH
 
@@ -94,6 +94,9 @@ class Download(Stage):
             Fetcher.check_allow_list(self.allow_addresses)
         except ValueError as e:
             raise ValueError(f"allow_addresses: {e}") from None
+
+    def is_transient(self, reason: str) -> bool:
+        return is_transient_reason(reason)
 
     def setup(self) -> None:
         self._fetcher = Fetcher(FetchPolicy(

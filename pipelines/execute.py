@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import platform
 from collections.abc import Callable
 from importlib import metadata
@@ -119,13 +120,13 @@ def _open_manifest(rundir: RunDir, plan: Plan) -> Manifest:
         existing.history.append({"resumed_at": now, **({"versions_changed": changed} if changed else {})})
         existing.versions = versions
         existing.status = "running"
-        existing.config["pipeline"] = plan.config.model_dump()
+        existing.config["pipeline"] = _portable(plan.config)
         return existing
     if existing is not None:
         log.info("run %s finished no shard under its earlier configuration: replacing it", plan.config.name)
     manifest = Manifest(
         name=plan.config.name, config_hash=plan.config_hash,
-        config={"fingerprint": plan.fingerprint, "pipeline": plan.config.model_dump()},
+        config={"fingerprint": plan.fingerprint, "pipeline": _portable(plan.config)},
         versions=_versions(), created_at=now, updated_at=now,
     )
     _write(rundir, manifest)
@@ -162,15 +163,30 @@ def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress |
 
 
 def _bind_aggregate(planned, runner: Runner, rundir: RunDir, phase: str, shards: list[int], manifest: Manifest):
-    found, state = rundir.load_aggregate(planned.name)
-    if not found:
+    if not bind_saved_aggregate(planned, rundir):
         partials = runner.compute_partials(planned, rundir, phase, shards)
-        state = planned.stage.aggregate(partials)
-        rundir.save_aggregate(planned.name, state)
-    planned.state = state
-    planned.state_source = rundir  # workers load it from there (see PlannedStage.setup)
-    manifest.aggregates[planned.name] = planned.stage.describe(state)
+        rundir.save_aggregate(planned.name, planned.stage.aggregate(partials))
+        bind_saved_aggregate(planned, rundir)
+    manifest.aggregates[planned.name] = planned.stage.describe(planned.state)
     _write(rundir, manifest)
+
+
+def bind_saved_aggregate(planned, rundir: RunDir) -> bool:
+    """Give a global stage its saved aggregate (workers load it from the run directory)."""
+    found, state = rundir.load_aggregate(planned.name)
+    if found:
+        planned.state = state
+        planned.state_source = rundir
+    return found
+
+
+def _portable(config) -> dict:
+    """The config as run, with local paths made absolute so the run can be retried from anywhere."""
+    raw = config.model_dump()
+    for key in ("input", "output_dir"):
+        if "://" not in raw[key]:
+            raw[key] = os.path.abspath(raw[key])
+    return raw
 
 
 def _set_phase(manifest: Manifest, summary, order: list[str]) -> None:

@@ -115,6 +115,9 @@ class RunDir:
             self.fs.delete_file(rejects_path)
         self.write_bytes(self.ledger_path(entry.phase, entry.shard), entry.to_json().encode())
 
+    def shard_entry(self, phase: str, shard: int) -> ShardEntry:
+        return ShardEntry.from_json(self.read_bytes(self.ledger_path(phase, shard)).decode())
+
     def shard_entries(self, phase: str) -> dict[int, ShardEntry]:
         """Ledger entries of the finished shards of a phase, by shard number."""
         entries = {}

@@ -78,6 +78,13 @@ class Stage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         raise NotImplementedError(f"{type(self).__name__} does not implement __call__")
 
+    def is_transient(self, reason: str) -> bool:
+        """Whether a row this stage rejected for ``reason`` may pass on another attempt.
+
+        ``vlmcurate retry-failed`` re-runs such rows; the default is that no rejection is.
+        """
+        return False
+
     @property
     def has_setup(self) -> bool:
         """Whether the stage overrides ``setup`` (it then runs in long-lived actors)."""
