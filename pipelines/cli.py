@@ -192,6 +192,8 @@ def _num(value: float | None) -> str:
 
 
 def main() -> None:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # No telemetry, no update checks, no hub: the only network a run uses is the urls it fetches.
+    for key, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_AUTH_MODE", "disabled"),
+                       ("NO_ALBUMENTATIONS_UPDATE", "1"), ("WANDB_MODE", "disabled"), ("HF_HUB_OFFLINE", "1")):
+        os.environ.setdefault(key, value)
     app(prog_name="vlmcurate", args=sys.argv[1:])

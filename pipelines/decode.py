@@ -58,6 +58,8 @@ def load_img2dataset_resizer() -> ModuleType:
     ``import img2dataset.resizer`` runs the package's ``__init__``, which imports its whole CLI
     (webdataset, torch, wandb): 6-7 s per worker instead of about 2 s for the resizer alone.
     """
+    # albumentations (imported by the resizer) asks PyPI for a newer version on import otherwise.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     spec = importlib.util.find_spec("img2dataset")
     if spec is None or spec.origin is None:
         raise ImportError("img2dataset is not installed: pip install -e . installs it")

@@ -50,6 +50,7 @@ BAD_URL = "bad_url"
 DEFAULT_DISALLOWED = ("noai", "noimageai", "noindex", "noimageindex")
 _REDIRECTS = (301, 302, 303, 307, 308)
 _CHUNK = 1 << 16
+DNS_CACHE_SECONDS = 300.0
 # X-Robots-Tag directives that take a value after a colon (so "name:" is not a user agent).
 _VALUED_DIRECTIVES = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
 
@@ -104,6 +105,9 @@ class Fetcher:
         self._watchdog = _Watchdog()
         # getaddrinfo cannot be interrupted: it runs here so a hung resolver cannot pass the deadline.
         self._resolver = ThreadPoolExecutor(max_workers=8, thread_name_prefix="resolve")
+        # Checked answers per (host, port): a crawl asks the same hosts again and again. The
+        # connection goes to the checked address, so a later, different answer cannot sneak in.
+        self._dns: dict[tuple[str, int], tuple[str, float]] = {}
 
     @staticmethod
     def check_allow_list(entries) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -169,21 +173,32 @@ class Fetcher:
         return _Target(parts.scheme, host, port, path, address)
 
     def _resolve(self, host: str, port: int, deadline: float) -> str:
+        cached = self._dns.get((host, port))
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        try:
+            ipaddress.ip_address(host)  # a plain address needs no resolver thread
+            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except ValueError:
+            infos = self._lookup(host, port, deadline)
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        for address in addresses:
+            category = blocked_category(ipaddress.ip_address(address.split("%")[0]), self.allowed)
+            if category:
+                raise FetchError(BLOCKED_ADDRESS, f"{host} resolves to {category} address {address}")
+        self._dns[(host, port)] = (addresses[0], time.monotonic() + DNS_CACHE_SECONDS)
+        return addresses[0]
+
+    def _lookup(self, host: str, port: int, deadline: float) -> list:
         future = self._resolver.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
         try:
-            infos = future.result(timeout=max(deadline - time.monotonic(), 0.001))
+            return future.result(timeout=max(deadline - time.monotonic(), 0.001))
         except FutureTimeout:
             raise FetchError(TIMEOUT, f"resolving {host} took longer than the deadline", transient=True) from None
         except socket.gaierror as e:
             raise FetchError(DNS, f"{host}: {e.strerror}", transient=e.errno == socket.EAI_AGAIN) from None
         except (UnicodeError, OSError) as e:
             raise FetchError(BAD_URL, f"{host}: {e}") from None
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
-        for address in addresses:
-            category = blocked_category(ipaddress.ip_address(address.split("%")[0]), self.allowed)
-            if category:
-                raise FetchError(BLOCKED_ADDRESS, f"{host} resolves to {category} address {address}")
-        return addresses[0]
 
     # A request over a fresh connection to the checked address ------------------------------
     def _request(self, target: _Target, deadline: float) -> tuple[int, http.client.HTTPMessage, bytes]:

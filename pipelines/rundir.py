@@ -80,8 +80,11 @@ class RunDir:
         self.fs.move(tmp, path)
 
     def write_table(self, path: str, table: pa.Table) -> None:
+        # Encoded images and other binary payloads do not compress: spend no CPU trying.
+        compression = {f.name: "none" if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
+                       else "zstd" for f in table.schema}
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
+        pq.write_table(table, buffer, compression=compression or "zstd")
         self.write_bytes(path, buffer.getvalue())
 
     def _tmp_name(self, path: str) -> str:

@@ -3,7 +3,8 @@
 Paths (``<img>`` names an image registered with :meth:`ImageServer.add`):
 
 - ``/img/<img>``: the image; ``/status/<code>``: that status, empty body
-- ``/flaky/<n>/<img>``: 503 for the first ``n`` requests of this path, then the image
+- ``/delay/<ms>/<img>``: the image after ``ms`` milliseconds
+- ``/flaky/<n>/<img>``: 500 for the first ``n`` requests of this path, then the image
 - ``/ratelimit/<seconds>/<n>/<img>``: 429 with ``Retry-After: <seconds>`` ``n`` times, then the image
 - ``/drip/<img>``: the image one byte every 0.2 s; ``/slow-headers``: no status line for 30 s
 - ``/endless``: an unending body without Content-Length; ``/declared-huge``: Content-Length 10^12
@@ -115,10 +116,13 @@ class ImageServer:
         kind, args = segments[0], segments[1:]
         if kind == "img":
             return self._send(h, 200, self.images[args[0]])
+        if kind == "delay":
+            time.sleep(int(args[0]) / 1000)
+            return self._send(h, 200, self.images[args[1]])
         if kind == "status":
             return self._send(h, int(args[0]), b"")
         if kind == "flaky":
-            return self._send(h, 503, b"") if count <= int(args[0]) else self._send(h, 200, self.images[args[1]])
+            return self._send(h, 500, b"") if count <= int(args[0]) else self._send(h, 200, self.images[args[1]])
         if kind == "ratelimit":
             if count <= int(args[1]):
                 return self._send(h, 429, b"", {"Retry-After": args[0]})

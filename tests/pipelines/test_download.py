@@ -105,6 +105,11 @@ def test_slow_servers_time_out_at_the_deadline(server, stage, path):
     assert time.monotonic() - start < WORST_CASE
 
 
+def test_an_unknown_host_is_a_dns_failure(stage):
+    [row] = run(stage, ["http://no-such-host.invalid/a.jpg"])  # .invalid never resolves (RFC 6761)
+    assert row["_reject_reason"] == "dns" and "no-such-host.invalid" in row["_reject_detail"]
+
+
 def test_a_short_body_is_a_connection_failure(server, stage):
     [row] = run(stage, [server.url("/short/ok.jpg")])
     assert row["_reject_reason"] == "connection" and "of" in row["_reject_detail"]
@@ -133,3 +138,36 @@ def test_parameters_are_validated():
                          ({"threads": 0}, "threads"), ({"allow_addresses": ["localhost"]}, "allow_addresses")):
         with pytest.raises(ValueError, match=message):
             Download(**bad)
+
+
+def test_hostile_pool_through_both_runners_closes_the_ledger_with_identical_reasons(server, tmp_path, runner_factory):
+    from pipelines.config import parse_config
+    from pipelines.execute import run_pipeline
+    from pipelines.plan import build_plan
+    from tests.conftest import read_phase, read_rejects
+
+    expected = {
+        "/img/ok.jpg": None, "/img/ok.png": None, "/status/404": "http_404", "/html": "not_an_image",
+        "/empty": "not_an_image", "/truncated/ok.jpg": "decode_error", "/bomb.png": "decompression_bomb",
+        "/endless": "too_large", "/loop/a": "too_many_redirects", "/robots/noai/ok.jpg": "opt_out",
+        "/robots/other-agent/ok.jpg": None,
+        "/redirect?to=http://10.0.0.1/x.jpg": "blocked_address",
+    }
+    pool = tmp_path / "pool.csv"
+    pool.write_text("url,caption\n" + "".join(f"{server.url(p)},a test picture {i}\n"
+                                              for i, p in enumerate(expected)))
+    results = {}
+    for kind in ("local", "ray"):
+        config = {"name": kind, "input": str(pool), "output_dir": str(tmp_path / "runs"), "shard_size": 5,
+                  "stages": [{"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"],
+                              "timeout": TIMEOUT, "retries": 0, "max_bytes": 200_000, "threads": 4}]}
+        plan = build_plan(parse_config(config))
+        manifest = run_pipeline(plan, runner_factory(kind))
+        counts = manifest.stage_totals()["download"]
+        assert counts.closes and counts.rows_in == len(expected)
+        rejects = read_rejects(plan.run_uri)
+        kept = read_phase(plan.run_uri, "01_download")
+        reasons = {url: None for url in kept["url"].to_pylist()}
+        reasons |= dict(zip(rejects["url"].to_pylist(), rejects["reason"].to_pylist()))
+        results[kind] = reasons
+    assert results["local"] == results["ray"] == {server.url(p): r for p, r in expected.items()}

@@ -48,11 +48,11 @@ def _config(tmp_path, server, name="retry"):
 def test_transient_rejects_are_retried_and_merged_with_a_closed_ledger(tmp_path, server):
     plan = build_plan(parse_config(_config(tmp_path, server)))
     first = run_pipeline(plan, LocalRunner())
-    assert first.stage_totals()["download"].rejected == {"http_503": 4, "http_404": 4}
+    assert first.stage_totals()["download"].rejected == {"http_500": 4, "http_404": 4}
     assert first.phases[-1].rows_out == 4
 
     report, manifest = retry_failed(plan, LocalRunner())
-    assert report.phase == "01_download" and report.attempted == {"http_503": 4} and report.recovered == 4
+    assert report.phase == "01_download" and report.attempted == {"http_500": 4} and report.recovered == 4
     totals = manifest.stage_totals()
     assert totals["download"].rejected == {"http_404": 4} and totals["download"].rows_kept == 8
     assert all(c.closes for c in totals.values()) and manifest.status == "complete"
@@ -82,4 +82,4 @@ def test_the_command_line(tmp_path, server):
     run_pipeline(plan, LocalRunner())
     result = CliRunner().invoke(app, ["retry-failed", plan.run_uri, "--runner", "local"])
     assert result.exit_code == 0, result.output
-    assert "retried 4 rows of 01_download (http_503 4): 4 recovered" in result.output
+    assert "retried 4 rows of 01_download (http_500 4): 4 recovered" in result.output
