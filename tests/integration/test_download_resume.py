@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
@@ -17,9 +13,8 @@ from pipelines.plan import build_plan
 from pipelines.runner import LocalRunner
 from tests.conftest import REPO_ROOT, read_phase
 from tests.http_server import ImageServer, make_image
-from tests.integration.test_resume_sigkill import _kill_tree, _ledger
+from tests.integration.killing import kill_after, run_command
 
-VLMCURATE = str(Path(sys.executable).parent / "vlmcurate")
 SHARDS, ROWS = 16, 20
 
 
@@ -36,21 +31,10 @@ def test_a_killed_download_resumes_without_fetching_finished_shards_again(tmp_pa
                           "image_size": 32}]}
     config_path = tmp_path / "dl.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    ray_temp = tempfile.mkdtemp(prefix="vr-", dir="/tmp")
-    command = [VLMCURATE, "run", str(config_path), "ray.num_cpus=2", f"ray.temp_dir={ray_temp}"]
+    command = run_command(config_path)
     run_dir = tmp_path / "runs" / "dl"
-    with open(tmp_path / "first.log", "w") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            deadline = time.time() + 180
-            while len(_ledger(run_dir, "01_download")) < 3:
-                assert process.poll() is None, (tmp_path / "first.log").read_text()
-                assert time.time() < deadline, "the run made no progress"
-                time.sleep(0.05)
-        finally:
-            _kill_tree(process, ray_temp)
-    finished = sorted(int(name.split(".")[0]) for name in _ledger(run_dir, "01_download"))
+    done = kill_after(command, run_dir, "01_download", 3, tmp_path / "first.log")
+    finished = sorted(int(name.split(".")[0]) for name in done)
     assert 3 <= len(finished) < SHARDS
     for path in run_dir.rglob("*.parquet"):  # nothing partial is visible
         pq.read_table(path)
