@@ -152,7 +152,7 @@ def test_junk_alt_text_mixed_batch_keeps_positions():
 
 def test_junk_alt_text_rules_subset():
     stage = JunkAltText(rules=[URL_CAPTION])
-    reasons, _ = apply(stage, ["IMG_1.jpg", "https://x.org/y", "", "image", "1920x1080"])
+    reasons, _ = apply(stage, ["IMG_1.jpg", "https://x.test/y", "", "image", "1920x1080"])
     assert reasons == [None, URL_CAPTION, None, None, None]
     assert apply(JunkAltText(rules=[]), ["IMG_1.jpg", "", "image"])[0] == [None, None, None]
 

@@ -15,14 +15,14 @@ from tests.conftest import read_phase, read_rejects, run_pipeline_dict
 
 # (url, caption) by source_index. With shard_size=2 the copies of row 0 sit in shards 1, 2 and 3.
 POOL = [
-    ("http://a.example/1.jpg", "a dog on a lawn"),    # 0  first of group A
-    ("http://a.example/2.jpg", "a cat on a mat"),     # 1  first of group B
-    ("http://a.example/1.jpg", "a dog on a lawn"),    # 2  copy of 0
-    ("http://a.example/3.jpg", "a dog on a lawn"),    # 3  same caption as 0, other url
-    ("http://a.example/2.jpg", "a cat on a mat"),     # 4  copy of 1
-    ("http://a.example/1.jpg", "A  Dog on a\tLAWN "),  # 5  case/whitespace variant of 0
-    ("http://a.example/1.jpg", "a dog on a lawn"),    # 6  another copy of 0
-    ("http://a.example/4.jpg", "a bird in a tree"),   # 7  unique
+    ("http://a.test/1.jpg", "a dog on a lawn"),    # 0  first of group A
+    ("http://a.test/2.jpg", "a cat on a mat"),     # 1  first of group B
+    ("http://a.test/1.jpg", "a dog on a lawn"),    # 2  copy of 0
+    ("http://a.test/3.jpg", "a dog on a lawn"),    # 3  same caption as 0, other url
+    ("http://a.test/2.jpg", "a cat on a mat"),     # 4  copy of 1
+    ("http://a.test/1.jpg", "A  Dog on a\tLAWN "),  # 5  case/whitespace variant of 0
+    ("http://a.test/1.jpg", "a dog on a lawn"),    # 6  another copy of 0
+    ("http://a.test/4.jpg", "a bird in a tree"),   # 7  unique
 ]
 
 
@@ -138,14 +138,14 @@ def test_normalize_text_merges_case_and_whitespace_variants(tmp_path, keys, expe
 
 def test_key_boundaries_do_not_collide(tmp_path):
     # Concatenating the keys would make these rows equal; hashing rows must keep them apart.
-    rows = [("http://x/ab", "c d e"), ("http://x/a", "bc d e"), ("http://x/ab", "c d e")]
+    rows = [("http://x.test/ab", "c d e"), ("http://x.test/a", "bc d e"), ("http://x.test/ab", "c d e")]
     pool = write_pool(tmp_path, rows)
     plan, _ = run_pipeline_dict(config(tmp_path, pool, shard_size=1), LocalRunner())
     assert duplicate_map(plan) == {2: 0}
 
 
 def test_pool_without_duplicates(tmp_path):
-    rows = [(f"http://x/{i}.jpg", f"caption number {i}") for i in range(7)]
+    rows = [(f"http://x.test/{i}.jpg", f"caption number {i}") for i in range(7)]
     pool = write_pool(tmp_path, rows)
     plan, manifest = run_pipeline_dict(config(tmp_path, pool, shard_size=3), LocalRunner())
     assert kept_indices(plan) == list(range(7))
@@ -157,7 +157,7 @@ def test_pool_without_duplicates(tmp_path):
 
 
 def test_single_row_pool(tmp_path):
-    pool = write_pool(tmp_path, [("http://x/only.jpg", "the only row")])
+    pool = write_pool(tmp_path, [("http://x.test/only.jpg", "the only row")])
     plan, manifest = run_pipeline_dict(config(tmp_path, pool), LocalRunner())
     assert manifest.status == "complete"
     assert kept_indices(plan) == [0]
@@ -167,8 +167,8 @@ def test_single_row_pool(tmp_path):
 
 def test_earlier_rejection_lets_the_next_copy_survive(tmp_path):
     # Row 0 (a file-name caption) leaves before deduplication on url: row 2 is then the first copy.
-    rows = [("http://x/1", "IMG_0001.jpg"), ("http://x/2", "a red car"), ("http://x/1", "a red car close up"),
-            ("http://x/1", "the same red car again")]
+    rows = [("http://x.test/1", "IMG_0001.jpg"), ("http://x.test/2", "a red car"), ("http://x.test/1", "a red car close up"),
+            ("http://x.test/1", "the same red car again")]
     pool = write_pool(tmp_path, rows)
     stages = [{"stage": "curation.basic:JunkAltText", "rules": ["filename_caption"]},
               {"stage": "curation.exact_duplicates:ExactDuplicates", "keys": ["url"]}]
@@ -203,7 +203,7 @@ def test_keys_must_not_be_empty():
 
 
 def test_local_and_ray_runners_agree(tmp_path, runner_factory):
-    rows = POOL * 3 + [(f"http://y/{i}", f"unique caption {i}") for i in range(10)]
+    rows = POOL * 3 + [(f"http://y.test/{i}", f"unique caption {i}") for i in range(10)]
     pool = write_pool(tmp_path, rows)
     results = {}
     for kind in ("local", "ray"):
@@ -226,7 +226,7 @@ def test_local_and_ray_runners_agree(tmp_path, runner_factory):
 # Bugs, documented as expected failures -------------------------------------------------------------
 
 def test_every_row_rejected_before_deduplication(tmp_path):
-    pool = write_pool(tmp_path, [("http://x/1", "IMG_0001.jpg"), ("http://x/2", "DSC_0002.png")])
+    pool = write_pool(tmp_path, [("http://x.test/1", "IMG_0001.jpg"), ("http://x.test/2", "DSC_0002.png")])
     stages = [{"stage": "curation.basic:JunkAltText"}, {"stage": "curation.exact_duplicates:ExactDuplicates"}]
     plan, manifest = run_pipeline_dict(config(tmp_path, pool, shard_size=1, stages=stages), LocalRunner())
     assert manifest.status == "complete"
@@ -240,7 +240,7 @@ def test_aggregate_of_empty_partials_list():
 
 
 def test_input_uids_shared_by_copies_keep_the_first(tmp_path):
-    rows = [("http://x/1", "a dog on a lawn"), ("http://x/2", "a cat"), ("http://x/1", "a dog on a lawn")]
+    rows = [("http://x.test/1", "a dog on a lawn"), ("http://x.test/2", "a cat"), ("http://x.test/1", "a dog on a lawn")]
     pool = write_pool(tmp_path, rows, id=["same", "other", "same"])
     raw = config(tmp_path, pool)
     raw["columns"] = {"uid": "id"}

@@ -94,7 +94,7 @@ class NotAStage:
 @pytest.fixture
 def pool(tmp_path) -> str:
     path = tmp_path / "pool.csv"
-    path.write_text("url,caption,page\nhttp://a/1.jpg,a red bicycle,p1\nhttp://a/2.jpg,two dogs,p2\n")
+    path.write_text("url,caption,page\nhttp://a.test/1.jpg,a red bicycle,p1\nhttp://a.test/2.jpg,two dogs,p2\n")
     return str(path)
 
 
@@ -675,7 +675,7 @@ def test_config_hash_changes_with_the_input_file(tmp_path, pool):
     raw = raw_config(pool, LENGTH)
     before = plan_of(raw)
     with open(pool, "a") as f:
-        f.write("http://a/3.jpg,a third row,p3\n")
+        f.write("http://a.test/3.jpg,a third row,p3\n")
     after = plan_of(raw)
     assert before.config_hash != after.config_hash
     diff = fingerprint_diff(before.fingerprint, after.fingerprint)

@@ -71,7 +71,7 @@ def test_private_and_encoded_addresses_are_refused_before_connecting(url):
     assert time.monotonic() - start < 1  # refused at once: no connection attempt, no retry
 
 
-@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/a.jpg", "not a url", "http://", "http://a:99999/"])
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/a.jpg", "not a url", "http://", "http://a.test:99999/"])
 def test_bad_urls(url):
     fetcher = Fetcher(FetchPolicy())
     with pytest.raises(FetchError) as error:

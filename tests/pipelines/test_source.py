@@ -26,9 +26,9 @@ from schemas.rejects import REJECT_SCHEMA
 from tests.conftest import shared_path
 
 GOOD = [
-    ("http://a.example/1.jpg", "a red bicycle leaning on a wall"),
-    ("http://a.example/2.jpg", "two dogs on a beach"),
-    ("http://a.example/3.jpg", "a bowl of fresh fruit"),
+    ("http://a.test/1.jpg", "a red bicycle leaning on a wall"),
+    ("http://a.test/2.jpg", "two dogs on a beach"),
+    ("http://a.test/3.jpg", "a bowl of fresh fruit"),
 ]
 
 
@@ -106,16 +106,16 @@ def test_reads_parquet(tmp_path):
 
 def test_reads_csv_with_quotes_and_embedded_newline(tmp_path):
     path = tmp_path / "pool.csv"
-    path.write_text('url,caption\nhttp://a/1.jpg,"a dog, a cat"\nhttp://a/2.jpg,"line one\nline two"\n'
-                    'http://a/3.jpg,plain words\n', encoding="utf-8")
+    path.write_text('url,caption\nhttp://a.test/1.jpg,"a dog, a cat"\nhttp://a.test/2.jpg,"line one\nline two"\n'
+                    'http://a.test/3.jpg,plain words\n', encoding="utf-8")
     _, kept, rejects = read_all(SourceSpec(str(path)))
     assert rejects is None
     assert kept["caption"].to_pylist() == ["a dog, a cat", "line one\nline two", "plain words"]
-    assert kept["url"].to_pylist() == ["http://a/1.jpg", "http://a/2.jpg", "http://a/3.jpg"]
+    assert kept["url"].to_pylist() == ["http://a.test/1.jpg", "http://a.test/2.jpg", "http://a.test/3.jpg"]
 
 
 def test_reads_tsv_without_quote_processing(tmp_path):
-    path = write_csv(tmp_path / "pool.tsv", [("http://a/1.jpg", 'say "hi" there'), ("http://a/2.jpg", "b, c")],
+    path = write_csv(tmp_path / "pool.tsv", [("http://a.test/1.jpg", 'say "hi" there'), ("http://a.test/2.jpg", "b, c")],
                      sep="\t")
     _, kept, rejects = read_all(SourceSpec(str(path)))
     assert rejects is None
@@ -163,7 +163,7 @@ def _three_csv_files(folder: Path) -> list[list[tuple[str, str]]]:
     contents = []
     n = 0
     for name, size in sizes.items():
-        rows = [(f"http://x/{n + i}.jpg", f"caption number {n + i}") for i in range(size)]
+        rows = [(f"http://x.test/{n + i}.jpg", f"caption number {n + i}") for i in range(size)]
         n += size
         write_csv(folder / name, rows)
         contents.append(rows)
@@ -174,8 +174,8 @@ def test_folder_reads_files_in_order_and_continues_source_index(tmp_path):
     contents = _three_csv_files(tmp_path / "pool")
     # Files the folder reader must ignore: hidden, underscore-prefixed, unknown extension.
     (tmp_path / "pool" / "_SUCCESS").write_text("")
-    (tmp_path / "pool" / ".hidden.csv").write_text("url,caption\nhttp://hidden,hidden row\n")
-    (tmp_path / "pool" / "_meta.csv").write_text("url,caption\nhttp://meta,meta row\n")
+    (tmp_path / "pool" / ".hidden.csv").write_text("url,caption\nhttp://hidden.test/,hidden row\n")
+    (tmp_path / "pool" / "_meta.csv").write_text("url,caption\nhttp://meta.test/,meta row\n")
     (tmp_path / "pool" / "README.txt").write_text("not data")
     shards, kept, rejects = read_all(SourceSpec(str(tmp_path / "pool")), shard_size=4)
     expected = [r for rows in contents for r in rows]
@@ -191,7 +191,7 @@ def test_folder_reads_files_in_order_and_continues_source_index(tmp_path):
 
 def test_glob_reads_only_matching_files(tmp_path):
     contents = _three_csv_files(tmp_path)
-    write_csv(tmp_path / "other.csv", [("http://other", "not in the glob")])
+    write_csv(tmp_path / "other.csv", [("http://other.test/", "not in the glob")])
     shards, kept, _ = read_all(SourceSpec(str(tmp_path / "part-*.csv")), shard_size=2)
     assert kept["url"].to_pylist() == [u for rows in contents for u, _ in rows]
     assert [s.counts.rows_in for s in shards] == [2, 2, 2, 2, 1]
@@ -199,7 +199,7 @@ def test_glob_reads_only_matching_files(tmp_path):
 
 
 def test_exact_multiple_of_shard_size_gives_no_empty_shard(tmp_path):
-    rows = [(f"http://x/{i}", f"caption {i}") for i in range(6)]
+    rows = [(f"http://x.test/{i}", f"caption {i}") for i in range(6)]
     path = write_csv(tmp_path / "pool.csv", rows)
     shards, _, _ = read_all(SourceSpec(str(path)), shard_size=3)
     assert [s.counts.rows_in for s in shards] == [3, 3]
@@ -224,7 +224,7 @@ def test_folder_without_data_files(tmp_path):
 
 def test_folder_with_mixed_formats(tmp_path):
     write_csv(tmp_path / "a.csv", GOOD)
-    write_jsonl(tmp_path / "b.jsonl", [{"url": "http://b", "caption": "b b"}])
+    write_jsonl(tmp_path / "b.jsonl", [{"url": "http://b.test/", "caption": "b b"}])
     with pytest.raises(SourceError, match="all input files must share one format"):
         list(read_shards(SourceSpec(str(tmp_path)), 10))
 
@@ -233,42 +233,42 @@ def test_folder_with_mixed_formats(tmp_path):
 
 def test_auto_detects_laion_columns_in_parquet(tmp_path):
     path = write_parquet(tmp_path / "laion.parquet",
-                         {"SAMPLE_ID": [1, 2], "URL": ["http://l/1", "http://l/2"],
+                         {"SAMPLE_ID": [1, 2], "URL": ["http://l.test/1", "http://l.test/2"],
                           "TEXT": ["laion one", "laion two"], "similarity": [0.3, 0.4]})
     _, kept, _ = read_all(SourceSpec(str(path)))
-    assert kept["url"].to_pylist() == ["http://l/1", "http://l/2"]
+    assert kept["url"].to_pylist() == ["http://l.test/1", "http://l.test/2"]
     assert kept["caption"].to_pylist() == ["laion one", "laion two"]
     # Columns that are not asked for are not carried.
     assert kept.column_names == list(BASE_COLUMNS)
 
 
 def test_auto_detects_laion_columns_in_csv_and_jsonl(tmp_path):
-    csv = write_csv(tmp_path / "laion.csv", [("http://l/1", "laion one")], header=("URL", "TEXT"))
-    jsonl = write_jsonl(tmp_path / "laion.jsonl", [{"TEXT": "laion two", "URL": "http://l/2"}])
+    csv = write_csv(tmp_path / "laion.csv", [("http://l.test/1", "laion one")], header=("URL", "TEXT"))
+    jsonl = write_jsonl(tmp_path / "laion.jsonl", [{"TEXT": "laion two", "URL": "http://l.test/2"}])
     _, kept_csv, _ = read_all(SourceSpec(str(csv)))
     _, kept_json, _ = read_all(SourceSpec(str(jsonl)))
-    assert kept_csv.select(["url", "caption"]).to_pylist() == [{"url": "http://l/1", "caption": "laion one"}]
-    assert kept_json.select(["url", "caption"]).to_pylist() == [{"url": "http://l/2", "caption": "laion two"}]
+    assert kept_csv.select(["url", "caption"]).to_pylist() == [{"url": "http://l.test/1", "caption": "laion one"}]
+    assert kept_json.select(["url", "caption"]).to_pylist() == [{"url": "http://l.test/2", "caption": "laion two"}]
 
 
 def test_auto_detection_prefers_earlier_candidates(tmp_path):
     # ``url`` wins over ``image_url``, ``caption`` over ``TEXT`` and ``title``.
     path = write_parquet(tmp_path / "p.parquet",
-                         {"image_url": ["http://img"], "url": ["http://page"], "title": ["the title"],
+                         {"image_url": ["http://img.test/"], "url": ["http://page.test/"], "title": ["the title"],
                           "TEXT": ["laion text"], "caption": ["the caption"]})
     _, kept, _ = read_all(SourceSpec(str(path)))
-    assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://page", "caption": "the caption"}]
+    assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://page.test/", "caption": "the caption"}]
 
 
 def test_explicit_columns(tmp_path):
-    path = write_csv(tmp_path / "p.csv", [("http://page", "http://img", "alt words", "the title")],
+    path = write_csv(tmp_path / "p.csv", [("http://page.test/", "http://img.test/", "alt words", "the title")],
                      header=("url", "img_src", "alt", "title"))
     _, kept, _ = read_all(SourceSpec(str(path), url_column="img_src", caption_column="title"))
-    assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://img", "caption": "the title"}]
+    assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://img.test/", "caption": "the title"}]
 
 
 def test_auto_detection_failure_lists_candidates_and_columns(tmp_path):
-    path = write_csv(tmp_path / "p.csv", [("http://a", "words")], header=("link", "caption"))
+    path = write_csv(tmp_path / "p.csv", [("http://a.test/", "words")], header=("link", "caption"))
     with pytest.raises(SourceError) as info:
         list(read_shards(SourceSpec(str(path)), 10))
     message = str(info.value)
@@ -282,11 +282,11 @@ def test_auto_detection_failure_lists_candidates_and_columns(tmp_path):
 def test_misnamed_explicit_column_names_it_and_lists_columns(tmp_path, fmt):
     path = tmp_path / f"p.{fmt}"
     if fmt == "parquet":
-        write_parquet(path, {"url": ["http://a"], "caption": ["words here"]})
+        write_parquet(path, {"url": ["http://a.test/"], "caption": ["words here"]})
     elif fmt == "jsonl":
-        write_jsonl(path, [{"url": "http://a", "caption": "words here"}])
+        write_jsonl(path, [{"url": "http://a.test/", "caption": "words here"}])
     else:
-        write_csv(path, [("http://a", "words here")], sep="," if fmt == "csv" else "\t")
+        write_csv(path, [("http://a.test/", "words here")], sep="," if fmt == "csv" else "\t")
     with pytest.raises(SourceError, match=re.escape("columns.caption: column 'capton' is not in")) as info:
         list(read_shards(SourceSpec(str(path), caption_column="capton"), 10))
     assert "its columns are ['url', 'caption']" in str(info.value)
@@ -294,7 +294,7 @@ def test_misnamed_explicit_column_names_it_and_lists_columns(tmp_path, fmt):
 
 
 def test_missing_keep_or_uid_column_is_named(tmp_path):
-    path = write_csv(tmp_path / "p.csv", [("http://a", "words here")])
+    path = write_csv(tmp_path / "p.csv", [("http://a.test/", "words here")])
     with pytest.raises(SourceError, match=r"column 'width' is not in .*its columns are \['url', 'caption'\]"):
         list(read_shards(SourceSpec(str(path), keep_columns=("width",)), 10))
     with pytest.raises(SourceError, match=r"column 'key' is not in .*its columns are \['url', 'caption'\]"):
@@ -304,7 +304,7 @@ def test_missing_keep_or_uid_column_is_named(tmp_path):
 # uids ------------------------------------------------------------------------------------------
 
 def test_uids_are_stable_unique_and_independent_of_sharding(tmp_path):
-    rows = [(f"http://x/{i % 3}", f"same caption {i % 3}") for i in range(9)]  # duplicates on purpose
+    rows = [(f"http://x.test/{i % 3}", f"same caption {i % 3}") for i in range(9)]  # duplicates on purpose
     path = write_csv(tmp_path / "pool.csv", rows)
     _, first, _ = read_all(SourceSpec(str(path)), shard_size=100)
     _, second, _ = read_all(SourceSpec(str(path)), shard_size=100)
@@ -316,8 +316,8 @@ def test_uids_are_stable_unique_and_independent_of_sharding(tmp_path):
 
 
 def test_uid_depends_on_content(tmp_path):
-    a = write_csv(tmp_path / "a.csv", [("http://x/1", "one caption")])
-    b = write_csv(tmp_path / "b.csv", [("http://x/1", "another caption")])
+    a = write_csv(tmp_path / "a.csv", [("http://x.test/1", "one caption")])
+    b = write_csv(tmp_path / "b.csv", [("http://x.test/1", "another caption")])
     _, kept_a, _ = read_all(SourceSpec(str(a)))
     _, kept_b, _ = read_all(SourceSpec(str(b)))
     assert kept_a["uid"].to_pylist() != kept_b["uid"].to_pylist()
@@ -348,7 +348,7 @@ def test_user_uid_column_is_used_as_is(tmp_path, fmt):
 
 def test_integer_uid_column_becomes_text(tmp_path):
     path = write_parquet(tmp_path / "p.parquet", {"id": pa.array([7, 8], pa.int64()),
-                                                  "url": ["http://a", "http://b"], "caption": ["a a", "b b"]})
+                                                  "url": ["http://a.test/", "http://b.test/"], "caption": ["a a", "b b"]})
     _, kept, _ = read_all(SourceSpec(str(path), uid_column="id"))
     assert kept["uid"].to_pylist() == ["7", "8"]
 
@@ -399,10 +399,10 @@ def test_keep_columns_carried_through_parquet_with_types(tmp_path):
 
 
 def test_keep_columns_carried_through_csv_and_jsonl(tmp_path):
-    csv = write_csv(tmp_path / "p.csv", [("http://a", "a a", "p1"), ("http://b", "b b", "p2")],
+    csv = write_csv(tmp_path / "p.csv", [("http://a.test/", "a a", "p1"), ("http://b.test/", "b b", "p2")],
                     header=("url", "caption", "page"))
-    jsonl = write_jsonl(tmp_path / "p.jsonl", [{"url": "http://a", "caption": "a a", "meta": {"w": 1}},
-                                               {"url": "http://b", "caption": "b b", "meta": {"w": 2}}])
+    jsonl = write_jsonl(tmp_path / "p.jsonl", [{"url": "http://a.test/", "caption": "a a", "meta": {"w": 1}},
+                                               {"url": "http://b.test/", "caption": "b b", "meta": {"w": 2}}])
     _, kept_csv, _ = read_all(SourceSpec(str(csv), keep_columns=("page",)))
     _, kept_json, _ = read_all(SourceSpec(str(jsonl), keep_columns=("meta",)))
     assert kept_csv["page"].to_pylist() == ["p1", "p2"]
@@ -410,20 +410,20 @@ def test_keep_columns_carried_through_csv_and_jsonl(tmp_path):
 
 
 def test_keep_column_with_mixed_json_types_is_json_text(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"url": "http://a", "caption": "a a", "extra": 1},
-                                              {"url": "http://b", "caption": "b b", "extra": "two"},
-                                              {"url": "http://c", "caption": "c c", "extra": [3]}])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"url": "http://a.test/", "caption": "a a", "extra": 1},
+                                              {"url": "http://b.test/", "caption": "b b", "extra": "two"},
+                                              {"url": "http://c.test/", "caption": "c c", "extra": [3]}])
     _, kept, _ = read_all(SourceSpec(str(path), keep_columns=("extra",)))
     assert kept["extra"].to_pylist() == ["1", "two", "[3]"]  # strings as they are, other values as JSON
 
 
 def test_keep_columns_appear_in_reject_records(tmp_path):
-    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a", "http://b"], "caption": ["a a", None],
+    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a.test/", "http://b.test/"], "caption": ["a a", None],
                                                   "page": ["p1", "p2"]})
     _, kept, rejects = read_all(SourceSpec(str(path), keep_columns=("page",)))
     assert kept["page"].to_pylist() == ["p1"]
     assert rejects.select(["reason", "url", "page"]).to_pylist() == [
-        {"reason": "missing_caption", "url": "http://b", "page": "p2"}]
+        {"reason": "missing_caption", "url": "http://b.test/", "page": "p2"}]
 
 
 def test_keep_columns_must_not_clash_with_reserved_names():
@@ -434,8 +434,8 @@ def test_keep_columns_must_not_clash_with_reserved_names():
 
 
 def test_keep_column_types_may_differ_between_files(tmp_path):
-    write_jsonl(tmp_path / "a.jsonl", [{"url": "http://a", "caption": "a a", "page": None}])
-    write_jsonl(tmp_path / "b.jsonl", [{"url": "http://b", "caption": "b b", "page": "p2"}])
+    write_jsonl(tmp_path / "a.jsonl", [{"url": "http://a.test/", "caption": "a a", "page": None}])
+    write_jsonl(tmp_path / "b.jsonl", [{"url": "http://b.test/", "caption": "b b", "page": "p2"}])
     _, kept, _ = read_all(SourceSpec(str(tmp_path), keep_columns=("page",)))
     assert kept["page"].to_pylist() == [None, "p2"]
 
@@ -494,7 +494,7 @@ def test_unreadable_parquet(tmp_path):
 
 @pytest.mark.parametrize("column", ["caption", "url"])
 def test_parquet_column_that_is_not_text(tmp_path, column):
-    values = {"url": ["http://a", "http://b"], "caption": ["a a", "b b"]}
+    values = {"url": ["http://a.test/", "http://b.test/"], "caption": ["a a", "b b"]}
     values[column] = pa.array([1, 2], pa.int64())
     path = write_parquet(tmp_path / "p.parquet", values)
     with pytest.raises(SourceError, match=rf"column '{column}' of .* has type int64; it must hold text"):
@@ -503,22 +503,22 @@ def test_parquet_column_that_is_not_text(tmp_path, column):
 
 @pytest.mark.parametrize("text_type", [pa.large_string(), pa.binary(), pa.large_binary(), pa.string_view()])
 def test_parquet_text_types_are_accepted(tmp_path, text_type):
-    path = write_parquet(tmp_path / "p.parquet", {"url": pa.array(["http://a", "http://b"]).cast(text_type),
+    path = write_parquet(tmp_path / "p.parquet", {"url": pa.array(["http://a.test/", "http://b.test/"]).cast(text_type),
                                                   "caption": pa.array(["a a", None]).cast(text_type)})
     _, kept, rejects = read_all(SourceSpec(str(path)))
-    assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://a", "caption": "a a"}]
+    assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://a.test/", "caption": "a a"}]
     assert reasons_by_index(rejects) == {1: "missing_caption"}
 
 
 def test_parquet_all_null_caption_column_rejects_every_row(tmp_path):
-    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a", "http://b"], "caption": pa.nulls(2)})
+    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a.test/", "http://b.test/"], "caption": pa.nulls(2)})
     shards, kept, rejects = read_all(SourceSpec(str(path)))
     assert kept.num_rows == 0
     assert shards[0].counts.rejected == {"missing_caption": 2}
 
 
 def test_parquet_dictionary_encoded_caption_is_text(tmp_path):
-    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a", "http://b"],
+    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a.test/", "http://b.test/"],
                                                   "caption": pa.array(["a cat", "a cat"]).dictionary_encode()})
     _, kept, _ = read_all(SourceSpec(str(path)))
     assert kept["caption"].to_pylist() == ["a cat", "a cat"]
@@ -528,22 +528,22 @@ def test_parquet_dictionary_encoded_caption_is_text(tmp_path):
 
 def test_csv_malformed_row_is_rejected_and_others_kept(tmp_path):
     path = tmp_path / "p.csv"
-    path.write_text("url,caption\nhttp://a,one two\nhttp://b,x,y\nhttp://c,three four\nhttp://d\n")
+    path.write_text("url,caption\nhttp://a.test/,one two\nhttp://b.test/,x,y\nhttp://c.test/,three four\nhttp://d.test/\n")
     shards, kept, rejects = read_all(SourceSpec(str(path)))
     assert shards[0].counts.rows_in == 4
     assert shards[0].counts.rejected == {"malformed_row": 2}
-    assert kept["url"].to_pylist() == ["http://a", "http://c"]
+    assert kept["url"].to_pylist() == ["http://a.test/", "http://c.test/"]
     details = sorted(rejects["detail"].to_pylist())
-    assert details[0].startswith("csv row 3: expected 2 columns, got 3") and "'http://b,x,y'" in details[0]
-    assert details[1].startswith("csv row 5: expected 2 columns, got 1") and "'http://d'" in details[1]
+    assert details[0].startswith("csv row 3: expected 2 columns, got 3") and "'http://b.test/,x,y'" in details[0]
+    assert details[1].startswith("csv row 5: expected 2 columns, got 1") and "'http://d.test/'" in details[1]
     assert rejects["url"].to_pylist() == [None, None]
     assert len(set(rejects["uid"].to_pylist())) == 2  # the detail makes their uids distinct
 
 
 def test_tsv_malformed_row(tmp_path):
-    path = write_csv(tmp_path / "p.tsv", [("http://a", "a a"), ("http://b", "b b", "extra")], sep="\t")
+    path = write_csv(tmp_path / "p.tsv", [("http://a.test/", "a a"), ("http://b.test/", "b b", "extra")], sep="\t")
     shards, kept, rejects = read_all(SourceSpec(str(path)))
-    assert kept["url"].to_pylist() == ["http://a"]
+    assert kept["url"].to_pylist() == ["http://a.test/"]
     assert rejects["reason"].to_pylist() == ["malformed_row"]
     assert rejects["detail"][0].as_py().startswith("csv row 3: expected 2 columns, got 3")
 
@@ -558,37 +558,37 @@ def test_csv_of_only_malformed_rows(tmp_path):
 
 def test_csv_malformed_row_keeps_its_input_position(tmp_path):
     path = tmp_path / "p.csv"
-    path.write_text("url,caption\nhttp://a,one two\nhttp://b,x,y\nhttp://c,three four\n")
+    path.write_text("url,caption\nhttp://a.test/,one two\nhttp://b.test/,x,y\nhttp://c.test/,three four\n")
     _, kept, rejects = read_all(SourceSpec(str(path)))
-    assert dict(zip(kept["url"].to_pylist(), kept["source_index"].to_pylist())) == {"http://a": 0, "http://c": 2}
+    assert dict(zip(kept["url"].to_pylist(), kept["source_index"].to_pylist())) == {"http://a.test/": 0, "http://c.test/": 2}
     assert rejects["source_index"].to_pylist() == [1]
 
 
 def test_csv_empty_url_is_missing_url(tmp_path):
     path = tmp_path / "p.csv"
-    path.write_text("url,caption\n,no url here\nhttp://b,b b\n")
+    path.write_text("url,caption\n,no url here\nhttp://b.test/,b b\n")
     _, kept, rejects = read_all(SourceSpec(str(path)))
-    assert kept["url"].to_pylist() == ["http://b"]
+    assert kept["url"].to_pylist() == ["http://b.test/"]
     assert reasons_by_index(rejects) == {0: "missing_url"}
     assert rejects["detail"].to_pylist() == ["no value in column 'url'"]
 
 
 def test_csv_invalid_utf8_caption(tmp_path):
     path = tmp_path / "p.csv"
-    path.write_bytes(b"url,caption\nhttp://a,fine words\nhttp://b,bad \xff\xfe bytes\nhttp://c,more words\n")
+    path.write_bytes(b"url,caption\nhttp://a.test/,fine words\nhttp://b.test/,bad \xff\xfe bytes\nhttp://c.test/,more words\n")
     shards, kept, rejects = read_all(SourceSpec(str(path)))
-    assert kept["url"].to_pylist() == ["http://a", "http://c"]
+    assert kept["url"].to_pylist() == ["http://a.test/", "http://c.test/"]
     assert reasons_by_index(rejects) == {1: "caption_not_utf8"}
     assert rejects["detail"].to_pylist() == ["'caption' is not valid UTF-8"]
-    assert rejects["url"].to_pylist() == ["http://b"]  # the url is still recorded for the reject
+    assert rejects["url"].to_pylist() == ["http://b.test/"]  # the url is still recorded for the reject
     assert rejects["caption"].to_pylist() == [None]
 
 
 def test_csv_invalid_utf8_url(tmp_path):
     path = tmp_path / "p.csv"
-    path.write_bytes(b"url,caption\nhttp://a\xc3(,fine words\nhttp://c,more words\n")
+    path.write_bytes(b"url,caption\nhttp://a.test/\xc3(,fine words\nhttp://c.test/,more words\n")
     _, kept, rejects = read_all(SourceSpec(str(path)))
-    assert kept["url"].to_pylist() == ["http://c"]
+    assert kept["url"].to_pylist() == ["http://c.test/"]
     assert reasons_by_index(rejects) == {0: "url_not_utf8"}
 
 
@@ -597,20 +597,20 @@ def test_parquet_invalid_utf8_caption(tmp_path, as_string):
     caption = pa.array([b"good caption", b"bad \xff bytes", None], pa.binary())
     if as_string:
         caption = caption.view(pa.string())  # parquet does not validate UTF-8 on write or read
-    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a", "http://b", "http://c"], "caption": caption})
+    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a.test/", "http://b.test/", "http://c.test/"], "caption": caption})
     shards, kept, rejects = read_all(SourceSpec(str(path)))
-    assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://a", "caption": "good caption"}]
+    assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://a.test/", "caption": "good caption"}]
     assert reasons_by_index(rejects) == {1: "caption_not_utf8", 2: "missing_caption"}
     assert shards[0].counts.rejected == {"caption_not_utf8": 1, "missing_caption": 1}
 
 
 def test_parquet_empty_url_and_null_caption(tmp_path):
     path = write_parquet(tmp_path / "p.parquet", {
-        "url": ["http://a", "", "http://c", ""],
+        "url": ["http://a.test/", "", "http://c.test/", ""],
         "caption": ["a a", "b b", None, None],
     })
     _, kept, rejects = read_all(SourceSpec(str(path)))
-    assert kept["url"].to_pylist() == ["http://a"]
+    assert kept["url"].to_pylist() == ["http://a.test/"]
     # A row with both problems is rejected once, for the first checked (the url).
     assert reasons_by_index(rejects) == {1: "missing_url", 2: "missing_caption", 3: "missing_url"}
     details = dict(zip(rejects["source_index"].to_pylist(), rejects["detail"].to_pylist()))
@@ -619,37 +619,37 @@ def test_parquet_empty_url_and_null_caption(tmp_path):
 
 
 def test_parquet_null_url_is_missing_url(tmp_path):
-    path = write_parquet(tmp_path / "p.parquet", {"URL": ["http://a", None, None], "TEXT": ["a a", "b b", None]})
+    path = write_parquet(tmp_path / "p.parquet", {"URL": ["http://a.test/", None, None], "TEXT": ["a a", "b b", None]})
     _, kept, rejects = read_all(SourceSpec(str(path)))
-    assert kept["url"].to_pylist() == ["http://a"]
+    assert kept["url"].to_pylist() == ["http://a.test/"]
     assert reasons_by_index(rejects) == {1: "missing_url", 2: "missing_url"}
     assert rejects["detail"].to_pylist() == ["no value in column 'URL'"] * 2
 
 
 def test_parquet_reject_details_name_the_input_column(tmp_path):
-    path = write_parquet(tmp_path / "p.parquet", {"URL": ["", "http://b"], "TEXT": ["a a", None]})
+    path = write_parquet(tmp_path / "p.parquet", {"URL": ["", "http://b.test/"], "TEXT": ["a a", None]})
     _, _, rejects = read_all(SourceSpec(str(path)))
     assert rejects["detail"].to_pylist() == ["no value in column 'URL'", "no value in column 'TEXT'"]
 
 
 def test_jsonl_bad_lines(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [
-        {"url": "http://a", "caption": "good one"},          # 0 kept
+        {"url": "http://a.test/", "caption": "good one"},          # 0 kept
         "this is not json",                                   # 1 malformed_row
         "[1, 2, 3]",                                          # 2 malformed_row (array)
-        '{"url": "http://d", "caption": "truncated',         # 3 malformed_row
-        {"url": "http://e", "caption": 42},                   # 4 caption_not_text
-        {"url": "http://f", "caption": ["a", "list"]},        # 5 caption_not_text
+        '{"url": "http://d.test/", "caption": "truncated',         # 3 malformed_row
+        {"url": "http://e.test/", "caption": 42},                   # 4 caption_not_text
+        {"url": "http://f.test/", "caption": ["a", "list"]},        # 5 caption_not_text
         {"url": None, "caption": "null url"},                 # 6 missing_url
         {"caption": "no url key"},                            # 7 missing_url
         {"url": "", "caption": "empty url"},                  # 8 missing_url
-        {"url": "http://j", "caption": None},                 # 9 missing_caption
+        {"url": "http://j.test/", "caption": None},                 # 9 missing_caption
         {"url": 17, "caption": "numeric url"},                # 10 url_not_text
-        '{"url": "http://l", "caption": "lone \\ud800 surrogate"}',  # 11 caption_not_utf8
-        {"url": "http://m", "caption": "good two"},           # 12 kept
+        '{"url": "http://l.test/", "caption": "lone \\ud800 surrogate"}',  # 11 caption_not_utf8
+        {"url": "http://m.test/", "caption": "good two"},           # 12 kept
     ])
     shards, kept, rejects = read_all(SourceSpec(str(path)))
-    assert kept["url"].to_pylist() == ["http://a", "http://m"]
+    assert kept["url"].to_pylist() == ["http://a.test/", "http://m.test/"]
     assert kept["source_index"].to_pylist() == [0, 12]
     assert reasons_by_index(rejects) == {
         1: "malformed_row", 2: "malformed_row", 3: "malformed_row", 4: "caption_not_text",
@@ -667,17 +667,17 @@ def test_jsonl_bad_lines(tmp_path):
 
 def test_jsonl_invalid_utf8_line_is_malformed(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_bytes(b'{"url": "http://a", "caption": "ok ok"}\n{"url": "http://b", "caption": "bad \xff"}\n')
+    path.write_bytes(b'{"url": "http://a.test/", "caption": "ok ok"}\n{"url": "http://b.test/", "caption": "bad \xff"}\n')
     _, kept, rejects = read_all(SourceSpec(str(path)))
-    assert kept["url"].to_pylist() == ["http://a"]
+    assert kept["url"].to_pylist() == ["http://a.test/"]
     assert reasons_by_index(rejects) == {1: "malformed_row"}
     assert rejects["detail"][0].as_py().startswith("line 2: ")
 
 
 def test_jsonl_missing_user_uid(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "k1", "url": "http://a", "caption": "a a"},
-                                              {"id": "", "url": "http://b", "caption": "b b"},
-                                              {"id": None, "url": "http://c", "caption": "c c"}])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "k1", "url": "http://a.test/", "caption": "a a"},
+                                              {"id": "", "url": "http://b.test/", "caption": "b b"},
+                                              {"id": None, "url": "http://c.test/", "caption": "c c"}])
     _, kept, rejects = read_all(SourceSpec(str(path), uid_column="id"))
     assert kept["uid"].to_pylist() == ["k1"]
     assert reasons_by_index(rejects) == {1: "missing_uid", 2: "missing_uid"}
@@ -685,9 +685,9 @@ def test_jsonl_missing_user_uid(tmp_path):
 
 
 def test_jsonl_first_record_without_caption_key_is_a_row_reject(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"url": "http://a"}, {"url": "http://b", "caption": "b b"}])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"url": "http://a.test/"}, {"url": "http://b.test/", "caption": "b b"}])
     _, kept, rejects = read_all(SourceSpec(str(path), url_column="url", caption_column="caption"))
-    assert kept["url"].to_pylist() == ["http://b"]
+    assert kept["url"].to_pylist() == ["http://b.test/"]
     assert reasons_by_index(rejects) == {0: "missing_caption"}
 
 
@@ -696,13 +696,13 @@ def test_counts_close_for_every_shard_of_a_messy_pool(tmp_path):
     expected = {"malformed_row": 0, "missing_url": 0}
     for i in range(50):
         if i % 7 == 3:
-            lines.append(f"http://x/{i},too,many")
+            lines.append(f"http://x.test/{i},too,many")
             expected["malformed_row"] += 1
         elif i % 11 == 5:
             lines.append(f",caption {i}")
             expected["missing_url"] += 1
         else:
-            lines.append(f"http://x/{i},caption {i}")
+            lines.append(f"http://x.test/{i},caption {i}")
     path = tmp_path / "p.csv"
     path.write_text("\n".join(lines) + "\n")
     shards, kept, rejects = read_all(SourceSpec(str(path)), shard_size=8)
@@ -736,20 +736,20 @@ def test_laion_style_pool():
 
 
 def test_repeated_user_uids_keep_the_first_and_reject_the_rest_with_a_reason(tmp_path):
-    path = write_csv(tmp_path / "p.csv", [("http://a", "a a", "u1"), ("http://b", "b b", "u2"),
-                                          ("http://c", "c c", "u1"), ("http://d", "d d", "u1")],
+    path = write_csv(tmp_path / "p.csv", [("http://a.test/", "a a", "u1"), ("http://b.test/", "b b", "u2"),
+                                          ("http://c.test/", "c c", "u1"), ("http://d.test/", "d d", "u1")],
                      header=("url", "caption", "id"))
     shards = list(read_shards(SourceSpec(str(path), uid_column="id"), 2))  # repeats cross shards
     kept = pa.concat_tables([s.rows for s in shards])
     rejects = pa.concat_tables([s.rejects for s in shards if s.rejects is not None])
-    assert kept["uid"].to_pylist() == ["u1", "u2"] and kept["url"].to_pylist() == ["http://a", "http://b"]
+    assert kept["uid"].to_pylist() == ["u1", "u2"] and kept["url"].to_pylist() == ["http://a.test/", "http://b.test/"]
     assert rejects["reason"].to_pylist() == ["duplicate_uid", "duplicate_uid"]
     assert rejects["detail"].to_pylist() == ["uid 'u1' first seen at input row 0"] * 2
 
 
 def test_kept_columns_have_one_schema_in_every_shard(tmp_path):
-    rows = [{"url": f"http://x/{i}", "caption": "a b", "note": None} for i in range(70_000)]
-    rows += [{"url": "http://y", "caption": "c d", "note": "late text"}, {"url": "http://z", "caption": "e f",
+    rows = [{"url": f"http://x.test/{i}", "caption": "a b", "note": None} for i in range(70_000)]
+    rows += [{"url": "http://y.test/", "caption": "c d", "note": "late text"}, {"url": "http://z.test/", "caption": "e f",
                                                                          "note": 5}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     shards = list(read_shards(SourceSpec(str(path), keep_columns=("note",)), 30_000))
