@@ -1,8 +1,10 @@
 """Checking and re-encoding downloaded bytes: Pillow reads the header, img2dataset resizes.
 
 Before any pixel is decoded, Pillow reads the image header: a body it cannot identify is
-``not_an_image``; more pixels than ``max_pixels`` is ``decompression_bomb`` (a rejection, the
-worker lives on); a JPEG, PNG, GIF or WebP whose end marker is missing is ``decode_error``
+``not_an_image``; more pixels than ``max_pixels``, or more memory than ``max_decode_bytes`` to
+decode and resize (estimated from size, bands, bit depth and transparency: img2dataset blends
+alpha in float64, about 80 bytes a pixel) is ``decompression_bomb`` (a rejection, the worker
+lives on); a JPEG, PNG, GIF or WebP whose end marker is missing is ``decode_error``
 (truncated). The image is then decoded, resized and encoded by img2dataset's own ``Resizer``
 (its resize modes, interpolation, encode format and quality), unchanged.
 """
@@ -27,6 +29,13 @@ RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest
 ENCODE_FORMATS = ("jpg", "png", "webp")
 #: Pillow's own default limit (about 89.5 megapixels).
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+#: Memory one image may take while it is decoded and resized.
+DEFAULT_MAX_DECODE_BYTES = 2 * 1024**3
+# Bytes a pixel costs through img2dataset's resizer: decoded samples and resize buffers, or,
+# with transparency, the float64 arrays of its alpha blending.
+_BYTES_PER_SAMPLE = {"1": 1, "L": 1, "P": 1, "RGB": 1, "RGBA": 1, "LA": 1, "CMYK": 1, "YCbCr": 1,
+                     "I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}
+_ALPHA_BYTES_PER_PIXEL = 80
 
 # We compare sizes against max_pixels ourselves, right after reading the header.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -70,13 +79,15 @@ def load_img2dataset_resizer() -> ModuleType:
     return module
 
 
-def check_header(body: bytes, max_pixels: int) -> tuple[str, int, int]:
+def check_header(body: bytes, max_pixels: int, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+                 ) -> tuple[str, int, int]:
     """The format and size of ``body`` from its header, or :class:`ImageRejected`."""
     if not body:
         raise ImageRejected(NOT_AN_IMAGE, "empty body")
     try:
         with Image.open(io.BytesIO(body)) as image:
             fmt, (width, height) = image.format, image.size
+            cost = width * height * _bytes_per_pixel(image)
     except Image.DecompressionBombError as e:
         raise ImageRejected(DECOMPRESSION_BOMB, str(e)) from None
     except UnidentifiedImageError:
@@ -86,9 +97,19 @@ def check_header(body: bytes, max_pixels: int) -> tuple[str, int, int]:
     if width * height > max_pixels:
         raise ImageRejected(DECOMPRESSION_BOMB,
                             f"{width}x{height} = {width * height:,} pixels > max_pixels={max_pixels:,}")
+    if cost > max_decode_bytes:
+        raise ImageRejected(DECOMPRESSION_BOMB, f"decoding {width}x{height} would take about {cost / 1024**3:.1f} GiB "
+                                                f"> max_decode_bytes={max_decode_bytes:,}")
     if _truncated(fmt, body):
         raise ImageRejected(DECODE_ERROR, f"truncated {fmt}: its end marker is missing")
     return fmt, width, height
+
+
+def _bytes_per_pixel(image: Image.Image) -> int:
+    if "A" in image.getbands() or "transparency" in image.info:
+        return _ALPHA_BYTES_PER_PIXEL
+    samples = len(image.getbands()) if image.mode != "P" else 3  # a palette decodes to BGR
+    return 3 * samples * _BYTES_PER_SAMPLE.get(image.mode, 4)  # decoded + resize buffers
 
 
 def _truncated(fmt: str | None, body: bytes) -> bool:
@@ -97,10 +118,10 @@ def _truncated(fmt: str | None, body: bytes) -> bool:
         # own pair earlier in the file; entropy-coded data never contains either marker).
         scan = body.rfind(b"\xff\xda")
         return scan == -1 or body.find(b"\xff\xd9", scan) == -1
-    if fmt == "PNG":
-        return b"IEND" not in body[-1024:]
+    if fmt == "PNG":  # the IEND chunk with its fixed CRC; bytes after it are harmless
+        return body.rfind(b"IEND\xaeB`\x82") == -1
     if fmt == "GIF":
-        return body.rstrip(b"\x00")[-1:] != b";"
+        return body.rstrip(b"\x00\r\n\t ")[-1:] != b";"
     if fmt == "WEBP":
         return int.from_bytes(body[4:8], "little") + 8 > len(body)
     return False
@@ -114,9 +135,11 @@ class Reencoder:
     """
 
     def __init__(self, *, image_size: int, resize_mode: str, resize_only_if_bigger: bool, encode_format: str,
-                 encode_quality: int, min_image_size: int, max_pixels: int) -> None:
+                 encode_quality: int, min_image_size: int, max_pixels: int,
+                 max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> None:
         resizer = load_img2dataset_resizer()
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
         if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):  # Pillow must not refuse what we allow
             Image.MAX_IMAGE_PIXELS = max_pixels
         self.resizer = resizer.Resizer(
@@ -125,7 +148,7 @@ class Reencoder:
         )
 
     def __call__(self, body: bytes) -> Encoded:
-        check_header(body, self.max_pixels)
+        check_header(body, self.max_pixels, self.max_decode_bytes)
         data, width, height, original_width, original_height, error = self.resizer(io.BytesIO(body))
         if error is not None:
             reason = TOO_SMALL if error == "image too small" else DECODE_ERROR

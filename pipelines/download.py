@@ -15,6 +15,7 @@ on disk before any later, costlier stage runs.
 from __future__ import annotations
 
 import hashlib
+import logging
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -22,6 +23,7 @@ from typing import ClassVar
 import pyarrow as pa
 
 from pipelines.decode import (
+    DEFAULT_MAX_DECODE_BYTES,
     DEFAULT_MAX_PIXELS,
     ENCODE_FORMATS,
     RESIZE_MODES,
@@ -31,22 +33,29 @@ from pipelines.decode import (
 )
 from pipelines.fetch import DEFAULT_DISALLOWED, Fetcher, FetchError, FetchPolicy, is_transient_reason
 from pipelines.stage import Rejections, Resources, Stage
-from schemas.columns import HEIGHT, IMAGE, ORIGINAL_HEIGHT, ORIGINAL_WIDTH, SHA256, URL, WIDTH
+from schemas.columns import HEIGHT, IMAGE, ORIGINAL_HEIGHT, ORIGINAL_WIDTH, SHA256, SOURCE_SHA256, URL, WIDTH
+
+log = logging.getLogger(__name__)
+
+#: A failure nothing anticipated (a bug, a library raising something new): one row, not the shard.
+INTERNAL_ERROR = "internal_error"
 
 
 @dataclass
 class Download(Stage):
     """Downloads each url and stores the image re-encoded by img2dataset's resizer.
 
-    Fetch: ``threads`` concurrent requests per worker; ``timeout`` seconds in all per attempt;
+    Fetch: ``threads`` concurrent requests per worker; ``timeout`` seconds in all per attempt and
+    ``total_timeout`` per url (attempts, backoff and ``Retry-After`` waits together);
     at most ``max_bytes`` read; ``max_redirects`` hops; ``retries`` more attempts for transient
     failures (timeouts, connection errors, 429, 5xx) after ``backoff`` × 2^attempt seconds with
     jitter, or the server's ``Retry-After`` up to ``max_retry_after``; ``X-Robots-Tag``
     directives in ``disallowed_header_directives`` honoured for every agent and for
-    ``user_agent_token``; loopback, private, link-local, multicast and other non-global
+    any of ``robots_agents``; loopback, private, link-local, multicast and other non-global
     addresses refused unless listed in ``allow_addresses`` (addresses or CIDR ranges).
 
-    Image: ``max_pixels`` (decompression-bomb limit, checked on the header), then img2dataset's
+    Image: ``max_pixels`` and ``max_decode_bytes`` (decompression-bomb limits, checked on the
+    header), then img2dataset's
     resizer with ``image_size``, ``resize_mode``, ``resize_only_if_bigger``, ``encode_format``,
     ``encode_quality`` and ``min_image_size``. The defaults follow DataComp's download
     (512 px, keep_ratio, only if bigger, JPEG quality 95).
@@ -54,18 +63,21 @@ class Download(Stage):
 
     name: ClassVar[str] = "download"
     input_columns: ClassVar[tuple[str, ...]] = (URL,)
-    output_columns: ClassVar[tuple[str, ...]] = (IMAGE, WIDTH, HEIGHT, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, SHA256)
+    output_columns: ClassVar[tuple[str, ...]] = (IMAGE, WIDTH, HEIGHT, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, SHA256,
+                                                 SOURCE_SHA256)
     checkpoint_after: ClassVar[bool] = True
 
     resources: Resources = field(default_factory=lambda: Resources(batch_size=4096))
     threads: int = 32
     timeout: float = 10.0
+    total_timeout: float = 30.0
     max_bytes: int = 32 * 1024 * 1024
     max_redirects: int = 5
     retries: int = 2
     backoff: float = 0.5
     max_retry_after: float = 30.0
     user_agent_token: str = "vlmcurate"
+    robots_agents: list[str] = field(default_factory=lambda: ["vlmcurate", "img2dataset"])
     disallowed_header_directives: list[str] = field(default_factory=lambda: list(DEFAULT_DISALLOWED))
     allow_addresses: list[str] = field(default_factory=list)
     image_size: int = 512
@@ -75,16 +87,17 @@ class Download(Stage):
     encode_quality: int = 95
     min_image_size: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode {self.resize_mode!r} is not one of {list(RESIZE_MODES)}")
         if self.encode_format not in ENCODE_FORMATS:
             raise ValueError(f"encode_format {self.encode_format!r} is not one of {list(ENCODE_FORMATS)}")
-        for key in ("threads", "max_bytes", "image_size", "max_pixels"):
+        for key in ("threads", "max_bytes", "image_size", "max_pixels", "max_decode_bytes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("timeout", "backoff", "max_retry_after"):
+        for key in ("timeout", "total_timeout", "backoff", "max_retry_after"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("retries", "max_redirects", "min_image_size"):
@@ -100,29 +113,36 @@ class Download(Stage):
 
     def setup(self) -> None:
         self._fetcher = Fetcher(FetchPolicy(
-            timeout=self.timeout, max_bytes=self.max_bytes, max_redirects=self.max_redirects,
-            retries=self.retries, backoff=self.backoff, max_retry_after=self.max_retry_after,
-            user_agent_token=self.user_agent_token,
-            disallowed_directives=tuple(self.disallowed_header_directives),
-            allow_addresses=tuple(self.allow_addresses),
+            timeout=self.timeout, total_timeout=self.total_timeout, max_bytes=self.max_bytes,
+            max_redirects=self.max_redirects, retries=self.retries, backoff=self.backoff,
+            max_retry_after=self.max_retry_after, user_agent_token=self.user_agent_token,
+            robots_agents=tuple(self.robots_agents), disallowed_directives=tuple(self.disallowed_header_directives),
+            allow_addresses=tuple(self.allow_addresses), resolver_threads=self.threads,
         ))
         self._reencode = Reencoder(
             image_size=self.image_size, resize_mode=self.resize_mode,
             resize_only_if_bigger=self.resize_only_if_bigger, encode_format=self.encode_format,
             encode_quality=self.encode_quality, min_image_size=self.min_image_size, max_pixels=self.max_pixels,
+            max_decode_bytes=self.max_decode_bytes,
         )
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="fetch")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         urls = batch[URL].to_pylist()
         images: list[Encoded | None] = [None] * len(urls)
+        sources: list[str | None] = [None] * len(urls)
         rejections: list[tuple[str, str] | None] = [None] * len(urls)
 
         def finish(index: int, future: Future) -> None:
             try:
-                images[index] = self._reencode(future.result())
+                body = future.result()
+                images[index] = self._reencode(body)
+                sources[index] = hashlib.sha256(body).hexdigest()
             except (FetchError, ImageRejected) as e:
                 rejections[index] = (e.reason, e.detail)
+            except Exception as e:  # noqa: BLE001 - one url must never fail its whole shard
+                log.warning("download of %s failed unexpectedly: %r", urls[index][:200], e)
+                rejections[index] = (INTERNAL_ERROR, f"{type(e).__name__}: {e}"[:300])
 
         in_flight: dict[Future, int] = {}
         for index, url in enumerate(urls):
@@ -133,10 +153,11 @@ class Download(Stage):
             in_flight[self._pool.submit(self._fetcher.fetch, url)] = index
         for future in list(in_flight):
             finish(in_flight.pop(future), future)
-        return _columns(images, rejections)
+        return _columns(images, sources, rejections)
 
 
-def _columns(images: list[Encoded | None], rejections: list[tuple[str, str] | None]) -> pa.Table:
+def _columns(images: list[Encoded | None], sources: list[str | None],
+             rejections: list[tuple[str, str] | None]) -> pa.Table:
     def ints(values):
         return pa.array(values, pa.int32())
 
@@ -147,6 +168,7 @@ def _columns(images: list[Encoded | None], rejections: list[tuple[str, str] | No
         ORIGINAL_WIDTH: ints([e.original_width if e else None for e in images]),
         ORIGINAL_HEIGHT: ints([e.original_height if e else None for e in images]),
         SHA256: pa.array([hashlib.sha256(e.data).hexdigest() if e else None for e in images], pa.string()),
+        SOURCE_SHA256: pa.array(sources, pa.string()),
     })
     marks = Rejections(len(images))
     for reason in sorted({r[0] for r in rejections if r}):

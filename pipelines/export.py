@@ -4,10 +4,13 @@ The kept rows of the last phase, in shard order, are cut into export shards of
 ``samples_per_shard`` rows each (uniform sizes, whatever each pipeline shard kept), and written
 in parallel by the runner:
 
-- ``webdataset/NNNNN.tar``: per sample ``<uid>.jpg`` (or ``.png`` / ``.webp``, as encoded),
-  ``<uid>.txt`` (the caption) and ``<uid>.json`` (every other column but binary ones), members in
-  sample order with fixed metadata so the same run gives byte-identical tars; ``sizes.json``
-  maps each tar to its sample count, as open_clip's ``--dataset-type webdataset`` expects.
+- ``webdataset/NNNNN.tar``: per sample ``<key>.jpg`` (or ``.png`` / ``.webp``, as encoded),
+  ``<key>.txt`` (the caption) and ``<key>.json`` (every other column but binary ones, the uid
+  included), members in sample order with fixed metadata so the same run gives byte-identical
+  tars; ``sizes.json`` maps each tar to its sample count, as open_clip's
+  ``--dataset-type webdataset`` expects. The key is the uid when it is safe for webdataset
+  (letters, digits, ``_`` and ``-``, as vlmcurate's own uids are); a pool-supplied uid with dots
+  or slashes, which webdataset would split, gets a stable hash of it instead.
 - ``parquet/NNNNN.parquet``: the same rows with every column, image bytes included.
 
 Files are written under temporary names and renamed; ``_export.json`` is written last and
@@ -17,9 +20,11 @@ with other settings rewrites it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+import re
 import tarfile
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +40,7 @@ PARQUET = "parquet"
 EXPORT_FORMATS = (WEBDATASET, PARQUET)
 DONE = "_export.json"
 SIZES = "sizes.json"
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,8 @@ def write_export_shard(job: ExportJob, shard: ExportShard) -> tuple[int, int]:
     rows = pa.concat_tables(tables) if tables else pa.table({})
     name = f"{shard.index:05d}"
     if WEBDATASET in job.formats:
-        job.rundir.write_bytes(job.rundir.path(job.folder, WEBDATASET, f"{name}.tar"), webdataset_tar(rows))
+        with job.rundir.open_output(job.rundir.path(job.folder, WEBDATASET, f"{name}.tar")) as out:
+            write_webdataset(rows, out)
     if PARQUET in job.formats:
         job.rundir.write_table(job.rundir.path(job.folder, PARQUET, f"{name}.parquet"), rows)
     return shard.index, rows.num_rows
@@ -106,23 +113,28 @@ def finish_export(rundir: RunDir, folder: str, settings: dict[str, Any], counts:
     rundir.write_bytes(rundir.path(folder, DONE), json.dumps(settings, indent=1).encode())
 
 
-def webdataset_tar(rows: pa.Table) -> bytes:
-    """A webdataset tar of ``rows``: image, caption and JSON metadata per sample, by uid."""
+def write_webdataset(rows: pa.Table, out) -> None:
+    """``rows`` as a webdataset tar streamed to ``out``: image, caption and JSON per sample."""
     if IMAGE not in rows.column_names:
         raise ValueError("webdataset export needs the image column: add a download stage, or export parquet only")
     light = [c for c in rows.column_names
              if c not in (IMAGE, CAPTION) and not pa.types.is_binary(rows.schema.field(c).type)
              and not pa.types.is_large_binary(rows.schema.field(c).type)]
     meta_rows = rows.select(light).to_pylist()
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
         for image, caption, meta in zip(rows[IMAGE].to_pylist(), rows[CAPTION].to_pylist(), meta_rows):
-            key = meta[UID]
+            key = sample_key(meta[UID])
             _add(tar, f"{key}.{image_extension(image)}", image)
             _add(tar, f"{key}.txt", caption.encode("utf-8"))
             record = {name: _jsonable(value) for name, value in {**meta, CAPTION: caption}.items()}
             _add(tar, f"{key}.json", json.dumps(record, ensure_ascii=False, default=str).encode("utf-8"))
-    return buffer.getvalue()
+
+
+def sample_key(uid: str) -> str:
+    """A webdataset key for ``uid``: itself when safe, else a stable 128-bit hash of it."""
+    if _SAFE_KEY.fullmatch(uid):
+        return uid
+    return "h" + hashlib.blake2b(uid.encode("utf-8"), digest_size=16).hexdigest()
 
 
 def image_extension(data: bytes) -> str:

@@ -3,22 +3,23 @@
 It replaces img2dataset's fetch (``urllib.request.urlopen`` with a per-socket timeout) and keeps
 everything after it. What it adds:
 
-- **addresses**: every hop of a redirect chain is resolved first and refused when any address is
-  loopback, private, link-local, multicast, unspecified or otherwise not globally routable,
-  including encoded forms (``2130706433``, ``0x7f000001``, ``0177.1``, ``[::ffff:127.0.0.1]``,
-  6to4, Teredo, NAT64); the connection then goes to the checked address, so DNS cannot rebind
-  in between. ``allow_addresses`` names the addresses or ranges that are allowed anyway.
-- **limits**: a total deadline per attempt (connect, headers and body together, enforced by a
-  watchdog that shuts the socket, so a server dripping bytes cannot hold a thread), a byte cap
-  enforced while reading, a redirect limit and loop detection, no content decoding.
+- **addresses** (:mod:`pipelines.netpolicy`): every hop of a redirect chain is resolved first
+  and refused when any address is loopback, private, link-local, multicast, unspecified or
+  otherwise not globally routable, including encoded and IPv6-wrapped forms; the connection
+  then goes to a checked address (each in turn), so DNS cannot rebind in between.
+- **limits**: a deadline per attempt (connect, TLS handshake, headers and body together,
+  enforced by a watchdog that shuts the socket, so a server dripping bytes cannot hold a
+  thread) inside a budget per url that also covers retries and waits; a byte cap enforced while
+  reading; a redirect limit and loop detection; no content decoding.
 - **opt-out**: ``X-Robots-Tag`` directives (``noai``, ``noimageai``, ``noindex``,
-  ``noimageindex`` by default) for every agent or addressed to this user agent.
-- **retries**: only transient failures (timeouts, connection errors, 429, 5xx) are retried,
-  with exponential backoff and full jitter, honouring ``Retry-After`` up to a cap.
+  ``noimageindex``, and ``none``, which means noindex) for every agent or addressed to one of
+  ``robots_agents``.
+- **retries**: only transient failures (timeouts, connection errors, 408, 429, 5xx) are retried,
+  with exponential backoff and full jitter, honouring ``Retry-After`` while the budget allows.
 
 Every failure is a :class:`FetchError` with a reason for the reject record: ``http_<status>``,
-``timeout``, ``dns``, ``connection``, ``too_large``, ``opt_out``, ``blocked_address``,
-``too_many_redirects``, ``bad_url``.
+``timeout``, ``dns``, ``connection``, ``tls``, ``protocol_error``, ``too_large``, ``opt_out``,
+``blocked_address``, ``too_many_redirects``, ``bad_url``.
 """
 
 from __future__ import annotations
@@ -26,21 +27,22 @@ from __future__ import annotations
 import email.utils
 import heapq
 import http.client
-import ipaddress
 import itertools
 import random
 import socket
 import ssl
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
+
+from pipelines.netpolicy import ResolveError, Resolver, parse_allow_list
 
 TIMEOUT = "timeout"
 DNS = "dns"
 CONNECTION = "connection"
+TLS = "tls"
+PROTOCOL_ERROR = "protocol_error"
 TOO_LARGE = "too_large"
 OPT_OUT = "opt_out"
 BLOCKED_ADDRESS = "blocked_address"
@@ -50,9 +52,11 @@ BAD_URL = "bad_url"
 DEFAULT_DISALLOWED = ("noai", "noimageai", "noindex", "noimageindex")
 _REDIRECTS = (301, 302, 303, 307, 308)
 _CHUNK = 1 << 16
-DNS_CACHE_SECONDS = 300.0
 # X-Robots-Tag directives that take a value after a colon (so "name:" is not a user agent).
 _VALUED_DIRECTIVES = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
+# Characters left as they are when a url's path and query are percent-encoded (RFC 3986).
+_URL_SAFE = "/%:@!$&'()*+,;=-._~?"
+_RESOLVE_REASONS = {"dns": DNS, "timeout": TIMEOUT, "blocked": BLOCKED_ADDRESS, "bad_url": BAD_URL}
 
 
 class FetchError(Exception):
@@ -75,9 +79,13 @@ def is_transient_reason(reason: str) -> bool:
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    """Limits and rules for fetching one URL (see the module docstring)."""
+    """Limits and rules for fetching one url (see the module docstring).
+
+    ``timeout`` bounds one attempt; ``total_timeout`` bounds the url, attempts and waits together.
+    """
 
     timeout: float = 10.0
+    total_timeout: float = 30.0
     max_bytes: int = 32 * 1024 * 1024
     max_redirects: int = 5
     retries: int = 2
@@ -85,8 +93,10 @@ class FetchPolicy:
     max_backoff: float = 8.0
     max_retry_after: float = 30.0
     user_agent_token: str = "vlmcurate"
+    robots_agents: tuple[str, ...] = ("vlmcurate", "img2dataset")
     disallowed_directives: tuple[str, ...] = DEFAULT_DISALLOWED
     allow_addresses: tuple[str, ...] = field(default_factory=tuple)
+    resolver_threads: int = 32
 
     @property
     def user_agent(self) -> str:
@@ -94,42 +104,31 @@ class FetchPolicy:
 
 
 class Fetcher:
-    """Fetches URLs under a :class:`FetchPolicy`; thread-safe, one per worker."""
+    """Fetches urls under a :class:`FetchPolicy`; thread-safe, one per worker."""
+
+    check_allow_list = staticmethod(parse_allow_list)
 
     def __init__(self, policy: FetchPolicy) -> None:
         self.policy = policy
-        self.allowed = self.check_allow_list(policy.allow_addresses)
         self.disallowed = {d.strip().lower() for d in policy.disallowed_directives}
-        self.agent = policy.user_agent_token.strip().lower()
+        if "noindex" in self.disallowed:
+            self.disallowed.add("none")  # "none" is noindex, nofollow
+        self.agents = {a.strip().lower() for a in (*policy.robots_agents, policy.user_agent_token)}
         self._ssl = ssl.create_default_context()
         self._watchdog = _Watchdog()
-        # getaddrinfo cannot be interrupted: it runs here so a hung resolver cannot pass the deadline.
-        self._resolver = ThreadPoolExecutor(max_workers=8, thread_name_prefix="resolve")
-        # Checked answers per (host, port): a crawl asks the same hosts again and again. The
-        # connection goes to the checked address, so a later, different answer cannot sneak in.
-        self._dns: dict[tuple[str, int], tuple[str, float]] = {}
-
-    @staticmethod
-    def check_allow_list(entries) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        """Parse addresses or CIDR ranges (``127.0.0.1``, ``10.0.0.0/8``); ValueError names a bad one."""
-        networks = []
-        for entry in entries:
-            try:
-                networks.append(ipaddress.ip_network(entry, strict=False))
-            except ValueError:
-                raise ValueError(f"{entry!r} is not an IP address or CIDR range") from None
-        return networks
+        self._resolver = Resolver(parse_allow_list(policy.allow_addresses), policy.resolver_threads)
 
     def close(self) -> None:
         self._watchdog.stop()
-        self._resolver.shutdown(wait=False, cancel_futures=True)
+        self._resolver.close()
 
     def fetch(self, url: str) -> bytes:
         """The body of ``url`` after redirects, or :class:`FetchError`; transient errors are retried."""
+        budget_end = time.monotonic() + self.policy.total_timeout
         attempt = 0
         while True:
             try:
-                return self._attempt(url)
+                return self._attempt(url, min(time.monotonic() + self.policy.timeout, budget_end))
             except FetchError as error:
                 if not error.transient or attempt >= self.policy.retries:
                     raise
@@ -138,20 +137,21 @@ class Fetcher:
                     if error.retry_after > self.policy.max_retry_after:
                         raise
                     delay = max(delay, error.retry_after)
+                if time.monotonic() + delay >= budget_end:  # no time left for another attempt
+                    raise
                 time.sleep(delay)
                 attempt += 1
 
-    def _attempt(self, url: str) -> bytes:
-        deadline = time.monotonic() + self.policy.timeout
+    def _attempt(self, url: str, deadline: float) -> bytes:
         seen = []
         while True:
             seen.append(url)
             target = self._target(url, deadline)
-            status, headers, body = self._request(target, deadline)
-            if status in _REDIRECTS and headers.get("Location"):
-                url = urljoin(url, headers["Location"])
+            status, location, body = self._request(target, deadline)
+            if status in _REDIRECTS:
+                url = urljoin(url, location)
                 if url in seen:
-                    raise FetchError(TOO_MANY_REDIRECTS, f"redirect loop back to {url}")
+                    raise FetchError(TOO_MANY_REDIRECTS, f"redirect loop back to {url[:200]}")
                 if len(seen) > self.policy.max_redirects:
                     raise FetchError(TOO_MANY_REDIRECTS, f"more than {self.policy.max_redirects} redirects")
                 continue
@@ -160,94 +160,94 @@ class Fetcher:
     # A hop: parse, resolve, check ------------------------------------------------------------
     def _target(self, url: str, deadline: float) -> _Target:
         try:
-            parts = urlsplit(url)
+            parts = urlsplit(url.strip())
             port = parts.port
-        except ValueError as e:
+            host = parts.hostname.encode("idna").decode("ascii") if parts.hostname else ""
+        except (ValueError, UnicodeError) as e:
             raise FetchError(BAD_URL, f"unparseable url: {e}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parts.scheme not in ("http", "https") or not host:
             raise FetchError(BAD_URL, f"not an http(s) url: {url[:200]}")
-        host = parts.hostname
         port = port or (443 if parts.scheme == "https" else 80)
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        address = self._resolve(host, port, deadline)
-        return _Target(parts.scheme, host, port, path, address)
-
-    def _resolve(self, host: str, port: int, deadline: float) -> str:
-        cached = self._dns.get((host, port))
-        if cached is not None and cached[1] > time.monotonic():
-            return cached[0]
+        path = quote(parts.path or "/", safe=_URL_SAFE) + (f"?{quote(parts.query, safe=_URL_SAFE)}" if parts.query
+                                                          else "")
         try:
-            ipaddress.ip_address(host)  # a plain address needs no resolver thread
-            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        except ValueError:
-            infos = self._lookup(host, port, deadline)
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
-        for address in addresses:
-            category = blocked_category(ipaddress.ip_address(address.split("%")[0]), self.allowed)
-            if category:
-                raise FetchError(BLOCKED_ADDRESS, f"{host} resolves to {category} address {address}")
-        self._dns[(host, port)] = (addresses[0], time.monotonic() + DNS_CACHE_SECONDS)
-        return addresses[0]
+            addresses = self._resolver.resolve(host, port, deadline)
+        except ResolveError as e:
+            raise FetchError(_RESOLVE_REASONS[e.kind], e.detail, transient=e.transient) from None
+        return _Target(parts.scheme, host, port, path, tuple(addresses))
 
-    def _lookup(self, host: str, port: int, deadline: float) -> list:
-        future = self._resolver.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-        try:
-            return future.result(timeout=max(deadline - time.monotonic(), 0.001))
-        except FutureTimeout:
-            raise FetchError(TIMEOUT, f"resolving {host} took longer than the deadline", transient=True) from None
-        except socket.gaierror as e:
-            raise FetchError(DNS, f"{host}: {e.strerror}", transient=e.errno == socket.EAI_AGAIN) from None
-        except (UnicodeError, OSError) as e:
-            raise FetchError(BAD_URL, f"{host}: {e}") from None
-
-    # A request over a fresh connection to the checked address ------------------------------
-    def _request(self, target: _Target, deadline: float) -> tuple[int, http.client.HTTPMessage, bytes]:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise FetchError(TIMEOUT, f"deadline of {self.policy.timeout:g}s passed", transient=True)
-        sock = None
+    # A request over a fresh connection to a checked address ----------------------------------
+    def _request(self, target: _Target, deadline: float) -> tuple[int, str, bytes]:
+        sock = connection = response = None
         token = None
         try:
-            sock = socket.create_connection((target.address, target.port), timeout=remaining)
+            sock = self._connect(target, deadline)
             token = self._watchdog.watch(sock, deadline)
             if target.scheme == "https":
-                # wrap_socket detaches the plain socket: watch the TLS one in its place.
+                # wrap_socket detaches the plain socket: watch the TLS one in its place, and
+                # hand-shake only then, so the handshake is inside the deadline too.
                 self._watchdog.release(token)
                 token = None
-                sock = self._ssl.wrap_socket(sock, server_hostname=target.host)
+                sock = self._ssl.wrap_socket(sock, server_hostname=target.host, do_handshake_on_connect=False)
                 token = self._watchdog.watch(sock, deadline)
-            connection = http.client.HTTPConnection(target.host, target.port, timeout=remaining)
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                sock.do_handshake()
+            connection = http.client.HTTPConnection(target.host, target.port)
             connection.sock = sock
             connection.request("GET", target.path, headers={
                 "User-Agent": self.policy.user_agent, "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity",
             })
             response = connection.getresponse()
             status, headers = response.status, response.headers
-            if status in _REDIRECTS:
-                return status, headers, b""
+            if status in _REDIRECTS and headers.get("Location"):
+                return status, _header_text(headers["Location"]), b""
             if status != 200:
                 raise FetchError(f"http_{status}", f"{response.reason} from {target.host}",
                                  transient=status in (408, 429) or status >= 500,
                                  retry_after=_retry_after(headers.get("Retry-After")))
             if self._opted_out(headers):
                 raise FetchError(OPT_OUT, f"X-Robots-Tag: {'; '.join(headers.get_all('X-Robots-Tag', []))}")
-            return status, headers, self._read_body(response, deadline)
+            return status, "", self._read_body(response, deadline)
         except FetchError:
             raise
-        except ssl.SSLError as e:
-            raise FetchError(CONNECTION, f"TLS: {e.reason or e}") from None
-        except TimeoutError:
-            raise FetchError(TIMEOUT, f"no answer within the {self.policy.timeout:g}s deadline", transient=True) \
-                from None
-        except (OSError, http.client.HTTPException) as e:
-            if time.monotonic() >= deadline:  # the watchdog shut the socket
-                raise FetchError(TIMEOUT, f"deadline of {self.policy.timeout:g}s passed", transient=True) from None
-            raise FetchError(CONNECTION, f"{type(e).__name__}: {e}"[:300], transient=True) from None
+        except Exception as e:  # noqa: BLE001 - every failure of the transfer becomes a reason
+            raise self._classify(e, deadline) from None
         finally:
             if token is not None:
                 self._watchdog.release(token)
-            if sock is not None:
-                sock.close()
+            for closable in (response, connection, sock):  # the response's file keeps the fd open
+                if closable is not None:
+                    closable.close()
+
+    def _connect(self, target: _Target, deadline: float) -> socket.socket:
+        """A connection to the first checked address that answers."""
+        error: OSError | None = None
+        for address in target.addresses:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                return socket.create_connection((address, target.port), timeout=remaining)
+            except OSError as e:
+                error = e
+        if error is None:
+            raise TimeoutError("no time left to connect")
+        raise error
+
+    def _classify(self, error: Exception, deadline: float) -> FetchError:
+        late = time.monotonic() >= deadline  # the watchdog shut the socket, or time simply ran out
+        if isinstance(error, TimeoutError) or late:
+            return FetchError(TIMEOUT, f"not complete within the {self.policy.timeout:g}s deadline", transient=True)
+        if isinstance(error, ssl.SSLError):
+            return FetchError(TLS, str(error.reason or error)[:300])
+        if isinstance(error, (http.client.InvalidURL, UnicodeError, ValueError)):
+            return FetchError(BAD_URL, f"{type(error).__name__}: {error}"[:300])
+        if isinstance(error, (ConnectionError, http.client.IncompleteRead, http.client.RemoteDisconnected)) or \
+                type(error) is OSError:
+            return FetchError(CONNECTION, f"{type(error).__name__}: {error}"[:300], transient=True)
+        if isinstance(error, (http.client.HTTPException, OSError)):  # a server breaking the protocol
+            return FetchError(PROTOCOL_ERROR, f"{type(error).__name__}: {error}"[:300])
+        raise error
 
     def _read_body(self, response: http.client.HTTPResponse, deadline: float) -> bytes:
         cap = self.policy.max_bytes
@@ -271,11 +271,11 @@ class Fetcher:
         return body
 
     def _opted_out(self, headers: http.client.HTTPMessage) -> bool:
-        return any(opts_out(value, self.agent, self.disallowed) for value in headers.get_all("X-Robots-Tag", []))
+        return any(opts_out(value, self.agents, self.disallowed) for value in headers.get_all("X-Robots-Tag", []))
 
 
-def opts_out(value: str, agent: str, disallowed: set[str]) -> bool:
-    """Whether one ``X-Robots-Tag`` header value forbids use by ``agent``.
+def opts_out(value: str, agents: set[str], disallowed: set[str]) -> bool:
+    """Whether one ``X-Robots-Tag`` header value forbids use by any of ``agents``.
 
     ``noai, noindex`` applies to every agent; ``someagent: noai`` only to ``someagent``;
     valued directives (``max-image-preview: none``) are not mistaken for agent names.
@@ -283,36 +283,19 @@ def opts_out(value: str, agent: str, disallowed: set[str]) -> bool:
     head, sep, rest = value.partition(":")
     scope = head.strip().lower()
     if sep and scope and " " not in scope and "," not in scope and scope not in _VALUED_DIRECTIVES:
-        if scope != agent:
+        if scope not in agents:
             return False
         value = rest
     directives = {part.strip().lower() for part in value.split(",")}
     return bool(directives & disallowed)
 
 
-def blocked_category(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
-                     allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str | None:
-    """Why ``address`` may not be fetched from (``None`` if it may), looking through IPv6 wrappings."""
-    candidates = [address]
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = [address.ipv4_mapped, address.sixtofour]
-        if address.teredo:
-            embedded += list(address.teredo)
-        # NAT64, and the deprecated IPv4-compatible form (::a.b.c.d, not :: or ::1).
-        compatible = address in ipaddress.ip_network("::/96") and int(address) > 0xFFFF
-        if address in ipaddress.ip_network("64:ff9b::/96") or compatible:
-            embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-        candidates = [a for a in embedded if a is not None] + candidates  # name the IPv4 inside first
-    if any(a in network for a in candidates for network in allowed if a.version == network.version):
-        return None
-    for a in candidates:
-        # Most specific first: 169.254.169.254 is link-local (and also counted as private).
-        for category in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):
-            if getattr(a, f"is_{category}"):
-                return category.replace("_", "-")
-        if not a.is_global:
-            return "non-global"
-    return None
+def _header_text(value: str) -> str:
+    """A header value as its sender meant it: http.client decodes latin-1, servers send UTF-8."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -334,7 +317,7 @@ class _Target:
     host: str
     port: int
     path: str
-    address: str
+    addresses: tuple[str, ...]
 
 
 class _Watchdog:

@@ -6,7 +6,11 @@ exactly those rows are taken again from the phase's input and run through the ph
 what passes joins the shard's kept rows, what fails replaces its old reject record, and the
 shard's ledger entry is recomputed (old path of those rows out, new path in), so it still
 closes. Every later phase, global aggregate and the export depended on the old result: they are
-removed and rebuilt by a normal resume of the run.
+removed first, and rebuilt by a normal resume of the run at the end.
+
+Crash safety: a shard's ledger entry is removed before its files are rewritten and written back
+last, so a retry killed at any moment leaves each shard either as it was, merged, or not done
+(which the resume then redoes from the phase's input). Rerunning ``retry-failed`` is safe.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class RetryIO(ShardIO):
         rundir, shard = self.rundir, state.shard
         retried = pa.array(self.retry[shard], pa.string())
         old_rows = rundir.read_table(rundir.shard_path(self.name, shard))
+        old_rows = old_rows.filter(pc.invert(pc.is_in(old_rows[UID], value_set=retried)))
         old_rejects = rundir.read_table(rundir.rejects_path(self.name, shard))
         is_retried = pc.is_in(old_rejects[UID], value_set=retried)
         rows = pa.concat_tables([old_rows, state.rows], promote_options="permissive").sort_by(SOURCE_INDEX)
@@ -72,6 +77,7 @@ class RetryIO(ShardIO):
         entry = ShardEntry(phase=self.name, shard=shard, rows_in=before.rows_in, rows_out=rows.num_rows,
                            stages=counts)
         check_shard(entry)
+        rundir.fs.delete_file(rundir.ledger_path(self.name, shard))  # "not done" until rewritten
         rundir.write_shard(entry, rows, rejects)
         return entry
 
@@ -89,6 +95,9 @@ def retry_failed(plan: Plan, runner: Runner) -> tuple[RetryReport, Manifest]:
             if not retry:
                 continue
             report.phase = phase.name
+            _invalidate_after(plan, rundir, manifest, index)  # before any shard changes
+            manifest.history.append({"retry_started": phase.name})
+            rundir.write_manifest(manifest)
             input_phase = plan.phase_names[index]  # phase_names starts with the input phase
             if phase.global_stage is not None:
                 bind_saved_aggregate(phase.global_stage, rundir)
@@ -96,7 +105,6 @@ def retry_failed(plan: Plan, runner: Runner) -> tuple[RetryReport, Manifest]:
             for entry in runner.run_phase(PhaseTask(io, phase.stages), sorted(retry)):
                 log.info("retried shard %d of %s", entry.shard, phase.name)
             report.still_failing = _still_failing(rundir, phase, retry)
-            _invalidate_after(plan, rundir, manifest, index)
             manifest.history.append({"retried_phase": phase.name, "attempted": dict(report.attempted),
                                      "recovered": report.recovered})
             rundir.write_manifest(manifest)
@@ -105,10 +113,13 @@ def retry_failed(plan: Plan, runner: Runner) -> tuple[RetryReport, Manifest]:
 
 
 def _transient_rejects(rundir: RunDir, phase: Phase, report: RetryReport) -> dict[int, tuple[str, ...]]:
+    """Transient reject uids per finished shard (a shard without a ledger entry is redone anyway)."""
     stages = {s.name: s.stage for s in phase.stages}
+    finished = set(rundir.shard_entries(phase.name))
     retry: dict[int, tuple[str, ...]] = {}
     for info in rundir.list_files(f"{REJECTS_DIR}/{phase.name}"):
-        if info.base_name.startswith(".") or not info.base_name.endswith(".parquet"):
+        if info.base_name.startswith(".") or not info.base_name.endswith(".parquet") or \
+                int(info.base_name.split(".")[0]) not in finished:
             continue
         records = rundir.read_table(info.path, columns=[UID, STAGE, REASON]).to_pylist()
         uids = []

@@ -73,11 +73,22 @@ class RunDir:
         return self.path(AGGREGATES_DIR, f"{stage}.pkl")
 
     # Atomic writes -----------------------------------------------------------------------
-    def write_bytes(self, path: str, data: bytes) -> None:
+    @contextlib.contextmanager
+    def open_output(self, path: str):
+        """A stream that becomes ``path`` when the block ends without an error (nothing otherwise)."""
         tmp = self._tmp_name(path)
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(data)
+        try:
+            with self.fs.open_output_stream(tmp) as out:
+                yield out
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(tmp)
+            raise
         self.fs.move(tmp, path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        with self.open_output(path) as out:
+            out.write(data)
 
     def write_table(self, path: str, table: pa.Table) -> None:
         # Encoded images and other binary payloads do not compress: spend no CPU trying.

@@ -11,6 +11,7 @@ from schemas.columns import (
     ORIGINAL_WIDTH,
     SHA256,
     SOURCE_INDEX,
+    SOURCE_SHA256,
     UID,
     URL,
     WIDTH,
@@ -25,7 +26,7 @@ from schemas.rejects import REJECT_DETAIL, REJECT_REASON, REJECT_SCHEMA
 
 __all__ = [
     "BASE_COLUMNS", "CAPTION", "COLUMN_TYPES", "COLUMNS", "HEIGHT", "IMAGE", "ORIGINAL_HEIGHT",
-    "ORIGINAL_WIDTH", "SHA256", "SOURCE_INDEX", "UID", "URL", "WIDTH", "Column", "column_type",
+    "ORIGINAL_WIDTH", "SHA256", "SOURCE_INDEX", "SOURCE_SHA256", "UID", "URL", "WIDTH", "Column", "column_type",
     "is_heavy", "register_column", "sample_schema", "Manifest", "PhaseSummary", "ShardEntry",
     "StageCounts", "REJECT_DETAIL", "REJECT_REASON", "REJECT_SCHEMA",
 ]

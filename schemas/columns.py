@@ -25,6 +25,7 @@ HEIGHT = "height"
 ORIGINAL_WIDTH = "original_width"
 ORIGINAL_HEIGHT = "original_height"
 SHA256 = "sha256"
+SOURCE_SHA256 = "source_sha256"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ _COLUMNS = (
     Column(ORIGINAL_WIDTH, pa.int32(), "width of the image as downloaded"),
     Column(ORIGINAL_HEIGHT, pa.int32(), "height of the image as downloaded"),
     Column(SHA256, pa.string(), "hex sha256 of the stored image bytes"),
+    Column(SOURCE_SHA256, pa.string(), "hex sha256 of the image bytes as downloaded (img2dataset's compute_hash)"),
 )
 
 COLUMNS: dict[str, Column] = {c.name: c for c in _COLUMNS}

@@ -10,7 +10,8 @@ Paths (``<img>`` names an image registered with :meth:`ImageServer.add`):
 - ``/endless``: an unending body without Content-Length; ``/declared-huge``: Content-Length 10^12
 - ``/bytes/<n>``: ``n`` bytes of a valid JPEG prefix padded (for the byte cap)
 - ``/short/<img>``: Content-Length larger than the body sent, then the connection closes
-- ``/html``: an HTML page served as ``image/jpeg``; ``/empty``: 200 with no body
+- ``/html``: an HTML page served as ``image/jpeg``; ``/empty``: 200 with no body;
+  ``/garbage``: an answer that is not HTTP
 - ``/truncated/<img>``: the first half of the image; ``/bomb.png``: a 100,000 x 100,000 PNG header
 - ``/robots/<variant>/<img>``: the image with an ``X-Robots-Tag`` from :data:`ROBOTS`
 - ``/redirect?to=<url>``: 302 to ``url``; ``/loop/a`` and ``/loop/b`` redirect to each other;
@@ -26,7 +27,7 @@ import time
 import zlib
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from PIL import Image
 
@@ -56,12 +57,15 @@ def make_image(width: int = 320, height: int = 240, fmt: str = "JPEG", seed: int
     return buffer.getvalue()
 
 
-def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+def bomb_png(width: int = 100_000, height: int = 100_000, color_type: int = 0, bit_depth: int = 1) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb).
+
+    ``color_type`` 6 with ``bit_depth`` 8 is RGBA.
+    """
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) \
         + chunk(b"IEND", b"")
 
@@ -87,6 +91,8 @@ class ImageServer:
                     count = server.requests[self.path]
                 try:
                     server._route(self, count)
+                except KeyError:  # an image name nobody registered
+                    server._send(self, 404, b"")
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
@@ -112,7 +118,7 @@ class ImageServer:
     # Routing -------------------------------------------------------------------------------
     def _route(self, h: BaseHTTPRequestHandler, count: int) -> None:
         parts = urlsplit(h.path)
-        segments = parts.path.strip("/").split("/")
+        segments = [unquote(segment) for segment in parts.path.strip("/").split("/")]
         kind, args = segments[0], segments[1:]
         if kind == "img":
             return self._send(h, 200, self.images[args[0]])
@@ -142,6 +148,10 @@ class ImageServer:
         if kind == "short":
             data = self.images[args[0]]
             return self._send(h, 200, data[: len(data) // 2], {"Content-Length": str(len(data))}, exact=False)
+        if kind == "garbage":  # not HTTP at all
+            h.wfile.write(b"NOT HTTP AT ALL\r\n\r\n")
+            h.close_connection = True
+            return None
         if kind == "html":
             return self._send(h, 200, b"<html><body>Not found</body></html>", {"Content-Type": "image/jpeg"})
         if kind == "empty":

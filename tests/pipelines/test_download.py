@@ -171,3 +171,92 @@ def test_hostile_pool_through_both_runners_closes_the_ledger_with_identical_reas
         reasons |= dict(zip(rejects["url"].to_pylist(), rejects["reason"].to_pylist()))
         results[kind] = reasons
     assert results["local"] == results["ray"] == {server.url(p): r for p, r in expected.items()}
+
+
+def test_non_ascii_paths_and_redirects_are_encoded(server, stage):
+    server.add("café.jpg", make_image(64, 48))
+    assert reason(stage, server.url("/img/café.jpg")) is None
+    assert reason(stage, server.url("/redirect?to=/img/caf%C3%A9.jpg")) is None
+    assert reason(stage, server.url("/img/with space.jpg")) == "http_404"  # encoded, asked, not found
+
+
+def test_a_non_http_answer_is_a_protocol_error_and_not_retried(server, stage):
+    assert reason(stage, server.url("/garbage")) == "protocol_error"
+    assert server.requests["/garbage"] == 1
+
+
+def test_the_total_budget_bounds_retries_and_waits(server):
+    stage = Download(timeout=1, total_timeout=2.5, retries=5, backoff=0.05, max_retry_after=10,
+                     allow_addresses=["127.0.0.1"], threads=2)
+    stage.setup()
+    start = time.monotonic()
+    assert reason(stage, server.url("/ratelimit/1/9/ok.jpg")) == "http_429"
+    assert time.monotonic() - start < 3.5
+
+
+def test_an_rgba_image_that_would_need_gigabytes_to_decode_is_a_bomb(server, stage):
+    from tests.http_server import bomb_png
+
+    server.add("rgba.png", bomb_png(9400, 9400, color_type=6, bit_depth=8))  # under max_pixels
+    [row] = run(stage, [server.url("/img/rgba.png")])
+    assert row["_reject_reason"] == "decompression_bomb" and "GiB" in row["_reject_detail"]
+
+
+def test_bytes_after_the_end_marker_are_not_truncation(server, stage):
+    server.add("trailer.png", make_image(40, 30, "PNG") + b"\x00" * 2048)
+    server.add("trailer.gif", make_image(40, 30, "GIF") + b"\r\n")
+    assert reason(stage, server.url("/img/trailer.png")) is None
+    assert reason(stage, server.url("/img/trailer.gif")) is None
+
+
+def test_one_failing_row_never_fails_its_batch(server, stage, monkeypatch):
+    original = stage._reencode
+
+    def flaky(body):
+        if len(body) == len(server.images["ok.png"]):
+            raise RuntimeError("a decoder bug")
+        return original(body)
+
+    monkeypatch.setattr(stage, "_reencode", flaky)
+    rows = run(stage, [server.url("/img/ok.jpg"), server.url("/img/ok.png")])
+    assert rows[0]["_reject_reason"] is None
+    assert rows[1]["_reject_reason"] == "internal_error" and "a decoder bug" in rows[1]["_reject_detail"]
+
+
+def test_file_descriptors_do_not_pile_up(server, stage):
+    import os
+
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        run(stage, [server.url(p) for p in ("/img/ok.jpg", "/status/404", "/html", "/short/ok.jpg")] * 10)
+    assert len(os.listdir("/proc/self/fd")) - before < 10
+
+
+def test_a_refused_address_never_sees_a_connection(server, stage):
+    from tests.pipelines.test_fetch import _silent_server
+
+    listener, port, accepted = _silent_server("127.0.0.2")
+    for target in (f"http://127.0.0.2:{port}/x.jpg", f"http://2130706434:{port}/x.jpg"):
+        assert reason(stage, server.url("/redirect?to=" + target)) == "blocked_address"
+        assert reason(stage, target) == "blocked_address"
+    time.sleep(0.2)
+    listener.close()
+    assert accepted == []
+
+
+def test_real_photos_and_clip_art_download_at_their_sizes(server, stage):
+    from tests.conftest import shared_path
+
+    photos = sorted(shared_path("flickr8k", "images").glob("*.jpg"))[:6]
+    import tarfile
+
+    with tarfile.open(shared_path("tuxpaint", "stamps.tar")) as tar:
+        stamps = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".png")][:6]
+        clip_art = [(m.name.replace("/", "_"), tar.extractfile(m).read()) for m in stamps]
+    urls, sizes = [], []
+    for name, data in [(p.name, p.read_bytes()) for p in photos] + clip_art:
+        urls.append(server.add(name, data))
+        sizes.append(Image.open(io.BytesIO(data)).size)
+    rows = run(stage, urls)
+    assert [r["_reject_reason"] for r in rows] == [None] * len(urls)
+    assert [(r["original_width"], r["original_height"]) for r in rows] == sizes

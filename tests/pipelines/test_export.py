@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import tarfile
 from argparse import Namespace
 
@@ -15,7 +16,7 @@ import pytest
 
 from pipelines.config import parse_config
 from pipelines.execute import run_pipeline
-from pipelines.export import image_extension, plan_export, webdataset_tar
+from pipelines.export import image_extension, plan_export, sample_key, write_webdataset
 from pipelines.plan import build_plan
 from pipelines.runner import LocalRunner
 from schemas.manifest import ShardEntry, StageCounts
@@ -33,6 +34,12 @@ def test_plan_export_cuts_uniform_shards_across_pipeline_shards():
     assert shards[1].pieces == ((0, 4, 3), (2, 0, 1))  # the tail of shard 0, the head of shard 2
     assert plan_export(_entries([3]), samples_per_shard=10)[0].pieces == ((0, 0, 3),)
     assert plan_export(_entries([0, 0]), samples_per_shard=10) == []
+
+
+def webdataset_tar(rows: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    write_webdataset(rows, buffer)
+    return buffer.getvalue()
 
 
 def _rows(n: int) -> pa.Table:
@@ -54,6 +61,18 @@ def test_tar_members_are_grouped_per_sample_with_fixed_metadata():
         assert {m.mtime for m in members} == {0}
         meta = json.loads(tar.extractfile(names[5]).read())
     assert meta == {"uid": f"{1:032x}", "source_index": 1, "score": None, "caption": "a caption 1"}
+
+
+def test_keys_are_safe_for_webdataset_grouping():
+    assert sample_key("930aefc3a71d76a7000dec8f603ec76f") == "930aefc3a71d76a7000dec8f603ec76f"
+    for uid in ("s3.v2", "flickr/1000.jpg", "x" * 300, "ünïcode"):
+        key = sample_key(uid)
+        assert re.fullmatch(r"h[0-9a-f]{32}", key) and key == sample_key(uid)
+    rows = _rows(2).set_column(0, "uid", pa.array(["s3.v2", "flickr/1000.jpg"]))
+    with tarfile.open(fileobj=io.BytesIO(webdataset_tar(rows))) as tar:
+        names = tar.getnames()
+        assert all(name.count(".") == 1 for name in names)
+        assert json.loads(tar.extractfile(names[2]).read())["uid"] == "s3.v2"  # the uid travels in the json
 
 
 def test_image_extensions_follow_the_bytes():

@@ -7,9 +7,12 @@ import time
 
 import pytest
 
-from pipelines.fetch import Fetcher, FetchError, FetchPolicy, blocked_category, is_transient_reason, opts_out
+from pipelines.fetch import Fetcher, FetchError, FetchPolicy, is_transient_reason, opts_out
+from pipelines.netpolicy import blocked_category
 
-DISALLOWED = {"noai", "noimageai", "noindex", "noimageindex"}
+_DEFAULT = Fetcher(FetchPolicy())
+AGENTS, DISALLOWED = _DEFAULT.agents, _DEFAULT.disallowed
+_DEFAULT.close()
 
 
 @pytest.mark.parametrize("address, category", [
@@ -41,19 +44,20 @@ def test_allow_list_admits_exactly_what_it_names():
 
 @pytest.mark.parametrize("value, opted_out", [
     ("noai", True), ("NoImageAI", True), ("noindex, nofollow", True), ("nofollow, noimageindex", True),
-    ("vlmcurate: noai", True), ("VLMCurate: noindex", True),
+    ("vlmcurate: noai", True), ("VLMCurate: noindex", True), ("img2dataset: noai", True),
     ("otherbot: noai", False), ("otherbot: noindex, noimageai", False),
     ("nofollow", False), ("max-image-preview: none", False), ("unavailable_after: 25 Jun 2010 15:00:00 PST", False),
-    ("none", False), ("", False),
+    ("none", True), ("otherbot: none", False), ("", False),
 ])
 def test_opt_out_directives(value, opted_out):
-    assert opts_out(value, "vlmcurate", DISALLOWED) is opted_out
+    assert opts_out(value, AGENTS, DISALLOWED) is opted_out
 
 
 def test_transient_reasons():
     assert all(is_transient_reason(r) for r in ("timeout", "connection", "http_429", "http_500", "http_503"))
     assert not any(is_transient_reason(r) for r in ("http_404", "http_403", "dns", "blocked_address", "opt_out",
-                                                      "too_large", "not_an_image"))
+                                                      "too_large", "not_an_image", "tls", "protocol_error",
+                                                      "bad_url"))
 
 
 @pytest.mark.parametrize("url", [
@@ -78,3 +82,98 @@ def test_bad_urls(url):
         fetcher.fetch(url)
     fetcher.close()
     assert error.value.reason == "bad_url"
+
+
+def _silent_server(host: str = "127.0.0.1"):
+    """A TCP listener that accepts and never says a word; returns (socket, port, accepted list)."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind((host, 0))
+    listener.listen(16)
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(connection)
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, listener.getsockname()[1], accepted
+
+
+def test_a_silent_tls_server_times_out_within_the_deadline():
+    listener, port, accepted = _silent_server()
+    fetcher = Fetcher(FetchPolicy(timeout=1, retries=0, allow_addresses=("127.0.0.1",)))
+    start = time.monotonic()
+    with pytest.raises(FetchError) as error:
+        fetcher.fetch(f"https://127.0.0.1:{port}/x.jpg")
+    fetcher.close()
+    listener.close()
+    assert error.value.reason == "timeout" and accepted
+    assert time.monotonic() - start < 1.8
+
+
+def test_the_next_checked_address_is_tried_when_one_refuses():
+    from pipelines.fetch import _Target
+
+    listener, port, accepted = _silent_server("127.0.0.1")
+    fetcher = Fetcher(FetchPolicy(allow_addresses=("127.0.0.0/8",)))
+    sock = fetcher._connect(_Target("http", "dual.test", port, "/", ("127.0.0.2", "127.0.0.1")), time.monotonic() + 2)
+    assert sock.getpeername() == ("127.0.0.1", port)
+    sock.close()
+    fetcher.close()
+    listener.close()
+
+
+def test_slow_names_do_not_starve_the_resolver_and_failures_are_remembered(monkeypatch):
+    import socket
+
+    calls = []
+
+    def getaddrinfo(host, port, *args):
+        calls.append(host)
+        if host.startswith("slow"):
+            time.sleep(2)
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("8.8.8.8", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.netpolicy import ResolveError, Resolver
+
+    resolver = Resolver([], threads=32)
+    hosts = [f"slow{i}.test" for i in range(16)] + [f"fast{i}.test" for i in range(16)]
+
+    def resolve(host):
+        try:
+            return resolver.resolve(host, 80, time.monotonic() + 1)
+        except ResolveError as e:
+            return e.kind
+
+    with ThreadPoolExecutor(32) as pool:
+        results = dict(zip(hosts, pool.map(resolve, hosts)))
+    assert all(results[f"fast{i}.test"] == ["8.8.8.8"] for i in range(16))
+    assert all(results[f"slow{i}.test"] == "timeout" for i in range(16))
+    time.sleep(1.2)  # the slow lookups finish (as failures) in their threads
+    calls.clear()
+    with pytest.raises(ResolveError):
+        resolver.resolve("slow0.test", 80, time.monotonic() + 3)  # looked up again: timeouts are not cached
+    with pytest.raises(ResolveError) as error:
+        resolver.resolve("slow0.test", 80, time.monotonic() + 3)
+    assert error.value.kind == "dns" and calls == ["slow0.test"]  # the failure was remembered
+    resolver.close()
+
+
+@pytest.mark.parametrize("url", ["http://[fe80::1%25eth0]/a.jpg", "http://[fe80::1%25nope]/a.jpg"])
+def test_scoped_ipv6_literals_are_refused_not_crashing(url):
+    fetcher = Fetcher(FetchPolicy(timeout=1))
+    with pytest.raises(FetchError) as error:
+        fetcher.fetch(url)
+    fetcher.close()
+    assert error.value.reason in ("blocked_address", "bad_url")

@@ -83,3 +83,31 @@ def test_the_command_line(tmp_path, server):
     result = CliRunner().invoke(app, ["retry-failed", plan.run_uri, "--runner", "local"])
     assert result.exit_code == 0, result.output
     assert "retried 4 rows of 01_download (http_500 4): 4 recovered" in result.output
+
+
+def test_a_retry_killed_mid_way_can_simply_be_run_again(tmp_path, server, monkeypatch):
+    from pipelines.rundir import RunDir
+
+    plan = build_plan(parse_config(_config(tmp_path, server, name="killed")))
+    run_pipeline(plan, LocalRunner())
+    original, writes = RunDir.write_table, []
+
+    def killed_on_the_second_shard(self, path, table):
+        if "/rejects/01_download/" in path:
+            writes.append(path)
+            if len(writes) == 2:  # shard rows rewritten, its ledger entry gone, its rejects not yet
+                raise KeyboardInterrupt("killed")
+        return original(self, path, table)
+
+    monkeypatch.setattr(RunDir, "write_table", killed_on_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        retry_failed(plan, LocalRunner())
+    monkeypatch.undo()
+
+    _, manifest = retry_failed(plan, LocalRunner())  # finishes the retry; the resume redoes the broken shard
+    totals = manifest.stage_totals()
+    assert manifest.status == "complete" and all(c.closes for c in totals.values())
+    assert totals["download"].rejected == {"http_404": 4}
+    kept = read_phase(plan.run_uri, manifest.final_phase)
+    assert kept.num_rows == 8 and len(set(kept["uid"].to_pylist())) == 8
+    assert sorted(read_rejects(plan.run_uri)["reason"].to_pylist()) == ["http_404"] * 4
