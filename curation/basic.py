@@ -15,7 +15,7 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.stage import Rejections, Resources, Stage
+from pipelines.stage import Rejections, Resources, Stage, default_resources
 from schemas.columns import CAPTION, ORIGINAL_HEIGHT, ORIGINAL_WIDTH
 
 CONTROL_CHARACTERS = "control_characters"
@@ -66,7 +66,7 @@ class CaptionCharacters(Stage):
     name: ClassVar[str] = "caption_characters"
     input_columns: ClassVar[tuple[str, ...]] = (CAPTION,)
 
-    resources: Resources = field(default_factory=lambda: Resources(batch_size=TEXT_BATCH))
+    resources: Resources = default_resources(batch_size=TEXT_BATCH)
     allow_line_breaks: bool = True
     reject_replacement_character: bool = True
 
@@ -96,7 +96,7 @@ class JunkAltText(Stage):
     RULES: ClassVar[tuple[str, ...]] = (EMPTY_CAPTION, FILENAME_CAPTION, DIMENSIONS_CAPTION, URL_CAPTION,
                                         GENERIC_CAPTION)
 
-    resources: Resources = field(default_factory=lambda: Resources(batch_size=TEXT_BATCH))
+    resources: Resources = default_resources(batch_size=TEXT_BATCH)
     rules: list[str] = field(default_factory=lambda: list(JunkAltText.RULES))
     generic_captions: list[str] = field(default_factory=lambda: list(DEFAULT_GENERIC_CAPTIONS))
 
@@ -135,7 +135,7 @@ class CaptionLength(Stage):
     name: ClassVar[str] = "caption_length"
     input_columns: ClassVar[tuple[str, ...]] = (CAPTION,)
 
-    resources: Resources = field(default_factory=lambda: Resources(batch_size=TEXT_BATCH))
+    resources: Resources = default_resources(batch_size=TEXT_BATCH)
     min_words: int | None = 2
     max_words: int | None = None
     min_chars: int | None = 5
@@ -203,7 +203,7 @@ class ImageSize(Stage):
     name: ClassVar[str] = "image_size"
     input_columns: ClassVar[tuple[str, ...]] = (ORIGINAL_WIDTH, ORIGINAL_HEIGHT)
 
-    resources: Resources = field(default_factory=lambda: Resources(batch_size=TEXT_BATCH))
+    resources: Resources = default_resources(batch_size=TEXT_BATCH)
     min_side: int | None = 64
     max_aspect_ratio: float | None = 3.0
 

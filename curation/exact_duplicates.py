@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipelines.stage import GlobalStage, Rejections, Resources
+from pipelines.stage import GlobalStage, Rejections, Resources, default_resources
 from schemas.columns import CAPTION, SOURCE_INDEX, UID, URL
 
 DUPLICATE = "duplicate"
@@ -37,7 +37,7 @@ class ExactDuplicates(GlobalStage):
 
     keys: list[str] = field(default_factory=lambda: [URL, CAPTION])
     normalize_text: bool = False
-    resources: Resources = field(default_factory=lambda: Resources(batch_size=65536))
+    resources: Resources = default_resources(batch_size=65536)
 
     def __post_init__(self) -> None:
         if not self.keys:

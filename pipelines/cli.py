@@ -25,6 +25,8 @@ from schemas.manifest import Manifest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Curate web image-text pools into training data for vision-language models.")
+metadata_app = typer.Typer(add_completion=False, no_args_is_help=True, help="MetaCLIP metadata lists.")
+app.add_typer(metadata_app, name="metadata")
 console = Console()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +102,50 @@ def retry_failed_command(
             console.print(f"retried {sum(report.attempted.values()):,} rows of {report.phase} ({attempted}): "
                           f"{report.recovered:,} recovered", soft_wrap=True)
         console.print(ledger_table(manifest))
+
+
+@metadata_app.command("build")
+def metadata_build(
+    output: Annotated[Path, typer.Option(help="Where to write the list (.json: a JSON list; else one per line).")],
+    unigrams: Annotated[int, typer.Option(help="Most frequent English words to include (wordfreq).")] = 250_000,
+    wordnet: Annotated[bool, typer.Option(help="Include every WordNet 3.0 lemma name.")] = True,
+    bigrams_from: Annotated[list[Path] | None, typer.Option(
+        help="Caption files (parquet/csv/tsv/jsonl, or .txt one a line) to mine high-PMI bigrams from; "
+             "repeatable.")] = None,
+    caption_column: Annotated[str, typer.Option(help="Caption column of those files.")] = "auto",
+    max_bigrams: Annotated[int, typer.Option(help="Most bigrams to add.")] = 100_000,
+    min_bigram_count: Annotated[int, typer.Option(help="Occurrences a bigram needs.")] = 5,
+    min_pmi: Annotated[float, typer.Option(help="Pointwise mutual information a bigram needs (bits).")] = 5.0,
+) -> None:
+    """Build a MetaCLIP-style metadata list offline (WordNet, wordfreq, optional corpus bigrams)."""
+    import json
+
+    from curation.metaclip.build import METACLIP_COUNTS, build_metadata
+    from pipelines.readers import caption_texts
+
+    def captions():
+        for path in bigrams_from or []:
+            yield from caption_texts(str(path), caption_column)
+
+    with _errors():
+        entries, report = build_metadata(unigrams=unigrams, wordnet=wordnet,
+                                         bigram_captions=captions() if bigrams_from else None,
+                                         max_bigrams=max_bigrams, min_bigram_count=min_bigram_count, min_pmi=min_pmi)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if output.suffix == ".json":
+            output.write_text(json.dumps(entries, ensure_ascii=False))
+        else:
+            output.write_text("".join(f"{e}\n" for e in entries), encoding="utf-8")
+        table = Table(title=f"{len(entries):,} entries written to {output}")
+        for header in ("kind", "offered", "added", "in MetaCLIP's list"):
+            table.add_column(header, justify="left" if header == "kind" else "right")
+        for kind in ("wordnet", "unigrams", "bigrams", "wikipedia_titles"):
+            offered = report.offered.get(kind)
+            table.add_row(kind, f"{offered:,}" if offered is not None else "(no offline source)" if
+                          kind == "wikipedia_titles" else "(not asked for)",
+                          f"{report.added.get(kind, 0):,}", f"{METACLIP_COUNTS[kind]:,}")
+        table.add_row("total", "", f"{report.total:,}", f"{sum(METACLIP_COUNTS.values()):,}")
+        console.print(table)
 
 
 @app.command()

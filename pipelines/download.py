@@ -32,7 +32,7 @@ from pipelines.decode import (
     Reencoder,
 )
 from pipelines.fetch import DEFAULT_DISALLOWED, Fetcher, FetchError, FetchPolicy, is_transient_reason
-from pipelines.stage import Rejections, Resources, Stage
+from pipelines.stage import Rejections, Resources, Stage, default_resources
 from schemas.columns import HEIGHT, IMAGE, ORIGINAL_HEIGHT, ORIGINAL_WIDTH, SHA256, SOURCE_SHA256, URL, WIDTH
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class Download(Stage):
                                                  SOURCE_SHA256)
     checkpoint_after: ClassVar[bool] = True
 
-    resources: Resources = field(default_factory=lambda: Resources(batch_size=4096))
+    resources: Resources = default_resources(batch_size=4096)
     threads: int = 32
     timeout: float = 10.0
     total_timeout: float = 30.0

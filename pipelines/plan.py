@@ -156,6 +156,7 @@ def _fingerprint(config: PipelineConfig, source: SourceSpec, stages: list[Planne
             f"{i:02d}": {
                 "stage": s.import_path, "name": s.name, "checkpoint": s.checkpoint,
                 "params": {k: v for k, v in dataclasses.asdict(s.stage).items() if k != "resources"},
+                **({"identity": s.stage.identity()} if s.stage.identity() else {}),
             }
             for i, s in enumerate(stages)
         },

@@ -137,6 +137,21 @@ def read_file(path: str, fmt: str, spec: SourceSpec, kept: dict[str, pa.DataType
         yield chunk.cast(_schema(spec, kept))
 
 
+def caption_texts(path: str, column: str = "auto") -> list[str]:
+    """Just the captions of a file (any pool format, or .txt with one caption a line), for mining."""
+    import polars as pl
+
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    fmt = detect_format([path])
+    frame = {"parquet": lambda: pl.read_parquet(path), "jsonl": lambda: pl.read_ndjson(path),
+             "csv": lambda: pl.read_csv(path, infer_schema=False),
+             "tsv": lambda: pl.read_csv(path, separator="\t", quote_char=None, infer_schema=False)}[fmt]()
+    name = _pick(frame.columns, column, CAPTION_CANDIDATES, "caption column", path)
+    return [text for text in frame[name].to_list() if isinstance(text, str)]
+
+
 def resolve_columns(names: list[str], spec: SourceSpec, path: str) -> tuple[str, str]:
     url_col = _pick(names, spec.url_column, URL_CANDIDATES, "columns.url", path)
     caption_col = _pick(names, spec.caption_column, CAPTION_CANDIDATES, "columns.caption", path)

@@ -56,6 +56,14 @@ class Resources:
             raise ValueError(f"resources.concurrency must be >= 1 or null, got {self.concurrency}")
 
 
+def default_resources(**overrides: Any) -> Any:
+    """A stage's own default resources: ``resources: Resources = default_resources(batch_size=...)``.
+
+    The field stays keyword-only, so a stage can still declare required parameters.
+    """
+    return field(default_factory=lambda: Resources(**overrides), kw_only=True)
+
+
 @dataclass(kw_only=True)
 class Stage:
     """Base class of every pipeline step (see the module docstring for the contract)."""
@@ -77,6 +85,11 @@ class Stage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         raise NotImplementedError(f"{type(self).__name__} does not implement __call__")
+
+    def identity(self) -> dict[str, Any]:
+        """What else determines this stage's output besides its parameters (the content of a file
+        it reads, say); part of the config hash, so a changed file is a changed config."""
+        return {}
 
     def is_transient(self, reason: str) -> bool:
         """Whether a row this stage rejected for ``reason`` may pass on another attempt.

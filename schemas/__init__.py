@@ -7,6 +7,7 @@ from schemas.columns import (
     COLUMNS,
     HEIGHT,
     IMAGE,
+    METACLIP_ENTRIES,
     ORIGINAL_HEIGHT,
     ORIGINAL_WIDTH,
     SHA256,
@@ -25,7 +26,7 @@ from schemas.manifest import Manifest, PhaseSummary, ShardEntry, StageCounts
 from schemas.rejects import REJECT_DETAIL, REJECT_REASON, REJECT_SCHEMA
 
 __all__ = [
-    "BASE_COLUMNS", "CAPTION", "COLUMN_TYPES", "COLUMNS", "HEIGHT", "IMAGE", "ORIGINAL_HEIGHT",
+    "BASE_COLUMNS", "CAPTION", "COLUMN_TYPES", "COLUMNS", "HEIGHT", "IMAGE", "METACLIP_ENTRIES", "ORIGINAL_HEIGHT",
     "ORIGINAL_WIDTH", "SHA256", "SOURCE_INDEX", "SOURCE_SHA256", "UID", "URL", "WIDTH", "Column", "column_type",
     "is_heavy", "register_column", "sample_schema", "Manifest", "PhaseSummary", "ShardEntry",
     "StageCounts", "REJECT_DETAIL", "REJECT_REASON", "REJECT_SCHEMA",

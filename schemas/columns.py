@@ -27,6 +27,9 @@ ORIGINAL_HEIGHT = "original_height"
 SHA256 = "sha256"
 SOURCE_SHA256 = "source_sha256"
 
+# Curation signals.
+METACLIP_ENTRIES = "metaclip_entries"
+
 
 @dataclass(frozen=True)
 class Column:
@@ -51,6 +54,7 @@ _COLUMNS = (
     Column(ORIGINAL_HEIGHT, pa.int32(), "height of the image as downloaded"),
     Column(SHA256, pa.string(), "hex sha256 of the stored image bytes"),
     Column(SOURCE_SHA256, pa.string(), "hex sha256 of the image bytes as downloaded (img2dataset's compute_hash)"),
+    Column(METACLIP_ENTRIES, pa.list_(pa.int32()), "ids (metadata positions) of the MetaCLIP entries matched"),
 )
 
 COLUMNS: dict[str, Column] = {c.name: c for c in _COLUMNS}

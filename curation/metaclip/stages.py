@@ -1,0 +1,167 @@
+"""MetaCLIP curation as two stages: match captions to entries, then balance by global counts.
+
+:class:`MetaclipMatch` writes ``metaclip_entries`` and rejects captions that match no entry
+(``no_metadata_match``). :class:`MetaclipBalance` is a global stage: each shard counts, per
+entry, the captions that match it; the counts are summed over the pool; then a caption matching
+entries ``M`` is kept with probability ``1 - prod(1 - t / max(count[e], t) for e in M)`` (reason
+``metaclip_sampled_out`` otherwise), so entries with more than ``t`` matches keep about ``t``
+and tail entries keep everything. The draw depends only on the seed and the row's uid, never
+on partitioning, workers or runner. ``t`` is fixed (MetaCLIP: 20,000 for 400M pairs, 170,000
+for 2.5B) or derived from a target tail share; the chosen ``t`` is recorded in the manifest.
+
+Both stages need only the caption (and uid): they run before download (to save fetching rows
+that will be dropped) or after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.metaclip.matching import EntryMatcher
+from curation.metaclip.metadata import file_digest, load_metadata
+from pipelines.stage import GlobalStage, Rejections, Resources, Stage, default_resources
+from schemas.columns import CAPTION, METACLIP_ENTRIES, UID
+
+NO_METADATA_MATCH = "no_metadata_match"
+SAMPLED_OUT = "metaclip_sampled_out"
+
+
+@dataclass
+class MetaclipMatch(Stage):
+    """Matches each caption against the entries of ``metadata`` (JSON list or one entry a line).
+
+    ``case_sensitive`` and ``extra_punctuation`` are the only departures from MetaCLIP's rules;
+    lists built by ``vlmcurate metadata build`` are mostly lower case, so pair them with
+    ``case_sensitive: false``.
+    """
+
+    name: ClassVar[str] = "metaclip_match"
+    input_columns: ClassVar[tuple[str, ...]] = (CAPTION,)
+    output_columns: ClassVar[tuple[str, ...]] = (METACLIP_ENTRIES,)
+
+    metadata: str
+    case_sensitive: bool = True
+    extra_punctuation: str = ""
+    resources: Resources = default_resources(batch_size=16384)
+
+    def __post_init__(self) -> None:
+        load_metadata(self.metadata)  # a bad file fails when the pipeline is built, not in a worker
+
+    def identity(self) -> dict[str, Any]:
+        return {"metadata_blake2b": file_digest(self.metadata)}
+
+    def setup(self) -> None:
+        self._matcher = EntryMatcher(load_metadata(os.path.abspath(self.metadata)), self.case_sensitive,
+                                     self.extra_punctuation)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        entries = self._matcher.match(batch[CAPTION])
+        rejections = Rejections(batch.num_rows)
+        rejections.add(pc.equal(pc.list_value_length(entries), 0), NO_METADATA_MATCH,
+                       "the caption matches no metadata entry")
+        return rejections.attach(pa.table({METACLIP_ENTRIES: entries}))
+
+
+@dataclass
+class MetaclipBalance(GlobalStage):
+    """Caps head entries at about ``threshold`` matches by sampling; keeps tail entries whole.
+
+    Set ``threshold`` (``t``), or ``tail_share``: the smallest ``t`` for which entries with fewer
+    than ``t`` matches hold at least that share of all matches (MetaCLIP reports about 6% at
+    t = 20,000 on 400M pairs).
+    """
+
+    name: ClassVar[str] = "metaclip_balance"
+    input_columns: ClassVar[tuple[str, ...]] = (UID, METACLIP_ENTRIES)
+
+    threshold: int | None = 20_000
+    tail_share: float | None = None
+    seed: int = 0
+    resources: Resources = default_resources(batch_size=65536)
+
+    def __post_init__(self) -> None:
+        if (self.threshold is None) == (self.tail_share is None):
+            raise ValueError("set exactly one of threshold and tail_share (the other to null)")
+        if self.threshold is not None and self.threshold < 1:
+            raise ValueError(f"threshold must be >= 1, got {self.threshold}")
+        if self.tail_share is not None and not 0 < self.tail_share < 1:
+            raise ValueError(f"tail_share must be between 0 and 1, got {self.tail_share}")
+
+    @property
+    def compute_columns(self) -> tuple[str, ...]:
+        return (METACLIP_ENTRIES,)
+
+    def compute(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        ids = pc.list_flatten(batch[METACLIP_ENTRIES]).to_numpy(zero_copy_only=False)
+        return np.unique(ids, return_counts=True)
+
+    def aggregate(self, partials: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+        size = max((int(ids.max()) + 1 for ids, _ in partials if len(ids)), default=0)
+        counts = np.zeros(size, np.int64)
+        for ids, n in partials:
+            np.add.at(counts, ids, n)
+        t = self.threshold if self.threshold is not None else threshold_for_tail_share(counts, self.tail_share)
+        return {"threshold": int(t), "counts": counts}
+
+    def decide(self, batch: pa.Table, state: dict[str, Any]) -> pa.Table:
+        counts, t = state["counts"], state["threshold"]
+        probability = keep_probability(batch[METACLIP_ENTRIES], counts, t)
+        draws = uniform_draws(self.seed, batch[UID])
+        rejections = Rejections(batch.num_rows)
+        rejections.add(pa.array(draws >= probability), SAMPLED_OUT,
+                       lambda fresh: pa.array([f"keep probability {p:.4g}" for p in probability[
+                           np.asarray(fresh.to_numpy(zero_copy_only=False), bool)]], pa.string()))
+        return rejections.attach(batch.select([]))
+
+    def describe(self, state: dict[str, Any]) -> dict[str, Any]:
+        counts, t = state["counts"], state["threshold"]
+        matched = counts[counts > 0]
+        total = int(matched.sum())
+        return {
+            "threshold": t, "entries_matched": int(len(matched)), "head_entries": int((matched > t).sum()),
+            "matches": total, "tail_share": float(matched[matched < t].sum() / total) if total else 0.0,
+        }
+
+
+def keep_probability(entries: pa.ChunkedArray | pa.ListArray, counts: np.ndarray, threshold: int) -> np.ndarray:
+    """``1 - prod(1 - t / max(count[e], t))`` over each row's entries (0 for a row with none)."""
+    entries = entries.combine_chunks() if isinstance(entries, pa.ChunkedArray) else entries
+    ids = pc.list_flatten(entries).to_numpy(zero_copy_only=False)
+    p = threshold / np.maximum(counts[ids], threshold) if len(ids) else np.empty(0)
+    with np.errstate(divide="ignore"):
+        log_miss = np.log1p(-p)  # log(1 - p): -inf for tail entries (p = 1), so keep = 1
+    lengths = pc.list_value_length(entries).to_numpy(zero_copy_only=False)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    total = np.bincount(rows, weights=log_miss, minlength=len(lengths)) if len(ids) else np.zeros(len(lengths))
+    return np.where(lengths > 0, 1.0 - np.exp(total), 0.0)
+
+
+def uniform_draws(seed: int, uids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A uniform number in [0, 1) per uid, from the seed and the uid alone (stable everywhere)."""
+    prefix = f"{seed}\x1f".encode()
+    blake2b = hashlib.blake2b
+    values = [int.from_bytes(blake2b(prefix + uid.encode(), digest_size=8).digest(), "little")
+              for uid in uids.to_pylist()]
+    return np.array(values, dtype=np.uint64).astype(np.float64) / 2.0**64
+
+
+def threshold_for_tail_share(counts: np.ndarray, share: float) -> int:
+    """The smallest t whose tail (entries with fewer than t matches) holds ``share`` of all matches.
+
+    The tail grows only at t = c + 1 for each count c, so the answer is the smallest such value
+    at which the matches of entries with count <= c reach the share.
+    """
+    matched = np.sort(counts[counts > 0])
+    if not len(matched):
+        return 1
+    values, first = np.unique(matched, return_index=True)
+    last = np.append(first[1:], len(matched)) - 1
+    upto = np.cumsum(matched)[last] / matched.sum()  # share of matches in entries with count <= value
+    return int(values[np.flatnonzero(upto >= share)[0]]) + 1
