@@ -155,13 +155,24 @@ def demo(
     port: Annotated[int, typer.Option(help="Loopback port of the demo's image server.")] = DEFAULT_PORT,
     rows: Annotated[int, typer.Option(help="Rows in the generated pool.")] = 4000,
 ) -> None:
-    """Run the main job on embedded defaults: serve generated images on 127.0.0.1, write a noisy
-    pool of their urls, curate it with configs/demo.yaml and export webdataset + parquet shards."""
+    """Run the main job on embedded defaults: build MetaCLIP metadata offline, serve generated
+    images on 127.0.0.1, write a noisy pool of their urls, curate it with configs/demo.yaml and
+    export webdataset + parquet shards."""
     from pipelines.demo.pool import write_demo_pool
     from pipelines.demo.server import DemoImageServer
 
     with _errors():
         output_dir.mkdir(parents=True, exist_ok=True)
+        metadata = output_dir / "demo-metadata.json"
+        if not metadata.exists():
+            import json
+
+            from curation.metaclip.build import build_metadata
+
+            entries, _ = build_metadata()
+            metadata.write_text(json.dumps(entries, ensure_ascii=False))
+            console.print(f"MetaCLIP metadata: {len(entries):,} entries (WordNet, wordfreq) written to "
+                          f"[bold]{metadata}[/]", soft_wrap=True)
         server = DemoImageServer(port)
         try:
             pool = output_dir / "demo-pool.csv"
@@ -169,7 +180,8 @@ def demo(
             console.print(f"demo pool: {lines:,} lines written to [bold]{pool}[/], images served at {server.base}",
                           soft_wrap=True)
             cfg = load_config(REPO_ROOT / "configs" / "demo.yaml",
-                              [f"input={pool}", f"output_dir={output_dir}", f"runner={runner}"])
+                              [f"input={pool}", f"output_dir={output_dir}", f"runner={runner}",
+                               f"stages.metaclip_match.metadata={metadata}"])
             _run(cfg)
         finally:
             server.close()

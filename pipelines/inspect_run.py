@@ -75,3 +75,11 @@ def _measure_name(dtype: pl.DataType) -> str:
     if dtype.is_numeric():
         return "value"
     return {pl.String: "characters", pl.Binary: "bytes"}.get(dtype, "items" if isinstance(dtype, pl.List) else "")
+
+
+def list_value_counts(run: str, phase: str, column: str) -> dict[int, int]:
+    """How many rows of a phase hold each value of a list column (e.g. MetaCLIP entry ids)."""
+    pattern = os.path.join(os.path.abspath(run), phase, "*.parquet")
+    counts = (pl.scan_parquet(pattern).select(pl.col(column).explode().drop_nulls())
+              .group_by(column).len().collect())
+    return dict(zip(counts[column].to_list(), counts["len"].to_list()))

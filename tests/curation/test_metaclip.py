@@ -292,3 +292,64 @@ def test_bad_metadata_fails_when_the_pipeline_is_built(skewed_pool, tmp_path):
         build_plan(parse_config(_balance_config(folder, bad, pool, "bad", 5000)))
     with pytest.raises(ValueError, match="set exactly one of threshold and tail_share"):
         build_plan(parse_config(_balance_config(folder, metadata, pool, "bad", 5000, threshold=None)))
+
+
+def test_entry_counts_before_and_after_balancing(skewed_pool, runner_factory):
+    from pipelines.inspect_run import list_value_counts
+    from pipelines.rundir import RunDir
+
+    folder, metadata, pool = skewed_pool
+    plan, manifest = run_pipeline_dict(_balance_config(folder, metadata, pool, "counts", 5000),
+                                       runner_factory("local"))
+    before = RunDir(plan.run_uri).load_aggregate("metaclip_balance")[1]["counts"]
+    after = list_value_counts(plan.run_uri, manifest.final_phase, "metaclip_entries")
+    names = list(SKEW) + ["never"]
+    for entry_id, name in enumerate(names):
+        n = SKEW.get(name, 0)
+        assert (before[entry_id] if entry_id < len(before) else 0) == n  # every match, counted once
+        kept = after.get(entry_id, 0)
+        if n <= 200:
+            assert kept == n  # the tail keeps everything
+        else:
+            assert kept < n  # head entries were sampled down
+
+
+def test_balancing_after_download(tmp_path):
+    """The stages need only captions and uids: the same config works after a download stage."""
+    from pipelines.runner import LocalRunner
+    from tests.http_server import ImageServer, make_image
+
+    server = ImageServer()
+    metadata = tmp_path / "metadata.json"
+    metadata.write_text(json.dumps(["red", "car", "tree"]))
+    rows = [(server.add(f"{i}.jpg", make_image(40, 30, seed=i)), f"a {['red car', 'tree', 'lake'][i % 3]} {i}")
+            for i in range(12)]
+    pool = tmp_path / "pool.csv"
+    pool.write_text("url,caption\n" + "".join(f"{u},{c}\n" for u, c in rows))
+    plan, manifest = run_pipeline_dict({
+        "name": "after", "input": str(pool), "output_dir": str(tmp_path / "runs"), "shard_size": 5,
+        "stages": [{"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"], "threads": 4},
+                   {"stage": "curation.metaclip:MetaclipMatch", "metadata": str(metadata)},
+                   {"stage": "curation.metaclip:MetaclipBalance", "threshold": 2}]}, LocalRunner())
+    server.close()
+    totals = manifest.stage_totals()
+    assert totals["download"].rows_kept == 12
+    assert totals["metaclip_match"].rejected == {"no_metadata_match": 4}  # the lakes
+    kept = read_phase(plan.run_uri, manifest.final_phase)
+    assert kept.num_rows == totals["metaclip_balance"].rows_kept and kept["image"].null_count == 0
+
+
+def test_metadata_build_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("a hot dog stand\n" * 6 + "a cat\n")
+    output = tmp_path / "metadata.txt"
+    result = CliRunner().invoke(app, ["metadata", "build", "--output", str(output), "--unigrams", "1000",
+                                      "--bigrams-from", str(corpus), "--min-pmi", "0.5"])
+    assert result.exit_code == 0, result.output
+    entries = load_metadata(str(output))
+    assert len(entries) > 140_000 and "dog stand" in entries
+    assert "wikipedia_titles" in result.output and "(no offline source)" in result.output

@@ -127,13 +127,21 @@ def test_configs_exist():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_config_loads_and_builds_a_plan(path, pool):
+def test_every_config_loads_and_builds_a_plan(path, pool, tmp_path):
     raw = yaml.safe_load(path.read_text())
     cfg = load_config(path)
     assert cfg.name == raw.get("name", path.stem)
+    overrides = []
     if not has_input(cfg.input):
         # The config's pool lives elsewhere (../shared, or written by the demo): use a small file.
-        cfg = load_config(path, [f"input={pool}"])
+        overrides.append(f"input={pool}")
+    for index, stage in enumerate(raw["stages"]):
+        if "metadata" in stage and not os.path.exists(stage["metadata"]):
+            # A MetaCLIP list the user builds first (vlmcurate metadata build): use a small one.
+            metadata = tmp_path / "metadata.json"
+            metadata.write_text('["dog", "hot dog", "car"]')
+            overrides.append(f"stages.{index}.metadata={metadata}")
+    cfg = load_config(path, overrides)
     plan = build_plan(cfg)
     assert [s.import_path for s in plan.stages] == [s["stage"] for s in raw["stages"]]
     assert plan.phase_names[0] == INPUT_PHASE
@@ -145,21 +153,30 @@ def test_every_config_loads_and_builds_a_plan(path, pool):
     assert re.fullmatch(r"[0-9a-f]{16}", plan.config_hash)
 
 
-def test_demo_config_plan(pool):
-    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"input={pool}", "runner=local"])
+@pytest.fixture
+def demo_overrides(pool, tmp_path):
+    metadata = tmp_path / "demo-metadata.json"  # written by `vlmcurate demo` itself
+    metadata.write_text('["circle", "square", "red circle"]')
+    return [f"input={pool}", f"stages.metaclip_match.metadata={metadata}"]
+
+
+def test_demo_config_plan(demo_overrides):
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", demo_overrides + ["runner=local"])
     plan = build_plan(cfg)
     assert cfg.name == "demo" and cfg.shard_size == 1000 and cfg.ray.num_cpus == 2
-    # Download ends its phase by itself; each global stage opens one.
-    assert plan.phase_names == ["00_input", "01_caption_length", "02_download", "03_image_size",
-                                "04_image_duplicates"]
-    assert plan.phases[1].global_stage is plan.stages[3]
-    assert plan.stages[4].stage.allow_addresses == ["127.0.0.1"]
+    # Each global stage opens a phase; Download ends its phase by itself.
+    assert plan.phase_names == ["00_input", "01_caption_length", "02_metaclip_match", "03_download",
+                                "04_image_size", "05_image_duplicates"]
+    assert plan.phases[1].global_stage is plan.stages[3]  # exact duplicates
+    assert plan.phases[2].global_stage is plan.stages[5]  # MetaCLIP balancing, before download
+    assert plan.stages[6].stage.allow_addresses == ["127.0.0.1"]
     assert cfg.export.formats == ["webdataset", "parquet"]
 
 
-def test_an_explicit_checkpoint_false_keeps_download_in_its_phase(pool):
-    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"input={pool}", "stages.download.checkpoint=false"])
-    assert build_plan(cfg).phase_names == ["00_input", "01_caption_length", "02_image_size", "03_image_duplicates"]
+def test_an_explicit_checkpoint_false_keeps_download_in_its_phase(demo_overrides):
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", demo_overrides + ["stages.download.checkpoint=false"])
+    assert build_plan(cfg).phase_names == ["00_input", "01_caption_length", "02_metaclip_match", "03_image_size",
+                                           "04_image_duplicates"]
 
 
 def test_webdataset_export_without_images_is_refused_at_build_time(pool):
