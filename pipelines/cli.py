@@ -14,12 +14,13 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipelines.cli_common import console
+from pipelines.cli_common import errors as _errors
 from pipelines.config import PipelineConfig, load_config, parse_config
 from pipelines.demo.server import DEFAULT_PORT
-from pipelines.execute import ConfigChangedError, run_pipeline
-from pipelines.ledger import LedgerError
+from pipelines.execute import run_pipeline
+from pipelines.model_commands import eval_app, train_app
 from pipelines.plan import build_plan
-from pipelines.rundir import RunDirInUse
 from pipelines.runner import make_runner
 from schemas.manifest import Manifest
 
@@ -27,7 +28,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Curate web image-text pools into training data for vision-language models.")
 metadata_app = typer.Typer(add_completion=False, no_args_is_help=True, help="MetaCLIP metadata lists.")
 app.add_typer(metadata_app, name="metadata")
-console = Console()
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -228,19 +230,6 @@ def ledger_table(manifest: Manifest) -> Table:
             reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(c.rejected.items(), key=lambda x: -x[1]))
             table.add_row(f"  {name}", f"{c.rows_in:,}", f"{c.rows_kept:,}", f"{c.rows_rejected:,}", reasons)
     return table
-
-
-class _errors:
-    """Turn the errors a user can fix into a one-paragraph message and a non-zero exit."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        if error is None or not isinstance(error, (ValueError, ConfigChangedError, LedgerError, RunDirInUse, OSError)):
-            return False
-        console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
-        raise typer.Exit(code=2 if isinstance(error, (ValueError, ConfigChangedError)) else 1)
 
 
 def _num(value: float | None) -> str:

@@ -5,9 +5,9 @@ The kept rows of the last phase, in shard order, are cut into export shards of
 in parallel by the runner:
 
 - ``webdataset/NNNNN.tar``: per sample ``<key>.jpg`` (or ``.png`` / ``.webp``, as encoded),
-  ``<key>.txt`` (the caption) and ``<key>.json`` (every other column but binary ones, the uid
-  included), members in sample order with fixed metadata so the same run gives byte-identical
-  tars; ``sizes.json`` maps each tar to its sample count, as open_clip's
+  ``<key>.txt`` (the caption) and ``<key>.json`` (every other column but binary and heavy ones
+  such as embeddings, the uid included), members in sample order with fixed metadata so the
+  same run gives byte-identical tars; ``sizes.json`` maps each tar to its sample count, as open_clip's
   ``--dataset-type webdataset`` expects. The key is the uid when it is safe for webdataset
   (letters, digits, ``_`` and ``-``, as vlmcurate's own uids are); a pool-supplied uid with dots
   or slashes, which webdataset would split, gets a stable hash of it instead.
@@ -32,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.rundir import RunDir
-from schemas.columns import CAPTION, IMAGE, UID
+from schemas.columns import CAPTION, IMAGE, UID, is_heavy
 from schemas.manifest import ShardEntry
 
 WEBDATASET = "webdataset"
@@ -118,7 +118,7 @@ def write_webdataset(rows: pa.Table, out) -> None:
     if IMAGE not in rows.column_names:
         raise ValueError("webdataset export needs the image column: add a download stage, or export parquet only")
     light = [c for c in rows.column_names
-             if c not in (IMAGE, CAPTION) and not pa.types.is_binary(rows.schema.field(c).type)
+             if c not in (IMAGE, CAPTION) and not is_heavy(c) and not pa.types.is_binary(rows.schema.field(c).type)
              and not pa.types.is_large_binary(rows.schema.field(c).type)]
     meta_rows = rows.select(light).to_pylist()
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:

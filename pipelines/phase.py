@@ -14,6 +14,7 @@ from typing import Any
 from pipelines.chain import PlannedStage, ShardState
 from pipelines.ledger import check_shard
 from pipelines.rundir import RunDir
+from schemas.columns import is_transient
 from schemas.manifest import ShardEntry
 
 
@@ -33,7 +34,8 @@ class ShardIO:
         entry = ShardEntry(phase=self.name, shard=state.shard, rows_in=state.rows_in,
                            rows_out=state.rows.num_rows, stages=state.counts)
         check_shard(entry)
-        self.rundir.write_shard(entry, state.rows, state.rejects_table())
+        rows = state.rows.drop_columns([c for c in state.rows.column_names if is_transient(c)])
+        self.rundir.write_shard(entry, rows, state.rejects_table())
         return entry
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from pipelines.chain import PlannedStage
 from pipelines.config import PipelineConfig, build_stage
 from pipelines.source import READ_STAGE, SourceSpec, check_keep_columns, probe_source, resolve_files
-from schemas.columns import BASE_COLUMNS, IMAGE, column_type
+from schemas.columns import BASE_COLUMNS, IMAGE, column_type, is_transient
 
 INPUT_PHASE = "00_input"
 
@@ -74,6 +74,7 @@ def build_plan(config: PipelineConfig) -> Plan:
         raise ValueError("export.formats includes webdataset, which needs image bytes, but no stage writes the "
                          "image column: add a download stage (pipelines.download:Download) or export parquet only")
     phases = _split_phases(stages)
+    _check_transient_columns(phases)
     return Plan(config, source, stages, phases, _fingerprint(config, source, stages))
 
 
@@ -128,6 +129,20 @@ def _check_columns(stages: list[PlannedStage], available: list[str]) -> list[str
             if name not in have:
                 have.append(name)
     return have
+
+
+def _check_transient_columns(phases: list[Phase]) -> None:
+    """A transient column is never written to the run: its reader must be in its writer's phase."""
+    for phase in phases:
+        written: set[str] = set()
+        for stage in phase.stages:
+            late = sorted(c for c in stage.stage.input_columns if is_transient(c) and c not in written)
+            if late:
+                raise ValueError(
+                    f"stage {stage.name!r} reads {late}, which live only inside a phase and are not written "
+                    f"earlier in its phase ({phase.name}); put it right after the stage that writes them, "
+                    f"with no checkpoint: and no global stage in between")
+            written |= {c for c in stage.stage.output_columns if is_transient(c)}
 
 
 def _split_phases(stages: list[PlannedStage]) -> list[Phase]:

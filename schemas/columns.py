@@ -29,6 +29,10 @@ SOURCE_SHA256 = "source_sha256"
 
 # Curation signals.
 METACLIP_ENTRIES = "metaclip_entries"
+CLIP_PIXELS = "clip_pixels"
+IMAGE_EMBEDDING = "image_embedding"
+TEXT_EMBEDDING = "text_embedding"
+CLIP_SCORE = "clip_score"
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class Column:
     description: str
     #: Heavy payloads (image bytes, embeddings) are not copied into reject files.
     heavy: bool = False
+    #: Lives only inside a phase (a decoded image handed from a CPU stage to a model stage): it
+    #: is never written to the run, so its reader must sit in the same phase as its writer.
+    transient: bool = False
 
 
 _COLUMNS = (
@@ -55,6 +62,11 @@ _COLUMNS = (
     Column(SHA256, pa.string(), "hex sha256 of the stored image bytes"),
     Column(SOURCE_SHA256, pa.string(), "hex sha256 of the image bytes as downloaded (img2dataset's compute_hash)"),
     Column(METACLIP_ENTRIES, pa.list_(pa.int32()), "ids (metadata positions) of the MetaCLIP entries matched"),
+    Column(CLIP_PIXELS, pa.binary(), "the image decoded, resized and cropped for a CLIP: uint8 HWC RGB",
+           heavy=True, transient=True),
+    Column(IMAGE_EMBEDDING, pa.list_(pa.float16()), "L2-normalised CLIP image embedding", heavy=True),
+    Column(TEXT_EMBEDDING, pa.list_(pa.float16()), "L2-normalised CLIP embedding of the caption", heavy=True),
+    Column(CLIP_SCORE, pa.float32(), "cosine of the image and caption embeddings (raw, in [-1, 1]; not x100)"),
 )
 
 COLUMNS: dict[str, Column] = {c.name: c for c in _COLUMNS}
@@ -99,6 +111,11 @@ def column_type(name: str) -> pa.DataType:
 def is_heavy(name: str) -> bool:
     column = COLUMNS.get(name)
     return column is not None and column.heavy
+
+
+def is_transient(name: str) -> bool:
+    column = COLUMNS.get(name)
+    return column is not None and column.transient
 
 
 def sample_schema(names: tuple[str, ...] | list[str] = BASE_COLUMNS) -> pa.Schema:

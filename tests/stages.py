@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.stage import Rejections, Stage
-from schemas.columns import CAPTION, SOURCE_INDEX, register_column
+from schemas.columns import CAPTION, IMAGE, SOURCE_INDEX, register_column
 
 SETUP_CALLS = register_column("test_setup_calls", pa.int32(), "tests: times setup ran in this worker").name
 CAPTION_WORDS = register_column("test_caption_words", pa.int32(), "tests: words in the caption").name
@@ -104,3 +104,33 @@ class MinWords(Stage):
         rejections = Rejections(batch.num_rows)
         rejections.add(pc.less(batch[CAPTION_WORDS], self.minimum), "few_words", f"< {self.minimum}")
         return rejections.attach(batch.select([]))
+
+
+@dataclass
+class PaintImages(Stage):
+    """Writes ``image``: a deterministic PNG per row (noise seeded by its index); captions
+    containing ``corrupt`` get truncated bytes, ``empty`` get none: download-free image rows."""
+
+    name: ClassVar[str] = "paint_images"
+    input_columns: ClassVar[tuple[str, ...]] = (SOURCE_INDEX, CAPTION)
+    output_columns: ClassVar[tuple[str, ...]] = (IMAGE,)
+    size: int = 48
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        images = []
+        for index, caption in zip(batch[SOURCE_INDEX].to_pylist(), batch[CAPTION].to_pylist()):
+            pixels = np.random.default_rng(index).integers(0, 256, (self.size, self.size + index % 7, 3), np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            body = buffer.getvalue()
+            if "corrupt" in caption:
+                body = body[: len(body) // 2]
+            elif "empty" in caption:
+                body = b""
+            images.append(body)
+        return pa.table({IMAGE: pa.array(images, pa.binary())})

@@ -8,7 +8,6 @@ Every problem raises :class:`MetadataError` naming the file, the position and th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -58,12 +57,3 @@ def check_entries(entries: list, path: str = "metadata", where: str = "item") ->
             first = f"{where} {seen[entry] + 1 if where == 'line' else seen[entry]}"
             raise MetadataError(f"{path}: {position} {entry!r} repeats {first}; keep one")
         seen[entry] = index
-
-
-def file_digest(path: str) -> str:
-    """blake2b of the file's bytes (part of a matching stage's identity in the config hash)."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

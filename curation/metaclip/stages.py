@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.metaclip.matching import EntryMatcher
-from curation.metaclip.metadata import file_digest, load_metadata
-from pipelines.stage import GlobalStage, Rejections, Resources, Stage, default_resources
+from curation.metaclip.metadata import load_metadata
+from pipelines.stage import GlobalStage, Rejections, Resources, Stage, default_resources, file_digest
 from schemas.columns import CAPTION, METACLIP_ENTRIES, UID
 
 NO_METADATA_MATCH = "no_metadata_match"

@@ -1,0 +1,280 @@
+"""CLIP scores as stages: decode on CPUs, embed on the accelerator, filter by score.
+
+- :class:`ClipPreprocess` (CPU tasks) decodes each image and resizes and crops it exactly as
+  the model's open_clip transform does, handing the model stage ``clip_pixels`` (uint8 RGB, a
+  column that lives only inside the phase), so decoding scales with CPU workers and never
+  starves the model.
+- :class:`ClipEmbed` (actors, a GPU each where the cluster has one) normalises the pixels,
+  encodes images and captions in one pass per batch and writes L2-normalised
+  ``image_embedding`` and ``text_embedding`` (float16, for dedup) and ``clip_score``: the raw
+  cosine of the two float32 embeddings, in [-1, 1], as DataComp reports it (OpenAI's
+  CLIPScore is ``100 * max(cos, 0)``; multiply by 100 to compare with it). Captions longer than
+  the model's context are truncated by its tokenizer.
+- :class:`ClipScoreThreshold` keeps rows with ``clip_score >= min_score``;
+  :class:`ClipScoreTopFraction` keeps the top ``fraction`` of the whole pool by score (DataComp's
+  "CLIP score top 30%"), exactly: a global two-pass step whose cutoff (score, uid) is recorded.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+
+from pipelines.decode import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageRejected, check_header
+from pipelines.stage import GlobalStage, Rejections, Resources, Stage, default_resources, file_digest
+from schemas.columns import CAPTION, CLIP_PIXELS, CLIP_SCORE, IMAGE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
+
+BELOW_THRESHOLD = "clip_score_below_threshold"
+BELOW_TOP_FRACTION = "clip_score_below_top_fraction"
+
+
+@dataclass(kw_only=True)
+class ClipModelRef:
+    """Which CLIP: an architecture name (``pretrained`` tag or file) and/or a training checkpoint."""
+
+    model: str | None = None
+    pretrained: str | None = None
+    checkpoint: str | None = None
+
+    def _check_model(self) -> None:
+        if not self.model and not self.checkpoint:
+            raise ValueError("set `model` (a CLIP architecture) or `checkpoint` (a vlmcurate train clip output)")
+
+    def _model_identity(self) -> dict[str, Any]:
+        from models.clip import checkpoint_file
+
+        if self.checkpoint is None:
+            return {}
+        return {"checkpoint_blake2b": file_digest(str(checkpoint_file(self.checkpoint)))}
+
+
+@dataclass
+class ClipPreprocess(ClipModelRef, Stage):
+    """Decodes ``image`` into the model's input geometry (``clip_pixels``); bad bytes are rejects.
+
+    Reads the model's preprocessing from its configs (``models.clip.preprocess_spec``) when the
+    pipeline is built; the pixels match what the model's own open_clip transform produces
+    before ``ToTensor`` and ``Normalize``.
+    """
+
+    name: ClassVar[str] = "clip_preprocess"
+    input_columns: ClassVar[tuple[str, ...]] = (IMAGE,)
+    output_columns: ClassVar[tuple[str, ...]] = (CLIP_PIXELS,)
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    resources: Resources = default_resources(batch_size=256)
+
+    def __post_init__(self) -> None:
+        from models.clip import preprocess_spec
+
+        self._check_model()
+        self._spec = preprocess_spec(self.model, pretrained=self.pretrained, checkpoint=self.checkpoint)
+
+    def identity(self) -> dict[str, Any]:
+        return {"preprocess": self._spec.as_dict(), **self._model_identity()}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        transform = geometry_transform(self._spec)
+        rejections = Rejections(batch.num_rows)
+        pixels: list[bytes | None] = []
+        for i, body in enumerate(batch[IMAGE].to_pylist()):
+            try:
+                if body is None:
+                    raise ImageRejected("not_an_image", "no image bytes")
+                check_header(body, self.max_pixels, DEFAULT_MAX_DECODE_BYTES)
+                with Image.open(io.BytesIO(body)) as image:
+                    pixels.append(np.asarray(transform(image), dtype=np.uint8).tobytes())
+            except ImageRejected as e:
+                rejections.add(_one(batch.num_rows, i), e.reason, e.detail)
+                pixels.append(None)
+            except (OSError, SyntaxError, ValueError) as e:
+                rejections.add(_one(batch.num_rows, i), "decode_error", f"{type(e).__name__}: {e}")
+                pixels.append(None)
+        return rejections.attach(pa.table({CLIP_PIXELS: pa.array(pixels, pa.binary())}))
+
+
+def geometry_transform(spec: Any) -> Any:
+    """open_clip's eval transform for ``spec`` up to the tensor conversion (PIL in, PIL out)."""
+    from open_clip.transform import image_transform
+    from torchvision import transforms as T
+
+    full = image_transform(spec.image_size, is_train=False, mean=spec.mean, std=spec.std,
+                           resize_mode=spec.resize_mode, interpolation=spec.interpolation)
+    steps = [t for t in full.transforms if not isinstance(t, (T.ToTensor, T.Normalize))
+             and type(t).__name__ != "MaybeToTensor"]
+    return T.Compose(steps)
+
+
+def _one(num_rows: int, index: int) -> np.ndarray:
+    mask = np.zeros(num_rows, dtype=bool)
+    mask[index] = True
+    return mask
+
+
+@dataclass
+class ClipEmbed(ClipModelRef, Stage):
+    """Embeds images (from ``clip_pixels``) and captions; writes both embeddings and ``clip_score``.
+
+    ``device: auto`` takes the GPU when the worker has one (``resources.gpus``, 1 by default; on
+    a cluster without GPUs the runner falls back to CPU workers); ``precision: auto`` runs fp16
+    autocast on a GPU and fp32 on a CPU.
+    """
+
+    name: ClassVar[str] = "clip_embed"
+    input_columns: ClassVar[tuple[str, ...]] = (CLIP_PIXELS, CAPTION)
+    output_columns: ClassVar[tuple[str, ...]] = (IMAGE_EMBEDDING, TEXT_EMBEDDING, CLIP_SCORE)
+
+    device: str = "auto"
+    precision: str = "auto"
+    resources: Resources = default_resources(batch_size=256, gpus=1.0)
+
+    def __post_init__(self) -> None:
+        self._check_model()
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
+
+    def identity(self) -> dict[str, Any]:
+        return self._model_identity()
+
+    def setup(self) -> None:
+        import torch
+
+        from models.clip import load_clip
+
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(self.resources.cpus)))
+        self._torch = torch
+        self._device = torch.device(device)
+        self._bundle = load_clip(self.model, pretrained=self.pretrained, checkpoint=self.checkpoint, device=device)
+        spec = self._bundle.spec
+        self._mean = torch.tensor(spec.mean, device=self._device).view(1, 3, 1, 1)
+        self._std = torch.tensor(spec.std, device=self._device).view(1, 3, 1, 1)
+        self._size = spec.image_size
+        precision = self.precision if self.precision != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
+        self._autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        torch = self._torch
+        images = self._image_tensor(batch[CLIP_PIXELS])
+        tokens = self._bundle.tokenizer(batch[CAPTION].to_pylist()).to(self._device)
+        with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._autocast_dtype,
+                                                    enabled=self._autocast_dtype is not None):
+            image_emb = self._bundle.model.encode_image(images)
+            text_emb = self._bundle.model.encode_text(tokens)
+        image_emb = torch.nn.functional.normalize(image_emb.float(), dim=-1)
+        text_emb = torch.nn.functional.normalize(text_emb.float(), dim=-1)
+        scores = (image_emb * text_emb).sum(-1)
+        return pa.table({
+            IMAGE_EMBEDDING: _float16_lists(image_emb.cpu().numpy()),
+            TEXT_EMBEDDING: _float16_lists(text_emb.cpu().numpy()),
+            CLIP_SCORE: pa.array(scores.cpu().numpy().astype(np.float32)),
+        })
+
+    def _image_tensor(self, column: pa.ChunkedArray) -> Any:
+        torch = self._torch
+        expected = self._size * self._size * 3
+        buffers = column.to_pylist()
+        wrong = [len(b) for b in buffers if len(b) != expected]
+        if wrong:
+            raise ValueError(f"clip_pixels hold {wrong[0]} bytes, not {expected} ({self._size}x{self._size} RGB): "
+                             f"the ClipPreprocess stage was configured for another model than ClipEmbed")
+        array = np.empty((len(buffers), self._size, self._size, 3), dtype=np.uint8)
+        for i, body in enumerate(buffers):
+            array[i] = np.frombuffer(body, dtype=np.uint8).reshape(self._size, self._size, 3)
+        images = torch.from_numpy(array).to(self._device).permute(0, 3, 1, 2).float().div_(255)
+        return (images - self._mean) / self._std
+
+
+def _float16_lists(matrix: np.ndarray) -> pa.Array:
+    rows, dim = matrix.shape
+    offsets = pa.array(np.arange(0, (rows + 1) * dim, dim, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(matrix.astype(np.float16).ravel()))
+
+
+@dataclass
+class ClipScoreThreshold(Stage):
+    """Rejects rows whose ``clip_score`` is below ``min_score`` (DataComp's B/32 cut is 0.28; L/14: 0.3)."""
+
+    name: ClassVar[str] = "clip_score_threshold"
+    input_columns: ClassVar[tuple[str, ...]] = (CLIP_SCORE,)
+
+    min_score: float
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.min_score <= 1.0:
+            raise ValueError(f"min_score is a raw cosine in [-1, 1], got {self.min_score} (a CLIPScore x100?)")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scores = batch[CLIP_SCORE]
+        rejections = Rejections(batch.num_rows)
+        below = pc.fill_null(pc.less(scores, self.min_score), True)
+        rejections.add(below, BELOW_THRESHOLD,
+                       lambda rows: [f"clip_score {s:.4f} < {self.min_score}" if s is not None else "no clip_score"
+                                     for s in scores.filter(rows).to_pylist()])
+        return rejections.attach(batch.select([]))
+
+
+@dataclass
+class ClipScoreTopFraction(GlobalStage):
+    """Keeps exactly the top ``fraction`` of scored rows of the whole pool (ties broken by uid).
+
+    Pass one collects every shard's scores (12 bytes a row plus the uid, on the driver); the
+    cutoff ``(score, uid)`` of the ``round(fraction * rows)``-th row in (score desc, uid asc)
+    order is recorded in the manifest. Pass two keeps the rows at or above it, on every
+    worker, so the result is identical under any runner or sharding.
+    """
+
+    name: ClassVar[str] = "clip_score_top_fraction"
+    input_columns: ClassVar[tuple[str, ...]] = (UID, CLIP_SCORE)
+
+    fraction: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+
+    @property
+    def compute_columns(self) -> tuple[str, ...]:
+        return (UID, CLIP_SCORE)
+
+    def compute(self, batch: pa.Table) -> Any:
+        valid = batch.filter(pc.is_valid(batch[CLIP_SCORE]))
+        return (valid[CLIP_SCORE].to_numpy().astype(np.float32), np.asarray(valid[UID].to_pylist(), dtype=object))
+
+    def aggregate(self, partials: list[Any]) -> Any:
+        scores = np.concatenate([p[0] for p in partials]) if partials else np.zeros(0, np.float32)
+        uids = np.concatenate([p[1] for p in partials]) if partials else np.zeros(0, object)
+        keep = int(round(self.fraction * len(scores)))
+        state = {"fraction": self.fraction, "rows_scored": int(len(scores)), "rows_kept": keep,
+                 "cutoff_score": None, "cutoff_uid": None}
+        if keep:
+            order = np.lexsort((uids, -scores))
+            last = order[keep - 1]
+            state.update(cutoff_score=float(scores[last]), cutoff_uid=str(uids[last]))
+        return state
+
+    def decide(self, batch: pa.Table, state: Any) -> pa.Table:
+        scores = batch[CLIP_SCORE]
+        rejections = Rejections(batch.num_rows)
+        if state["cutoff_score"] is None:
+            below = pa.array(np.ones(batch.num_rows, dtype=bool))
+        else:
+            cutoff = pa.scalar(state["cutoff_score"], pa.float32())
+            above = pc.or_(pc.greater(scores, cutoff),
+                           pc.and_(pc.equal(scores, cutoff), pc.less_equal(batch[UID], state["cutoff_uid"])))
+            below = pc.invert(pc.fill_null(above, False))
+        rejections.add(below, BELOW_TOP_FRACTION,
+                       f"below the top {self.fraction:.2%} cutoff, clip_score {state['cutoff_score']}")
+        return rejections.attach(batch.select([]))
+
+    def describe(self, state: Any) -> dict[str, Any]:
+        return dict(state)

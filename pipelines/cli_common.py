@@ -1,0 +1,25 @@
+"""What every ``vlmcurate`` command shares: the console and the guard that turns errors into messages."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from pipelines.execute import ConfigChangedError
+from pipelines.ledger import LedgerError
+from pipelines.rundir import RunDirInUse
+
+console = Console()
+
+
+class errors:
+    """Turn the errors a user can fix into a one-paragraph message and a non-zero exit."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or not isinstance(error, (ValueError, ConfigChangedError, LedgerError, RunDirInUse, OSError)):
+            return False
+        console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
+        raise typer.Exit(code=2 if isinstance(error, (ValueError, ConfigChangedError)) else 1)
