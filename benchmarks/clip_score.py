@@ -5,7 +5,8 @@ batch size, same number of CPU cores, one run:
 
 - baseline: one process, ``torch.set_num_threads(cores)``; per batch, PIL-decode each image,
   ``bundle.preprocess`` it, stack, ``model.encode_image``, tokenize the captions,
-  ``model.encode_text``, L2-normalise both, cosine. Model loading is not timed.
+  ``model.encode_text``, L2-normalise both, cosine. Model loading is not timed (imports even
+  less: they happen before).
 - ours: a pipeline ``pipelines.download:Download`` -> ``curation.clip_score:ClipPreprocess`` ->
   ``curation.clip_score:ClipEmbed`` on a local Ray started with ``num_cpus=cores``. The images
   are served on 127.0.0.1 by a separate process. The download phase (which ends its phase, as
@@ -13,27 +14,39 @@ batch size, same number of CPU cores, one run:
   the download. Then the full plan is run again: it resumes the same run directory, skips the
   input and the download phase, and runs the preprocess+embed phase over every shard. That
   second ``run_pipeline`` call is what is timed: Ray is already up, but the phase's own costs
-  are in: reading the downloaded parquet shards, starting the embed actor and loading the model
-  in it, Ray Data's scheduling and object transfers, writing the scored shards, rejects and
-  ledger, and the driver's manifest and ledger checks.
+  are in: reading the downloaded parquet shards, starting the embed actor (a fresh process
+  importing torch and open_clip) and loading the model in it, Ray Data's scheduling and object
+  transfers, writing the scored shards, rejects and ledger, and the driver's manifest and
+  ledger checks.
 
 The baseline reads exactly the bytes the download phase stored (img2dataset's resizer
-re-encodes them: JPEG quality 95, no resize as Flickr8k images are at most 500 px), in the same
-order, and both sides' scores must agree.
+re-encodes them as JPEG quality 95; Flickr8k's images here are at most 384 px, so none is
+resized), in the same order, and both sides' scores must agree (1e-4 on CPU). It runs after
+Ray has shut down and its processes have exited. Each round repeats everything (fresh Ray,
+download, ours, baseline); the result line gives the medians of the rounds, since a shared
+machine's load varies (the 1-min load average is printed around each timed part).
 
     .venv/bin/python benchmarks/clip_score.py [--model lit-effnet-minilm|tiny-vit|ViT-B-32]
         [--images 800] [--batch-size 64] [--cpus N] [--shard-size 200] [--embed-cpus C]
-        [--device cpu|cuda]
+        [--rounds 3] [--profile FILE] [--baseline-channels-last] [--device cpu|cuda]
+
+The stage hands the model channels-last tensors (its NHWC uint8 pixels are permuted, not
+copied), which oneDNN convolutions run faster on a CPU than the contiguous NCHW batches of
+``torch.stack``; ``--baseline-channels-last`` gives the baseline the same layout.
 
 ``--embed-cpus`` overrides ``resources.cpus`` of the embed stage in the pipeline config (the
-stage sets ``torch.set_num_threads`` to it; the runner may scale the Ray request down to fit).
-``--device cuda`` runs both sides on the GPU (the stage with fp16 autocast, ``precision: auto``;
-the baseline the same) on a Ray with one GPU.
+stage sets ``torch.set_num_threads`` to it on a CPU; the runner may scale the Ray request down
+to fit). ``--profile FILE`` samples CPU seconds per process (driver, Ray daemons, workers)
+during each timed run, dumps Ray's timeline to FILE and prints busy seconds per kind of work.
+``--device cuda`` runs both sides on the GPU (the stage with fp16 autocast, ``precision:
+auto``; the baseline the same) on a Ray with one GPU; ViT-B-32 has random weights (no
+network), lit-effnet-minilm its packaged towers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -109,7 +122,7 @@ def pipeline_config(pool: str, out: str, args: argparse.Namespace) -> dict:
 
 def run_ours(pool: str, out: str, args: argparse.Namespace) -> dict:
     """Download (untimed), then the timed resume that runs preprocess+embed; the scored rows."""
-    from pipelines.config import RayConfig, parse_config
+    from pipelines.config import parse_config
     from pipelines.execute import run_pipeline
     from pipelines.plan import build_plan
     from pipelines.runner import RayRunner
@@ -117,7 +130,7 @@ def run_ours(pool: str, out: str, args: argparse.Namespace) -> dict:
     config = parse_config(pipeline_config(pool, out, args))
     plan = build_plan(config)
     assert [p.stages[0].name for p in plan.phases] == ["download", "clip_preprocess"], plan.phases
-    runner = RayRunner(RayConfig(**config.ray.model_dump()))
+    runner = RayRunner(config.ray)
     try:
         start = time.perf_counter()
         run_pipeline(dataclasses.replace(plan, phases=plan.phases[:1]), runner)  # starts Ray, downloads
@@ -133,17 +146,20 @@ def run_ours(pool: str, out: str, args: argparse.Namespace) -> dict:
                 finished.append(time.perf_counter())
 
         load_before = os.getloadavg()[0]
-        wall_start, start = time.time(), time.perf_counter()
-        manifest = run_pipeline(plan, runner, progress)
-        seconds = time.perf_counter() - start
+        sampler = CpuSampler() if args.profile else contextlib.nullcontext()
+        with sampler:
+            wall_start, start = time.time(), time.perf_counter()
+            manifest = run_pipeline(plan, runner, progress)
+            seconds = time.perf_counter() - start
         print(f"ours: 1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
               f"(the machine has {os.cpu_count()} cores; others' processes show here)")
-        if args.timeline:
-            summarise_timeline(args.timeline, wall_start, seconds)
+        if args.profile:
+            sampler.report(seconds)
+            summarise_timeline(args.profile, wall_start, seconds)
     finally:
         runner.close()
     scored = read_phase(plan.run_uri, manifest.final_phase)
-    return {"seconds": seconds, "downloaded": downloaded, "scored": scored, "start": start,
+    return {"seconds": seconds, "downloaded": downloaded, "scored": scored,
             "shards_done_at": [t - start for t in finished]}
 
 
@@ -164,6 +180,75 @@ def summarise_timeline(path: str, wall_start: float, seconds: float) -> None:
         if busy >= 0.05:
             print(f"  {name[:90]:90s} {busy:7.1f} s {len(items):4d}x  {min(a for a, _ in items):6.1f} .. "
                   f"{max(b for _, b in items):6.1f}")
+
+
+class CpuSampler:
+    """CPU seconds per process of this tree (driver, Ray's daemons and workers), sampled from /proc.
+
+    Processes that exit between samples lose at most one interval; a sample every 0.25 s.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.first: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def _sample(self) -> None:
+        for pid in descendants() | {os.getpid()}:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            seconds = (int(stat[11]) + int(stat[12])) / self._tick
+            self.first.setdefault(pid, seconds)
+            self.last[pid] = (name.strip() or self.last.get(pid, ("",))[0], seconds)  # a zombie has no cmdline
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            self._sample()
+
+    def __enter__(self) -> CpuSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def report(self, seconds: float) -> None:
+        groups: dict[str, list[float]] = {}
+        for pid, (name, end) in self.last.items():
+            label = "this driver (Ray Data executor, run_pipeline)" if pid == os.getpid() else _process_label(name)
+            group = groups.setdefault(label, [0.0, 0])
+            group[0] += end - self.first[pid]
+            group[1] += end > self.first[pid]
+        total = sum(cpu for cpu, _ in groups.values())
+        print(f"CPU seconds during the timed run ({seconds:.1f} s wall, {total:.1f} CPU s in all):")
+        for label, (cpu, count) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+            if cpu >= 0.05:
+                print(f"  {cpu:6.1f} s  {label} ({count} process{'es' if count != 1 else ''})")
+
+
+def _process_label(cmdline: str) -> str:
+    if cmdline.startswith(("ray::IDLE", "ray::MapBatches")):
+        return "Ray task workers (load+preprocess, finish)"
+    if cmdline.startswith("ray::MapWorker"):
+        return "Ray actor of the embed stage"
+    if cmdline.startswith("ray::"):
+        return cmdline.split()[0]
+    for daemon in ("gcs_server", "raylet", "dashboard", "log_monitor", "runtime_env", "monitor.py", "http_server"):
+        if daemon in cmdline:
+            return f"Ray daemon: {daemon}"
+    if "default_worker.py" in cmdline:
+        return "Ray worker (starting)"
+    return cmdline[:60] or "?"
 
 
 def descendants() -> set[int]:
@@ -222,6 +307,8 @@ def run_baseline(bodies: list[bytes], captions: list[str], args: argparse.Namesp
         for offset in range(0, len(bodies), args.batch_size):
             images = [Image.open(io.BytesIO(b)) for b in bodies[offset:offset + args.batch_size]]
             pixels = torch.stack([bundle.preprocess(image) for image in images]).to(device)
+            if args.baseline_channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
             tokens = bundle.tokenizer(captions[offset:offset + args.batch_size]).to(device)
             with torch.autocast(**autocast):
                 image_emb = model.encode_image(pixels)
@@ -246,10 +333,14 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=200, help="pipeline shard size (rows)")
     parser.add_argument("--embed-cpus", type=float, default=None,
                         help="override resources.cpus of the ClipEmbed stage (default: the stage's own, 1)")
-    parser.add_argument("--timeline", default=None,
-                        help="write Ray's timeline of the timed run to this file and summarise it")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="sample CPU seconds per process during the timed run, write Ray's timeline of "
+                             "it to FILE and summarise both (the sampler costs a little CPU itself)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="repeat both sides (fresh Ray, download, ours, baseline); medians are reported")
+    parser.add_argument("--baseline-channels-last", action="store_true",
+                        help="convert the baseline's batches to channels-last memory, as the stage's pixels "
+                             "already are (its NHWC uint8 pixels are permuted, not copied)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     if not (SHARED / "flickr8k" / "images").exists():
@@ -307,12 +398,13 @@ def check_and_run_baseline(ours: dict, n: int, args: argparse.Namespace) -> dict
     print(f"scores: max |ours - baseline| = {gap:.2e} over {n} images (mean score {ours_scores.mean():.4f})")
     if gap > tolerance:
         sys.exit(f"FAILED: scores differ by {gap} (> {tolerance})")
-    print(f"baseline (bare open_clip loop, {args.cpus} torch threads): {n} images in {base['seconds']:.1f} s = "
+    layout = ", channels-last batches" if args.baseline_channels_last else ""
+    print(f"baseline (bare open_clip loop, {args.cpus} torch threads{layout}): {n} images in {base['seconds']:.1f} s = "
           f"{n / base['seconds']:.2f} images/s ({1000 * base['seconds'] / n:.1f} ms/image; process CPU "
           f"{base['cpu_s']:.1f} s; model load {base['load_s']:.1f} s, not timed)")
     done = ours["shards_done_at"]
     print(f"ours (Ray runner, {args.cpus} CPUs, whole preprocess+embed phase): {n} images in {ours['seconds']:.1f} s = "
-          f"{n / ours['seconds']:.2f} images/s ({1000 * ours['seconds'] / n:.1f} ms/image); shards written at "
+          f"{n / ours['seconds']:.2f} images/s ({1000 * ours['seconds'] / n:.1f} ms/image); driver saw shards at "
           f"{', '.join(f'{t:.1f}' for t in done)} s")
     return base
 
