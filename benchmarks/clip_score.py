@@ -56,7 +56,6 @@ import os
 import sys
 import tempfile
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +63,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.loopback import serve  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -80,26 +81,6 @@ def load_pairs(count: int) -> list[tuple[bytes, str]]:
     if len(pairs) < count:
         print(f"note: {len(pairs)} captioned images available; repeating them to {count} rows")
     return [pairs[i % len(pairs)] for i in range(count)]
-
-
-def serve(images: list[bytes], port_queue) -> None:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            body = images[int(self.path.strip("/").split(".")[0])]
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    server.request_queue_size = 1024
-    port_queue.put(server.server_address[1])
-    server.serve_forever()
 
 
 def pipeline_config(pool: str, out: str, args: argparse.Namespace) -> dict:

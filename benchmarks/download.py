@@ -19,13 +19,14 @@ import sys
 import tarfile
 import tempfile
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.loopback import serve  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESIZE = dict(image_size=256, resize_mode="keep_ratio", resize_only_if_bigger=True, encode_format="jpg",
@@ -39,27 +40,6 @@ def load_images() -> list[bytes]:
             if member.isfile() and member.name.lower().endswith((".png", ".jpg", ".jpeg")):
                 images.append(tar.extractfile(member).read())
     return images
-
-
-def serve(images: list[bytes], port_queue) -> None:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            index = int(self.path.split("?")[0].strip("/").split(".")[0]) % len(images)
-            body = images[index]
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    server.request_queue_size = 1024
-    port_queue.put(server.server_address[1])
-    server.serve_forever()
 
 
 def run_img2dataset(pool: str, out: str, processes: int, threads: int) -> tuple[float, int]:

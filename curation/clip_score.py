@@ -77,7 +77,7 @@ class ClipPreprocess(ClipModelRef, Stage):
         self._spec = preprocess_spec(self.model, pretrained=self.pretrained, checkpoint=self.checkpoint)
 
     def identity(self) -> dict[str, Any]:
-        return {"preprocess": self._spec.as_dict(), **self._model_identity()}
+        return {"preprocess": self._spec.as_dict()}  # all that the pixels depend on
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         transform = geometry_transform(self._spec)

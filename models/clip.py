@@ -170,12 +170,14 @@ def load_clip(name: str | None = None, *, pretrained: str | None = None, checkpo
 
 def checkpoint_file(path: str | Path) -> Path:
     """The checkpoint file behind ``path``: the file itself, or a training folder's latest."""
+    from models.training.checkpoint import latest_checkpoint
+
     path = Path(path)
     if path.is_dir():
-        candidates = sorted(path.glob("checkpoints/step-*.pt")) or sorted(path.glob("step-*.pt"))
-        if not candidates:
+        found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+        if found is None:
             raise FileNotFoundError(f"no checkpoint (step-*.pt) under {path}")
-        path = candidates[-1]
+        path = found
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return path

@@ -172,19 +172,20 @@ class ClipTask:
                 if len(_take(samples, size, lambda group: [s for s in group if _loads(s)])) < size:
                     return
             while True:
-                kept = _take(samples, size, lambda group: [(image, s.caption) for image, s in
-                                                           zip(pool.map(self._decode, group), group)
-                                                           if image is not None])
+                kept = _take(samples, size, lambda group: [
+                    (image, s.caption) for image, s in
+                    zip(pool.map(lambda s: self._decode(s, self.bundle.train_preprocess), group), group)
+                    if image is not None])
                 if len(kept) < size:
                     return
                 images = torch.stack([image for image, _ in kept]).to(self.device)
                 tokens = self.bundle.tokenizer([caption for _, caption in kept]).to(self.device)
                 yield images, tokens
 
-    def _decode(self, sample: Sample) -> torch.Tensor | None:
+    def _decode(self, sample: Sample, transform: Any) -> torch.Tensor | None:
         try:
             with Image.open(io.BytesIO(sample.image)) as image:
-                return self.bundle.train_preprocess(image)
+                return transform(image)
         except Exception as e:  # noqa: BLE001 - any undecodable sample is recorded, never fatal
             self._skip(sample, f"{type(e).__name__}: {e}")
             return None
@@ -221,7 +222,7 @@ class ClipTask:
         model = self.model.eval()
         with ThreadPoolExecutor(self.config.decode_threads) as pool, torch.inference_mode():
             for group in _groups(samples, 64):
-                decoded = list(pool.map(self._decode_eval, group))
+                decoded = list(pool.map(lambda s: self._decode(s, self.bundle.preprocess), group))
                 kept = [(image, s.caption) for image, s in zip(decoded, group) if image is not None]
                 if not kept:
                     continue
@@ -238,14 +239,6 @@ class ClipTask:
         torch.save({"fingerprint": fingerprint, "features": features}, path)
         log.info("cached frozen-tower features of %d samples in %s", len(features["image"]), path)
         return features
-
-    def _decode_eval(self, sample: Sample) -> torch.Tensor | None:
-        try:
-            with Image.open(io.BytesIO(sample.image)) as image:
-                return self.bundle.preprocess(image)
-        except Exception as e:  # noqa: BLE001 - recorded, never fatal
-            self._skip(sample, f"{type(e).__name__}: {e}")
-            return None
 
     def _cached_batches(self, epoch: int, skip: int) -> Iterator[Any]:
         count = len(self.cache["image"])
