@@ -2,7 +2,7 @@
 
 Each rule is its own stage so a config can order, drop or rename them, and each rejection names
 its reason. Exact duplicates (of url and caption, or of image bytes by ``sha256``) are the
-global stage in :mod:`curation.exact_duplicates`. Non-UTF-8 captions never reach these stages:
+global stage in :mod:`curation.dedup`. Non-UTF-8 captions never reach these stages:
 the source rejects them at read time (``caption_not_utf8``), because Arrow text columns hold
 valid UTF-8 only.
 """

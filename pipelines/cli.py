@@ -76,6 +76,21 @@ def inspect(
         console.print(table)
 
 
+@app.command("card")
+def card(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory (holds manifest.json).")],
+) -> None:
+    """Write a run's dataset card (README.md and its plots) again, from its files."""
+    from pipelines.card import write_card
+    from pipelines.inspect_run import load_manifest
+    from pipelines.rundir import RunDir
+
+    with _errors():
+        manifest = load_manifest(str(run_dir))
+        plan = build_plan(parse_config({**manifest.config["pipeline"], "output_dir": str(run_dir.resolve().parent)}))
+        console.print(f"wrote {write_card(RunDir(str(run_dir)), manifest, plan.stages)}")
+
+
 @app.command("retry-failed")
 def retry_failed_command(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory (holds manifest.json).")],

@@ -15,6 +15,7 @@ import platform
 from collections.abc import Callable
 from importlib import metadata
 
+from pipelines.card import write_card
 from pipelines.export import ExportJob, export_done, export_settings, finish_export, plan_export, write_export_shard
 from pipelines.ledger import LedgerError, check_phase, check_run, summarise
 from pipelines.phase import PhaseTask, ShardIO
@@ -53,6 +54,11 @@ def run_pipeline(plan: Plan, runner: Runner, progress: Progress | None = None) -
             raise
         manifest.status = "complete"
         _write(rundir, manifest)
+        try:
+            write_card(rundir, manifest, plan.stages)
+        except Exception:  # the rows are complete and recorded; only their description failed
+            log.exception("could not write the dataset card of %s; `vlmcurate card %s` writes it again",
+                          plan.run_uri, plan.run_uri)
     return manifest
 
 

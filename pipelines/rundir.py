@@ -60,6 +60,11 @@ class RunDir:
     def path(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
 
+    def uri_of(self, path: str) -> str:
+        """``path`` (from :meth:`path` or a listing) as a URI other libraries can open."""
+        scheme, sep, _ = self.uri.partition("://")
+        return f"{scheme}://{path}" if sep and scheme != "file" else path
+
     def shard_path(self, phase: str, shard: int) -> str:
         return self.path(phase, f"{shard_name(shard)}.parquet")
 
@@ -117,6 +122,11 @@ class RunDir:
     def list_files(self, folder: str) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
         return [f for f in self.fs.get_file_info(selector) if f.type == pafs.FileType.File]
+
+    def parquet_files(self, folder: str) -> list[str]:
+        """The finished parquet files directly under ``folder`` (no temporaries), sorted."""
+        return sorted(f.path for f in self.list_files(folder)
+                      if f.path.endswith(".parquet") and TMP_MARK not in f.base_name)
 
     # Shards and ledger -------------------------------------------------------------------
     def write_shard(self, entry: ShardEntry, rows: pa.Table, rejects: pa.Table | None) -> None:

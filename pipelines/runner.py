@@ -10,6 +10,7 @@ produce identical rows.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import pickle
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -37,6 +38,9 @@ AUTOSCALE_MAX_ACTORS = 64
 #: How often a crashed worker is restarted, or a failed task retried, before the phase fails.
 #: Finite on purpose: a stage that kills its worker on some input must fail the run, not loop.
 WORKER_RETRIES = 3
+
+#: How long a local Ray keeps an idle worker process before killing it.
+IDLE_WORKER_KEEP_MS = 600_000
 
 
 class Runner(ABC):
@@ -62,26 +66,29 @@ class LocalRunner(Runner):
     """Runs every shard in this process, one after the other."""
 
     def __init__(self) -> None:
-        self._ready: set[int] = set()
+        self._ready: dict[int, PlannedStage] = {}
 
-    def _setup(self, planned: PlannedStage) -> None:
+    def _setup(self, planned: PlannedStage) -> PlannedStage:
+        """The stage as it runs here, set up once. Stages run one after the other in this
+        process, so a model stage gets every core (with a GPU its threads hardly matter)."""
         if id(planned) not in self._ready:
-            planned.setup()
-            self._ready.add(id(planned))
+            ready = with_cpus(planned, max(planned.stage.resources.cpus, os.cpu_count() or 1)) \
+                if planned.stage.resources.gpus else planned
+            ready.setup()
+            self._ready[id(planned)] = ready
+        return self._ready[id(planned)]
 
     def run_phase(self, task: PhaseTask, shards: list[int]) -> Iterator[ShardEntry]:
-        if shards:
-            for planned in task.stages:
-                self._setup(planned)
+        stages = [self._setup(planned) for planned in task.stages] if shards else []
         for shard in shards:
             state = task.io.load(shard)
-            for planned in task.stages:
+            for planned in stages:
                 state = apply_stage(planned, state)
             yield task.io.finish(state)
 
     def compute_partials(self, planned, rundir, phase, shards):
         if shards:
-            self._setup(planned)
+            planned = self._setup(planned)
         return [compute_partial(planned, rundir, phase, shard) for shard in shards]
 
     def map_tasks(self, fn, first, items):
@@ -112,9 +119,13 @@ class RayRunner(Runner):
             # Workers inherit the driver's environment: make stage modules beside the user importable.
             paths = [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
             os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+            # Ray kills idle workers beyond num_cpus after 1 s by default, so each shard's
+            # short write task would start (and import the project in) a fresh process on the
+            # cores a model actor is using; keep them for the phase instead.
             ray.init(num_cpus=self.config.num_cpus, num_gpus=self.config.num_gpus,
                      object_store_memory=self.config.object_store_memory,
-                     _temp_dir=self.config.temp_dir, **common)
+                     _temp_dir=self.config.temp_dir,
+                     _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}, **common)
         self._started_ray = True
         log.info("started Ray: %s", ray.cluster_resources())
 
@@ -237,11 +248,14 @@ def _map(ds, planned: PlannedStage, fn, placement: Placement, **kwargs):
     """``ds.map_batches`` running ``fn(batch, planned, **kwargs)`` with the stage's resources."""
     import ray.data
 
+    if planned.name in placement.cpus:
+        planned = with_cpus(planned, placement.cpus[planned.name])
     resources = planned.stage.resources
     pool = placement.pools.get(planned.name)
     gpus = resources.gpus
     if gpus and not placement.has_gpu:
-        log.warning("stage %r asks for %s GPU(s) but the cluster has none: running it on CPUs", planned.name, gpus)
+        log.warning("stage %r asks for %s GPU(s) but the cluster has none: running it on %g CPUs",
+                    planned.name, gpus, resources.cpus)
         gpus = 0
     args: dict[str, Any] = dict(batch_size=1, batch_format="pyarrow", num_cpus=resources.cpus * placement.cpu_scale)
     if gpus:
@@ -263,11 +277,20 @@ def _map(ds, planned: PlannedStage, fn, placement: Placement, **kwargs):
 
 @dataclass(frozen=True)
 class Placement:
-    """How a phase's steps are placed: a CPU scale for every request and the actor-pool sizes."""
+    """How a phase's steps are placed: a CPU scale for every request, the actor-pool sizes, and
+    the CPUs granted to stages in place of what they declared (before scaling)."""
 
     has_gpu: bool
     cpu_scale: float
     pools: dict[str, tuple[int, int]]
+    cpus: dict[str, float] = field(default_factory=dict)
+
+
+def with_cpus(planned: PlannedStage, cpus: float) -> PlannedStage:
+    """A copy of ``planned`` whose stage declares ``cpus`` (what its ``setup`` sizes threads by)."""
+    stage = copy.copy(planned.stage)
+    stage.resources = replace(stage.resources, cpus=cpus)
+    return replace(planned, stage=stage)
 
 
 def plan_placement(stages: list[PlannedStage], cluster_cpus: float, has_gpu: bool) -> Placement:
@@ -279,10 +302,22 @@ def plan_placement(stages: list[PlannedStage], cluster_cpus: float, has_gpu: boo
     per stateful stage plus that reserve exceeds the cluster (two model stages on a 2-CPU
     laptop), every CPU request of the phase is scaled down by the same factor, with a warning:
     the steps then share cores instead of waiting for each other forever.
+
+    A stage that asks for a GPU on a cluster without one runs its model on CPU threads, and is
+    then the phase's bottleneck: it is granted the whole node's CPUs (at least what it asked),
+    scaled like every other request, so its threads share the cores with the light tasks beside
+    it rather than leave all but one idle. To run several smaller CPU actors instead, declare
+    ``gpus: 0`` and the ``cpus`` each should have.
     """
+    granted = {p.name: max(p.stage.resources.cpus, cluster_cpus) for p in stages
+               if p.stateful and p.stage.resources.gpus and not has_gpu}
+
+    def cpus(p: PlannedStage) -> float:
+        return granted.get(p.name, p.stage.resources.cpus)
+
     actors = [p for p in stages if p.stateful]
-    reserve = max([1.0] + [p.stage.resources.cpus for p in stages if not p.stateful])
-    needed = sum(p.stage.resources.cpus for p in actors)
+    reserve = max([1.0] + [cpus(p) for p in stages if not p.stateful])
+    needed = sum(cpus(p) for p in actors)
     scale = min(1.0, cluster_cpus / (needed + reserve)) if actors else 1.0
     if scale < 1.0:
         log.info("stages %s need %g CPU(s) as actors plus %g for the other steps, more than the %g this Ray "
@@ -291,15 +326,14 @@ def plan_placement(stages: list[PlannedStage], cluster_cpus: float, has_gpu: boo
     budget = cluster_cpus - reserve * scale
     pools = {}
     for p in actors:
-        cpus = p.stage.resources.cpus * scale
-        spare = budget - (needed - p.stage.resources.cpus) * scale  # once the other pools have one actor
-        largest = max(1, int((spare + 1e-9) // cpus))
+        spare = budget - (needed - cpus(p)) * scale  # once the other pools have one actor
+        largest = max(1, int((spare + 1e-9) // (cpus(p) * scale)))
         wanted = p.stage.resources.concurrency
         if wanted is not None and wanted > largest:
             log.warning("stage %r asks for %d actors but only %d fit beside the other steps on %g CPUs",
                         p.name, wanted, largest, cluster_cpus)
         pools[p.name] = (min(wanted, largest), min(wanted, largest)) if wanted else (1, largest)
-    return Placement(has_gpu, scale, pools)
+    return Placement(has_gpu, scale, pools, granted)
 
 
 def _ipc(table: pa.Table) -> bytes:

@@ -65,6 +65,15 @@ def default_resources(**overrides: Any) -> Any:
     return field(default_factory=lambda: Resources(**overrides), kw_only=True)
 
 
+@dataclass(frozen=True)
+class Cutoff:
+    """A threshold a stage applied to a numeric column: rows on one side of ``value`` left."""
+
+    column: str
+    value: float
+    label: str
+
+
 @dataclass(kw_only=True)
 class Stage:
     """Base class of every pipeline step (see the module docstring for the contract)."""
@@ -91,6 +100,15 @@ class Stage:
         """What else determines this stage's output besides its parameters (the content of a file
         it reads, say); part of the config hash, so a changed file is a changed config."""
         return {}
+
+    def cutoffs(self, summary: Any) -> list[Cutoff]:
+        """The thresholds this stage applied to numeric columns, for the dataset card's
+        histograms; ``summary`` is what ``describe`` recorded in the manifest (global stages)."""
+        return []
+
+    def card_notes(self, summary: Any) -> str | None:
+        """A paragraph (markdown) for the dataset card about what this stage found, or None."""
+        return None
 
     def is_transient(self, reason: str) -> bool:
         """Whether a row this stage rejected for ``reason`` may pass on another attempt.

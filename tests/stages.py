@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.stage import Rejections, Stage
-from schemas.columns import CAPTION, IMAGE, SOURCE_INDEX, register_column
+from schemas.columns import CAPTION, CLIP_SCORE, IMAGE, IMAGE_EMBEDDING, SOURCE_INDEX, register_column
 
 SETUP_CALLS = register_column("test_setup_calls", pa.int32(), "tests: times setup ran in this worker").name
 CAPTION_WORDS = register_column("test_caption_words", pa.int32(), "tests: words in the caption").name
@@ -134,3 +134,35 @@ class PaintImages(Stage):
                 body = b""
             images.append(body)
         return pa.table({IMAGE: pa.array(images, pa.binary())})
+
+
+@dataclass
+class EmbedByGroup(Stage):
+    """Writes ``image_embedding`` and ``clip_score`` from the caption, standing in for CLIP in
+    dedup tests: ``g<k>`` puts the row near axis ``k`` (rows of a group have cosine > 0.99,
+    other groups ~0), ``score=<x>`` sets the score (default 0), ``wide`` writes one value too
+    many, ``noembed`` writes none."""
+
+    name: ClassVar[str] = "embed_by_group"
+    input_columns: ClassVar[tuple[str, ...]] = (SOURCE_INDEX, CAPTION)
+    output_columns: ClassVar[tuple[str, ...]] = (IMAGE_EMBEDDING, CLIP_SCORE)
+    dim: int = 8
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import re
+
+        import numpy as np
+
+        vectors, scores = [], []
+        for index, caption in zip(batch[SOURCE_INDEX].to_pylist(), batch[CAPTION].to_pylist()):
+            group = re.search(r"\bg(\d+)\b", caption)
+            score = re.search(r"\bscore=([0-9.]+)", caption)
+            scores.append(float(score.group(1)) if score else 0.0)
+            if "noembed" in caption:
+                vectors.append(None)
+                continue
+            vector = np.random.default_rng(index).normal(0, 0.01, self.dim + ("wide" in caption))
+            vector[int(group.group(1)) if group else self.dim - 1] += 1.0
+            vectors.append((vector / np.linalg.norm(vector)).astype(np.float16).tolist())
+        return pa.table({IMAGE_EMBEDDING: pa.array(vectors, pa.list_(pa.float16())),
+                         CLIP_SCORE: pa.array(scores, pa.float32())})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -157,8 +158,24 @@ def test_top_fraction_is_identical_under_both_runners_and_any_sharding(scored_po
         assert CLIP_PIXELS not in rows.column_names  # never written to the run
         reasons = Counter(read_rejects(plan.run_uri)["reason"].to_pylist())
         assert reasons == {"decode_error": 1, "not_an_image": 1, "clip_score_below_top_fraction": 58 - 17}
+        _check_card(plan.run_uri, manifest, state["cutoff_score"])
     first = next(iter(kept.values()))
     assert all(k == first for k in kept.values())
+
+
+def _check_card(run_uri, manifest, cutoff):
+    """The dataset card has the CLIP-score histogram of every scored row with the cutoff."""
+    from pipelines.card_stats import KEPT, REJECTED_HERE, score_histogram
+    from pipelines.rundir import RunDir
+
+    card = (Path(run_uri) / "README.md").read_text()
+    assert "![clip_score (clip_score_top_fraction)](card/clip_score_top_fraction-clip_score.png)" in card
+    assert f"top 30% cutoff: {cutoff:.4g}" in card
+    assert (Path(run_uri) / "card" / "clip_score_top_fraction-clip_score.png").read_bytes()[:4] == b"\x89PNG"
+    histogram = score_histogram(RunDir(run_uri), manifest, CLIP_SCORE, "clip_score_top_fraction")
+    assert histogram.total == 58  # the two undecodable rows never got a score
+    assert histogram.counts[KEPT].sum() == 17 and histogram.counts[REJECTED_HERE].sum() == 41
+    assert histogram.edges[0] <= cutoff <= histogram.edges[-1]
 
 
 def test_threshold_in_a_pipeline_records_details(scored_pool, runner_factory):

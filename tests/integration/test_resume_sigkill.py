@@ -22,7 +22,7 @@ def _config(tmp_path, pool, name, seconds):
         "stages": [
             {"stage": "curation.basic:JunkAltText"},
             {"stage": "tests.stages:Slow", "seconds": seconds},
-            {"stage": "curation.exact_duplicates:ExactDuplicates"},
+            {"stage": "curation.dedup:ExactDuplicates"},
             {"stage": "tests.stages:Slow", "name": "slow_again", "seconds": seconds},
         ],
     }

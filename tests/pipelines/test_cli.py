@@ -38,6 +38,13 @@ def test_run_then_inspect(tmp_path):
     assert "caption" in result.output and "characters" in result.output
     result = cli.invoke(app, ["inspect", str(run_dir), "--phase", "00_input"])
     assert result.exit_code == 0 and "00_input: 1,20" in result.output
+    card = run_dir / "README.md"
+    written = card.read_text()
+    card.unlink()
+    result = cli.invoke(app, ["card", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert card.read_text().split("Status")[1].split(";")[0] == written.split("Status")[1].split(";")[0]
+    assert "| 01_caption_length | caption_length |" in card.read_text()
 
 
 def test_bad_config_key_exits_2_with_the_message(tmp_path):

@@ -32,7 +32,7 @@ HERE = __name__  # import path of this module, for stages defined below
 CHARS = "curation.basic:CaptionCharacters"
 JUNK = "curation.basic:JunkAltText"
 LENGTH = "curation.basic:CaptionLength"
-DEDUP = "curation.exact_duplicates:ExactDuplicates"
+DEDUP = "curation.dedup:ExactDuplicates"
 
 
 # Stages used only by these tests ---------------------------------------------------------------
@@ -319,8 +319,8 @@ def test_unknown_stage_parameter_lists_allowed(pool):
 
 
 def test_unknown_parameter_of_a_later_stage_names_its_index(pool):
-    expected = re.escape("stages[1] (curation.exact_duplicates:ExactDuplicates): "
-                         "unknown parameter(s) ['key']; allowed: ['keys', 'normalize_text']")
+    expected = re.escape("stages[1] (curation.dedup:ExactDuplicates): "
+                         "unknown parameter(s) ['key']; allowed: ['against', 'keep', 'keys', 'normalize_text']")
     with pytest.raises(ValueError, match=expected):
         plan_of(raw_config(pool, LENGTH, {"stage": DEDUP, "key": ["url"]}))
 
@@ -557,7 +557,7 @@ def test_global_stage_compute_columns_are_checked(pool):
 
 
 def test_dedup_keys_must_exist(pool):
-    with pytest.raises(ValueError, match=re.escape("stage 'exact_duplicates' (curation.exact_duplicates:"
+    with pytest.raises(ValueError, match=re.escape("stage 'exact_duplicates' (curation.dedup:"
                                                    "ExactDuplicates) reads column(s) ['page']")):
         plan_of(raw_config(pool, {"stage": DEDUP, "keys": ["url", "page"]}))
     # A kept input column is available to every stage.

@@ -19,7 +19,7 @@ from tests.conftest import TEXT_ONLY_HOST, read_phase, read_rejects
 STAGES = [
     {"stage": "curation.basic:JunkAltText"},
     {"stage": "curation.basic:CaptionLength"},
-    {"stage": "curation.exact_duplicates:ExactDuplicates"},
+    {"stage": "curation.dedup:ExactDuplicates"},
 ]
 
 

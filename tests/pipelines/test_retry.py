@@ -40,7 +40,7 @@ def _config(tmp_path, server, name="retry"):
             "stages": [{"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"], "retries": 1,
                         "backoff": 0.01, "timeout": 2, "threads": 4, "image_size": 64},
                        {"stage": "curation.basic:ImageSize", "min_side": 16},
-                       {"stage": "curation.exact_duplicates:ExactDuplicates", "name": "image_duplicates",
+                       {"stage": "curation.dedup:ExactDuplicates", "name": "image_duplicates",
                         "keys": ["sha256"]}],
             "export": {"formats": ["webdataset"], "samples_per_shard": 5}}
 

@@ -20,7 +20,7 @@ MIXED_STAGES = [
     {"stage": "curation.basic:CaptionCharacters"},
     {"stage": "curation.basic:JunkAltText"},
     {"stage": "tests.stages:CountSetup", "resources": {"batch_size": 256, "concurrency": 2}},
-    {"stage": "curation.exact_duplicates:ExactDuplicates"},
+    {"stage": "curation.dedup:ExactDuplicates"},
     {"stage": "tests.stages:RejectOddWords", "resources": {"batch_size": 100}},
     {"stage": "curation.basic:CaptionLength", "checkpoint": True},
 ]
@@ -66,7 +66,7 @@ def test_gpu_request_falls_back_to_cpu_on_a_cluster_without_gpus(tmp_path, pool,
     stages = [{"stage": "tests.stages:CountSetup", "resources": {"gpus": 1, "concurrency": 1}}]
     plan, manifest = run_pipeline_dict(_config(tmp_path, pool, "gpu", stages), runner_factory("ray"))
     assert manifest.status == "complete"
-    assert "asks for 1" in caplog.text and "running it on CPUs" in caplog.text
+    assert "asks for 1" in caplog.text and "running it on 2 CPUs" in caplog.text  # the node's CPUs
 
 
 @pytest.mark.parametrize("kind", ["local", "ray"])
@@ -106,10 +106,29 @@ def test_placement_scales_cpu_requests_when_stateful_stages_do_not_fit(caplog):
     assert roomy.pools == {"a": (1, 6), "b": (1, 6)}  # 8 - 1 reserved - 1 for the other pool
 
 
+def test_a_gpu_stage_on_a_cluster_without_gpus_is_granted_the_node_cpus():
+    from pipelines.chain import PlannedStage
+    from pipelines.runner import plan_placement, with_cpus
+    from pipelines.stage import Resources
+    from tests.stages import CountSetup, Slow
+
+    gpu_stage = CountSetup(resources=Resources(cpus=1, gpus=1))
+    stages = [PlannedStage("model", gpu_stage), PlannedStage("light", Slow(resources=Resources(cpus=1)))]
+    cpu_only = plan_placement(stages, cluster_cpus=2, has_gpu=False)
+    assert cpu_only.cpus == {"model": 2}
+    assert cpu_only.cpu_scale == pytest.approx(2 / 4)  # actors of 2 and 1 CPUs + 1 task CPU on 2 CPUs
+    assert cpu_only.pools == {"model": (1, 1), "light": (1, 1)}
+    with_gpu = plan_placement(stages, cluster_cpus=2, has_gpu=True)
+    assert with_gpu.cpus == {} and with_gpu.cpu_scale == pytest.approx(2 / 3)
+    granted = with_cpus(stages[0], 2)
+    assert granted.stage.resources == Resources(cpus=2, gpus=1)
+    assert gpu_stage.resources.cpus == 1  # the configured stage is left as it was
+
+
 def test_global_state_is_not_shipped_to_workers_but_loaded_from_the_run(tmp_path):
     import pickle
 
-    from curation.exact_duplicates import ExactDuplicates
+    from curation.dedup import ExactDuplicates
     from pipelines.chain import PlannedStage
     from pipelines.rundir import RunDir
 

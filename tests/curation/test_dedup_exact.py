@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.exact_duplicates import DUPLICATE, ExactDuplicates
+from curation.dedup import DUPLICATE, ExactDuplicates
 from pipelines.runner import LocalRunner
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict
 
@@ -41,7 +41,7 @@ def config(tmp_path: Path, pool: Path, *, name: str = "dedup", shard_size: int =
         "output_dir": str(tmp_path / "runs"),
         "shard_size": shard_size,
         "stages": stages if stages is not None else [
-            {"stage": "curation.exact_duplicates:ExactDuplicates", **dedup_params}],
+            {"stage": "curation.dedup:ExactDuplicates", **dedup_params}],
     }
 
 
@@ -62,7 +62,7 @@ def duplicate_map(plan) -> dict[int, int]:
             continue
         assert record["reason"] == DUPLICATE
         detail = json.loads(record["detail"])
-        assert set(detail) == {"duplicate_of"}
+        assert set(detail) == {"duplicate_of", "cluster_size", "keep"}
         result[record["source_index"]] = index_of[detail["duplicate_of"]]
     return result
 
@@ -85,8 +85,8 @@ def test_first_occurrence_survives_across_shards(tmp_path):
     uids = uid_by_index(plan)
     rejects = read_rejects(plan.run_uri)
     by_uid = {r["uid"]: r for r in rejects.to_pylist()}
-    assert json.loads(by_uid[uids[6]]["detail"]) == {"duplicate_of": uids[0]}
-    assert json.loads(by_uid[uids[4]]["detail"]) == {"duplicate_of": uids[1]}
+    assert json.loads(by_uid[uids[6]]["detail"]) == {"duplicate_of": uids[0], "cluster_size": 3, "keep": "first"}
+    assert json.loads(by_uid[uids[4]]["detail"]) == {"duplicate_of": uids[1], "cluster_size": 2, "keep": "first"}
     # Reject records say which shard the copy was in and carry its light columns.
     assert by_uid[uids[2]]["shard"] == 1 and by_uid[uids[6]]["shard"] == 3
     assert by_uid[uids[2]]["url"] == POOL[2][0] and by_uid[uids[2]]["caption"] == POOL[2][1]
@@ -100,15 +100,9 @@ def test_describe_reports_counts(tmp_path):
     pool = write_pool(tmp_path, POOL)
     _, manifest = run_pipeline_dict(config(tmp_path, pool), LocalRunner())
     assert manifest.aggregates["exact_duplicates"] == {
-        "duplicate_rows": 3, "duplicate_groups": 2, "largest_group": 3, "keys": ["url", "caption"],
+        "duplicate_rows": 3, "keep": "first", "rows": 8, "edges": 3, "clusters": 2, "largest": [3, 2],
+        "size_histogram": {"2": 1, "3": 1}, "keys": ["url", "caption"],
     }
-
-
-def test_describe_directly():
-    stage = ExactDuplicates()
-    state = {"duplicate_of": {"b": "a", "c": "a"}, "groups": 1, "largest": 3}
-    assert stage.describe(state) == {"duplicate_rows": 2, "duplicate_groups": 1, "largest_group": 3,
-                                     "keys": ["url", "caption"]}
 
 
 def test_keys_caption_only(tmp_path):
@@ -117,7 +111,7 @@ def test_keys_caption_only(tmp_path):
     assert duplicate_map(plan) == {2: 0, 3: 0, 4: 1, 6: 0}
     assert kept_indices(plan) == [0, 1, 5, 7]
     assert manifest.aggregates["exact_duplicates"]["keys"] == ["caption"]
-    assert manifest.aggregates["exact_duplicates"]["largest_group"] == 4
+    assert manifest.aggregates["exact_duplicates"]["largest"] == [4, 2]
 
 
 def test_keys_url_only(tmp_path):
@@ -152,7 +146,8 @@ def test_pool_without_duplicates(tmp_path):
     assert read_rejects(plan.run_uri) is None
     assert manifest.stage_totals()["exact_duplicates"].rejected == {}
     assert manifest.aggregates["exact_duplicates"] == {
-        "duplicate_rows": 0, "duplicate_groups": 0, "largest_group": 1, "keys": ["url", "caption"],
+        "duplicate_rows": 0, "keep": "first", "rows": 7, "edges": 0, "clusters": 0, "largest": [],
+        "size_histogram": {}, "keys": ["url", "caption"],
     }
 
 
@@ -171,7 +166,7 @@ def test_earlier_rejection_lets_the_next_copy_survive(tmp_path):
             ("http://x.test/1", "the same red car again")]
     pool = write_pool(tmp_path, rows)
     stages = [{"stage": "curation.basic:JunkAltText", "rules": ["filename_caption"]},
-              {"stage": "curation.exact_duplicates:ExactDuplicates", "keys": ["url"]}]
+              {"stage": "curation.dedup:ExactDuplicates", "keys": ["url"]}]
     plan, manifest = run_pipeline_dict(config(tmp_path, pool, stages=stages), LocalRunner())
     assert plan.phase_names == ["00_input", "01_junk_alt_text", "02_exact_duplicates"]
     assert kept_indices(plan) == [1, 2]
@@ -223,11 +218,9 @@ def test_local_and_ray_runners_agree(tmp_path, runner_factory):
     assert len(kept_uids) == 3 + 10  # one of each normalised caption of POOL, plus the unique rows
 
 
-# Bugs, documented as expected failures -------------------------------------------------------------
-
 def test_every_row_rejected_before_deduplication(tmp_path):
     pool = write_pool(tmp_path, [("http://x.test/1", "IMG_0001.jpg"), ("http://x.test/2", "DSC_0002.png")])
-    stages = [{"stage": "curation.basic:JunkAltText"}, {"stage": "curation.exact_duplicates:ExactDuplicates"}]
+    stages = [{"stage": "curation.basic:JunkAltText"}, {"stage": "curation.dedup:ExactDuplicates"}]
     plan, manifest = run_pipeline_dict(config(tmp_path, pool, shard_size=1, stages=stages), LocalRunner())
     assert manifest.status == "complete"
     assert kept_indices(plan) == []
@@ -236,7 +229,7 @@ def test_every_row_rejected_before_deduplication(tmp_path):
 
 def test_aggregate_of_empty_partials_list():
     state = ExactDuplicates().aggregate([])
-    assert state == {"duplicate_of": {}, "groups": 0, "largest": 0}
+    assert len(state["duplicate_index"]) == 0 and state["rows"] == 0 and state["clusters"] == 0
 
 
 def test_input_uids_shared_by_copies_keep_the_first(tmp_path):

@@ -1,0 +1,178 @@
+"""What every dedup stage shares: the survivor policy, the decision, and its summary.
+
+A dedup stage is a global two-pass step. ``compute`` turns each shard into the detector's
+features (hashes, MinHash bands, embeddings) plus the row's uid, ``source_index`` and survivor
+preference; ``aggregate`` finds duplicate edges over the whole pool (subclasses: ``edges``),
+clusters them and picks one survivor per cluster; ``decide`` rejects every other row with the
+survivor's uid in the detail. The decision is stored by ``source_index`` (unique by
+construction) as sorted arrays, so workers look a batch up with one ``searchsorted``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.dedup.clusters import (
+    KEEP_FIRST,
+    KEEP_HIGHEST_CLIP_SCORE,
+    KEEP_LONGEST_CAPTION,
+    KEEP_POLICIES,
+    choose_survivors,
+    connected_components,
+)
+from pipelines.rundir import RunDir
+from pipelines.stage import GlobalStage, Rejections
+from schemas.columns import CAPTION, CLIP_SCORE, SOURCE_INDEX, UID
+
+#: Keys of the aggregate that hold the decision (per duplicate row); the others are facts.
+_DECISION = ("duplicate_index", "survivor_uid", "cluster_size")
+
+#: Largest clusters listed in the manifest (and on the dataset card).
+LARGEST_LISTED = 10
+
+
+@dataclass
+class ClusterDedup(GlobalStage):
+    """Base of the dedup stages: ``keep`` says which row of a cluster survives (``first``: the
+    earliest in the input; ``highest_clip_score``; ``longest_caption``; ties: the earliest).
+
+    ``against`` names finished run directories whose kept rows (their final phase, read again
+    with the same detector) join the search as rows that always survive: this pool's copies of
+    what an earlier run published are rejected, with the earlier row's uid as ``duplicate_of``.
+    """
+
+    #: Reject reason of the rows that are not their cluster's survivor.
+    reason: ClassVar[str] = "duplicate"
+    input_columns: ClassVar[tuple[str, ...]] = (SOURCE_INDEX,)
+
+    keep: str = KEEP_FIRST
+    against: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.keep not in KEEP_POLICIES:
+            raise ValueError(f"keep must be one of {KEEP_POLICIES}, got {self.keep!r}")
+
+    def identity(self) -> dict[str, Any]:
+        """An earlier run is part of the decision: which one, and in what state."""
+        identity = {}
+        for run in self.against:
+            manifest = RunDir(run).read_manifest()
+            identity[run] = None if manifest is None else [manifest.config_hash, manifest.updated_at]
+        return {"against": identity} if identity else {}
+
+    # What subclasses provide -------------------------------------------------------------
+    @property
+    def feature_columns(self) -> tuple[str, ...]:
+        """Columns the detector reads in ``compute``."""
+        raise NotImplementedError
+
+    def features(self, batch: pa.Table) -> dict[str, Any]:
+        """The detector's per-shard features."""
+        raise NotImplementedError
+
+    def edges(self, features: list[dict[str, Any]], num_rows: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Duplicate pairs as row numbers in the concatenation of the shards' partials, in order,
+        and facts about the search for the manifest."""
+        raise NotImplementedError
+
+    # The two passes ----------------------------------------------------------------------
+    @property
+    def compute_columns(self) -> tuple[str, ...]:
+        preference = {KEEP_FIRST: (), KEEP_HIGHEST_CLIP_SCORE: (CLIP_SCORE,), KEEP_LONGEST_CAPTION: (CAPTION,)}
+        return tuple(dict.fromkeys((UID, SOURCE_INDEX, *preference[self.keep], *self.feature_columns)))
+
+    def compute(self, batch: pa.Table) -> dict[str, Any]:
+        return {"uid": np.asarray(batch[UID].to_pylist(), dtype=object),
+                "index": batch[SOURCE_INDEX].to_numpy().astype(np.int64),
+                "preference": self._preference(batch),
+                "features": self.features(batch)}
+
+    def _preference(self, batch: pa.Table) -> np.ndarray | None:
+        if self.keep == KEEP_HIGHEST_CLIP_SCORE:
+            return batch[CLIP_SCORE].to_numpy(zero_copy_only=False).astype(np.float64)
+        if self.keep == KEEP_LONGEST_CAPTION:
+            return pc.utf8_length(pc.fill_null(batch[CAPTION], "")).to_numpy().astype(np.float64)
+        return None
+
+    def aggregate(self, partials: list[dict[str, Any]]) -> dict[str, Any]:
+        earlier = [part for run in self.against for part in self._earlier_run(run)]
+        parts = list(partials) + earlier
+        uid = np.concatenate([p["uid"] for p in parts] or [np.empty(0, dtype=object)])
+        index = np.concatenate([p["index"] for p in parts] or [np.empty(0, dtype=np.int64)])
+        pinned = np.concatenate([np.full(len(p["index"]), "pinned" in p) for p in parts] or [np.empty(0, bool)])
+        preference = None if self.keep == KEEP_FIRST else np.concatenate([p["preference"] for p in parts])
+        left, right, facts = self.edges([p["features"] for p in parts], len(index))
+        clusters = choose_survivors(connected_components(len(index), left, right), index, preference, pinned)
+        duplicate = clusters.duplicate & ~pinned
+        order = np.argsort(index[duplicate])
+        if self.against:
+            facts = {**facts, "earlier_rows": int(pinned.sum()),
+                     "duplicates_of_earlier_runs": int((duplicate & pinned[clusters.survivor]).sum())}
+        return {
+            "duplicate_index": index[duplicate][order],
+            "survivor_uid": uid[clusters.survivor[duplicate]][order],
+            "cluster_size": clusters.sizes[clusters.labels[duplicate]][order],
+            "rows": int((~pinned).sum()), "edges": len(left),
+            "clusters": int((clusters.sizes > 1).sum()),
+            "largest": clusters.largest(LARGEST_LISTED),
+            "size_histogram": clusters.size_histogram(),
+            **facts,
+        }
+
+    def _earlier_run(self, run: str) -> list[dict[str, Any]]:
+        """The kept rows of a finished run as pinned partials: they always survive their cluster,
+        so a row of this pool that duplicates one is rejected with that row's uid."""
+        rundir = RunDir(run)
+        manifest = rundir.read_manifest()
+        if manifest is None or manifest.status != "complete" or manifest.final_phase is None:
+            raise ValueError(f"against: {run!r} is not a completed run (no manifest.json with status complete)")
+        columns = [UID, *self.feature_columns]
+        parts = []
+        for path in rundir.parquet_files(manifest.final_phase):
+            table = rundir.read_table(path)
+            missing = [c for c in columns if c not in table.column_names]
+            if missing:
+                raise ValueError(f"against: the kept rows of {run!r} have no {missing} column(s), which "
+                                 f"{type(self).__name__} compares (its phase {manifest.final_phase} dropped them?)")
+            for batch in table.select(columns).to_batches(self.resources.batch_size):
+                batch = pa.Table.from_batches([batch])
+                # Negative positions: never confused with this pool's source_index.
+                start = -1 - sum(len(p["index"]) for p in parts)
+                parts.append({"uid": np.asarray(batch[UID].to_pylist(), dtype=object),
+                              "index": np.arange(start, start - batch.num_rows, -1, dtype=np.int64),
+                              "preference": np.zeros(batch.num_rows), "features": self.features(batch),
+                              "pinned": True})
+        return parts
+
+    def decide(self, batch: pa.Table, state: dict[str, Any]) -> pa.Table:
+        rejections = Rejections(batch.num_rows)
+        found = state["duplicate_index"]
+        if len(found):
+            index = batch[SOURCE_INDEX].to_numpy()
+            at = np.minimum(np.searchsorted(found, index), len(found) - 1)
+            hit = found[at] == index
+            survivor, size = state["survivor_uid"], state["cluster_size"]
+            details = [json.dumps({"duplicate_of": survivor[a], "cluster_size": int(size[a]), "keep": self.keep})
+                       if h else None for a, h in zip(at.tolist(), hit.tolist())]
+            rejections.add(pa.array(hit), self.reason, pa.array(details, pa.string()))
+        return rejections.attach(batch.select([]))
+
+    def card_notes(self, summary: Any) -> str | None:
+        if not summary:
+            return None
+        sizes = ", ".join(f"{n:,} of {size}" for size, n in sorted(summary["size_histogram"].items(),
+                                                                    key=lambda item: int(item[0])))
+        return (f"{summary['duplicate_rows']:,} of {summary['rows']:,} rows were duplicates in "
+                f"{summary['clusters']:,} clusters (survivor: `{self.keep}`); largest clusters: "
+                f"{', '.join(map(str, summary['largest'])) or 'none'}; clusters by size: {sizes or 'none'}.")
+
+    def describe(self, state: dict[str, Any]) -> dict[str, Any]:
+        facts = {k: v for k, v in state.items() if k not in _DECISION}
+        return {"duplicate_rows": len(state["duplicate_index"]), "keep": self.keep,
+                **{k: ({str(s): n for s, n in v.items()} if isinstance(v, dict) else v) for k, v in facts.items()}}

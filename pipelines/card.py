@@ -1,0 +1,105 @@
+"""The dataset card: ``README.md`` in a run directory, written when a run completes.
+
+It shows where every row went (the ledger as a funnel: rows in, kept, rejected by reason, per
+stage), a histogram with the cutoff marked for every threshold a stage applied (the CLIP score,
+say), what produced the run (package versions, config hash) and where the export is. Its
+statistics come from :mod:`pipelines.card_stats` (polars scans), its plots from
+:mod:`pipelines.card_plots`, written beside it under ``card/``. ``vlmcurate card RUN`` writes it
+again for an existing run.
+"""
+
+from __future__ import annotations
+
+from pipelines.card_plots import histogram_png
+from pipelines.card_stats import KEPT, REJECTED_HERE, score_histogram
+from pipelines.chain import PlannedStage
+from pipelines.rundir import RunDir
+from pipelines.stage import Cutoff
+from schemas.manifest import Manifest
+
+CARD = "README.md"
+CARD_ASSETS = "card"
+
+
+def write_card(rundir: RunDir, manifest: Manifest, stages: list[PlannedStage]) -> str:
+    """Write the card of the run in ``rundir`` (and its plots); return the card's path."""
+    sections = [_header(manifest), _funnel(manifest)]
+    notes = [(p.name, p.stage.card_notes(manifest.aggregates.get(p.name))) for p in stages]
+    if any(text for _, text in notes):
+        found = "\n\n".join(f"**{name}**: {text}" for name, text in notes if text)
+        sections.append(f"## What the stages found\n\n{found}")
+    for planned in stages:
+        cutoffs = planned.stage.cutoffs(manifest.aggregates.get(planned.name))
+        for column in dict.fromkeys(c.column for c in cutoffs):
+            sections.append(_cutoff_section(rundir, manifest, planned.name, column,
+                                            [c for c in cutoffs if c.column == column]))
+    sections.append(_provenance(manifest))
+    path = rundir.path(CARD)
+    rundir.write_bytes(path, ("\n\n".join(s for s in sections if s) + "\n").encode())
+    return path
+
+
+def _header(manifest: Manifest) -> str:
+    totals = manifest.stage_totals()
+    first = next(iter(totals.values()), None)
+    rows_in = first.rows_in if first else 0
+    rows_kept = manifest.phases[-1].rows_out if manifest.phases else 0
+    lines = [f"# Dataset card: {manifest.name}", "",
+             f"Status **{manifest.status}**; config hash `{manifest.config_hash}`; "
+             f"created {manifest.created_at}, last updated {manifest.updated_at}.", "",
+             f"**{rows_in:,}** rows in, **{rows_kept:,}** kept ({_percent(rows_kept, rows_in)}), "
+             f"**{rows_in - rows_kept:,}** rejected, each with a reason under `rejects/`."]
+    if manifest.export:
+        export = manifest.export
+        lines += ["", f"Export: `{export.get('folder')}` ({', '.join(export.get('formats', []))}; "
+                      f"{export.get('shards')} shard(s) of up to {export.get('samples_per_shard')} samples)."]
+    return "\n".join(lines)
+
+
+def _funnel(manifest: Manifest) -> str:
+    lines = ["## Funnel", "", "| phase | stage | rows in | kept | rejected | reasons |", "|---|---|---:|---:|---:|---|"]
+    for phase in manifest.phases:
+        for name in phase.stages:
+            counts = phase.counts.get(name)
+            if counts is None:
+                continue
+            rejected = counts.rows_in - counts.rows_kept
+            reasons = ", ".join(f"{reason} {n:,}" for reason, n in
+                                sorted(counts.rejected.items(), key=lambda item: (-item[1], item[0])))
+            lines.append(f"| {phase.name} | {name} | {counts.rows_in:,} | {counts.rows_kept:,} | "
+                         f"{rejected:,} | {reasons or '-'} |")
+    return "\n".join(lines)
+
+
+def _cutoff_section(rundir: RunDir, manifest: Manifest, stage: str, column: str, cutoffs: list[Cutoff]) -> str:
+    title = f"{column} ({stage})"
+    histogram = score_histogram(rundir, manifest, column, stage)
+    if histogram is None:
+        return f"## {title}\n\nNo row has a `{column}` value."
+    asset = f"{CARD_ASSETS}/{stage}-{column}.png"
+    rundir.write_bytes(rundir.path(asset), histogram_png(histogram, cutoffs, title))
+    marks = "; ".join(f"{c.label}: {c.value:.4g}" for c in cutoffs)
+    q = histogram.quantiles
+    rejected_here = int(histogram.counts[REJECTED_HERE].sum())
+    return "\n".join([
+        f"## {title}", "", f"![{title}]({asset})", "",
+        f"{histogram.total:,} rows have a `{column}`: 10th percentile {q[0.1]:.4f}, median {q[0.5]:.4f}, "
+        f"90th percentile {q[0.9]:.4f}. {marks}; {rejected_here:,} rows rejected by `{stage}`, "
+        f"{int(histogram.counts[KEPT].sum()):,} kept to the end.",
+    ])
+
+
+def _provenance(manifest: Manifest) -> str:
+    lines = ["## Provenance", "", "The full configuration is in `manifest.json` (`config`).", "",
+             "| package | version |", "|---|---|"]
+    lines += [f"| {name} | {version} |" for name, version in manifest.versions.items()]
+    for entry in manifest.history:
+        lines.append("")
+        lines.append(f"Resumed at {entry.get('resumed_at')}"
+                     + (f" with changed versions {entry['versions_changed']}" if entry.get("versions_changed") else "")
+                     + ".")
+    return "\n".join(lines)
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "n/a"

@@ -1,0 +1,40 @@
+"""Plots of the dataset card, drawn with matplotlib's file-only backend into PNG bytes."""
+
+from __future__ import annotations
+
+import io
+
+from pipelines.card_stats import KEPT, REJECTED_ELSEWHERE, REJECTED_HERE, Histogram
+from pipelines.stage import Cutoff
+
+_COLOURS = {KEPT: "#2b8a3e", REJECTED_HERE: "#c92a2a", REJECTED_ELSEWHERE: "#adb5bd"}
+
+
+def histogram_png(histogram: Histogram, cutoffs: list[Cutoff], title: str) -> bytes:
+    """Stacked histogram (kept, rejected by the stage, rejected by others) with cutoffs marked."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
+
+    figure = Figure(figsize=(7, 3.6), dpi=110)
+    axes = figure.subplots()
+    edges = histogram.edges
+    widths = edges[1:] - edges[:-1]
+    bottom = None
+    for group in (KEPT, REJECTED_HERE, REJECTED_ELSEWHERE):
+        counts = histogram.counts[group]
+        if not counts.any():
+            continue
+        axes.bar(edges[:-1], counts, width=widths, align="edge", bottom=bottom, color=_COLOURS[group],
+                 label=f"{group} ({int(counts.sum()):,})", linewidth=0)
+        bottom = counts if bottom is None else bottom + counts
+    for cutoff in cutoffs:
+        axes.axvline(cutoff.value, color="black", linestyle="--", linewidth=1)
+        axes.annotate(f"{cutoff.label}: {cutoff.value:.4g}", (cutoff.value, 1), xycoords=("data", "axes fraction"),
+                      xytext=(4, -12), textcoords="offset points", fontsize=8)
+    axes.set_xlabel(histogram.column)
+    axes.set_ylabel("rows")
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=8, loc="upper left")
+    figure.tight_layout()
+    out = io.BytesIO()
+    figure.savefig(out, format="png")
+    return out.getvalue()
