@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,9 +24,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image
 
-from pipelines.decode import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageRejected, check_header
+from pipelines.decode import DEFAULT_MAX_PIXELS, decode_to_pixels
 from pipelines.stage import Cutoff, GlobalStage, Rejections, Resources, Stage, default_resources, file_digest
 from schemas.columns import CAPTION, CLIP_PIXELS, CLIP_SCORE, IMAGE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
 
@@ -81,22 +79,10 @@ class ClipPreprocess(ClipModelRef, Stage):
         return {"preprocess": self._spec.as_dict()}  # all that the pixels depend on
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        transform = geometry_transform(self._spec)
+        pixels, failures = decode_to_pixels(batch[IMAGE].to_pylist(), geometry_transform(self._spec), self.max_pixels)
         rejections = Rejections(batch.num_rows)
-        pixels: list[bytes | None] = []
-        for i, body in enumerate(batch[IMAGE].to_pylist()):
-            try:
-                if body is None:
-                    raise ImageRejected("not_an_image", "no image bytes")
-                check_header(body, self.max_pixels, DEFAULT_MAX_DECODE_BYTES)
-                with Image.open(io.BytesIO(body)) as image:
-                    pixels.append(np.asarray(transform(image), dtype=np.uint8).tobytes())
-            except ImageRejected as e:
-                rejections.add(_one(batch.num_rows, i), e.reason, e.detail)
-                pixels.append(None)
-            except (OSError, SyntaxError, ValueError) as e:
-                rejections.add(_one(batch.num_rows, i), "decode_error", f"{type(e).__name__}: {e}")
-                pixels.append(None)
+        for row, reason, detail in failures:
+            rejections.add(_one(batch.num_rows, row), reason, detail)
         return rejections.attach(pa.table({CLIP_PIXELS: pa.array(pixels, pa.binary())}))
 
 

@@ -68,6 +68,17 @@ def blip_tokenizer(folder: str | None = None):
     return tokenizer
 
 
+def blip_image_spec(model: str) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(image size, mean, std) of a BLIP, read from its config without loading weights."""
+    if model.startswith(CONFIG_PREFIX):
+        _, spec = _project_config(model)
+        return spec["image_size"], tuple(spec["image_mean"]), tuple(spec["image_std"])
+    from transformers import BlipConfig
+
+    mean, std = _processor_normalisation(model)
+    return BlipConfig.from_pretrained(model).vision_config.image_size, mean, std
+
+
 def load_blip(task: str, model: str, device: str = "cpu", dtype: torch.dtype | None = None,
               init_seed: int = 0) -> BlipBundle:
     """Load the captioner (``task='caption'``) or the ITM filter (``task='itm'``); see the module."""
@@ -77,17 +88,13 @@ def load_blip(task: str, model: str, device: str = "cpu", dtype: torch.dtype | N
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     cls = BlipForConditionalGeneration if task == "caption" else BlipForImageTextRetrieval
     if model.startswith(CONFIG_PREFIX):
-        name = model[len(CONFIG_PREFIX):]
-        configs = blip_configs()
-        if name not in configs:
-            raise ValueError(f"unknown BLIP config {name!r}; known: {sorted(configs)}")
-        spec = json.loads(configs[name].read_text())
+        path, spec = _project_config(model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             network = cls(BlipConfig(**spec["blip"]))
         tokenizer = blip_tokenizer()
         size, mean, std = spec["image_size"], tuple(spec["image_mean"]), tuple(spec["image_std"])
-        source = {"config": name, "path": str(configs[name]), "init_seed": init_seed}
+        source = {"config": model, "path": str(path), "init_seed": init_seed}
     else:
         network = cls.from_pretrained(model)  # a hub name or a local folder, for users with weights
         tokenizer = blip_tokenizer(model) if Path(model).is_dir() else _hub_tokenizer(model)
@@ -97,6 +104,14 @@ def load_blip(task: str, model: str, device: str = "cpu", dtype: torch.dtype | N
     _check_vocabulary(network, tokenizer, model)
     network.to(device=device, dtype=dtype).eval()
     return BlipBundle(task, network, tokenizer, size, mean, std, source)
+
+
+def _project_config(model: str) -> tuple[Path, dict[str, Any]]:
+    name = model[len(CONFIG_PREFIX):]
+    configs = blip_configs()
+    if name not in configs:
+        raise ValueError(f"unknown BLIP config {name!r}; known: {sorted(configs)}")
+    return configs[name], json.loads(configs[name].read_text())
 
 
 def _hub_tokenizer(name: str):

@@ -15,9 +15,11 @@ import importlib.util
 import io
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 NOT_AN_IMAGE = "not_an_image"
@@ -154,3 +156,26 @@ class Reencoder:
             reason = TOO_SMALL if error == "image too small" else DECODE_ERROR
             raise ImageRejected(reason, error)
         return Encoded(data, width, height, original_width, original_height)
+
+
+def decode_to_pixels(bodies: list[bytes | None], transform: Callable[[Image.Image], Image.Image],
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[bytes | None], list[tuple[int, str, str]]]:
+    """Decode each image and apply ``transform`` (PIL in, PIL RGB out) for a model's input:
+    the uint8 HWC bytes of each result, and ``(row, reason, detail)`` for those that failed
+    (``not_an_image``, ``decompression_bomb``, ``decode_error``), whose pixels are None."""
+    pixels: list[bytes | None] = []
+    failures: list[tuple[int, str, str]] = []
+    for i, body in enumerate(bodies):
+        try:
+            if body is None:
+                raise ImageRejected(NOT_AN_IMAGE, "no image bytes")
+            check_header(body, max_pixels, DEFAULT_MAX_DECODE_BYTES)
+            with Image.open(io.BytesIO(body)) as image:
+                pixels.append(np.asarray(transform(image), dtype=np.uint8).tobytes())
+        except ImageRejected as e:
+            failures.append((i, e.reason, e.detail))
+            pixels.append(None)
+        except (OSError, SyntaxError, ValueError) as e:
+            failures.append((i, DECODE_ERROR, f"{type(e).__name__}: {e}"))
+            pixels.append(None)
+    return pixels, failures

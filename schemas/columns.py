@@ -34,6 +34,11 @@ IMAGE_EMBEDDING = "image_embedding"
 TEXT_EMBEDDING = "text_embedding"
 CLIP_SCORE = "clip_score"
 
+# CapFilt (BLIP).
+BLIP_PIXELS = "blip_pixels"
+SYNTHETIC_CAPTIONS = "synthetic_captions"
+CAPTION_SEED = "caption_seed"
+
 
 @dataclass(frozen=True)
 class Column:
@@ -67,6 +72,10 @@ _COLUMNS = (
     Column(IMAGE_EMBEDDING, pa.list_(pa.float16()), "L2-normalised CLIP image embedding", heavy=True),
     Column(TEXT_EMBEDDING, pa.list_(pa.float16()), "L2-normalised CLIP embedding of the caption", heavy=True),
     Column(CLIP_SCORE, pa.float32(), "cosine of the image and caption embeddings (raw, in [-1, 1]; not x100)"),
+    Column(BLIP_PIXELS, pa.binary(), "the image decoded and resized (square) for a BLIP: uint8 HWC RGB",
+           heavy=True, transient=True),
+    Column(SYNTHETIC_CAPTIONS, pa.list_(pa.string()), "captions a captioner wrote for the image"),
+    Column(CAPTION_SEED, pa.int64(), "the sampling seed of the captioner's batch that wrote this row's captions"),
 )
 
 COLUMNS: dict[str, Column] = {c.name: c for c in _COLUMNS}
