@@ -117,7 +117,8 @@ class BlipCaption(Stage):
         torch = self._torch
         n = batch.num_rows
         seed = int(self.seed * 1_000_003 + batch[SOURCE_INDEX][0].as_py()) if n else self.seed
-        pixels = self._pixels(batch[BLIP_PIXELS])
+        pixels = blip_pixel_tensor(batch[BLIP_PIXELS], self._bundle.image_size, self._mean, self._std,
+                                   self._device).to(self._dtype)
         prompt = self._prompt_ids.repeat(n, 1)  # generate writes [DEC] into column 0: no shared views
         sampling = self.num_beams == 1
         options = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
@@ -137,14 +138,16 @@ class BlipCaption(Stage):
         return pa.table({SYNTHETIC_CAPTIONS: pa.array(captions, pa.list_(pa.string())),
                          CAPTION_SEED: pa.array([seed] * n, pa.int64())})
 
-    def _pixels(self, column: pa.ChunkedArray) -> Any:
-        torch = self._torch
-        size = self._bundle.image_size
-        buffers = column.to_pylist()
-        wrong = [len(b) for b in buffers if len(b) != size * size * 3]
-        if wrong:
-            raise ValueError(f"blip_pixels hold {wrong[0]} bytes, not {size * size * 3} ({size}x{size} RGB): "
-                             f"BlipPreprocess was configured for another model than BlipCaption")
-        array = np.frombuffer(b"".join(buffers), dtype=np.uint8).reshape(len(buffers), size, size, 3)
-        images = torch.from_numpy(array.copy()).to(self._device).permute(0, 3, 1, 2).float().div_(255)
-        return ((images - self._mean) / self._std).to(self._dtype)
+
+def blip_pixel_tensor(column: pa.ChunkedArray, size: int, mean: Any, std: Any, device: Any) -> Any:
+    """``blip_pixels`` as a normalised float (N, 3, size, size) tensor on ``device``."""
+    import torch
+
+    buffers = column.to_pylist()
+    wrong = [len(b) for b in buffers if len(b) != size * size * 3]
+    if wrong:
+        raise ValueError(f"blip_pixels hold {wrong[0]} bytes, not {size * size * 3} ({size}x{size} RGB): "
+                         f"BlipPreprocess was configured for another BLIP than this stage's")
+    array = np.frombuffer(b"".join(buffers), dtype=np.uint8).reshape(len(buffers), size, size, 3)
+    images = torch.from_numpy(array.copy()).to(device).permute(0, 3, 1, 2).float().div_(255)
+    return (images - mean) / std

@@ -38,6 +38,10 @@ CLIP_SCORE = "clip_score"
 BLIP_PIXELS = "blip_pixels"
 SYNTHETIC_CAPTIONS = "synthetic_captions"
 CAPTION_SEED = "caption_seed"
+CAPTION_SCORES = "caption_scores"
+CAPTION_SOURCE = "caption_source"
+WEB_CAPTION = "web_caption"
+SELECTED_CAPTIONS = "selected_captions"
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,11 @@ _COLUMNS = (
            heavy=True, transient=True),
     Column(SYNTHETIC_CAPTIONS, pa.list_(pa.string()), "captions a captioner wrote for the image"),
     Column(CAPTION_SEED, pa.int64(), "the sampling seed of the captioner's batch that wrote this row's captions"),
+    Column(CAPTION_SCORES, pa.list_(pa.float32()),
+           "image-text match probability of each candidate caption: the web caption first, then the synthetic ones"),
+    Column(CAPTION_SOURCE, pa.string(), "where the selected caption came from: web or synthetic"),
+    Column(WEB_CAPTION, pa.string(), "the caption the pool came with, kept when CapFilt selects another"),
+    Column(SELECTED_CAPTIONS, pa.list_(pa.string()), "every candidate caption that passed the CapFilt filter"),
 )
 
 COLUMNS: dict[str, Column] = {c.name: c for c in _COLUMNS}

@@ -56,3 +56,65 @@ def test_parameters_are_checked():
         BlipCaption(num_beams=2, num_captions=5)
     with pytest.raises(ValueError, match="top_p"):
         BlipCaption(top_p=0)
+
+
+def test_select_policies_and_the_no_caption_reject():
+    from generators.capfilt_filter import CapFiltSelect
+    from schemas.columns import CAPTION, CAPTION_SCORES, CAPTION_SOURCE, SELECTED_CAPTIONS, WEB_CAPTION
+    from schemas.rejects import REJECT_DETAIL, REJECT_REASON
+
+    batch = pa.table({CAPTION: ["web ok", "web bad", "all bad"],
+                      SYNTHETIC_CAPTIONS: [["s1", "s2"], ["s3", "s4"], ["s5"]],
+                      CAPTION_SCORES: pa.array([[0.6, 0.9, 0.7], [0.2, 0.55, 0.8], [0.1, 0.4]], pa.list_(pa.float32()))})
+    web_first = CapFiltSelect(policy="web_first")(batch)
+    assert web_first[CAPTION].to_pylist()[:2] == ["web ok", "s4"]
+    assert web_first[CAPTION_SOURCE].to_pylist()[:2] == ["web", "synthetic"]
+    assert web_first[WEB_CAPTION].to_pylist() == ["web ok", "web bad", "all bad"]
+    assert web_first[REJECT_REASON].to_pylist() == [None, None, "capfilt_no_caption"]
+    assert '"best_score": 0.4' in web_first[REJECT_DETAIL][2].as_py()
+    best = CapFiltSelect(policy="best")(batch)
+    assert best[CAPTION].to_pylist()[:2] == ["s1", "s4"] and best[SELECTED_CAPTIONS].to_pylist()[:2] == [["s1"], ["s4"]]
+    every = CapFiltSelect(policy="all")(batch)
+    assert every[SELECTED_CAPTIONS].to_pylist()[:2] == [["s1", "s2", "web ok"], ["s4", "s3"]]
+    with pytest.raises(ValueError, match="policy must be one of"):
+        CapFiltSelect(policy="longest")
+
+
+def test_capfilt_pipeline_scores_every_candidate_and_closes_its_ledger(tmp_path, runner_factory):
+    from schemas.columns import CAPTION_SCORES, CAPTION_SOURCE
+
+    raw = _config(tmp_path, "capfilt")
+    raw["stages"] += [{"stage": "generators.capfilt_filter:BlipItmScore", "resources": {"batch_size": 4}},
+                      {"stage": "generators.capfilt_filter:CapFiltSelect", "threshold": 0.5}]
+    plan, manifest = run_pipeline_dict(raw, runner_factory("local"))
+    totals = manifest.stage_totals()
+    rows = read_phase(plan.run_uri, manifest.final_phase)
+    assert all(len(s) == 4 and all(0 <= x <= 1 for x in s) for s in rows[CAPTION_SCORES].to_pylist())
+    assert set(rows[CAPTION_SOURCE].to_pylist()) <= {"web", "synthetic"}
+    select = totals["capfilt_select"]
+    assert select.rows_in == 11 and select.rows_kept + select.rejected.get("capfilt_no_caption", 0) == 11
+
+
+def test_shared_image_features_give_the_models_own_itm_probabilities():
+    import numpy as np
+    import torch
+
+    from generators.capfilt_filter import BlipItmScore
+    from schemas.columns import BLIP_PIXELS, CAPTION, CAPTION_SCORES
+
+    stage = BlipItmScore(device="cpu")
+    stage.setup()
+    size = stage._bundle.image_size
+    pixels = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    batch = pa.table({BLIP_PIXELS: pa.array([p.tobytes() for p in pixels], pa.binary()),
+                      CAPTION: ["a dog", "a red car"], SYNTHETIC_CAPTIONS: [["a cat on a mat"], []]})
+    scores = stage(batch)[CAPTION_SCORES].to_pylist()
+    bundle = stage._bundle
+    texts, images = ["a dog", "a cat on a mat", "a red car"], [0, 0, 1]
+    tensor = (torch.from_numpy(pixels[images]).permute(0, 3, 1, 2).float() / 255 - stage._mean) / stage._std
+    tokens = bundle.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = bundle.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                              pixel_values=tensor, use_itm_head=True).itm_score
+    expected = logits.softmax(-1)[:, 1].tolist()
+    assert np.allclose(scores[0] + scores[1], expected, atol=1e-5)

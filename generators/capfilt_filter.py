@@ -1,0 +1,145 @@
+"""BLIP CapFilt's filter and the choice of caption(s) per row.
+
+``BlipItmScore`` scores every candidate caption of a row, the web caption first and then the
+synthetic ones, with the ITM head: the softmax probability of "match" (BLIP's filter). The
+image goes through the vision encoder once and its features are shared by all its candidates.
+``CapFiltSelect`` keeps the candidates at or above ``threshold`` (0.5, as BLIP's authors
+describe) and chooses the row's caption by ``policy``; a row with none left is rejected with
+``capfilt_no_caption``. The web caption, when replaced, stays in ``web_caption``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.stage import Rejections, Resources, Stage, default_resources
+from schemas.columns import (
+    BLIP_PIXELS,
+    CAPTION,
+    CAPTION_SCORES,
+    CAPTION_SOURCE,
+    SELECTED_CAPTIONS,
+    SYNTHETIC_CAPTIONS,
+    WEB_CAPTION,
+)
+
+NO_CAPTION = "capfilt_no_caption"
+POLICIES = ("web_first", "best", "all")
+
+
+@dataclass
+class BlipItmScore(Stage):
+    """Writes ``caption_scores``: the ITM match probability of the web and synthetic captions."""
+
+    name: ClassVar[str] = "blip_itm_score"
+    input_columns: ClassVar[tuple[str, ...]] = (BLIP_PIXELS, CAPTION, SYNTHETIC_CAPTIONS)
+    output_columns: ClassVar[tuple[str, ...]] = (CAPTION_SCORES,)
+
+    model: str = "config:blip-tiny"
+    max_text_tokens: int = 35
+    device: str = "auto"
+    precision: str = "auto"
+    resources: Resources = default_resources(batch_size=32, gpus=1.0)
+
+    def setup(self) -> None:
+        import torch
+
+        from models.blip import load_blip
+
+        device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cpu":
+            torch.set_num_threads(max(1, math.ceil(self.resources.cpus)))
+        precision = self.precision if self.precision != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
+        self._dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self._torch, self._device = torch, torch.device(device)
+        self._bundle = load_blip("itm", self.model, device=device, dtype=self._dtype)
+        self._mean = torch.tensor(self._bundle.mean, device=self._device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self._bundle.std, device=self._device).view(1, 3, 1, 1)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from generators.capfilt import blip_pixel_tensor
+
+        torch, model = self._torch, self._bundle.model
+        web = batch[CAPTION].to_pylist()
+        synthetic = batch[SYNTHETIC_CAPTIONS].to_pylist()
+        candidates = [[w or ""] + list(s or []) for w, s in zip(web, synthetic)]
+        owner = np.repeat(np.arange(batch.num_rows), [len(c) for c in candidates])
+        texts = [t for c in candidates for t in c]
+        pixels = blip_pixel_tensor(batch[BLIP_PIXELS], self._bundle.image_size, self._mean, self._std,
+                                   self._device).to(self._dtype)
+        tokens = self._bundle.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_tokens,
+                                        return_tensors="pt").to(self._device)
+        with torch.inference_mode():
+            image = model.vision_model(pixel_values=pixels).last_hidden_state
+            image = image[torch.from_numpy(owner).to(self._device)]
+            text = model.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                      encoder_hidden_states=image,
+                                      encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long,
+                                                                        device=self._device)).last_hidden_state
+            match = model.itm_head(text[:, 0, :]).float().softmax(-1)[:, 1].cpu().numpy()
+        bounds = np.cumsum([0] + [len(c) for c in candidates])
+        scores = [match[bounds[i]:bounds[i + 1]].tolist() for i in range(batch.num_rows)]
+        return pa.table({CAPTION_SCORES: pa.array(scores, pa.list_(pa.float32()))})
+
+
+@dataclass
+class CapFiltSelect(Stage):
+    """Chooses each row's caption among the candidates whose ITM score is >= ``threshold``.
+
+    ``policy``: ``web_first`` keeps the web caption if it passes, else the best synthetic one;
+    ``best`` takes the highest-scoring candidate; ``all`` does the same and lists every passing
+    candidate, best first, in ``selected_captions`` (several training pairs per image), which
+    otherwise holds the one chosen.
+    """
+
+    name: ClassVar[str] = "capfilt_select"
+    input_columns: ClassVar[tuple[str, ...]] = (CAPTION, SYNTHETIC_CAPTIONS, CAPTION_SCORES)
+    output_columns: ClassVar[tuple[str, ...]] = (CAPTION, WEB_CAPTION, CAPTION_SOURCE, SELECTED_CAPTIONS)
+
+    threshold: float = 0.5
+    policy: str = "web_first"
+    resources: Resources = default_resources(batch_size=4096)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold is a match probability in [0, 1], got {self.threshold}")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rejections = Rejections(batch.num_rows)
+        chosen, sources, selected, failed, details = [], [], [], [], []
+        rows = zip(batch[CAPTION].to_pylist(), batch[SYNTHETIC_CAPTIONS].to_pylist(), batch[CAPTION_SCORES].to_pylist())
+        for web, synthetic, scores in rows:
+            candidates = [web] + list(synthetic or [])
+            if len(scores) != len(candidates):
+                raise ValueError(f"{len(scores)} caption_scores for {len(candidates)} candidates: "
+                                 f"was BlipItmScore run after the captioner?")
+            passing = sorted((s, -i) for i, s in enumerate(scores) if s >= self.threshold)[::-1]
+            if not passing:
+                chosen.append(web)
+                sources.append(None)
+                selected.append([])
+                failed.append(True)
+                details.append(json.dumps({"best_score": round(max(scores), 4), "threshold": self.threshold}))
+                continue
+            best = -passing[0][1]
+            pick = 0 if self.policy == "web_first" and scores[0] >= self.threshold else best
+            chosen.append(candidates[pick])
+            sources.append("web" if pick == 0 else "synthetic")
+            selected.append([candidates[-i] for _, i in passing] if self.policy == "all" else [candidates[pick]])
+            failed.append(False)
+            details.append(None)
+        rejections.add(np.array(failed), NO_CAPTION, pa.array(details, pa.string()))
+        return rejections.attach(pa.table({
+            CAPTION: pa.array(chosen, pa.string()),
+            WEB_CAPTION: batch[CAPTION],
+            CAPTION_SOURCE: pa.array(sources, pa.string()),
+            SELECTED_CAPTIONS: pa.array(selected, pa.list_(pa.string())),
+        }))
