@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -81,8 +80,7 @@ class ClipPreprocess(ClipModelRef, Stage):
     def __call__(self, batch: pa.Table) -> pa.Table:
         pixels, failures = decode_to_pixels(batch[IMAGE].to_pylist(), geometry_transform(self._spec), self.max_pixels)
         rejections = Rejections(batch.num_rows)
-        for row, reason, detail in failures:
-            rejections.add(_one(batch.num_rows, row), reason, detail)
+        rejections.add_each(failures)
         return rejections.attach(pa.table({CLIP_PIXELS: pa.array(pixels, pa.binary())}))
 
 
@@ -96,12 +94,6 @@ def geometry_transform(spec: Any) -> Any:
     steps = [t for t in full.transforms if not isinstance(t, (T.ToTensor, T.Normalize))
              and type(t).__name__ != "MaybeToTensor"]
     return T.Compose(steps)
-
-
-def _one(num_rows: int, index: int) -> np.ndarray:
-    mask = np.zeros(num_rows, dtype=bool)
-    mask[index] = True
-    return mask
 
 
 @dataclass
@@ -123,9 +115,10 @@ class ClipEmbed(ClipModelRef, Stage):
     resources: Resources = default_resources(batch_size=256, gpus=1.0)
 
     def __post_init__(self) -> None:
+        from models.inference import check_precision
+
         self._check_model()
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
+        check_precision(self.precision)
 
     def identity(self) -> dict[str, Any]:
         return self._model_identity()
@@ -134,25 +127,21 @@ class ClipEmbed(ClipModelRef, Stage):
         import torch
 
         from models.clip import load_clip
+        from models.inference import inference_device
 
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            torch.set_num_threads(max(1, math.ceil(self.resources.cpus)))
         self._torch = torch
-        self._device = torch.device(device)
-        self._bundle = load_clip(self.model, pretrained=self.pretrained, checkpoint=self.checkpoint, device=device)
-        spec = self._bundle.spec
-        self._mean = torch.tensor(spec.mean, device=self._device).view(1, 3, 1, 1)
-        self._std = torch.tensor(spec.std, device=self._device).view(1, 3, 1, 1)
-        self._size = spec.image_size
-        precision = self.precision if self.precision != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
-        self._autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self._device, dtype = inference_device(self.device, self.precision, self.resources.cpus)
+        self._bundle = load_clip(self.model, pretrained=self.pretrained, checkpoint=self.checkpoint,
+                                 device=str(self._device))
+        self._autocast_dtype = None if dtype == torch.float32 else dtype
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from models.inference import normalised_pixels
+
         torch = self._torch
-        images = self._image_tensor(batch[CLIP_PIXELS])
+        spec = self._bundle.spec
+        images = normalised_pixels(batch[CLIP_PIXELS].to_pylist(), spec.image_size, spec.mean, spec.std,
+                                   self._device, "clip_pixels (ClipPreprocess)")
         tokens = self._bundle.tokenizer(batch[CAPTION].to_pylist()).to(self._device)
         with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._autocast_dtype,
                                                     enabled=self._autocast_dtype is not None):
@@ -166,22 +155,6 @@ class ClipEmbed(ClipModelRef, Stage):
             TEXT_EMBEDDING: _float16_lists(text_emb.cpu().numpy()),
             CLIP_SCORE: pa.array(scores.cpu().numpy().astype(np.float32)),
         })
-
-    def _image_tensor(self, column: pa.ChunkedArray) -> Any:
-        torch = self._torch
-        expected = self._size * self._size * 3
-        buffers = column.to_pylist()
-        wrong = [len(b) for b in buffers if len(b) != expected]
-        if wrong:
-            raise ValueError(f"clip_pixels hold {wrong[0]} bytes, not {expected} ({self._size}x{self._size} RGB): "
-                             f"the ClipPreprocess stage was configured for another model than ClipEmbed")
-        array = np.empty((len(buffers), self._size, self._size, 3), dtype=np.uint8)
-        for i, body in enumerate(buffers):
-            array[i] = np.frombuffer(body, dtype=np.uint8).reshape(self._size, self._size, 3)
-        images = torch.from_numpy(array).to(self._device).permute(0, 3, 1, 2).float().div_(255)
-        # NHWC pixels permuted are already channels-last, which convolutions run faster on CPU
-        # (oneDNN) and GPU alike; say so, so no later edit turns it into an NCHW copy.
-        return ((images - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
 
 
 def _float16_lists(matrix: np.ndarray) -> pa.Array:

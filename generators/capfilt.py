@@ -13,11 +13,9 @@ the config) reproduces every caption under either runner.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import pyarrow as pa
 
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_to_pixels
@@ -55,10 +53,7 @@ class BlipPreprocess(Stage):
 
         pixels, failures = decode_to_pixels(batch[IMAGE].to_pylist(), square, self.max_pixels)
         rejections = Rejections(batch.num_rows)
-        for row, reason, detail in failures:
-            mask = np.zeros(batch.num_rows, dtype=bool)
-            mask[row] = True
-            rejections.add(mask, reason, detail)
+        rejections.add_each(failures)
         return rejections.attach(pa.table({BLIP_PIXELS: pa.array(pixels, pa.binary())}))
 
 
@@ -92,33 +87,28 @@ class BlipCaption(Stage):
                              f"not num_captions {self.num_captions}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
+        from models.inference import check_precision
+
+        check_precision(self.precision)
 
     def setup(self) -> None:
         import torch
 
         from models.blip import load_blip
+        from models.inference import inference_device
 
-        device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cpu":
-            torch.set_num_threads(max(1, math.ceil(self.resources.cpus)))
-        precision = self.precision if self.precision != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        self._torch, self._device, self._dtype = torch, torch.device(device), dtype
-        self._bundle = load_blip("caption", self.model, device=device, dtype=dtype)
-        bundle = self._bundle
-        self._mean = torch.tensor(bundle.mean, device=self._device).view(1, 3, 1, 1)
-        self._std = torch.tensor(bundle.std, device=self._device).view(1, 3, 1, 1)
+        self._torch = torch
+        self._device, self._dtype = inference_device(self.device, self.precision, self.resources.cpus)
+        self._bundle = load_blip("caption", self.model, device=str(self._device), dtype=self._dtype)
         # The prompt without its trailing [SEP]: generation continues it (BLIP replaces [CLS] by [DEC]).
-        self._prompt_ids = bundle.tokenizer(self.prompt.strip(), return_tensors="pt").input_ids[:, :-1].to(self._device)
+        prompt = self._bundle.tokenizer(self.prompt.strip(), return_tensors="pt").input_ids[:, :-1]
+        self._prompt_ids = prompt.to(self._device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         torch = self._torch
         n = batch.num_rows
         seed = int(self.seed * 1_000_003 + batch[SOURCE_INDEX][0].as_py()) if n else self.seed
-        pixels = blip_pixel_tensor(batch[BLIP_PIXELS], self._bundle.image_size, self._mean, self._std,
-                                   self._device).to(self._dtype)
+        pixels = blip_pixels(batch, self._bundle, self._device).to(self._dtype)
         prompt = self._prompt_ids.repeat(n, 1)  # generate writes [DEC] into column 0: no shared views
         sampling = self.num_beams == 1
         options = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
@@ -139,15 +129,9 @@ class BlipCaption(Stage):
                          CAPTION_SEED: pa.array([seed] * n, pa.int64())})
 
 
-def blip_pixel_tensor(column: pa.ChunkedArray, size: int, mean: Any, std: Any, device: Any) -> Any:
-    """``blip_pixels`` as a normalised float (N, 3, size, size) tensor on ``device``."""
-    import torch
+def blip_pixels(batch: pa.Table, bundle: Any, device: Any) -> Any:
+    """``blip_pixels`` as the normalised input batch of ``bundle``'s BLIP."""
+    from models.inference import normalised_pixels
 
-    buffers = column.to_pylist()
-    wrong = [len(b) for b in buffers if len(b) != size * size * 3]
-    if wrong:
-        raise ValueError(f"blip_pixels hold {wrong[0]} bytes, not {size * size * 3} ({size}x{size} RGB): "
-                         f"BlipPreprocess was configured for another BLIP than this stage's")
-    array = np.frombuffer(b"".join(buffers), dtype=np.uint8).reshape(len(buffers), size, size, 3)
-    images = torch.from_numpy(array.copy()).to(device).permute(0, 3, 1, 2).float().div_(255)
-    return (images - mean) / std
+    return normalised_pixels(batch[BLIP_PIXELS].to_pylist(), bundle.image_size, bundle.mean, bundle.std, device,
+                             "blip_pixels (BlipPreprocess)")

@@ -11,7 +11,6 @@ describe) and chooses the row's caption by ``policy``; a row with none left is r
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,23 +46,23 @@ class BlipItmScore(Stage):
     precision: str = "auto"
     resources: Resources = default_resources(batch_size=32, gpus=1.0)
 
+    def __post_init__(self) -> None:
+        from models.inference import check_precision
+
+        check_precision(self.precision)
+
     def setup(self) -> None:
         import torch
 
         from models.blip import load_blip
+        from models.inference import inference_device
 
-        device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cpu":
-            torch.set_num_threads(max(1, math.ceil(self.resources.cpus)))
-        precision = self.precision if self.precision != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
-        self._dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        self._torch, self._device = torch, torch.device(device)
-        self._bundle = load_blip("itm", self.model, device=device, dtype=self._dtype)
-        self._mean = torch.tensor(self._bundle.mean, device=self._device).view(1, 3, 1, 1)
-        self._std = torch.tensor(self._bundle.std, device=self._device).view(1, 3, 1, 1)
+        self._torch = torch
+        self._device, self._dtype = inference_device(self.device, self.precision, self.resources.cpus)
+        self._bundle = load_blip("itm", self.model, device=str(self._device), dtype=self._dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from generators.capfilt import blip_pixel_tensor
+        from generators.capfilt import blip_pixels
 
         torch, model = self._torch, self._bundle.model
         web = batch[CAPTION].to_pylist()
@@ -71,8 +70,7 @@ class BlipItmScore(Stage):
         candidates = [[w or ""] + list(s or []) for w, s in zip(web, synthetic)]
         owner = np.repeat(np.arange(batch.num_rows), [len(c) for c in candidates])
         texts = [t for c in candidates for t in c]
-        pixels = blip_pixel_tensor(batch[BLIP_PIXELS], self._bundle.image_size, self._mean, self._std,
-                                   self._device).to(self._dtype)
+        pixels = blip_pixels(batch, self._bundle, self._device).to(self._dtype)
         tokens = self._bundle.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_tokens,
                                         return_tensors="pt").to(self._device)
         with torch.inference_mode():

@@ -22,6 +22,7 @@ Data workers under ``RayRunner``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -191,6 +192,13 @@ class Rejections:
         else:
             detail = pc.cast(_as_array(detail), pa.string())
         self._detail = pc.if_else(fresh, detail, self._detail)
+
+    def add_each(self, rows: Iterable[tuple[int, str, str | None]]) -> None:
+        """Reject single rows, each ``(row, reason, detail)`` with its own reason and detail."""
+        for row, reason, detail in rows:
+            mask = [False] * self.num_rows
+            mask[row] = True
+            self.add(mask, reason, detail)
 
     @property
     def any(self) -> bool:

@@ -133,7 +133,7 @@ class ClusterDedup(GlobalStage):
         if manifest is None or manifest.status != "complete" or manifest.final_phase is None:
             raise ValueError(f"against: {run!r} is not a completed run (no manifest.json with status complete)")
         columns = [UID, *self.feature_columns]
-        parts = []
+        parts, seen = [], 0
         for path in rundir.parquet_files(manifest.final_phase):
             table = rundir.read_table(path)
             missing = [c for c in columns if c not in table.column_names]
@@ -143,11 +143,11 @@ class ClusterDedup(GlobalStage):
             for batch in table.select(columns).to_batches(self.resources.batch_size):
                 batch = pa.Table.from_batches([batch])
                 # Negative positions: never confused with this pool's source_index.
-                start = -1 - sum(len(p["index"]) for p in parts)
                 parts.append({"uid": np.asarray(batch[UID].to_pylist(), dtype=object),
-                              "index": np.arange(start, start - batch.num_rows, -1, dtype=np.int64),
+                              "index": -1 - np.arange(seen, seen + batch.num_rows, dtype=np.int64),
                               "preference": np.zeros(batch.num_rows), "features": self.features(batch),
                               "pinned": True})
+                seen += batch.num_rows
         return parts
 
     def decide(self, batch: pa.Table, state: dict[str, Any]) -> pa.Table:

@@ -111,7 +111,8 @@ def test_shared_image_features_give_the_models_own_itm_probabilities():
     scores = stage(batch)[CAPTION_SCORES].to_pylist()
     bundle = stage._bundle
     texts, images = ["a dog", "a cat on a mat", "a red car"], [0, 0, 1]
-    tensor = (torch.from_numpy(pixels[images]).permute(0, 3, 1, 2).float() / 255 - stage._mean) / stage._std
+    mean, std = torch.tensor(bundle.mean).view(1, 3, 1, 1), torch.tensor(bundle.std).view(1, 3, 1, 1)
+    tensor = (torch.from_numpy(pixels[images]).permute(0, 3, 1, 2).float() / 255 - mean) / std
     tokens = bundle.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.inference_mode():
         logits = bundle.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,

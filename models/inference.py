@@ -1,0 +1,49 @@
+"""What every model stage does before and around its model: pick the device and precision,
+size CPU threads, and turn stored uint8 pixels into a normalised input batch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
+
+
+def inference_device(device: str, precision: str, cpus: float) -> tuple[torch.device, torch.dtype]:
+    """The device (``auto``: the GPU if the worker has one) and compute dtype (``auto``: fp16 on
+    a GPU, fp32 on a CPU). On a CPU, torch runs ``ceil(cpus)`` threads: the CPUs the runner
+    granted the stage, not torch's default of every core of a shared machine."""
+    check_precision(precision)
+    chosen = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if chosen.type == "cpu":
+        torch.set_num_threads(max(1, math.ceil(cpus)))
+    if precision == "auto":
+        precision = "fp16" if chosen.type == "cuda" else "fp32"
+    return chosen, _DTYPES[precision]
+
+
+def normalised_pixels(buffers: Sequence[bytes], size: int, mean: Sequence[float], std: Sequence[float],
+                      device: torch.device, what: str) -> torch.Tensor:
+    """uint8 HWC RGB images of ``size`` x ``size`` as a (N, 3, size, size) float tensor, scaled to
+    [0, 1] and normalised. The result is channels-last (the NHWC bytes permuted), which
+    convolutions run faster on CPU (oneDNN) and GPU alike. ``what`` names the column and the
+    stage that wrote it, for the error when the geometry differs."""
+    expected = size * size * 3
+    wrong = [len(b) for b in buffers if len(b) != expected]
+    if wrong:
+        raise ValueError(f"{what} hold {wrong[0]} bytes, not {expected} ({size}x{size} RGB): it was "
+                         f"configured for another model than this stage")
+    array = np.frombuffer(b"".join(buffers), dtype=np.uint8).reshape(len(buffers), size, size, 3)
+    images = torch.from_numpy(array.copy()).to(device).permute(0, 3, 1, 2).float().div_(255)
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return ((images - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
