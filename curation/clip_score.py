@@ -96,23 +96,14 @@ def geometry_transform(spec: Any) -> Any:
     return T.Compose(steps)
 
 
-@dataclass
-class ClipEmbed(ClipModelRef, Stage):
-    """Embeds images (from ``clip_pixels``) and captions; writes both embeddings and ``clip_score``.
-
-    ``device: auto`` takes the GPU when the worker has one (``resources.gpus``, 1 by default; on
-    a cluster without GPUs the runner falls back to a CPU actor granted the node's cores, and
-    the model runs that many torch threads); ``precision: auto`` runs fp16 autocast on a GPU and
-    fp32 on a CPU.
-    """
-
-    name: ClassVar[str] = "clip_embed"
-    input_columns: ClassVar[tuple[str, ...]] = (CLIP_PIXELS, CAPTION)
-    output_columns: ClassVar[tuple[str, ...]] = (IMAGE_EMBEDDING, TEXT_EMBEDDING, CLIP_SCORE)
+@dataclass(kw_only=True)
+class ClipInference(ClipModelRef):
+    """A CLIP loaded once per worker: on the GPU where the worker has one (``device: auto``), in
+    fp16 autocast there (``precision: auto``) and fp32 on a CPU with as many torch threads as the
+    worker's CPUs."""
 
     device: str = "auto"
     precision: str = "auto"
-    resources: Resources = default_resources(batch_size=256, gpus=1.0)
 
     def __post_init__(self) -> None:
         from models.inference import check_precision
@@ -135,6 +126,32 @@ class ClipEmbed(ClipModelRef, Stage):
                                  device=str(self._device))
         self._autocast_dtype = None if dtype == torch.float32 else dtype
 
+    def _inference(self) -> Any:
+        """The context to run the model in: no autograd, autocast when not fp32."""
+        import contextlib
+
+        torch = self._torch
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(torch.autocast(self._device.type, dtype=self._autocast_dtype,
+                                           enabled=self._autocast_dtype is not None))
+        return stack
+
+
+@dataclass
+class ClipEmbed(ClipInference, Stage):
+    """Embeds images (from ``clip_pixels``) and captions; writes both embeddings and ``clip_score``.
+
+    On a cluster without GPUs the runner falls back to a CPU actor granted the node's cores
+    (``resources.gpus`` asks for 1 by default).
+    """
+
+    name: ClassVar[str] = "clip_embed"
+    input_columns: ClassVar[tuple[str, ...]] = (CLIP_PIXELS, CAPTION)
+    output_columns: ClassVar[tuple[str, ...]] = (IMAGE_EMBEDDING, TEXT_EMBEDDING, CLIP_SCORE)
+
+    resources: Resources = default_resources(batch_size=256, gpus=1.0)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         from models.inference import normalised_pixels
 
@@ -143,8 +160,7 @@ class ClipEmbed(ClipModelRef, Stage):
         images = normalised_pixels(batch[CLIP_PIXELS].to_pylist(), spec.image_size, spec.mean, spec.std,
                                    self._device, "clip_pixels (ClipPreprocess)")
         tokens = self._bundle.tokenizer(batch[CAPTION].to_pylist()).to(self._device)
-        with torch.inference_mode(), torch.autocast(self._device.type, dtype=self._autocast_dtype,
-                                                    enabled=self._autocast_dtype is not None):
+        with self._inference():
             image_emb = self._bundle.model.encode_image(images)
             text_emb = self._bundle.model.encode_text(tokens)
         image_emb = torch.nn.functional.normalize(image_emb.float(), dim=-1)

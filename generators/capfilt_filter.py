@@ -1,30 +1,39 @@
 """BLIP CapFilt's filter and the choice of caption(s) per row.
 
-``BlipItmScore`` scores every candidate caption of a row, the web caption first and then the
-synthetic ones, with the ITM head: the softmax probability of "match" (BLIP's filter). The
-image goes through the vision encoder once and its features are shared by all its candidates.
-``CapFiltSelect`` keeps the candidates at or above ``threshold`` (0.5, as BLIP's authors
-describe) and chooses the row's caption by ``policy``; a row with none left is rejected with
-``capfilt_no_caption``. The web caption, when replaced, stays in ``web_caption``.
+A scorer writes ``caption_scores``, one score per candidate caption of a row, the web caption
+first and then the synthetic ones:
+
+- ``BlipItmScore``: BLIP's filter, the ITM head's softmax probability of "match". The image goes
+  through the vision encoder once and its features are shared by all its candidates.
+- ``ClipCaptionScore``: the alternative, the CLIP score (ITC cosine) against the row's
+  ``image_embedding``, LAION-COCO's way of ranking sampled captions.
+
+``CapFiltSelect`` keeps the candidates at or above ``threshold`` (in the scorer's units: 0.5 for
+ITM, as BLIP's authors describe) and chooses the row's caption by ``policy``; a row with none left
+is rejected with ``capfilt_no_caption``. The web caption, when replaced, stays in ``web_caption``.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
+from curation.clip_score import ClipInference
 from pipelines.stage import Rejections, Resources, Stage, default_resources
 from schemas.columns import (
     BLIP_PIXELS,
     CAPTION,
     CAPTION_SCORES,
     CAPTION_SOURCE,
+    IMAGE,
+    IMAGE_EMBEDDING,
     SELECTED_CAPTIONS,
     SYNTHETIC_CAPTIONS,
+    UID,
     WEB_CAPTION,
 )
 
@@ -65,11 +74,7 @@ class BlipItmScore(Stage):
         from generators.capfilt import blip_pixels
 
         torch, model = self._torch, self._bundle.model
-        web = batch[CAPTION].to_pylist()
-        synthetic = batch[SYNTHETIC_CAPTIONS].to_pylist()
-        candidates = [[w or ""] + list(s or []) for w, s in zip(web, synthetic)]
-        owner = np.repeat(np.arange(batch.num_rows), [len(c) for c in candidates])
-        texts = [t for c in candidates for t in c]
+        texts, owner = candidate_texts(batch)
         pixels = blip_pixels(batch, self._bundle, self._device).to(self._dtype)
         tokens = self._bundle.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_tokens,
                                         return_tensors="pt").to(self._device)
@@ -81,14 +86,63 @@ class BlipItmScore(Stage):
                                       encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long,
                                                                         device=self._device)).last_hidden_state
             match = model.itm_head(text[:, 0, :]).float().softmax(-1)[:, 1].cpu().numpy()
-        bounds = np.cumsum([0] + [len(c) for c in candidates])
-        scores = [match[bounds[i]:bounds[i + 1]].tolist() for i in range(batch.num_rows)]
-        return pa.table({CAPTION_SCORES: pa.array(scores, pa.list_(pa.float32()))})
+        return pa.table({CAPTION_SCORES: scores_per_row(match, owner, batch.num_rows)})
+
+
+@dataclass
+class ClipCaptionScore(ClipInference, Stage):
+    """Writes ``caption_scores``: the CLIP score (ITC, the image-text cosine) of every candidate.
+
+    The alternative filter to BLIP's ITM head, and LAION-COCO's ranking: the row's
+    ``image_embedding`` (from ``ClipEmbed`` earlier in the pipeline, same CLIP) against the
+    embedding of the web caption and of each synthetic one. Only the text tower runs here; the
+    web caption's score is the row's ``clip_score`` up to the float16 storage of the image embedding.
+    Thresholds are cosines (DataComp's ViT-B/32 cut: 0.28).
+    """
+
+    name: ClassVar[str] = "clip_caption_score"
+    input_columns: ClassVar[tuple[str, ...]] = (UID, IMAGE_EMBEDDING, CAPTION, SYNTHETIC_CAPTIONS)
+    output_columns: ClassVar[tuple[str, ...]] = (CAPTION_SCORES,)
+
+    resources: Resources = default_resources(batch_size=256, gpus=1.0)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from curation.dedup.image import embedding_matrix
+
+        torch = self._torch
+        texts, owner = candidate_texts(batch)
+        images = torch.from_numpy(embedding_matrix(batch, None).astype(np.float32))
+        tokens = self._bundle.tokenizer(texts).to(self._device)
+        with self._inference():
+            text = self._bundle.model.encode_text(tokens)
+        text = torch.nn.functional.normalize(text.float(), dim=-1).cpu()
+        if text.shape[1] != images.shape[1]:
+            raise ValueError(f"image_embedding has {images.shape[1]} dimensions, this CLIP's text embedding "
+                             f"{text.shape[1]}: score with the CLIP that ClipEmbed used")
+        images = torch.nn.functional.normalize(images, dim=-1)[torch.from_numpy(owner)]
+        cosine = (images * text).sum(-1).numpy()
+        return pa.table({CAPTION_SCORES: scores_per_row(cosine, owner, batch.num_rows)})
+
+
+def candidate_texts(batch: pa.Table) -> tuple[list[str], np.ndarray]:
+    """Every row's candidates, web caption first then its synthetic ones, flattened, and the row
+    each belongs to."""
+    web = batch[CAPTION].to_pylist()
+    synthetic = batch[SYNTHETIC_CAPTIONS].to_pylist()
+    candidates = [[w or ""] + list(s or []) for w, s in zip(web, synthetic)]
+    owner = np.repeat(np.arange(batch.num_rows), [len(c) for c in candidates])
+    return [t for c in candidates for t in c], owner
+
+
+def scores_per_row(scores: np.ndarray, owner: np.ndarray, rows: int) -> pa.Array:
+    """Flat per-candidate ``scores`` regrouped into one list per row (``owner`` is sorted)."""
+    offsets = np.searchsorted(owner, np.arange(rows + 1)).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores.astype(np.float32)))
 
 
 @dataclass
 class CapFiltSelect(Stage):
-    """Chooses each row's caption among the candidates whose ITM score is >= ``threshold``.
+    """Chooses each row's caption among the candidates whose score is >= ``threshold``.
 
     ``policy``: ``web_first`` keeps the web caption if it passes, else the best synthetic one;
     ``best`` takes the highest-scoring candidate; ``all`` does the same and lists every passing
@@ -107,8 +161,8 @@ class CapFiltSelect(Stage):
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold is a match probability in [0, 1], got {self.threshold}")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold is an ITM probability or a CLIP cosine, in [-1, 1]; got {self.threshold}")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rejections = Rejections(batch.num_rows)
@@ -141,3 +195,31 @@ class CapFiltSelect(Stage):
             CAPTION_SOURCE: pa.array(sources, pa.string()),
             SELECTED_CAPTIONS: pa.array(selected, pa.list_(pa.string())),
         }))
+
+    def card_notes(self, view: Any) -> str | None:
+        import polars as pl
+
+        from pipelines.card_plots import markdown_cell, thumbnail_jpeg
+
+        frame = view.kept([CAPTION_SOURCE])
+        if frame is None:
+            return None
+        counts = dict(frame.group_by(CAPTION_SOURCE).len().collect().iter_rows())
+        web, synthetic = counts.get("web", 0), counts.get("synthetic", 0)
+        lines = [f"Of the {web + synthetic:,} rows kept to the end, **{synthetic:,}** "
+                 f"({synthetic / max(web + synthetic, 1):.1%}) carry a synthetic caption in place of their web "
+                 f"caption and {web:,} kept the web caption (threshold {self.threshold:g}, policy `{self.policy}`)."]
+        examples = view.kept([IMAGE, WEB_CAPTION, CAPTION, CAPTION_SCORES, CAPTION_SOURCE])
+        if examples is None:
+            return lines[0]
+        rows = examples.filter(pl.col(CAPTION_SOURCE) == "synthetic").head(4).collect().to_dicts()
+        if rows:
+            lines += ["", "| image | web caption (score) | replaced by (score) |", "|---|---|---|"]
+        for i, row in enumerate(rows):
+            thumbnail = thumbnail_jpeg(row[IMAGE]) if row[IMAGE] else None
+            image = f"![example {i}]({view.write_asset(f'example-{i}.jpg', thumbnail)})" if thumbnail else "-"
+            scores = row[CAPTION_SCORES]
+            lines.append(f"| {image} | {markdown_cell(row[WEB_CAPTION])} ({scores[0]:.3f}) | "
+                         f"{markdown_cell(row[CAPTION])} ({max(scores[1:]):.3f}) |")
+        return "\n".join(lines)
+

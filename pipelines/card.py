@@ -11,20 +11,20 @@ again for an existing run.
 from __future__ import annotations
 
 from pipelines.card_plots import histogram_png
-from pipelines.card_stats import KEPT, REJECTED_HERE, score_histogram
+from pipelines.card_stats import CARD_ASSETS, KEPT, REJECTED_HERE, CardView, score_histogram
 from pipelines.chain import PlannedStage
 from pipelines.rundir import RunDir
 from pipelines.stage import Cutoff
 from schemas.manifest import Manifest
 
 CARD = "README.md"
-CARD_ASSETS = "card"
 
 
 def write_card(rundir: RunDir, manifest: Manifest, stages: list[PlannedStage]) -> str:
     """Write the card of the run in ``rundir`` (and its plots); return the card's path."""
     sections = [_header(manifest), _funnel(manifest)]
-    notes = [(p.name, p.stage.card_notes(manifest.aggregates.get(p.name))) for p in stages]
+    notes = [(p.name, p.stage.card_notes(CardView(rundir, manifest, p.name, manifest.aggregates.get(p.name))))
+             for p in stages]
     if any(text for _, text in notes):
         found = "\n\n".join(f"**{name}**: {text}" for name, text in notes if text)
         sections.append(f"## What the stages found\n\n{found}")

@@ -1,4 +1,4 @@
-"""Plots of the dataset card, drawn with matplotlib's file-only backend into PNG bytes."""
+"""Images of the dataset card: plots drawn with matplotlib's file-only backend into PNG bytes, thumbnails."""
 
 from __future__ import annotations
 
@@ -38,3 +38,23 @@ def histogram_png(histogram: Histogram, cutoffs: list[Cutoff], title: str) -> by
     out = io.BytesIO()
     figure.savefig(out, format="png")
     return out.getvalue()
+
+
+def thumbnail_jpeg(data: bytes, size: int = 160) -> bytes | None:
+    """A JPEG thumbnail (longest side ``size``) of encoded image ``data``; None if it does not decode."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+            image.thumbnail((size, size))
+            out = io.BytesIO()
+            image.save(out, format="JPEG", quality=85)
+            return out.getvalue()
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+def markdown_cell(text: str | None) -> str:
+    """``text`` safe inside a markdown table cell."""
+    return (text or "").replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")

@@ -17,6 +17,8 @@ from pipelines.rundir import REJECTS_DIR, RunDir
 from schemas.manifest import Manifest
 from schemas.rejects import STAGE
 
+#: Where the card's images go, beside its README.md.
+CARD_ASSETS = "card"
 #: Groups of a score histogram, in stacking order.
 KEPT, REJECTED_HERE, REJECTED_ELSEWHERE = "kept", "rejected by this stage", "rejected by another stage"
 
@@ -33,6 +35,33 @@ class Histogram:
     @property
     def total(self) -> int:
         return int(sum(c.sum() for c in self.counts.values()))
+
+
+@dataclass
+class CardView:
+    """What a stage reads to write its part of the dataset card (``Stage.card_notes``)."""
+
+    rundir: RunDir
+    manifest: Manifest
+    stage: str
+    summary: object  # what the stage's ``describe`` recorded (global stages), else None
+
+    def kept(self, columns: list[str]) -> pl.LazyFrame | None:
+        """A lazy scan of ``columns`` over the rows kept to the end; None when a column is not there."""
+        final = self.manifest.final_phase
+        files = parquet_uris(self.rundir, final) if final else []
+        if not files:
+            return None
+        frame = pl.scan_parquet(files)
+        if not set(columns) <= set(frame.collect_schema().names()):
+            return None
+        return frame.select(columns)
+
+    def write_asset(self, name: str, data: bytes) -> str:
+        """Write ``data`` beside the card; return the path to link it with."""
+        relative = f"{CARD_ASSETS}/{self.stage}-{name}"
+        self.rundir.write_bytes(self.rundir.path(relative), data)
+        return relative
 
 
 def parquet_uris(rundir: RunDir, folder: str) -> list[str]:

@@ -107,8 +107,10 @@ class Stage:
         histograms; ``summary`` is what ``describe`` recorded in the manifest (global stages)."""
         return []
 
-    def card_notes(self, summary: Any) -> str | None:
-        """A paragraph (markdown) for the dataset card about what this stage found, or None."""
+    def card_notes(self, view: Any) -> str | None:
+        """Markdown for the dataset card about what this stage found, or None. ``view`` is a
+        :class:`pipelines.card_stats.CardView`: the stage's ``describe`` summary, lazy scans of the
+        rows kept to the end, and a place to write images."""
         return None
 
     def is_transient(self, reason: str) -> bool:

@@ -163,7 +163,8 @@ class ClusterDedup(GlobalStage):
             rejections.add(pa.array(hit), self.reason, pa.array(details, pa.string()))
         return rejections.attach(batch.select([]))
 
-    def card_notes(self, summary: Any) -> str | None:
+    def card_notes(self, view: Any) -> str | None:
+        summary = view.summary
         if not summary:
             return None
         sizes = ", ".join(f"{n:,} of {size}" for size, n in sorted(summary["size_histogram"].items(),

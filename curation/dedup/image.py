@@ -104,7 +104,7 @@ def embedding_matrix(batch: pa.Table, dim: int | None) -> np.ndarray:
     if column.null_count:
         missing = pc.filter(batch[UID], pc.is_null(batch[IMAGE_EMBEDDING])).to_pylist()
         raise ValueError(f"{column.null_count} row(s) have no image_embedding (first uids: {missing[:3]}): "
-                         f"run ClipEmbed before image dedup, and reject rows it cannot embed")
+                         f"run ClipEmbed before this stage, and reject rows it cannot embed")
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
     expected = dim if dim is not None else (int(lengths[0]) if len(lengths) else 0)
     wrong = np.flatnonzero(lengths != expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,6 +38,8 @@ def test_captions_per_image_differ_reproduce_and_agree_across_runners(tmp_path, 
     captions = results["local"][1]
     assert len(captions) == 11 and all(len(c) == 3 for c in captions)
     assert all(len(set(c)) > 1 for c in captions)  # sampling: the three captions of an image differ
+    # The prompt "a picture of" is continued whole and then cut from the caption.
+    assert not any(c.startswith("a picture") for row in captions for c in row)
     plan, manifest = run_pipeline_dict(_config(tmp_path, "cap-again"), runner_factory("local"))
     assert read_phase(plan.run_uri, manifest.final_phase)[SYNTHETIC_CAPTIONS].to_pylist() == captions
     plan, manifest = run_pipeline_dict(_config(tmp_path, "cap-seed", seed=7), runner_factory("local"))
@@ -119,3 +122,43 @@ def test_shared_image_features_give_the_models_own_itm_probabilities():
                               pixel_values=tensor, use_itm_head=True).itm_score
     expected = logits.softmax(-1)[:, 1].tolist()
     assert np.allclose(scores[0] + scores[1], expected, atol=1e-5)
+
+
+def test_clip_caption_scores_rank_candidates_and_match_the_clip_score(tmp_path, runner_factory):
+    import numpy as np
+
+    from schemas.columns import CAPTION, CAPTION_SCORES, CAPTION_SOURCE, CLIP_SCORE, WEB_CAPTION
+
+    raw = _config(tmp_path, "capfilt-itc")
+    raw["stages"][1:1] = [{"stage": "curation.clip_score:ClipPreprocess", "model": "tiny-vit"},
+                          {"stage": "curation.clip_score:ClipEmbed", "model": "tiny-vit"}]
+    raw["stages"] += [{"stage": "generators.capfilt_filter:ClipCaptionScore", "model": "tiny-vit"},
+                      {"stage": "generators.capfilt_filter:CapFiltSelect", "threshold": -1.0, "policy": "best"}]
+    plan, manifest = run_pipeline_dict(raw, runner_factory("ray"))
+    rows = read_phase(plan.run_uri, manifest.final_phase).to_pylist()
+    assert len(rows) == 11
+    for row in rows:
+        scores = row[CAPTION_SCORES]
+        assert len(scores) == 4
+        assert abs(scores[0] - row[CLIP_SCORE]) < 2e-3  # the web caption's cosine, float16 image embedding
+        candidates = [row[WEB_CAPTION]] + row[SYNTHETIC_CAPTIONS]
+        assert row[CAPTION] == candidates[int(np.argmax(scores))]
+        assert row[CAPTION_SOURCE] == ("web" if np.argmax(scores) == 0 else "synthetic")
+    replaced = sum(row[CAPTION_SOURCE] == "synthetic" for row in rows)
+    assert 0 < replaced < 11
+    card = (Path(plan.run_uri) / "README.md").read_text()
+    assert f"**{replaced:,}** ({replaced / 11:.1%}) carry a synthetic caption" in card
+    examples = sorted((Path(plan.run_uri) / "card").glob("capfilt_select-example-*.jpg"))
+    assert len(examples) == min(replaced, 4) and f"]({'card/' + examples[0].name})" in card
+
+
+def test_clip_caption_score_refuses_embeddings_of_another_width():
+    from generators.capfilt_filter import ClipCaptionScore
+    from schemas.columns import CAPTION, IMAGE_EMBEDDING, UID
+
+    stage = ClipCaptionScore(model="tiny-vit", device="cpu")
+    stage.setup()
+    batch = pa.table({UID: ["a"], IMAGE_EMBEDDING: pa.array([[0.5] * 7], pa.list_(pa.float16())),
+                      CAPTION: ["a dog"], SYNTHETIC_CAPTIONS: [["a cat"]]})
+    with pytest.raises(ValueError, match="7 dimensions"):
+        stage(batch)

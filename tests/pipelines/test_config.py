@@ -141,6 +141,8 @@ def test_every_config_loads_and_builds_a_plan(path, pool, tmp_path):
             metadata = tmp_path / "metadata.json"
             metadata.write_text('["dog", "hot dog", "car"]')
             overrides.append(f"stages.{index}.metadata={metadata}")
+        if str(stage.get("model", "")).startswith("Salesforce/"):
+            overrides.append(f"stages.{index}.model=config:blip-tiny")  # a hub checkpoint: no network here
     cfg = load_config(path, overrides)
     plan = build_plan(cfg)
     assert [s.import_path for s in plan.stages] == [s["stage"] for s in raw["stages"]]
