@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from schemas.llava import FAILURE_TYPE, RECORD_TYPE
+
 # Identity and provenance (written by the source when the pool is read).
 UID = "uid"
 SOURCE_INDEX = "source_index"
@@ -42,6 +44,10 @@ CAPTION_SCORES = "caption_scores"
 CAPTION_SOURCE = "caption_source"
 WEB_CAPTION = "web_caption"
 SELECTED_CAPTIONS = "selected_captions"
+# Instruction generation
+INSTRUCTIONS = "instructions"
+INSTRUCTION_FAILURES = "instruction_failures"
+BRIEF_RECORDS = "brief_records"
 
 
 @dataclass(frozen=True)
@@ -81,10 +87,15 @@ _COLUMNS = (
     Column(SYNTHETIC_CAPTIONS, pa.list_(pa.string()), "captions a captioner wrote for the image"),
     Column(CAPTION_SEED, pa.int64(), "the sampling seed of the captioner's batch that wrote this row's captions"),
     Column(CAPTION_SCORES, pa.list_(pa.float32()),
-           "image-text match probability of each candidate caption: the web caption first, then the synthetic ones"),
+           "score of each candidate caption (ITM probability or CLIP cosine): web caption first, then synthetic"),
     Column(CAPTION_SOURCE, pa.string(), "where the selected caption came from: web or synthetic"),
     Column(WEB_CAPTION, pa.string(), "the caption the pool came with, kept when CapFilt selects another"),
     Column(SELECTED_CAPTIONS, pa.list_(pa.string()), "every candidate caption that passed the CapFilt filter"),
+    Column(INSTRUCTIONS, pa.list_(RECORD_TYPE),
+           "LLaVA instruction records (one per response type) with their model, prompt version and token usage"),
+    Column(INSTRUCTION_FAILURES, pa.list_(FAILURE_TYPE),
+           "response types that produced no record for this row, with the reason (the row kept others)"),
+    Column(BRIEF_RECORDS, pa.list_(RECORD_TYPE), "stage-1 records: a brief-description instruction per caption"),
 )
 
 COLUMNS: dict[str, Column] = {c.name: c for c in _COLUMNS}

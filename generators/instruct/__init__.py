@@ -1,0 +1,5 @@
+"""LLaVA-style instruction generation: context, prompts, backends, parsing and the stages."""
+
+from generators.instruct.stage import BriefDescriptions, InstructGenerate
+
+__all__ = ["BriefDescriptions", "InstructGenerate"]
