@@ -4,7 +4,7 @@ It answers ``POST /v1/chat/completions`` like an obedient model: it reads the im
 the request and replies in the JSON form the system prompt asks for (conversation, description,
 or question and answer), built from the first caption. ``script(marker, *actions)`` makes the
 requests whose user messages contain ``marker`` play ``actions`` in order (one per request, then
-``ok``):
+``ok``); ``marker@detailed`` (or ``@conversation``, ``@reasoning``) only requests for that response type:
 
 - ``ok``; ``429`` (no Retry-After); ``429:<seconds>`` (with Retry-After); ``500``; ``401``;
 - ``hang``: answer only after ``hang_seconds`` (longer than a test client's timeout);
@@ -44,7 +44,7 @@ class FakeChatServer:
         self.in_flight = self.max_in_flight = 0
         self._scripts: dict[str, list[str]] = defaultdict(list)
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = _QuietServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -64,10 +64,11 @@ class FakeChatServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def _next_action(self, text: str) -> str:
+    def _next_action(self, text: str, response_type: str) -> str:
         with self._lock:
-            for marker, actions in self._scripts.items():
-                if marker in text and actions:
+            for key, actions in self._scripts.items():
+                marker, _, only = key.partition("@")
+                if marker in text and (not only or only == response_type) and actions:
                     action = actions.pop(0)
                     break
             else:
@@ -89,7 +90,7 @@ class FakeChatServer:
                 if not self.path.endswith("/chat/completions"):
                     return self._json(404, {"error": {"message": f"no route {self.path}"}})
                 users = " ".join(m["content"] for m in body["messages"] if m["role"] == "user")
-                action = server._next_action(users)
+                action = server._next_action(users, _response_type(body))
                 with server._lock:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
@@ -137,16 +138,26 @@ class FakeChatServer:
         return Handler
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client that gave up (timeout, drop) closes its end: expected here
+
+
+def _response_type(body: dict) -> str:
+    system = body["messages"][0]["content"]
+    return "conversation" if '{"conversation"' in system else "detailed" if '{"description"' in system else "reasoning"
+
+
 def _reply(body: dict, action: str) -> tuple[str, str]:
     """What the fake model says for ``action``, and its finish reason."""
-    system = body["messages"][0]["content"]
+    kind = _response_type(body)
     context = [m["content"] for m in body["messages"] if m["role"] == "user" and "<context>" in m["content"]][-1]
     match = re.search(r"^- (.+)$", context, re.MULTILINE)
     caption = match.group(1) if match else "something"
-    if '{"conversation"' in system:
+    if kind == "conversation":
         reply = {"conversation": [{"question": "What is shown in the picture?", "answer": caption},
                                   {"question": "Is it a photograph?", "answer": "Yes, it is a photograph."}]}
-    elif '{"description"' in system:
+    elif kind == "detailed":
         reply = {"description": f"The picture shows this: {caption}"}
     else:
         reply = {"question": "What is happening here?", "answer": f"Looking closely, {caption}"}
