@@ -260,6 +260,9 @@ def _map(ds, planned: PlannedStage, fn, placement: Placement, **kwargs):
     args: dict[str, Any] = dict(batch_size=1, batch_format="pyarrow", num_cpus=resources.cpus * placement.cpu_scale)
     if gpus:
         args["num_gpus"] = gpus
+    env = planned.stage.worker_env()
+    if env:
+        args["runtime_env"] = {"env_vars": env}
     if pool is not None:
         low, high = pool
         strategy = ray.data.ActorPoolStrategy(size=low) if low == high else \

@@ -102,6 +102,11 @@ class Stage:
         it reads, say); part of the config hash, so a changed file is a changed config."""
         return {}
 
+    def worker_env(self) -> dict[str, str]:
+        """Environment variables this stage's workers need from the driver (an endpoint's API key
+        named in the config): the Ray runner sets them in the workers' runtime environment."""
+        return {}
+
     def cutoffs(self, summary: Any) -> list[Cutoff]:
         """The thresholds this stage applied to numeric columns, for the dataset card's
         histograms; ``summary`` is what ``describe`` recorded in the manifest (global stages)."""

@@ -81,6 +81,7 @@ class FakeChatServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
 
             def log_message(self, *args) -> None:
                 pass
@@ -139,6 +140,7 @@ class FakeChatServer:
 
 
 class _QuietServer(ThreadingHTTPServer):
+    request_queue_size = 256  # socketserver's 5 resets connections when many clients connect at once
     def handle_error(self, request, client_address) -> None:
         pass  # a client that gave up (timeout, drop) closes its end: expected here
 

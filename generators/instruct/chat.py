@@ -7,6 +7,10 @@ in flight and returns one :class:`~generators.instruct.cache.Reply` or :class:`F
 
 - **Cache first**: a request whose key is in the :class:`ReplyCache` is answered from it and not
   sent; a reply is stored as soon as it arrives.
+- **Requests** go through the client's ``post`` with the body as built here: ``chat.completions
+  .create`` would first walk every message through its typed-dict transform, about 2 ms of CPU a
+  request with the few-shot prompts, which capped one worker at half the throughput a 32-slot
+  endpoint allows (BENCHMARKS.md). Authentication, headers, timeouts and errors are the client's.
 - **Retries** are this module's, not the client's (``max_retries=0``): 408, 409, 429 and 5xx,
   timeouts and dropped connections are retried up to ``max_attempts`` times with exponential
   backoff and full jitter, or after the ``Retry-After`` (or ``retry-after-ms``) the endpoint
@@ -89,6 +93,9 @@ class ChatClient:
                                 f"(any non-empty value for a server that does not check keys)")
         self.settings, self.cache = settings, cache
         self._openai = openai
+        from openai.types.chat import ChatCompletion
+
+        self._completion = ChatCompletion
         self._client = openai.AsyncOpenAI(api_key=key, base_url=settings.base_url, max_retries=0,
                                           timeout=settings.timeout)
         self._loop = asyncio.new_event_loop()
@@ -123,8 +130,8 @@ class ChatClient:
             async with slots:
                 try:
                     self.sent += 1
-                    response = await self._client.chat.completions.create(model=settings.model, messages=messages,
-                                                                          **params)
+                    response = await self._client.post("/chat/completions", cast_to=self._completion,
+                                                       body={"model": settings.model, "messages": messages, **params})
                 except openai.APIStatusError as e:
                     status = e.status_code
                     if status in FATAL_STATUS:

@@ -24,6 +24,7 @@ answer to a brief-description instruction (projector pretraining, LLaVA's stage 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -67,7 +68,8 @@ class InstructGenerate(Stage):
     max_turn_chars: int = 4000
     endpoint: dict[str, Any] = field(default_factory=dict)
     cache: str = "runs/instruct-cache.sqlite"
-    resources: Resources = default_resources(batch_size=64)
+    # Requests of a batch are sent together: a large batch keeps the endpoint's slots busy.
+    resources: Resources = default_resources(batch_size=256)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -98,6 +100,11 @@ class InstructGenerate(Stage):
 
     def is_transient(self, reason: str) -> bool:
         return reason in (REQUEST_FAILED, BUDGET_EXHAUSTED)
+
+    def worker_env(self) -> dict[str, str]:
+        name = self.endpoint.get("api_key_env", ChatSettings.api_key_env)
+        value = os.environ.get(name) if self.backend == "openai" else None
+        return {name: value} if value is not None else {}  # else the workers' own environment must have it
 
     def setup(self) -> None:
         self._chat = None
