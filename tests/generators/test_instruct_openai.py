@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -82,6 +83,8 @@ def test_every_request_ends_as_a_record_or_a_reason_and_a_rerun_sends_nothing(tm
         for marker, (_, outcome) in FAULTS.items():
             if outcome == "kept":
                 assert len(by_marker[marker.split("@")[0]][INSTRUCTIONS]) == 3, marker
+        card = (Path(plan.run_uri) / "README.md").read_text()
+        assert "| reasoning | " in card and "llm_request_failed 1" in card
         partial = by_marker["fdown"]
         assert len(partial[INSTRUCTIONS]) == 2
         assert [(f["response_type"], f["reason"]) for f in partial[INSTRUCTION_FAILURES]] == \
