@@ -166,9 +166,11 @@ class InstructGenerate(Stage):
         columns = {name: batch[name].to_pylist() for name in batch.column_names}
         contexts: list[Context | None] = []
         failed: list[tuple[int, str, str]] = []
+        missing = [None] * batch.num_rows
+        widths, heights = columns.get(ORIGINAL_WIDTH, missing), columns.get(ORIGINAL_HEIGHT, missing)
         for i in range(batch.num_rows):
             captions = [c for name in self.caption_columns for c in _as_list(columns[name][i])]
-            size = (columns.get(ORIGINAL_WIDTH, [None] * (i + 1))[i], columns.get(ORIGINAL_HEIGHT, [None] * (i + 1))[i])
+            size = (widths[i], heights[i])
             try:
                 context = build_context(captions, columns[self.boxes_column][i] if self.boxes_column else None,
                                         max_chars=self.max_caption_chars, box_format=self.box_format, size=size)
