@@ -121,6 +121,25 @@ def retry_failed_command(
         console.print(ledger_table(manifest))
 
 
+@app.command("import-batch")
+def import_batch(
+    results: Annotated[list[Path], typer.Argument(metavar="RESULTS...", help="Batch API output / error JSONL files.")],
+    cache: Annotated[Path, typer.Option(help="The instruction stage's reply cache (its `cache` setting).")],
+    price_input: Annotated[float, typer.Option(help="USD per million prompt tokens, for the budget.")] = 0.0,
+    price_output: Annotated[float, typer.Option(help="USD per million completion tokens.")] = 0.0,
+) -> None:
+    """Store the replies of Batch API jobs you submitted yourself (`submit: false`); then run retry-failed."""
+    from generators.instruct.batch import import_result_files
+    from generators.instruct.cache import ReplyCache
+    from generators.instruct.chat import ChatSettings
+
+    with _errors():
+        settings = ChatSettings(model="unknown", price_input=price_input, price_output=price_output)
+        outcome = import_result_files(results, settings, ReplyCache(cache))
+        console.print(f"{len(outcome.replies):,} replies stored in {cache}; {len(outcome.retry):,} to send again "
+                      f"and {len(outcome.failed):,} failed (retry-failed sends both again)")
+
+
 @metadata_app.command("build")
 def metadata_build(
     output: Annotated[Path, typer.Option(help="Where to write the list (.json: a JSON list; else one per line).")],

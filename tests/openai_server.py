@@ -14,13 +14,26 @@ requests whose user messages contain ``marker`` play ``actions`` in order (one p
 - ``garbage``: a reply that is not JSON; ``markers``: valid JSON holding a chat role marker.
 
 ``answered`` counts the 200 replies per request body (model, messages, parameters), so a test
-can check that no request was answered twice; ``latency`` delays every answer (benchmarks).
+can check that no request was answered twice; ``latency`` delays every answer (benchmarks);
+``api_key`` makes every route answer 401 to requests without that bearer key.
+
+The Batch API is there too: ``POST /v1/files`` (multipart upload), ``GET /v1/files/{id}/content``,
+``POST /v1/batches`` and ``GET /v1/batches/{id}``. A job runs its lines through the same scripts
+when it is created, reports ``validating``, then ``in_progress``, then its final status over
+successive polls, and writes its output and error files in shuffled order. Batch-only actions:
+``expire`` (the line is in the error file as ``batch_expired`` and the job ends ``expired``) and
+``vanish`` (the line is in neither file and the job ends ``expired``); ``500`` and ``429`` become
+error-file lines with that status.
 """
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import hashlib
+import itertools
 import json
+import random
 import re
 import threading
 import time
@@ -37,8 +50,12 @@ def body_key(body: dict) -> str:
 class FakeChatServer:
     """The server; use as a context manager. ``base_url`` is what ``AsyncOpenAI`` takes."""
 
-    def __init__(self, latency: float = 0.0, hang_seconds: float = 3.0) -> None:
-        self.latency, self.hang_seconds = latency, hang_seconds
+    def __init__(self, latency: float = 0.0, hang_seconds: float = 3.0, api_key: str | None = None) -> None:
+        self.latency, self.hang_seconds, self.api_key = latency, hang_seconds, api_key
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
+        self._ids = itertools.count()
+        self._shuffle = random.Random(0)
         self.answered: Counter[str] = Counter()
         self.actions: list[str] = []
         self.in_flight = self.max_in_flight = 0
@@ -86,8 +103,28 @@ class FakeChatServer:
             def log_message(self, *args) -> None:
                 pass
 
+            def do_GET(self) -> None:
+                if not self._authorised():
+                    return None
+                parts = self.path.strip("/").split("/")
+                if parts[-3:-1] == ["v1", "batches"] and parts[-1] in server.batches:
+                    return self._json(200, server._poll(parts[-1]))
+                if parts[-1] == "content" and parts[-2] in server.files:
+                    return self._bytes(200, server.files[parts[-2]], "application/octet-stream")
+                return self._json(404, {"error": {"message": f"no route {self.path}"}})
+
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                if not self._authorised():
+                    return None
+                data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path.endswith("/files"):
+                    return self._json(200, server._upload(self.headers["Content-Type"], data))
+                if self.path.endswith("/batches"):
+                    request = json.loads(data)
+                    if request.get("input_file_id") not in server.files:
+                        return self._json(400, {"error": {"message": "no such input file"}})
+                    return self._json(200, server._create_batch(request))
+                body = json.loads(data)
                 if not self.path.endswith("/chat/completions"):
                     return self._json(404, {"error": {"message": f"no route {self.path}"}})
                 users = " ".join(m["content"] for m in body["messages"] if m["role"] == "user")
@@ -117,19 +154,20 @@ class FakeChatServer:
                     return  # the work is done, the answer never leaves
                 with server._lock:
                     server.answered[body_key(body)] += 1
-                self._json(200, {
-                    "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
-                    "model": body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                 "finish_reason": finish}],
-                    "usage": {"prompt_tokens": len(json.dumps(body["messages"])) // 4,
-                              "completion_tokens": len(content) // 4,
-                              "total_tokens": len(json.dumps(body["messages"])) // 4 + len(content) // 4}})
+                self._json(200, _completion(body, content, finish))
+
+            def _authorised(self) -> bool:
+                if server.api_key is None or self.headers.get("Authorization") == f"Bearer {server.api_key}":
+                    return True
+                self._json(401, {"error": {"message": "Incorrect API key provided"}})
+                return False
 
             def _json(self, status: int, payload: dict, headers: dict | None = None) -> None:
-                data = json.dumps(payload).encode()
+                self._bytes(status, json.dumps(payload).encode(), "application/json", headers)
+
+            def _bytes(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)
@@ -137,6 +175,79 @@ class FakeChatServer:
                 self.wfile.write(data)
 
         return Handler
+
+
+    def _upload(self, content_type: str, data: bytes) -> dict:
+        """Store the ``file`` part of a multipart upload."""
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + data)
+        part = next(p for p in message.iter_parts() if p.get_param("name", header="content-disposition") == "file")
+        content = part.get_payload(decode=True)
+        file_id = f"file-{next(self._ids)}"
+        with self._lock:
+            self.files[file_id] = content
+        return {"id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+                "filename": part.get_filename() or "upload.jsonl", "purpose": "batch", "status": "processed"}
+
+    def _create_batch(self, request: dict) -> dict:
+        """Run every line of the input file through the scripts now; the job reports its end over later polls."""
+        outputs, errors, ended = [], [], "completed"
+        for line in self.files[request["input_file_id"]].decode().splitlines():
+            item = json.loads(line)
+            body = item["body"]
+            users = " ".join(m["content"] for m in body["messages"] if m["role"] == "user")
+            action = self._next_action(users, _response_type(body))
+            result = {"id": f"batch_req_{next(self._ids)}", "custom_id": item["custom_id"], "error": None}
+            if action in ("expire", "vanish"):
+                ended = "expired"
+                if action == "expire":
+                    errors.append({**result, "response": None, "error": {
+                        "code": "batch_expired", "message": "not executed before the completion window expired"}})
+            elif action.split(":")[0] in ("429", "500", "401"):
+                status = int(action.split(":")[0])
+                errors.append({**result, "response": {"status_code": status, "request_id": "req",
+                                                      "body": {"error": {"message": f"scripted {status}"}}}})
+            else:
+                content, finish = _reply(body, action)
+                with self._lock:
+                    self.answered[body_key(body)] += 1
+                outputs.append({**result, "response": {"status_code": 200, "request_id": "req",
+                                                       "body": _completion(body, content, finish)}})
+        batch_id = f"batch_{next(self._ids)}"
+        files = {}
+        for name, lines in (("output_file_id", outputs), ("error_file_id", errors)):
+            self._shuffle.shuffle(lines)  # the Batch API does not keep the input order
+            if lines:
+                file_id = f"file-{next(self._ids)}"
+                self.files[file_id] = "".join(json.dumps(x) + "\n" for x in lines).encode()
+                files[name] = file_id
+        job = {"id": batch_id, "object": "batch", "endpoint": request["endpoint"], "input_file_id":
+               request["input_file_id"], "completion_window": request["completion_window"],
+               "created_at": int(time.time()), "status": "validating", "metadata": request.get("metadata"),
+               "request_counts": {"total": len(outputs) + len(errors), "completed": len(outputs),
+                                  "failed": len(errors)}}
+        with self._lock:
+            self.batches[batch_id] = {"job": job, "polls": 0, "ended": ended, "files": files}
+        return job
+
+    def _poll(self, batch_id: str) -> dict:
+        with self._lock:
+            state = self.batches[batch_id]
+            state["polls"] += 1
+            job = state["job"]
+            if state["polls"] == 1:
+                job["status"] = "in_progress"
+            elif job["status"] == "in_progress":
+                job.update(status=state["ended"], **state["files"])
+            return dict(job)
+
+
+def _completion(body: dict, content: str, finish: str) -> dict:
+    prompt = len(json.dumps(body["messages"])) // 4
+    return {"id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": len(content) // 4,
+                      "total_tokens": prompt + len(content) // 4}}
 
 
 class _QuietServer(ThreadingHTTPServer):

@@ -87,10 +87,7 @@ class ChatClient:
     def __init__(self, settings: ChatSettings, cache: ReplyCache) -> None:
         import openai
 
-        key = os.environ.get(settings.api_key_env)
-        if key is None:
-            raise EndpointError(f"set the environment variable {settings.api_key_env} to the endpoint's API key "
-                                f"(any non-empty value for a server that does not check keys)")
+        key = api_key(settings)
         self.settings, self.cache = settings, cache
         self._openai = openai
         from openai.types.chat import ChatCompletion
@@ -153,29 +150,46 @@ class ChatClient:
         return Failure(REQUEST_FAILED, f"{settings.max_attempts} attempts; last: {last}")
 
     def _store(self, key: str, response: Any) -> Reply:
-        settings = self.settings
-        choice = response.choices[0] if response.choices else None
-        usage = response.usage
-        prompt_tokens = int(usage.prompt_tokens) if usage else 0
-        completion_tokens = int(usage.completion_tokens) if usage else 0
-        cost = (prompt_tokens * settings.price_input + completion_tokens * settings.price_output) / 1e6
-        reply = Reply(text=(choice.message.content or "") if choice else "",
-                      finish_reason=choice.finish_reason if choice else None, prompt_tokens=prompt_tokens,
-                      completion_tokens=completion_tokens, model=response.model or settings.model, cost=cost)
+        reply = reply_from_completion(response, self.settings)
         self.cache.put(key, reply)
-        self._spent = (self._spent[0] + cost, self._spent[1] + prompt_tokens + completion_tokens)
+        self._spent = (self._spent[0] + reply.cost, self._spent[1] + reply.prompt_tokens + reply.completion_tokens)
         return reply
 
     def _over_budget(self) -> str | None:
-        cost, tokens = self._spent
-        if self.settings.max_cost_usd is not None and cost >= self.settings.max_cost_usd:
-            return f"spent ${cost:.4f} of max_cost_usd {self.settings.max_cost_usd}"
-        if self.settings.max_total_tokens is not None and tokens >= self.settings.max_total_tokens:
-            return f"used {tokens} tokens of max_total_tokens {self.settings.max_total_tokens}"
-        return None
+        return over_budget(self.settings, *self._spent)
 
     def _backoff(self, attempt: int) -> float:
         return random.uniform(0, min(self.settings.backoff_max, self.settings.backoff_base * 2 ** attempt))
+
+
+def api_key(settings: ChatSettings) -> str:
+    """The key from the environment variable the settings name; an :class:`EndpointError` without it."""
+    key = os.environ.get(settings.api_key_env)
+    if key is None:
+        raise EndpointError(f"set the environment variable {settings.api_key_env} to the endpoint's API key "
+                            f"(any non-empty value for a server that does not check keys)")
+    return key
+
+
+def reply_from_completion(response: Any, settings: ChatSettings) -> Reply:
+    """A ``ChatCompletion`` as the :class:`Reply` the cache stores, priced with ``settings``."""
+    choice = response.choices[0] if response.choices else None
+    usage = response.usage
+    prompt_tokens = int(usage.prompt_tokens) if usage else 0
+    completion_tokens = int(usage.completion_tokens) if usage else 0
+    cost = (prompt_tokens * settings.price_input + completion_tokens * settings.price_output) / 1e6
+    return Reply(text=(choice.message.content or "") if choice else "",
+                 finish_reason=choice.finish_reason if choice else None, prompt_tokens=prompt_tokens,
+                 completion_tokens=completion_tokens, model=response.model or settings.model, cost=cost)
+
+
+def over_budget(settings: ChatSettings, cost: float, tokens: int) -> str | None:
+    """Why no more requests may be sent after spending ``cost`` and ``tokens``, or None."""
+    if settings.max_cost_usd is not None and cost >= settings.max_cost_usd:
+        return f"spent ${cost:.4f} of max_cost_usd {settings.max_cost_usd}"
+    if settings.max_total_tokens is not None and tokens >= settings.max_total_tokens:
+        return f"used {tokens} tokens of max_total_tokens {settings.max_total_tokens}"
+    return None
 
 
 def _retry_after(response: Any) -> float | None:

@@ -8,14 +8,17 @@ e.g. CapFilt's ``selected_captions``) and, where the pool has them, object boxes
 - ``grounded`` (default): no model; questions and answers derived from captions and boxes
   (:mod:`generators.instruct.grounded`), correct by construction;
 - ``openai``: a chat model behind any OpenAI-compatible endpoint (:mod:`generators.instruct.chat`),
-  with the request cache, retries and budget.
+  with the request cache, retries and budget;
+- ``openai-batch``: the same requests as OpenAI Batch API jobs (:mod:`generators.instruct.batch`,
+  settings under ``batch``), submitted and polled, or written for the user to submit
+  (``batch_pending`` until ``vlmcurate import-batch`` brings the replies into the cache).
 
 Every reply is parsed and checked: ``finish_reason == "length"`` is ``truncated_output``; a reply
 that does not parse gets one repair request and then is ``llm_unparseable``; one with chat role
 markers is ``llm_off_task``; the conversation then passes :func:`schemas.llava.conversation_problem`.
 A response type that fails is listed in ``instruction_failures``; a row with no record at all
 is rejected with its first failure's reason (the detail lists them all). ``llm_request_failed``
-and ``budget_exhausted`` are transient: ``vlmcurate retry-failed`` sends them again.
+``budget_exhausted`` and ``batch_pending`` are transient: ``vlmcurate retry-failed`` sends them again.
 
 :class:`BriefDescriptions` writes ``brief_records``: one record per caption, the caption as the
 answer to a brief-description instruction (projector pretraining, LLaVA's stage 1).
@@ -31,6 +34,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from generators.instruct import grounded
+from generators.instruct.batch import BATCH_PENDING, BatchClient, BatchSettings
 from generators.instruct.chat import BUDGET_EXHAUSTED, REQUEST_FAILED, ChatSettings, Failure
 from generators.instruct.context import BOX_FORMATS, Context, build_context
 from generators.instruct.prompts import RESPONSE_TYPES, load_prompt, phrasings, phrasings_version, pick
@@ -47,7 +51,8 @@ from schemas.columns import (
 )
 from schemas.llava import FAILURE_TYPE, RECORD_TYPE, conversation_problem
 
-BACKENDS = ("grounded", "openai")
+BACKENDS = ("grounded", "openai", "openai-batch")
+ENDPOINT_BACKENDS = ("openai", "openai-batch")
 NO_CAPTION = "no_caption"
 BAD_BOXES = "bad_boxes"
 
@@ -67,6 +72,7 @@ class InstructGenerate(Stage):
     max_caption_chars: int = 300
     max_turn_chars: int = 4000
     endpoint: dict[str, Any] = field(default_factory=dict)
+    batch: dict[str, Any] = field(default_factory=dict)
     cache: str = "runs/instruct-cache.sqlite"
     # Requests of a batch are sent together: a large batch keeps the endpoint's slots busy.
     resources: Resources = default_resources(batch_size=256)
@@ -82,11 +88,10 @@ class InstructGenerate(Stage):
             raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {self.box_format!r}")
         if not self.caption_columns:
             raise ValueError("caption_columns must name at least one column")
-        if self.backend == "openai":
-            try:
-                ChatSettings(**self.endpoint)
-            except TypeError as e:
-                raise ValueError(f"endpoint: {e} (fields: {sorted(ChatSettings.__dataclass_fields__)})") from None
+        if self.backend in ENDPOINT_BACKENDS:
+            _settings("endpoint", ChatSettings, self.endpoint)
+        if self.backend == "openai-batch":
+            _settings("batch", BatchSettings, self.batch)
 
     @property
     def input_columns(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -99,20 +104,22 @@ class InstructGenerate(Stage):
         return {"prompts": versions, "detailed_questions": phrasings_version("detailed_questions")}
 
     def is_transient(self, reason: str) -> bool:
-        return reason in (REQUEST_FAILED, BUDGET_EXHAUSTED)
+        return reason in (REQUEST_FAILED, BUDGET_EXHAUSTED, BATCH_PENDING)
 
     def worker_env(self) -> dict[str, str]:
         name = self.endpoint.get("api_key_env", ChatSettings.api_key_env)
-        value = os.environ.get(name) if self.backend == "openai" else None
+        value = os.environ.get(name) if self.backend in ENDPOINT_BACKENDS else None
         return {name: value} if value is not None else {}  # else the workers' own environment must have it
 
     def setup(self) -> None:
         self._chat = None
-        if self.backend == "openai":
+        if self.backend in ENDPOINT_BACKENDS:
             from generators.instruct.cache import ReplyCache
             from generators.instruct.chat import ChatClient
 
-            self._chat = ChatClient(ChatSettings(**self.endpoint), ReplyCache(self.cache))
+            settings, cache = ChatSettings(**self.endpoint), ReplyCache(self.cache)
+            self._chat = (ChatClient(settings, cache) if self.backend == "openai"
+                          else BatchClient(settings, BatchSettings(**self.batch), cache))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rejections = Rejections(batch.num_rows)
@@ -263,6 +270,14 @@ class BriefDescriptions(Stage):
                 empty.append((i, NO_CAPTION, f"no caption left in {self.caption_columns} after cleaning"))
         rejections.add_each(empty)
         return rejections.attach(pa.table({BRIEF_RECORDS: pa.array(out, pa.list_(RECORD_TYPE))}))
+
+
+def _settings(name: str, kind: type, values: dict[str, Any]) -> None:
+    """Check a settings mapping against its dataclass now, not in a worker."""
+    try:
+        kind(**values)
+    except TypeError as e:
+        raise ValueError(f"{name}: {e} (fields: {sorted(kind.__dataclass_fields__)})") from None
 
 
 def _as_list(value: Any) -> list[str]:
