@@ -47,8 +47,8 @@ class ExportConfig(BaseModel):
     """Where and how the kept rows are exported when the run completes (inside the run directory)."""
 
     model_config = ConfigDict(extra="forbid")
-    formats: list[Literal["webdataset", "parquet"]] = Field(default_factory=lambda: ["webdataset", "parquet"],
-                                                            min_length=1)
+    formats: list[Literal["webdataset", "parquet", "llava"]] = Field(
+        default_factory=lambda: ["webdataset", "parquet"], min_length=1)
     samples_per_shard: int = Field(default=10_000, ge=1)
     folder: str = Field(default="export", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]*$")
 

@@ -1,4 +1,4 @@
-"""Exporting a finished run: webdataset tars for open_clip's trainer, and parquet.
+"""Exporting a finished run: webdataset tars for open_clip's trainer, parquet, and LLaVA's layout.
 
 The kept rows of the last phase, in shard order, are cut into export shards of
 ``samples_per_shard`` rows each (uniform sizes, whatever each pipeline shard kept), and written
@@ -12,6 +12,10 @@ in parallel by the runner:
   (letters, digits, ``_`` and ``-``, as vlmcurate's own uids are); a pool-supplied uid with dots
   or slashes, which webdataset would split, gets a stable hash of it instead.
 - ``parquet/NNNNN.parquet``: the same rows with every column, image bytes included.
+- ``llava/``: images under ``images/NNNNN/`` (one folder per export shard) and the instruction
+  records as LLaVA's JSON, per shard (``stage1/NNNNN.json``, ``stage2/NNNNN.json``) and merged
+  (``stage1.json`` from ``brief_records``, ``stage2.json`` from ``instructions``, only the stages
+  the run has), with ``counts.json``; written by :mod:`pipelines.export_llava`.
 
 Files are written under temporary names and renamed; ``_export.json`` is written last and
 records the export settings, so a rerun with the same settings skips the export and a rerun
@@ -37,7 +41,8 @@ from schemas.manifest import ShardEntry
 
 WEBDATASET = "webdataset"
 PARQUET = "parquet"
-EXPORT_FORMATS = (WEBDATASET, PARQUET)
+LLAVA = "llava"
+EXPORT_FORMATS = (WEBDATASET, PARQUET, LLAVA)
 DONE = "_export.json"
 SIZES = "sizes.json"
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_\-]{1,64}")
@@ -90,8 +95,8 @@ def export_done(rundir: RunDir, folder: str, settings: dict[str, Any]) -> bool:
     return rundir.exists(path) and json.loads(rundir.read_bytes(path)) == settings
 
 
-def write_export_shard(job: ExportJob, shard: ExportShard) -> tuple[int, int]:
-    """Write one export shard in every format; return ``(index, rows)``."""
+def write_export_shard(job: ExportJob, shard: ExportShard) -> tuple[int, int, dict[str, int] | None]:
+    """Write one export shard in every format; return ``(index, rows, llava counts or None)``."""
     tables = []
     for pipeline_shard, start, length in shard.pieces:
         table = job.rundir.read_table(job.rundir.shard_path(job.phase, pipeline_shard))
@@ -103,13 +108,25 @@ def write_export_shard(job: ExportJob, shard: ExportShard) -> tuple[int, int]:
             write_webdataset(rows, out)
     if PARQUET in job.formats:
         job.rundir.write_table(job.rundir.path(job.folder, PARQUET, f"{name}.parquet"), rows)
-    return shard.index, rows.num_rows
+    llava = None
+    if LLAVA in job.formats:
+        from pipelines.export_llava import write_llava_shard  # it imports this module
+
+        llava = write_llava_shard(job.rundir, job.folder, shard.index, rows)
+    return shard.index, rows.num_rows, llava
 
 
-def finish_export(rundir: RunDir, folder: str, settings: dict[str, Any], counts: list[tuple[int, int]]) -> None:
+def finish_export(rundir: RunDir, folder: str, settings: dict[str, Any],
+                  counts: list[tuple[int, int, dict[str, int] | None]]) -> None:
+    """Write what needs every shard (``sizes.json``, LLaVA's merged files), then ``_export.json``."""
+    counts = sorted(counts, key=lambda c: c[0])
     if WEBDATASET in settings["formats"]:
-        sizes = {f"{index:05d}.tar": rows for index, rows in sorted(counts)}
+        sizes = {f"{index:05d}.tar": rows for index, rows, _ in counts}
         rundir.write_bytes(rundir.path(folder, WEBDATASET, SIZES), json.dumps(sizes, indent=1).encode())
+    if LLAVA in settings["formats"]:
+        from pipelines.export_llava import finish_llava
+
+        finish_llava(rundir, folder, settings["phase"], [(index, llava) for index, _, llava in counts])
     rundir.write_bytes(rundir.path(folder, DONE), json.dumps(settings, indent=1).encode())
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from pipelines.chain import PlannedStage
 from pipelines.config import PipelineConfig, build_stage
 from pipelines.source import READ_STAGE, SourceSpec, check_keep_columns, probe_source, resolve_files
-from schemas.columns import BASE_COLUMNS, IMAGE, column_type, is_transient
+from schemas.columns import BASE_COLUMNS, BRIEF_RECORDS, IMAGE, INSTRUCTIONS, column_type, is_transient
 
 INPUT_PHASE = "00_input"
 
@@ -58,6 +58,18 @@ class Plan:
         return [INPUT_PHASE] + [p.name for p in self.phases]
 
 
+def _check_export(formats: list[str], final_columns: list[str]) -> None:
+    """Fail before the run, not at its end, when an export format lacks the columns it needs."""
+    for name in ("webdataset", "llava"):
+        if name in formats and IMAGE not in final_columns:
+            raise ValueError(f"export.formats includes {name}, which needs image bytes, but no stage writes the "
+                             "image column: add a download stage (pipelines.download:Download) or export parquet only")
+    if "llava" in formats and not {INSTRUCTIONS, BRIEF_RECORDS} & set(final_columns):
+        raise ValueError("export.formats includes llava, which needs instruction records: add "
+                         "generators.instruct:InstructGenerate (stage 2) and/or generators.instruct:BriefDescriptions "
+                         "(stage 1)")
+
+
 def build_plan(config: PipelineConfig) -> Plan:
     """Resolve and validate the stages, check their columns and split them into phases."""
     keep = tuple(config.columns.keep)
@@ -70,9 +82,8 @@ def build_plan(config: PipelineConfig) -> Plan:
     stages = [build_stage(entry, i, config.seed) for i, entry in enumerate(config.stages)]
     _check_names(stages)
     final_columns = _check_columns(stages, available=list(BASE_COLUMNS) + list(keep))
-    if config.export is not None and "webdataset" in config.export.formats and IMAGE not in final_columns:
-        raise ValueError("export.formats includes webdataset, which needs image bytes, but no stage writes the "
-                         "image column: add a download stage (pipelines.download:Download) or export parquet only")
+    if config.export is not None:
+        _check_export(config.export.formats, final_columns)
     phases = _split_phases(stages)
     _check_transient_columns(phases)
     return Plan(config, source, stages, phases, _fingerprint(config, source, stages))

@@ -187,6 +187,15 @@ def test_webdataset_export_without_images_is_refused_at_build_time(pool):
         build_plan(cfg)
 
 
+def test_llava_export_needs_images_and_instruction_records_at_build_time(pool):
+    cfg = load_config(REPO_ROOT / "configs" / "text-pool.yaml", [f"input={pool}", "export={formats: [llava]}"])
+    with pytest.raises(ValueError, match="llava, which needs image bytes"):
+        build_plan(cfg)
+    cfg = load_config(REPO_ROOT / "configs" / "download.yaml", [f"input={pool}", "export={formats: [llava]}"])
+    with pytest.raises(ValueError, match="InstructGenerate"):
+        build_plan(cfg)
+
+
 def test_text_pool_config_plan(pool):
     cfg = load_config(REPO_ROOT / "configs" / "text-pool.yaml", [f"input={pool}"])
     plan = build_plan(cfg)
