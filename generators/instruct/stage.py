@@ -11,7 +11,9 @@ e.g. CapFilt's ``selected_captions``) and, where the pool has them, object boxes
   with the request cache, retries and budget;
 - ``openai-batch``: the same requests as OpenAI Batch API jobs (:mod:`generators.instruct.batch`,
   settings under ``batch``), submitted and polled, or written for the user to submit
-  (``batch_pending`` until ``vlmcurate import-batch`` brings the replies into the cache).
+  (``batch_pending`` until ``vlmcurate import-batch`` brings the replies into the cache);
+- ``local``: a transformers causal LM in the worker's process (:mod:`generators.instruct.local`,
+  settings under ``local``; by default the packaged SmolLM2-135M-Instruct), loaded once per actor.
 
 Every reply is parsed and checked: ``finish_reason == "length"`` is ``truncated_output``; a reply
 that does not parse gets one repair request and then is ``llm_unparseable``; one with chat role
@@ -51,7 +53,7 @@ from schemas.columns import (
 )
 from schemas.llava import FAILURE_TYPE, RECORD_TYPE, conversation_problem
 
-BACKENDS = ("grounded", "openai", "openai-batch")
+BACKENDS = ("grounded", "openai", "openai-batch", "local")
 ENDPOINT_BACKENDS = ("openai", "openai-batch")
 NO_CAPTION = "no_caption"
 BAD_BOXES = "bad_boxes"
@@ -73,6 +75,7 @@ class InstructGenerate(Stage):
     max_turn_chars: int = 4000
     endpoint: dict[str, Any] = field(default_factory=dict)
     batch: dict[str, Any] = field(default_factory=dict)
+    local: dict[str, Any] = field(default_factory=dict)
     cache: str = "runs/instruct-cache.sqlite"
     # Requests of a batch are sent together: a large batch keeps the endpoint's slots busy.
     resources: Resources = default_resources(batch_size=256)
@@ -92,6 +95,10 @@ class InstructGenerate(Stage):
             _settings("endpoint", ChatSettings, self.endpoint)
         if self.backend == "openai-batch":
             _settings("batch", BatchSettings, self.batch)
+        if self.backend == "local":
+            from generators.instruct.local import LocalSettings
+
+            _settings("local", LocalSettings, self.local)
 
     @property
     def input_columns(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -113,13 +120,21 @@ class InstructGenerate(Stage):
 
     def setup(self) -> None:
         self._chat = None
-        if self.backend in ENDPOINT_BACKENDS:
-            from generators.instruct.cache import ReplyCache
+        if self.backend == "grounded":
+            return
+        from generators.instruct.cache import ReplyCache
+
+        cache = ReplyCache(self.cache)
+        if self.backend == "local":
+            from generators.instruct.local import LocalChat, LocalSettings
+
+            self._chat = LocalChat(LocalSettings(**self.local), cache)
+        elif self.backend == "openai":
             from generators.instruct.chat import ChatClient
 
-            settings, cache = ChatSettings(**self.endpoint), ReplyCache(self.cache)
-            self._chat = (ChatClient(settings, cache) if self.backend == "openai"
-                          else BatchClient(settings, BatchSettings(**self.batch), cache))
+            self._chat = ChatClient(ChatSettings(**self.endpoint), cache)
+        else:
+            self._chat = BatchClient(ChatSettings(**self.endpoint), BatchSettings(**self.batch), cache)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rejections = Rejections(batch.num_rows)
