@@ -27,21 +27,35 @@ def train_clip_command(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. max_steps=10.")] = None,
 ) -> None:
     """Train (or resume) a CLIP contrastively on exported shards."""
-    from models.training.clip_recipe import ClipTrainConfig, train_clip
+    _train("clip", config, overrides)
 
+
+@train_app.command("vlm")
+def train_vlm_command(
+    config: Annotated[Path, typer.Argument(help="Training YAML, e.g. configs/train/vlm-stage1.yaml.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. max_steps=10.")] = None,
+) -> None:
+    """Train (or resume) one stage of the LLaVA-style VLM on exported shards."""
+    _train("vlm", config, overrides)
+
+
+def _train(recipe: str, config: Path, overrides: list[str] | None) -> None:
+    from models.training.distributed import load_recipe
+
+    config_class, train = load_recipe(recipe)
     with errors():
         raw = apply_overrides(yaml.safe_load(config.read_text()) or {}, overrides or [])
         distributed = raw.pop("distributed", None)
         try:
-            cfg = ClipTrainConfig.model_validate(raw)
+            cfg = config_class.model_validate(raw)
         except ValidationError as e:
-            raise ValueError("invalid training config:\n" + format_validation_error(e, ClipTrainConfig)) from None
+            raise ValueError("invalid training config:\n" + format_validation_error(e, config_class)) from None
         if distributed and distributed.get("num_workers", 1) > 1:
-            from models.training.distributed import train_clip_distributed
+            from models.training.distributed import train_distributed
 
-            metrics = train_clip_distributed(cfg, **distributed)
+            metrics = train_distributed(recipe, cfg, **distributed)
         else:
-            metrics = train_clip(cfg)
+            metrics = train(cfg)
         console.print(f"trained to step {metrics.get('step')}; checkpoints in {Path(cfg.output_dir) / 'checkpoints'}")
 
 

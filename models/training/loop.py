@@ -4,7 +4,8 @@ A recipe supplies a :class:`TrainTask` (the model, its trainable parameters, a d
 batch stream per epoch and a loss); :class:`TrainLoop` does the rest. A checkpoint holds the
 model, optimizer, scheduler, step, data position (epoch and batches consumed in it) and RNG
 states, so a resumed run continues exactly where the last checkpoint left it. One line per
-step goes to the log (loss, learning rate, samples/s, ETA) and to ``metrics.jsonl``.
+step goes to the log (loss, learning rate, samples/s or the task's ``unit`` per second, e.g.
+tokens/s, ETA) and to ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class TrainLoop:
     def __init__(self, task: TrainTask, config: LoopConfig, output_dir: str | Path, *, device: torch.device,
                  is_main: bool = True, extra_state: dict[str, Any] | None = None) -> None:
         self.task, self.config, self.device, self.is_main = task, config, device, is_main
+        self.unit = getattr(task, "unit", "samples")  # what the second value of task.loss counts
         self.output_dir = Path(output_dir)
         self.checkpoints = self.output_dir / "checkpoints"
         self.extra_state = extra_state or {}
@@ -135,7 +137,8 @@ class TrainLoop:
             elapsed = time.monotonic() - tick
             rate = (time.monotonic() - started) / (self.step - first_step)
             metrics = {"step": self.step, "epoch": self.epoch, "loss": round(total, 5),
-                       "lr": self.scheduler.get_last_lr()[0], "samples_per_s": round(samples / max(elapsed, 1e-9), 1),
+                       "lr": self.scheduler.get_last_lr()[0],
+                       f"{self.unit}_per_s": round(samples / max(elapsed, 1e-9), 1),
                        "eta_s": round(rate * (config.max_steps - self.step), 1)}
             if config.eval_every and self.step % config.eval_every == 0 and self.is_main:
                 metrics["eval"] = self.task.evaluate()
@@ -171,7 +174,7 @@ class TrainLoop:
             return
         eta = time.strftime("%H:%M:%S", time.gmtime(metrics["eta_s"]))
         line = (f"step {metrics['step']}/{self.config.max_steps} epoch {metrics['epoch']} loss {metrics['loss']:.4f} "
-                f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.0f} samples/s eta {eta}")
+                f"lr {metrics['lr']:.2e} {metrics[f'{self.unit}_per_s']:.0f} {self.unit}/s eta {eta}")
         if "eval" in metrics:
             line += " | " + " ".join(f"{k} {v:.4f}" for k, v in metrics["eval"].items() if isinstance(v, float))
         log.info(line)

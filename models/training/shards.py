@@ -12,9 +12,10 @@ from __future__ import annotations
 import glob
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -106,17 +107,21 @@ def _tar_sample(path: Path, key: str, parts: dict[str, bytes]) -> Sample:
 
 
 def epoch_samples(files: list[Path], *, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                  shuffle_buffer: int = 1000) -> Iterator[Sample]:
-    """The samples of one epoch for worker ``rank``, in an order fixed by ``(seed, epoch)``."""
+                  shuffle_buffer: int = 1000, reader: Callable[[Path], Iterator[Any]] | None = None) -> Iterator[Any]:
+    """The samples of one epoch for worker ``rank``, in an order fixed by ``(seed, epoch)``.
+
+    ``reader`` yields the samples of one file (default :func:`iter_shard`: image-caption shards).
+    """
+    reader = reader or iter_shard
     mine = files[rank::world_size]
     if not mine:
         raise ValueError(f"{len(files)} shard(s) cannot feed {world_size} workers: export more, smaller shards")
     rng = random.Random(f"{seed}:{epoch}:{rank}")
     order = list(mine)
     rng.shuffle(order)
-    buffer: list[Sample] = []
+    buffer: list[Any] = []
     for path in order:
-        for sample in iter_shard(path):
+        for sample in reader(path):
             if shuffle_buffer <= 1:
                 yield sample
                 continue

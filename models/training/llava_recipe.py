@@ -1,0 +1,220 @@
+"""Training the LLaVA-style VLM in two stages (``vlmcurate train vlm CONFIG``).
+
+- **Stage 1** (projector pretraining): the vision tower and the LM are frozen, only the projector
+  learns, on caption records (``stage1`` of a LLaVA export, or image-caption shards), by default
+  with the ``plain`` template (the image, then the caption). LLaVA: LR 1e-3, batch 256, 1 epoch.
+- **Stage 2** (instruction tuning): the projector and the LM learn (or LoRA adapters on the LM,
+  through peft), on ``stage2`` records with the tokenizer's chat template, starting from the
+  stage-1 checkpoint. LLaVA: LR 2e-5, batch 128; LoRA r=128, alpha=256.
+
+Only assistant turns are supervised, with labels from token offsets (:mod:`models.llava_text`).
+A record that cannot be encoded (roles out of order, ``<image>`` missing or twice, too long, an
+image that does not decode) is skipped, counted and written to ``rejected.jsonl`` in the output
+folder with its reason; it never trains as an all-masked sample. Optimisation, AMP, accumulation,
+logging, checkpoints and resume are the shared :class:`~models.training.loop.TrainLoop`'s; the
+stream position is part of the checkpoint, so a resumed run continues with the next batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.evaluation.vlm import pixels
+from models.llava import LlavaBundle, load_llava
+from models.llava_text import EncodeError, collate, encode_conversation, prepare_tokenizer
+from models.training.llava_data import VlmSample, iter_vlm_file, resolve_vlm_shards
+from models.training.loop import LoopConfig, TrainLoop
+from models.training.shards import epoch_samples
+
+log = logging.getLogger("vlmcurate.train")
+UNDECODABLE = "image_undecodable"
+
+
+class LoraSettings(BaseModel):
+    """LoRA adapters on the LM's linear layers (stage 2)."""
+
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(default=128, ge=1)
+    alpha: int = Field(default=256, ge=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+
+
+class VlmTrainConfig(BaseModel):
+    """Everything ``vlmcurate train vlm`` reads from its YAML (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | dict[str, Any] = "lit-smollm2"
+    stage: Literal[1, 2] = 1
+    init_checkpoint: str | None = None
+    train_data: list[str] = Field(min_length=1)
+    output_dir: str
+    chat_template: str | None = "auto"
+    batch_size: int = Field(default=16, ge=1)
+    max_steps: int = Field(default=300, ge=1)
+    lr: float | None = Field(default=None, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    grad_accum: int = Field(default=1, ge=1)
+    grad_clip: float | None = 1.0
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    save_every: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    train_lm: bool | None = None
+    lora: LoraSettings | None = None
+    gradient_checkpointing: bool = False
+    shuffle_buffer: int = Field(default=1000, ge=0)
+    device: str = "auto"
+    seed: int = 0
+
+    def loop_config(self) -> LoopConfig:
+        lr = self.lr if self.lr is not None else (1e-3 if self.stage == 1 else 2e-5)
+        return LoopConfig(max_steps=self.max_steps, lr=lr, weight_decay=self.weight_decay,
+                          warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio, grad_accum=self.grad_accum,
+                          grad_clip=self.grad_clip, amp=self.amp, save_every=self.save_every,
+                          keep_checkpoints=self.keep_checkpoints, seed=self.seed)
+
+    @property
+    def trains_lm(self) -> bool:
+        return self.train_lm if self.train_lm is not None else self.stage == 2
+
+
+class VlmTask:
+    """A VLM training stage as a :class:`~models.training.loop.TrainTask`."""
+
+    unit = "tokens"
+
+    def __init__(self, config: VlmTrainConfig, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+        self.config, self.device, self.rank, self.world_size = config, device, rank, world_size
+        self.bundle: LlavaBundle = load_llava(config.model)
+        if config.init_checkpoint:
+            load_vlm_weights(self.bundle.model, config.init_checkpoint)
+        template = config.chat_template
+        if template == "auto":
+            template = "plain" if config.stage == 1 else self.bundle.config.chat_template
+        self.image_token_id = prepare_tokenizer(self.bundle.tokenizer, template)
+        self._configure_training()
+        self.model = self.bundle.model.to(device)
+        self.files = resolve_vlm_shards(config.train_data, config.stage)
+        self.rejected: Counter[str] = Counter()
+        self._rejects_path = Path(config.output_dir) / "rejected.jsonl"
+
+    def _configure_training(self) -> None:
+        model, config = self.bundle.model, self.config
+        for param in model.language_model.parameters():
+            param.requires_grad_(config.trains_lm and config.lora is None)
+        if config.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            model.language_model = get_peft_model(model.language_model, LoraConfig(
+                r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                target_modules=config.lora.target_modules, task_type="CAUSAL_LM"))
+        if config.gradient_checkpointing and (config.trains_lm or config.lora is not None):
+            model.language_model.gradient_checkpointing_enable()
+            model.language_model.enable_input_require_grads()
+
+    # -- what the loop calls -------------------------------------------------------------------
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for _, param in self.model.named_parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def batches(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        self.model.train()
+        stream = self._encoded(epoch)
+        batch: list[tuple[torch.Tensor, Any]] = []
+        produced = 0
+        for item in stream:
+            batch.append(item)
+            if len(batch) < self.config.batch_size:
+                continue
+            produced += 1
+            if produced > skip:
+                yield self._collate(batch)
+            batch = []
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        out = self.model(batch["pixels"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+        return out.loss, int(batch["attention_mask"].sum())
+
+    def after_step(self) -> None:
+        return None
+
+    def evaluate(self) -> dict[str, Any]:
+        return {}
+
+    # -- samples -------------------------------------------------------------------------------
+    def _encoded(self, epoch: int) -> Iterator[tuple[torch.Tensor, Any]]:
+        for sample in epoch_samples(self.files, seed=self.config.seed, epoch=epoch, rank=self.rank,
+                                    world_size=self.world_size, shuffle_buffer=self.config.shuffle_buffer,
+                                    reader=iter_vlm_file):
+            try:
+                encoded = encode_conversation(self.bundle.tokenizer, sample.turns, image_token_id=self.image_token_id,
+                                              image_tokens=self.model.image_tokens,
+                                              max_length=self.bundle.config.max_length)
+                pixels = self._pixels(sample)
+            except EncodeError as e:
+                self._reject(sample, e.reason, str(e), epoch)
+                continue
+            yield pixels, encoded
+
+    def _pixels(self, sample: VlmSample) -> torch.Tensor:
+        try:
+            return pixels(self.bundle, [sample.image])[0]
+        except (OSError, ValueError) as e:
+            raise EncodeError(UNDECODABLE, f"{type(e).__name__}: {e}") from None
+
+    def _collate(self, batch: list[tuple[torch.Tensor, Any]]) -> dict[str, torch.Tensor]:
+        tensors = collate([encoded for _, encoded in batch], self.bundle.tokenizer.pad_token_id)
+        return {"pixels": torch.stack([pixels for pixels, _ in batch]), **tensors}
+
+    def _reject(self, sample: VlmSample, reason: str, detail: str, epoch: int) -> None:
+        self.rejected[reason] += 1
+        if epoch == 0 and self.rank == 0:  # each record once, not once per epoch
+            self._rejects_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._rejects_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"id": sample.id, "reason": reason, "detail": detail}) + "\n")
+
+
+def load_vlm_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """The weights of a checkpoint (a file, or a training output folder's latest) into ``model``."""
+    from models.training.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    file = latest_checkpoint(path / "checkpoints") if path.is_dir() else path
+    if file is None:
+        raise FileNotFoundError(f"no checkpoint under {path}/checkpoints")
+    state = torch.load(file, map_location="cpu", weights_only=False)["model"]
+    model.load_state_dict(state, strict=True)
+
+
+def train_vlm(config: VlmTrainConfig, *, rank: int = 0, world_size: int = 1,
+              device: torch.device | None = None) -> dict[str, Any]:
+    """Run (or resume) one training stage; return the last step's metrics with the reject counts."""
+    device = device or _device(config.device)
+    torch.manual_seed(config.seed + rank)
+    task = VlmTask(config, device, rank, world_size)
+    loop = TrainLoop(task, config.loop_config(), config.output_dir, device=device, is_main=rank == 0,
+                     extra_state={"vlm": task.bundle.describe(), "stage": config.stage})
+    loop.resume()
+    metrics = loop.fit()
+    return {**metrics, "rejected": dict(task.rejected)}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

