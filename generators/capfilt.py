@@ -12,6 +12,9 @@ of its per-step cost on a CPU).
 Sampling is seeded per batch from ``seed`` and the batch's first ``source_index``; the seed is
 written to ``caption_seed``, so the same run layout (shard size and batch size, both part of
 the config) reproduces every caption under either runner.
+
+The project's own VLM (``vlmcurate train vlm``) can take BLIP's place as the captioner:
+:class:`generators.capfilt_vlm.VlmCaption` writes the same two columns the same way.
 """
 
 from __future__ import annotations

@@ -179,6 +179,8 @@ def load_llava(config: str | dict[str, Any] | LlavaConfig, *, device: str | torc
     language_model, tokenizer = load_causal_lm(config.language_model, dtype=dtype, init_seed=config.init_seed)
     image_token_id = prepare_tokenizer(tokenizer, config.chat_template)
     if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
-        language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.random.fork_rng(devices=[]):  # seeded: checkpoints leave frozen rows out and rebuild them
+            torch.manual_seed(config.init_seed)
+            language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model = LlavaModel(config, vision, language_model, image_token_id).to(device)
     return LlavaBundle(model=model, tokenizer=tokenizer, preprocess=clip.preprocess, config=config, spec=clip.spec)

@@ -10,7 +10,7 @@ generates with no conversion script: the ViT's weights are renamed into a ``CLIP
 processor's resize, crop and normalisation are the tower's eval transform. Other towers (the
 packaged EfficientNet-Lite0 of LiT) have no transformers Llava counterpart: their models are
 saved in the project's own format (the training checkpoint, loaded with
-:func:`models.training.llava_recipe.load_vlm_weights`), and :func:`export_hf` says so.
+:func:`models.training.vlm_checkpoint.load_trained_vlm`), and :func:`export_hf` says so.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def export_hf(bundle: LlavaBundle, folder: str | Path) -> Path:
     model = bundle.model
     if not model.vision.is_vit:
         raise NotExportable(f"the vision tower of {bundle.config.vision!r} is not a ViT: transformers' Llava needs a "
-                            "CLIP-style ViT; keep the project's checkpoint (load_vlm_weights) for this model")
+                            "CLIP-style ViT; keep the project's checkpoint (load_trained_vlm) for this model")
     if bundle.config.projector != "mlp2x_gelu":
         raise NotExportable("transformers' Llava projector is Linear-GELU-Linear: use projector mlp2x_gelu")
     language_model = _base_language_model(model.language_model)

@@ -14,7 +14,7 @@ from pipelines.cli_common import console, errors
 from pipelines.config import apply_overrides, format_validation_error
 
 train_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train models on curated shards.")
-eval_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate CLIP models.")
+eval_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate CLIP and VLM models.")
 
 ModelOption = Annotated[str | None, typer.Option(help="CLIP architecture, e.g. lit-effnet-minilm or ViT-B-32.")]
 PretrainedOption = Annotated[str | None, typer.Option(help="open_clip pretrained tag or weights file.")]
@@ -92,3 +92,76 @@ def eval_retrieval(
         bundle = load_clip(model, pretrained=pretrained, checkpoint=checkpoint)
         result = evaluate_retrieval(bundle, CaptionedImageSet(captions, images, split=split, limit=limit))
         console.print_json(json.dumps(result, default=str))
+
+
+@eval_app.command("vlm")
+def eval_vlm(
+    checkpoint: Annotated[str | None, typer.Option(help="A `vlmcurate train vlm` output folder or .pt file.")] = None,
+    model: Annotated[str | None, typer.Option(help="An untrained VLM config instead (a baseline), e.g. lit-smollm2.")]
+    = None,
+    captions: Annotated[str | None, typer.Option(help="JSONL rows {image, captions: [...]}: loss, BLEU-4, CIDEr-D.")]
+    = None,
+    images: Annotated[str | None, typer.Option(help="Folder of the caption set's images (default: beside it).")]
+    = None,
+    split: Annotated[str, typer.Option(help="all, train or heldout (the stable hash split of image names).")]
+    = "heldout",
+    limit: Annotated[int | None, typer.Option(help="At most this many caption images.")] = None,
+    probe: Annotated[str | None, typer.Option(help="JSONL rows {image, instances|objects}: the POPE-style probe.")]
+    = None,
+    probe_images: Annotated[str | None, typer.Option(help="Folder of the probe's images (default: beside it).")]
+    = None,
+    probe_limit: Annotated[int | None, typer.Option(help="At most this many probe images.")] = None,
+    per_image: Annotated[int, typer.Option(help="Probe questions per image and answer (yes and no).")] = 3,
+    template: Annotated[str | None, typer.Option(help="Chat template to prompt with (default: the one trained).")]
+    = None,
+    instruction: Annotated[str, typer.Option(help="Text after the image when asking for a caption.")] = "",
+    show: Annotated[int, typer.Option(help="Generated captions to print.")] = 5,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    output: Annotated[Path | None, typer.Option(help="Also write the result as JSON here.")] = None,
+) -> None:
+    """Held-out caption loss, generated captions with BLEU-4 / CIDEr-D, and the object-presence probe."""
+    import torch
+
+    from models.evaluation import CaptionedImageSet
+    from models.evaluation.pope import BoxedImageSet
+    from models.evaluation.vlm import evaluate_captions, evaluate_probe
+    from models.llava import load_llava
+    from models.llava_text import prepare_tokenizer
+    from models.training.vlm_checkpoint import load_trained_vlm
+
+    with errors():
+        if (checkpoint is None) == (model is None):
+            raise ValueError("give exactly one of --checkpoint (a trained VLM) and --model (an untrained config)")
+        if captions is None and probe is None:
+            raise ValueError("nothing to evaluate: give --captions, --probe or both")
+        where = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        bundle = load_trained_vlm(checkpoint, device=where) if checkpoint else load_llava(model, device=where)
+        if template is not None or model is not None:
+            prepare_tokenizer(bundle.tokenizer, template or "plain")
+        result: dict = {"checkpoint": checkpoint, "model": bundle.config.vision + " + " + bundle.config.language_model}
+        if captions is not None:
+            result["captions"] = evaluate_captions(
+                bundle, CaptionedImageSet(captions, images, split=split, limit=limit), instruction=instruction,
+                show=show)
+            for example in result["captions"]["examples"]:
+                console.print(f"{example['image']}: [bold]{example['generated']!r}[/bold] "
+                              f"(reference: {example['references'][0]!r})")
+        if probe is not None:
+            result["probe"] = evaluate_probe(bundle, BoxedImageSet(probe, probe_images, limit=probe_limit),
+                                             per_image=per_image)
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(result, indent=2, default=str))
+        console.print_json(json.dumps(_summary(result), default=str))
+
+
+def _summary(result: dict) -> dict:
+    """The figures of an ``eval vlm`` result, without the per-image lists."""
+    summary = {k: v for k, v in result.items() if k not in ("captions", "probe")}
+    if "captions" in result:
+        summary["captions"] = {k: v for k, v in result["captions"].items() if k not in ("examples", "skipped")}
+        summary["captions"]["skipped"] = len(result["captions"]["skipped"])
+    if "probe" in result:
+        summary["probe"] = {k: v for k, v in result["probe"].items() if k != "skipped"}
+        summary["probe"]["skipped"] = len(result["probe"]["skipped"])
+    return summary

@@ -33,6 +33,13 @@ from models.llava_text import EncodeError, collate, encode_conversation, prepare
 from models.training.llava_data import VlmSample, iter_vlm_file, resolve_vlm_shards
 from models.training.loop import LoopConfig, TrainLoop
 from models.training.shards import epoch_samples
+from models.training.vlm_checkpoint import (
+    apply_checkpoint,
+    load_partial_state,
+    read_checkpoint,
+    trainable_state,
+    wrap_lora,
+)
 
 log = logging.getLogger("vlmcurate.train")
 UNDECODABLE = "image_undecodable"
@@ -98,11 +105,11 @@ class VlmTask:
         self.config, self.device, self.rank, self.world_size = config, device, rank, world_size
         self.bundle: LlavaBundle = load_llava(config.model)
         if config.init_checkpoint:
-            load_vlm_weights(self.bundle.model, config.init_checkpoint)
-        template = config.chat_template
-        if template == "auto":
-            template = "plain" if config.stage == 1 else self.bundle.config.chat_template
-        self.image_token_id = prepare_tokenizer(self.bundle.tokenizer, template)
+            apply_checkpoint(self.bundle, read_checkpoint(config.init_checkpoint))
+        self.template = config.chat_template
+        if self.template == "auto":
+            self.template = "plain" if config.stage == 1 else self.bundle.config.chat_template
+        self.image_token_id = prepare_tokenizer(self.bundle.tokenizer, self.template)
         self._configure_training()
         self.model = self.bundle.model.to(device)
         self.files = resolve_vlm_shards(config.train_data, config.stage)
@@ -114,11 +121,7 @@ class VlmTask:
         for param in model.language_model.parameters():
             param.requires_grad_(config.trains_lm and config.lora is None)
         if config.lora is not None:
-            from peft import LoraConfig, get_peft_model
-
-            model.language_model = get_peft_model(model.language_model, LoraConfig(
-                r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                target_modules=config.lora.target_modules, task_type="CAUSAL_LM"))
+            model.language_model = wrap_lora(model.language_model, config.lora.model_dump())
         if config.gradient_checkpointing and (config.trains_lm or config.lora is not None):
             model.language_model.gradient_checkpointing_enable()
             model.language_model.enable_input_require_grads()
@@ -152,6 +155,18 @@ class VlmTask:
 
     def after_step(self) -> None:
         return None
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps: the trained parameters only (the rest is rebuilt from the config)."""
+        return trainable_state(self.model)
+
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_partial_state(self.model, state)
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """What a checkpoint needs besides weights to rebuild the model as it was trained."""
+        return {"vlm": self.bundle.describe(), "stage": self.config.stage, "chat_template": self.template,
+                "lora": self.config.lora.model_dump() if self.config.lora else None}
 
     def evaluate(self) -> dict[str, Any]:
         return {}
@@ -189,18 +204,6 @@ class VlmTask:
                 f.write(json.dumps({"id": sample.id, "reason": reason, "detail": detail}) + "\n")
 
 
-def load_vlm_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """The weights of a checkpoint (a file, or a training output folder's latest) into ``model``."""
-    from models.training.checkpoint import latest_checkpoint
-
-    path = Path(path)
-    file = latest_checkpoint(path / "checkpoints") if path.is_dir() else path
-    if file is None:
-        raise FileNotFoundError(f"no checkpoint under {path}/checkpoints")
-    state = torch.load(file, map_location="cpu", weights_only=False)["model"]
-    model.load_state_dict(state, strict=True)
-
-
 def train_vlm(config: VlmTrainConfig, *, rank: int = 0, world_size: int = 1,
               device: torch.device | None = None) -> dict[str, Any]:
     """Run (or resume) one training stage; return the last step's metrics with the reject counts."""
@@ -208,7 +211,7 @@ def train_vlm(config: VlmTrainConfig, *, rank: int = 0, world_size: int = 1,
     torch.manual_seed(config.seed + rank)
     task = VlmTask(config, device, rank, world_size)
     loop = TrainLoop(task, config.loop_config(), config.output_dir, device=device, is_main=rank == 0,
-                     extra_state={"vlm": task.bundle.describe(), "stage": config.stage})
+                     extra_state=task.checkpoint_extras())
     loop.resume()
     metrics = loop.fit()
     return {**metrics, "rejected": dict(task.rejected)}

@@ -56,7 +56,12 @@ class LoopConfig:
 
 
 class TrainTask(Protocol):
-    """What a recipe gives the loop."""
+    """What a recipe gives the loop.
+
+    A task may also define ``model_state()`` and ``load_model_state(state)`` to checkpoint less
+    than the whole model (the VLM keeps only what a stage trains); without them the loop saves
+    and restores the model's full state dict.
+    """
 
     model: torch.nn.Module
 
@@ -98,7 +103,8 @@ class TrainLoop:
         if path is None:
             return False
         saved = torch.load(path, map_location="cpu", weights_only=False)
-        _unwrap(self.task.model).load_state_dict(saved["model"])
+        loader = getattr(self.task, "load_model_state", None)
+        (loader or _unwrap(self.task.model).load_state_dict)(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.step, self.epoch, self.position = saved["step"], saved["epoch"], saved["position"]
@@ -163,8 +169,10 @@ class TrainLoop:
     def save(self) -> None:
         if not self.is_main:
             return
-        state = {"model": _unwrap(self.task.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
+        saver = getattr(self.task, "model_state", None)  # a task may keep only what it trains
+        state = {"model": saver() if saver else _unwrap(self.task.model).state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "step": self.step, "epoch": self.epoch,
                  "position": self.position, "rng": rng_state(), "loop": asdict(self.config), **self.extra_state}
         path = save_checkpoint(self.checkpoints, self.step, state, self.config.keep_checkpoints)
         log.info("saved %s", path)

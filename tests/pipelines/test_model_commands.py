@@ -55,3 +55,35 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
 
     result = runner.invoke(app, ["train", "clip", str(config), "learning_rate=1"])
     assert result.exit_code == 2 and "learning_rate" in result.output
+
+
+def test_train_a_vlm_stage_then_evaluate_it_from_the_command_line(tmp_path):
+    from tests.models.training.test_llava_recipe import write_llava_export
+
+    data = write_llava_export(tmp_path)
+    config = tmp_path / "vlm.yaml"
+    config.write_text(yaml.safe_dump({"model": "tiny-vit-llama", "stage": 1, "train_data": [str(data)],
+                                      "output_dir": str(tmp_path / "vlm"), "batch_size": 2, "device": "cpu"}))
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "vlm", str(config), "max_steps=2"])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (data / "images" / "00000").iterdir())
+    (tmp_path / "captions.jsonl").write_text("\n".join(
+        json.dumps({"image": f"00000/{name}", "captions": ["a small picture"]}) for name in names))
+    (tmp_path / "probe.jsonl").write_text("\n".join(
+        json.dumps({"image": f"00000/{name}", "objects": ["square", "dog"][i % 2:]}) for i, name in enumerate(names)))
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", "vlm", "--checkpoint", str(tmp_path / "vlm"), "--captions",
+                                 str(tmp_path / "captions.jsonl"), "--images", str(data / "images"), "--split", "all",
+                                 "--probe", str(tmp_path / "probe.jsonl"), "--probe-images", str(data / "images"),
+                                 "--per-image", "1", "--device", "cpu", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    written = json.loads(out.read_text())
+    assert written["captions"]["images"] == len(names) and len(written["captions"]["examples"]) == len(names)
+    assert {"bleu4", "cider_d", "caption_loss"} <= set(written["captions"])
+    assert {"random", "popular", "adversarial"} <= set(written["probe"])
+
+    result = runner.invoke(app, ["eval", "vlm", "--captions", str(tmp_path / "captions.jsonl")])
+    assert result.exit_code != 0 and "exactly one of --checkpoint" in result.output
+    result = runner.invoke(app, ["eval", "vlm", "--model", "tiny-vit-llama"])
+    assert result.exit_code != 0 and "nothing to evaluate" in result.output

@@ -1,11 +1,15 @@
-"""VLM evaluation: the held-out caption loss is the LM's own token-mean loss; captions come back per image."""
+"""VLM evaluation: the held-out caption loss is the LM's own token-mean loss; captions, metrics and the probe."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
-from models.evaluation.vlm import caption_loss, generate_captions, pixels
+from models.evaluation.datasets import CaptionedImageSet
+from models.evaluation.pope import BoxedImageSet
+from models.evaluation.vlm import caption_loss, evaluate_captions, evaluate_probe, generate_captions, pixels
 from models.llava import load_llava
 from models.llava_text import collate, encode_conversation, prepare_tokenizer
 from models.training.llava_data import caption_turns
@@ -38,3 +42,39 @@ def test_generated_captions_are_one_string_per_image():
     prepare_tokenizer(bundle.tokenizer, "plain")
     captions = generate_captions(bundle, [make_image(40, 40, seed=i) for i in range(2)], max_new_tokens=5)
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+
+def _write_set(folder, rows, images):
+    (folder / "images").mkdir(parents=True)
+    for name, data in images.items():
+        (folder / "images" / name).write_bytes(data)
+    (folder / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder / "set.jsonl"
+
+
+def test_caption_evaluation_reports_loss_metrics_examples_and_unreadable_images(tmp_path):
+    bundle = load_llava("tiny-vit-llama")
+    prepare_tokenizer(bundle.tokenizer, "plain")
+    rows = [{"image": "a.jpg", "captions": ["a red kite", "a kite in the sky"]},
+            {"image": "b.jpg", "captions": ["two cats"]}, {"image": "broken.jpg", "captions": ["nothing"]}]
+    jsonl = _write_set(tmp_path, rows, {"a.jpg": make_image(40, 40, seed=0), "b.jpg": make_image(40, 40, seed=1),
+                                        "broken.jpg": b"not an image"})
+    result = evaluate_captions(bundle, CaptionedImageSet(jsonl), show=1, max_new_tokens=4)
+    assert result["images"] == 2 and result["references"] == 3
+    assert result["caption_loss"] > 0 and 0 <= result["bleu4"] <= 1 and result["cider_d"] >= 0
+    assert [e["image"] for e in result["examples"]] == ["a.jpg"]
+    assert result["examples"][0]["references"] == ["a red kite", "a kite in the sky"]
+    assert [s["item"] for s in result["skipped"]] == ["broken.jpg"]
+
+
+def test_probe_evaluation_scores_every_setting_on_balanced_questions(tmp_path):
+    bundle = load_llava("tiny-vit-llama")
+    rows = [{"image": f"{i}.jpg", "objects": objects}
+            for i, objects in enumerate([["dog", "ball"], ["cat"], ["dog", "car"]])]
+    jsonl = _write_set(tmp_path, rows, {f"{i}.jpg": make_image(40, 40, seed=i) for i in range(3)})
+    result = evaluate_probe(bundle, BoxedImageSet(jsonl), settings=("random", "adversarial"), per_image=1)
+    assert result["images"] == 3 and set(result) == {"images", "skipped", "random", "adversarial"}
+    for setting in ("random", "adversarial"):
+        scores = result[setting]
+        assert scores["questions"] == 6 and 0 <= scores["accuracy"] <= 1
+        assert scores["unanswered"] <= 6
