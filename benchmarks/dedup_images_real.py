@@ -87,8 +87,8 @@ def main() -> None:
           f"{len(bodies)} rows")
 
     start = time.perf_counter()
-    preprocess = ClipPreprocess(model="lit-effnet-minilm", checkpoint=args.checkpoint)
-    embed = ClipEmbed(model="lit-effnet-minilm", checkpoint=args.checkpoint, device="cpu")
+    preprocess = ClipPreprocess(model="lit-effnet-minilm", weights=args.checkpoint)
+    embed = ClipEmbed(model="lit-effnet-minilm", weights=args.checkpoint, device="cpu")
     embed.setup()
     embeddings = []
     for offset in range(0, len(bodies), 64):

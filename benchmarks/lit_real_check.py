@@ -13,75 +13,35 @@ shuffled pairs.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import logging
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-from PIL import Image
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared" / "data"
-
+from benchmarks._real_pairs import (  # noqa: E402
+    SHARED,
+    evaluate,
+    flickr_image,
+    flickr_records,
+    tux_records,
+    write_shards,
+)
 from models.clip import load_clip  # noqa: E402
-from models.evaluation import CaptionedImageSet, LabelledImageSet, evaluate_retrieval, evaluate_zeroshot  # noqa: E402
-from models.evaluation.datasets import is_heldout  # noqa: E402
 from models.training.clip_recipe import ClipTrainConfig, train_clip  # noqa: E402
-from pipelines.export import write_webdataset  # noqa: E402
-
-HELDOUT_FRACTION = 0.25
-
-
-def _on_white(body: bytes) -> bytes:
-    with Image.open(io.BytesIO(body)) as image:
-        image = image.convert("RGBA")
-        canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        canvas.alpha_composite(image)
-        out = io.BytesIO()
-        canvas.convert("RGB").save(out, format="JPEG", quality=92)
-        return out.getvalue()
 
 
 def training_rows() -> list[tuple[str, str, bytes]]:
     rows = []
-    folder = SHARED / "flickr8k"
-    for line in (folder / "captions.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if is_heldout(record["image"], HELDOUT_FRACTION):
-            continue
-        body = (folder / "images" / record["image"]).read_bytes()
+    for record in flickr_records("train"):
+        body = flickr_image(record["image"])
         for k, caption in enumerate(record["captions"][:2]):
             rows.append((f"flickr-{Path(record['image']).stem}-{k}", caption, body))
-    with tarfile.open(SHARED / "tuxpaint" / "stamps.tar") as tar:
-        manifest = [json.loads(x) for x in tar.extractfile("manifest.jsonl").read().decode().splitlines()]
-        for i, record in enumerate(manifest):
-            rows.append((f"tux-{i:04d}", record["caption"], _on_white(tar.extractfile(record["image"]).read())))
+    for i, record in enumerate(tux_records()):
+        rows.append((f"tux-{i:04d}", record["caption"], record["jpeg"]))
     return rows
-
-
-def write_shards(rows: list[tuple[str, str, bytes]], folder: Path, per_shard: int = 500) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, start in enumerate(range(0, len(rows), per_shard)):
-        part = rows[start:start + per_shard]
-        with open(folder / f"{index:05d}.tar", "wb") as out:
-            write_webdataset(pa.table({"uid": [r[0] for r in part], "caption": [r[1] for r in part],
-                                       "image": [r[2] for r in part]}), out)
-
-
-def evaluate(bundle, per_class: int, heldout_images: int) -> dict:
-    zeroshot = evaluate_zeroshot(bundle, LabelledImageSet(SHARED / "cifar10" / "test.tar", per_class=per_class))
-    retrieval = evaluate_retrieval(bundle, CaptionedImageSet(SHARED / "flickr8k" / "captions.jsonl", split="heldout",
-                                                             heldout_fraction=HELDOUT_FRACTION, limit=heldout_images),
-                                   ks=(1, 5, 10))
-    return {"cifar10_top1": zeroshot["top1"], "cifar10_top5": zeroshot["top5"],
-            "i2t_R@5": retrieval["image_to_text"]["R@5"], "t2i_R@5": retrieval["text_to_image"]["R@5"],
-            "pair_auc": retrieval["pair_auc"]["auc"], "heldout_images": retrieval["n_images"]}
 
 
 def main() -> None:

@@ -34,22 +34,24 @@ BELOW_TOP_FRACTION = "clip_score_below_top_fraction"
 
 @dataclass(kw_only=True)
 class ClipModelRef:
-    """Which CLIP: an architecture name (``pretrained`` tag or file) and/or a training checkpoint."""
+    """Which CLIP: an architecture name (``pretrained`` tag or file) and/or trained ``weights`` (a
+    ``vlmcurate train clip`` output folder or checkpoint file; not ``checkpoint``, which in a stage
+    entry of a pipeline config means "write the phase to disk after this stage")."""
 
     model: str | None = None
     pretrained: str | None = None
-    checkpoint: str | None = None
+    weights: str | None = None
 
     def _check_model(self) -> None:
-        if not self.model and not self.checkpoint:
-            raise ValueError("set `model` (a CLIP architecture) or `checkpoint` (a vlmcurate train clip output)")
+        if not self.model and not self.weights:
+            raise ValueError("set `model` (a CLIP architecture) or `weights` (a vlmcurate train clip output)")
 
     def _model_identity(self) -> dict[str, Any]:
         from models.clip import checkpoint_file
 
-        if self.checkpoint is None:
+        if self.weights is None:
             return {}
-        return {"checkpoint_blake2b": file_digest(str(checkpoint_file(self.checkpoint)))}
+        return {"checkpoint_blake2b": file_digest(str(checkpoint_file(self.weights)))}
 
 
 @dataclass
@@ -72,7 +74,7 @@ class ClipPreprocess(ClipModelRef, Stage):
         from models.clip import preprocess_spec
 
         self._check_model()
-        self._spec = preprocess_spec(self.model, pretrained=self.pretrained, checkpoint=self.checkpoint)
+        self._spec = preprocess_spec(self.model, pretrained=self.pretrained, checkpoint=self.weights)
 
     def identity(self) -> dict[str, Any]:
         return {"preprocess": self._spec.as_dict()}  # all that the pixels depend on
@@ -122,7 +124,7 @@ class ClipInference(ClipModelRef):
 
         self._torch = torch
         self._device, dtype = inference_device(self.device, self.precision, self.resources.cpus)
-        self._bundle = load_clip(self.model, pretrained=self.pretrained, checkpoint=self.checkpoint,
+        self._bundle = load_clip(self.model, pretrained=self.pretrained, checkpoint=self.weights,
                                  device=str(self._device))
         self._autocast_dtype = None if dtype == torch.float32 else dtype
 

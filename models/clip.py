@@ -19,8 +19,10 @@ architecture is read from the checkpoint when ``name`` is not given.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -149,7 +151,8 @@ def load_clip(name: str | None = None, *, pretrained: str | None = None, checkpo
     if "image_mean" in extras:
         kwargs.update(image_mean=tuple(extras["image_mean"]), image_std=tuple(extras["image_std"]))
     load_text = load_tower_weights and saved is None
-    with torch.random.fork_rng(devices=[]):
+    quiet = _expected_load_messages_hidden() if name in project_configs() else nullcontext()
+    with torch.random.fork_rng(devices=[]), quiet:
         torch.manual_seed(init_seed)
         model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, precision=precision, device=device, pretrained_text=load_text, **kwargs)
@@ -166,6 +169,31 @@ def load_clip(name: str | None = None, *, pretrained: str | None = None, checkpo
     return ClipBundle(name=name, model=model, preprocess=preprocess, train_preprocess=train_preprocess,
                       tokenizer=open_clip.get_tokenizer(name), spec=spec, source=source,
                       embed_dim=_probe_embed_dim(model, spec.image_size, device))
+
+
+class _DropPartialInit(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized partially" not in record.getMessage()
+
+
+@contextmanager
+def _expected_load_messages_hidden() -> Iterator[None]:
+    """Hide what a project config's load is expected to print: open_clip's "initialized partially"
+    (the packaged tower weights load after it builds the model) and transformers' report of the
+    MiniLM folder's pooler weights, which the text tower does not use."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars, drop = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), _DropPartialInit()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def checkpoint_file(path: str | Path) -> Path:

@@ -1,17 +1,31 @@
 """The dataset card: ``README.md`` in a run directory, written when a run completes.
 
 It shows where every row went (the ledger as a funnel: rows in, kept, rejected by reason, per
-stage), a histogram with the cutoff marked for every threshold a stage applied (the CLIP score,
-say), what produced the run (package versions, config hash) and where the export is. Its
-statistics come from :mod:`pipelines.card_stats` (polars scans), its plots from
-:mod:`pipelines.card_plots`, written beside it under ``card/``. ``vlmcurate card RUN`` writes it
-again for an existing run.
+stage, as a table and a plot), sample pairs, the topic sections of :mod:`pipelines.card_sections`
+(MetaCLIP entry frequency, duplicate clusters, CapFilt captions, instruction types) when the run
+has what they need, a histogram with the cutoff marked for every threshold a stage applied (the
+CLIP score, say), what produced the run (package versions, config hash) and where the export is.
+Statistics are polars scans (:mod:`pipelines.card_stats`, :mod:`pipelines.card_queries`); plots
+are PNGs written beside the card under ``card/``. ``vlmcurate card RUN`` writes it again for an
+existing run.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
+from pipelines.card_charts import funnel_png
 from pipelines.card_plots import histogram_png
-from pipelines.card_stats import CARD_ASSETS, KEPT, REJECTED_HERE, CardView, score_histogram
+from pipelines.card_sections import (
+    CardContext,
+    capfilt_section,
+    dedup_section,
+    instructions_section,
+    metaclip_section,
+    samples_section,
+)
+from pipelines.card_stats import CARD_ASSETS, KEPT, REJECTED_HERE, CardView, score_histogram, write_asset
 from pipelines.chain import PlannedStage
 from pipelines.rundir import RunDir
 from pipelines.stage import Cutoff
@@ -19,24 +33,39 @@ from schemas.manifest import Manifest
 
 CARD = "README.md"
 
+log = logging.getLogger(__name__)
+
 
 def write_card(rundir: RunDir, manifest: Manifest, stages: list[PlannedStage]) -> str:
     """Write the card of the run in ``rundir`` (and its plots); return the card's path."""
-    sections = [_header(manifest), _funnel(manifest)]
-    notes = [(p.name, p.stage.card_notes(CardView(rundir, manifest, p.name, manifest.aggregates.get(p.name))))
-             for p in stages]
-    if any(text for _, text in notes):
-        found = "\n\n".join(f"**{name}**: {text}" for name, text in notes if text)
-        sections.append(f"## What the stages found\n\n{found}")
+    notes = {p.name: p.stage.card_notes(CardView(rundir, manifest, p.name, manifest.aggregates.get(p.name)))
+             for p in stages}
+    ctx = CardContext(rundir, manifest, stages, {name: text for name, text in notes.items() if text})
+    sections = [_header(manifest), _guarded(_funnel, ctx), _guarded(samples_section, ctx),
+                _guarded(metaclip_section, ctx)]
     for planned in stages:
         cutoffs = planned.stage.cutoffs(manifest.aggregates.get(planned.name))
         for column in dict.fromkeys(c.column for c in cutoffs):
             sections.append(_cutoff_section(rundir, manifest, planned.name, column,
                                             [c for c in cutoffs if c.column == column]))
+    sections += [_guarded(section, ctx) for section in (dedup_section, capfilt_section, instructions_section)]
+    if ctx.notes:
+        found = "\n\n".join(f"**{p.name}**: {ctx.notes[p.name]}" for p in stages if p.name in ctx.notes)
+        sections.append(f"## What the stages found\n\n{found}")
     sections.append(_provenance(manifest))
     path = rundir.path(CARD)
     rundir.write_bytes(path, ("\n\n".join(s for s in sections if s) + "\n").encode())
     return path
+
+
+def _guarded(section: Callable[[CardContext], str | None], ctx: CardContext) -> str | None:
+    """A section, or a line saying it failed: one unreadable column must not cost the whole card."""
+    try:
+        return section(ctx)
+    except Exception as e:
+        log.exception("dataset card of %s: %s failed", ctx.manifest.name, section.__name__)
+        name = section.__name__.strip("_").removesuffix("_section")
+        return f"*The card's {name} section could not be written: {e!r}.*"
 
 
 def _header(manifest: Manifest) -> str:
@@ -56,9 +85,13 @@ def _header(manifest: Manifest) -> str:
     return "\n".join(lines)
 
 
-def _funnel(manifest: Manifest) -> str:
-    lines = ["## Funnel", "", "| phase | stage | rows in | kept | rejected | reasons |", "|---|---|---:|---:|---:|---|"]
-    for phase in manifest.phases:
+def _funnel(ctx: CardContext) -> str:
+    lines = ["## Funnel", ""]
+    steps = [(name, counts.rows_in, counts.rows_kept) for name, counts in ctx.manifest.stage_totals().items()]
+    if steps:
+        lines += [f"![funnel]({write_asset(ctx.rundir, 'funnel.png', funnel_png(steps))})", ""]
+    lines += ["| phase | stage | rows in | kept | rejected | reasons |", "|---|---|---:|---:|---:|---|"]
+    for phase in ctx.manifest.phases:
         for name in phase.stages:
             counts = phase.counts.get(name)
             if counts is None:
@@ -78,7 +111,8 @@ def _cutoff_section(rundir: RunDir, manifest: Manifest, stage: str, column: str,
         return f"## {title}\n\nNo row has a `{column}` value."
     asset = f"{CARD_ASSETS}/{stage}-{column}.png"
     rundir.write_bytes(rundir.path(asset), histogram_png(histogram, cutoffs, title))
-    marks = "; ".join(f"{c.label}: {c.value:.4g}" for c in cutoffs)
+    marks = "; ".join(c.label if c.label.endswith((f" {c.value:g}", f" {c.value:.4g}")) else f"{c.label}: {c.value:.4g}"
+                      for c in cutoffs)
     q = histogram.quantiles
     rejected_here = int(histogram.counts[REJECTED_HERE].sum())
     return "\n".join([

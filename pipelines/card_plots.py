@@ -1,8 +1,9 @@
-"""Images of the dataset card: plots drawn with matplotlib's file-only backend into PNG bytes, thumbnails."""
+"""Images of the dataset card: plots drawn with matplotlib's file-only Agg backend into PNG bytes, thumbnails."""
 
 from __future__ import annotations
 
 import io
+from typing import Any
 
 from pipelines.card_stats import KEPT, REJECTED_ELSEWHERE, REJECTED_HERE, Histogram
 from pipelines.stage import Cutoff
@@ -12,9 +13,7 @@ _COLOURS = {KEPT: "#2b8a3e", REJECTED_HERE: "#c92a2a", REJECTED_ELSEWHERE: "#adb
 
 def histogram_png(histogram: Histogram, cutoffs: list[Cutoff], title: str) -> bytes:
     """Stacked histogram (kept, rejected by the stage, rejected by others) with cutoffs marked."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
-
-    figure = Figure(figsize=(7, 3.6), dpi=110)
+    figure = new_figure(7, 3.6)
     axes = figure.subplots()
     edges = histogram.edges
     widths = edges[1:] - edges[:-1]
@@ -34,6 +33,21 @@ def histogram_png(histogram: Histogram, cutoffs: list[Cutoff], title: str) -> by
     axes.set_ylabel("rows")
     axes.set_title(title, fontsize=10)
     axes.legend(fontsize=8, loc="upper left")
+    return to_png(figure)
+
+
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib figure drawn by the Agg canvas: no pyplot, so no global state and no display."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def to_png(figure: Any) -> bytes:
+    """The figure, laid out, as PNG bytes."""
     figure.tight_layout()
     out = io.BytesIO()
     figure.savefig(out, format="png")

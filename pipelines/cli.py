@@ -186,44 +186,41 @@ def metadata_build(
 
 @app.command()
 def demo(
-    output_dir: Annotated[Path, typer.Option(help="Where the demo pool and run go.")] = Path("runs"),
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="key=value overrides of configs/demo-models.yaml, e.g. vlm_stage1.max_steps=100.")] = None,
+    output_dir: Annotated[Path, typer.Option(help="Where the pool, the run and the models go.")] = Path("runs"),
     runner: Annotated[str, typer.Option(help="local or ray.")] = "ray",
     port: Annotated[int, typer.Option(help="Loopback port of the demo's image server.")] = DEFAULT_PORT,
-    rows: Annotated[int, typer.Option(help="Rows in the generated pool.")] = 4000,
+    rows: Annotated[int, typer.Option(help="Rows in the generated pool.")] = 2000,
+    data: Annotated[str | None, typer.Option(help="Your own pool (url, caption[, boxes]) instead of the "
+                                                  "generated one: parquet/csv/tsv/jsonl file, folder or glob.")] = None,
+    boxes_column: Annotated[str | None, typer.Option(help="With --data: the column of object boxes, if any.")]
+    = None,
 ) -> None:
-    """Run the main job on embedded defaults: build MetaCLIP metadata offline, serve generated
-    images on 127.0.0.1, write a noisy pool of their urls, curate it with configs/demo.yaml and
-    export webdataset + parquet shards."""
-    from pipelines.demo.pool import write_demo_pool
+    """The whole mission offline on embedded defaults: pool, curation (configs/demo.yaml), the LiT
+    CLIP, VLM stages 1 and 2 and their evaluation (configs/demo-models.yaml)."""
+    from pipelines.demo.run import Demo, DemoPaths, load_demo_models
     from pipelines.demo.server import DemoImageServer
 
     with _errors():
+        models = load_demo_models(overrides or [])
         output_dir.mkdir(parents=True, exist_ok=True)
-        metadata = output_dir / "demo-metadata.json"
-        if not metadata.exists():
-            import json
-
-            from curation.metaclip.build import build_metadata
-
-            entries, _ = build_metadata()
-            metadata.write_text(json.dumps(entries, ensure_ascii=False))
-            console.print(f"MetaCLIP metadata: {len(entries):,} entries (WordNet, wordfreq) written to "
-                          f"[bold]{metadata}[/]", soft_wrap=True)
-        server = DemoImageServer(port)
+        steps = Demo(DemoPaths.under(output_dir), models, lambda line: console.print(line, soft_wrap=True), _run)
+        steps.metadata()
+        server = None if data else DemoImageServer(port)
         try:
-            pool = output_dir / "demo-pool.csv"
-            lines = write_demo_pool(str(pool), server.base, rows=rows)
-            console.print(f"demo pool: {lines:,} lines written to [bold]{pool}[/], images served at {server.base}",
-                          soft_wrap=True)
-            cfg = load_config(REPO_ROOT / "configs" / "demo.yaml",
-                              [f"input={pool}", f"output_dir={output_dir}", f"runner={runner}",
-                               f"stages.metaclip_match.metadata={metadata}"])
-            _run(cfg)
+            pool = data or str(steps.pool(server.base, rows))
+            steps.lit_clip()
+            manifest = steps.curation(pool, runner, own_data=data is not None, boxes_column=boxes_column)
         finally:
-            server.close()
+            if server is not None:
+                server.close()
+        steps.vlm()
+        steps.evaluate()
+        steps.summary(manifest)
 
 
-def _run(cfg: PipelineConfig) -> None:
+def _run(cfg: PipelineConfig) -> Manifest:
     plan = build_plan(cfg)
     runner = make_runner(cfg.runner, cfg.ray)
     console.print(f"run [bold]{cfg.name}[/] ({cfg.runner} runner, config {plan.config_hash}) → {plan.run_uri}",
@@ -250,6 +247,7 @@ def _run(cfg: PipelineConfig) -> None:
     if manifest.export:
         console.print(f"export:    [bold]{manifest.export['folder']}[/] ({', '.join(manifest.export['formats'])}; "
                       f"{manifest.export['rows']:,} rows in {manifest.export['shards']} shards)", soft_wrap=True)
+    return manifest
 
 
 def ledger_table(manifest: Manifest) -> Table:

@@ -52,6 +52,10 @@ def run_pipeline(plan: Plan, runner: Runner, progress: Progress | None = None) -
             manifest.status = "failed"
             _write(rundir, manifest)
             raise
+        # A worker killed mid-write (Ray ran its batch again elsewhere) leaves its temporary file.
+        removed = rundir.remove_temporaries()
+        if removed:
+            log.info("removed %d temporary file(s) left by workers that died during the run", removed)
         manifest.status = "complete"
         _write(rundir, manifest)
         try:

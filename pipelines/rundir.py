@@ -1,5 +1,11 @@
 """The run directory on disk (local or any pyarrow filesystem): shards, rejects, ledger, manifest.
 
+``output_dir`` may be a local path, a ``file://`` URI or any URI pyarrow opens itself (``s3://``,
+``gs://``, ``hdfs://``, ``abfs://``); other schemes go through fsspec when it has an implementation
+installed for them (``memory://``, which only the process that wrote it can read; ``gcs://``,
+``az://``, ``sftp://`` with their fsspec packages). On a multi-node cluster it must be storage every
+node reaches: each worker writes the shards it finishes.
+
 Layout of ``<output_dir>/<run name>/``::
 
     manifest.json                      config, hash, versions, phases, aggregates, ledger
@@ -50,7 +56,7 @@ class RunDir:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        self.fs, self.root = pafs.FileSystem.from_uri(_as_uri(uri))
+        self.fs, self.root = open_filesystem(uri)
         self.root = self.root.rstrip("/")
 
     def __reduce__(self):
@@ -220,5 +226,20 @@ class RunDir:
         return Manifest.from_json(self.read_bytes(path).decode())
 
 
-def _as_uri(uri: str) -> str:
-    return uri if "://" in uri else os.path.abspath(uri)
+def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of ``uri``: pyarrow's own for paths and the schemes it knows, else fsspec's."""
+    location = uri if "://" in uri else os.path.abspath(uri)
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except pa.ArrowInvalid as error:
+        if "Unrecognized filesystem type" not in str(error):
+            raise
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(location)
+    except (ImportError, ValueError) as error:  # unknown protocol, or its package is not installed
+        raise ValueError(f"output_dir {uri!r}: neither pyarrow nor fsspec can open this scheme ({error}); use a "
+                         f"local path, file://, s3://, gs://, hdfs://, abfs:// or install the fsspec "
+                         f"implementation for it") from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path

@@ -168,7 +168,7 @@ class RayRunner(Runner):
         ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=len(shards))
         ds = _map_batches(ds, _load_shards, **io_args)
         for planned in task.stages:
-            ds = _map(ds, planned, _apply_stage_batch, placement)
+            ds = _map(ds, planned, _apply_stage_batch, placement, label=planned.name)
         ds = _map_batches(ds, _finish_shards, **io_args)
         for row in ds.iter_rows():
             yield ShardEntry.from_json(row["entry"])
@@ -181,7 +181,7 @@ class RayRunner(Runner):
         self._data_context()
         placement = self._placement([planned])
         ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=len(shards))
-        ds = _map(ds, planned, _compute_batch, placement, rundir=rundir, phase=phase)
+        ds = _map(ds, planned, _compute_batch, placement, label=f"{planned.name}_compute", rundir=rundir, phase=phase)
         partials = {row["shard"]: pickle.loads(row["partial"]) for row in ds.iter_rows()}
         return [partials[shard] for shard in shards]
 
@@ -244,8 +244,13 @@ def _map_batches(ds, fn, **args):
         return ds.map_batches(fn, **args)
 
 
-def _map(ds, planned: PlannedStage, fn, placement: Placement, **kwargs):
-    """``ds.map_batches`` running ``fn(batch, planned, **kwargs)`` with the stage's resources."""
+def _map(ds, planned: PlannedStage, fn, placement: Placement, label: str, **kwargs):
+    """``ds.map_batches`` running ``fn(batch, planned, **kwargs)`` with the stage's resources.
+
+    The step is named ``label`` (Ray Data names an operator after its function or class), so the
+    stage shows in Ray's operator names, logs, dashboard and worker process titles, e.g.
+    ``ray::MapWorker(MapBatches(clip_embed)).submit`` for an actor running a ``clip_embed`` batch.
+    """
     import ray.data
 
     if planned.name in placement.cpus:
@@ -269,13 +274,22 @@ def _map(ds, planned: PlannedStage, fn, placement: Placement, **kwargs):
             ray.data.ActorPoolStrategy(min_size=low, max_size=high)
         args.update(compute=strategy, fn_constructor_args=(planned, fn), fn_constructor_kwargs=kwargs,
                     max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES)
-        target = _StageActor
+        target = type(label, (_StageActor,), {"__module__": __name__, "__qualname__": label})
     else:
         if resources.concurrency is not None:
             args["compute"] = ray.data.TaskPoolStrategy(size=resources.concurrency)
         args.update(fn_kwargs={"planned": planned, **kwargs}, max_retries=WORKER_RETRIES)
-        target = fn
+        target = _named_task(fn, label)
     return _map_batches(ds, target, **args)
+
+
+def _named_task(fn, label: str):
+    """``fn`` under the name ``label`` (pickled by value, like the named actor classes)."""
+    def task(batch: pa.Table, **kwargs) -> pa.Table:
+        return fn(batch, **kwargs)
+
+    task.__name__ = task.__qualname__ = label
+    return task
 
 
 @dataclass(frozen=True)

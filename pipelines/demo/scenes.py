@@ -2,12 +2,17 @@
 
 Scene ``i`` is a deterministic function of ``i``: a background, one to three shapes with
 colours and positions, and the caption that says exactly that ("a red circle to the left of a
-blue square on a white background"). The boxes are kept for instruction generation later.
+blue square on a white background"). Shapes and colours are drawn head-heavy (weights falling
+as 1 / rank), as concepts are in a web crawl: circles and squares are common, hexagons and
+crosses rare, which gives MetaCLIP's balancing a head to cut and a tail to keep. The boxes
+(:func:`instances`, normalised ``[x1, y1, x2, y2]`` per ``"<colour> <shape>"``) feed the
+grounded instructions and the object-presence probe.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import random
 from dataclasses import dataclass
 
@@ -17,7 +22,8 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
           "purple": (140, 60, 170), "orange": (245, 140, 30), "black": (20, 20, 20), "white": (245, 245, 245)}
 BACKGROUNDS = {"white": (250, 250, 250), "grey": (150, 150, 150), "sky blue": (150, 200, 240),
                "beige": (235, 220, 190), "dark green": (30, 80, 40)}
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon", "cross")
+_SHAPE_WEIGHTS = [1 / rank for rank in range(1, len(SHAPES) + 1)]
 
 
 @dataclass(frozen=True)
@@ -49,12 +55,14 @@ def scene(index: int, width: int = 320, height: int = 240) -> Scene:
     rng = random.Random(index * 7919 + 17)
     background = rng.choice(list(BACKGROUNDS))
     colors = [c for c in COLORS if c != background]
+    color_weights = [1 / rank for rank in range(1, len(colors) + 1)]
     shapes = []
     for slot in range(rng.randint(1, 3)):
         size = rng.randint(height // 5, height // 3)
         x = int((slot + 0.5) * width / 3 - size / 2 + rng.randint(-15, 15))
         y = rng.randint(10, height - size - 10)
-        shapes.append(Shape(rng.choice(SHAPES), rng.choice(colors), (x, y, x + size, y + size)))
+        kind = rng.choices(SHAPES, _SHAPE_WEIGHTS)[0]
+        shapes.append(Shape(kind, rng.choices(colors, color_weights)[0], (x, y, x + size, y + size)))
     return Scene(index, width, height, background, tuple(shapes))
 
 
@@ -62,17 +70,61 @@ def render(s: Scene, quality: int = 90) -> bytes:
     image = Image.new("RGB", (s.width, s.height), BACKGROUNDS[s.background])
     draw = ImageDraw.Draw(image)
     for shape in s.shapes:
-        fill = COLORS[shape.color]
-        x1, y1, x2, y2 = shape.box
-        if shape.kind == "circle":
-            draw.ellipse(shape.box, fill=fill)
-        elif shape.kind == "square":
-            draw.rectangle(shape.box, fill=fill)
-        else:
-            draw.polygon([((x1 + x2) // 2, y1), (x1, y2), (x2, y2)], fill=fill)
+        _draw(draw, shape)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+PHOTO_CAPTION = "a portrait photo of a smiling woman in a dark naval uniform"
+
+
+def photo_crop(index: int) -> bytes:
+    """A crop of the photograph matplotlib ships (``sample_data/grace_hopper.jpg``), by ``index``.
+
+    The crops overlap heavily: near-duplicates of one real photo, as a crawl finds them."""
+    import matplotlib
+
+    rng = random.Random(index * 104729 + 3)
+    with Image.open(matplotlib.get_data_path() + "/sample_data/grace_hopper.jpg") as photo:
+        width, height = photo.size
+        side = int(min(width, height) * rng.uniform(0.7, 0.95))
+        x, y = rng.randint(0, width - side), rng.randint(0, height - side)
+        crop = photo.convert("RGB").crop((x, y, x + side, y + side)).resize((288, 288), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    crop.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def instances(s: Scene) -> list[dict]:
+    """The scene's objects as ``{"category": "<colour> <shape>", "bbox": [x1, y1, x2, y2]}`` in [0, 1]."""
+    return [{"category": f"{shape.color} {shape.kind}",
+             "bbox": [round(shape.box[0] / s.width, 3), round(shape.box[1] / s.height, 3),
+                      round(shape.box[2] / s.width, 3), round(shape.box[3] / s.height, 3)]} for shape in s.shapes]
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
+    fill = COLORS[shape.color]
+    x1, y1, x2, y2 = shape.box
+    cx, cy, r = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2
+    if shape.kind == "circle":
+        draw.ellipse(shape.box, fill=fill)
+    elif shape.kind == "square":
+        draw.rectangle(shape.box, fill=fill)
+    elif shape.kind == "triangle":
+        draw.polygon([(cx, y1), (x1, y2), (x2, y2)], fill=fill)
+    elif shape.kind == "diamond":
+        draw.polygon([(cx, y1), (x2, cy), (cx, y2), (x1, cy)], fill=fill)
+    elif shape.kind == "star":
+        points = [(cx + (r if k % 2 == 0 else r * 0.42) * math.sin(k * math.pi / 5),
+                   cy - (r if k % 2 == 0 else r * 0.42) * math.cos(k * math.pi / 5)) for k in range(10)]
+        draw.polygon(points, fill=fill)
+    elif shape.kind == "hexagon":
+        draw.regular_polygon((cx, cy, r), 6, fill=fill)
+    else:  # cross
+        arm = (x2 - x1) / 3
+        draw.rectangle((x1 + arm, y1, x2 - arm, y2), fill=fill)
+        draw.rectangle((x1, y1 + arm, x2, y2 - arm), fill=fill)
 
 
 def _relation(a: Shape, b: Shape) -> str:

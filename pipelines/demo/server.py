@@ -1,9 +1,11 @@
 """The demo's image host on 127.0.0.1: generated scenes, and the failures a crawl meets.
 
-``/scene/<i>.jpg`` renders scene ``i`` (cached); ``/missing/...`` is a 404; ``/html/...`` is a
-web page served as ``image/jpeg``; ``/tiny/<i>.jpg`` is a 24-pixel thumbnail; ``/optout/...``
-carries ``X-Robots-Tag: noai``. Query strings are ignored, so ``?copy=2`` serves the same bytes
-under another url (an image duplicate).
+``/scene/<i>.jpg`` renders scene ``i`` (cached); ``/near/<i>.jpg`` is scene ``i`` rescaled and
+re-encoded at a lower quality (a near-duplicate: other bytes, the same picture); ``/photo/<i>.jpg``
+is a crop of a real photograph that ships with matplotlib (Grace Hopper's portrait), a different
+crop per ``i``; ``/missing/...`` is a 404; ``/html/...`` is a web page served as ``image/jpeg``;
+``/tiny/<i>.jpg`` is a 24-pixel thumbnail; ``/optout/...`` carries ``X-Robots-Tag: noai``. Query
+strings are ignored, so ``?copy=2`` serves the same bytes under another url (an image duplicate).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
-from pipelines.demo.scenes import render, scene
+from pipelines.demo.scenes import photo_crop, render, scene
 
 DEFAULT_PORT = 8719
 
@@ -35,6 +37,22 @@ def _tiny_bytes(index: int) -> bytes:
     return buffer.getvalue()
 
 
+@functools.lru_cache(maxsize=1024)
+def _near_bytes(index: int) -> bytes:
+    """Scene ``index`` scaled to 90% and saved at JPEG quality 60."""
+    image = Image.open(io.BytesIO(_scene_bytes(index)))
+    image = image.resize((image.width * 9 // 10, image.height * 9 // 10), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=60)
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=256)
+def _photo_bytes(index: int) -> bytes:
+    """A crop of matplotlib's sample photograph, placed and sized by ``index``."""
+    return photo_crop(index)
+
+
 class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
@@ -46,6 +64,10 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {}
         if kind == "scene":
             status, body = 200, _scene_bytes(index)
+        elif kind == "near":
+            status, body = 200, _near_bytes(index)
+        elif kind == "photo":
+            status, body = 200, _photo_bytes(index)
         elif kind == "tiny":
             status, body = 200, _tiny_bytes(index)
         elif kind == "optout":

@@ -1,12 +1,16 @@
-"""Run ``vlmcurate run`` in its own process group and SIGKILL it part-way through a phase."""
+"""Kill runs part-way through: the driver with its process group (``kill_after``), or one Ray
+worker process while the run goes on (``WorkerKiller``)."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +26,8 @@ def finished_shards(run_dir: Path, phase: str) -> set[str]:
 
 def run_command(config_path: Path) -> list[str]:
     """``vlmcurate run`` on a local Ray of 2 CPUs with its own temp dir (to find its processes)."""
-    ray_temp = tempfile.mkdtemp(prefix="vr-", dir="/tmp")
+    ray_temp = tempfile.mkdtemp(prefix="vr-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    atexit.register(shutil.rmtree, ray_temp, ignore_errors=True)  # its Ray is gone by then
     return [VLMCURATE, "run", str(config_path), "ray.num_cpus=2", f"ray.temp_dir={ray_temp}"]
 
 
@@ -59,3 +64,89 @@ def _kill_tree(process: subprocess.Popen, ray_temp: str) -> None:
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# Killing one Ray worker while the run goes on. A local Ray's raylet is a child of the process
+# that started it and starts every worker itself, so "a descendant of this process" finds only
+# the workers of this test's own Ray, however many other Rays run on the machine.
+
+def descendants(root: int) -> set[int]:
+    """Every process below ``root`` in the process tree."""
+    children: dict[int, list[int]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
+        children.setdefault(parent, []).append(int(pid))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def process_title(pid: int) -> str:
+    """The process title (Ray workers set ``ray::<actor or task>[.<method>]``), or "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def running_title(stage: str) -> str:
+    """What the title of a Ray Data actor shows while it runs a batch of ``stage`` (see pipelines.runner)."""
+    return f"MapBatches({stage})).submit"
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs, one after the other, the Ray worker (below ``root``) first seen running each title
+    fragment of ``targets``; then records the workers seen running that target afterwards.
+
+    A worker is caught by its title while it executes a batch, so the kill lands mid-task: the
+    batch is lost and Ray must restart the actor (or start another worker) and run the batch
+    again. ``killed[target]`` is the pid killed; ``after[target]`` the pids seen running the
+    target after the kill, so an entry there shows that a replacement did the work.
+    """
+
+    def __init__(self, targets: list[str], root: int | None = None, poll: float = 0.003, rescan: float = 0.2):
+        super().__init__(daemon=True)
+        self.targets, self.root, self.poll, self.rescan = list(targets), root or os.getpid(), poll, rescan
+        self.killed: dict[str, int] = {}
+        self.after: dict[str, set[int]] = {t: set() for t in targets}
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        workers: list[int] = []
+        scanned = 0.0
+        while not self._done.is_set():
+            if time.monotonic() - scanned > self.rescan:
+                workers = sorted(p for p in descendants(self.root) if process_title(p).startswith("ray::"))
+                scanned = time.monotonic()
+            for pid in workers:
+                title = process_title(pid)
+                for target in self.targets:
+                    if target not in title:
+                        continue
+                    if target in self.killed:
+                        if pid != self.killed[target]:
+                            self.after[target].add(pid)
+                    elif target == next(t for t in self.targets if t not in self.killed):
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed[target] = pid
+            time.sleep(self.poll)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=10)
+
+    def __enter__(self) -> WorkerKiller:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

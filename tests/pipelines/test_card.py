@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+from PIL import Image
 
 from pipelines.demo.pool import write_demo_pool
 from tests.conftest import TEXT_ONLY_HOST, run_pipeline_dict
@@ -28,3 +31,8 @@ def test_the_card_funnel_is_the_ledger(tmp_path, runner_factory):
             assert f"{reason} {n:,}" in cells[5]
     assert f"| ray | {manifest.versions['ray']} |" in card
     assert "clip_score" not in card  # no stage applied a cutoff: no histogram section
+    # Text rules only: no section whose stage or columns the run lacks, and no image to sample.
+    assert re.findall(r"^## (.+)$", card, flags=re.MULTILINE) == ["Funnel", "Sample pairs", "Provenance"]
+    assert sorted(p.name for p in (Path(plan.run_uri) / "card").iterdir()) == ["funnel.png"]
+    with Image.open(Path(plan.run_uri) / "card" / "funnel.png") as image:
+        assert image.format == "PNG" and image.height > 200

@@ -69,7 +69,9 @@ def test_missing_input_and_non_run_directories_are_clear_errors(tmp_path):
 
 
 def _demo(tmp_path, port):
-    return cli.invoke(app, ["demo", "--output-dir", str(tmp_path), "--runner", "local", "--rows", "300",
+    from tests.integration.test_demo import SMALL
+
+    return cli.invoke(app, ["demo", *SMALL, "--output-dir", str(tmp_path), "--runner", "local", "--rows", "300",
                             "--port", str(port)])
 
 

@@ -1,11 +1,17 @@
-"""LocalRunner and RayRunner: identical rows, setup once per worker, GPU fallback, failures."""
+"""LocalRunner and RayRunner: identical rows, setup once per worker, GPU fallback, failures, step names."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
 from pipelines.demo.pool import write_demo_pool
+from pipelines.stage import Stage
 from schemas.manifest import Manifest
 from tests.conftest import TEXT_ONLY_HOST, read_phase, read_rejects, run_pipeline_dict
 from tests.stages import CAPTION_WORDS, SETUP_CALLS
@@ -140,3 +146,48 @@ def test_global_state_is_not_shipped_to_workers_but_loaded_from_the_run(tmp_path
     assert shipped.state is None and len(pickle.dumps(planned)) < 2_000
     shipped.setup()
     assert shipped.state == state
+
+
+def test_ray_steps_are_named_after_their_stages(ray_session):
+    """Operators, actor classes and so worker process titles say which stage they run
+    (``ray::MapWorker(MapBatches(count_setup)).submit``): what an operator, or a test, needs to find
+    the worker of a stage."""
+    import ray.data
+
+    from curation.basic import CaptionLength
+    from pipelines.chain import PlannedStage
+    from pipelines.runner import Placement, _apply_stage_batch, _compute_batch, _map
+    from tests.stages import CountSetup
+
+    stages = [PlannedStage("caption_length", CaptionLength()), PlannedStage("count_setup", CountSetup())]
+    placement = Placement(False, 1.0, {"count_setup": (1, 1)})
+    ds = ray.data.from_items([{"shard": 0}])
+    for planned in stages:
+        ds = _map(ds, planned, _apply_stage_batch, placement, label=planned.name)
+    ds = _map(ds, stages[1], _compute_batch, placement, label="count_setup_compute", rundir=None, phase="p")
+    plan = repr(ds)
+    assert plan.index("MapBatches(count_setup_compute)") < plan.index("MapBatches(count_setup)") \
+        < plan.index("MapBatches(caption_length)")
+
+
+@dataclass
+class LeaveTemporary(Stage):
+    """Leaves a temporary file in ``folder`` of the run, as a worker killed in the middle of a write does."""
+
+    name: ClassVar[str] = "leave_temporary"
+    folder: str = ""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        (Path(self.folder) / ".00000.parquet.tmp-0123456789ab").write_bytes(b"half a shard")
+        return batch.select([])
+
+
+def test_a_completed_run_holds_no_temporary_file_of_a_worker_that_died_mid_write(tmp_path, pool):
+    from pipelines.runner import LocalRunner
+
+    folder = tmp_path / "runs" / "temporaries" / "01_leave_temporary"
+    stages = [{"stage": "tests.pipelines.test_runner:LeaveTemporary", "folder": str(folder)}]
+    plan, manifest = run_pipeline_dict(_config(tmp_path, pool, "temporaries", stages, shard_size=5000), LocalRunner())
+    assert manifest.status == "complete"
+    assert not [p.name for p in Path(plan.run_uri).rglob("*") if ".tmp-" in p.name]

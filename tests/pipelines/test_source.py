@@ -18,6 +18,7 @@ from pipelines.source import (
     SourceSpec,
     check_keep_columns,
     detect_format,
+    probe_source,
     read_shards,
     resolve_files,
 )
@@ -446,6 +447,14 @@ def test_missing_input_file(tmp_path):
     path = tmp_path / "nope.parquet"
     with pytest.raises(SourceError, match=re.escape(f"input file {str(path)!r} does not exist")):
         list(read_shards(SourceSpec(str(path)), 10))
+
+
+@pytest.mark.parametrize("scheme", ["file", "s3", "memory"])
+def test_an_input_uri_is_refused_with_where_the_pool_must_be(tmp_path, scheme):
+    path = write_csv(tmp_path / "pool.csv", GOOD)  # exists locally: a file:// URI to it is still refused
+    with pytest.raises(SourceError, match=f"not a {scheme}:// URI.*copy or mount the pool where the driver runs"):
+        probe_source(SourceSpec(f"{scheme}://{path}"))
+    probe_source(SourceSpec(str(path)))  # the plain path is fine
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
