@@ -427,6 +427,11 @@ def main() -> None:
         for name, c in phase.counts.items():
             reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(c.rejected.items(), key=lambda x: -x[1]))
             print(f"{name:<24}{c.rows_in:>7,}{c.rows_kept:>7,}  {reasons}")
+    balance = curated_manifest.aggregates.get("metaclip_balance", {})
+    top = curated_manifest.aggregates.get("clip_score_top_fraction", {})
+    print(f"MetaCLIP t = {balance.get('threshold')} ({balance.get('head_entries')} head entries of "
+          f"{balance.get('entries_matched')} matched; tail share {balance.get('tail_share', 0):.3f}); "
+          f"CLIP-score cutoff {top.get('cutoff_score', float('nan')):.4f} (top {top.get('fraction')})")
     table, scores = account(Path(curated_run), curated_manifest, rows)
     stages = [name for phase in curated_manifest.phases for name in phase.counts
               if any(c[name] for c in table.values())]  # the stages that rejected something

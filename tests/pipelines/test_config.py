@@ -26,7 +26,8 @@ from pipelines.stage import GlobalStage, Resources, Stage
 from schemas.columns import CAPTION, IMAGE, URL, WIDTH
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+# Pipeline configs; the demo's model settings (demo-models.yaml) are checked in test_demo_parts.py.
+CONFIGS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml") if "stages" in yaml.safe_load(p.read_text()))
 HERE = __name__  # import path of this module, for stages defined below
 
 CHARS = "curation.basic:CaptionCharacters"
@@ -94,7 +95,9 @@ class NotAStage:
 @pytest.fixture
 def pool(tmp_path) -> str:
     path = tmp_path / "pool.csv"
-    path.write_text("url,caption,page\nhttp://a.test/1.jpg,a red bicycle,p1\nhttp://a.test/2.jpg,two dogs,p2\n")
+    # uid and boxes: the columns shipped configs name (columns.uid, columns.keep).
+    path.write_text('url,caption,page,uid,boxes\nhttp://a.test/1.jpg,a red bicycle,p1,u1,[]\n'
+                    'http://a.test/2.jpg,two dogs,p2,u2,[]\n')
     return str(path)
 
 
@@ -143,6 +146,8 @@ def test_every_config_loads_and_builds_a_plan(path, pool, tmp_path):
             overrides.append(f"stages.{index}.metadata={metadata}")
         if str(stage.get("model", "")).startswith("Salesforce/"):
             overrides.append(f"stages.{index}.model=config:blip-tiny")  # a hub checkpoint: no network here
+        if "weights" in stage and not os.path.exists(stage["weights"]):
+            overrides.append(f"stages.{index}.weights=null")  # a training output: the untrained heads here
     cfg = load_config(path, overrides)
     plan = build_plan(cfg)
     assert [s.import_path for s in plan.stages] == [s["stage"] for s in raw["stages"]]
@@ -159,26 +164,30 @@ def test_every_config_loads_and_builds_a_plan(path, pool, tmp_path):
 def demo_overrides(pool, tmp_path):
     metadata = tmp_path / "demo-metadata.json"  # written by `vlmcurate demo` itself
     metadata.write_text('["circle", "square", "red circle"]')
-    return [f"input={pool}", f"stages.metaclip_match.metadata={metadata}"]
+    untrained = [f"stages.{name}.weights=null" for name in ("clip_preprocess", "clip_embed", "clip_caption_score")]
+    return [f"input={pool}", f"stages.metaclip_match.metadata={metadata}"] + untrained
 
 
 def test_demo_config_plan(demo_overrides):
     cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", demo_overrides + ["runner=local"])
     plan = build_plan(cfg)
-    assert cfg.name == "demo" and cfg.shard_size == 1000 and cfg.ray.num_cpus == 2
+    assert cfg.name == "demo" and cfg.shard_size == 500 and cfg.ray.num_cpus == 2
     # Each global stage opens a phase; Download ends its phase by itself.
     assert plan.phase_names == ["00_input", "01_caption_length", "02_metaclip_match", "03_download",
-                                "04_image_size", "05_image_duplicates"]
+                                "04_image_size", "05_clip_embed", "06_clip_score_top_fraction",
+                                "07_brief_descriptions"]
     assert plan.phases[1].global_stage is plan.stages[3]  # exact duplicates
     assert plan.phases[2].global_stage is plan.stages[5]  # MetaCLIP balancing, before download
     assert plan.stages[6].stage.allow_addresses == ["127.0.0.1"]
-    assert cfg.export.formats == ["webdataset", "parquet"]
+    assert [s.name for s in plan.stages[-6:]] == ["blip_preprocess", "blip_caption", "clip_caption_score",
+                                                  "capfilt_select", "instruct", "brief_descriptions"]
+    assert cfg.export.formats == ["webdataset", "parquet", "llava"]
 
 
 def test_an_explicit_checkpoint_false_keeps_download_in_its_phase(demo_overrides):
     cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", demo_overrides + ["stages.download.checkpoint=false"])
     assert build_plan(cfg).phase_names == ["00_input", "01_caption_length", "02_metaclip_match", "03_image_size",
-                                           "04_image_duplicates"]
+                                           "04_clip_embed", "05_clip_score_top_fraction", "06_brief_descriptions"]
 
 
 def test_webdataset_export_without_images_is_refused_at_build_time(pool):
