@@ -209,6 +209,13 @@ class CapFiltSelect(Stage):
         lines = [f"Of the {web + synthetic:,} rows kept to the end, **{synthetic:,}** "
                  f"({synthetic / max(web + synthetic, 1):.1%}) carry a synthetic caption in place of their web "
                  f"caption and {web:,} kept the web caption (threshold {self.threshold:g}, policy `{self.policy}`)."]
+        selected = view.kept([SELECTED_CAPTIONS]) if self.policy == "all" else None
+        if selected is not None:  # every passing caption goes on: say how many beyond the chosen one
+            extra = pl.col(SELECTED_CAPTIONS).list.len() - 1
+            rows, captions = selected.select((extra > 0).sum().alias("rows"),
+                                             extra.clip(lower_bound=0).sum().alias("captions")).collect().row(0)
+            lines[0] += (f" With policy `all`, {rows:,} kept rows also pass {captions:,} more captions on in "
+                         f"`{SELECTED_CAPTIONS}`, beside the chosen one.")
         examples = view.kept([IMAGE, WEB_CAPTION, CAPTION, CAPTION_SCORES, CAPTION_SOURCE])
         if examples is None:
             return lines[0]

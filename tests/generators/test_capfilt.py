@@ -83,6 +83,35 @@ def test_select_policies_and_the_no_caption_reject():
         CapFiltSelect(policy="longest")
 
 
+class _KeptRows:
+    """The card's view of a run's kept rows (``kept(columns)``), over one table."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    def kept(self, columns):
+        import polars as pl
+
+        if not set(columns) <= set(self.table.column_names):
+            return None
+        return pl.from_arrow(self.table.select(columns)).lazy()
+
+
+def test_select_card_notes_count_the_extra_captions_policy_all_passes_on():
+    from generators.capfilt_filter import CapFiltSelect
+    from schemas.columns import CAPTION, CAPTION_SCORES
+
+    batch = pa.table({CAPTION: ["web ok", "web bad", "only web"],
+                      SYNTHETIC_CAPTIONS: [["s1", "s2"], ["s3", "s4"], ["s5"]],
+                      CAPTION_SCORES: pa.array([[0.6, 0.9, 0.7], [0.2, 0.55, 0.8], [0.9, 0.1]], pa.list_(pa.float32()))})
+    every = CapFiltSelect(policy="all")
+    notes = every.card_notes(_KeptRows(every(batch)))
+    assert "**2** (66.7%) carry a synthetic caption" in notes  # policy all chooses the best-scoring caption
+    assert "2 kept rows also pass 3 more captions on in `selected_captions`" in notes
+    web_first = CapFiltSelect(policy="web_first")
+    assert "more captions" not in web_first.card_notes(_KeptRows(web_first(batch)))
+
+
 def test_capfilt_pipeline_scores_every_candidate_and_closes_its_ledger(tmp_path, runner_factory):
     from schemas.columns import CAPTION_SCORES, CAPTION_SOURCE
 
