@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from pipelines.decode import DECODE_ERROR, DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageRejected, check_header
+from pipelines.decode import DECODE_ERROR, DEFAULT_MAX_PIXELS, DecodeLimits, ImageRejected, check_header
 from pipelines.stage import Rejections, Resources, Stage, default_resources
 from schemas.columns import CAPTION_SEED, IMAGE, SOURCE_INDEX, SYNTHETIC_CAPTIONS
 
@@ -106,7 +106,7 @@ class VlmCaption(Stage):
             try:
                 if body is None:
                     raise ImageRejected("not_an_image", "no image bytes")
-                check_header(body, self.max_pixels, DEFAULT_MAX_DECODE_BYTES)
+                check_header(body, DecodeLimits(max_pixels=self.max_pixels))
                 with Image.open(io.BytesIO(body)) as image:
                     tensors.append(self._bundle.preprocess(image.convert("RGB")))
             except ImageRejected as e:

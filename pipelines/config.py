@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from pipelines.chain import PlannedStage
 from pipelines.stage import GlobalStage, Resources, Stage
+from pipelines.text_records import DEFAULT_MAX_ROW_BYTES
 
 
 class ColumnsConfig(BaseModel):
@@ -74,6 +75,8 @@ class PipelineConfig(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
     input: str
     input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
+    # The longest csv/tsv record or jsonl line read; a longer one is rejected as a malformed row.
+    input_max_row_bytes: int = Field(default=DEFAULT_MAX_ROW_BYTES, ge=1, le=1 << 30)
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     output_dir: str = "runs"
     runner: Literal["local", "ray"] = "local"

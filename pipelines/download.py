@@ -4,10 +4,13 @@ What is img2dataset's and what is not: decoding, resizing (resize modes, interpo
 encoding (format, quality) are img2dataset's ``Resizer``, unchanged. The fetch step is replaced
 by :mod:`pipelines.fetch` (address checks on every redirect hop, a total deadline, a byte cap,
 opt-out headers, retries of transient failures only), and a Pillow header check runs before
-decoding (:mod:`pipelines.decode`: not-an-image, decompression bombs, truncated files).
+decoding (:mod:`pipelines.decode`: not-an-image, decompression bombs, truncated files). The
+resizer runs in a child process with a memory limit and a deadline (:mod:`pipelines.decode_process`),
+so an image that would take gigabytes or minutes to decode costs only its row.
 
-Like img2dataset, each worker fetches with a pool of threads and decodes in one thread, with a
-bounded number of bodies in flight. On Ray, workers are actors (one per CPU by default), fed a
+Like img2dataset, each worker fetches with a pool of threads and decodes one image at a time;
+the bodies it holds, read or waiting to be decoded, are bounded in bytes
+(``max_bytes_in_flight``). On Ray, workers are actors (one per CPU by default), fed a
 shard at a time with Ray Data's backpressure; the stage ends its phase, so downloaded bytes are
 on disk before any later, costlier stage runs.
 """
@@ -24,14 +27,15 @@ import pyarrow as pa
 
 from pipelines.decode import (
     DEFAULT_MAX_DECODE_BYTES,
+    DEFAULT_MAX_JPEG_SCANS,
     DEFAULT_MAX_PIXELS,
-    ENCODE_FORMATS,
-    RESIZE_MODES,
+    DecodeLimits,
     Encoded,
     ImageRejected,
-    Reencoder,
+    ResizeSettings,
 )
-from pipelines.fetch import DEFAULT_DISALLOWED, Fetcher, FetchError, FetchPolicy, is_transient_reason
+from pipelines.decode_process import DecodeProcess
+from pipelines.fetch import DEFAULT_DISALLOWED, BodyBudget, Fetcher, FetchError, FetchPolicy, is_transient_reason
 from pipelines.stage import Rejections, Resources, Stage, default_resources
 from schemas.columns import HEIGHT, IMAGE, ORIGINAL_HEIGHT, ORIGINAL_WIDTH, SHA256, SOURCE_SHA256, URL, WIDTH
 
@@ -54,9 +58,13 @@ class Download(Stage):
     any of ``robots_agents``; loopback, private, link-local, multicast and other non-global
     addresses refused unless listed in ``allow_addresses`` (addresses or CIDR ranges).
 
-    Image: ``max_pixels`` and ``max_decode_bytes`` (decompression-bomb limits, checked on the
-    header), then img2dataset's
-    resizer with ``image_size``, ``resize_mode``, ``resize_only_if_bigger``, ``encode_format``,
+    Memory: at most ``max_bytes_in_flight`` bytes of bodies held per worker (plus one body), a
+    fetch waiting for room within its deadline.
+
+    Image: ``max_pixels``, ``max_decode_bytes`` and ``max_jpeg_scans`` (decompression-bomb
+    limits, checked on the header and, for memory, enforced on the decoder process), at most
+    ``decode_timeout`` seconds to decode, resize and encode, then img2dataset's resizer with
+    ``image_size``, ``resize_mode``, ``resize_only_if_bigger``, ``encode_format``,
     ``encode_quality`` and ``min_image_size``. The defaults follow DataComp's download
     (512 px, keep_ratio, only if bigger, JPEG quality 95).
     """
@@ -72,6 +80,7 @@ class Download(Stage):
     timeout: float = 10.0
     total_timeout: float = 30.0
     max_bytes: int = 32 * 1024 * 1024
+    max_bytes_in_flight: int = 256 * 1024 * 1024
     max_redirects: int = 5
     retries: int = 2
     backoff: float = 0.5
@@ -88,16 +97,16 @@ class Download(Stage):
     min_image_size: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
+    decode_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode {self.resize_mode!r} is not one of {list(RESIZE_MODES)}")
-        if self.encode_format not in ENCODE_FORMATS:
-            raise ValueError(f"encode_format {self.encode_format!r} is not one of {list(ENCODE_FORMATS)}")
-        for key in ("threads", "max_bytes", "image_size", "max_pixels", "max_decode_bytes"):
+        self._resize_settings()  # validates the resize mode and encode format
+        for key in ("threads", "max_bytes", "max_bytes_in_flight", "image_size", "max_pixels", "max_decode_bytes",
+                    "max_jpeg_scans"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("timeout", "total_timeout", "backoff", "max_retry_after"):
+        for key in ("timeout", "total_timeout", "backoff", "max_retry_after", "decode_timeout"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("retries", "max_redirects", "min_image_size"):
@@ -119,13 +128,19 @@ class Download(Stage):
             robots_agents=tuple(self.robots_agents), disallowed_directives=tuple(self.disallowed_header_directives),
             allow_addresses=tuple(self.allow_addresses), resolver_threads=self.threads,
         ))
-        self._reencode = Reencoder(
-            image_size=self.image_size, resize_mode=self.resize_mode,
-            resize_only_if_bigger=self.resize_only_if_bigger, encode_format=self.encode_format,
-            encode_quality=self.encode_quality, min_image_size=self.min_image_size, max_pixels=self.max_pixels,
-            max_decode_bytes=self.max_decode_bytes,
+        self._reencode = DecodeProcess(
+            self._resize_settings(),
+            DecodeLimits(max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes,
+                         max_jpeg_scans=self.max_jpeg_scans),
+            timeout=self.decode_timeout,
         )
+        self._bodies = BodyBudget(self.max_bytes_in_flight)
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="fetch")
+
+    def _resize_settings(self) -> ResizeSettings:
+        return ResizeSettings(image_size=self.image_size, resize_mode=self.resize_mode,
+                              resize_only_if_bigger=self.resize_only_if_bigger, encode_format=self.encode_format,
+                              encode_quality=self.encode_quality, min_image_size=self.min_image_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         urls = batch[URL].to_pylist()
@@ -134,6 +149,7 @@ class Download(Stage):
         rejections: list[tuple[str, str] | None] = [None] * len(urls)
 
         def finish(index: int, future: Future) -> None:
+            body = None
             try:
                 body = future.result()
                 images[index] = self._reencode(body)
@@ -143,16 +159,22 @@ class Download(Stage):
             except Exception as e:  # noqa: BLE001 - one url must never fail its whole shard
                 log.warning("download of %s failed unexpectedly: %r", urls[index][:200], e)
                 rejections[index] = (INTERNAL_ERROR, f"{type(e).__name__}: {e}"[:300])
+            finally:
+                if body is not None:
+                    self._bodies.release(len(body))
+
+        def finish_some() -> None:  # in the order they complete: a finished body frees room for others
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                finish(in_flight.pop(future), future)
 
         in_flight: dict[Future, int] = {}
         for index, url in enumerate(urls):
-            if len(in_flight) >= 2 * self.threads:  # bound the bodies held in memory
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    finish(in_flight.pop(future), future)
-            in_flight[self._pool.submit(self._fetcher.fetch, url)] = index
-        for future in list(in_flight):
-            finish(in_flight.pop(future), future)
+            if len(in_flight) >= 2 * self.threads:  # bound the urls queued ahead of the fetch threads
+                finish_some()
+            in_flight[self._pool.submit(self._fetcher.fetch, url, self._bodies)] = index
+        while in_flight:
+            finish_some()
         return _columns(images, sources, rejections)
 
 

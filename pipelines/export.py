@@ -10,7 +10,8 @@ in parallel by the runner:
   same run gives byte-identical tars; ``sizes.json`` maps each tar to its sample count, as open_clip's
   ``--dataset-type webdataset`` expects. The key is the uid when it is safe for webdataset
   (letters, digits, ``_`` and ``-``, as vlmcurate's own uids are); a pool-supplied uid with dots
-  or slashes, which webdataset would split, gets a stable hash of it instead.
+  or slashes, which webdataset would split, or one shaped like a hashed key, gets a stable hash
+  of it instead, so two distinct uids never share a key.
 - ``parquet/NNNNN.parquet``: the same rows with every column, image bytes included.
 - ``llava/``: images under ``images/NNNNN/`` (one folder per export shard) and the instruction
   records as LLaVA's JSON, per shard (``stage1/NNNNN.json``, ``stage2/NNNNN.json``) and merged
@@ -46,6 +47,7 @@ EXPORT_FORMATS = (WEBDATASET, PARQUET, LLAVA)
 DONE = "_export.json"
 SIZES = "sizes.json"
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+_HASHED_KEY = re.compile(r"h[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -148,8 +150,12 @@ def write_webdataset(rows: pa.Table, out) -> None:
 
 
 def sample_key(uid: str) -> str:
-    """A webdataset key for ``uid``: itself when safe, else a stable 128-bit hash of it."""
-    if _SAFE_KEY.fullmatch(uid):
+    """A webdataset key for ``uid``: itself when safe, else a stable 128-bit hash of it.
+
+    A uid that has the form of a hashed key (``h`` and 32 hex digits) is hashed too, so that no
+    uid kept as it is can equal the hashed key of another.
+    """
+    if _SAFE_KEY.fullmatch(uid) and not _HASHED_KEY.fullmatch(uid):
         return uid
     return "h" + hashlib.blake2b(uid.encode("utf-8"), digest_size=16).hexdigest()
 

@@ -103,6 +103,60 @@ class FetchPolicy:
         return f"Mozilla/5.0 (compatible; {self.user_agent_token}/0.1; image-text dataset curation)"
 
 
+class BodyBudget:
+    """The bytes of response bodies one worker may hold at once, across its fetch threads.
+
+    A thread reading a body takes its bytes as they arrive and waits, until its deadline, while
+    the budget is spent. Bodies read whole are held until their holder releases them; while none
+    is, nothing else will free room, so the body read the longest may grow past the limit and
+    some fetch always finishes. The most held is ``limit`` plus one body.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._readers: list[_BodyReader] = []  # oldest first
+        self._changed = threading.Condition()
+
+    def reader(self) -> _BodyReader:
+        with self._changed:
+            reader = _BodyReader()
+            self._readers.append(reader)
+            return reader
+
+    def take(self, reader: _BodyReader, size: int, deadline: float) -> bool:
+        """Take ``size`` bytes for ``reader``; False if there was no room before ``deadline``."""
+        with self._changed:
+            while self.used + size > self.limit and not self._may_overdraw(reader):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+            self.used += size
+            reader.taken += size
+            return True
+
+    def done_reading(self, reader: _BodyReader) -> None:
+        with self._changed:
+            self._readers.remove(reader)
+            self._changed.notify_all()
+
+    def release(self, size: int) -> None:
+        """Give back the bytes of a body its holder is done with."""
+        with self._changed:
+            self.used -= size
+            self._changed.notify_all()
+
+    def _may_overdraw(self, reader: _BodyReader) -> bool:
+        held_by_readers = sum(r.taken for r in self._readers)
+        return self._readers[0] is reader and self.used == held_by_readers
+
+
+@dataclass(eq=False)  # readers are told apart by identity
+class _BodyReader:
+    taken: int = 0
+
+
 class Fetcher:
     """Fetches urls under a :class:`FetchPolicy`; thread-safe, one per worker."""
 
@@ -122,13 +176,17 @@ class Fetcher:
         self._watchdog.stop()
         self._resolver.close()
 
-    def fetch(self, url: str) -> bytes:
-        """The body of ``url`` after redirects, or :class:`FetchError`; transient errors are retried."""
+    def fetch(self, url: str, bodies: BodyBudget | None = None) -> bytes:
+        """The body of ``url`` after redirects, or :class:`FetchError`; transient errors are retried.
+
+        With ``bodies``, the body's bytes are taken from that budget as they arrive; the caller
+        gives them back (:meth:`BodyBudget.release`) once it is done with the body.
+        """
         budget_end = time.monotonic() + self.policy.total_timeout
         attempt = 0
         while True:
             try:
-                return self._attempt(url, min(time.monotonic() + self.policy.timeout, budget_end))
+                return self._attempt(url, min(time.monotonic() + self.policy.timeout, budget_end), bodies)
             except FetchError as error:
                 if not error.transient or attempt >= self.policy.retries:
                     raise
@@ -142,14 +200,17 @@ class Fetcher:
                 time.sleep(delay)
                 attempt += 1
 
-    def _attempt(self, url: str, deadline: float) -> bytes:
+    def _attempt(self, url: str, deadline: float, bodies: BodyBudget | None) -> bytes:
         seen = []
         while True:
             seen.append(url)
             target = self._target(url, deadline)
-            status, location, body = self._request(target, deadline)
+            status, location, body = self._request(target, deadline, bodies)
             if status in _REDIRECTS:
-                url = urljoin(url, location)
+                try:
+                    url = urljoin(url, location)
+                except ValueError as e:  # urljoin parses the target: "http://[::1" is not a url
+                    raise FetchError(BAD_URL, f"unparseable redirect target {location[:200]!r}: {e}") from None
                 if url in seen:
                     raise FetchError(TOO_MANY_REDIRECTS, f"redirect loop back to {url[:200]}")
                 if len(seen) > self.policy.max_redirects:
@@ -177,7 +238,7 @@ class Fetcher:
         return _Target(parts.scheme, host, port, path, tuple(addresses))
 
     # A request over a fresh connection to a checked address ----------------------------------
-    def _request(self, target: _Target, deadline: float) -> tuple[int, str, bytes]:
+    def _request(self, target: _Target, deadline: float, bodies: BodyBudget | None) -> tuple[int, str, bytes]:
         sock = connection = response = None
         token = None
         try:
@@ -207,7 +268,7 @@ class Fetcher:
                                  retry_after=_retry_after(headers.get("Retry-After")))
             if self._opted_out(headers):
                 raise FetchError(OPT_OUT, f"X-Robots-Tag: {'; '.join(headers.get_all('X-Robots-Tag', []))}")
-            return status, "", self._read_body(response, deadline)
+            return status, "", self._read_body(response, deadline, bodies)
         except FetchError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure of the transfer becomes a reason
@@ -249,26 +310,38 @@ class Fetcher:
             return FetchError(PROTOCOL_ERROR, f"{type(error).__name__}: {error}"[:300])
         raise error
 
-    def _read_body(self, response: http.client.HTTPResponse, deadline: float) -> bytes:
+    def _read_body(self, response: http.client.HTTPResponse, deadline: float, bodies: BodyBudget | None) -> bytes:
         cap = self.policy.max_bytes
-        declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > cap:
-            raise FetchError(TOO_LARGE, f"Content-Length {int(declared):,} exceeds the {cap:,}-byte cap")
+        declared = _ascii_int(response.headers.get("Content-Length"))
+        if declared is not None and declared > cap:
+            raise FetchError(TOO_LARGE, f"Content-Length {declared:,} exceeds the {cap:,}-byte cap")
         chunks, size = [], 0
-        while True:
-            chunk = response.read1(_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > cap:
-                raise FetchError(TOO_LARGE, f"body exceeds the {cap:,}-byte cap")
-            chunks.append(chunk)
-        if time.monotonic() >= deadline:  # the watchdog may have cut the body short
-            raise FetchError(TIMEOUT, f"body not complete within {self.policy.timeout:g}s", transient=True)
-        body = b"".join(chunks)
-        if declared and declared.isdigit() and len(body) < int(declared):
-            raise FetchError(CONNECTION, f"body ended after {len(body):,} of {int(declared):,} bytes", transient=True)
-        return body
+        reader = bodies.reader() if bodies is not None else None
+        try:
+            while True:
+                chunk = response.read1(_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > cap:
+                    raise FetchError(TOO_LARGE, f"body exceeds the {cap:,}-byte cap")
+                if reader is not None and not bodies.take(reader, len(chunk), deadline):
+                    raise FetchError(TIMEOUT, f"no room for the body within {self.policy.timeout:g}s: the worker "
+                                              f"holds max_bytes_in_flight={bodies.limit:,} bytes of bodies",
+                                     transient=True)
+                chunks.append(chunk)
+            if time.monotonic() >= deadline:  # the watchdog may have cut the body short
+                raise FetchError(TIMEOUT, f"body not complete within {self.policy.timeout:g}s", transient=True)
+            if declared is not None and size < declared:
+                raise FetchError(CONNECTION, f"body ended after {size:,} of {declared:,} bytes", transient=True)
+        except BaseException:
+            if reader is not None:
+                bodies.release(reader.taken)
+            raise
+        finally:
+            if reader is not None:
+                bodies.done_reading(reader)
+        return b"".join(chunks)
 
     def _opted_out(self, headers: http.client.HTTPMessage) -> bool:
         return any(opts_out(value, self.agents, self.disallowed) for value in headers.get_all("X-Robots-Tag", []))
@@ -299,16 +372,20 @@ def _header_text(value: str) -> str:
 
 
 def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); None if it is neither."""
+    seconds = _ascii_int(value)
+    if seconds is not None or not value:
+        return seconds
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return max(0.0, email.utils.parsedate_to_datetime(value.strip()).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+
+
+def _ascii_int(value: str | None) -> int | None:
+    """A header's non-negative decimal integer (ASCII digits only, as HTTP has them), or None."""
+    value = (value or "").strip()
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 @dataclass(frozen=True)

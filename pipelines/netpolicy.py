@@ -10,11 +10,12 @@ caches checked answers (and failures, briefly) so a crawl does not ask the same 
 from __future__ import annotations
 
 import ipaddress
+import queue
 import socket
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -47,7 +48,12 @@ def parse_allow_list(entries) -> list[Network]:
 
 
 def blocked_category(address: Address, allowed: list[Network]) -> str | None:
-    """Why ``address`` may not be fetched from (``None`` if it may), looking through IPv6 wrappings."""
+    """Why ``address`` may not be fetched from (``None`` if it may), looking through IPv6 wrappings.
+
+    An allow entry admits the address a connection goes to: an IPv4 entry admits that IPv4
+    address and its IPv4-mapped form (the same socket address), not the 6to4, Teredo, NAT64 or
+    IPv4-compatible IPv6 addresses that embed it, which are other hosts.
+    """
     candidates = [address]
     if isinstance(address, ipaddress.IPv6Address):
         embedded = [address.ipv4_mapped, address.sixtofour]
@@ -58,7 +64,8 @@ def blocked_category(address: Address, allowed: list[Network]) -> str | None:
         if address in ipaddress.ip_network("64:ff9b::/96") or compatible:
             embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
         candidates = [a for a in embedded if a is not None] + candidates  # name the IPv4 inside first
-    if any(a in network for a in candidates for network in allowed if a.version == network.version):
+    connected = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped else address
+    if any(connected in network for network in allowed if connected.version == network.version):
         return None
     for a in candidates:
         # Most specific first: 169.254.169.254 is link-local (and also counted as private).
@@ -75,17 +82,18 @@ class Resolver:
 
     ``getaddrinfo`` cannot be interrupted, so lookups run in a pool of ``threads`` (as many as
     fetch threads, so slow names cannot starve the rest); a lookup still queued when its
-    caller's deadline passes is cancelled.
+    caller's deadline passes is cancelled. The pool's threads are daemons: a lookup hung in the
+    system resolver does not hold the process at exit.
     """
 
     def __init__(self, allowed: list[Network], threads: int) -> None:
         self.allowed = allowed
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="resolve")
+        self._pool = _DaemonPool(max(1, threads))
         self._cache: OrderedDict[tuple[str, int], tuple[float, list[str] | ResolveError]] = OrderedDict()
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
 
     def resolve(self, host: str, port: int, deadline: float) -> list[str]:
         """The host's addresses, all allowed, in resolver order; or :class:`ResolveError`."""
@@ -142,3 +150,33 @@ class Resolver:
             self._cache.move_to_end(key)
             while len(self._cache) > CACHE_ENTRIES:
                 self._cache.popitem(last=False)
+
+
+class _DaemonPool:
+    """A fixed pool of daemon threads running submitted calls (``ThreadPoolExecutor``'s threads
+    are joined at interpreter exit, so one hung call would delay the exit until it returns)."""
+
+    def __init__(self, threads: int) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"resolve-{i}", daemon=True) for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, function, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, function, args))
+        return future
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, function, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(e)

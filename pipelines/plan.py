@@ -77,6 +77,7 @@ def build_plan(config: PipelineConfig) -> Plan:
     source = SourceSpec(
         path=config.input, format=config.input_format, url_column=config.columns.url,
         caption_column=config.columns.caption, uid_column=config.columns.uid, keep_columns=keep,
+        max_row_bytes=config.input_max_row_bytes,
     )
     probe_source(source)
     stages = [build_stage(entry, i, config.seed) for i, entry in enumerate(config.stages)]
@@ -175,7 +176,8 @@ def _split_phases(stages: list[PlannedStage]) -> list[Phase]:
 def _fingerprint(config: PipelineConfig, source: SourceSpec, stages: list[PlannedStage]) -> dict[str, Any]:
     """What determines the rows of a run (not where or how fast it runs)."""
     return {
-        "input": {"files": _file_identities(source.path), "format": source.format},
+        "input": {"files": _file_identities(source.path), "format": source.format,
+                  "max_row_bytes": source.max_row_bytes},
         "columns": config.columns.model_dump(),
         "shard_size": config.shard_size,
         "stages": {

@@ -3,8 +3,10 @@
 Every input row becomes either a row of the ``00_input`` phase, with a stable ``uid`` and its
 ``source_index``, or a reject record of the ``read`` stage with a reason (see
 :mod:`pipelines.readers` for the reasons found while parsing; ``duplicate_uid`` marks a repeat of
-a uid the pool supplies itself, the first occurrence being kept). Problems with a whole file
-raise :class:`SourceError` naming the file and the fix.
+a uid the pool supplies itself, the first occurrence being kept). A bad row costs only that row,
+and damage inside a file only what cannot be read of it (``unreadable_input``); the next file is
+read all the same. Problems with a whole file raise :class:`SourceError` naming the file and the
+fix.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ Paths (``<img>`` names an image registered with :meth:`ImageServer.add`):
   ``/garbage``: an answer that is not HTTP
 - ``/truncated/<img>``: the first half of the image; ``/bomb.png``: a 100,000 x 100,000 PNG header
 - ``/robots/<variant>/<img>``: the image with an ``X-Robots-Tag`` from :data:`ROBOTS`
+- ``/headers/<status>/<img or ->?<name>=<value>``: that status with those headers (``-``: no body)
 - ``/redirect?to=<url>``: 302 to ``url``; ``/loop/a`` and ``/loop/b`` redirect to each other;
   ``/chain/<n>/<img>``: ``n`` redirects, then the image
 """
@@ -163,6 +164,10 @@ class ImageServer:
             return self._send(h, 200, bomb_png(), {"Content-Type": "image/png"})
         if kind == "robots":
             return self._send(h, 200, self.images[args[1]], robots=ROBOTS[args[0]])
+        if kind == "headers":
+            body = b"" if args[1] == "-" else self.images[args[1]]
+            return self._send(h, int(args[0]), body, {k: v[0] for k, v in parse_qs(parts.query).items()},
+                              exact="Content-Length" not in parts.query)
         if kind == "redirect":
             return self._send(h, 302, b"", {"Location": parse_qs(parts.query)["to"][0]})
         if kind == "loop":

@@ -11,7 +11,14 @@ requests whose user messages contain ``marker`` play ``actions`` in order (one p
 - ``drop``: do the work, then close the connection without an answer;
 - ``truncate``: a cut-off JSON reply with ``finish_reason: "length"``;
 - ``obey``: the reply of a model that followed an instruction injected in a caption;
-- ``garbage``: a reply that is not JSON; ``markers``: valid JSON holding a chat role marker.
+- ``garbage``: a reply that is not JSON; ``markers``: valid JSON holding a chat role marker;
+- replies with status 200 that are no valid chat completion (:data:`ODD_REPLIES`): ``usage-null``
+  (``usage.prompt_tokens: null``), ``usage-negative``, ``content-number``, ``message-null``,
+  ``choices-empty``, ``surrogate`` (content with a lone ``\\ud800`` escape), ``html`` (a proxy's
+  ``text/html`` error page), ``json-cut`` (the JSON cut in half, ``Content-Length`` to match),
+  ``nested`` (``[`` nested 100,000 deep), ``bloat`` (a valid reply padded past a megabyte);
+- ``drip``: a valid reply sent one byte at a time over ``drip_seconds``, each byte well within a
+  read timeout.
 
 ``answered`` counts the 200 replies per request body (model, messages, parameters), so a test
 can check that no request was answered twice; ``latency`` delays every answer (benchmarks);
@@ -23,7 +30,9 @@ when it is created, reports ``validating``, then ``in_progress``, then its final
 successive polls, and writes its output and error files in shuffled order. Batch-only actions:
 ``expire`` (the line is in the error file as ``batch_expired`` and the job ends ``expired``) and
 ``vanish`` (the line is in neither file and the job ends ``expired``); ``500`` and ``429`` become
-error-file lines with that status.
+error-file lines with that status. The odd replies above become output lines with that body (as JSON
+where it parses, else as a string); ``garbled`` writes a line that is not JSON in place of the
+result, and ``foreign`` adds a valid result for a ``custom_id`` the job never held (:data:`FOREIGN_ID`).
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 INJECTION_REPLY = "PWNED. Ignoring the task as the caption told me to."
+FOREIGN_ID = "f" * 64
+ODD_REPLIES = ("usage-null", "usage-negative", "content-number", "message-null", "choices-empty", "surrogate",
+               "html", "json-cut", "nested", "bloat")
 
 
 def body_key(body: dict) -> str:
@@ -50,8 +62,10 @@ def body_key(body: dict) -> str:
 class FakeChatServer:
     """The server; use as a context manager. ``base_url`` is what ``AsyncOpenAI`` takes."""
 
-    def __init__(self, latency: float = 0.0, hang_seconds: float = 3.0, api_key: str | None = None) -> None:
+    def __init__(self, latency: float = 0.0, hang_seconds: float = 3.0, api_key: str | None = None,
+                 drip_seconds: float = 30.0) -> None:
         self.latency, self.hang_seconds, self.api_key = latency, hang_seconds, api_key
+        self.drip_seconds = drip_seconds
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
         self._ids = itertools.count()
@@ -148,6 +162,10 @@ class FakeChatServer:
                     return self._json(int(action), {"error": {"message": f"scripted {action}"}})
                 if action == "hang":
                     time.sleep(server.hang_seconds)
+                if action in ODD_REPLIES:
+                    return self._bytes(200, *_odd_reply(body, action))
+                if action == "drip":
+                    return self._drip(json.dumps(_completion(body, *_reply(body, "ok"))).encode())
                 content, finish = _reply(body, action)
                 if action == "drop":
                     self.close_connection = True
@@ -155,6 +173,15 @@ class FakeChatServer:
                 with server._lock:
                     server.answered[body_key(body)] += 1
                 self._json(200, _completion(body, content, finish))
+
+            def _drip(self, data: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                for i in range(len(data)):  # stops with BrokenPipeError once the client has given up
+                    self.wfile.write(data[i:i + 1])
+                    time.sleep(server.drip_seconds / len(data))
 
             def _authorised(self) -> bool:
                 if server.api_key is None or self.headers.get("Authorization") == f"Bearer {server.api_key}":
@@ -207,19 +234,27 @@ class FakeChatServer:
                 status = int(action.split(":")[0])
                 errors.append({**result, "response": {"status_code": status, "request_id": "req",
                                                       "body": {"error": {"message": f"scripted {status}"}}}})
+            elif action in ODD_REPLIES:
+                outputs.append({**result, "response": {"status_code": 200, "request_id": "req",
+                                                       "body": _decoded(_odd_reply(body, action)[0])}})
+            elif action == "garbled":
+                outputs.append('{"custom_id": "' + item["custom_id"][:20])  # cut off: not JSON
             else:
                 content, finish = _reply(body, action)
                 with self._lock:
                     self.answered[body_key(body)] += 1
-                outputs.append({**result, "response": {"status_code": 200, "request_id": "req",
-                                                       "body": _completion(body, content, finish)}})
+                completion = _completion(body, content, finish)
+                outputs.append({**result, "response": {"status_code": 200, "request_id": "req", "body": completion}})
+                if action == "foreign":
+                    outputs.append({**result, "custom_id": FOREIGN_ID,
+                                    "response": {"status_code": 200, "request_id": "req", "body": completion}})
         batch_id = f"batch_{next(self._ids)}"
         files = {}
         for name, lines in (("output_file_id", outputs), ("error_file_id", errors)):
             self._shuffle.shuffle(lines)  # the Batch API does not keep the input order
             if lines:
                 file_id = f"file-{next(self._ids)}"
-                self.files[file_id] = "".join(json.dumps(x) + "\n" for x in lines).encode()
+                self.files[file_id] = "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines).encode()
                 files[name] = file_id
         job = {"id": batch_id, "object": "batch", "endpoint": request["endpoint"], "input_file_id":
                request["input_file_id"], "completion_window": request["completion_window"],
@@ -240,6 +275,43 @@ class FakeChatServer:
             elif job["status"] == "in_progress":
                 job.update(status=state["ended"], **state["files"])
             return dict(job)
+
+
+def _odd_reply(body: dict, action: str) -> tuple[bytes, str]:
+    """The body and content type of a status-200 reply that is no valid chat completion."""
+    if action == "html":
+        return b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1></body></html>", \
+            "text/html; charset=utf-8"
+    if action == "nested":
+        return b"[" * 100_000 + b"]" * 100_000, "application/json"
+    completion = _completion(body, *_reply(body, "ok"))
+    choice, usage = completion["choices"][0], completion["usage"]
+    if action == "usage-null":
+        usage["prompt_tokens"] = None
+    elif action == "usage-negative":
+        usage.update(prompt_tokens=-1_000_000, completion_tokens=-5, total_tokens=-1_000_005)
+    elif action == "content-number":
+        choice["message"]["content"] = 42
+    elif action == "message-null":
+        choice["message"] = None
+    elif action == "choices-empty":
+        completion["choices"] = []
+    elif action == "surrogate":
+        choice["message"]["content"] = "\ud800 broken"
+    data = json.dumps(completion).encode()  # ASCII, the surrogate as an escape
+    if action == "json-cut":
+        data = data[:len(data) // 2]
+    elif action == "bloat":
+        data = data[:-1] + b" " * 1_100_000 + b"}"
+    return data, "application/json"
+
+
+def _decoded(data: bytes) -> object:
+    """A reply body as a Batch API output line holds it: its JSON, or the text where it is none."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return data.decode()
 
 
 def _completion(body: dict, content: str, finish: str) -> dict:

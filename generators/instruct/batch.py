@@ -18,10 +18,12 @@ as Batch API jobs:
    failed, for at most ``max_wait`` seconds; requests of a job still running then are
    ``llm_request_failed`` (transient) and a rerun resumes polling the same job.
 4. **Import** the output and error files by ``custom_id`` (the API does not keep the input
-   order): every reply goes into the cache. A request that expired with its job, was never
-   answered, or failed with 408/409/429/5xx is sent again in a new job, up to ``max_rounds``
-   jobs in all; one that failed with another status is ``llm_request_failed`` with the
-   endpoint's message.
+   order): every reply of the job's own requests goes into the cache, checked as
+   :func:`~generators.instruct.chat.reply_from_completion` checks a direct reply. A request that
+   expired with its job, was never answered, failed with 408/409/429/5xx, or whose line is not a
+   usable result (not JSON, no ``custom_id``, a body that is not a valid chat completion) is sent
+   again in a new job, up to ``max_rounds`` jobs in all; one that failed with another status is
+   ``llm_request_failed`` with the endpoint's message. A malformed line costs only its request.
 
 The budget is checked before each submission against the spend recorded in the cache; a job
 in flight cannot be stopped halfway, so the overshoot is at most one round of requests.
@@ -47,7 +49,10 @@ from generators.instruct.chat import (
     ChatSettings,
     EndpointError,
     Failure,
+    InvalidReply,
     api_key,
+    clip,
+    decode_json,
     over_budget,
     reply_from_completion,
 )
@@ -77,11 +82,13 @@ class BatchSettings:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one job's output and error files said: replies by key, keys to send again, keys that failed."""
+    """What a job's output and error files said: replies by key, keys to send again and keys that failed
+    (each with why), and the lines that are no Batch API result at all."""
 
     replies: dict[str, Reply]
     retry: dict[str, str]
     failed: dict[str, str]
+    unreadable: list[str]
 
 
 def request_lines(bodies: dict[str, dict[str, Any]]) -> list[bytes]:
@@ -105,32 +112,36 @@ def split_files(lines: list[bytes], max_requests: int, max_bytes: int) -> list[l
     return files
 
 
-def read_results(lines: Iterable[str], settings: ChatSettings) -> Outcome:
-    """The replies and failures in a job's output and error file lines, by ``custom_id``."""
-    from openai.types.chat import ChatCompletion
-
+def read_results(lines: Iterable[str | bytes], settings: ChatSettings) -> Outcome:
+    """The replies and failures in a job's output and error file lines, by ``custom_id``; a line that
+    cannot be read costs only its own request."""
     replies: dict[str, Reply] = {}
     retry: dict[str, str] = {}
     failed: dict[str, str] = {}
+    unreadable: list[str] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
-            key = item["custom_id"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"line {number} of a batch result file is not a Batch API result: {e}") from None
-        response, error = item.get("response") or {}, item.get("error")
+            key, response, error = _result_fields(line)
+        except ValueError as e:
+            unreadable.append(f"line {number}: {e}")
+            continue
         status = response.get("status_code")
         if error is None and status == 200:
-            replies[key] = reply_from_completion(ChatCompletion.model_validate(response["body"]), settings)
+            try:
+                replies[key] = reply_from_completion(response.get("body"), settings)
+            except InvalidReply as e:
+                retry[key] = f"unusable reply: {e}"
             continue
         message = _error_message(error, response)
-        if error is not None or status in RETRYABLE_STATUS or (status or 0) >= 500:
+        if error is not None or not isinstance(status, int) or status in RETRYABLE_STATUS or status >= 500:
             retry[key] = message
         else:
             failed[key] = message
-    return Outcome(replies, retry, failed)
+    # A key answered on one line and failed on another (a duplicate line) keeps its reply.
+    return Outcome(replies, {k: v for k, v in retry.items() if k not in replies},
+                   {k: v for k, v in failed.items() if k not in replies}, unreadable)
 
 
 class BatchClient:
@@ -243,22 +254,25 @@ class BatchClient:
         return retry
 
     def _import(self, job: Any, keys: set[str], failures: dict[str, Failure]) -> dict[str, str]:
-        lines: list[str] = []
+        lines: list[bytes] = []
         for file_id in (job.output_file_id, job.error_file_id):
             if file_id:
                 with self._fatal():
-                    lines += self._client.files.content(file_id).text.splitlines()
+                    lines += self._client.files.content(file_id).content.splitlines()
         outcome = read_results(lines, self.settings)
-        self.cache.put_many(outcome.replies)
+        replies = {key: reply for key, reply in outcome.replies.items() if key in keys}  # none for other requests
+        self.cache.put_many(replies)
         failures.update((key, Failure(REQUEST_FAILED, why)) for key, why in outcome.failed.items() if key in keys)
         retry = {key: why for key, why in outcome.retry.items() if key in keys}
-        unanswered = keys - outcome.replies.keys() - outcome.failed.keys() - retry.keys()
+        unanswered = keys - replies.keys() - outcome.failed.keys() - retry.keys()
         if job.status == "failed" and unanswered:
-            errors = "; ".join(e.message or e.code or "?" for e in (job.errors.data if job.errors else []) or [])
-            failures.update((key, Failure(REQUEST_FAILED, f"batch job {job.id} failed: {errors or 'no reason given'}"))
+            failures.update((key, Failure(REQUEST_FAILED, f"batch job {job.id} failed: {_job_errors(job)}"))
                             for key in unanswered)
         else:
-            retry.update((key, f"batch job {job.id} ended {job.status} without an answer") for key in unanswered)
+            unread = f"; {len(outcome.unreadable)} unreadable result lines ({outcome.unreadable[0]})" \
+                if outcome.unreadable else ""
+            retry.update((key, f"batch job {job.id} ended {job.status} without an answer{unread}")
+                         for key in unanswered)
         self.cache.batch_imported(job.id)
         return retry
 
@@ -275,16 +289,44 @@ class BatchClient:
 
 
 def import_result_files(paths: list[Path], settings: ChatSettings, cache: ReplyCache) -> Outcome:
-    """Store the replies of Batch API output files in the cache (``vlmcurate import-batch``)."""
-    lines = [line for path in paths for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    """Store the replies of Batch API output files in the cache (``vlmcurate import-batch``); a ValueError
+    when not one line of them is a Batch API result (the wrong files)."""
+    lines = [line for path in paths for line in Path(path).read_bytes().splitlines()]
     outcome = read_results(lines, settings)
+    if outcome.unreadable and not (outcome.replies or outcome.retry or outcome.failed):
+        raise ValueError(f"no line of {', '.join(map(str, paths))} is a Batch API result: {outcome.unreadable[0]}")
     cache.put_many(outcome.replies)
     return outcome
 
 
-def _error_message(error: dict | None, response: dict) -> str:
+def _result_fields(line: str | bytes) -> tuple[str, dict[str, Any], Any]:
+    """A result line's ``custom_id``, ``response`` (an object, empty where null) and ``error``; a
+    ValueError for a line that is not a Batch API result (bytes that are not UTF-8 among them)."""
+    item = decode_json(line)
+    key = item.get("custom_id") if isinstance(item, dict) else None
+    if not isinstance(key, str) or not key:
+        raise ValueError("not a Batch API result (an object with a custom_id string)")
+    response = item.get("response") or {}
+    if not isinstance(response, dict):
+        raise ValueError(f"the response of {clip(key, 80)!r} is not an object")
+    return key, response, item.get("error")
+
+
+def _error_message(error: Any, response: dict[str, Any]) -> str:
+    """What an error line or a failed response says, shortened."""
+    if isinstance(error, dict):
+        return clip(f"{error.get('code', 'error')}: {error.get('message', '')}".strip())
     if error is not None:
-        return f"{error.get('code', 'error')}: {error.get('message', '')}".strip()
-    body = response.get("body") or {}
-    detail = body.get("error", {}).get("message", "") if isinstance(body, dict) else str(body)
-    return f"HTTP {response.get('status_code')}: {detail}".strip()
+        return clip(f"error: {error}")
+    body = response.get("body")
+    detail = body.get("error") if isinstance(body, dict) else body
+    if isinstance(detail, dict):
+        detail = detail.get("message", "")
+    return clip(f"HTTP {response.get('status_code')}: {detail or ''}".strip())
+
+
+def _job_errors(job: Any) -> str:
+    """The reasons a failed job gives, or that it gave none."""
+    data = getattr(getattr(job, "errors", None), "data", None) or []
+    reasons = [str(getattr(e, "message", None) or getattr(e, "code", None) or "?") for e in data]
+    return clip("; ".join(reasons)) or "no reason given"

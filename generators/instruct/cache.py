@@ -93,9 +93,11 @@ class ReplyCache:
                                    r.cost, now) for key, r in replies.items()])
 
     def spent(self) -> tuple[float, int]:
-        """Total cost and total tokens of every reply in the file."""
+        """Total cost and total tokens of every reply in the file; a negative count (possible in a file written
+        before replies were checked) adds nothing, so it cannot switch the budget off."""
         cost, tokens = self._db.execute(
-            "SELECT COALESCE(SUM(cost), 0), COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM replies"
+            "SELECT COALESCE(SUM(MAX(cost, 0)), 0), "
+            "COALESCE(SUM(MAX(prompt_tokens, 0) + MAX(completion_tokens, 0)), 0) FROM replies"
         ).fetchone()
         return float(cost), int(tokens)
 

@@ -9,6 +9,11 @@ runs on a CPU with no network and no key):
   model name, the messages and :meth:`LocalSettings.params`), so one cache file serves every
   backend; another model name is another key. A batch's replies are stored as soon as it is
   generated, with cost 0.
+- **Contents stay text**: before the chat template is applied, every string the tokenizer would
+  read as one of its special or added tokens (``<|im_start|>``, ``<file_sep>``, ``<|endoftext|>``
+  for SmolLM2; whatever the loaded tokenizer has) is removed from each message's content, pass
+  after pass until none is left (removing one may join the pieces of another), so no caption or
+  reply text can become a control token. Whitespace-only added tokens are left alone.
 - **Batches**: each conversation goes through the tokenizer's chat template (with the generation
   prompt); prompts are sorted by length and generated ``batch_size`` at a time, padded on the left,
   so prompts of similar length share a batch and little is spent on padding. Outcomes come back in
@@ -27,6 +32,7 @@ runs on a CPU with no network and no key):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +107,7 @@ class LocalChat:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{settings.model}: its tokenizer has no chat template to build prompts with")
         self.context = context_length(self.model)
+        self._special = special_token_pattern(self.tokenizer)
         eos = self.model.generation_config.eos_token_id
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
@@ -136,7 +143,9 @@ class LocalChat:
         return outcomes  # type: ignore[return-value]
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """The token ids of a conversation under the chat template, ending in the assistant's turn."""
+        """The token ids of a conversation under the chat template, ending in the assistant's turn; only the
+        template itself writes special tokens."""
+        messages = [{**m, "content": without_special_tokens(m["content"], self._special)} for m in messages]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -189,6 +198,23 @@ class SeededSampler:
         noise = torch.stack([torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=g)
                              for g in self.generators])
         return scores - noise.log()  # -log(Exp(1)) is Gumbel(0, 1)
+
+
+def special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """One pattern for every string ``tokenizer`` reads as a single special or added token (longest first;
+    whitespace-only ones aside), or None where it has none."""
+    tokens = {str(token) for token in tokenizer.all_special_tokens}
+    tokens |= {added.content for added in tokenizer.added_tokens_decoder.values()}
+    tokens = sorted((token for token in tokens if token.strip()), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def without_special_tokens(text: str, pattern: re.Pattern[str] | None) -> str:
+    """``text`` without any match of ``pattern``, removed until none is left (``<fi<file_sep>le_sep>``
+    leaves ``<file_sep>`` after one pass)."""
+    while pattern is not None and (stripped := pattern.sub("", text)) != text:
+        text = stripped
+    return text
 
 
 def request_seed(key: str) -> int:

@@ -2,9 +2,11 @@
 
 Each response type's prompt asks for one JSON object (``{"conversation": [{"question",
 "answer"}, …]}``, ``{"description"}``, ``{"question", "answer"}``). The parser accepts it inside a
-code fence or with text around it, and nothing else: a reply that is not that object is
-:class:`Unparseable`. A reply that carries role markers or context delimiters (it followed an
-instruction smuggled into a caption, or leaked the chat format) is :class:`OffTask`.
+code fence or with text around it, and nothing else: a reply that is not that object (or is longer
+than ``MAX_REPLY_CHARS``, nests too deeply for the JSON parser, or holds text that is not valid
+Unicode) is :class:`Unparseable`. A reply that carries role markers or anything shaped like a special
+token (it followed an instruction smuggled into a caption, or leaked the chat format) is
+:class:`OffTask`.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from generators.instruct.context import has_markers
+from generators.instruct.context import has_lone_surrogate, has_markers
 from generators.instruct.prompts import phrasings, pick
 from schemas.llava import GPT, HUMAN, IMAGE_TOKEN
 
 UNPARSEABLE = "llm_unparseable"
 OFF_TASK = "llm_off_task"
 TRUNCATED = "truncated_output"
+#: The longest reply parsed, in characters: far more than any record needs (``max_turn_chars`` is
+#: 4,000 by default), and small enough that parsing one costs milliseconds.
+MAX_REPLY_CHARS = 100_000
 
 _FORMS = {
     "conversation": '{"conversation": [{"question": "...", "answer": "..."}, ...]}',
@@ -43,6 +48,8 @@ class OffTask(ReplyError):
 
 def parse_reply(response_type: str, text: str, key: str) -> list[tuple[str, str]]:
     """The (question, answer) pairs of a reply; ``key`` picks the detailed-description question."""
+    if len(text) > MAX_REPLY_CHARS:
+        raise Unparseable(f"the reply is {len(text):,} characters, over {MAX_REPLY_CHARS:,}")
     data = _json_object(text)
     if response_type == "conversation":
         turns = data.get("conversation")
@@ -55,7 +62,7 @@ def parse_reply(response_type: str, text: str, key: str) -> list[tuple[str, str]
         pairs = [_pair(data, "question", "answer")]
     for question, answer in pairs:
         if has_markers(question) or has_markers(answer):
-            raise OffTask("the reply holds chat role markers or context delimiters")
+            raise OffTask("the reply holds chat role markers or special-token delimiters")
     return pairs
 
 
@@ -90,6 +97,10 @@ def _json_object(text: str) -> dict[str, Any]:
         data = json.loads(text[start:end + 1])
     except json.JSONDecodeError as e:
         raise Unparseable(f"invalid JSON: {e.msg} at character {e.pos}") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise Unparseable(f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise Unparseable("the JSON nests too deeply") from None
     if not isinstance(data, dict):
         raise Unparseable("the reply is not a JSON object")
     return data
@@ -105,4 +116,6 @@ def _text(data: dict[str, Any], key: str) -> str:
     value = data.get(key)
     if not isinstance(value, str) or not value.strip():
         raise Unparseable(f"{key!r} must be a non-empty string")
+    if has_lone_surrogate(value):
+        raise Unparseable(f"{key!r} holds a lone surrogate escape (not Unicode text)")
     return value.strip()

@@ -15,9 +15,15 @@ e.g. CapFilt's ``selected_captions``) and, where the pool has them, object boxes
 - ``local``: a transformers causal LM in the worker's process (:mod:`generators.instruct.local`,
   settings under ``local``; by default the packaged SmolLM2-135M-Instruct), loaded once per actor.
 
-Every reply is parsed and checked: ``finish_reason == "length"`` is ``truncated_output``; a reply
-that does not parse gets one repair request and then is ``llm_unparseable``; one with chat role
-markers is ``llm_off_task``; the conversation then passes :func:`schemas.llava.conversation_problem`.
+Captions are cleaned as untrusted text (:func:`generators.instruct.context.clean_text`); a boxes
+value that is not a list of boxes (malformed, nested too deeply, or over the size limits of
+:func:`~generators.instruct.context.parse_boxes`) rejects its row as ``bad_boxes``. Every reply is
+parsed and checked: ``finish_reason == "length"`` is ``truncated_output``; a reply that does not
+parse gets one repair request and then is ``llm_unparseable``; one with chat role markers or
+special-token shapes is ``llm_off_task``; the conversation then passes
+:func:`schemas.llava.conversation_problem`. An endpoint reply that is not a valid chat completion is
+retried and then ``llm_request_failed``, like any failed request: one odd row or reply costs that
+row, never the stage.
 A response type that fails is listed in ``instruction_failures``; a row with no record at all
 is rejected with its first failure's reason (the detail lists them all). ``llm_request_failed``
 ``budget_exhausted`` and ``batch_pending`` are transient: ``vlmcurate retry-failed`` sends them again.
@@ -40,7 +46,14 @@ from generators.instruct.batch import BATCH_PENDING, BatchClient, BatchSettings
 from generators.instruct.chat import BUDGET_EXHAUSTED, REQUEST_FAILED, ChatSettings, Failure
 from generators.instruct.context import BOX_FORMATS, Context, build_context
 from generators.instruct.prompts import RESPONSE_TYPES, load_prompt, phrasings, phrasings_version, pick
-from generators.instruct.responses import TRUNCATED, ReplyError, parse_reply, record, repair_message
+from generators.instruct.responses import (
+    MAX_REPLY_CHARS,
+    TRUNCATED,
+    ReplyError,
+    parse_reply,
+    record,
+    repair_message,
+)
 from pipelines.stage import Rejections, Resources, Stage, default_resources
 from schemas.columns import (
     BRIEF_RECORDS,
@@ -230,7 +243,7 @@ class InstructGenerate(Stage):
         for index, ((row, kind), reply) in enumerate(zip(jobs, self._chat.complete(messages))):
             result = self._read(uids[row], kind, reply)
             if isinstance(result, ReplyError):
-                follow_up = [*messages[index], {"role": "assistant", "content": reply.text},
+                follow_up = [*messages[index], {"role": "assistant", "content": reply.text[:MAX_REPLY_CHARS]},
                              {"role": "user", "content": repair_message(kind, result)}]
                 repairs.append((index, follow_up))
             outcomes.append(result)

@@ -12,6 +12,7 @@ from generators.instruct.batch import (
     BATCH_PENDING,
     BatchClient,
     BatchSettings,
+    import_result_files,
     read_results,
     request_lines,
     split_files,
@@ -24,7 +25,7 @@ from schemas.llava import llava_json
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict
 from tests.generators.test_instruct import assert_llava_record
 from tests.generators.test_instruct_openai import KEY_ENV, _endpoint, _pool
-from tests.openai_server import FakeChatServer
+from tests.openai_server import FOREIGN_ID, ODD_REPLIES, FakeChatServer
 
 
 @pytest.fixture(autouse=True)
@@ -69,9 +70,62 @@ def test_results_are_read_by_custom_id_and_sorted_into_replies_retries_and_failu
     outcome = read_results(lines, ChatSettings(model="m", price_input=2.0, price_output=4.0))
     assert outcome.replies["b"].text == "hi" and outcome.replies["b"].cost == pytest.approx(0.004)
     assert set(outcome.retry) == {"x", "r"} and outcome.retry["x"].startswith("batch_expired")
-    assert outcome.failed == {"f": "HTTP 400: bad"}
-    with pytest.raises(ValueError, match="line 1"):
-        read_results(["not json"], ChatSettings(model="m"))
+    assert outcome.failed == {"f": "HTTP 400: bad"} and outcome.unreadable == []
+
+
+def test_a_malformed_result_line_costs_only_its_own_request(tmp_path):
+    completion = {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+    good = json.dumps({"custom_id": "good", "response": {"status_code": 200, "body": completion}})
+    odd_body = {**completion, "choices": [{"index": 0, "message": None, "finish_reason": "stop"}]}
+    lines = [
+        "not json", "[1, 2]", '{"response": {}}', '{"custom_id": "s", "response": "a string"}', b"\xff\xfe{}",
+        "[" * 100_000, good,
+        json.dumps({"custom_id": "odd", "response": {"status_code": 200, "body": odd_body}}),
+        json.dumps({"custom_id": "html", "response": {"status_code": 200, "body": "<html>502</html>"}}),
+        json.dumps({"custom_id": "neg", "response": {"status_code": 200, "body": {
+            **completion, "usage": {"prompt_tokens": -100, "completion_tokens": 5}}}}),
+        json.dumps({"custom_id": "status", "response": {"status_code": "200", "body": completion}}),
+        json.dumps({"custom_id": "err", "response": None, "error": "a plain string"}),
+        json.dumps({"custom_id": "errbody", "response": {"status_code": 400, "body": {"error": "no object"}}}),
+        json.dumps({"custom_id": "good", "response": None, "error": {"code": "dup", "message": "a second line"}}),
+    ]
+    outcome = read_results(lines, ChatSettings(model="m"))
+    assert set(outcome.replies) == {"good"} and outcome.replies["good"].text == "hi"
+    assert set(outcome.retry) == {"odd", "html", "neg", "status", "err"}
+    assert "choices[0].message is null" in outcome.retry["odd"] and "usage.prompt_tokens is -100" in outcome.retry["neg"]
+    assert outcome.failed == {"errbody": "HTTP 400: no object"}
+    assert [u.split(":")[0] for u in outcome.unreadable] == [f"line {n}" for n in range(1, 7)]
+    results = tmp_path / "results.jsonl"
+    results.write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode() for line in lines))
+    cache = ReplyCache(tmp_path / "cache.sqlite")
+    assert import_result_files([results], ChatSettings(model="m"), cache).replies.keys() == {"good"}
+    assert len(cache) == 1
+    results.write_text("not json\n[1, 2]\n")
+    with pytest.raises(ValueError, match="no line of .* is a Batch API result"):
+        import_result_files([results], ChatSettings(model="m"), cache)
+
+
+def test_odd_result_lines_are_sent_again_and_replies_for_other_requests_are_not_stored(tmp_path):
+    odd = [action for action in ODD_REPLIES if action != "bloat"] + ["garbled"]  # no byte limit on result files
+    captions = [f"a green bus {i}" for i in range(5)] + [f"a b{action} line" for action in odd]
+    captions += ["a bstuck line", "a bforeign line"]
+    with FakeChatServer() as server:
+        for action in odd:
+            server.script(f"b{action}", action)
+        server.script("bstuck", "message-null", "message-null")
+        server.script("bforeign", "foreign")
+        cache = ReplyCache(tmp_path / "cache.sqlite")
+        client = _client(server, cache, max_rounds=2)
+        outcomes = client.complete([_messages(c) for c in captions])
+    for caption, outcome in zip(captions, outcomes):
+        if "bstuck" in caption:
+            assert outcome.reason == REQUEST_FAILED and "2 batch jobs" in outcome.detail
+            assert "choices[0].message is null" in outcome.detail
+        else:
+            assert caption in outcome.text, (caption, outcome)
+    assert len(client.submitted) == 2 and cache.get(FOREIGN_ID) is None
 
 
 def test_a_batch_round_trip_matches_shuffled_results_by_custom_id_and_requeues_what_expired(tmp_path):

@@ -14,13 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from generators.instruct import InstructGenerate
-from generators.instruct.cache import ReplyCache
-from generators.instruct.chat import ChatClient, ChatSettings, EndpointError
+from generators.instruct.cache import Reply, ReplyCache
+from generators.instruct.chat import BUDGET_EXHAUSTED, REQUEST_FAILED, ChatClient, ChatSettings, EndpointError, Failure
+from generators.instruct.prompts import load_prompt
 from schemas.columns import INSTRUCTION_FAILURES, INSTRUCTIONS
 from schemas.llava import llava_json
+from schemas.rejects import REJECT_DETAIL, REJECT_REASON
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict
 from tests.generators.test_instruct import assert_llava_record
-from tests.openai_server import FakeChatServer
+from tests.openai_server import ODD_REPLIES, FakeChatServer
 
 KEY_ENV = "VLMCURATE_TEST_KEY"
 
@@ -163,3 +165,94 @@ def test_a_killed_run_resumes_without_resending_what_succeeded(tmp_path):
         # The resumed run sends exactly the requests whose replies were not stored, nothing it already has.
         assert sum(server.answered.values()) - answered == 18 - stored
         assert len(ReplyCache(cache)) == 18  # 6 rows x 3 response types
+
+
+# What the detail of a request that only ever got each odd reply says.
+ODD_DETAILS = {
+    "usage-null": "usage.prompt_tokens is null",
+    "usage-negative": "usage.prompt_tokens is -1000000",
+    "content-number": "choices[0].message.content is 42, not a string",
+    "message-null": "choices[0].message is null, not an object",
+    "choices-empty": "choices is a list, not a non-empty list",
+    "surrogate": "lone surrogate",
+    "html": "not JSON (Content-Type text/html",
+    "json-cut": "not JSON (Content-Type application/json): JSONDecodeError",
+    "nested": "not JSON (Content-Type application/json): RecursionError",
+    "bloat": "over max_reply_bytes 1,000,000",
+}
+assert set(ODD_DETAILS) == set(ODD_REPLIES)
+
+
+def _ask(caption: str) -> list[dict[str, str]]:
+    return load_prompt("reasoning").messages(f"Captions:\n- {caption}")
+
+
+@pytest.mark.parametrize("action", ODD_REPLIES)
+def test_an_odd_reply_fails_only_its_own_row_with_a_named_reason(tmp_path, action):
+    captions = [f"a yellow taxi in the rain {i}" for i in range(3)] + ["an odd fodd reply"]
+    with FakeChatServer() as server:
+        server.script("fodd", *[action] * 4)  # every attempt
+        stage = InstructGenerate(backend="openai", cache=str(tmp_path / "cache.sqlite"), response_types=["reasoning"],
+                                 endpoint=_endpoint(server, max_reply_bytes=1_000_000))
+        stage.setup()
+        out = stage(pa.table({"uid": [f"u{i}" for i in range(4)], "caption": captions})).to_pylist()
+    assert [len(row[INSTRUCTIONS]) for row in out] == [1, 1, 1, 0]
+    assert [row[REJECT_REASON] for row in out] == [None, None, None, REQUEST_FAILED]
+    assert "4 attempts" in out[3][REJECT_DETAIL] and ODD_DETAILS[action] in out[3][REJECT_DETAIL]
+    assert stage.is_transient(REQUEST_FAILED)  # retry-failed sends it again
+
+
+def test_an_odd_reply_is_retried_and_the_next_good_one_is_used(tmp_path):
+    with FakeChatServer() as server:
+        for action in ODD_REPLIES:
+            server.script(f"f{action}", action)  # once, then ok
+        client = ChatClient(ChatSettings(**_endpoint(server, max_reply_bytes=1_000_000)),
+                            ReplyCache(tmp_path / "c.sqlite"))
+        outcomes = client.complete([_ask(f"a red kite f{action}") for action in ODD_REPLIES])
+    assert all(isinstance(o, Reply) and f"f{a}" in o.text for a, o in zip(ODD_REPLIES, outcomes)), outcomes
+    assert all(o.prompt_tokens > 0 and o.completion_tokens > 0 for o in outcomes)
+    assert client.sent == 2 * len(ODD_REPLIES)
+
+
+def test_timeout_is_a_deadline_for_the_whole_reply_not_for_each_read(tmp_path):
+    with FakeChatServer(drip_seconds=30.0) as server:
+        server.script("fdrip", "drip", "drip")
+        client = ChatClient(ChatSettings(**_endpoint(server, timeout=2.0, max_attempts=2)),
+                            ReplyCache(tmp_path / "c.sqlite"))
+        start = time.monotonic()
+        slow, quick = client.complete([_ask("a slow fdrip reply"), _ask("a quick reply")])
+        elapsed = time.monotonic() - start
+    assert isinstance(slow, Failure) and slow.reason == REQUEST_FAILED
+    assert "no complete reply within timeout 2 s" in slow.detail
+    assert isinstance(quick, Reply) and "a quick reply" in quick.text
+    assert elapsed < 20  # two 2 s attempts, not one 30 s drip
+
+
+def test_the_budget_is_checked_after_the_wait_for_a_slot(tmp_path):
+    with FakeChatServer() as server:
+        client = ChatClient(ChatSettings(**_endpoint(server, concurrency=1, max_total_tokens=1)),
+                            ReplyCache(tmp_path / "c.sqlite"))
+        outcomes = client.complete([_ask(f"a lighthouse at night {i}") for i in range(5)])
+    assert isinstance(outcomes[0], Reply)
+    assert [o.reason for o in outcomes[1:]] == [BUDGET_EXHAUSTED] * 4
+    assert client.sent == 1 and sum(server.answered.values()) == 1
+
+
+def test_negative_usage_cannot_switch_the_budget_off(tmp_path):
+    cache = ReplyCache(tmp_path / "c.sqlite")
+    with FakeChatServer() as server:
+        server.script("fneg", "usage-negative")
+        client = ChatClient(ChatSettings(**_endpoint(server, concurrency=1, max_total_tokens=1)), cache)
+        outcomes = client.complete([_ask("a fneg reply")] + [_ask(f"a windmill {i}") for i in range(4)])
+    # The negative reply is refused, not counted: the next request spends the budget and stops the rest.
+    assert isinstance(outcomes[1], Reply) and "windmill 0" in outcomes[1].text
+    assert [o.reason for i, o in enumerate(outcomes) if i != 1] == [BUDGET_EXHAUSTED] * 4
+    assert client.sent == 2 and len(cache) == 1 and cache.spent()[1] == outcomes[1].prompt_tokens + \
+        outcomes[1].completion_tokens
+
+
+def test_negative_spend_in_an_old_cache_file_adds_nothing(tmp_path):
+    cache = ReplyCache(tmp_path / "c.sqlite")
+    cache.put("old", Reply("x", "stop", prompt_tokens=-1_000_000, completion_tokens=5, model="m", cost=-3.0))
+    cache.put("new", Reply("y", "stop", prompt_tokens=10, completion_tokens=5, model="m", cost=0.5))
+    assert cache.spent() == (0.5, 20)

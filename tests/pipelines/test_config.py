@@ -246,15 +246,15 @@ def test_load_config_name_defaults_to_file_stem(tmp_path, pool):
 
 def test_load_config_defaults(tmp_path, pool):
     cfg = load_config(write_yaml(tmp_path / "c.yaml", {"input": pool}))
-    defaults = (cfg.runner, cfg.shard_size, cfg.seed, cfg.output_dir, cfg.input_format)
-    assert defaults == ("local", 10_000, 0, "runs", "auto")
+    defaults = (cfg.runner, cfg.shard_size, cfg.seed, cfg.output_dir, cfg.input_format, cfg.input_max_row_bytes)
+    assert defaults == ("local", 10_000, 0, "runs", "auto", 4 << 20)
     assert cfg.columns.model_dump() == {"url": "auto", "caption": "auto", "uid": None, "keep": []}
     assert cfg.stages == []
 
 
 # Top-level validation --------------------------------------------------------------------------
 
-ALLOWED_TOP = "name, input, input_format, columns, output_dir, runner, shard_size, seed, ray, stages"
+ALLOWED_TOP = "name, input, input_format, input_max_row_bytes, columns, output_dir, runner, shard_size, seed, ray, stages"
 
 
 def test_unknown_top_level_key(pool):
@@ -283,6 +283,7 @@ def test_unknown_nested_key_lists_that_sections_keys(pool, section, key, allowed
     ("shard_size", 0, "shard_size: Input should be greater than or equal to 1 (got 0)"),
     ("runner", "rey", "runner: Input should be 'local' or 'ray' (got 'rey')"),
     ("input_format", "xml", "input_format: Input should be 'auto', 'parquet', 'csv', 'tsv' or 'jsonl' (got 'xml')"),
+    ("input_max_row_bytes", 0, "input_max_row_bytes: Input should be greater than or equal to 1 (got 0)"),
     ("seed", "abc", "seed: Input should be a valid integer"),
     ("name", "has space", "name: String should match pattern"),
     ("columns", {"keep": "page"}, "columns.keep: Input should be a valid list (got 'page')"),
@@ -700,6 +701,7 @@ def test_config_hash_ignores_where_and_how_fast(pool, overrides):
     ("shard_size=7", "shard_size: 10000 -> 7"),
     ("columns.url=url", 'columns.url: "auto" -> "url"'),
     ("input_format=csv", 'input.format: "auto" -> "csv"'),
+    ("input_max_row_bytes=65536", "input.max_row_bytes: 4194304 -> 65536"),
 ])
 def test_config_hash_changes_with_what_decides_the_rows(pool, override, changed):
     raw = raw_config(pool, LENGTH, DEDUP)

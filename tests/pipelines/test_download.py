@@ -260,3 +260,102 @@ def test_real_photos_and_clip_art_download_at_their_sizes(server, stage):
     rows = run(stage, urls)
     assert [r["_reject_reason"] for r in rows] == [None] * len(urls)
     assert [(r["original_width"], r["original_height"]) for r in rows] == sizes
+
+
+def test_images_that_cost_more_to_decode_than_their_header_says_cost_only_their_row(server, stage):
+    from tests.images import animated_gif, jpeg_claiming, repeated_scans
+
+    urls = [server.add("frames.gif", animated_gif(6000)), server.url("/img/ok.jpg"),
+            server.add("scans.jpg", repeated_scans(2048, 5000)), server.add("liar.jpg", jpeg_claiming(9400, 9400)),
+            server.url("/img/ok.png")]
+    rows = run(stage, urls)
+    assert [r["_reject_reason"] for r in rows] == ["decompression_bomb", None, "decompression_bomb", "decode_error",
+                                                  None]
+    assert "JPEG scans" in rows[2]["_reject_detail"] and "blocks" in rows[3]["_reject_detail"]
+
+
+def test_an_upscale_is_priced_by_the_image_it_would_make(server):
+    from tests.images import png
+
+    stage = Download(resize_only_if_bigger=False, image_size=512, max_decode_bytes=50 * 1024**2,
+                     allow_addresses=["127.0.0.1"], threads=2)
+    stage.setup()
+    [strip, photo] = run(stage, [server.add("strip.png", png(1, 1000)), server.url("/img/ok.jpg")])
+    assert strip["_reject_reason"] == "decompression_bomb" and "512x512000" in strip["_reject_detail"]
+    assert photo["_reject_reason"] is None and min(photo["width"], photo["height"]) == 512
+
+
+def test_a_decode_that_runs_past_its_deadline_costs_only_its_row(server):
+    from tests.images import repeated_scans
+
+    stage = Download(decode_timeout=1, max_jpeg_scans=10**6, allow_addresses=["127.0.0.1"], threads=2)
+    stage.setup()
+    start = time.monotonic()
+    rows = run(stage, [server.add("slow-scans.jpg", repeated_scans(4096, 20_000)), server.url("/img/ok.jpg")])
+    assert time.monotonic() - start < 60  # decoding it whole takes minutes
+    assert [r["_reject_reason"] for r in rows] == ["decode_timeout", None]
+
+
+def test_malformed_headers_and_redirects_get_their_true_reason(server, stage):
+    assert reason(stage, server.url("/redirect?to=http://[::1")) == "bad_url"
+    rows = run(stage, [server.url("/headers/503/-?Retry-After=%C2%B2"),
+                       server.url("/headers/200/ok.jpg?Content-Length=%C2%B2")])
+    assert rows[0]["_reject_reason"] == "http_503"  # a non-ASCII digit is no Retry-After: retried as a 503
+    assert server.requests["/headers/503/-?Retry-After=%C2%B2"] == RETRIES + 1
+    assert rows[1]["_reject_reason"] is None  # an unreadable Content-Length is ignored, the body read to its end
+
+
+def test_bodies_in_flight_stay_within_their_byte_budget_and_all_complete(server):
+    big = make_image(900, 700, seed=5)  # about 150 KB each
+    stage = Download(max_bytes_in_flight=len(big), allow_addresses=["127.0.0.1"], threads=8)
+    stage.setup()
+    held = []
+    original = stage._reencode
+
+    def reencode(body):
+        held.append(stage._bodies.used)
+        return original(body)
+
+    stage._reencode = reencode
+    rows = run(stage, [server.add(f"big{i}.jpg", big) for i in range(12)])
+    assert all(r["_reject_reason"] is None for r in rows)
+    assert max(held) <= 2 * len(big)  # the budget and the one body that may always grow
+
+
+_HOSTILE_POOL_SCRIPT = """
+import pyarrow as pa
+from pipelines.download import Download
+from tests.http_server import ImageServer, make_image
+from tests.images import animated_gif, jpeg_claiming, repeated_scans
+
+def peak_mib(pid="self"):
+    status = open(f"/proc/{pid}/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) // 1024
+
+server = ImageServer()
+urls = [server.add("frames.gif", animated_gif(9400)), server.add("scans.jpg", repeated_scans(4096, 20_000)),
+        server.add("liar.jpg", jpeg_claiming(9400, 9400))]
+urls += [server.add(f"ok{i}.jpg", make_image(1200, 900, seed=i)) for i in range(40)]
+stage = Download(allow_addresses=["127.0.0.1"])
+stage.setup()
+open("/proc/self/clear_refs", "w").write("5")  # the peak from here on: the stage's, not the test images'
+out = stage(pa.table({"url": pa.array(urls, pa.string())}))
+print(out["_reject_reason"].to_pylist()[:4])
+print(sum(r is None for r in out["_reject_reason"].to_pylist()))
+print(peak_mib())
+print(peak_mib(stage._reencode._child.process.pid))
+"""
+
+
+def test_a_hostile_pool_downloads_in_bounded_memory_and_time():
+    """At the defaults, bombs that took 6.5 GB and minutes in one worker cost their rows only."""
+    import subprocess
+    import sys
+
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _HOSTILE_POOL_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reasons, kept, worker_mib, decoder_mib = done.stdout.strip().splitlines()
+    assert reasons == "['decompression_bomb', 'decompression_bomb', 'decode_error', None]" and kept == "40"
+    assert int(worker_mib) < 1024 and int(decoder_mib) < 1024, (worker_mib, decoder_mib)
+    assert time.monotonic() - start < 200  # the scan bomb alone decodes for minutes

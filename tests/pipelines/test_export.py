@@ -75,6 +75,15 @@ def test_keys_are_safe_for_webdataset_grouping():
         assert json.loads(tar.extractfile(names[2]).read())["uid"] == "s3.v2"  # the uid travels in the json
 
 
+def test_a_uid_shaped_like_a_hashed_key_cannot_shadow_another_sample():
+    hashed = sample_key("s3.v2")
+    assert sample_key(hashed) != hashed  # the pool names a row after another row's hashed key
+    rows = _rows(2).set_column(0, "uid", pa.array(["s3.v2", hashed]))
+    with tarfile.open(fileobj=io.BytesIO(webdataset_tar(rows))) as tar:
+        keys = {name.split(".")[0] for name in tar.getnames()}
+    assert len(keys) == 2
+
+
 def test_image_extensions_follow_the_bytes():
     assert image_extension(make_image(8, 8, "PNG")) == "png"
     assert image_extension(make_image(8, 8, "WEBP")) == "webp"

@@ -177,3 +177,60 @@ def test_scoped_ipv6_literals_are_refused_not_crashing(url):
         fetcher.fetch(url)
     fetcher.close()
     assert error.value.reason in ("blocked_address", "bad_url")
+
+
+@pytest.mark.parametrize("wrapped", [
+    "2002:7f00:1::",                 # 6to4
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1
+    "64:ff9b::7f00:1",               # NAT64
+    "::127.0.0.1",                   # IPv4-compatible
+])
+def test_an_allowed_ipv4_address_does_not_admit_ipv6_addresses_that_wrap_it(wrapped):
+    allowed = Fetcher.check_allow_list(["127.0.0.1"])
+    address = ipaddress.ip_address(wrapped)
+    assert blocked_category(address, allowed) == "loopback"  # the connection would go to another host
+    assert blocked_category(address, Fetcher.check_allow_list([wrapped])) is None  # named itself, it may
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("3", 3), (" 12 ", 12), ("\u00b2", None), ("\u0663", None), ("-1", None), ("1.5", None), ("", None),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0), ("Fri, 31 Dec 99999 23:59:59 GMT", None),
+])
+def test_retry_after_takes_ascii_seconds_or_an_http_date_and_nothing_else(value, seconds):
+    from pipelines.fetch import _retry_after
+
+    assert _retry_after(value) == seconds
+
+
+def test_the_oldest_body_may_always_grow_and_the_others_wait_for_room():
+    from pipelines.fetch import BodyBudget
+
+    budget = BodyBudget(limit=100)
+    first, second = budget.reader(), budget.reader()
+    assert budget.take(second, 80, time.monotonic() + 1)
+    assert not budget.take(second, 80, time.monotonic() + 0.05)  # no room, and it is not the oldest
+    assert budget.take(first, 500, time.monotonic())  # the oldest reader never waits: progress is certain
+    budget.done_reading(first)
+    budget.release(first.taken)
+    assert budget.take(second, 10, time.monotonic() + 1) and budget.used == 90
+
+
+def test_a_lookup_hung_in_the_system_resolver_does_not_hold_the_process_at_exit(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "hung_dns.py"
+    script.write_text(
+        "import socket, time\n"
+        "socket.getaddrinfo = lambda *args: time.sleep(120)\n"
+        "from pipelines.netpolicy import ResolveError, Resolver\n"
+        "resolver = Resolver([], threads=4)\n"
+        "try:\n"
+        "    resolver.resolve('hung.test', 80, time.monotonic() + 0.5)\n"
+        "except ResolveError as e:\n"
+        "    print(e.kind)\n"
+    )
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=110)
+    assert done.stdout.strip() == "timeout", done.stderr
+    assert time.monotonic() - start < 60  # it waited for the 120 s lookup before

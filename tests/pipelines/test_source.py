@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import re
@@ -543,8 +544,8 @@ def test_csv_malformed_row_is_rejected_and_others_kept(tmp_path):
     assert shards[0].counts.rejected == {"malformed_row": 2}
     assert kept["url"].to_pylist() == ["http://a.test/", "http://c.test/"]
     details = sorted(rejects["detail"].to_pylist())
-    assert details[0].startswith("csv row 3: expected 2 columns, got 3") and "'http://b.test/,x,y'" in details[0]
-    assert details[1].startswith("csv row 5: expected 2 columns, got 1") and "'http://d.test/'" in details[1]
+    assert details[0].startswith("csv line 3: expected 2 columns, got 3") and "'http://b.test/,x,y'" in details[0]
+    assert details[1].startswith("csv line 5: expected 2 columns, got 1") and "'http://d.test/'" in details[1]
     assert rejects["url"].to_pylist() == [None, None]
     assert len(set(rejects["uid"].to_pylist())) == 2  # the detail makes their uids distinct
 
@@ -554,7 +555,7 @@ def test_tsv_malformed_row(tmp_path):
     shards, kept, rejects = read_all(SourceSpec(str(path)))
     assert kept["url"].to_pylist() == ["http://a.test/"]
     assert rejects["reason"].to_pylist() == ["malformed_row"]
-    assert rejects["detail"][0].as_py().startswith("csv row 3: expected 2 columns, got 3")
+    assert rejects["detail"][0].as_py().startswith("tsv line 3: expected 2 columns, got 3")
 
 
 def test_csv_of_only_malformed_rows(tmp_path):
@@ -723,6 +724,258 @@ def test_counts_close_for_every_shard_of_a_messy_pool(tmp_path):
     assert total == expected
     assert kept.num_rows == 50 - sum(expected.values())
     assert len(set(kept["uid"].to_pylist()) | set(rejects["uid"].to_pylist())) == 50
+
+
+# Hostile rows and damaged files: a bad row costs only that row --------------------------------
+
+@pytest.mark.parametrize("deep", ["[" * 100_000, '{"url": "http://b.test/", "caption": ' + "[" * 100_000],
+                         ids=["array", "inside_an_object"])
+def test_jsonl_line_nested_too_deeply_is_malformed(tmp_path, deep):
+    # The first line is also the first one the key probe meets.
+    path = write_jsonl(tmp_path / "p.jsonl", [deep, {"url": "http://a.test/", "caption": "a a"}, deep,
+                                              {"url": "http://c.test/", "caption": "c c"}])
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert kept["url"].to_pylist() == ["http://a.test/", "http://c.test/"]
+    assert reasons_by_index(rejects) == {0: "malformed_row", 2: "malformed_row"}
+    details = rejects["detail"].to_pylist()
+    assert details[0].startswith("line 1: JSON nested too deeply: ") and details[1].startswith("line 3: ")
+
+
+def test_jsonl_line_longer_than_max_row_bytes_is_malformed(tmp_path):
+    long = json.dumps({"url": "http://b.test/", "caption": "x" * 5000})
+    path = write_jsonl(tmp_path / "p.jsonl", [{"url": "http://a.test/", "caption": "a a"}, long,
+                                              {"url": "http://c.test/", "caption": "c c"}])
+    _, kept, rejects = read_all(SourceSpec(str(path), max_row_bytes=1000))
+    assert kept["url"].to_pylist() == ["http://a.test/", "http://c.test/"]
+    assert reasons_by_index(rejects) == {1: "malformed_row"}
+    assert rejects["detail"][0].as_py().startswith(
+        "line 2: longer than the row limit of 1000 bytes (input_max_row_bytes): '{\"url\": \"http://b.test/\"")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_delimited_record_longer_than_max_row_bytes_is_malformed(tmp_path, fmt):
+    rows = [("http://a.test/", "a a"), ("http://b.test/", "x" * 5000), ("http://c.test/", "c c")]
+    path = write_csv(tmp_path / f"p.{fmt}", rows, sep="," if fmt == "csv" else "\t")
+    _, kept, rejects = read_all(SourceSpec(str(path), max_row_bytes=1000))
+    assert kept["url"].to_pylist() == ["http://a.test/", "http://c.test/"]
+    assert reasons_by_index(rejects) == {1: "malformed_row"}
+    assert rejects["detail"][0].as_py().startswith(f"{fmt} line 3: longer than the row limit of 1000 bytes")
+
+
+# pyarrow cannot hand such a row to its invalid-row handler; it reports that as an ignored exception.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_row_with_the_wrong_fields_and_bytes_that_are_not_utf8_is_malformed(tmp_path, fmt):
+    lines = [b"url,caption", b"http://a.test/,a a", b"http://z.test/,1,2", b"http://b.test/\xff,x,y", b"http://c.test/,c c",
+             b"\xff", b"http://d.test/,d d"]
+    path = tmp_path / f"p.{fmt}"
+    path.write_bytes(b"".join(line.replace(b",", b"," if fmt == "csv" else b"\t") + b"\n" for line in lines))
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert kept["url"].to_pylist() == ["http://a.test/", "http://c.test/", "http://d.test/"]
+    assert reasons_by_index(rejects) == {1: "malformed_row", 2: "malformed_row", 4: "malformed_row"}
+    details = rejects["detail"].to_pylist()
+    assert details[0].startswith(f"{fmt} line 3: expected 2 columns, got 3: 'http://z.test/")
+    assert details[1].startswith(f"{fmt} line 4: expected 2 columns, got 3: 'http://b.test/\ufffd")
+    assert details[2].startswith(f"{fmt} line 6: expected 2 columns, got 1: ")
+
+
+def test_csv_field_of_several_mib_is_kept_under_the_limit_and_rejected_over_it(tmp_path):
+    big = "x" * (9 << 20)  # more than twice pyarrow's block: it used to end the run
+    path = tmp_path / "p.csv"
+    path.write_text(f'url,caption\nhttp://a.test/,a a\nhttp://b.test/,"{big}"\nhttp://c.test/,c c\n')
+    _, kept, rejects = read_all(SourceSpec(str(path)))  # the default limit, 4 MiB
+    assert kept["url"].to_pylist() == ["http://a.test/", "http://c.test/"]
+    assert reasons_by_index(rejects) == {1: "malformed_row"}
+    assert rejects["detail"][0].as_py().startswith("csv line 3: longer than the row limit of 4194304 bytes")
+    _, kept, rejects = read_all(SourceSpec(str(path), max_row_bytes=16 << 20))
+    assert rejects is None
+    assert kept["caption"].to_pylist() == ["a a", big, "c c"]
+
+
+def _bytes_rows(fmt: str, rows: list[tuple[bytes, ...]], header: tuple[str, ...]) -> bytes:
+    """csv/tsv bytes as they are, or jsonl where bytes that are not UTF-8 become lone surrogate escapes."""
+    if fmt == "jsonl":
+        return "".join(json.dumps(dict(zip(header, (v.decode("utf-8", "surrogateescape") for v in row)))) + "\n"
+                       for row in rows).encode()
+    sep = b"," if fmt == "csv" else b"\t"
+    return b"".join(sep.join(row) + b"\n" for row in [tuple(h.encode() for h in header), *rows])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
+def test_uid_or_kept_value_that_is_not_utf8_costs_its_row(tmp_path, fmt):
+    header = ("key", "url", "caption", "page")
+    rows = [(b"k1", b"http://a.test/", b"a a", b"p1"), (b"k\xff2", b"http://b.test/", b"b b", b"p2"),
+            (b"k3", b"http://c.test/", b"c c", b"p\xff3"), (b"k4", b"http://d.test/", b"d d", b"p4")]
+    path = tmp_path / f"p.{fmt}"
+    if fmt == "parquet":  # a binary uid column, and a string column that holds bytes (parquet checks neither)
+        columns = dict(zip(header, zip(*rows)))
+        write_parquet(path, {"key": pa.array(columns["key"], pa.binary()),
+                             "url": [u.decode() for u in columns["url"]],
+                             "caption": [c.decode() for c in columns["caption"]],
+                             "page": pa.array(columns["page"], pa.binary()).view(pa.string())})
+    else:
+        path.write_bytes(_bytes_rows(fmt, rows, header))
+    _, kept, rejects = read_all(SourceSpec(str(path), uid_column="key", keep_columns=("page",)))
+    assert kept["uid"].to_pylist() == ["k1", "k4"]
+    assert kept["page"].to_pylist() == ["p1", "p4"]
+    assert reasons_by_index(rejects) == {1: "uid_not_utf8", 2: "kept_column_not_utf8"}
+    details = rejects["detail"].to_pylist()
+    assert details[0].startswith("'key' is not valid UTF-8") and details[1].startswith("'page' is not valid UTF-8")
+    # The rest of a rejected row is recorded with it.
+    assert rejects.select(["url", "page"]).to_pylist() == [{"url": "http://b.test/", "page": "p2"},
+                                                           {"url": "http://c.test/", "page": None}]
+
+
+def test_csv_unterminated_quote_costs_only_its_line(tmp_path):
+    rows = [(f"http://x.test/{i}", f"caption {i}") for i in range(48)]
+    lines = ["url,caption", *(",".join(row) for row in rows)]
+    lines.insert(4, 'http://x.test/stray,"a quote never closed')  # line 5 of the file
+    path = tmp_path / "p.csv"
+    path.write_text("\n".join(lines) + "\n")
+    shards, kept, rejects = read_all(SourceSpec(str(path)))
+    assert shards[0].counts.rows_in == 49
+    assert kept.select(["url", "caption"]).to_pylist() == [{"url": u, "caption": c} for u, c in rows]
+    assert reasons_by_index(rejects) == {3: "malformed_row"}
+    assert rejects["detail"].to_pylist() == [
+        "csv line 5: unterminated quote (still open at the end of the file): 'http://x.test/stray,\"a quote never "
+        "closed'"]
+
+
+def test_csv_stray_quotes_cost_only_their_lines(tmp_path):
+    # Two stray quotes would join lines 2-4 into one record: its first line goes, the rest is read again.
+    path = tmp_path / "p.csv"
+    path.write_text('url,caption\nhttp://a.test/,"stray one\nhttp://b.test/,b b\nhttp://c.test/,c "c\n'
+                    'http://d.test/,"one"\ntwo\nhttp://e.test/,e e\n')
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert kept.select(["url", "caption"]).to_pylist() == [
+        {"url": "http://b.test/", "caption": "b b"}, {"url": "http://c.test/", "caption": 'c "c'},
+        {"url": "http://d.test/", "caption": "one"}, {"url": "http://e.test/", "caption": "e e"}]
+    assert reasons_by_index(rejects) == {0: "malformed_row", 4: "malformed_row"}
+    details = rejects["detail"].to_pylist()
+    assert details[0].startswith("csv line 2: text after a closing quote in a record over 3 lines")
+    assert details[1].startswith("csv line 6: expected 2 columns, got 1: 'two'")
+
+
+def test_csv_multiline_captions_from_a_csv_writer_are_kept(tmp_path):
+    captions = ["line one\nline two", "crlf\r\ninside", 'a "quoted" word, and a comma', "three\n\nlines", "plain"]
+    path = tmp_path / "p.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:  # \r\n line ends, quotes where needed
+        writer = csv.writer(f)
+        writer.writerow(["url", "caption"])
+        writer.writerows((f"http://x.test/{i}", caption) for i, caption in enumerate(captions))
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert rejects is None
+    assert kept["caption"].to_pylist() == captions
+
+
+def test_csv_quote_inside_an_unquoted_field_is_text(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text('url,caption\nhttp://a.test/,a 12" record\nhttp://b.test/,say "hi" there\n'
+                    'http://c.test/,"quoted"tail\nhttp://d.test/,d d\n')
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert rejects is None
+    assert kept["caption"].to_pylist() == ['a 12" record', 'say "hi" there', "quotedtail", "d d"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_delimited_lines_end_with_crlf_or_a_lone_cr(tmp_path, fmt):
+    path = tmp_path / f"p.{fmt}"
+    sep = b"," if fmt == "csv" else b"\t"
+    path.write_bytes(b"url" + sep + b"caption\r\nhttp://a.test/" + sep + b"a a\r\n\r\nhttp://b.test/" + sep +
+                     b"b b\rhttp://c.test/" + sep + b"c c")
+    _, kept, rejects = read_all(SourceSpec(str(path)))
+    assert rejects is None
+    assert kept.select(["url", "caption"]).to_pylist() == [
+        {"url": f"http://{x}.test/", "caption": f"{x} {x}"} for x in "abc"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_column_present_twice_is_named(tmp_path, fmt):
+    path = tmp_path / f"p.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.table([pa.array(["http://a.test/"]), pa.array(["a a"]), pa.array(["http://b.test/"])],
+                                names=["url", "caption", "url"]), path)
+    else:
+        write_csv(path, [("http://a.test/", "a a", "http://b.test/")], header=("url", "caption", "url"))
+    with pytest.raises(SourceError, match=re.escape(f"column 'url' appears 2 times in {str(path)!r}")):
+        probe_source(SourceSpec(str(path)))
+
+
+@pytest.mark.parametrize("uid", [pa.array([{"a": 1}]), pa.array([[1]]),
+                                 pa.array([[("k", 1)]], pa.map_(pa.string(), pa.int64())), pa.array([1.5])],
+                         ids=["struct", "list", "map", "float"])
+def test_parquet_uid_column_that_is_neither_text_nor_integers_is_refused(tmp_path, uid):
+    path = write_parquet(tmp_path / "p.parquet", {"id": uid, "url": ["http://a.test/"], "caption": ["a a"]})
+    stored = pq.read_schema(path).field("id").type
+    with pytest.raises(SourceError, match=re.escape(f"columns.uid: column 'id' of {str(path)!r} has type {stored}; "
+                                                    f"a uid must be text or integers")):
+        probe_source(SourceSpec(str(path), uid_column="id"))
+
+
+@pytest.mark.parametrize("header, why", [('url,"caption\n', "unterminated quote"),
+                                         ("url," + "c" * 2000 + "\n", "longer than the row limit of 1000 bytes"),
+                                         (b"\xffurl,caption\n", "can't decode byte 0xff")],
+                         ids=["open_quote", "too_long", "not_utf8"])
+def test_csv_header_that_cannot_be_read_names_the_file(tmp_path, header, why):
+    path = tmp_path / "p.csv"
+    path.write_bytes((header if isinstance(header, bytes) else header.encode()) + b"http://a.test/,a a\n")
+    with pytest.raises(SourceError, match=re.escape(f"input file {str(path)!r} cannot be parsed as csv: ")) as info:
+        probe_source(SourceSpec(str(path), max_row_bytes=1000))
+    assert why in str(info.value)
+
+
+def _text_pool(fmt: str, rows: list[tuple[str, str]]) -> bytes:
+    if fmt == "csv":
+        return ("url,caption\n" + "".join(f"{u},{c}\n" for u, c in rows)).encode()
+    return "".join(json.dumps({"url": u, "caption": c}) + "\n" for u, c in rows).encode()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_truncated_gzip_keeps_the_rows_before_and_rejects_the_rest_then_reads_on(tmp_path, fmt):
+    rows = [(f"http://x.test/{i}", f"caption number {i}") for i in range(100_000)]
+    packed = gzip.compress(_text_pool(fmt, rows))
+    (tmp_path / "pool").mkdir()
+    damaged = tmp_path / "pool" / f"a.{fmt}.gz"
+    damaged.write_bytes(packed[:len(packed) // 2])
+    after = [("http://y.test/1", "the next file")]
+    (tmp_path / "pool" / f"b.{fmt}.gz").write_bytes(gzip.compress(_text_pool(fmt, after)))
+    _, kept, rejects = read_all(SourceSpec(str(tmp_path / "pool")), shard_size=30_000)
+    assert rejects["reason"].to_pylist() == ["unreadable_input"]
+    detail = rejects["detail"][0].as_py()
+    assert detail.startswith(f"input file {str(damaged)!r} is unreadable after line ")
+    last_line = int(re.search(r"after line (\d+) ", detail).group(1))
+    read = last_line - (fmt == "csv")  # the rows on the lines read whole
+    assert 10_000 < read < 100_000
+    assert kept["url"].to_pylist() == [u for u, _ in rows[:read] + after]
+    assert rejects["source_index"].to_pylist() == [read]
+
+
+def test_gzip_that_cannot_be_read_at_all_names_the_file(tmp_path):
+    for fmt in ("csv", "jsonl"):
+        path = tmp_path / f"p.{fmt}.gz"
+        path.write_bytes(b"this is not gzip data")
+        with pytest.raises(SourceError, match=re.escape(f"input file {str(path)!r} cannot be")):
+            probe_source(SourceSpec(str(path)))
+
+
+def test_corrupt_parquet_row_group_rejects_its_rows_then_reads_on(tmp_path):
+    (tmp_path / "pool").mkdir()
+    damaged = tmp_path / "pool" / "a.parquet"
+    urls = [f"http://x.test/{i}" for i in range(300)]
+    pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(300)]}), damaged,
+                   row_group_size=100)
+    column = pq.ParquetFile(damaged).metadata.row_group(1).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    raw = bytearray(damaged.read_bytes())
+    raw[start:start + column.total_compressed_size] = b"\xff" * column.total_compressed_size
+    damaged.write_bytes(bytes(raw))
+    write_parquet(tmp_path / "pool" / "b.parquet", {"url": ["http://y.test/"], "caption": ["the next file"]})
+    _, kept, rejects = read_all(SourceSpec(str(tmp_path / "pool")))
+    assert kept["url"].to_pylist() == urls[:100] + urls[200:] + ["http://y.test/"]
+    assert rejects["source_index"].to_pylist() == list(range(100, 200))
+    assert set(rejects["reason"].to_pylist()) == {"unreadable_input"}
+    assert rejects["detail"][0].as_py().startswith(
+        f"input file {str(damaged)!r}, row group 1: 100 of its rows cannot be read: ")
 
 
 # A real pool -----------------------------------------------------------------------------------
