@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE=1
 export RAY_USAGE_STATS_ENABLED=0
 export RAY_AUTH_MODE=disabled
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-fast lint install clean
 
 install: $(STAMP)
 
@@ -26,8 +26,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/vlmcurate demo
 
+# The fast part first (every test outside tests/integration: minutes), then the whole pipelines.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not integration" --durations=25
+	$(BIN)/python -m pytest -q -m integration --durations=25
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipelines curation generators models schemas benchmarks tests

@@ -140,7 +140,7 @@ def main() -> None:
     from models.inference import inference_device
 
     torch.set_num_threads(args.threads)
-    device, dtype = inference_device(args.device, args.precision, args.threads)
+    device, dtype = inference_device(args.device, args.precision)
     images = load_images(args.images)
     baseline = PerImageLoop(args, str(device), dtype)
     ours = BatchedStages(args, str(device), args.threads)

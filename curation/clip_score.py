@@ -123,17 +123,20 @@ class ClipInference(ClipModelRef):
         from models.inference import inference_device
 
         self._torch = torch
-        self._device, dtype = inference_device(self.device, self.precision, self.resources.cpus)
+        self._device, dtype = inference_device(self.device, self.precision)
         self._bundle = load_clip(self.model, pretrained=self.pretrained, checkpoint=self.weights,
                                  device=str(self._device))
         self._autocast_dtype = None if dtype == torch.float32 else dtype
 
     def _inference(self) -> Any:
-        """The context to run the model in: no autograd, autocast when not fp32."""
+        """The context to run the model in: the stage's CPU threads, no autograd, autocast when not fp32."""
         import contextlib
+
+        from models.inference import cpu_threads
 
         torch = self._torch
         stack = contextlib.ExitStack()
+        stack.enter_context(cpu_threads(self._device, self.resources.cpus))
         stack.enter_context(torch.inference_mode())
         stack.enter_context(torch.autocast(self._device.type, dtype=self._autocast_dtype,
                                            enabled=self._autocast_dtype is not None))

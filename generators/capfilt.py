@@ -104,7 +104,7 @@ class BlipCaption(Stage):
         from models.inference import inference_device
 
         self._torch = torch
-        self._device, self._dtype = inference_device(self.device, self.precision, self.resources.cpus)
+        self._device, self._dtype = inference_device(self.device, self.precision)
         self._bundle = load_blip("caption", self.model, device=str(self._device), dtype=self._dtype)
         # [CLS] prompt, without the tokenizer's closing [SEP]: the decoder continues it.
         prompt = self._bundle.tokenizer(self.prompt.strip(), return_tensors="pt").input_ids[:, :-1]
@@ -113,13 +113,14 @@ class BlipCaption(Stage):
     def __call__(self, batch: pa.Table) -> pa.Table:
         from transformers import LogitsProcessorList
 
+        from models.inference import cpu_threads
         from models.sampling import NucleusSampler
 
         torch = self._torch
         n = batch.num_rows
         seed = int(self.seed * 1_000_003 + batch[SOURCE_INDEX][0].as_py()) if n else self.seed
         pixels = blip_pixels(batch, self._bundle, self._device).to(self._dtype)
-        with torch.inference_mode():
+        with cpu_threads(self._device, self.resources.cpus), torch.inference_mode():
             image = self._bundle.model.vision_model(pixel_values=pixels).last_hidden_state
             if self.num_beams > 1:
                 out = self._decode(image, do_sample=False, num_beams=self.num_beams,

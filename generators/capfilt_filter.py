@@ -67,18 +67,19 @@ class BlipItmScore(Stage):
         from models.inference import inference_device
 
         self._torch = torch
-        self._device, self._dtype = inference_device(self.device, self.precision, self.resources.cpus)
+        self._device, self._dtype = inference_device(self.device, self.precision)
         self._bundle = load_blip("itm", self.model, device=str(self._device), dtype=self._dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from generators.capfilt import blip_pixels
+        from models.inference import cpu_threads
 
         torch, model = self._torch, self._bundle.model
         texts, owner = candidate_texts(batch)
         pixels = blip_pixels(batch, self._bundle, self._device).to(self._dtype)
         tokens = self._bundle.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_tokens,
                                         return_tensors="pt").to(self._device)
-        with torch.inference_mode():
+        with cpu_threads(self._device, self.resources.cpus), torch.inference_mode():
             image = model.vision_model(pixel_values=pixels).last_hidden_state
             image = image[torch.from_numpy(owner).to(self._device)]
             text = model.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,

@@ -71,7 +71,7 @@ class VlmCaption(Stage):
         from schemas.llava import HUMAN, IMAGE_TOKEN
 
         self._torch = torch
-        self._device, _ = inference_device(self.device, "fp32", self.resources.cpus)
+        self._device, _ = inference_device(self.device, "fp32")
         if self.weights is not None:
             self._bundle = load_trained_vlm(self.weights, device=self._device)
         else:
@@ -121,6 +121,7 @@ class VlmCaption(Stage):
         """``num_captions`` texts per image, image by image; the prompt embeds are computed once per image."""
         from transformers import LogitsProcessorList
 
+        from models.inference import cpu_threads
         from models.sampling import NucleusSampler
 
         torch, model, tokenizer = self._torch, self._bundle.model, self._bundle.tokenizer
@@ -132,7 +133,7 @@ class VlmCaption(Stage):
         if not self.greedy:
             generator = torch.Generator(self._device).manual_seed(seed)
             options["logits_processor"] = LogitsProcessorList([NucleusSampler(self.top_p, self.temperature, generator)])
-        with torch.inference_mode(), warnings.catch_warnings():
+        with cpu_threads(self._device, self.resources.cpus), torch.inference_mode(), warnings.catch_warnings():
             # The penalty applies to new tokens only: the prompt is image slots and template markers.
             warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
             embeds = model.embed(pixels, ids).repeat_interleave(self.num_captions, dim=0)

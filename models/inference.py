@@ -1,10 +1,11 @@
 """What every model stage does before and around its model: pick the device and precision,
-size CPU threads, and turn stored uint8 pixels into a normalised input batch."""
+size CPU threads while the model runs, and turn stored uint8 pixels into a normalised input batch."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -18,17 +19,30 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
 
 
-def inference_device(device: str, precision: str, cpus: float) -> tuple[torch.device, torch.dtype]:
+def inference_device(device: str, precision: str) -> tuple[torch.device, torch.dtype]:
     """The device (``auto``: the GPU if the worker has one) and compute dtype (``auto``: fp16 on
-    a GPU, fp32 on a CPU). On a CPU, torch runs ``ceil(cpus)`` threads: the CPUs the runner
-    granted the stage, not torch's default of every core of a shared machine."""
+    a GPU, fp32 on a CPU)."""
     check_precision(precision)
     chosen = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    if chosen.type == "cpu":
-        torch.set_num_threads(max(1, math.ceil(cpus)))
     if precision == "auto":
         precision = "fp16" if chosen.type == "cuda" else "fp32"
     return chosen, _DTYPES[precision]
+
+
+@contextmanager
+def cpu_threads(device: torch.device, cpus: float) -> Iterator[None]:
+    """On a CPU, run the block with ``ceil(cpus)`` torch threads: the CPUs the runner granted the
+    stage, not torch's default of every core of a shared machine. The thread count is the whole
+    process's, and a stage may run in the caller's own (``LocalRunner``): it is restored on exit."""
+    before = torch.get_num_threads()
+    wanted = max(1, math.ceil(cpus)) if device.type == "cpu" else before
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def normalised_pixels(buffers: Sequence[bytes], size: int, mean: Sequence[float], std: Sequence[float],

@@ -15,7 +15,7 @@ import platform
 from collections.abc import Callable
 from importlib import metadata
 
-from pipelines.card import write_card
+from pipelines.card import CARD, write_card
 from pipelines.export import ExportJob, export_done, export_settings, finish_export, plan_export, write_export_shard
 from pipelines.ledger import LedgerError, check_phase, check_run, summarise
 from pipelines.phase import PhaseTask, ShardIO
@@ -47,7 +47,7 @@ def run_pipeline(plan: Plan, runner: Runner, progress: Progress | None = None) -
         if removed:
             log.info("removed %d temporary file(s) left by an interrupted run", removed)
         try:
-            _execute(plan, runner, rundir, manifest, progress)
+            changed = _execute(plan, runner, rundir, manifest, progress)
         except BaseException:
             manifest.status = "failed"
             _write(rundir, manifest)
@@ -58,6 +58,8 @@ def run_pipeline(plan: Plan, runner: Runner, progress: Progress | None = None) -
             log.info("removed %d temporary file(s) left by workers that died during the run", removed)
         manifest.status = "complete"
         _write(rundir, manifest)
+        if not changed and rundir.exists(rundir.path(CARD)):  # a rerun of a finished run: nothing to describe anew
+            return manifest
         try:
             write_card(rundir, manifest, plan.stages)
         except Exception:  # the rows are complete and recorded; only their description failed
@@ -66,15 +68,17 @@ def run_pipeline(plan: Plan, runner: Runner, progress: Progress | None = None) -
     return manifest
 
 
-def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, progress: Progress | None) -> None:
-    shards, previous = _ingest(plan, rundir, manifest, progress)
+def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, progress: Progress | None) -> bool:
+    """Run what is left of the plan; whether anything was written (shards, an aggregate, the export)."""
+    shards, previous, changed = _ingest(plan, rundir, manifest, progress)
     input_phase = INPUT_PHASE
     for phase in plan.phases:
         if phase.global_stage is not None:
-            _bind_aggregate(phase.global_stage, runner, rundir, input_phase, shards, manifest)
+            changed |= _bind_aggregate(phase.global_stage, runner, rundir, input_phase, shards, manifest)
         task = PhaseTask(ShardIO(rundir, input_phase, phase.name), phase.stages)
         done = rundir.shard_entries(phase.name)
         pending = [s for s in shards if s not in done]
+        changed |= bool(pending)
         for entry in runner.run_phase(task, pending):
             done[entry.shard] = entry
             if progress:
@@ -91,14 +95,17 @@ def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, pro
         input_phase, previous = phase.name, entries
     check_run(manifest)
     if plan.config.export is not None:
-        _export(plan, runner, rundir, manifest, input_phase, previous)
+        changed |= _export(plan, runner, rundir, manifest, input_phase, previous)
+    return changed
 
 
-def _export(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, phase: str, entries) -> None:
+def _export(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, phase: str, entries) -> bool:
+    """Write the export unless it is there with these settings; whether it was written."""
     options = plan.config.export
     rows = sum(e.rows_out for e in entries.values())
     settings = export_settings(options.formats, options.samples_per_shard, phase, rows)
-    if not export_done(rundir, options.folder, settings):
+    written = not export_done(rundir, options.folder, settings)
+    if written:
         rundir.remove_folder(options.folder)  # an export with other settings, or a partial one
         shards = plan_export(entries, options.samples_per_shard)
         job = ExportJob(rundir, phase, options.folder, tuple(options.formats))
@@ -107,6 +114,7 @@ def _export(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, phas
     manifest.export = {**settings, "folder": rundir.path(options.folder),
                        "shards": -(-rows // options.samples_per_shard)}
     _write(rundir, manifest)
+    return written
 
 
 def _open_manifest(rundir: RunDir, plan: Plan) -> Manifest:
@@ -144,10 +152,12 @@ def _open_manifest(rundir: RunDir, plan: Plan) -> Manifest:
 
 
 def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress | None):
-    """Read the input into ``00_input`` shards (skipping shards already written)."""
+    """Read the input into ``00_input`` shards (skipping shards already written); the shard numbers,
+    their ledger entries, and whether the input was read."""
     summary = next((p for p in manifest.phases if p.name == INPUT_PHASE), None)
     done = rundir.shard_entries(INPUT_PHASE)
-    if summary is None or summary.shards_done != summary.shards_total or len(done) != summary.shards_total:
+    read = summary is None or summary.shards_done != summary.shards_total or len(done) != summary.shards_total
+    if read:
         total = 0
         for shard in read_shards(plan.source, plan.config.shard_size):
             total += 1
@@ -169,16 +179,20 @@ def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress |
         check_phase(INPUT_PHASE, done, None)
         _set_phase(manifest, summarise(INPUT_PHASE, [READ_STAGE], done, total), plan.phase_names)
         _write(rundir, manifest)
-    return sorted(done), done
+    return sorted(done), done, read
 
 
-def _bind_aggregate(planned, runner: Runner, rundir: RunDir, phase: str, shards: list[int], manifest: Manifest):
-    if not bind_saved_aggregate(planned, rundir):
+def _bind_aggregate(planned, runner: Runner, rundir: RunDir, phase: str, shards: list[int],
+                    manifest: Manifest) -> bool:
+    """Give a global stage its aggregate, computing it unless saved; whether it was computed."""
+    computed = not bind_saved_aggregate(planned, rundir)
+    if computed:
         partials = runner.compute_partials(planned, rundir, phase, shards)
         rundir.save_aggregate(planned.name, planned.stage.aggregate(partials))
         bind_saved_aggregate(planned, rundir)
     manifest.aggregates[planned.name] = planned.stage.describe(planned.state)
     _write(rundir, manifest)
+    return computed
 
 
 def bind_saved_aggregate(planned, rundir: RunDir) -> bool:

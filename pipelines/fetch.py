@@ -33,6 +33,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -158,12 +159,20 @@ class _BodyReader:
 
 
 class Fetcher:
-    """Fetches urls under a :class:`FetchPolicy`; thread-safe, one per worker."""
+    """Fetches urls under a :class:`FetchPolicy`; thread-safe, one per worker.
+
+    ``clock`` and ``sleep`` time the retry loop: the per-url budget is kept on ``clock`` and the
+    waits between attempts (backoff, ``Retry-After``) are ``sleep``; tests pass virtual ones. The
+    deadline within an attempt is on ``time.monotonic``, whatever ``clock`` is.
+    """
 
     check_allow_list = staticmethod(parse_allow_list)
 
-    def __init__(self, policy: FetchPolicy) -> None:
+    def __init__(self, policy: FetchPolicy, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], object] = time.sleep) -> None:
         self.policy = policy
+        self.clock = clock
+        self.sleep = sleep
         self.disallowed = {d.strip().lower() for d in policy.disallowed_directives}
         if "noindex" in self.disallowed:
             self.disallowed.add("none")  # "none" is noindex, nofollow
@@ -182,11 +191,12 @@ class Fetcher:
         With ``bodies``, the body's bytes are taken from that budget as they arrive; the caller
         gives them back (:meth:`BodyBudget.release`) once it is done with the body.
         """
-        budget_end = time.monotonic() + self.policy.total_timeout
+        budget_end = self.clock() + self.policy.total_timeout
         attempt = 0
         while True:
+            allowed = min(self.policy.timeout, budget_end - self.clock())  # this attempt's share of the budget
             try:
-                return self._attempt(url, min(time.monotonic() + self.policy.timeout, budget_end), bodies)
+                return self._attempt(url, time.monotonic() + allowed, bodies)
             except FetchError as error:
                 if not error.transient or attempt >= self.policy.retries:
                     raise
@@ -195,9 +205,9 @@ class Fetcher:
                     if error.retry_after > self.policy.max_retry_after:
                         raise
                     delay = max(delay, error.retry_after)
-                if time.monotonic() + delay >= budget_end:  # no time left for another attempt
+                if self.clock() + delay >= budget_end:  # no time left for another attempt
                     raise
-                time.sleep(delay)
+                self.sleep(delay)
                 attempt += 1
 
     def _attempt(self, url: str, deadline: float, bodies: BodyBudget | None) -> bytes:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.card import CARD
 from pipelines.chain import ShardState
 from pipelines.execute import bind_saved_aggregate, run_pipeline
 from pipelines.ledger import check_shard
@@ -108,6 +109,8 @@ def retry_failed(plan: Plan, runner: Runner) -> tuple[RetryReport, Manifest]:
             manifest.history.append({"retried_phase": phase.name, "attempted": dict(report.attempted),
                                      "recovered": report.recovered})
             rundir.write_manifest(manifest)
+            if rundir.exists(rundir.path(CARD)):  # the retried rows change what the card says
+                rundir.fs.delete_file(rundir.path(CARD))
             break
     return report, run_pipeline(plan, runner)
 

@@ -107,7 +107,8 @@ class RayRunner(Runner):
         self.config = config or RayConfig()
         self._started_ray = False
 
-    def _ensure_ray(self) -> None:
+    def start(self) -> None:
+        """Start (or join) Ray as configured; a no-op when this process already has one."""
         import ray
 
         if ray.is_initialized():
@@ -139,7 +140,7 @@ class RayRunner(Runner):
     def _data_context(self):
         import ray.data
 
-        self._ensure_ray()
+        self.start()
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the CLI draws one bar per phase
         context.print_on_execution_start = False
@@ -190,7 +191,7 @@ class RayRunner(Runner):
             return []
         import ray
 
-        self._ensure_ray()
+        self.start()
         remote = ray.remote(max_retries=WORKER_RETRIES)(fn)
         first_ref = ray.put(first)
         return ray.get([remote.remote(first_ref, item) for item in items])

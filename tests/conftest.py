@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 # No network: libraries must not reach a hub, a registry or a telemetry endpoint.
 os.environ.update({
@@ -21,25 +23,78 @@ os.environ.update({
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
 
 
+def pytest_collection_modifyitems(items):
+    """Every test under tests/integration/ (whole pipelines, clusters, killed processes) is marked
+    ``integration``, and no other: ``-m "not integration"`` is the fast part of the suite."""
+    for item in items:
+        if INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.integration)
+
+
 def shared_path(*parts: str) -> Path:
-    """A path under ../shared/data, or skip the test with a message saying what is missing."""
+    """A path under ../shared/data. Where it is absent the test is skipped with a message saying
+    what is missing, except in CI (``CI`` set), where the data is part of the set-up and its
+    absence fails the test."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"shared test data not found: {path} (clone the project beside ../shared)")
+        message = f"shared test data not found: {path} (clone the project beside ../shared)"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(message)
+        pytest.skip(message)
     return path
 
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray (2 CPUs) for the whole test session; RayRunner reuses it."""
+    """One local Ray (2 CPUs) for the whole test session, started by ``RayRunner`` itself with
+    the settings a run uses; every ``RayRunner`` of the session joins it."""
     import ray
 
+    from pipelines.config import RayConfig
+    from pipelines.runner import RayRunner
+
     temp_dir = tempfile.mkdtemp(prefix="vlmc-ray-", dir="/tmp")
-    ray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
-             log_to_driver=False, _temp_dir=temp_dir, configure_logging=False)
+    runner = RayRunner(RayConfig(num_cpus=2, object_store_memory=256 * 1024 * 1024, temp_dir=temp_dir))
+    runner.start()
     yield ray
-    ray.shutdown()
+    runner.close()
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+#: `vlmcurate demo` at a small scale: a smaller pool and a few steps per model.
+DEMO_SMALL = ["bootstrap_scenes=96", "clip.batch_size=32", "clip.max_steps=20", "clip.save_every=20",
+              "vlm_stage1.max_steps=2", "vlm_stage1.batch_size=2", "vlm_stage2.max_steps=2",
+              "vlm_stage2.batch_size=1", "eval.heldout_images=3"]
+
+
+def run_demo(output_dir: Path, *extra: str, port: int | None = None, timeout: int = 900):
+    """``vlmcurate demo`` in a subprocess, as ``make demo`` runs it, at :data:`DEMO_SMALL` scale."""
+    import subprocess
+    import sys
+
+    vlmcurate = str(Path(sys.executable).parent / "vlmcurate")
+    return subprocess.run([vlmcurate, "demo", *DEMO_SMALL, "--output-dir", str(output_dir),
+                           "--port", str(port or free_port()), *extra],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """A finished demo: its output folder, the image host's port its pool names, what it printed."""
+
+    folder: Path
+    port: int
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """The suite's one run of the whole demo (on Ray, 500 pool rows). Tests read it and must not
+    change it; the rerun test goes last in its module."""
+    folder, port = tmp_path_factory.mktemp("demo"), free_port()
+    done = run_demo(folder, "--rows", "500", port=port)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return DemoRun(folder, port, done.stdout)
 
 
 @pytest.fixture

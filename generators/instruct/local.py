@@ -33,6 +33,7 @@ runs on a CPU with no network and no key):
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,7 @@ class LocalSettings:
     seed: int = 0
     device: str = "auto"  # cuda where there is one, else cpu (or cuda:N)
     dtype: str = "auto"  # bfloat16 on cuda, float32 on cpu
-    threads: int | None = None  # torch's CPU threads, for the whole process
+    threads: int | None = None  # torch's CPU threads while generating (restored after)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -94,12 +95,8 @@ class LocalChat:
     """Generates replies to chat requests in-process, with the cache, batching and seeding described above."""
 
     def __init__(self, settings: LocalSettings, cache: ReplyCache | None = None) -> None:
-        import torch
-
         from models.causal_lm import context_length, load_causal_lm
 
-        if settings.threads is not None:
-            torch.set_num_threads(settings.threads)
         self.settings, self.cache = settings, cache
         self.device = settings.torch_device()
         self.model, self.tokenizer = load_causal_lm(settings.model, dtype=settings.torch_dtype(self.device),
@@ -155,11 +152,15 @@ class LocalChat:
     def _generate(self, keys: list[str], prompts: list[list[int]]) -> list[Reply]:
         import torch
 
+        from models.inference import cpu_threads
+
         settings = self.settings
         inputs = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
         processors = [] if settings.temperature == 0 else [
             SeededSampler([request_seed(key) for key in keys], settings.temperature, settings.top_p, self.device)]
-        with torch.inference_mode():
+        threads = nullcontext() if settings.threads is None else cpu_threads(torch.device(self.device),
+                                                                             settings.threads)
+        with threads, torch.inference_mode():
             output = self.model.generate(**inputs, do_sample=False, max_new_tokens=settings.max_new_tokens,
                                          eos_token_id=sorted(self.eos_ids), pad_token_id=self.tokenizer.pad_token_id,
                                          logits_processor=processors)

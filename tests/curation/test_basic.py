@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 import pytest
 
 from curation.basic import (
+    BAD_ASPECT_RATIO,
     CONTROL_CHARACTERS,
     DIMENSIONS_CAPTION,
     EMPTY_CAPTION,
@@ -19,12 +20,15 @@ from curation.basic import (
     TOO_LONG,
     TOO_MANY_WORDS,
     TOO_SHORT,
+    TOO_SMALL,
     URL_CAPTION,
     CaptionCharacters,
     CaptionLength,
+    ImageSize,
     JunkAltText,
 )
 from pipelines.runner import LocalRunner
+from schemas.columns import ORIGINAL_HEIGHT, ORIGINAL_WIDTH
 from schemas.rejects import REJECT_DETAIL, REJECT_REASON
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict, shared_path
 
@@ -246,6 +250,48 @@ def test_caption_length_invalid_bounds(kwargs, message):
 def test_caption_length_equal_bounds_are_allowed():
     stage = CaptionLength(min_words=2, max_words=2, min_chars=None, max_chars=None)
     assert apply(stage, ["a b", "a", "a b c"])[0] == [None, TOO_FEW_WORDS, TOO_MANY_WORDS]
+
+
+# ImageSize -------------------------------------------------------------------------------------
+
+def apply_sizes(stage, sizes: list[tuple[int, int]]) -> tuple[list, list]:
+    """(reasons, details) per (width, height); all None when the stage rejected nothing."""
+    batch = pa.table({ORIGINAL_WIDTH: pa.array([w for w, _ in sizes], pa.int32()),
+                      ORIGINAL_HEIGHT: pa.array([h for _, h in sizes], pa.int32())})
+    out = stage(batch)
+    assert out.num_rows == len(sizes) and set(out.column_names) <= {REJECT_REASON, REJECT_DETAIL}
+    if REJECT_REASON not in out.column_names:
+        return [None] * len(sizes), [None] * len(sizes)
+    return out[REJECT_REASON].to_pylist(), out[REJECT_DETAIL].to_pylist()
+
+
+def test_image_size_rejects_a_bad_aspect_ratio_either_way_and_keeps_one_at_the_limit():
+    reasons, details = apply_sizes(ImageSize(), [(300, 100), (301, 100), (100, 301), (100, 300), (64, 64)])
+    assert reasons == [None, BAD_ASPECT_RATIO, BAD_ASPECT_RATIO, None, None]
+    assert details == [None, "301x100 exceeds max_aspect_ratio=3", "100x301 exceeds max_aspect_ratio=3", None, None]
+
+
+def test_image_size_a_fractional_limit_compares_the_exact_ratio():
+    reasons, details = apply_sizes(ImageSize(max_aspect_ratio=2.5), [(250, 100), (251, 100), (1000, 399)])
+    assert reasons == [None, BAD_ASPECT_RATIO, BAD_ASPECT_RATIO]
+    assert details[1:] == ["251x100 exceeds max_aspect_ratio=2.5", "1000x399 exceeds max_aspect_ratio=2.5"]
+
+
+def test_image_size_too_small_wins_over_the_aspect_ratio_and_null_disables_a_check():
+    reasons, details = apply_sizes(ImageSize(), [(63, 500), (64, 63)])
+    assert reasons == [TOO_SMALL, TOO_SMALL]
+    assert details == ["63x500 < min_side=64", "64x63 < min_side=64"]
+    assert apply_sizes(ImageSize(max_aspect_ratio=None), [(1000, 64)])[0] == [None]
+    assert apply_sizes(ImageSize(min_side=None), [(2, 1), (3, 1)]) == ([None, None], [None, None])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"min_side": 0}, "min_side must be >= 1 or null, got 0"),
+    ({"max_aspect_ratio": 0.5}, "max_aspect_ratio must be >= 1 or null, got 0.5"),
+])
+def test_image_size_invalid_limits(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ImageSize(**kwargs)
 
 
 # Questionable behaviour, documented as expected failures ------------------------------------------

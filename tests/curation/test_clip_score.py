@@ -65,14 +65,23 @@ def test_pixels_and_embeddings_match_open_clip_on_its_own():
 
 
 def test_identical_image_and_text_embeddings_score_one():
-    """Feed the text embedding back as the image embedding: the stage's cosine is exactly 1."""
+    """Both real towers run on different images and captions, their final layer norms set to emit
+    the same constant and their projections made equal: the two embeddings are one vector, and
+    the stage's cosine of them is exactly 1, not a scaled dot product."""
     embed = ClipEmbed(model=MODEL, device="cpu")
     embed.setup()
     model = embed._bundle.model
-    model.encode_image = lambda images: model.encode_text(embed._bundle.tokenizer(["the same"] * len(images)))
-    pixels = ClipPreprocess(model=MODEL)(pa.table({IMAGE: pa.array(_images()[:2], pa.binary())}))
-    out = embed(pa.table({CLIP_PIXELS: pixels[CLIP_PIXELS], CAPTION: ["the same", "the same"]}))
+    with torch.no_grad():
+        for norm in (model.visual.ln_post, model.ln_final):
+            norm.weight.zero_()
+            norm.bias.fill_(0.5)
+        model.text_projection.copy_(model.visual.proj)  # both towers are 64 wide
+    pixels = ClipPreprocess(model=MODEL)(pa.table({IMAGE: pa.array(_images()[:3], pa.binary())}))
+    out = embed(pa.table({CLIP_PIXELS: pixels[CLIP_PIXELS], CAPTION: ["a red square", "two dogs", ""]}))
     np.testing.assert_allclose(out[CLIP_SCORE].to_numpy(), 1.0, atol=1e-6)
+    expected = torch.nn.functional.normalize(torch.full((3, 64), 0.5) @ model.visual.proj.detach(), dim=-1)
+    for column in (IMAGE_EMBEDDING, TEXT_EMBEDDING):  # the constant through each projection, stored as float16
+        np.testing.assert_allclose(out[column].to_pylist(), expected.numpy(), atol=1e-3)
 
 
 def test_bad_image_bytes_are_rejects_with_reasons():

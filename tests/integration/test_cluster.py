@@ -33,8 +33,6 @@ from pipelines.plan import build_plan
 from pipelines.runner import LocalRunner
 from tests.conftest import REPO_ROOT, TEXT_ONLY_HOST, free_port, read_phase, read_rejects
 
-pytestmark = pytest.mark.integration
-
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 OBJECT_STORE = 100 * 1024 * 1024

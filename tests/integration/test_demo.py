@@ -8,23 +8,14 @@ timed in README.md.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import REPO_ROOT, free_port
-
-SMALL = ["bootstrap_scenes=96", "clip.batch_size=32", "clip.max_steps=20", "clip.save_every=20",
-         "vlm_stage1.max_steps=2", "vlm_stage1.batch_size=2", "vlm_stage2.max_steps=2", "vlm_stage2.batch_size=1",
-         "eval.heldout_images=3"]
+from tests.conftest import run_demo
 
 
-def test_demo_runs_the_whole_chain_on_ray(tmp_path):
-    vlmcurate = str(Path(sys.executable).parent / "vlmcurate")
-    done = subprocess.run([vlmcurate, "demo", *SMALL, "--output-dir", str(tmp_path), "--port", str(free_port()),
-                           "--rows", "500"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    run = tmp_path / "demo"
+def test_demo_runs_the_whole_chain_on_ray(demo_run):
+    folder = demo_run.folder
+    run = folder / "demo"
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["config"]["pipeline"]["runner"] == "ray"
     ledger = manifest["ledger"]
@@ -42,19 +33,39 @@ def test_demo_runs_the_whole_chain_on_ray(tmp_path):
     counts = json.loads((export / "llava" / "counts.json").read_text())
     assert json.loads((export / "llava" / "stage2.json").read_text()) and counts
     for stage in ("demo-vlm-stage1", "demo-vlm-stage2"):
-        assert list((tmp_path / stage / "checkpoints").glob("step-*.pt")), stage
-    assert (tmp_path / "lit-clip" / "checkpoints").is_dir()
-    evaluation = json.loads((tmp_path / "demo-eval.json").read_text())
+        assert list((folder / stage / "checkpoints").glob("step-*.pt")), stage
+    assert (folder / "lit-clip" / "checkpoints").is_dir()
+    evaluation = json.loads((folder / "demo-eval.json").read_text())
     assert evaluation["captions"]["images"] == 3 and "cider_d" in evaluation["captions"]
     assert {"random", "popular", "adversarial"} <= set(evaluation["probe"])
     card = (run / "README.md").read_text()
     assert "## Funnel" in card and (run / "card").is_dir()
-    assert "where everything went" in done.stdout and "demo-eval.json" in done.stdout
+    assert "where everything went" in demo_run.stdout and "demo-eval.json" in demo_run.stdout
 
 
 def test_a_bad_model_override_fails_before_anything_runs(tmp_path):
-    vlmcurate = str(Path(sys.executable).parent / "vlmcurate")
-    done = subprocess.run([vlmcurate, "demo", "vlm_stage1.max_stepz=3", "--output-dir", str(tmp_path)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    done = run_demo(tmp_path, "vlm_stage1.max_stepz=3", timeout=120)
     assert done.returncode != 0 and "max_stepz" in done.stdout + done.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_second_demo_on_the_same_folder_recomputes_nothing(demo_run):
+    """Last in this module: it runs the demo again on the suite's demo folder."""
+    folder = demo_run.folder
+    produced = [p for p in folder.rglob("*") if p.is_file() and _is_a_product(p.relative_to(folder))]
+    before = {p: p.stat().st_mtime_ns for p in produced}
+    done = run_demo(folder, "--rows", "500", port=demo_run.port)  # the same pool: not a config change
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert {p: p.stat().st_mtime_ns for p in produced} == before
+    assert f"kept {folder / 'demo-metadata.json'}" in done.stdout and "kept " + str(folder / "lit-clip") in done.stdout
+    manifest = json.loads((folder / "demo" / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+
+
+def _is_a_product(relative: Path) -> bool:
+    """What the demo computes once: the curation run's phases, rejects, export and card (not its
+    manifest and lock, rewritten by every run), the metadata list and the models' checkpoints."""
+    top = relative.parts[0]
+    if top == "demo":
+        return relative.name not in ("manifest.json", ".lock")
+    return top == "demo-metadata.json" or "checkpoints" in relative.parts

@@ -21,8 +21,6 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 from pipelines.runner import LocalRunner
 from tests.conftest import REPO_ROOT, run_pipeline_dict
 from tests.http_server import ImageServer, make_image
@@ -70,7 +68,6 @@ def _samples_open_clip_reads(urls: str) -> list[dict]:
     return list(pipeline)
 
 
-@pytest.mark.integration
 def test_open_clip_train_runs_two_steps_on_the_exported_shards(tmp_path):
     shards = _export(tmp_path)
     sizes = json.loads((shards / "sizes.json").read_text())

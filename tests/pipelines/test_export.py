@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 from argparse import Namespace
 
@@ -137,8 +138,11 @@ def test_open_clip_reads_the_tars(exported):
     assert info.dataloader.num_samples == 24  # 23 rows from sizes.json, rounded up to whole batches
 
 
-def test_rerun_skips_the_export_and_new_settings_rewrite_it(exported):
-    config, _, _, folder = exported
+def test_rerun_skips_the_export_and_new_settings_rewrite_it(exported, tmp_path):
+    shared, _, _, _ = exported
+    # This test rewrites the export: it works on its own copy of the run, which the other tests read.
+    shutil.copytree(shared["output_dir"], tmp_path / "runs")
+    config, folder = {**shared, "output_dir": str(tmp_path / "runs")}, tmp_path / "runs" / "exp" / "export"
     tar = folder / "webdataset" / "00000.tar"
     before = os.stat(tar).st_mtime_ns
     run_pipeline(build_plan(parse_config(config)), LocalRunner())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
+import threading
 import time
 
 import pytest
@@ -65,14 +67,14 @@ def test_transient_reasons():
     "http://[::ffff:127.0.0.2]/", "http://10.0.0.1/x.jpg", "http://169.254.169.254/latest/meta-data/",
     "http://[fe80::1]/", "http://0.0.0.0:80/",
 ])
-def test_private_and_encoded_addresses_are_refused_before_connecting(url):
-    fetcher = Fetcher(FetchPolicy(timeout=5, allow_addresses=("127.0.0.1",)))
-    start = time.monotonic()
+def test_private_and_encoded_addresses_are_refused_before_connecting(url, monkeypatch):
+    connections, waits = _record_connections(monkeypatch), []
+    fetcher = Fetcher(FetchPolicy(timeout=5, allow_addresses=("127.0.0.1",)), sleep=waits.append)
     with pytest.raises(FetchError) as error:
         fetcher.fetch(url)
     fetcher.close()
     assert error.value.reason == "blocked_address", error.value
-    assert time.monotonic() - start < 1  # refused at once: no connection attempt, no retry
+    assert connections == [] and waits == []  # no connection attempt; no wait, so no second attempt
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/a.jpg", "not a url", "http://", "http://a.test:99999/"])
@@ -84,15 +86,30 @@ def test_bad_urls(url):
     assert error.value.reason == "bad_url"
 
 
-def _silent_server(host: str = "127.0.0.1"):
-    """A TCP listener that accepts and never says a word; returns (socket, port, accepted list)."""
-    import socket
-    import threading
+def _record_connections(monkeypatch) -> list[tuple[str, int]]:
+    """The addresses every fetch in this test connects to (it still connects)."""
+    connections = []
+    connect = socket.create_connection
 
+    def recording(address, *args, **kwargs):
+        connections.append(address)
+        return connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", recording)
+    return connections
+
+
+def _silent_server(host: str = "127.0.0.1", accept: bool = True):
+    """A TCP listener that never says a word; returns (socket, port, accepted list).
+
+    Without ``accept`` nobody accepts: a connection made to it waits in the listener's queue.
+    """
     listener = socket.socket()
     listener.bind((host, 0))
     listener.listen(16)
     accepted = []
+    if not accept:
+        return listener, listener.getsockname()[1], accepted
 
     def accept():
         while True:
@@ -107,15 +124,36 @@ def _silent_server(host: str = "127.0.0.1"):
 
 
 def test_a_silent_tls_server_times_out_within_the_deadline():
+    import ssl
+
     listener, port, accepted = _silent_server()
     fetcher = Fetcher(FetchPolicy(timeout=1, retries=0, allow_addresses=("127.0.0.1",)))
+    watched, handshakes = [], []  # (socket, deadline) as the watchdog got them; what each handshake started with
+    watch = fetcher._watchdog.watch
+
+    def recording_watch(sock, deadline):
+        watched.append((sock, deadline))
+        return watch(sock, deadline)
+
+    class RecordingTLSSocket(ssl.SSLSocket):
+        def do_handshake(self, *args):
+            handshakes.append((self, self.gettimeout(), [sock for sock, _ in watched]))
+            return super().do_handshake(*args)
+
+    fetcher._watchdog.watch = recording_watch
+    fetcher._ssl.sslsocket_class = RecordingTLSSocket
     start = time.monotonic()
     with pytest.raises(FetchError) as error:
         fetcher.fetch(f"https://127.0.0.1:{port}/x.jpg")
+    elapsed = time.monotonic() - start
     fetcher.close()
     listener.close()
     assert error.value.reason == "timeout" and accepted
-    assert time.monotonic() - start < 1.8
+    [(_, deadline), (tls, tls_deadline)] = watched  # the connection's socket, then the TLS one in its place
+    [(shaken, timeout, watched_by_then)] = handshakes
+    assert shaken is tls and tls in watched_by_then and tls_deadline == deadline  # watched, at the attempt's deadline
+    assert 0 < timeout < 1  # the handshake has what is left of the 1 s, not a timeout of its own
+    assert elapsed < 30  # the server never answers: only a handshake without a deadline gets here this late
 
 
 def test_the_next_checked_address_is_tried_when_one_refuses():
@@ -123,7 +161,7 @@ def test_the_next_checked_address_is_tried_when_one_refuses():
 
     listener, port, accepted = _silent_server("127.0.0.1")
     fetcher = Fetcher(FetchPolicy(allow_addresses=("127.0.0.0/8",)))
-    sock = fetcher._connect(_Target("http", "dual.test", port, "/", ("127.0.0.2", "127.0.0.1")), time.monotonic() + 2)
+    sock = fetcher._connect(_Target("http", "dual.test", port, "/", ("127.0.0.2", "127.0.0.1")), time.monotonic() + 30)
     assert sock.getpeername() == ("127.0.0.1", port)
     sock.close()
     fetcher.close()
@@ -131,14 +169,14 @@ def test_the_next_checked_address_is_tried_when_one_refuses():
 
 
 def test_slow_names_do_not_starve_the_resolver_and_failures_are_remembered(monkeypatch):
-    import socket
-
-    calls = []
+    calls, slow_answered = [], []
+    slow_may_answer = threading.Event()  # the slow names hang in the system resolver until this is set
 
     def getaddrinfo(host, port, *args):
         calls.append(host)
         if host.startswith("slow"):
-            time.sleep(2)
+            slow_may_answer.wait(120)
+            slow_answered.append(host)
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("8.8.8.8", port))]
 
@@ -151,8 +189,10 @@ def test_slow_names_do_not_starve_the_resolver_and_failures_are_remembered(monke
     hosts = [f"slow{i}.test" for i in range(16)] + [f"fast{i}.test" for i in range(16)]
 
     def resolve(host):
+        # The slow names' callers give up soon; the fast names wait as long as only starvation would make them.
+        deadline = time.monotonic() + (0.2 if host.startswith("slow") else 60)
         try:
-            return resolver.resolve(host, 80, time.monotonic() + 1)
+            return resolver.resolve(host, 80, deadline)
         except ResolveError as e:
             return e.kind
 
@@ -160,7 +200,12 @@ def test_slow_names_do_not_starve_the_resolver_and_failures_are_remembered(monke
         results = dict(zip(hosts, pool.map(resolve, hosts)))
     assert all(results[f"fast{i}.test"] == ["8.8.8.8"] for i in range(16))
     assert all(results[f"slow{i}.test"] == "timeout" for i in range(16))
-    time.sleep(1.2)  # the slow lookups finish (as failures) in their threads
+    slow_may_answer.set()  # the slow lookups still running finish (as failures) in their threads
+    idle = threading.Barrier(32 + 1)
+    for _ in range(32):  # queued behind every lookup: all the pool's threads meet here once those are done
+        resolver._pool.submit(idle.wait, 60)
+    idle.wait(60)
+    assert sorted(slow_answered) == sorted(host for host in calls if host.startswith("slow"))  # or never ran
     calls.clear()
     with pytest.raises(ResolveError):
         resolver.resolve("slow0.test", 80, time.monotonic() + 3)  # looked up again: timeouts are not cached
@@ -207,12 +252,12 @@ def test_the_oldest_body_may_always_grow_and_the_others_wait_for_room():
 
     budget = BodyBudget(limit=100)
     first, second = budget.reader(), budget.reader()
-    assert budget.take(second, 80, time.monotonic() + 1)
+    assert budget.take(second, 80, time.monotonic() + 60)  # room: taken at once
     assert not budget.take(second, 80, time.monotonic() + 0.05)  # no room, and it is not the oldest
     assert budget.take(first, 500, time.monotonic())  # the oldest reader never waits: progress is certain
     budget.done_reading(first)
     budget.release(first.taken)
-    assert budget.take(second, 10, time.monotonic() + 1) and budget.used == 90
+    assert budget.take(second, 10, time.monotonic() + 60) and budget.used == 90
 
 
 def test_a_lookup_hung_in_the_system_resolver_does_not_hold_the_process_at_exit(tmp_path):

