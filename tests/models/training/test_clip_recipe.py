@@ -137,13 +137,3 @@ def test_bad_configs_and_sources_fail_clearly(shards, tmp_path):
         resolve_shards([str(tmp_path / "nothing-*.tar")])
     with pytest.raises(FileNotFoundError, match="no .tar or .parquet"):
         resolve_shards([str(tmp_path)])
-
-
-def test_ray_train_runs_the_recipe_on_two_cpu_workers(shards, tmp_path, ray_session):
-    from models.training.distributed import train_distributed
-
-    config = _config(shards, tmp_path, max_steps=3, save_every=3)
-    metrics = train_distributed("clip", config, num_workers=2)
-    assert metrics["step"] == 3
-    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    assert load_clip(checkpoint=str(tmp_path)).source["step"] == 3

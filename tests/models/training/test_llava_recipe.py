@@ -111,24 +111,3 @@ def test_a_resumed_run_continues_the_uninterrupted_loss_curve(tmp_path):
     (parts / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     train_vlm(_config(tmp_path, data, max_steps=6, batch_size=2, output_dir=str(parts)))
     assert _losses(str(parts)) == pytest.approx(_losses(str(whole)), abs=1e-6)
-
-
-def test_ray_train_runs_stage_two_on_two_cpu_workers_from_the_cli(tmp_path, ray_session):
-    from typer.testing import CliRunner
-
-    from pipelines.cli import app
-
-    data = write_llava_export(tmp_path)
-    shard = data / "stage2" / "00000.json"
-    records = json.loads(shard.read_text())
-    shard.write_text(json.dumps(records[:2]))  # two shards: one per worker
-    (data / "stage2" / "00001.json").write_text(json.dumps(records[2:]))
-    config = tmp_path / "vlm.yaml"
-    config.write_text(json.dumps({
-        "model": "tiny-vit-llama", "stage": 2, "train_data": [str(tmp_path)], "output_dir": str(tmp_path / "out"),
-        "batch_size": 1, "max_steps": 2, "lr": 1e-3, "device": "cpu", "amp": "off",
-        "distributed": {"num_workers": 2}}))
-    result = CliRunner().invoke(app, ["train", "vlm", str(config)])
-    assert result.exit_code == 0, result.output
-    steps = [json.loads(x)["step"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2] and (tmp_path / "out" / "checkpoints" / "step-00000002.pt").is_file()
