@@ -106,16 +106,16 @@ def test_records_are_pyarrows_rows_when_nothing_is_rejected(tmp_path):
 
 def test_quoted_record_over_the_limit_costs_its_first_line(tmp_path):
     path = tmp_path / "p.csv"
-    path.write_bytes(b'url,caption\nhttp://a,"x\n' + b"x\n" * 100 + b'"\nhttp://b,ok\n')
+    path.write_bytes(b'url,caption\nhttp://127.0.0.1/a,"x\n' + b"x\n" * 100 + b'"\nhttp://127.0.0.1/b,ok\n')
     _, items = split(path, CSV, 100, 16, fields=2)
     first, *middle, closing, last = items
     assert first[0] == 2 and first[1].startswith(
         "csv line 2: a quoted record over several lines, longer than the row limit of 100 bytes "
-        "(input_max_row_bytes) (an unterminated quote?): 'http://a,\"x'")
+        "(input_max_row_bytes) (an unterminated quote?): 'http://127.0.0.1/a,\"x'")
     assert middle == [(n, b"x\n") for n in range(3, 103)]  # read again, one record a line
     assert closing[0] == 103 and closing[1].startswith("csv line 103: unterminated quote (still open at "
                                                               "the end of the file)")
-    assert last == (104, b"http://b,ok\n")
+    assert last == (104, b"http://127.0.0.1/b,ok\n")
 
 
 def test_over_long_line_is_skipped_across_chunks(tmp_path):
