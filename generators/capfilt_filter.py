@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation.clip_score import ClipInference
-from pipelines.stage import Rejections, Resources, Stage, default_resources
+from pipelines.stage import GiB, Rejections, Resources, Stage, default_resources
 from schemas.columns import (
     BLIP_PIXELS,
     CAPTION,
@@ -53,7 +53,9 @@ class BlipItmScore(Stage):
     max_text_tokens: int = 35
     device: str = "auto"
     precision: str = "auto"
-    resources: Resources = default_resources(batch_size=32, gpus=1.0)
+    # memory: one actor (blip-tiny, shards of 96 rows) peaked at 0.55 GiB; shards of 500 rows of
+    # pixels add about 0.6 GiB (BlipCaption's difference)
+    resources: Resources = default_resources(batch_size=32, gpus=1.0, memory=int(1.5 * GiB))
 
     def __post_init__(self) -> None:
         from models.inference import check_precision
@@ -105,7 +107,8 @@ class ClipCaptionScore(ClipInference, Stage):
     input_columns: ClassVar[tuple[str, ...]] = (UID, IMAGE_EMBEDDING, CAPTION, SYNTHETIC_CAPTIONS)
     output_columns: ClassVar[tuple[str, ...]] = (CAPTION_SCORES,)
 
-    resources: Resources = default_resources(batch_size=256, gpus=1.0)
+    # memory: one actor of configs/demo.yaml (LiT towers, batches of 256) peaked at 2.0 GiB
+    resources: Resources = default_resources(batch_size=256, gpus=1.0, memory=int(2.5 * GiB))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from curation.dedup.image import embedding_matrix

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from pipelines.decode import DECODE_ERROR, DEFAULT_MAX_PIXELS, DecodeLimits, ImageRejected, check_header
-from pipelines.stage import Rejections, Resources, Stage, default_resources
+from pipelines.stage import GiB, Rejections, Resources, Stage, default_resources
 from schemas.columns import CAPTION_SEED, IMAGE, SOURCE_INDEX, SYNTHETIC_CAPTIONS
 
 
@@ -49,7 +49,8 @@ class VlmCaption(Stage):
     seed: int = 0
     device: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
-    resources: Resources = default_resources(batch_size=16, gpus=1.0)
+    # memory: one actor of the demo's VLM (lit-smollm2, shards of 96 rows) peaked at 1.6 GiB
+    resources: Resources = default_resources(batch_size=16, gpus=1.0, memory=int(2.5 * GiB))
 
     def __post_init__(self) -> None:
         if (self.weights is None) == (self.model is None):

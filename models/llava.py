@@ -6,8 +6,11 @@
   ``lit-effnet-minilm`` or ``tiny-vit``, an open_clip architecture with ``vision_pretrained``),
   optionally with ``vision_checkpoint`` from ``vlmcurate train clip``. Its visual tokens are a
   ViT's patch tokens from block ``vision_layer`` (LLaVA takes the second-to-last, ``-2``; the class
-  token is dropped) or a CNN tower's last spatial feature map, one token per cell. The tower is
-  frozen and stays in eval mode.
+  token is dropped) or a CNN tower's last spatial feature map, one token per cell. ``merge_tokens``
+  (k) concatenates each k x k block of neighbouring tokens into one token of k² times the width, as
+  MiniGPT-v2 merges four neighbours (a grid whose side k does not divide is padded with zeros): the
+  LM reads k² times fewer tokens per image and nothing is averaged away (a 7 x 7 map: 16 tokens).
+  The tower is frozen and stays in eval mode.
 - ``projector``: ``mlp2x_gelu`` (Linear, GELU, Linear, as LLaVA-1.5) or ``linear``.
 - ``language_model``: any name :func:`models.causal_lm.load_causal_lm` takes
   (``packaged:smollm2-135m``, ``config:tiny-llama``, a hub id or folder).
@@ -40,6 +43,7 @@ class LlavaConfig:
     vision_pretrained: str | None = None
     vision_checkpoint: str | None = None
     vision_layer: int = -2
+    merge_tokens: int | None = None
     projector: str = "mlp2x_gelu"
     chat_template: str | None = None
     max_length: int = 2048
@@ -48,6 +52,8 @@ class LlavaConfig:
     def __post_init__(self) -> None:
         if self.projector not in PROJECTORS:
             raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
+        if self.merge_tokens is not None and self.merge_tokens < 1:
+            raise ValueError(f"merge_tokens must be a positive block side, got {self.merge_tokens}")
 
     @classmethod
     def load(cls, name_or_values: str | dict[str, Any]) -> LlavaConfig:
@@ -69,9 +75,9 @@ class LlavaConfig:
 class VisionTokens(nn.Module):
     """A frozen CLIP image tower returning ``(batch, tokens, width)`` visual tokens."""
 
-    def __init__(self, visual: nn.Module, layer: int, image_size: int) -> None:
+    def __init__(self, visual: nn.Module, layer: int, image_size: int, merge: int | None = None) -> None:
         super().__init__()
-        self.visual, self.layer = visual, layer
+        self.visual, self.layer, self.merge = visual, layer, merge
         self.is_vit = hasattr(visual, "transformer") and hasattr(visual, "class_embedding")
         for param in self.visual.parameters():
             param.requires_grad_(False)
@@ -86,16 +92,23 @@ class VisionTokens(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        grid = self._feature_map(pixels)  # (batch, channels, height, width)
+        if self.merge is not None:
+            k = self.merge
+            grid = nn.functional.pad(grid, (0, -grid.shape[3] % k, 0, -grid.shape[2] % k))
+            grid = nn.functional.pixel_unshuffle(grid, k)  # (batch, channels * k * k, height / k, width / k)
+        return grid.flatten(2).transpose(1, 2)
+
+    def _feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.is_vit:
             out = self.visual.forward_intermediates(pixels, indices=[self.layer], intermediates_only=True,
-                                                    output_fmt="NLC")
+                                                    output_fmt="NCHW")
             return out["image_intermediates"][0]
         trunk = getattr(self.visual, "trunk", None)
         if trunk is None or not hasattr(trunk, "forward_features"):
             raise ValueError(f"{type(self.visual).__name__} is neither an open_clip ViT nor a timm tower: "
                              "no patch tokens to take")
-        grid = trunk.forward_features(pixels)  # (batch, channels, height, width)
-        return grid.flatten(2).transpose(1, 2)
+        return trunk.forward_features(pixels)
 
 
 def build_projector(kind: str, vision_width: int, text_width: int) -> nn.Module:
@@ -175,7 +188,7 @@ def load_llava(config: str | dict[str, Any] | LlavaConfig, *, device: str | torc
     config = config if isinstance(config, LlavaConfig) else LlavaConfig.load(config)
     clip = load_clip(config.vision, pretrained=config.vision_pretrained, checkpoint=config.vision_checkpoint,
                      init_seed=config.init_seed)
-    vision = VisionTokens(clip.model.visual, config.vision_layer, clip.spec.image_size)
+    vision = VisionTokens(clip.model.visual, config.vision_layer, clip.spec.image_size, config.merge_tokens)
     language_model, tokenizer = load_causal_lm(config.language_model, dtype=dtype, init_seed=config.init_seed)
     image_token_id = prepare_tokenizer(tokenizer, config.chat_template)
     if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:

@@ -35,6 +35,8 @@ def export_hf(bundle: LlavaBundle, folder: str | Path) -> Path:
     if not model.vision.is_vit:
         raise NotExportable(f"the vision tower of {bundle.config.vision!r} is not a ViT: transformers' Llava needs a "
                             "CLIP-style ViT; keep the project's checkpoint (load_trained_vlm) for this model")
+    if bundle.config.merge_tokens is not None:
+        raise NotExportable("transformers' Llava takes every patch token: leave merge_tokens unset to export")
     if bundle.config.projector != "mlp2x_gelu":
         raise NotExportable("transformers' Llava projector is Linear-GELU-Linear: use projector mlp2x_gelu")
     language_model = _base_language_model(model.language_model)

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pipelines.cli_common import console
 from pipelines.cli_common import errors as _errors
 from pipelines.config import PipelineConfig, load_config, parse_config
+from pipelines.console import configure, log_to_file
 from pipelines.demo.server import DEFAULT_PORT
 from pipelines.execute import run_pipeline
 from pipelines.model_commands import eval_app, train_app
 from pipelines.plan import build_plan
+from pipelines.progress_bars import PhaseBars, training_bars
 from pipelines.runner import make_runner
 from schemas.manifest import Manifest
 
@@ -34,9 +32,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False):
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+def _main(verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Print what Ray and the other libraries log here, not into the run's log file.")]
+        = False):
+    configure(verbose)
 
 
 @app.command()
@@ -108,10 +107,11 @@ def retry_failed_command(
         cfg = parse_config(raw)
         plan = build_plan(cfg)
         engine = make_runner(cfg.runner, cfg.ray)
-        try:
-            report, manifest = retry_failed(plan, engine)
-        finally:
-            engine.close()
+        with log_to_file(run_log(plan.run_uri)):
+            try:
+                report, manifest = retry_failed(plan, engine)
+            finally:
+                engine.close()
         if report.phase is None:
             console.print("nothing to retry: no reject has a transient reason")
         else:
@@ -200,18 +200,19 @@ def demo(
         models = load_demo_models(overrides or [])
         output_dir.mkdir(parents=True, exist_ok=True)
         steps = Demo(DemoPaths.under(output_dir), models, lambda line: console.print(line, soft_wrap=True), _run)
-        steps.metadata()
-        server = None if data else DemoImageServer(port)
-        try:
-            pool = data or str(steps.pool(server.base, rows))
-            steps.lit_clip()
-            manifest = steps.curation(pool, runner, own_data=data is not None, boxes_column=boxes_column)
-        finally:
-            if server is not None:
-                server.close()
-        steps.vlm()
-        steps.evaluate()
-        steps.summary(manifest)
+        with log_to_file(output_dir / "demo.log"), training_bars():
+            steps.metadata()
+            server = None if data else DemoImageServer(port)
+            try:
+                pool = data or str(steps.pool(server.base, rows))
+                steps.lit_clip()
+                manifest = steps.curation(pool, runner, own_data=data is not None, boxes_column=boxes_column)
+            finally:
+                if server is not None:
+                    server.close()
+            steps.vlm()
+            steps.evaluate()
+            steps.summary(manifest)
 
 
 def _run(cfg: PipelineConfig) -> Manifest:
@@ -219,19 +220,12 @@ def _run(cfg: PipelineConfig) -> Manifest:
     runner = make_runner(cfg.runner, cfg.ray)
     console.print(f"run [bold]{cfg.name}[/] ({cfg.runner} runner, config {plan.config_hash}) → {plan.run_uri}",
                   soft_wrap=True)
-    columns = [TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    try:
-        with Progress(*columns, console=console, transient=False) as bar:
-            tasks: dict[str, int] = {}
-
-            def progress(phase: str, done: int, total: int) -> None:
-                if phase not in tasks:
-                    tasks[phase] = bar.add_task(phase, total=total or None)
-                bar.update(tasks[phase], completed=done, total=total or None)
-
-            manifest = run_pipeline(plan, runner, progress=progress)
-    finally:
-        runner.close()
+    with log_to_file(run_log(plan.run_uri)):
+        try:
+            with PhaseBars() as progress:
+                manifest = run_pipeline(plan, runner, progress=progress)
+        finally:
+            runner.close()
     console.print(ledger_table(manifest))
     run_root = plan.run_uri
     kept = manifest.phases[-1].rows_out if manifest.phases else 0
@@ -242,6 +236,16 @@ def _run(cfg: PipelineConfig) -> Manifest:
         console.print(f"export:    [bold]{manifest.export['folder']}[/] ({', '.join(manifest.export['formats'])}; "
                       f"{manifest.export['rows']:,} rows in {manifest.export['shards']} shards)", soft_wrap=True)
     return manifest
+
+
+def run_log(run_uri: str) -> Path:
+    """Where a run's libraries log: ``<run dir>/logs/vlmcurate.log``, or under the system's temporary
+    folder for a run directory on remote storage."""
+    if "://" in run_uri and not run_uri.startswith("file://"):
+        import tempfile
+
+        return Path(tempfile.gettempdir(), "vlmcurate-logs", run_uri.split("://", 1)[1], "vlmcurate.log")
+    return Path(run_uri.removeprefix("file://"), "logs", "vlmcurate.log")
 
 
 def ledger_table(manifest: Manifest) -> Table:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 
+from pipelines.console import console
 from pipelines.execute import ConfigChangedError
 from pipelines.ledger import LedgerError
 from pipelines.rundir import RunDirInUse
 
-console = Console()
+__all__ = ["console", "errors"]
 
 
 class errors:
@@ -21,5 +21,6 @@ class errors:
     def __exit__(self, kind, error, tb):
         if error is None or not isinstance(error, (ValueError, ConfigChangedError, LedgerError, RunDirInUse, OSError)):
             return False
-        console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
+        what = "the ledger does not close: " if isinstance(error, LedgerError) else ""
+        console.print(f"[bold red]error:[/] {what}{error}", soft_wrap=True)
         raise typer.Exit(code=2 if isinstance(error, (ValueError, ConfigChangedError)) else 1)

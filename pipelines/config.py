@@ -41,7 +41,9 @@ class RayConfig(BaseModel):
     num_gpus: int | None = Field(default=None, ge=0)
     object_store_memory: int | None = Field(default=None, ge=78643200)
     temp_dir: str | None = None
-    log_to_driver: bool = False
+    #: Workers' output (their warnings, tracebacks, Ray's lines) reaches the driver: its log file, or
+    #: the terminal with ``-v``. Without it, it stays in Ray's session folder.
+    log_to_driver: bool = True
 
 
 class ExportConfig(BaseModel):

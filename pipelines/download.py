@@ -38,11 +38,9 @@ from pipelines.decode_process import DecodeProcess
 from pipelines.fetch import DEFAULT_DISALLOWED, BodyBudget, Fetcher, FetchError, FetchPolicy, is_transient_reason
 from pipelines.stage import Rejections, Resources, Stage, default_resources
 from schemas.columns import HEIGHT, IMAGE, ORIGINAL_HEIGHT, ORIGINAL_WIDTH, SHA256, SOURCE_SHA256, URL, WIDTH
+from schemas.rejects import INTERNAL_ERROR
 
 log = logging.getLogger(__name__)
-
-#: A failure nothing anticipated (a bug, a library raising something new): one row, not the shard.
-INTERNAL_ERROR = "internal_error"
 
 
 @dataclass

@@ -23,11 +23,12 @@ from pipelines.plan import INPUT_PHASE, Plan, fingerprint_diff
 from pipelines.rundir import RunDir
 from pipelines.runner import Runner
 from pipelines.source import READ_STAGE, read_shards
-from schemas.manifest import Manifest, ShardEntry
+from schemas.manifest import Manifest, PhaseSummary, ShardEntry
+from schemas.rejects import INTERNAL_ERROR
 
 log = logging.getLogger(__name__)
 
-#: ``progress(phase, shards_done, shards_total)`` after every written shard.
+#: ``progress(phase, shards_done, shards_total)`` when a phase starts and after every written shard.
 Progress = Callable[[str, int, int], None]
 
 VERSIONED_PACKAGES = ("vlmcurate", "pyarrow", "ray", "polars", "torch", "open_clip_torch",
@@ -73,10 +74,12 @@ def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, pro
     shards, previous, changed = _ingest(plan, rundir, manifest, progress)
     input_phase = INPUT_PHASE
     for phase in plan.phases:
+        done = rundir.shard_entries(phase.name)
+        if progress:
+            progress(phase.name, len(done), len(shards))
         if phase.global_stage is not None:
             changed |= _bind_aggregate(phase.global_stage, runner, rundir, input_phase, shards, manifest)
         task = PhaseTask(ShardIO(rundir, input_phase, phase.name), phase.stages)
-        done = rundir.shard_entries(phase.name)
         pending = [s for s in shards if s not in done]
         changed |= bool(pending)
         for entry in runner.run_phase(task, pending):
@@ -90,6 +93,7 @@ def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, pro
                               f"unaccounted for (is output_dir on storage every worker writes to?)")
         check_phase(phase.name, entries, previous)
         summary = summarise(phase.name, [s.name for s in phase.stages], entries, len(shards))
+        _warn_internal_errors(summary, plan.run_uri)
         _set_phase(manifest, summary, plan.phase_names)
         _write(rundir, manifest)
         input_phase, previous = phase.name, entries
@@ -97,6 +101,16 @@ def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, pro
     if plan.config.export is not None:
         changed |= _export(plan, runner, rundir, manifest, input_phase, previous)
     return changed
+
+
+def _warn_internal_errors(summary: PhaseSummary, run_uri: str) -> None:
+    """Say so when a stage rejected rows for an error of its own, not of the data."""
+    for stage, counts in summary.counts.items():
+        rows = counts.rejected.get(INTERNAL_ERROR, 0)
+        if rows:
+            log.warning("stage %r rejected %d row(s) with %s: an error in vlmcurate or a library, not in the data; "
+                        "the exceptions are in %s/rejects/%s/ (column detail)", stage, rows, INTERNAL_ERROR,
+                        run_uri, summary.name)
 
 
 def _export(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, phase: str, entries) -> bool:
@@ -158,6 +172,8 @@ def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress |
     done = rundir.shard_entries(INPUT_PHASE)
     read = summary is None or summary.shards_done != summary.shards_total or len(done) != summary.shards_total
     if read:
+        if progress:
+            progress(INPUT_PHASE, len(done), 0)
         total = 0
         for shard in read_shards(plan.source, plan.config.shard_size):
             total += 1

@@ -12,6 +12,8 @@ from pydantic import ValidationError
 
 from pipelines.cli_common import console, errors
 from pipelines.config import apply_overrides, format_validation_error
+from pipelines.console import log_to_file
+from pipelines.progress_bars import training_bars
 
 train_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train models on curated shards.")
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate CLIP and VLM models.")
@@ -50,12 +52,13 @@ def _train(recipe: str, config: Path, overrides: list[str] | None) -> None:
             cfg = config_class.model_validate(raw)
         except ValidationError as e:
             raise ValueError("invalid training config:\n" + format_validation_error(e, config_class)) from None
-        if distributed and distributed.get("num_workers", 1) > 1:
-            from models.training.distributed import train_distributed
+        with log_to_file(Path(cfg.output_dir) / "logs" / "train.log"), training_bars():
+            if distributed and distributed.get("num_workers", 1) > 1:
+                from models.training.distributed import train_distributed
 
-            metrics = train_distributed(recipe, cfg, **distributed)
-        else:
-            metrics = train(cfg)
+                metrics = train_distributed(recipe, cfg, **distributed)
+            else:
+                metrics = train(cfg)
         console.print(f"trained to step {metrics.get('step')}; checkpoints in {Path(cfg.output_dir) / 'checkpoints'}")
 
 

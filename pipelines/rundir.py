@@ -13,6 +13,7 @@ Layout of ``<output_dir>/<run name>/``::
     <phase>/_ledger/<shard:05d>.json   the shard's ledger entry: the shard is done when it exists
     rejects/<phase>/<shard:05d>.parquet  reject records of the phase
     aggregates/<stage>.pkl             the state of a global stage, reused on resume
+    logs/vlmcurate.log                 what Ray and the libraries said (written by the command line)
 
 Every file is written under a hidden temporary name in its final folder and renamed into place,
 so a reader never sees a partial file; the ledger entry is written last.

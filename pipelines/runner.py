@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -41,6 +42,9 @@ WORKER_RETRIES = 3
 
 #: How long a local Ray keeps an idle worker process before killing it.
 IDLE_WORKER_KEEP_MS = 600_000
+
+#: The share of a fixed cluster's memory the memory requests of one phase may take together.
+MEMORY_SHARE = 0.8
 
 
 class Runner(ABC):
@@ -72,8 +76,14 @@ class LocalRunner(Runner):
         """The stage as it runs here, set up once. Stages run one after the other in this
         process, so a model stage gets every core (with a GPU its threads hardly matter)."""
         if id(planned) not in self._ready:
-            ready = with_cpus(planned, max(planned.stage.resources.cpus, os.cpu_count() or 1)) \
-                if planned.stage.resources.gpus else planned
+            ready = planned
+            if planned.stage.resources.gpus:
+                ready = with_cpus(planned, max(planned.stage.resources.cpus, os.cpu_count() or 1))
+                import torch
+
+                if not torch.cuda.is_available():
+                    log.warning(gpu_on_cpu(planned.name, planned.stage.resources.gpus, "this machine",
+                                           ready.stage.resources.cpus))
             ready.setup()
             self._ready[id(planned)] = ready
         return self._ready[id(planned)]
@@ -106,13 +116,20 @@ class RayRunner(Runner):
     def __init__(self, config: RayConfig | None = None) -> None:
         self.config = config or RayConfig()
         self._started_ray = False
+        self._deaths: WorkerDeaths | None = None
 
     def start(self) -> None:
-        """Start (or join) Ray as configured; a no-op when this process already has one."""
+        """Start (or join) Ray as configured, unless this process has one; watch its workers from now."""
         import ray
 
-        if ray.is_initialized():
-            return
+        if not ray.is_initialized():
+            self._init()
+        if self._deaths is None:
+            self._deaths = WorkerDeaths()
+
+    def _init(self) -> None:
+        import ray
+
         common = dict(include_dashboard=False, log_to_driver=self.config.log_to_driver, configure_logging=False)
         if self.config.address:
             ray.init(address=self.config.address, **common)
@@ -136,6 +153,7 @@ class RayRunner(Runner):
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
         self._started_ray = False
+        self._deaths = None
 
     def _data_context(self):
         import ray.data
@@ -145,7 +163,6 @@ class RayRunner(Runner):
         context.enable_progress_bars = False  # the CLI draws one bar per phase
         context.print_on_execution_start = False
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
         return context
 
     def _placement(self, stages: list[PlannedStage]) -> Placement:
@@ -155,7 +172,7 @@ class RayRunner(Runner):
         if self.config.address:  # an autoscaling cluster: ask, and let Ray provide
             return Placement(True, 1.0, {p.name: (1, p.stage.resources.concurrency or AUTOSCALE_MAX_ACTORS)
                                          for p in stages if p.stateful})
-        return plan_placement(stages, resources.get("CPU", 1), resources.get("GPU", 0) > 0)
+        return plan_placement(stages, resources.get("CPU", 1), resources.get("GPU", 0) > 0, resources.get("memory"))
 
     def run_phase(self, task: PhaseTask, shards: list[int]) -> Iterator[ShardEntry]:
         if not shards:
@@ -173,6 +190,7 @@ class RayRunner(Runner):
         ds = _map_batches(ds, _finish_shards, **io_args)
         for row in ds.iter_rows():
             yield ShardEntry.from_json(row["entry"])
+        self._deaths.report(f"phase {task.io.name}")
 
     def compute_partials(self, planned, rundir, phase, shards):
         if not shards:
@@ -184,6 +202,7 @@ class RayRunner(Runner):
         ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=len(shards))
         ds = _map(ds, planned, _compute_batch, placement, label=f"{planned.name}_compute", rundir=rundir, phase=phase)
         partials = {row["shard"]: pickle.loads(row["partial"]) for row in ds.iter_rows()}
+        self._deaths.report(f"the compute pass of {planned.name}")
         return [partials[shard] for shard in shards]
 
     def map_tasks(self, fn, first, items):
@@ -194,7 +213,9 @@ class RayRunner(Runner):
         self.start()
         remote = ray.remote(max_retries=WORKER_RETRIES)(fn)
         first_ref = ray.put(first)
-        return ray.get([remote.remote(first_ref, item) for item in items])
+        results = ray.get([remote.remote(first_ref, item) for item in items])
+        self._deaths.report(fn.__name__)
+        return results
 
 
 def make_runner(kind: str, ray_config: RayConfig | None = None) -> Runner:
@@ -260,12 +281,13 @@ def _map(ds, planned: PlannedStage, fn, placement: Placement, label: str, **kwar
     pool = placement.pools.get(planned.name)
     gpus = resources.gpus
     if gpus and not placement.has_gpu:
-        log.warning("stage %r asks for %s GPU(s) but the cluster has none: running it on %g CPUs",
-                    planned.name, gpus, resources.cpus)
+        log.warning(gpu_on_cpu(planned.name, gpus, "this Ray cluster", resources.cpus))
         gpus = 0
     args: dict[str, Any] = dict(batch_size=1, batch_format="pyarrow", num_cpus=resources.cpus * placement.cpu_scale)
     if gpus:
         args["num_gpus"] = gpus
+    if resources.memory:
+        args["memory"] = int(resources.memory * placement.memory_scale)
     env = planned.stage.worker_env()
     if env:
         args["runtime_env"] = {"env_vars": env}
@@ -302,6 +324,7 @@ class Placement:
     cpu_scale: float
     pools: dict[str, tuple[int, int]]
     cpus: dict[str, float] = field(default_factory=dict)
+    memory_scale: float = 1.0
 
 
 def with_cpus(planned: PlannedStage, cpus: float) -> PlannedStage:
@@ -311,7 +334,8 @@ def with_cpus(planned: PlannedStage, cpus: float) -> PlannedStage:
     return replace(planned, stage=stage)
 
 
-def plan_placement(stages: list[PlannedStage], cluster_cpus: float, has_gpu: bool) -> Placement:
+def plan_placement(stages: list[PlannedStage], cluster_cpus: float, has_gpu: bool,
+                   cluster_memory: float | None = None) -> Placement:
     """Fit a phase on a fixed cluster: actor pools never take the CPUs the tasks need.
 
     Actors hold their CPUs for the whole phase. If they took every CPU, the task-based steps
@@ -351,7 +375,84 @@ def plan_placement(stages: list[PlannedStage], cluster_cpus: float, has_gpu: boo
             log.warning("stage %r asks for %d actors but only %d fit beside the other steps on %g CPUs",
                         p.name, wanted, largest, cluster_cpus)
         pools[p.name] = (min(wanted, largest), min(wanted, largest)) if wanted else (1, largest)
-    return Placement(has_gpu, scale, pools, granted)
+    return Placement(has_gpu, scale, pools, granted, _memory_scale(stages, cluster_memory))
+
+
+def _memory_scale(stages: list[PlannedStage], cluster_memory: float | None) -> float:
+    """1, or less where one worker of each stage that declares ``memory`` would not fit in
+    :data:`MEMORY_SHARE` of the cluster's memory: then every memory request of the phase shrinks
+    by the same factor, as CPU requests do, so the workers start (and share the memory) instead
+    of waiting forever."""
+    needed = sum(p.stage.resources.memory or 0 for p in stages)
+    if not cluster_memory or needed <= MEMORY_SHARE * cluster_memory:
+        return 1.0
+    scale = MEMORY_SHARE * cluster_memory / needed
+    log.info("stages %s declare %.1f GiB of memory, more than %d%% of the %.1f GiB this Ray has: scaling the "
+             "phase's memory requests by %.2f", [p.name for p in stages if p.stage.resources.memory],
+             needed / 2**30, MEMORY_SHARE * 100, cluster_memory / 2**30, scale)
+    return scale
+
+
+def gpu_on_cpu(stage: str, gpus: float, where: str, cpus: float) -> str:
+    """The warning for a stage that asks for a GPU and runs on the CPU."""
+    return (f"stage {stage!r} asks for a GPU (resources.gpus {gpus:g}) but {where} has none: its model runs on "
+            f"{cpus:g} CPU core(s), much slower; set stages.{stage}.resources.gpus=0 if that is intended")
+
+
+class WorkerDeaths:
+    """Watches this job's Ray workers: one that died unexpectedly (crashed, killed, out of memory)
+    had its actor restarted or its task retried by Ray. The run goes on with every row, but the
+    user hears of it, with the stages whose actors were restarted.
+
+    It reads Ray's own worker and actor tables (GCS) through ``ray._private.state``: Ray's state
+    API (``ray.util.state``) would need the dashboard, which this runner does not start.
+    """
+
+    UNEXPECTED = ("SYSTEM_ERROR", "NODE_OUT_OF_MEMORY")
+
+    def __init__(self) -> None:
+        self.seen, self.restarts = self._deaths(), self._restarts()
+
+    def report(self, during: str) -> None:
+        deaths, restarts = self._deaths(), self._restarts()
+        new = [why for worker, why in deaths.items() if worker not in self.seen]
+        restarted = sorted(name for name, n in restarts.items() if n > self.restarts.get(name, 0))
+        self.seen, self.restarts = deaths, restarts
+        if new:
+            log.warning("%d Ray worker(s) died during %s and Ray ran their work again%s (%s); no row is lost, "
+                        "but a stage whose workers keep dying fails the run after %d retries",
+                        len(new), during, f", restarting the actors of {', '.join(restarted)}" if restarted else "",
+                        "; ".join(sorted(set(new))), WORKER_RETRIES)
+
+    @classmethod
+    def _deaths(cls) -> dict[str, str]:
+        """Workers of this job that exited unexpectedly: their exit type and detail, by worker id."""
+        import ray
+        from ray._private.state import state
+        from ray.core.generated import common_pb2, gcs_pb2
+
+        job = ray.get_runtime_context().get_job_id()
+        deaths = {}
+        for raw in state._connect_and_get_accessor().get_worker_table():
+            worker = gcs_pb2.WorkerTableData.FromString(raw)
+            exit_type = common_pb2.WorkerExitType.Name(worker.exit_type)
+            if not worker.is_alive and worker.job_id.hex() == job and exit_type in cls.UNEXPECTED:
+                detail = worker.exit_detail.split(". ")[0][:200]
+                deaths[worker.worker_address.worker_id.hex()] = f"{exit_type}: {detail}"
+        return deaths
+
+    @staticmethod
+    def _restarts() -> dict[str, int]:
+        """Restarts of this job's actors, by stage (Ray Data names an actor after its operator)."""
+        import ray
+        from ray._private.state import actors
+
+        counts: dict[str, int] = {}
+        for actor in actors(job_id=ray.JobID.from_hex(ray.get_runtime_context().get_job_id())).values():
+            match = re.search(r"MapBatches\((.+)\)\)$", actor["ActorClassName"])
+            name = match.group(1) if match else actor["ActorClassName"]
+            counts[name] = counts.get(name, 0) + actor["NumRestarts"]
+        return counts
 
 
 def _ipc(table: pa.Table) -> bytes:

@@ -31,6 +31,8 @@ import pyarrow.compute as pc
 
 from schemas.rejects import REJECT_DETAIL, REJECT_REASON
 
+GiB = 2**30
+
 
 @dataclass
 class Resources:
@@ -39,13 +41,16 @@ class Resources:
     ``batch_size`` is the number of rows per call of the stage. ``concurrency`` is the number of
     workers (actors for stages with ``setup``, tasks otherwise); ``None`` lets the runner size
     the pool from the cluster. ``gpus`` greater than zero asks for a GPU where the cluster has
-    one and falls back to the CPU, with a warning, where it has none.
+    one and falls back to the CPU, with a warning, where it has none. ``memory`` (bytes) is what
+    one worker holds at its peak, model included: Ray places workers where that much is free
+    (stages that load a model declare a measured figure; ``None`` asks for nothing).
     """
 
     cpus: float = 1.0
     gpus: float = 0.0
     batch_size: int = 1024
     concurrency: int | None = None
+    memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.cpus <= 0:
@@ -56,6 +61,8 @@ class Resources:
             raise ValueError(f"resources.batch_size must be >= 1, got {self.batch_size}")
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError(f"resources.concurrency must be >= 1 or null, got {self.concurrency}")
+        if self.memory is not None and self.memory < 1:
+            raise ValueError(f"resources.memory must be >= 1 (bytes) or null, got {self.memory}")
 
 
 def default_resources(**overrides: Any) -> Any:

@@ -42,3 +42,6 @@ UID_NOT_UTF8 = "uid_not_utf8"
 KEPT_COLUMN_NOT_UTF8 = "kept_column_not_utf8"
 UNREADABLE_INPUT = "unreadable_input"
 DUPLICATE_UID = "duplicate_uid"
+#: A failure nothing anticipated (a bug, a library raising something new): one row, not the shard.
+#: The run reports such rows on the terminal: they are not the data's fault.
+INTERNAL_ERROR = "internal_error"

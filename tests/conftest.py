@@ -85,6 +85,7 @@ class DemoRun:
     folder: Path
     port: int
     stdout: str
+    stderr: str
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +95,7 @@ def demo_run(tmp_path_factory) -> DemoRun:
     folder, port = tmp_path_factory.mktemp("demo"), free_port()
     done = run_demo(folder, "--rows", "500", port=port)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return DemoRun(folder, port, done.stdout)
+    return DemoRun(folder, port, done.stdout, done.stderr)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 
 from pipelines.stage import Rejections, Stage
 from schemas.columns import CAPTION, CLIP_SCORE, IMAGE, IMAGE_EMBEDDING, SOURCE_INDEX, register_column
+from schemas.rejects import INTERNAL_ERROR
 
 SETUP_CALLS = register_column("test_setup_calls", pa.int32(), "tests: times setup ran in this worker").name
 CAPTION_WORDS = register_column("test_caption_words", pa.int32(), "tests: words in the caption").name
@@ -67,6 +68,21 @@ class FailOnIndex(Stage):
 
 
 @dataclass
+class InternalErrorOnIndex(Stage):
+    """Rejects input row ``source_index`` with ``internal_error``, as a stage does whose own code
+    failed on one row (a decoder bug)."""
+
+    name: ClassVar[str] = "internal_error_on_index"
+    input_columns: ClassVar[tuple[str, ...]] = (SOURCE_INDEX,)
+    source_index: int = 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rejections = Rejections(batch.num_rows)
+        rejections.add(pc.equal(batch[SOURCE_INDEX], self.source_index), INTERNAL_ERROR, "RuntimeError: a bug")
+        return rejections.attach(batch.select([]))
+
+
+@dataclass
 class RejectOddWords(Stage):
     """Rejects captions with an odd number of words (a deterministic, content-based drop)."""
 
@@ -90,6 +106,45 @@ class DieInCall(Stage):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         os._exit(1)
+
+
+@dataclass
+class DieOnce(Stage):
+    """Kills its worker process on its first batch of the run (``marker`` records it); Ray's
+    restarted actor then keeps every row."""
+
+    name: ClassVar[str] = "die_once"
+    marker: str
+
+    def setup(self) -> None:
+        pass
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return batch.select([])
+
+
+@dataclass
+class WorkerNoise(Stage):
+    """Says things in its worker as libraries do (prints, a logger's warning, a Python warning);
+    keeps every row."""
+
+    name: ClassVar[str] = "worker_noise"
+
+    def setup(self) -> None:
+        import logging
+        import sys
+        import warnings
+
+        print("noise from a worker on stdout")
+        print("noise from a worker on stderr", file=sys.stderr)
+        logging.getLogger("somelib").warning("noise from a worker's library logger")
+        warnings.warn("noise from a worker's python warning", UserWarning, stacklevel=1)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return batch.select([])
 
 
 @dataclass

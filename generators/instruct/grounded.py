@@ -3,19 +3,26 @@
 Correct by construction, so they are the default when no endpoint is configured (an offline
 demo) and a floor to compare a model's output with. From the boxes: which objects are present
 and how many of each, where an object that occurs once lies (from its box centre: left / right
-of the image's middle third, top / bottom likewise), which object takes the largest area, and
-which of two single objects is further left. From the captions: what the image shows. Every
-answer states only those facts.
+of the image's middle third, top / bottom likewise), which object takes the largest area, which
+of two single objects is further left, and, given a vocabulary of object names, whether an object
+is there: as many absent objects as present ones per conversation, so yes and no are taught equally
+(a model that only ever hears "yes" learns to say it). From the captions: what the image shows.
+Every answer states only those facts. The conversation's questions come in an order seeded by
+the row, so no answer is learnt from its position, with the presence questions first: every other
+answer names objects that are there (and the questions about counts and places name only those),
+so after them "is there ...?" could be answered from the conversation without looking.
 """
 
 from __future__ import annotations
 
+import random
 from collections import Counter
+from collections.abc import Sequence
 
 from generators.instruct.context import Box, Context
 
 GROUNDED_MODEL = "grounded"
-GROUNDED_VERSION = "grounded-1"
+GROUNDED_VERSION = "grounded-2"
 _IRREGULAR = {"person": "people", "mouse": "mice", "sheep": "sheep", "skis": "skis", "scissors": "scissors",
               "glasses": "glasses", "bus": "buses", "knife": "knives", "shelf": "shelves", "child": "children",
               "man": "men", "woman": "women", "foot": "feet", "tooth": "teeth", "fish": "fish", "deer": "deer"}
@@ -58,11 +65,32 @@ def inventory(boxes: list[Box]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def conversation_pairs(context: Context) -> list[tuple[str, str]]:
+def with_article(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def presence_pairs(boxes: list[Box], vocabulary: Sequence[str], rng: random.Random,
+                   most: int = 3) -> list[tuple[str, str]]:
+    """Is there ...? for up to ``most`` objects in ``boxes`` (yes) and as many of ``vocabulary``,
+    drawn at random, that are not (no)."""
+    present = sorted({b.category for b in boxes})
+    absent = sorted(set(vocabulary) - set(present))
+    asked = min(most, len(present), len(absent))
+    questions = [(name, True) for name in rng.sample(present, asked)]
+    questions += [(name, False) for name in rng.sample(absent, asked)]
+    rng.shuffle(questions)
+    return [(f"Is there {with_article(name)} in the image?",
+             f"Yes, there is {with_article(name)} in the image." if there else f"No, there is no {name} in the image.")
+            for name, there in questions]
+
+
+def conversation_pairs(context: Context, vocabulary: Sequence[str] = (), seed: str = "") -> list[tuple[str, str]]:
+    """The conversation's question-answer pairs; ``vocabulary`` names the objects absence is asked about."""
     pairs = [("What does this image show?", _sentence(context.captions[0]))]
     boxes = context.boxes
     if not boxes:
         return pairs
+    rng = random.Random(seed)
     counts = Counter(b.category for b in boxes)
     pairs.append(("What objects can you see in the image?", f"I can see {inventory(boxes)}."))
     for category, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:2]:
@@ -77,7 +105,8 @@ def conversation_pairs(context: Context) -> list[tuple[str, str]]:
         pairs.append(("Which object takes up the most space in the image?",
                       f"The largest object is {'the' if counts[largest.category] == 1 else 'a'} {largest.category}, "
                       f"covering about {largest.area:.0%} of the image."))
-    return pairs
+    rng.shuffle(pairs)
+    return presence_pairs(boxes, vocabulary, rng) + pairs
 
 
 def detailed_pairs(context: Context, question: str) -> list[tuple[str, str]]:

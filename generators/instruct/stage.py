@@ -3,7 +3,9 @@
 :class:`InstructGenerate` writes, per row, one record for each of ``response_types``
 (``conversation``, ``detailed``, ``reasoning``), from the row's captions (``caption_columns``,
 e.g. CapFilt's ``selected_captions``) and, where the pool has them, object boxes
-(``boxes_column``). ``backend``:
+(``boxes_column``). ``absent_objects`` (a list of object names, or a text file with one a line:
+the label set of the boxes, e.g. COCO's 80) lets the grounded backend ask whether an object is
+there when it is not, as well as when it is. ``backend``:
 
 - ``grounded`` (default): no model; questions and answers derived from captions and boxes
   (:mod:`generators.instruct.grounded`), correct by construction;
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -54,7 +56,7 @@ from generators.instruct.responses import (
     record,
     repair_message,
 )
-from pipelines.stage import Rejections, Resources, Stage, default_resources
+from pipelines.stage import GiB, Rejections, Resources, Stage, default_resources
 from schemas.columns import (
     BRIEF_RECORDS,
     CAPTION,
@@ -70,6 +72,7 @@ BACKENDS = ("grounded", "openai", "openai-batch", "local")
 ENDPOINT_BACKENDS = ("openai", "openai-batch")
 NO_CAPTION = "no_caption"
 BAD_BOXES = "bad_boxes"
+LOCAL_BACKEND_MEMORY = int(2.5 * GiB)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class InstructGenerate(Stage):
     response_types: list[str] = field(default_factory=lambda: list(RESPONSE_TYPES))
     caption_columns: list[str] = field(default_factory=lambda: [CAPTION])
     boxes_column: str | None = None
+    absent_objects: list[str] | str | None = None
     box_format: str = "xyxy_normalized"
     max_caption_chars: int = 300
     max_turn_chars: int = 4000
@@ -104,6 +108,7 @@ class InstructGenerate(Stage):
             raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {self.box_format!r}")
         if not self.caption_columns:
             raise ValueError("caption_columns must name at least one column")
+        self._vocabulary = _object_names(self.absent_objects)
         if self.backend in ENDPOINT_BACKENDS:
             _settings("endpoint", ChatSettings, self.endpoint)
         if self.backend == "openai-batch":
@@ -112,6 +117,8 @@ class InstructGenerate(Stage):
             from generators.instruct.local import LocalSettings
 
             _settings("local", LocalSettings, self.local)
+            if self.resources.memory is None:  # SmolLM2-135M, 8 prompts of 256 new tokens: 2.0 GiB at its peak
+                self.resources = replace(self.resources, memory=LOCAL_BACKEND_MEMORY)
 
     @property
     def input_columns(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -121,7 +128,10 @@ class InstructGenerate(Stage):
 
     def identity(self) -> dict[str, Any]:
         versions = {t: load_prompt(t).version for t in self.response_types}
-        return {"prompts": versions, "detailed_questions": phrasings_version("detailed_questions")}
+        identity = {"prompts": versions, "detailed_questions": phrasings_version("detailed_questions")}
+        if self.backend == "grounded":
+            identity |= {"grounded": grounded.GROUNDED_VERSION, "absent_objects": self._vocabulary}
+        return identity
 
     def is_transient(self, reason: str) -> bool:
         return reason in (REQUEST_FAILED, BUDGET_EXHAUSTED, BATCH_PENDING)
@@ -226,7 +236,7 @@ class InstructGenerate(Stage):
         for row, kind in jobs:
             context = contexts[row]
             if kind == "conversation":
-                pairs = grounded.conversation_pairs(context)
+                pairs = grounded.conversation_pairs(context, self._vocabulary, seed=uids[row])
             elif kind == "detailed":
                 pairs = grounded.detailed_pairs(context, pick(phrasings("detailed_questions"), uids[row]))
             else:
@@ -306,6 +316,22 @@ def _settings(name: str, kind: type, values: dict[str, Any]) -> None:
         kind(**values)
     except TypeError as e:
         raise ValueError(f"{name}: {e} (fields: {sorted(kind.__dataclass_fields__)})") from None
+
+
+def _object_names(value: list[str] | str | None) -> list[str]:
+    """``absent_objects`` as a sorted list of distinct names (a string names a text file, one a line)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        try:
+            with open(value, encoding="utf-8") as f:
+                value = f.read().splitlines()
+        except OSError as e:
+            raise ValueError(f"absent_objects: cannot read {value!r}: {e}") from None
+    names = sorted({name.strip() for name in value if isinstance(name, str) and name.strip()})
+    if not names:
+        raise ValueError("absent_objects names no object")
+    return names
 
 
 def _as_list(value: Any) -> list[str]:

@@ -41,19 +41,22 @@ def llava_folder(source: str | Path) -> Path | None:
     return None
 
 
-def resolve_vlm_shards(sources: list[str], stage: int) -> list[Path]:
-    """Per-shard record files of ``stage`` for LLaVA exports; image-caption shards otherwise."""
+def resolve_vlm_shards(sources: list[str], record_sets: list[int]) -> list[Path]:
+    """Per-shard record files of each of ``record_sets`` (1: stage1/, 2: stage2/) for LLaVA exports;
+    image-caption shards otherwise."""
     files: list[Path] = []
     for source in sources:
         folder = llava_folder(source)
         if folder is None:
             files += resolve_shards([source])
             continue
-        found = sorted((folder / STAGE_FOLDERS[stage]).glob("*.json"))
-        if not found:
-            raise FileNotFoundError(f"{folder} has no {STAGE_FOLDERS[stage]}/ records: export the run with "
-                                    f"{'BriefDescriptions' if stage == 1 else 'InstructGenerate'} and formats [llava]")
-        files += found
+        for stage in record_sets:
+            found = sorted((folder / STAGE_FOLDERS[stage]).glob("*.json"))
+            if not found:
+                raise FileNotFoundError(f"{folder} has no {STAGE_FOLDERS[stage]}/ records: export the run with "
+                                        f"{'BriefDescriptions' if stage == 1 else 'InstructGenerate'} and "
+                                        "formats [llava]")
+            files += found
     return files
 
 

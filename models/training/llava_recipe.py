@@ -5,7 +5,10 @@
   with the ``plain`` template (the image, then the caption). LLaVA: LR 1e-3, batch 256, 1 epoch.
 - **Stage 2** (instruction tuning): the projector and the LM learn (or LoRA adapters on the LM,
   through peft), on ``stage2`` records with the tokenizer's chat template, starting from the
-  stage-1 checkpoint. LLaVA: LR 2e-5, batch 128; LoRA r=128, alpha=256.
+  stage-1 checkpoint. LLaVA: LR 2e-5, batch 128; LoRA r=128, alpha=256. ``record_sets: [1, 2]``
+  mixes the brief-description records in, with their instructions and the chat template, as
+  LLaVA-1.5 mixes captioning data into its instructions (so "describe briefly" is answered in a
+  sentence, not with a detailed description).
 
 Only assistant turns are supervised, with labels from token offsets (:mod:`models.llava_text`).
 A record that cannot be encoded (roles out of order, ``<image>`` missing or twice, too long, an
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +66,7 @@ class VlmTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | dict[str, Any] = "lit-smollm2"
     stage: Literal[1, 2] = 1
+    record_sets: list[Literal[1, 2]] | None = Field(default=None, min_length=1)
     init_checkpoint: str | None = None
     train_data: list[str] = Field(min_length=1)
     output_dir: str
@@ -81,6 +86,7 @@ class VlmTrainConfig(BaseModel):
     lora: LoraSettings | None = None
     gradient_checkpointing: bool = False
     shuffle_buffer: int = Field(default=1000, ge=0)
+    length_grouping: int = Field(default=16, ge=0)
     device: str = "auto"
     seed: int = 0
 
@@ -90,6 +96,11 @@ class VlmTrainConfig(BaseModel):
                           warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio, grad_accum=self.grad_accum,
                           grad_clip=self.grad_clip, amp=self.amp, save_every=self.save_every,
                           keep_checkpoints=self.keep_checkpoints, seed=self.seed)
+
+    @property
+    def records(self) -> list[int]:
+        """The export's record sets this stage reads: its own unless ``record_sets`` says otherwise."""
+        return list(dict.fromkeys(self.record_sets)) if self.record_sets else [self.stage]
 
     @property
     def trains_lm(self) -> bool:
@@ -112,7 +123,7 @@ class VlmTask:
         self.image_token_id = prepare_tokenizer(self.bundle.tokenizer, self.template)
         self._configure_training()
         self.model = self.bundle.model.to(device)
-        self.files = resolve_vlm_shards(config.train_data, config.stage)
+        self.files = resolve_vlm_shards(config.train_data, config.records)
         self.rejected: Counter[str] = Counter()
         self._rejects_path = Path(config.output_dir) / "rejected.jsonl"
 
@@ -135,18 +146,40 @@ class VlmTask:
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def batches(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Full batches of the epoch's stream (a last partial batch waits for the next epoch's data).
+
+        With ``length_grouping`` n, each window of n batches' worth of samples is sorted by length,
+        cut into batches and the batches shuffled (the megabatches of transformers' group_by_length):
+        a caption and a long conversation rarely share a batch, so little compute goes to padding.
+        """
         self.model.train()
-        stream = self._encoded(epoch)
-        batch: list[tuple[torch.Tensor, Any]] = []
+        size = self.config.batch_size
+        rng = random.Random(f"{self.config.seed}:{epoch}:{self.rank}:length")
+        window: list[tuple[torch.Tensor, Any]] = []
         produced = 0
-        for item in stream:
-            batch.append(item)
-            if len(batch) < self.config.batch_size:
+        stream = self._encoded(epoch)
+        while True:
+            item = next(stream, None)
+            if item is not None:
+                window.append(item)
+            if item is not None and len(window) < size * max(self.config.length_grouping, 1):
                 continue
-            produced += 1
-            if produced > skip:
-                yield self._collate(batch)
-            batch = []
+            for batch in self._grouped(window, rng):
+                produced += 1
+                if produced > skip:
+                    yield self._collate(batch)
+            if item is None:
+                return
+            window = []
+
+    def _grouped(self, window: list[tuple[torch.Tensor, Any]], rng: random.Random) -> list[list[Any]]:
+        size = self.config.batch_size
+        if self.config.length_grouping:
+            window = sorted(window, key=lambda pair: len(pair[1].input_ids))
+        batches = [window[i:i + size] for i in range(0, len(window) - size + 1, size)]
+        if self.config.length_grouping:
+            rng.shuffle(batches)
+        return batches
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         batch = {k: v.to(self.device) for k, v in batch.items()}

@@ -5,7 +5,8 @@ batch stream per epoch and a loss); :class:`TrainLoop` does the rest. A checkpoi
 model, optimizer, scheduler, step, data position (epoch and batches consumed in it) and RNG
 states, so a resumed run continues exactly where the last checkpoint left it. One line per
 step goes to the log (loss, learning rate, samples/s or the task's ``unit`` per second, e.g.
-tokens/s, ETA) and to ``metrics.jsonl``.
+tokens/s, ETA) and to ``metrics.jsonl``, and every step is reported to
+:mod:`models.training.progress` (the command line's progress bar).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from models.training import progress
 from models.training.checkpoint import latest_checkpoint, restore_rng, rng_state, save_checkpoint
 from models.training.schedule import warmup_cosine
 
@@ -122,6 +124,8 @@ class TrainLoop:
         stream = self.task.batches(self.epoch, self.position)
         started, first_step = time.monotonic(), self.step
         metrics: dict[str, Any] = {}
+        if self.is_main:
+            progress.report(self.output_dir.name, self.step, config.max_steps)
         while self.step < config.max_steps:
             tick, samples, total = time.monotonic(), 0, 0.0
             for _ in range(config.grad_accum):
@@ -186,6 +190,7 @@ class TrainLoop:
         if "eval" in metrics:
             line += " | " + " ".join(f"{k} {v:.4f}" for k, v in metrics["eval"].items() if isinstance(v, float))
         log.info(line)
+        progress.report(self.output_dir.name, metrics["step"], self.config.max_steps, metrics)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics, default=str) + "\n")

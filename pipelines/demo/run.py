@@ -13,7 +13,6 @@ recipe's own config class before anything runs.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +93,7 @@ class DemoPaths:
     root: Path
     metadata: Path
     pool: Path
+    objects: Path
     lit_clip: Path
     bootstrap: Path
     run: Path
@@ -105,9 +105,9 @@ class DemoPaths:
     @classmethod
     def under(cls, root: Path) -> DemoPaths:
         return cls(root, metadata=root / "demo-metadata.json", pool=root / "demo-pool.csv",
-                   lit_clip=root / "lit-clip", bootstrap=root / "demo-bootstrap", run=root / "demo",
-                   stage1=root / "demo-vlm-stage1", stage2=root / "demo-vlm-stage2", heldout=root / "demo-heldout",
-                   evaluation=root / "demo-eval.json")
+                   objects=root / "demo-objects.txt", lit_clip=root / "lit-clip", bootstrap=root / "demo-bootstrap",
+                   run=root / "demo", stage1=root / "demo-vlm-stage1", stage2=root / "demo-vlm-stage2",
+                   heldout=root / "demo-heldout", evaluation=root / "demo-eval.json")
 
 
 class Demo:
@@ -117,12 +117,11 @@ class Demo:
                  curate: Callable[[PipelineConfig], Manifest]) -> None:
         self.paths, self.models, self.say, self.curate = paths, models, say, curate
         self.started = time.monotonic()
-        self.step = 0
-        logging.getLogger("vlmcurate.train").setLevel(logging.INFO)  # a line per training step
+        self.steps: list[tuple[str, float]] = []  # each step's title and start
 
     def header(self, text: str) -> None:
-        self.step += 1
-        self.say(f"\n[bold]{self.step}. {text}[/] ({time.monotonic() - self.started:.0f} s)")
+        self.steps.append((text, time.monotonic()))
+        self.say(f"\n[bold]{len(self.steps)}. {text}[/] (at {time.monotonic() - self.started:.0f} s)")
 
     def metadata(self) -> None:
         self.header("MetaCLIP metadata")
@@ -167,7 +166,12 @@ class Demo:
         if own_data:
             keep = f"[{boxes_column}]" if boxes_column else "[]"
             overrides += [f"columns.keep={keep}", f"stages.instruct.boxes_column={boxes_column or 'null'}",
-                          "stages.download.allow_addresses=[]"]
+                          "stages.instruct.absent_objects=null", "stages.download.allow_addresses=[]"]
+        else:
+            from pipelines.demo.scenes import object_names
+
+            self.paths.objects.write_text("\n".join(object_names()) + "\n")
+            overrides.append(f"stages.instruct.absent_objects={self.paths.objects}")
         return self.curate(load_config(PIPELINE_CONFIG, overrides))
 
     def vlm(self) -> None:
@@ -215,6 +219,10 @@ class Demo:
                 ("evaluation", str(self.paths.evaluation))]
         for what, where in rows:
             self.say(f"{what:<38} {where}")
+        self.say("\ntime per step")
+        ends = [start for _, start in self.steps[1:]]
+        for number, ((text, start), end) in enumerate(zip(self.steps, ends), start=1):
+            self.say(f"{f'{number}. {text}':<38} {end - start:>6.0f} s")
         self.say(f"done in {time.monotonic() - self.started:.0f} s")
 
 

@@ -101,6 +101,11 @@ def photo_crop(index: int) -> bytes:
     return buffer.getvalue()
 
 
+def object_names() -> list[str]:
+    """Every ``"<colour> <shape>"`` a scene can hold: the label set its boxes are drawn from."""
+    return [f"{color} {kind}" for color in COLORS for kind in SHAPES]
+
+
 def instances(s: Scene) -> list[dict]:
     """The scene's objects as ``{"category": "<colour> <shape>", "bbox": [x1, y1, x2, y2]}`` in [0, 1]."""
     return [{"category": f"{shape.color} {shape.kind}",

@@ -20,10 +20,10 @@ from generators.instruct.context import (
     has_markers,
     parse_boxes,
 )
-from generators.instruct.grounded import plural, position
+from generators.instruct.grounded import conversation_pairs, plural, position
 from generators.instruct.responses import MAX_REPLY_CHARS, OffTask, Unparseable, parse_reply
 from schemas.columns import BRIEF_RECORDS, INSTRUCTION_FAILURES, INSTRUCTIONS
-from schemas.llava import conversation_problem, llava_json
+from schemas.llava import IMAGE_TOKEN, conversation_problem, llava_json
 from schemas.rejects import REJECT_DETAIL, REJECT_REASON
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict, shared_path
 
@@ -193,7 +193,8 @@ def test_grounded_answers_agree_with_the_boxes_they_came_from():
     rows = _grounded_rows()
     batch = pa.table({"uid": [r["id"] for r in rows], "captions": [r["captions"] for r in rows],
                       "instances": [json.dumps(r["instances"]) for r in rows]})
-    stage = InstructGenerate(caption_columns=["captions"], boxes_column="instances")
+    vocabulary = sorted({i["category"] for r in rows for i in r["instances"]})
+    stage = InstructGenerate(caption_columns=["captions"], boxes_column="instances", absent_objects=vocabulary)
     stage.setup()
     out = stage(batch)
     checked = Counter()
@@ -205,6 +206,7 @@ def test_grounded_answers_agree_with_the_boxes_they_came_from():
             assert_llava_record(llava_json(record, row["image"]))
             text = [t["value"] for t in record["conversations"]]
             for question, answer in zip(text[::2], text[1::2]):
+                question = question.removeprefix(f"{IMAGE_TOKEN}\n")  # the first question follows the image
                 if match := re.match(r"How many (.+) are there", question):
                     category = next(c for c in counts if plural(c) == match.group(1))
                     assert re.search(rf"\b{counts[category]}\b|\b{_word(counts[category])}\b", answer)
@@ -213,6 +215,11 @@ def test_grounded_answers_agree_with_the_boxes_they_came_from():
                     (box,) = [b for b in boxes if b.category == match.group(1)]
                     assert answer == f"The {box.category} is {position(box)}."
                     checked["position"] += 1
+                elif match := re.match(r"Is there an? (.+) in the image\?", question):
+                    present = match.group(1) in counts
+                    assert answer.startswith("Yes, there is" if present else "No, there is no")
+                    assert match.group(1) in vocabulary
+                    checked["yes" if present else "no"] += 1
                 elif question.startswith("Which object takes up the most space"):
                     assert max(boxes, key=lambda b: b.area).category in answer
                     checked["largest"] += 1
@@ -222,6 +229,26 @@ def test_grounded_answers_agree_with_the_boxes_they_came_from():
                     assert answer.endswith(f"so the {left.category} is further to the left.")
                     checked["left"] += 1
     assert min(checked.values()) >= 10, checked
+    assert checked["yes"] == checked["no"]
+
+
+def test_presence_questions_need_a_vocabulary_and_come_in_a_seeded_order(tmp_path):
+    context = build_context(["two shapes"], [{"category": "red circle", "bbox": [0.1, 0.1, 0.3, 0.3]},
+                                              {"category": "blue square", "bbox": [0.6, 0.6, 0.9, 0.9]}])
+    assert not any(q.startswith("Is there") for q, _ in conversation_pairs(context))
+    names = tmp_path / "objects.txt"
+    names.write_text("red circle\nblue square\norange star\n\n")
+    stage = InstructGenerate(caption_columns=["caption"], boxes_column="boxes", absent_objects=str(names))
+    pairs = conversation_pairs(context, stage._vocabulary, seed="row-1")
+    assert ("Is there an orange star in the image?", "No, there is no orange star in the image.") in pairs
+    asked = [question.startswith("Is there") for question, _ in pairs]
+    assert asked == [True] * 2 + [False] * (len(pairs) - 2)  # before any answer that names an object
+    assert sorted(answer.split(",")[0] for _, answer in pairs[:2]) == ["No", "Yes"]  # one absent name left
+    assert pairs == conversation_pairs(context, stage._vocabulary, seed="row-1")
+    orders = {tuple(q for q, _ in conversation_pairs(context, stage._vocabulary, seed=f"row-{i}")) for i in range(20)}
+    assert len(orders) > 1
+    with pytest.raises(ValueError, match="absent_objects"):
+        InstructGenerate(caption_columns=["caption"], absent_objects=str(tmp_path / "missing.txt"))
 
 
 def _word(n: int) -> str:

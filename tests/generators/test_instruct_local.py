@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from generators.instruct import InstructGenerate
 from generators.instruct.cache import ReplyCache
 from generators.instruct.chat import Failure
 from generators.instruct.local import (
@@ -16,7 +17,9 @@ from generators.instruct.local import (
     special_token_pattern,
     without_special_tokens,
 )
+from generators.instruct.stage import LOCAL_BACKEND_MEMORY
 from models.causal_lm import load_tokenizer
+from pipelines.stage import Resources
 
 TINY = "config:tiny-llama"
 
@@ -152,3 +155,9 @@ def test_the_stage_runs_the_local_backend_in_ray_actors_and_closes_its_ledger(tm
     assert stored >= 12  # every first request, plus the repair requests
     run_pipeline_dict({**config, "name": "local-again"}, runner_factory("ray"))
     assert len(ReplyCache(cache)) == stored  # the rerun generated nothing new
+
+
+def test_the_local_backend_asks_ray_for_the_memory_its_model_holds():
+    assert InstructGenerate(backend="local").resources.memory == LOCAL_BACKEND_MEMORY
+    assert InstructGenerate(backend="local", resources=Resources(memory=2**33)).resources.memory == 2**33
+    assert InstructGenerate(backend="grounded").resources.memory is None

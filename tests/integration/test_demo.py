@@ -43,6 +43,24 @@ def test_demo_runs_the_whole_chain_on_ray(demo_run):
     assert "where everything went" in demo_run.stdout and "demo-eval.json" in demo_run.stdout
 
 
+def test_the_terminal_shows_the_steps_and_bars_and_the_log_file_the_rest(demo_run):
+    out, log = demo_run.stdout, demo_run.folder / "demo.log"
+    assert out.startswith(f"logs: {log}\n") and demo_run.stderr == ""
+    for step in ("1. MetaCLIP metadata", "3. LiT CLIP heads", "4. curation (configs/demo.yaml)", "5. VLM stage 1",
+                 "time per step", "done in"):
+        assert step in out, step
+    for bar in ("train lit-clip", "train demo-vlm-stage1", "train demo-vlm-stage2", "06_clip_score_top_fraction"):
+        assert bar in out, bar  # a bar per training run and per phase
+    assert "ledger of run demo (complete)" in out
+    # No per-step log line, nothing of Ray's: all of it is in the log file.
+    for mark in ("step 1/20 epoch", "vlmcurate.train", "INFO", "WARNING", "core_worker.cc", "(MapWorker",
+                 "streaming_executor", "memory per worker", "(raylet)"):
+        assert mark not in out, mark
+    written = log.read_text()
+    for line in ("step 20/20 epoch", "streaming_executor.py"):
+        assert line in written, line
+
+
 def test_a_bad_model_override_fails_before_anything_runs(tmp_path):
     done = run_demo(tmp_path, "vlm_stage1.max_stepz=3", timeout=120)
     assert done.returncode != 0 and "max_stepz" in done.stdout + done.stderr

@@ -37,6 +37,19 @@ def test_visual_tokens_fill_exactly_the_image_slots(name, tokens, vit):
     assert torch.isfinite(out.loss)
 
 
+@pytest.mark.parametrize("name", ["tiny-vit-llama", "tiny-effnet-llama"])
+def test_merged_tokens_concatenate_each_block_of_neighbours(name):
+    values = LlavaConfig.load(name).__dict__ | {"merge_tokens": 3}
+    full, merged = load_llava(name).model, load_llava(values).model
+    images = pixels(load_llava(name), [make_image(48, 40, seed=3)])
+    tokens, side = full.vision(images)[0], int(full.image_tokens ** 0.5)  # a 4 x 4 or 2 x 2 grid, row by row
+    assert merged.image_tokens == ((side + 2) // 3) ** 2 and merged.vision.width == 9 * full.vision.width
+    first = merged.vision(images)[0, 0].view(full.vision.width, 3, 3)  # channel-major, as pixel_unshuffle packs
+    assert torch.equal(first[:, 0, 0], tokens[0]) and torch.equal(first[:, 1, 1], tokens[side + 1])
+    with pytest.raises(ValueError, match="merge_tokens"):
+        LlavaConfig.load(values | {"merge_tokens": 0})
+
+
 def test_the_tower_stays_frozen_and_in_eval_mode_while_training():
     model = load_llava("tiny-effnet-llama").model
     model.train()

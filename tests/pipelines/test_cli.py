@@ -73,3 +73,19 @@ def test_inspect_an_unknown_phase_names_the_phases(tmp_path):
     assert cli.invoke(app, ["run", str(config)]).exit_code == 0
     result = cli.invoke(app, ["inspect", str(tmp_path / "runs" / "cli"), "--phase", "nope"])
     assert result.exit_code == 2 and "has no finished phase 'nope'" in result.output
+
+
+def test_a_ledger_that_does_not_close_is_an_error_in_plain_words(tmp_path):
+    import json
+
+    config = _config_file(tmp_path)
+    assert cli.invoke(app, ["run", str(config)]).exit_code == 0
+    path = tmp_path / "runs" / "cli" / "01_caption_length" / "_ledger" / "00001.json"
+    entry = json.loads(path.read_text())
+    entry["stages"]["caption_length"]["rows_kept"] -= 1  # a row neither kept nor rejected
+    entry["rows_out"] -= 1
+    path.write_text(json.dumps(entry))
+    result = cli.invoke(app, ["run", str(config)])
+    assert result.exit_code == 1
+    assert "error: the ledger does not close: phase '01_caption_length', shard 1, stage 'caption_length'" \
+        in result.output.replace("\n", " ")

@@ -384,7 +384,7 @@ def test_resources_overrides_keep_the_stage_defaults(pool):
 def test_unknown_resources_key(pool):
     with pytest.raises(ValueError, match=re.escape(
             "stages[0] (curation.basic:CaptionLength): unknown resources key(s) ['gpu']; "
-            "allowed: ['cpus', 'gpus', 'batch_size', 'concurrency']")):
+            "allowed: ['cpus', 'gpus', 'batch_size', 'concurrency', 'memory']")):
         plan_of(raw_config(pool, {"stage": LENGTH, "resources": {"gpu": 1}}))
 
 
@@ -393,6 +393,7 @@ def test_unknown_resources_key(pool):
     ({"gpus": -1}, "resources.gpus must be >= 0"),
     ({"batch_size": 0}, "resources.batch_size must be >= 1"),
     ({"concurrency": 0}, "resources.concurrency must be >= 1 or null"),
+    ({"memory": 0}, "resources.memory must be >= 1 (bytes) or null"),
     ({"batch_size": "big"}, "batch_size: Input should be a valid integer"),
 ])
 def test_bad_resources_value(pool, resources, expected):

@@ -67,6 +67,16 @@ def test_manifest_records_config_versions_phases_aggregates_and_a_closed_ledger(
     assert counts[0].rows_in == sum(1 for _ in open(config["input"])) - 1  # every line but the header
 
 
+def test_progress_is_reported_when_each_phase_starts_and_after_each_shard(config):
+    calls = []
+    plan = build_plan(parse_config(config))
+    manifest = run_pipeline(plan, LocalRunner(), progress=lambda *call: calls.append(call))
+    shards = manifest.phases[0].shards_total
+    assert calls[:shards + 2] == [("00_input", done, 0) for done in range(shards + 1)] + [("00_input", shards, shards)]
+    for phase in plan.phase_names[1:]:
+        assert [c for c in calls if c[0] == phase] == [(phase, done, shards) for done in range(shards + 1)]
+
+
 def test_rerun_of_a_complete_run_processes_nothing(config):
     _run(config)
     runner = CountingRunner()
@@ -125,6 +135,16 @@ def test_a_ledger_entry_that_does_not_close_fails_the_run(config):
     assert str(error.value) == (f"phase '01_caption_length', shard 1, stage 'caption_length': {counts['rows_in']} "
                                 f"rows in but {counts['rows_kept']} kept + {rejected} rejected")
     assert json.loads(open(os.path.join(plan.run_uri, "manifest.json")).read())["status"] == "failed"
+
+
+def test_rows_rejected_for_an_internal_error_are_reported(config, caplog):
+    config["stages"] = STAGES + [{"stage": "tests.stages:InternalErrorOnIndex", "source_index": 1234}]
+    plan, manifest = _run(config)
+    assert manifest.stage_totals()["internal_error_on_index"].rejected == {"internal_error": 1}
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning == ("stage 'internal_error_on_index' rejected 1 row(s) with internal_error: an error in vlmcurate "
+                       f"or a library, not in the data; the exceptions are in {plan.run_uri}/rejects/"
+                       "02_internal_error_on_index/ (column detail)")
 
 
 def test_a_shard_reading_rows_the_previous_phase_never_wrote_fails_the_run(config):

@@ -45,6 +45,10 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
     result = runner.invoke(app, ["train", "clip", str(config), "max_steps=2", "save_every=2"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "checkpoints" / "step-00000002.pt").exists()
+    # A progress bar, not a log line per step: those go to the log file.
+    log = tmp_path / "run" / "logs" / "train.log"
+    assert f"logs: {log}" in result.output and "train run" in result.output and " 2/2 " in result.output
+    assert "step 2/2 epoch" not in result.output and "step 2/2 epoch" in log.read_text()
 
     for name, color in colors.items():
         (tmp_path / "labelled" / name).mkdir(parents=True)

@@ -68,11 +68,22 @@ def test_setup_runs_once_per_worker(tmp_path, pool, runner_factory, kind):
     assert pc.unique(rows[SETUP_CALLS]).to_pylist() == [1]
 
 
-def test_gpu_request_falls_back_to_cpu_on_a_cluster_without_gpus(tmp_path, pool, runner_factory, caplog):
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_gpu_request_falls_back_to_cpu_with_a_warning_where_there_is_no_gpu(tmp_path, pool, runner_factory, caplog,
+                                                                             kind):
+    import os
+
+    import torch
+
+    if kind == "local" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the local runner uses it")
     stages = [{"stage": "tests.stages:CountSetup", "resources": {"gpus": 1, "concurrency": 1}}]
-    plan, manifest = run_pipeline_dict(_config(tmp_path, pool, "gpu", stages), runner_factory("ray"))
+    plan, manifest = run_pipeline_dict(_config(tmp_path, pool, f"gpu-{kind}", stages), runner_factory(kind))
     assert manifest.status == "complete"
-    assert "asks for 1" in caplog.text and "running it on 2 CPUs" in caplog.text  # the node's CPUs
+    cpus = 2 if kind == "ray" else os.cpu_count()  # the Ray node's CPUs, or the machine's
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert f"stage 'count_setup' asks for a GPU (resources.gpus 1) but this {'Ray cluster' if kind == 'ray' else 'machine'}" \
+        f" has none: its model runs on {cpus} CPU core(s)" in warning.getMessage()
 
 
 @pytest.mark.parametrize("kind", ["local", "ray"])
@@ -96,6 +107,16 @@ def test_a_stage_that_kills_its_worker_fails_the_run_instead_of_retrying_forever
     assert Manifest.from_json((tmp_path / "runs" / "die" / "manifest.json").read_text()).status == "failed"
 
 
+def test_a_worker_that_dies_once_is_replaced_and_the_run_says_so(tmp_path, pool, runner_factory, caplog):
+    stages = [{"stage": "tests.stages:DieOnce", "marker": str(tmp_path / "died")}]
+    plan, manifest = run_pipeline_dict(_config(tmp_path, pool, "die-once", stages, shard_size=5000),
+                                       runner_factory("ray"))
+    assert manifest.status == "complete" and manifest.phases[-1].rows_out == manifest.phases[0].rows_out
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("1 Ray worker(s) died during phase 01_die_once and Ray ran their work again, "
+                              "restarting the actors of die_once (SYSTEM_ERROR: "), warning
+
+
 def test_placement_scales_cpu_requests_when_stateful_stages_do_not_fit(caplog):
     caplog.set_level("INFO")
     from pipelines.chain import PlannedStage
@@ -110,6 +131,30 @@ def test_placement_scales_cpu_requests_when_stateful_stages_do_not_fit(caplog):
     roomy = plan_placement(stages, cluster_cpus=8, has_gpu=False)
     assert roomy.cpu_scale == 1.0
     assert roomy.pools == {"a": (1, 6), "b": (1, 6)}  # 8 - 1 reserved - 1 for the other pool
+
+
+def test_placement_scales_memory_requests_that_do_not_fit(caplog):
+    caplog.set_level("INFO")
+    from pipelines.chain import PlannedStage
+    from pipelines.runner import plan_placement
+    from pipelines.stage import GiB, Resources
+    from tests.stages import CountSetup, Slow
+
+    stages = [PlannedStage("a", CountSetup(resources=Resources(memory=3 * GiB))),
+              PlannedStage("b", Slow(resources=Resources(memory=2 * GiB))), PlannedStage("c", Slow())]
+    assert plan_placement(stages, cluster_cpus=8, has_gpu=False, cluster_memory=8 * GiB).memory_scale == 1.0
+    tight = plan_placement(stages, cluster_cpus=8, has_gpu=False, cluster_memory=5 * GiB)
+    assert tight.memory_scale == pytest.approx(0.8)  # 5 GiB declared, 80% of 5 GiB granted
+    assert "declare 5.0 GiB of memory, more than 80% of the 5.0 GiB this Ray has" in caplog.text
+
+
+def test_a_stage_declaring_more_memory_than_ray_has_still_runs(tmp_path, pool, runner_factory, caplog):
+    caplog.set_level("INFO")
+    stages = [{"stage": "tests.stages:CountSetup", "resources": {"memory": 2**50, "concurrency": 1}}]
+    plan, manifest = run_pipeline_dict(_config(tmp_path, pool, "memory", stages, shard_size=5000),
+                                       runner_factory("ray"))
+    assert manifest.status == "complete"
+    assert "stages ['count_setup'] declare 1048576.0 GiB of memory" in caplog.text
 
 
 def test_a_gpu_stage_on_a_cluster_without_gpus_is_granted_the_node_cpus():

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.training.llava_data import iter_vlm_file
 from models.training.llava_recipe import VlmTask, VlmTrainConfig, train_vlm
+from models.training.shards import epoch_samples
 from tests.http_server import make_image
 
 CAPTIONS = ["a red square on grey", "two dogs run on the sand", "a boat on a calm lake", "a tall tree in snow"]
@@ -89,6 +91,19 @@ def test_lora_trains_adapters_and_the_projector_only(tmp_path):
     assert names and all("lora_" in n or n.startswith("projector.") for n in names)
     assert any("lora_" in n for n in names)
     assert train_vlm(config)["step"] == 2
+
+
+def test_stage_two_reads_the_record_sets_it_names(tmp_path):
+    data = write_llava_export(tmp_path)
+    ids = {}
+    for sets in (None, [1, 2]):
+        config = _config(tmp_path, data, stage=2, record_sets=sets)
+        ids[str(sets)] = {sample.id.rsplit("-", 1)[1] for sample in
+                          epoch_samples(VlmTask(config, torch.device("cpu")).files, seed=0, epoch=0, shuffle_buffer=0,
+                                        reader=iter_vlm_file)}
+    assert ids["None"] == {"conversation"} and ids["[1, 2]"] == {"brief", "conversation"}
+    with pytest.raises(ValueError):
+        _config(tmp_path, data, stage=2, record_sets=[])
 
 
 def test_records_that_cannot_be_encoded_are_counted_and_written_with_their_reason(tmp_path):
