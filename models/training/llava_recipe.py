@@ -20,6 +20,7 @@ stream position is part of the checkpoint, so a resumed run continues with the n
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -146,31 +147,22 @@ class VlmTask:
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def batches(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Full batches of the epoch's stream (a last partial batch waits for the next epoch's data).
+        """Full batches of the epoch's stream (a last partial batch is left out of the epoch).
 
         With ``length_grouping`` n, each window of n batches' worth of samples is sorted by length,
         cut into batches and the batches shuffled (the megabatches of transformers' group_by_length):
         a caption and a long conversation rarely share a batch, so little compute goes to padding.
         """
         self.model.train()
-        size = self.config.batch_size
         rng = random.Random(f"{self.config.seed}:{epoch}:{self.rank}:length")
-        window: list[tuple[torch.Tensor, Any]] = []
+        window_size = self.config.batch_size * max(self.config.length_grouping, 1)
+        samples = self._encoded(epoch)
         produced = 0
-        stream = self._encoded(epoch)
-        while True:
-            item = next(stream, None)
-            if item is not None:
-                window.append(item)
-            if item is not None and len(window) < size * max(self.config.length_grouping, 1):
-                continue
+        while window := list(itertools.islice(samples, window_size)):
             for batch in self._grouped(window, rng):
                 produced += 1
                 if produced > skip:
                     yield self._collate(batch)
-            if item is None:
-                return
-            window = []
 
     def _grouped(self, window: list[tuple[torch.Tensor, Any]], rng: random.Random) -> list[list[Any]]:
         size = self.config.batch_size

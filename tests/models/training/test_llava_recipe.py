@@ -106,6 +106,21 @@ def test_stage_two_reads_the_record_sets_it_names(tmp_path):
         _config(tmp_path, data, stage=2, record_sets=[])
 
 
+def test_length_grouping_puts_samples_of_like_length_in_one_batch(tmp_path):
+    data = write_llava_export(tmp_path)  # brief records are shorter than conversations
+    lengths = {}
+    for grouping in (0, 4):
+        config = _config(tmp_path, data, stage=2, record_sets=[1, 2], length_grouping=grouping, shuffle_buffer=8,
+                         seed=3)
+        lengths[grouping] = [sorted(batch["attention_mask"].sum(dim=1).tolist())
+                             for batch in VlmTask(config, torch.device("cpu")).batches(epoch=0, skip=0)]
+    grouped = lengths[4]
+    assert len(grouped) == 2 and sorted(sum(grouped, [])) == sorted(sum(lengths[0], []))
+    short, long = sorted(grouped)
+    assert max(short) < min(long)
+    assert any(max(batch) >= min(other) for batch in lengths[0] for other in lengths[0] if other is not batch)
+
+
 def test_records_that_cannot_be_encoded_are_counted_and_written_with_their_reason(tmp_path):
     config = _config(tmp_path, write_llava_export(tmp_path, bad=True), stage=2, max_steps=1)
     metrics = train_vlm(config)
