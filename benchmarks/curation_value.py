@@ -1,11 +1,11 @@
-"""Curation value (issue 11): does the LiT CLIP trained on the curated pool beat the one trained on
-the raw pool, at equal steps?
+"""Curation value (issues 11, 21): does the LiT CLIP trained on the curated pool beat the one trained on
+the raw pool, at equal steps, and how much of the way to a noise-free pool does curation go?
 
 Real pairs from ``../shared/data`` are split three ways by a hash of the image name: held-out
 Flickr8k images (evaluation only), a CLIP-score split (Flickr8k and Tux Paint, used only to train
-the heads of the score model) and the pool split. The pool is the pool split's real pairs (each
-Flickr8k image with ``--captions-per-image`` captions, each Tux Paint stamp with its caption) plus
-injected noise, each row labelled by its kind:
+the heads of the score model) and the pool split. The **small** pool (``--pool small``, the
+default) is the pool split's real pairs (each Flickr8k image with ``--captions-per-image``
+captions, each Tux Paint stamp with its caption) plus injected noise, each row labelled by its kind:
 
 - ``mismatched``: a pool image with another pool image's caption, or with a caption of a Flickr8k
   photo that is not among the 800 with images (text-only list);
@@ -19,43 +19,59 @@ injected noise, each row labelled by its kind:
 - ``head``: head-heavy concept: more dog photos of the pool, each paired with captions of other
   Flickr8k dog photos (text-only list), as web pools repeat their common concepts.
 
+The **large** pool (``--pool large``, about 2.5x the rows) adds 4,000 CIFAR-10 test images (400 a
+class, served at 128 px) with class-name captions in seeded web alt-text styles ("a photo of a
+cat", "Cat for sale - free shipping", "cat hd wallpaper", ...) and noise of the same kinds in the
+same shares (mismatched captions from another class or from the text-only list, never naming the
+image's class; head rows: Flickr8k dog captions on CIFAR dogs). CIFAR-10 test is split by the
+sorted image name within each class: the first 600 of each class are the evaluation's (it reads
+the first ``--per-class`` of them, at most 600), the pool takes the next 400 of each class. Both
+sizes are evaluated on the same images, so their numbers compare.
+
 The images are served on 127.0.0.1 by a separate process, and the pool goes through the project's
 own runner (``pipelines.plan.build_plan`` + ``pipelines.execute.run_pipeline``, what
-``vlmcurate run`` calls) twice: (a) **raw**: ``configs/curation-value.yaml`` with only its Download
-stage; (b) **curated**: the whole config (text rules, exact duplicates, MetaCLIP match + balance,
-download, image rules, exact image duplicates, CLIP score top fraction, near-duplicate pairs).
-The CLIP-score model is the LiT CLIP with heads trained by the project's trainer on the
-CLIP-score split. Both exports then train the LiT CLIP heads with the same recipe for the same
-``--steps`` (equal samples seen: the smaller curated set is seen for more epochs), for each of
-``--seeds`` seeds (head initialisation and batch order; the pool and the curation are fixed), and
-are evaluated zero-shot on CIFAR-10 test and by retrieval on the held-out Flickr8k images.
+``vlmcurate run`` calls, on ``--runner``, default Ray) twice: (a) **raw**:
+``configs/curation-value.yaml`` with only its Download stage; (b) **curated**: the whole config.
+(c) **oracle**: the raw export minus every injected noise row (its clean rows, in export order,
+in shards of the export's size); ``--clip-fraction`` and ``--metaclip-threshold`` override the
+config's CLIP-score top fraction and MetaCLIP's t. The CLIP-score model is the LiT CLIP with
+heads trained by the project's trainer on the CLIP-score split. Each arm's rows then train the
+LiT CLIP heads with the same recipe for the same ``--steps`` (equal samples seen: a smaller set
+is seen for more epochs), for each of ``--seeds`` seeds (head initialisation and batch order;
+the pool and the curation are fixed), and are evaluated zero-shot on CIFAR-10 test and by
+retrieval on the held-out Flickr8k images. The final table gives each metric's **gap closed**,
+``(curated - raw) / (oracle - raw)`` of the means over seeds.
 
-    .venv/bin/python benchmarks/curation_value.py [--steps 300] [--seeds 3] [--work DIR]
-        [--runner ray|local] [--clip-fraction F] [--metaclip-threshold T]
+``--ablation`` adds an arm for the recipe without each stage group, and for each group alone
+(with the download), the groups as :mod:`benchmarks._curation_arms` defines them (text rules,
+exact duplicates, MetaCLIP match + balance, image size, image duplicates, CLIP score,
+near-duplicate pairs), run by ``--ablation-runner`` (default local: in this process, where the
+locked image tower's outputs are memoised across arms) while the images are still served, then
+trained and evaluated like the others; its table gives each arm's rows, clean and noise rows
+kept, and each metric's mean with its difference from the curated (default) arm.
+``--limit-rows N`` keeps a random N rows of the pool, for smoke runs only.
+
+    .venv/bin/python benchmarks/curation_value.py [--pool small|large] [--steps 300] [--seeds 3]
+        [--ablation] [--ablation-runner local|ray] [--work DIR] [--runner ray|local]
+        [--clip-fraction F] [--metaclip-threshold T] [--per-class 100] [--heldout-images 200]
+        [--score-steps 300] [--limit-rows N]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
+import contextlib
 import json
 import logging
-import multiprocessing
+import math
 import os
-import random
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-
-import numpy as np
-import pyarrow.parquet as pq
-from PIL import Image, ImageOps
 
 # OpenMP's spinning barrier makes a step of the heads about 25x slower when other processes compete for
 # this VM's 2 cores (measured: 195 ms vs 8 ms for a 1280x256 linear step); passive waiting avoids it.
@@ -64,261 +80,99 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._curation_arms import (  # noqa: E402
+    ablation_configs,
+    account,
+    arm_config,
+    kept,
+    memoised_towers,
+    run_curation,
+    stage_name,
+    write_oracle,
+)
+from benchmarks._curation_cifar import EVAL_PER_CLASS, POOL_PER_CLASS  # noqa: E402
+from benchmarks._curation_pool import HEAD_WORD, build_pool, pool_uid, served, subsample, write_pool  # noqa: E402
+from benchmarks._curation_report import (  # noqa: E402
+    gap_closed,
+    means,
+    print_ablation,
+    print_score_auc,
+    print_stages,
+    print_summary,
+    print_where,
+)
 from benchmarks._real_pairs import (  # noqa: E402
     METRICS,
-    SHARED,
     FrozenTowerCache,
     chance,
     evaluate,
-    flickr_image,
-    flickr_records,
     require_shared,
-    tux_records,
     write_shards,
 )
-from benchmarks.loopback import serve  # noqa: E402
 
 CONFIG = REPO / "configs" / "curation-value.yaml"
-#: Share of the non-held-out images (by a salted hash of the name) that train the CLIP-score model.
-SCORE_SPLIT = 0.25
-HEAD_WORD = "dog"
-
-SPAM = ["Click here to enlarge", "Free shipping on all orders over $50", "Copyright 2011 All rights reserved",
-        "Share this on Facebook and Twitter", "Best price guaranteed, order today",
-        "Sponsored content from our partners",
-        "Download the free wallpaper in high resolution", "Subscribe to our newsletter for more deals",
-        "View full size image in a new window", "Photo courtesy of the official tourism website",
-        "Sale ends Sunday: up to 70% off", "Back to the product gallery", "Read more about this story",
-        "Licensed under Creative Commons", "Stock photo royalty free", "Top 10 travel destinations this year"]
+#: The score's bar for the gap closed on the worst metric (the issue's "closes >= 50% of the gap").
+GAP_BAR = 0.5
+#: MetaclipBalance's parameters that derive t, set to null where ``--metaclip-threshold`` fixes it.
+T_RULES = ("tail_share", "head_factor")
 
 
-@dataclass
-class Row:
-    image: int           # index into the served images
-    caption: str
-    kind: str
-    source: str          # flickr | tux
-    copy: int = 0        # > 0: the same bytes under another url (?copy=N)
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pool", choices=["small", "large"], default="small",
+                        help="small: the real pairs with noise; large: plus CIFAR-10 images (about 2.5x the rows)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps of each arm (equal steps)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--ablation", action="store_true",
+                        help="also the recipe without each stage group, and each group alone")
+    parser.add_argument("--ablation-runner", choices=["local", "ray"], default="local")
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--score-steps", type=int, default=300, help="training steps of the CLIP-score model")
+    parser.add_argument("--clip-fraction", type=float, default=None,
+                        help="ClipScoreTopFraction's fraction (default: the config's)")
+    parser.add_argument("--metaclip-threshold", type=int, default=None,
+                        help="a fixed t instead of the config's tail share")
+    parser.add_argument("--captions-per-image", type=int, default=5)
+    parser.add_argument("--pool-seed", type=int, default=0)
+    parser.add_argument("--limit-rows", type=int, default=None, help="a random subset of the pool (smoke runs)")
+    parser.add_argument("--per-class", type=int, default=100, help=f"CIFAR-10 images a class, at most {EVAL_PER_CLASS}")
+    parser.add_argument("--heldout-images", type=int, default=200)
+    parser.add_argument("--runner", choices=["ray", "local"], default="ray")
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    args = parser.parse_args()
+    if not 1 <= args.per_class <= EVAL_PER_CLASS:
+        parser.error(f"--per-class must be 1 to {EVAL_PER_CLASS}: the images after those are the large pool's")
+    return args
 
 
-def _in_score_split(name: str) -> bool:
-    from models.evaluation.datasets import is_heldout
-
-    return is_heldout(f"clip-score-split:{name}", SCORE_SPLIT)
-
-
-def _near_copy(body: bytes, rng: random.Random) -> bytes:
-    """A near-duplicate of an image: JPEG quality 30, half size, 5% crop a side, or mirrored."""
-    with Image.open(io.BytesIO(body)) as image:
-        image = image.convert("RGB")
-        kind = rng.randrange(4)
-        w, h = image.size
-        quality = 90
-        if kind == 0:
-            quality = 30
-        elif kind == 1:
-            image = image.resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.BICUBIC)
-        elif kind == 2:
-            image = image.crop((w // 20, h // 20, w - w // 20, h - h // 20))
-        else:
-            image = ImageOps.mirror(image)
-        out = io.BytesIO()
-        image.save(out, format="JPEG", quality=quality)
-        return out.getvalue()
-
-
-def _light_edit(caption: str, rng: random.Random) -> str:
-    edits = [lambda c: c, lambda c: c.lower().rstrip(" ."), lambda c: "Photo: " + c,
-             lambda c: c.replace(" .", "") + " (photo)"]
-    return rng.choice(edits)(caption)
-
-
-def _junk_caption(caption: str, rng: random.Random) -> str:
-    from pipelines.demo.pool import JUNK  # the demo's junk alt-text templates
-
-    draw = rng.random()
-    if draw < 0.6:
-        return rng.choice(JUNK).format(n=rng.randint(100, 9999), m=rng.randint(100, 2000))
-    if draw < 0.8:
-        return rng.choice(caption.split()[1:] or ["photo"])  # one word
-    if draw < 0.9:
-        return " ".join([caption] * 40)  # overlong
-    return caption + "\x07"
-
-
-def build_pool(captions_per_image: int, seed: int) -> tuple[list[bytes], list[Row], list[tuple[str, str, bytes]], dict]:
-    """The served images, the pool rows (in pool order) and the CLIP-score split's training rows."""
-    rng = random.Random(seed)
-    images: list[bytes] = []
-    clean: list[Row] = []
-    score_rows: list[tuple[str, str, bytes]] = []
-    own_captions: dict[int, list[str]] = {}
-    all_captions: dict[int, list[str]] = {}
-    flickr_pool: list[int] = []
-    known = {r["image"] for r in flickr_records("all")}
-    for record in flickr_records("train"):
-        body = flickr_image(record["image"])
-        captions = record["captions"][:captions_per_image]
-        if _in_score_split(record["image"]):
-            score_rows += [(f"flickr-{Path(record['image']).stem}-{k}", c, body) for k, c in enumerate(captions)]
-            continue
-        index = len(images)
-        images.append(body)
-        own_captions[index], all_captions[index] = captions, record["captions"]
-        flickr_pool.append(index)
-        clean += [Row(index, c, "clean", "flickr") for c in captions]
-    for i, record in enumerate(tux_records()):
-        if _in_score_split(record["image"]):
-            score_rows.append((f"tux-{i:04d}", record["caption"], record["jpeg"]))
-            continue
-        index = len(images)
-        images.append(record["jpeg"])
-        own_captions[index] = [record["caption"]]
-        clean.append(Row(index, record["caption"], "clean", "tux"))
-    source_of = {r.image: r.source for r in clean}
-
-    # Captions of Flickr8k photos that have no image here (the text-only list): never eval text.
-    other: list[str] = []
-    with open(SHARED / "flickr8k" / "all_captions_text_only.csv", newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if row["image"] not in known:
-                other.append(row["caption"].strip())
-    other_head = [c for c in other if f" {HEAD_WORD}" in f" {c.lower()}"]
-
-    n = len(clean)
-    noise: list[Row] = []
-    pool_images = list(own_captions)
-    for _ in range(int(0.30 * n)):
-        image = rng.choice(pool_images)
-        if rng.random() < 0.5:
-            donor = rng.choice(pool_images)
-            while donor == image:
-                donor = rng.choice(pool_images)
-            caption = rng.choice(own_captions[donor])
-        else:
-            caption = rng.choice(other)
-        noise.append(Row(image, caption, "mismatched", source_of[image]))
-    for _ in range(int(0.04 * n)):
-        image = rng.choice(pool_images)
-        noise.append(Row(image, rng.choice(SPAM), "spam", source_of[image]))
-    for _ in range(int(0.10 * n)):
-        base = rng.choice(clean)
-        noise.append(Row(base.image, _junk_caption(base.caption, rng), "junk", base.source))
-    heads = [i for i in flickr_pool if sum(HEAD_WORD in c.lower() for c in all_captions[i]) >= 3]
-    for image in heads:
-        for caption in rng.sample(other_head, 4):
-            noise.append(Row(image, caption, "head", "flickr"))
-    base_rows = clean + noise
-    rng.shuffle(base_rows)
-
-    # Duplicates go after the row they copy, at a random later place (keep: first keeps the original).
-    keyed = [(float(i), row) for i, row in enumerate(base_rows)]
-    clean_positions = [i for i, row in enumerate(base_rows) if row.kind == "clean"]
-    copies = 0
-    for kind, share in (("exact_duplicate", 0.10), ("image_duplicate", 0.04), ("near_duplicate", 0.08)):
-        for _ in range(int(share * n)):
-            position = rng.choice(clean_positions)
-            original = base_rows[position]
-            if kind == "exact_duplicate":
-                row = Row(original.image, original.caption, kind, original.source)
-            elif kind == "image_duplicate":
-                copies += 1
-                row = Row(original.image, original.caption, kind, original.source, copy=copies)
-            else:
-                images.append(_near_copy(images[original.image], rng))
-                row = Row(len(images) - 1, _light_edit(original.caption, rng), kind, original.source)
-            keyed.append((rng.uniform(position + 0.5, len(base_rows)), row))
-    keyed.sort(key=lambda item: item[0])
-    rows = [row for _, row in keyed]
-    facts = {"pool_flickr_images": len(flickr_pool), "pool_tux_images": len(pool_images) - len(flickr_pool),
-             "head_images": len(heads), "score_rows": len(score_rows)}
-    return images, rows, score_rows, facts
-
-
-def write_pool(rows: list[Row], base_url: str, path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["uid", "url", "caption"])
-        for i, row in enumerate(rows):
-            url = f"{base_url}/{row.image}.jpg" + (f"?copy={row.copy}" if row.copy else "")
-            writer.writerow([f"pool-{i:05d}", url, row.caption])  # own uids: the draws do not depend on the port
-
-
-def start_server(images: list[bytes]) -> tuple[multiprocessing.Process, str]:
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    process = ctx.Process(target=serve, args=(images, queue), daemon=True)
-    process.start()
-    return process, f"http://127.0.0.1:{queue.get(timeout=60)}"
-
-
-def pipeline_configs(args: argparse.Namespace, work: Path, pool: Path, metadata: Path, score_model: Path):
-    """The curated config (the YAML with the benchmark's paths) and the raw one (its Download only)."""
+def curated_config(args: argparse.Namespace, work: Path, pool: Path, metadata: Path, score_model: Path):
+    """The config with the benchmark's paths (and ``--clip-fraction``, ``--metaclip-threshold``)."""
     from pipelines.config import load_config
 
     overrides = [f"input={pool}", f"output_dir={work / 'runs'}", f"runner={args.runner}",
                  f"stages.metaclip_match.metadata={metadata}", f"stages.clip_preprocess.weights={score_model}",
-                 f"stages.clip_embed.weights={score_model}",
-                 f"stages.clip_score_top_fraction.fraction={args.clip_fraction}"]
-    if args.metaclip_threshold is not None:
-        overrides += [f"stages.metaclip_balance.threshold={args.metaclip_threshold}",
-                      "stages.metaclip_balance.tail_share=null"]
-    curated = load_config(args.config, overrides)
-    download = [s for s in curated.stages if s.stage == "pipelines.download:Download"]
-    raw = curated.model_copy(update={"name": curated.name + "-raw", "stages": download})
-    return raw, curated
+                 f"stages.clip_embed.weights={score_model}"]
+    if args.clip_fraction is not None:
+        overrides.append(f"stages.clip_score_top_fraction.fraction={args.clip_fraction}")
+    config = load_config(args.config, overrides)
+    if args.metaclip_threshold is None:
+        return config
+    balance = next(e for e in config.stages if stage_name(e) == "metaclip_balance")
+    other_rules = [f"stages.metaclip_balance.{key}=null" for key in T_RULES if balance.params.get(key) is not None]
+    return load_config(args.config, overrides + [f"stages.metaclip_balance.threshold={args.metaclip_threshold}",
+                                                 *other_rules])
 
 
-def run_curation(config):
-    from pipelines.execute import run_pipeline
-    from pipelines.plan import build_plan
-    from pipelines.runner import make_runner
-
-    plan = build_plan(config)
-    runner = make_runner(config.runner, config.ray)
+@contextlib.contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the seconds spent inside to ``timings[key]``."""
+    start = time.monotonic()
     try:
-        manifest = run_pipeline(plan, runner)
+        yield
     finally:
-        runner.close()
-    return plan.run_uri, manifest
-
-
-def _parquets(folder: Path, columns: list[str]):
-    import pyarrow as pa
-
-    files = sorted(folder.glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files]) if files else None
-
-
-def account(run: Path, manifest, labels: list[Row]) -> tuple[dict, dict]:
-    """Per noise kind: rows in the pool, rows kept, rows rejected by stage; CLIP-score AUC of clean vs mismatched."""
-    inputs = _parquets(run / "00_input", ["uid", "source_index"])
-    kind_of = {u: labels[i].kind for u, i in zip(inputs["uid"].to_pylist(), inputs["source_index"].to_pylist())}
-    kept = set(_parquets(run / manifest.final_phase, ["uid"])["uid"].to_pylist())
-    table: dict[str, Counter] = defaultdict(Counter)
-    for row in labels:
-        table[row.kind]["pool"] += 1
-    for uid in kept:
-        table[kind_of[uid]]["kept"] += 1
-    for phase in sorted((run / "rejects").iterdir()):
-        rejects = _parquets(phase, ["uid", "stage"])
-        if rejects is None:
-            continue
-        for uid, stage in zip(rejects["uid"].to_pylist(), rejects["stage"].to_pylist()):
-            table[kind_of.get(uid, "unread")][stage] += 1
-    scores: dict[str, list[float]] = defaultdict(list)
-    scored_phase = next((p.name for p in manifest.phases if "clip_embed" in p.counts), None)
-    if scored_phase:
-        scored = _parquets(run / scored_phase, ["uid", "clip_score"])
-        for uid, score in zip(scored["uid"].to_pylist(), scored["clip_score"].to_pylist()):
-            scores[kind_of[uid]].append(score)
-    return table, scores
-
-
-def auc(positive: list[float], negative: list[float]) -> float:
-    from models.evaluation import roc_auc
-
-    return roc_auc(np.asarray(positive), np.asarray(negative)) if positive and negative else float("nan")
+        timings[key] = timings.get(key, 0.0) + time.monotonic() - start
 
 
 def train(data: Path, out: Path, steps: int, seed: int, args: argparse.Namespace, towers: FrozenTowerCache,
@@ -327,75 +181,129 @@ def train(data: Path, out: Path, steps: int, seed: int, args: argparse.Namespace
 
     The recipe caches the locked towers' outputs once per training set (its own feature cache);
     here its model's image trunk is also memoised per image (:class:`FrozenTowerCache`), so an
-    image that an earlier training or evaluation in this process already encoded (the curated
-    rows are a subset of the raw ones) is not encoded again. A later seed on the same data
-    starts from the first seed's feature cache file, which the recipe accepts as its own.
+    image that an earlier training, evaluation or local curation run in this process already
+    encoded is not encoded again. A later seed on the same data starts from the first seed's
+    feature cache file, which the recipe accepts as its own.
     """
     import models.training.clip_recipe as recipe
 
     out.mkdir(parents=True, exist_ok=True)
     if cache_from is not None and (cache_from / "feature_cache-rank0.pt").exists():
         shutil.copy(cache_from / "feature_cache-rank0.pt", out / "feature_cache-rank0.pt")
-    original = recipe.load_clip
-    recipe.load_clip = lambda *a, **k: towers.attach(original(*a, **k), text=False)
-    try:
+    with memoised_towers(recipe, towers):
         recipe.train_clip(recipe.ClipTrainConfig(
             model="lit-effnet-minilm", train_data=[str(data)], output_dir=str(out), batch_size=args.batch_size,
             max_steps=steps, lr=args.lr, warmup_steps=20, save_every=steps, seed=seed))
-    finally:
-        recipe.load_clip = original
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def train_arm(arm: str, data: Path, args: argparse.Namespace, towers: FrozenTowerCache, work: Path) -> list[dict]:
+    """Train an arm's heads for each seed and evaluate each model; the evaluations."""
+    from models.clip import load_clip
+
+    results = []
+    for seed in range(args.seeds):
+        out = work / "train" / f"{arm}-seed{seed}"
+        train(data, out, args.steps, seed, args, towers, work / "train" / f"{arm}-seed0" if seed else None)
+        results.append(evaluate(towers.attach(load_clip(checkpoint=str(out))), args.per_class, args.heldout_images))
+        loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+        print(f"seed {seed} {arm:<30}" + " ".join(f"{k} {results[-1][k]:.3f}" for k in METRICS)
+              + f" final_train_loss {loss:.3f}", flush=True)
+    return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="training steps of each arm (equal steps)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--score-steps", type=int, default=300, help="training steps of the CLIP-score model")
-    parser.add_argument("--clip-fraction", type=float, default=0.7, help="ClipScoreTopFraction's fraction")
-    parser.add_argument("--metaclip-threshold", type=int, default=None,
-                        help="a fixed t instead of the config's tail share")
-    parser.add_argument("--captions-per-image", type=int, default=5)
-    parser.add_argument("--pool-seed", type=int, default=0)
-    parser.add_argument("--per-class", type=int, default=100)
-    parser.add_argument("--heldout-images", type=int, default=200)
-    parser.add_argument("--runner", choices=["ray", "local"], default="ray")
-    parser.add_argument("--config", type=Path, default=CONFIG)
-    args = parser.parse_args()
+def run_arms(configs: dict, towers: FrozenTowerCache, timings: dict[str, float]) -> dict[str, tuple]:
+    """Run each arm's config; arm -> ``(run directory, manifest)``."""
+    runs = {}
+    for arm, config in configs.items():
+        key = {"raw": "raw run (download)", "curated": "curated run"}.get(arm, "ablation runs")
+        with timed(timings, key):
+            runs[arm] = run_curation(config, towers)
+        print(f"{arm:<30} {runs[arm][1].export['rows']:>6,} rows exported; stages: "
+              + ", ".join(stage_name(e) for e in config.stages), flush=True)
+    return runs
+
+
+def setup(args: argparse.Namespace) -> Path:
+    """The environment of the libraries and a clean work folder."""
     require_shared()
     for key, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_AUTH_MODE", "disabled"), ("HF_HUB_OFFLINE", "1"),
                        ("WANDB_MODE", "disabled"), ("NO_ALBUMENTATIONS_UPDATE", "1")):
         os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("ray.data._internal.issue_detection").setLevel(logging.ERROR)  # memory hints per operator
-    started = time.monotonic()
     work = args.work or Path(tempfile.mkdtemp(prefix="curation-value-"))
-    for stale in ("runs", "train", "score-shards"):  # a rerun starts clean (the pool's port changes)
+    for stale in ("runs", "train", "score-shards", "oracle"):  # a rerun starts clean (the pool's port changes)
         shutil.rmtree(work / stale, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    return work
 
-    images, rows, score_rows, facts = build_pool(args.captions_per_image, args.pool_seed)
-    kinds = Counter(r.kind for r in rows)
-    print(f"pool: {len(rows):,} rows over {facts['pool_flickr_images']} Flickr8k and {facts['pool_tux_images']} "
-          f"Tux Paint images ({len(images):,} served files with the near-duplicates); "
+
+def print_pool(args: argparse.Namespace, pool, kinds: Counter) -> None:
+    """The pool's images and rows by kind, and the CLIP-score split."""
+    facts = pool.facts
+    print(f"{args.pool} pool: {sum(kinds.values()):,} rows over {facts['pool_flickr_images']} Flickr8k, "
+          f"{facts['pool_tux_images']} Tux Paint and {facts['pool_cifar_images']} CIFAR-10 images "
+          f"({len(pool.images):,} served files with the near-duplicates); "
           + ", ".join(f"{k} {v:,}" for k, v in kinds.most_common()))
     print(f"CLIP-score split: {facts['score_rows']:,} pairs; held-out Flickr8k images: evaluation only; "
-          f"head concept '{HEAD_WORD}': {facts['head_images']} pool images x 4 extra captions")
+          f"head concept '{HEAD_WORD}': {facts['head_images']} Flickr8k pool images x 4 extra captions")
+
+
+def print_curated(runs: dict, accounts: dict, counts: dict, kinds: Counter) -> None:
+    """The exports' sizes, the curated run's stages and where each kind of row went."""
+    print(f"\nraw export: {counts['raw']['rows']:,} rows; curated export: {counts['curated']['rows']:,} rows "
+          f"({counts['curated']['rows'] / counts['raw']['rows']:.1%} of raw); oracle: {counts['oracle']['rows']:,} "
+          f"rows (the raw export's clean rows)")
+    print_stages(runs["curated"][1])
+    print("\nwhere each kind of row went (curated run; rows rejected per stage):")
+    order = ["clean"] + [k for k, _ in kinds.most_common() if k != "clean"]
+    print_where(accounts["curated"][0], runs["curated"][1], order)
+    print_score_auc(accounts["curated"][1])
+
+
+def print_results(args: argparse.Namespace, results: dict, counts: dict, score_eval: dict, gaps: dict,
+                  score_rows: int) -> None:
+    """The raw / curated / oracle table and the ablation table."""
+    print()
+    print_summary(results, chance(results["raw"][0]["heldout_images"]), score_eval, gaps)
+    print(f"(mean ± standard deviation over {args.seeds} seeds; raw {counts['raw']['rows']:,} rows, curated "
+          f"{counts['curated']['rows']:,}, oracle {counts['oracle']['rows']:,}; gap closed: (curated - raw) / "
+          f"(oracle - raw) of the means; score model: the CLIP-score model itself, {score_rows:,} clean "
+          f"pairs disjoint from the pool)")
+    if args.ablation:
+        print("\nablation (each metric: mean over seeds, then its difference from the curated arm, the default "
+              "recipe; rows: kept by the arm, of them clean and noise):")
+        print_ablation(results, counts, "curated")
+
+
+def print_result_lines(results: dict, gaps: dict) -> None:
+    """Curated vs raw zero-shot top-1, and the gap closed on the worst metric against the bar."""
+    ours, baseline = means(results["curated"])["cifar10_top1"], means(results["raw"])["cifar10_top1"]
+    print(f"result: curation_value ours={ours:.3f} baseline={baseline:.3f} ratio={ours / baseline:.2f} "
+          f"cifar10_zeroshot_top1")
+    worst = min((g for g in gaps.values() if math.isfinite(g)), default=math.nan)
+    print(f"result: curation_value_gap_closed ours={worst:.3f} baseline={GAP_BAR} ratio={worst / GAP_BAR:.2f} "
+          f"gap_closed")
+
+
+def main() -> None:
+    args = parse_args()
+    work = setup(args)
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+
+    pool = build_pool(args.captions_per_image, args.pool_seed, POOL_PER_CLASS if args.pool == "large" else 0)
+    rows = subsample(pool.rows, args.limit_rows, args.pool_seed)
+    kind_of = {pool_uid(i): row.kind for i, row in enumerate(rows)}
+    kinds = Counter(kind_of.values())
+    print_pool(args, pool, kinds)
 
     # The CLIP-score model: LiT heads trained by the project's trainer on the CLIP-score split.
-    t = time.monotonic()
-    write_shards(score_rows, work / "score-shards")
-    score_model = work / "train" / "clip-score"
     towers = FrozenTowerCache()
-    train(work / "score-shards", score_model, args.score_steps, 0, args, towers)
-    timings["CLIP-score model training"] = time.monotonic() - t
+    score_model = work / "train" / "clip-score"
+    with timed(timings, "CLIP-score model training"):
+        write_shards(pool.score_rows, work / "score-shards")
+        train(work / "score-shards", score_model, args.score_steps, 0, args, towers)
 
     from curation.metaclip.build import build_metadata, write_metadata
 
@@ -403,85 +311,36 @@ def main() -> None:
     if not metadata.exists():
         write_metadata(build_metadata()[0], metadata)
 
-    server, base_url = start_server(images)
-    try:
-        pool = work / "pool.csv"
-        write_pool(rows, base_url, pool)
-        raw_config, curated_config = pipeline_configs(args, work, pool, metadata, score_model)
-        t = time.monotonic()
-        raw_run, raw_manifest = run_curation(raw_config)
-        timings["raw run (download)"] = time.monotonic() - t
-        t = time.monotonic()
-        curated_run, curated_manifest = run_curation(curated_config)
-        timings["curated run"] = time.monotonic() - t
-    finally:
-        server.terminate()
-        server.join(timeout=10)
+    with served(pool.images) as base_url:
+        write_pool(rows, base_url, work / "pool.csv")
+        curated = curated_config(args, work, work / "pool.csv", metadata, score_model)
+        configs = {"raw": arm_config(curated, "raw", set(), args.runner), "curated": curated}
+        runs = run_arms(configs | (ablation_configs(curated, args.ablation_runner) if args.ablation else {}),
+                        towers, timings)
 
-    raw_rows, curated_rows = raw_manifest.export["rows"], curated_manifest.export["rows"]
-    print(f"\nraw export: {raw_rows:,} rows; curated export: {curated_rows:,} rows "
-          f"({curated_rows / raw_rows:.1%} of raw)")
-    print(f"{'stage':<24}{'in':>7}{'kept':>7}  rejected")
-    for phase in curated_manifest.phases:
-        for name, c in phase.counts.items():
-            reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(c.rejected.items(), key=lambda x: -x[1]))
-            print(f"{name:<24}{c.rows_in:>7,}{c.rows_kept:>7,}  {reasons}")
-    balance = curated_manifest.aggregates.get("metaclip_balance", {})
-    top = curated_manifest.aggregates.get("clip_score_top_fraction", {})
-    print(f"MetaCLIP t = {balance.get('threshold')} ({balance.get('head_entries')} head entries of "
-          f"{balance.get('entries_matched')} matched; tail share {balance.get('tail_share', 0):.3f}); "
-          f"CLIP-score cutoff {top.get('cutoff_score', float('nan')):.4f} (top {top.get('fraction')})")
-    table, scores = account(Path(curated_run), curated_manifest, rows)
-    stages = [name for phase in curated_manifest.phases for name in phase.counts
-              if any(c[name] for c in table.values())]  # the stages that rejected something
-    short = {s: s.replace("caption_", "").replace("_duplicates", "_dup").replace("clip_score_", "clip_")[:12]
-             for s in stages}
-    print("\nwhere each kind of row went (curated run; rows rejected per stage):")
-    print(f"{'kind':<16}{'pool':>6}{'kept':>6}" + "".join(f"{short[s]:>13}" for s in stages))
-    for kind in ["clean"] + [k for k, _ in kinds.most_common() if k != "clean"]:
-        c = table[kind]
-        print(f"{kind:<16}{c['pool']:>6}{c['kept']:>6}" + "".join(f"{c[s]:>13}" for s in stages))
-    clean_scores = scores.get("clean", [])
-    print("CLIP score (score model) of clean rows vs: "
-          + ", ".join(f"{k} AUC {auc(clean_scores, v):.3f}" for k, v in scores.items() if k != "clean"))
+    accounts = {arm: account(run, manifest, kind_of) for arm, (run, manifest) in runs.items()}
+    counts = {arm: kept(table) for arm, (table, _) in accounts.items()}
+    write_oracle(*runs["raw"], kind_of, work / "oracle", curated.export.samples_per_shard)
+    counts["oracle"] = {"rows": counts["raw"]["clean"], "clean": counts["raw"]["clean"], "noise": 0}
+    data = {"raw": runs["raw"][0], "curated": runs["curated"][0], "oracle": work / "oracle"}
+    data |= {arm: run for arm, (run, _) in runs.items() if arm not in data}
+    print_curated(runs, accounts, counts, kinds)
 
-    # Equal steps on both exports, several seeds; evaluation with the locked towers encoded once.
-    epochs = {arm: args.steps * args.batch_size / n for arm, n in (("raw", raw_rows), ("curated", curated_rows))}
-    print(f"\ntraining: {args.steps} steps of {args.batch_size} per arm and seed: "
-          f"{epochs['raw']:.1f} epochs of raw, {epochs['curated']:.1f} epochs of curated")
+    # Equal steps on every arm, several seeds; evaluation with the locked towers encoded once.
+    print(f"\ntraining: {args.steps} steps of {args.batch_size} per arm and seed; epochs: "
+          + ", ".join(f"{arm} {args.steps * args.batch_size / counts[arm]['rows']:.1f}" for arm in data))
     from models.clip import load_clip
 
-    results: dict[str, list[dict]] = {"raw": [], "curated": []}
-    t = time.monotonic()
-    for seed in range(args.seeds):
-        for arm, run in (("raw", raw_run), ("curated", curated_run)):
-            out = work / "train" / f"{arm}-seed{seed}"
-            first = work / "train" / f"{arm}-seed0"
-            train(Path(run), out, args.steps, seed, args, towers, first if seed else None)
-            results[arm].append(evaluate(towers.attach(load_clip(checkpoint=str(out))), args.per_class,
-                                         args.heldout_images))
-            loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
-            print(f"seed {seed} {arm:<8}" + " ".join(f"{k} {results[arm][-1][k]:.3f}" for k in METRICS)
-                  + f" final_train_loss {loss:.3f}", flush=True)
-    score_eval = evaluate(towers.attach(load_clip(checkpoint=str(score_model))), args.per_class, args.heldout_images)
-    timings["training + evaluation"] = time.monotonic() - t
+    with timed(timings, "training + evaluation"):
+        results = {arm: train_arm(arm, path, args, towers, work) for arm, path in data.items()}
+        score_eval = evaluate(towers.attach(load_clip(checkpoint=str(score_model))), args.per_class,
+                              args.heldout_images)
     print(f"locked image trunk: {towers.misses:,} images encoded, {towers.hits:,} reused (same pixels)")
-
-    base = chance(results["raw"][0]["heldout_images"])
-    print(f"\n{'metric':<14}{'chance':>8}{'raw pool':>18}{'curated':>18}{'ratio':>8}{'score model':>13}")
-    for key in METRICS:
-        raw_m, raw_s = mean_sd([r[key] for r in results["raw"]])
-        cur_m, cur_s = mean_sd([r[key] for r in results["curated"]])
-        print(f"{key:<14}{base[key]:>8.3f}{raw_m:>10.3f} ± {raw_s:.3f}{cur_m:>10.3f} ± {cur_s:.3f}"
-              f"{cur_m / raw_m if raw_m else float('nan'):>8.2f}{score_eval[key]:>13.3f}")
-    print(f"(mean ± standard deviation over {args.seeds} seeds; raw {raw_rows:,} rows, curated {curated_rows:,}; "
-          f"score model: the CLIP-score model itself, {facts['score_rows']:,} clean pairs disjoint from the pool)")
+    gaps = gap_closed(results["raw"], results["curated"], results["oracle"])
+    print_results(args, results, counts, score_eval, gaps, pool.facts["score_rows"])
     timings["total"] = time.monotonic() - started
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    ours, baseline = mean_sd([r["cifar10_top1"] for r in results["curated"]])[0], \
-        mean_sd([r["cifar10_top1"] for r in results["raw"]])[0]
-    print(f"result: curation_value ours={ours:.3f} baseline={baseline:.3f} ratio={ours / baseline:.2f} "
-          f"cifar10_zeroshot_top1")
+    print_result_lines(results, gaps)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from pipelines.card_charts import funnel_png
 from pipelines.card_plots import histogram_png
+from pipelines.card_queries import reject_examples
 from pipelines.card_sections import (
     CardContext,
     capfilt_section,
@@ -29,7 +30,9 @@ from pipelines.card_stats import KEPT, REJECTED_HERE, CardView, score_histogram,
 from pipelines.chain import PlannedStage
 from pipelines.rundir import RunDir
 from pipelines.stage import Cutoff
+from schemas.columns import CAPTION
 from schemas.manifest import Manifest
+from schemas.rejects import DETAIL, REASON
 
 CARD = "README.md"
 
@@ -48,7 +51,8 @@ def write_card(rundir: RunDir, manifest: Manifest, stages: list[PlannedStage]) -
         for column in dict.fromkeys(c.column for c in cutoffs):
             sections.append(_cutoff_section(rundir, manifest, planned.name, column,
                                             [c for c in cutoffs if c.column == column]))
-    sections += [_guarded(section, ctx) for section in (dedup_section, capfilt_section, instructions_section)]
+    sections += [_guarded(section, ctx) for section in (dedup_section, capfilt_section, instructions_section,
+                                                        _removed_examples)]
     if ctx.notes:
         found = "\n\n".join(f"**{p.name}**: {ctx.notes[p.name]}" for p in stages if p.name in ctx.notes)
         sections.append(f"## What the stages found\n\n{found}")
@@ -102,6 +106,29 @@ def _funnel(ctx: CardContext) -> str:
             lines.append(f"| {phase.name} | {name} | {counts.rows_in:,} | {counts.rows_kept:,} | "
                          f"{rejected:,} | {reasons or '-'} |")
     return "\n".join(lines)
+
+
+def _removed_examples(ctx: CardContext) -> str | None:
+    examples = reject_examples(ctx.rundir, ctx.manifest)
+    if not examples:
+        return None
+    lines = ["## What each stage removed: examples", "",
+             "A few rejected rows per stage (from the first reject files of each phase; every rejected row, "
+             "with its reason, is under `rejects/`). A stage removing rows that look right is costing you data.",
+             "", "| stage | reason | caption | detail |", "|---|---|---|---|"]
+    for stage, rows in examples.items():
+        for row in rows:
+            lines.append(f"| {stage} | {row[REASON]} | {_cell(row[CAPTION], 90)} | {_cell(row[DETAIL], 70)} |")
+    return "\n".join(lines)
+
+
+def _cell(text: str | None, width: int) -> str:
+    """``text`` for one markdown table cell: one line, no pipes, at most ``width`` characters."""
+    if text is None:
+        return "-"
+    flat = " ".join(text.replace("|", "/").split())
+    flat = "".join(c if c.isprintable() else "?" for c in flat)
+    return flat if len(flat) <= width else flat[:width - 1] + "…"
 
 
 def _cutoff_section(rundir: RunDir, manifest: Manifest, stage: str, column: str, cutoffs: list[Cutoff]) -> str:

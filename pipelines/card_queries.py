@@ -24,7 +24,7 @@ from pipelines.card_stats import (
     rows_with,
     scan_files,
 )
-from pipelines.rundir import RunDir
+from pipelines.rundir import REJECTS_DIR, RunDir
 from schemas.columns import (
     BRIEF_RECORDS,
     CAPTION,
@@ -38,6 +38,7 @@ from schemas.columns import (
     WEB_CAPTION,
 )
 from schemas.manifest import Manifest
+from schemas.rejects import DETAIL, REASON, STAGE
 
 
 @dataclass
@@ -216,3 +217,21 @@ def sample_rows(rundir: RunDir, manifest: Manifest, count: int = 8) -> list[dict
             frame = frame.filter(pl.col(IMAGE).is_not_null())
         rows += frame.head(-(-count // len(picks))).collect().to_dicts()
     return rows[:count]
+
+
+def reject_examples(rundir: RunDir, manifest: Manifest, per_stage: int = 3,
+                    files_per_phase: int = 4) -> dict[str, list[dict[str, Any]]]:
+    """Up to ``per_stage`` rejected rows (reason, detail, caption) of each stage that rejected any,
+    from the first ``files_per_phase`` reject files of each phase: a few files read, whatever the
+    pool's size, so a stage that rejects rarely may show none."""
+    schema = {STAGE: pl.String, REASON: pl.String, DETAIL: pl.String, CAPTION: pl.String}
+    examples: dict[str, list[dict[str, Any]]] = {}
+    for phase in manifest.phases:
+        files = rundir.parquet_files(f"{REJECTS_DIR}/{phase.name}")[:files_per_phase]
+        if not files:
+            continue
+        frame = collect(scan_files(rundir, files, schema).select(*schema).group_by(STAGE, maintain_order=True)
+                        .head(per_stage))
+        for row in frame.to_dicts():
+            examples.setdefault(row.pop(STAGE), []).append(row)
+    return examples

@@ -7,7 +7,9 @@ entries ``M`` is kept with probability ``1 - prod(1 - t / max(count[e], t) for e
 ``metaclip_sampled_out`` otherwise), so entries with more than ``t`` matches keep about ``t``
 and tail entries keep everything. The draw depends only on the seed and the row's uid, never
 on partitioning, workers or runner. ``t`` is fixed (MetaCLIP: 20,000 for 400M pairs, 170,000
-for 2.5B) or derived from a target tail share; the chosen ``t`` is recorded in the manifest.
+for 2.5B), derived from the pool's own counts (``head_factor``: an entry is a head when it holds
+that many times the mean matches of a matched entry) or from a target tail share; the chosen
+``t`` is recorded in the manifest.
 
 Both stages need only the caption (and uid): they run before download (to save fetching rows
 that will be dropped) or after it.
@@ -74,22 +76,35 @@ class MetaclipMatch(Stage):
 class MetaclipBalance(GlobalStage):
     """Caps head entries at about ``threshold`` matches by sampling; keeps tail entries whole.
 
-    Set ``threshold`` (``t``), or ``tail_share``: the smallest ``t`` for which entries with fewer
-    than ``t`` matches hold at least that share of all matches (MetaCLIP reports about 6% at
-    t = 20,000 on 400M pairs).
+    Set exactly one of:
+
+    - ``threshold``: ``t`` itself;
+    - ``head_factor``: ``t = head_factor * matches / entries matched``, so an entry is a head when
+      it holds that many times a matched entry's mean share of the matches, at any pool size.
+      MetaCLIP's ``t`` = 20,000 on its 1.6B-pair pool (500k entries, about 3.5 matches a
+      caption, so about 11,200 matches per entry) is a factor of about 1.8. A fixed ``t`` scaled
+      down to a small pool (20,000 x 5k / 1.6B is below 1) would cap every entry instead;
+    - ``tail_share``: the smallest ``t`` for which entries with fewer than ``t`` matches hold at
+      least that share of all matches. On a small pool most entries have a handful of matches,
+      so this ``t`` is tiny and balancing drops rows of every common word.
     """
 
     name: ClassVar[str] = "metaclip_balance"
     input_columns: ClassVar[tuple[str, ...]] = (UID, METACLIP_ENTRIES)
 
     threshold: int | None = 20_000
+    head_factor: float | None = None
     tail_share: float | None = None
     seed: int = 0
     resources: Resources = default_resources(batch_size=65536)
 
     def __post_init__(self) -> None:
-        if (self.threshold is None) == (self.tail_share is None):
-            raise ValueError("set exactly one of threshold and tail_share (the other to null)")
+        rules = {"threshold": self.threshold, "head_factor": self.head_factor, "tail_share": self.tail_share}
+        if sum(v is not None for v in rules.values()) != 1:
+            raise ValueError(f"set exactly one of threshold, head_factor and tail_share (the others to null), "
+                             f"got {rules}")
+        if self.head_factor is not None and self.head_factor <= 0:
+            raise ValueError(f"head_factor must be > 0, got {self.head_factor}")
         if self.threshold is not None and self.threshold < 1:
             raise ValueError(f"threshold must be >= 1, got {self.threshold}")
         if self.tail_share is not None and not 0 < self.tail_share < 1:
@@ -108,7 +123,12 @@ class MetaclipBalance(GlobalStage):
         counts = np.zeros(size, np.int64)
         for ids, n in partials:
             np.add.at(counts, ids, n)
-        t = self.threshold if self.threshold is not None else threshold_for_tail_share(counts, self.tail_share)
+        if self.threshold is not None:
+            t = self.threshold
+        elif self.head_factor is not None:
+            t = threshold_for_head_factor(counts, self.head_factor)
+        else:
+            t = threshold_for_tail_share(counts, self.tail_share)
         return {"threshold": int(t), "counts": counts}
 
     def decide(self, batch: pa.Table, state: dict[str, Any]) -> pa.Table:
@@ -151,6 +171,12 @@ def uniform_draws(seed: int, uids: pa.ChunkedArray | pa.Array) -> np.ndarray:
     values = [int.from_bytes(blake2b(prefix + uid.encode(), digest_size=8).digest(), "little")
               for uid in uids.to_pylist()]
     return np.array(values, dtype=np.uint64).astype(np.float64) / 2.0**64
+
+
+def threshold_for_head_factor(counts: np.ndarray, factor: float) -> int:
+    """``factor`` times the mean count of the matched entries, rounded up (at least 1)."""
+    matched = counts[counts > 0]
+    return max(1, int(np.ceil(factor * matched.mean()))) if len(matched) else 1
 
 
 def threshold_for_tail_share(counts: np.ndarray, share: float) -> int:

@@ -16,7 +16,12 @@ import pytest
 from curation.metaclip.build import build_metadata, pmi_bigrams, wordnet_lemmas
 from curation.metaclip.matching import EntryMatcher
 from curation.metaclip.metadata import MetadataError, load_metadata
-from curation.metaclip.stages import keep_probability, threshold_for_tail_share, uniform_draws
+from curation.metaclip.stages import (
+    keep_probability,
+    threshold_for_head_factor,
+    threshold_for_tail_share,
+    uniform_draws,
+)
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict, shared_path
 
 PUNCTUATION, WHITESPACE = ",.;:?!`", "\t\n\r"
@@ -195,6 +200,15 @@ def test_tail_share_threshold_is_the_smallest_reaching_the_share():
         assert counts[counts < t].sum() / total >= share > counts[counts < t - 1].sum() / total
 
 
+def test_head_factor_threshold_scales_with_the_pool_and_spares_a_flat_one():
+    counts = np.array([0, 1, 2, 3, 4, 90])  # mean of the matched entries: 20
+    assert threshold_for_head_factor(counts, 1.8) == 36
+    assert threshold_for_head_factor(counts * 1000, 1.8) == 36_000  # the same entries are heads at any size
+    flat = np.full(500, 40)
+    assert (flat > threshold_for_head_factor(flat, 1.8)).sum() == 0  # no entry stands out: nothing is a head
+    assert threshold_for_head_factor(np.zeros(3, np.int64), 1.8) == 1
+
+
 def test_draws_depend_on_seed_and_uid_only():
     uids = pa.array([f"u{i}" for i in range(10_000)])
     a, b = uniform_draws(0, uids), uniform_draws(0, uids.slice(5000))
@@ -219,11 +233,11 @@ def skewed_pool(tmp_path_factory):
     return folder, metadata, pool
 
 
-def _balance_config(folder, metadata, pool, name, shard_size, threshold=200, tail_share=None):
+def _balance_config(folder, metadata, pool, name, shard_size, threshold=200, **rule):
     return {"name": name, "input": str(pool), "output_dir": str(folder / "runs"), "shard_size": shard_size,
             "seed": 7,
             "stages": [{"stage": "curation.metaclip:MetaclipMatch", "metadata": str(metadata)},
-                       {"stage": "curation.metaclip:MetaclipBalance", "threshold": threshold, "tail_share": tail_share}]}
+                       {"stage": "curation.metaclip:MetaclipBalance", "threshold": threshold, **rule}]}
 
 
 def test_balancing_caps_head_entries_near_t_and_keeps_the_tail(skewed_pool, runner_factory):
@@ -263,6 +277,18 @@ def test_threshold_from_a_tail_share_is_recorded(skewed_pool, runner_factory):
     assert summary["tail_share"] >= 0.05 and summary["head_entries"] == int((counts > summary["threshold"]).sum())
 
 
+def test_threshold_from_a_head_factor_caps_only_the_entries_far_above_the_mean(skewed_pool, runner_factory):
+    folder, metadata, pool = skewed_pool
+    plan, manifest = run_pipeline_dict(_balance_config(folder, metadata, pool, "factor", 5000, threshold=None,
+                                                       head_factor=1.8), runner_factory("local"))
+    t = math.ceil(1.8 * sum(SKEW.values()) / len(SKEW))  # 1,943: alpha and beta are heads
+    assert manifest.aggregates["metaclip_balance"]["threshold"] == t
+    captions = read_phase(plan.run_uri, manifest.final_phase)["caption"].to_pylist()
+    kept_per_entry = Counter(c.split()[3] for c in captions)
+    assert all(kept_per_entry[entry] == n for entry, n in SKEW.items() if n <= t)
+    assert abs(kept_per_entry["alpha"] - t) < 4 * math.sqrt(t * (1 - t / SKEW["alpha"]))
+
+
 def test_a_changed_metadata_file_is_a_changed_config(skewed_pool, runner_factory):
     from pipelines.config import parse_config
     from pipelines.plan import build_plan
@@ -290,8 +316,10 @@ def test_bad_metadata_fails_when_the_pipeline_is_built(skewed_pool, tmp_path):
     bad.write_text('["dog", "dog"]')
     with pytest.raises(ValueError, match="repeats item 0"):
         build_plan(parse_config(_balance_config(folder, bad, pool, "bad", 5000)))
-    with pytest.raises(ValueError, match="set exactly one of threshold and tail_share"):
+    with pytest.raises(ValueError, match="set exactly one of threshold, head_factor and tail_share"):
         build_plan(parse_config(_balance_config(folder, metadata, pool, "bad", 5000, threshold=None)))
+    with pytest.raises(ValueError, match="set exactly one"):
+        build_plan(parse_config(_balance_config(folder, metadata, pool, "bad", 5000, head_factor=2.0)))
 
 
 def test_entry_counts_before_and_after_balancing(skewed_pool, runner_factory):

@@ -32,7 +32,13 @@ def test_the_card_funnel_is_the_ledger(tmp_path, runner_factory):
     assert f"| ray | {manifest.versions['ray']} |" in card
     assert "clip_score" not in card  # no stage applied a cutoff: no histogram section
     # Text rules only: no section whose stage or columns the run lacks, and no image to sample.
-    assert re.findall(r"^## (.+)$", card, flags=re.MULTILINE) == ["Funnel", "Sample pairs", "Provenance"]
+    assert re.findall(r"^## (.+)$", card, flags=re.MULTILINE) == [
+        "Funnel", "Sample pairs", "What each stage removed: examples", "Provenance"]
+    examples = card.split("## What each stage removed: examples")[1].split("## Provenance")[0]
+    for name, counts in totals.items():  # every stage that rejected rows shows some, with their reason
+        shown = re.findall(rf"^\| {name} \| (\w+) \|", examples, flags=re.MULTILINE)
+        assert bool(shown) == bool(counts.rejected) and set(shown) <= set(counts.rejected)
+        assert len(shown) <= 3
     assert sorted(p.name for p in (Path(plan.run_uri) / "card").iterdir()) == ["funnel.png"]
     with Image.open(Path(plan.run_uri) / "card" / "funnel.png") as image:
         assert image.format == "PNG" and image.height > 200

@@ -1,0 +1,186 @@
+"""A CLIP-score cut calibrated on the pool itself, against the scores of pairs known to be wrong.
+
+A fixed top fraction keeps 70% of a clean pool and 70% of a dirty one. :class:`ClipScoreNullCut`
+asks the model instead what a mismatched pair scores here: each shard's captions are paired
+with the images of other rows of the same shard (a seeded derangement), which is what a
+mismatched web pair is, a real caption beside an image it does not describe. The pool's
+scores are then read as a two-group mixture (Efron's), ``f = pi0 * f0 + (1 - pi0) * f1``,
+with ``f0`` the measured null density and ``pi0`` the share of mismatched pairs:
+
+- ``pi0`` is Storey's estimate at the null's median: twice the share of pool scores below the
+  median mismatched pair, at most 1. Matched pairs rarely score that low, so it errs high.
+- The cutoff is the lowest score from which up every score is more likely matched than not:
+  its local false discovery rate ``pi0 * f0(s) / f(s)`` stays below ``max_local_fdr`` (0.5
+  is the Bayes decision when keeping a wrong pair costs as much as losing a right one). Both
+  densities come from histograms smoothed with a Gaussian kernel (Silverman's bandwidth).
+  Or, with ``null_quantile`` set, the ``q``-quantile of the null: at most ``1 - q`` of the
+  mismatched pairs pass, whatever the clean rows cost.
+
+A clean pool gets ``pi0`` near 0 and loses (almost) nothing; a pool that is half noise gets a
+high cutoff. The per-shard partials are two fixed-size histograms, so the driver's memory does
+not grow with the pool. The summary records the estimated noise share, the cutoff and the
+expected share of mismatched pairs among the kept rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.stage import Cutoff, GlobalStage, Rejections
+from schemas.columns import CLIP_SCORE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
+
+BELOW_NULL_CUTOFF = "clip_score_below_null_cutoff"
+BINS = 4000  # over [-1, 1]: 0.0005 wide, far below any score difference that matters
+SAME_IMAGE = 0.95  # null pairs whose two images are this close are skipped: the caption may fit
+
+
+@dataclass
+class ClipScoreNullCut(GlobalStage):
+    """Keeps rows whose ``clip_score`` beats what mismatched pairs of the same pool score.
+
+    ``max_local_fdr`` (default) or ``null_quantile``: set exactly one. ``seed`` fixes which
+    captions each shard's images are paired with for the null.
+    """
+
+    name: ClassVar[str] = "clip_score_null_cut"
+    input_columns: ClassVar[tuple[str, ...]] = (CLIP_SCORE,)
+
+    max_local_fdr: float | None = 0.5
+    null_quantile: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.max_local_fdr is None) == (self.null_quantile is None):
+            raise ValueError("set exactly one of max_local_fdr and null_quantile (the other to null)")
+        for key in ("max_local_fdr", "null_quantile"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"{key} must be between 0 and 1, got {value}")
+
+    @property
+    def compute_columns(self) -> tuple[str, ...]:
+        return (UID, CLIP_SCORE, IMAGE_EMBEDDING, TEXT_EMBEDDING)
+
+    def compute(self, batch: pa.Table) -> Any:
+        valid = batch.filter(pc.is_valid(batch[CLIP_SCORE]))
+        scores = valid[CLIP_SCORE].to_numpy().astype(np.float64)
+        first = valid[UID][0].as_py() if valid.num_rows else ""
+        null = null_scores(_matrix(valid[IMAGE_EMBEDDING]), _matrix(valid[TEXT_EMBEDDING]), f"{self.seed}:{first}")
+        return histogram(scores), histogram(null)
+
+    def aggregate(self, partials: list[Any]) -> Any:
+        pool = sum((p[0] for p in partials), np.zeros(BINS, np.int64))
+        null = sum((p[1] for p in partials), np.zeros(BINS, np.int64))
+        return calibrate(pool, null, max_local_fdr=self.max_local_fdr, null_quantile=self.null_quantile)
+
+    def decide(self, batch: pa.Table, state: Any) -> pa.Table:
+        scores = batch[CLIP_SCORE]
+        rejections = Rejections(batch.num_rows)
+        cutoff = state["cutoff"]
+        below = pc.fill_null(pc.less(scores, pa.scalar(cutoff, pa.float32())), True)
+        rejections.add(below, BELOW_NULL_CUTOFF,
+                       f"clip_score below {cutoff:.4f}, where mismatched pairs become as likely as matched ones "
+                       f"(estimated noise share {state['noise_share']:.1%})")
+        return rejections.attach(batch.select([]))
+
+    def describe(self, state: Any) -> dict[str, Any]:
+        return dict(state)
+
+    def card_notes(self, view: Any) -> str | None:
+        summary = view.summary
+        if not summary or not summary.get("null_pairs"):
+            return None
+        kept_share = summary.get("mismatched_kept_share")
+        return (f"Estimated share of mismatched pairs among the {summary['rows_scored']:,} scored rows: "
+                f"**{summary['noise_share']:.1%}** (the same model scored {summary['null_pairs']:,} pairs of "
+                f"captions shuffled within shards: median {summary['null_median']:.3f}). Cutoff "
+                f"{summary['cutoff']:.4f} ({summary['rule'].replace('_', ' ')}): {summary['rows_kept_expected']:,} "
+                f"rows at or above it; {summary['null_share_above_cutoff']:.1%} of the shuffled pairs score that "
+                f"high, so about {kept_share:.1%} of the kept rows may still be mismatched." if kept_share is not None
+                else f"Estimated share of mismatched pairs: **{summary['noise_share']:.1%}**; no row kept.")
+
+    def cutoffs(self, summary: Any) -> list[Cutoff]:
+        if not summary or summary.get("cutoff") is None:
+            return []
+        rule = (f"null {self.null_quantile:.0%} quantile" if self.null_quantile is not None
+                else f"local fdr < {self.max_local_fdr:g}")
+        return [Cutoff(CLIP_SCORE, summary["cutoff"], f"null-calibrated cutoff ({rule})")]
+
+
+def _matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A column of equal-length float lists as a float32 matrix (rows, dim)."""
+    if not len(column):
+        return np.zeros((0, 0), np.float32)
+    lists = column.combine_chunks()
+    dim = len(lists[0])
+    return lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(lists), dim)
+
+
+def null_scores(images: np.ndarray, texts: np.ndarray, seed: str) -> np.ndarray:
+    """Cosines of each image with another row's caption (a seeded derangement of the rows).
+
+    Pairs whose two images are near-identical are left out: the other caption may well fit."""
+    rows = len(images)
+    if rows < 2:
+        return np.zeros(0)
+    rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=8).digest(), "little"))
+    order = rng.permutation(rows)
+    partner = np.empty(rows, np.int64)
+    partner[order] = np.roll(order, -int(rng.integers(1, rows)))
+    same_image = np.einsum("ij,ij->i", images, images[partner]) >= SAME_IMAGE
+    scores = np.einsum("ij,ij->i", images, texts[partner]).astype(np.float64)
+    return scores[~same_image]
+
+
+def histogram(scores: np.ndarray) -> np.ndarray:
+    """Counts of ``scores`` in :data:`BINS` equal bins over [-1, 1] (values outside are clipped)."""
+    index = np.clip(((np.asarray(scores) + 1.0) / 2.0 * BINS).astype(np.int64), 0, BINS - 1)
+    return np.bincount(index, minlength=BINS).astype(np.int64)
+
+
+def calibrate(pool: np.ndarray, null: np.ndarray, *, max_local_fdr: float | None = 0.5,
+              null_quantile: float | None = None) -> dict[str, Any]:
+    """The cutoff and the evidence behind it, from the pool's and the null's score histograms."""
+    rows, null_rows = int(pool.sum()), int(null.sum())
+    edges = np.linspace(-1.0, 1.0, BINS + 1)
+    state: dict[str, Any] = {"rule": "null_quantile" if null_quantile is not None else "local_fdr",
+                             "rows_scored": rows, "null_pairs": null_rows, "noise_share": 0.0, "cutoff": -1.0}
+    if rows == 0 or null_rows == 0:
+        return {**state, "rows_kept_expected": rows, "mismatched_kept_share": None}
+    null_cdf = np.cumsum(null) / null_rows
+    median_bin = int(np.searchsorted(null_cdf, 0.5))
+    noise_share = min(1.0, 2.0 * pool[:median_bin].sum() / rows)
+    if null_quantile is not None:
+        cutoff_bin = int(np.searchsorted(null_cdf, null_quantile)) + 1
+    else:
+        lfdr = noise_share * _density(null) / np.maximum(_density(pool), 1e-12)
+        crossing = np.flatnonzero((lfdr >= max_local_fdr) & (pool > 0))
+        cutoff_bin = int(crossing[-1]) + 1 if len(crossing) else int(np.flatnonzero(pool)[0])
+    cutoff_bin = min(cutoff_bin, BINS)
+    kept = int(pool[cutoff_bin:].sum())
+    null_above = float(null[cutoff_bin:].sum() / null_rows)
+    return {**state, "noise_share": round(noise_share, 4), "cutoff": float(edges[cutoff_bin]),
+            "null_median": float(edges[median_bin]), "null_share_above_cutoff": round(null_above, 4),
+            "rows_kept_expected": kept,
+            "mismatched_kept_share": round(min(1.0, noise_share * rows * null_above / kept), 4) if kept else None}
+
+
+def _density(counts: np.ndarray) -> np.ndarray:
+    """``counts`` smoothed with a Gaussian kernel of Silverman's bandwidth, as a density per bin."""
+    total = counts.sum()
+    centres = np.arange(BINS) + 0.5
+    mean = (counts * centres).sum() / total
+    spread = np.sqrt((counts * (centres - mean) ** 2).sum() / total)
+    cdf = np.cumsum(counts) / total
+    iqr = np.searchsorted(cdf, 0.75) - np.searchsorted(cdf, 0.25)
+    scale = min(spread, iqr / 1.34) if iqr > 0 else spread
+    bandwidth = max(0.9 * scale * total ** (-0.2), 1.0)  # in bins
+    offsets = np.arange(-int(4 * bandwidth), int(4 * bandwidth) + 1)
+    kernel = np.exp(-0.5 * (offsets / bandwidth) ** 2)
+    return np.convolve(counts, kernel / kernel.sum(), mode="same") / total

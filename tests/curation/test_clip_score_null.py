@@ -1,0 +1,123 @@
+"""The null-calibrated CLIP-score cut: noise estimate and cutoff on pools with known noise."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from curation.clip_score_null import ClipScoreNullCut, calibrate, histogram, null_scores
+from schemas.columns import CLIP_SCORE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
+from schemas.rejects import REJECT_REASON
+
+
+def _mixture(noise: float, rows: int = 20_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pool scores (mismatched ~ N(0.10, 0.03), matched ~ N(0.30, 0.04)), which rows are noise,
+    and a null sample drawn like the mismatched rows."""
+    rng = np.random.default_rng(seed)
+    is_noise = rng.random(rows) < noise
+    scores = np.where(is_noise, rng.normal(0.10, 0.03, rows), rng.normal(0.30, 0.04, rows))
+    return scores, is_noise, rng.normal(0.10, 0.03, rows)
+
+
+@pytest.mark.parametrize("noise", [0.1, 0.3, 0.6])
+def test_noise_share_is_estimated_and_the_cut_keeps_matched_rows(noise):
+    scores, is_noise, null = _mixture(noise)
+    state = calibrate(histogram(scores), histogram(null))
+    assert state["noise_share"] == pytest.approx(noise, abs=0.03)
+    kept = scores >= state["cutoff"]
+    assert kept[~is_noise].mean() > 0.97  # matched rows survive
+    assert kept[is_noise].mean() < 0.03  # mismatched ones do not
+    assert state["rows_kept_expected"] == int(kept.sum())
+    assert state["mismatched_kept_share"] < 0.02
+
+
+def test_a_clean_pool_loses_almost_nothing():
+    scores, _, null = _mixture(0.0)
+    state = calibrate(histogram(scores), histogram(null))
+    assert state["noise_share"] < 0.01
+    assert (scores >= state["cutoff"]).mean() > 0.995
+
+
+def test_the_cut_moves_with_the_noise_share():
+    """Where the groups overlap, more noise means a higher cutoff: the same score is less credible."""
+    rng = np.random.default_rng(1)
+    null = rng.normal(0.15, 0.05, 20_000)
+    cutoffs = []
+    for noise in (0.1, 0.5):
+        is_noise = rng.random(20_000) < noise
+        scores = np.where(is_noise, rng.normal(0.15, 0.05, 20_000), rng.normal(0.25, 0.05, 20_000))
+        cutoffs.append(calibrate(histogram(scores), histogram(null))["cutoff"])
+    assert cutoffs[0] < cutoffs[1]
+
+
+def test_null_quantile_rule_lets_through_the_stated_share_of_the_null():
+    scores, is_noise, null = _mixture(0.3)
+    state = calibrate(histogram(scores), histogram(null), max_local_fdr=None, null_quantile=0.99)
+    assert state["rule"] == "null_quantile"
+    assert state["cutoff"] == pytest.approx(np.quantile(null, 0.99), abs=0.002)
+    assert (scores[is_noise] >= state["cutoff"]).mean() == pytest.approx(0.01, abs=0.01)
+
+
+def test_null_pairs_each_image_with_another_rows_caption_deterministically():
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(50, 8)).astype(np.float32)
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    texts = images.copy()  # every row's own caption is a perfect match (cosine 1)
+    scores = null_scores(images, texts, "s")
+    assert len(scores) == 50 and scores.max() < 0.99  # nobody kept its own caption
+    assert np.array_equal(scores, null_scores(images, texts, "s"))
+    assert not np.array_equal(scores, null_scores(images, texts, "t"))
+    assert len(null_scores(images[:1], texts[:1], "s")) == 0
+
+
+def test_null_skips_pairs_of_the_same_image():
+    image = np.zeros((4, 3), np.float32)
+    image[:, 0] = 1.0  # four copies of one image: any other caption may describe it
+    assert len(null_scores(image, image, "s")) == 0
+
+
+def _table(rows: int, noise: float, seed: int = 3) -> tuple[pa.Table, np.ndarray]:
+    """Rows whose text embedding is their image's plus noise, or (mismatched) another random vector's."""
+    rng = np.random.default_rng(seed)
+    dim = 32
+    images = rng.normal(size=(rows, dim))
+    is_noise = rng.random(rows) < noise
+    texts = np.where(is_noise[:, None], rng.normal(size=(rows, dim)), images + rng.normal(scale=0.8, size=(rows, dim)))
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    scores = np.einsum("ij,ij->i", images, texts).astype(np.float32)
+
+    def lists(matrix: np.ndarray) -> pa.Array:
+        return pa.array(list(matrix.astype(np.float16)), pa.list_(pa.float16()))
+
+    table = pa.table({UID: [f"r{i:05d}" for i in range(rows)], CLIP_SCORE: scores,
+                      IMAGE_EMBEDDING: lists(images), TEXT_EMBEDDING: lists(texts)})
+    return table, is_noise
+
+
+def test_stage_rejects_the_mismatched_rows_of_a_pool():
+    table, is_noise = _table(4_000, noise=0.25)
+    stage = ClipScoreNullCut()
+    state = stage.aggregate([stage.compute(table.slice(i, 1000)) for i in range(0, 4_000, 1000)])
+    assert state["noise_share"] == pytest.approx(0.25, abs=0.05)
+    rejected = np.array([r is not None for r in stage.decide(table, state)[REJECT_REASON].to_pylist()])
+    assert rejected[is_noise].mean() > 0.9 and rejected[~is_noise].mean() < 0.1
+    assert stage.cutoffs(stage.describe(state))[0].value == state["cutoff"]
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="exactly one"):
+        ClipScoreNullCut(max_local_fdr=0.5, null_quantile=0.9)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        ClipScoreNullCut(max_local_fdr=1.5)
+
+
+def test_card_notes_state_the_noise_share_and_the_cutoff():
+    scores, _, null = _mixture(0.3)
+    summary = ClipScoreNullCut().describe(calibrate(histogram(scores), histogram(null)))
+    notes = ClipScoreNullCut().card_notes(SimpleNamespace(summary=summary))
+    assert f"**{summary['noise_share']:.1%}**" in notes and f"{summary['cutoff']:.4f}" in notes
+    assert "may still be mismatched" in notes
