@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from pipelines.stage import Cutoff, GlobalStage, Rejections
 from schemas.columns import CLIP_SCORE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
 
-BELOW_NULL_CUTOFF = "clip_score_below_null_cutoff"
+BELOW_NULL_CUT = "clip_score_below_null_cut"
 BINS = 4000  # over [-1, 1]: 0.0005 wide, far below any score difference that matters
 SAME_IMAGE = 0.95  # null pairs whose two images are this close are skipped: the caption may fit
 
@@ -84,7 +84,7 @@ class ClipScoreNullCut(GlobalStage):
         rejections = Rejections(batch.num_rows)
         cutoff = state["cutoff"]
         below = pc.fill_null(pc.less(scores, pa.scalar(cutoff, pa.float32())), True)
-        rejections.add(below, BELOW_NULL_CUTOFF,
+        rejections.add(below, BELOW_NULL_CUT,
                        f"clip_score below {cutoff:.4f}, where mismatched pairs become as likely as matched ones "
                        f"(estimated noise share {state['noise_share']:.1%})")
         return rejections.attach(batch.select([]))

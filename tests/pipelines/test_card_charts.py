@@ -141,13 +141,14 @@ def test_a_selector_without_notes_gets_the_cards_own_examples(tmp_path):
 
 def test_sections_without_their_stages_or_rows_are_left_out(tmp_path):
     run, _ = _run(tmp_path, "nothing-kept", [{"stage": "curation.basic:CaptionLength", "min_words": 500}])
-    assert _titles(run) == ["Funnel", "Provenance"]
+    assert _titles(run) == ["Funnel", "What each stage removed: examples", "Provenance"]
     assert sorted(p.name for p in (run / "card").iterdir()) == ["funnel.png"]
     metadata = tmp_path / "metadata.json"
     metadata.write_text(json.dumps(["a", "the", "of", "photo"]))
     run, manifest = _run(tmp_path, "match-only", [{"stage": "curation.metaclip:MetaclipMatch",
                                                    "metadata": str(metadata)}])
-    assert _titles(run) == ["Funnel", "Sample pairs", "MetaCLIP entry frequency", "Provenance"]
+    assert _titles(run) == ["Funnel", "Sample pairs", "MetaCLIP entry frequency",
+                            "What each stage removed: examples", "Provenance"]
     section = (run / "README.md").read_text().split("## MetaCLIP entry frequency")[1]
     assert "among the rows kept. Kept to the end: " in section and "Before balancing" not in section
     assert _is_png(run / "card" / "metaclip-entry-frequency.png")
@@ -163,7 +164,7 @@ def test_a_failing_section_is_reported_and_the_rest_written(tmp_path, monkeypatc
     run, _ = _run(tmp_path, "broken", [{"stage": "curation.basic:JunkAltText"}])
     card = (run / "README.md").read_text()
     assert "*The card's samples section could not be written: RuntimeError('column went missing').*" in card
-    assert _titles(run) == ["Funnel", "Provenance"]
+    assert _titles(run) == ["Funnel", "What each stage removed: examples", "Provenance"]
 
 
 def test_a_run_on_a_filesystem_polars_cannot_open_gets_the_same_card(tmp_path):
@@ -182,7 +183,7 @@ def test_a_run_on_a_filesystem_polars_cannot_open_gets_the_same_card(tmp_path):
     assert "could not be written" not in cards[0] and cards[0] == cards[1]
     assert re.findall(r"^## (.+)$", cards[1], flags=re.MULTILINE) == [
         "Funnel", "Sample pairs", "MetaCLIP entry frequency", "Captions replaced by CapFilt", "Instruction types",
-        "Provenance"]
+        "What each stage removed: examples", "Provenance"]
 
 
 def test_cluster_bins_are_sizes_or_powers_of_two():

@@ -121,7 +121,8 @@ def test_every_section_is_there_in_order_with_a_drawn_plot(full_run):
     card = _card(run)
     titles = re.findall(r"^## (.+)$", card, flags=re.MULTILINE)
     assert titles == ["Funnel", "Sample pairs", "MetaCLIP entry frequency", "clip_score (clip_score_threshold)",
-                      "Duplicates", "Captions replaced by CapFilt", "Instruction types", "Provenance"]
+                      "Duplicates", "Captions replaced by CapFilt", "Instruction types",
+                      "What each stage removed: examples", "Provenance"]
     links = re.findall(r"!\[[^\]]*\]\((card/[^)]+\.png)\)", card)
     assert set(links) == {"card/funnel.png", "card/samples.png", "card/metaclip-entry-frequency.png",
                           "card/clip_score_threshold-clip_score.png", "card/dedup-cluster-sizes.png",
