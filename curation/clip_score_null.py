@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.dedup.image import embedding_matrix
 from pipelines.stage import Cutoff, GlobalStage, Rejections
 from schemas.columns import CLIP_SCORE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
 
@@ -68,10 +69,13 @@ class ClipScoreNullCut(GlobalStage):
         return (UID, CLIP_SCORE, IMAGE_EMBEDDING, TEXT_EMBEDDING)
 
     def compute(self, batch: pa.Table) -> Any:
-        valid = batch.filter(pc.is_valid(batch[CLIP_SCORE]))
-        scores = valid[CLIP_SCORE].to_numpy().astype(np.float64)
-        first = valid[UID][0].as_py() if valid.num_rows else ""
-        null = null_scores(_matrix(valid[IMAGE_EMBEDDING]), _matrix(valid[TEXT_EMBEDDING]), f"{self.seed}:{first}")
+        scored = batch.filter(pc.is_valid(batch[CLIP_SCORE]))
+        scores = scored[CLIP_SCORE].to_numpy().astype(np.float64)
+        embedded = scored.filter(pc.and_(pc.is_valid(scored[IMAGE_EMBEDDING]), pc.is_valid(scored[TEXT_EMBEDDING])))
+        first = embedded[UID][0].as_py() if embedded.num_rows else ""
+        images = embedding_matrix(embedded, None).astype(np.float32)
+        texts = embedding_matrix(embedded, images.shape[1], TEXT_EMBEDDING).astype(np.float32)
+        null = null_scores(images, texts, f"{self.seed}:{first}")
         return histogram(scores), histogram(null)
 
     def aggregate(self, partials: list[Any]) -> Any:
@@ -111,15 +115,6 @@ class ClipScoreNullCut(GlobalStage):
         rule = (f"null {self.null_quantile:.0%} quantile" if self.null_quantile is not None
                 else f"local fdr < {self.max_local_fdr:g}")
         return [Cutoff(CLIP_SCORE, summary["cutoff"], f"null-calibrated cutoff ({rule})")]
-
-
-def _matrix(column: pa.ChunkedArray) -> np.ndarray:
-    """A column of equal-length float lists as a float32 matrix (rows, dim)."""
-    if not len(column):
-        return np.zeros((0, 0), np.float32)
-    lists = column.combine_chunks()
-    dim = len(lists[0])
-    return lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(lists), dim)
 
 
 def null_scores(images: np.ndarray, texts: np.ndarray, seed: str) -> np.ndarray:

@@ -98,18 +98,18 @@ class ImageNearDuplicates(ClusterDedup):
         return left, right, facts
 
 
-def embedding_matrix(batch: pa.Table, dim: int | None) -> np.ndarray:
-    """The ``image_embedding`` column as a (rows, dim) float16 matrix, or a clear error."""
-    column = batch[IMAGE_EMBEDDING].combine_chunks()
-    if column.null_count:
-        missing = pc.filter(batch[UID], pc.is_null(batch[IMAGE_EMBEDDING])).to_pylist()
-        raise ValueError(f"{column.null_count} row(s) have no image_embedding (first uids: {missing[:3]}): "
+def embedding_matrix(batch: pa.Table, dim: int | None, column: str = IMAGE_EMBEDDING) -> np.ndarray:
+    """An embedding column (``image_embedding`` by default) as a (rows, dim) float16 matrix, or a clear error."""
+    values_column = batch[column].combine_chunks()
+    if values_column.null_count:
+        missing = pc.filter(batch[UID], pc.is_null(batch[column])).to_pylist()
+        raise ValueError(f"{values_column.null_count} row(s) have no {column} (first uids: {missing[:3]}): "
                          f"run ClipEmbed before this stage, and reject rows it cannot embed")
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(values_column).to_numpy(zero_copy_only=False)
     expected = dim if dim is not None else (int(lengths[0]) if len(lengths) else 0)
     wrong = np.flatnonzero(lengths != expected)
     if len(wrong):
-        raise ValueError(f"image_embedding of row {batch[UID][int(wrong[0])].as_py()!r} has {lengths[wrong[0]]} "
+        raise ValueError(f"{column} of row {batch[UID][int(wrong[0])].as_py()!r} has {lengths[wrong[0]]} "
                          f"values, not {expected}" + (" (dim)" if dim is not None else " (the shard's first row)"))
-    values = column.flatten().to_numpy(zero_copy_only=False)
+    values = values_column.flatten().to_numpy(zero_copy_only=False)
     return values.astype(np.float16, copy=False).reshape(len(lengths), expected)

@@ -108,6 +108,14 @@ def test_stage_rejects_the_mismatched_rows_of_a_pool():
     assert stage.cutoffs(stage.describe(state))[0].value == state["cutoff"]
 
 
+def test_a_scored_row_without_embeddings_leaves_the_null_to_the_others():
+    table, _ = _table(200, noise=0.0)
+    holes = pa.array([None] + table[IMAGE_EMBEDDING].to_pylist()[1:], table.schema.field(IMAGE_EMBEDDING).type)
+    damaged = table.set_column(table.schema.get_field_index(IMAGE_EMBEDDING), IMAGE_EMBEDDING, holes)
+    pool, null = ClipScoreNullCut().compute(damaged)
+    assert pool.sum() == 200 and null.sum() == pytest.approx(199, abs=3)  # a few same-image pairs skipped
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="exactly one"):
         ClipScoreNullCut(max_local_fdr=0.5, null_quantile=0.9)
