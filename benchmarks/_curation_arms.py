@@ -32,7 +32,7 @@ NEAR_DUPLICATES = "image_near_duplicates"
 
 def stage_name(entry) -> str:
     """The name of a config's stage entry (its ``name``, or its class's)."""
-    from pipelines.config import resolve_stage_class
+    from pipelines.engine.config import resolve_stage_class
 
     return entry.name or resolve_stage_class(entry.stage).name
 
@@ -90,9 +90,9 @@ def run_curation(config, towers: FrozenTowerCache):
     import torch
 
     import models.clip
-    from pipelines.execute import run_pipeline
-    from pipelines.plan import build_plan
-    from pipelines.runner import make_runner
+    from pipelines.engine.execute import run_pipeline
+    from pipelines.engine.plan import build_plan
+    from pipelines.engine.runner import make_runner
 
     plan = build_plan(config)
     runner = make_runner(config.runner, config.ray)

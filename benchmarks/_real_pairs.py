@@ -28,7 +28,7 @@ SHARED = REPO.parent / "shared" / "data"
 
 from models.evaluation import CaptionedImageSet, LabelledImageSet, evaluate_retrieval, evaluate_zeroshot  # noqa: E402
 from models.evaluation.datasets import is_heldout  # noqa: E402
-from pipelines.export import write_webdataset  # noqa: E402
+from pipelines.export.shards import write_webdataset  # noqa: E402
 
 #: Share of Flickr8k images (by a hash of the name) held out for evaluation; never trained on.
 HELDOUT_FRACTION = 0.25

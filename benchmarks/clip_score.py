@@ -104,10 +104,10 @@ def pipeline_config(pool: str, out: str, args: argparse.Namespace) -> dict:
 
 def run_ours(pool: str, out: str, args: argparse.Namespace) -> dict:
     """Download (untimed), then the timed resume that runs preprocess+embed; the scored rows."""
-    from pipelines.config import parse_config
-    from pipelines.execute import run_pipeline
-    from pipelines.plan import build_plan
-    from pipelines.runner import RayRunner
+    from pipelines.engine.config import parse_config
+    from pipelines.engine.execute import run_pipeline
+    from pipelines.engine.plan import build_plan
+    from pipelines.engine.runner import RayRunner
 
     config = parse_config(pipeline_config(pool, out, args))
     plan = build_plan(config)

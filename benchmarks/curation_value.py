@@ -29,7 +29,7 @@ the first ``--per-class`` of them, at most 600), the pool takes the next 400 of 
 sizes are evaluated on the same images, so their numbers compare.
 
 The images are served on 127.0.0.1 by a separate process, and the pool goes through the project's
-own runner (``pipelines.plan.build_plan`` + ``pipelines.execute.run_pipeline``, what
+own runner (``pipelines.engine.plan.build_plan`` + ``pipelines.engine.execute.run_pipeline``, what
 ``vlmcurate run`` calls, on ``--runner``, default Ray) twice: (a) **raw**:
 ``configs/curation-value.yaml`` with only its Download stage; (b) **curated**: the whole config.
 (c) **oracle**: the raw export minus every injected noise row (its clean rows, in export order,
@@ -149,7 +149,7 @@ def parse_args() -> argparse.Namespace:
 
 def curated_config(args: argparse.Namespace, work: Path, pool: Path, metadata: Path, score_model: Path):
     """The config with the benchmark's paths (and ``--clip-fraction``, ``--metaclip-threshold``)."""
-    from pipelines.config import load_config
+    from pipelines.engine.config import load_config
 
     overrides = [f"input={pool}", f"output_dir={work / 'runs'}", f"runner={args.runner}",
                  f"stages.metaclip_match.metadata={metadata}", f"stages.clip_preprocess.weights={score_model}",

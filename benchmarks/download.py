@@ -56,10 +56,10 @@ def run_img2dataset(pool: str, out: str, processes: int, threads: int) -> tuple[
 
 
 def run_ours(pool: str, out: str, processes: int, threads: int) -> tuple[float, int]:
-    from pipelines.config import parse_config
-    from pipelines.execute import run_pipeline
-    from pipelines.plan import build_plan
-    from pipelines.runner import RayRunner
+    from pipelines.engine.config import parse_config
+    from pipelines.engine.execute import run_pipeline
+    from pipelines.engine.plan import build_plan
+    from pipelines.engine.runner import RayRunner
 
     config = parse_config({
         "name": "bench", "input": pool, "output_dir": out, "runner": "ray", "shard_size": 1000,

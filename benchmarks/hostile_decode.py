@@ -8,7 +8,7 @@ process, the same bytes with the same resize settings (512 px, keep_ratio, JPEG 
 
 - baseline: img2dataset's ``Resizer`` called directly, as img2dataset's downloader calls it
   (and as vlmcurate did before its decoder ran in a child process), stopped after --cap seconds;
-- ours: the download stage's decoder (:class:`pipelines.decode_process.DecodeProcess`: the
+- ours: the download stage's decoder (:class:`pipelines.download.decode_process.DecodeProcess`: the
   header check, then img2dataset's resizer in a child process with a memory limit and a deadline).
 
 Peak memory is the largest VmHWM of the process and (ours) its decoder child. The result line
@@ -44,7 +44,7 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from tests import images
-from pipelines.decode import DecodeLimits, ImageRejected, ResizeSettings, load_img2dataset_resizer
+from pipelines.stage.decode import DecodeLimits, ImageRejected, ResizeSettings, load_img2dataset_resizer
 maker, args, resize = {maker!r}, {args!r}, {resize!r}
 body = getattr(images, maker)(*args)
 settings = ResizeSettings(**resize)
@@ -62,7 +62,7 @@ if {side!r} == "baseline":
     outcome = f"error: {{error}}" if error else f"kept as {{width}}x{{height}}"
     child = None
 else:
-    from pipelines.decode_process import DecodeProcess
+    from pipelines.download.decode_process import DecodeProcess
     decoder = DecodeProcess(settings, DecodeLimits(), timeout=10)
     try:
         encoded = decoder(body)

@@ -3,7 +3,7 @@
 Input: the real LAION-style alt-text in ../shared/data (10,000 captions) repeated to --rows.
 Baseline: what a pandas/`apply` user writes: one Python function per caption with the `re`
 module, the same rules, the same order, the same parameters. Ours: the three stages through
-`pipelines.chain.apply_stage` (contract checks, merging and reject records included). Both
+`pipelines.engine.chain.apply_stage` (contract checks, merging and reject records included). Both
 must reject exactly the same rows for the same reasons, or the script fails.
 
     .venv/bin/python benchmarks/text_rules.py [--rows 1000000]
@@ -30,7 +30,7 @@ from curation.basic import (  # noqa: E402
     CaptionLength,
     JunkAltText,
 )
-from pipelines.chain import PlannedStage, ShardState, apply_stage  # noqa: E402
+from pipelines.engine.chain import PlannedStage, ShardState, apply_stage  # noqa: E402
 from schemas.columns import CAPTION, SOURCE_INDEX, UID  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alttext", "laion_style_10000.parquet")

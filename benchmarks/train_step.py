@@ -25,8 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.evaluation.vlm import pixels  # noqa: E402
-from models.llava import load_llava  # noqa: E402
+from models.llava import load_llava, pixels  # noqa: E402
 from models.llava_text import collate, encode_conversation, prepare_tokenizer  # noqa: E402
 from models.training.llava_recipe import VlmTrainConfig, train_vlm  # noqa: E402
 from tests.http_server import make_image  # noqa: E402

@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.decode import DEFAULT_MAX_PIXELS, decode_to_pixels
 from pipelines.stage import Cutoff, GiB, GlobalStage, Rejections, Resources, Stage, default_resources, file_digest
+from pipelines.stage.decode import DEFAULT_MAX_PIXELS, decode_to_pixels
 from schemas.columns import CAPTION, CLIP_PIXELS, CLIP_SCORE, IMAGE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
 
 BELOW_THRESHOLD = "clip_score_below_threshold"

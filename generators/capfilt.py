@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from pipelines.decode import DEFAULT_MAX_PIXELS, decode_to_pixels
 from pipelines.stage import GiB, Rejections, Resources, Stage, default_resources
+from pipelines.stage.decode import DEFAULT_MAX_PIXELS, decode_to_pixels
 from schemas.columns import BLIP_PIXELS, CAPTION_SEED, IMAGE, SOURCE_INDEX, SYNTHETIC_CAPTIONS
 
 BLIP_PROMPT = "a picture of "

@@ -203,7 +203,7 @@ class CapFiltSelect(Stage):
     def card_notes(self, view: Any) -> str | None:
         import polars as pl
 
-        from pipelines.card_plots import markdown_cell, thumbnail_jpeg
+        from pipelines.card.figures import markdown_cell, thumbnail_jpeg
 
         frame = view.kept([CAPTION_SOURCE])
         if frame is None:

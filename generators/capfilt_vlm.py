@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from pipelines.decode import DECODE_ERROR, DEFAULT_MAX_PIXELS, DecodeLimits, ImageRejected, check_header
 from pipelines.stage import GiB, Rejections, Resources, Stage, default_resources
+from pipelines.stage.decode import DECODE_ERROR, DEFAULT_MAX_PIXELS, DecodeLimits, ImageRejected, check_header
 from schemas.columns import CAPTION_SEED, IMAGE, SOURCE_INDEX, SYNTHETIC_CAPTIONS
 
 

@@ -198,7 +198,7 @@ def _expected_load_messages_hidden() -> Iterator[None]:
 
 def checkpoint_file(path: str | Path) -> Path:
     """The checkpoint file behind ``path``: the file itself, or a training folder's latest."""
-    from models.training.checkpoint import latest_checkpoint
+    from models.checkpoint_files import latest_checkpoint
 
     path = Path(path)
     if path.is_dir():

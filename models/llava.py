@@ -22,12 +22,15 @@ tokens into those positions, so the LM sees ``[text, image tokens, text]`` with 
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "llava"
@@ -197,3 +200,11 @@ def load_llava(config: str | dict[str, Any] | LlavaConfig, *, device: str | torc
             language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model = LlavaModel(config, vision, language_model, image_token_id).to(device)
     return LlavaBundle(model=model, tokenizer=tokenizer, preprocess=clip.preprocess, config=config, spec=clip.spec)
+
+def pixels(bundle: LlavaBundle, images: Sequence[bytes]) -> torch.Tensor:
+    """Encoded images as the model's input batch (its tower's eval transform)."""
+    tensors = []
+    for data in images:
+        with Image.open(io.BytesIO(data)) as image:
+            tensors.append(bundle.preprocess(image.convert("RGB")))
+    return torch.stack(tensors)

@@ -66,3 +66,7 @@ def llava_json(record: dict[str, Any], image: str) -> dict[str, Any]:
             if record.get(k) is not None}
     turns = [{"from": t["from"], "value": t["value"]} for t in record["conversations"]]
     return {"id": record["id"], "image": image, "conversations": turns, "meta": meta}
+
+def caption_turns(caption: str) -> list[dict[str, Any]]:
+    """A caption as a stage-1 conversation: the image, then the caption as the answer."""
+    return [{"from": HUMAN, "value": IMAGE_TOKEN}, {"from": GPT, "value": caption.strip()}]

@@ -50,8 +50,8 @@ def ray_session():
     the settings a run uses; every ``RayRunner`` of the session joins it."""
     import ray
 
-    from pipelines.config import RayConfig
-    from pipelines.runner import RayRunner
+    from pipelines.engine.config import RayConfig
+    from pipelines.engine.runner import RayRunner
 
     temp_dir = tempfile.mkdtemp(prefix="vlmc-ray-", dir="/tmp")
     runner = RayRunner(RayConfig(num_cpus=2, object_store_memory=256 * 1024 * 1024, temp_dir=temp_dir))
@@ -101,7 +101,7 @@ def demo_run(tmp_path_factory) -> DemoRun:
 @pytest.fixture
 def runner_factory(request):
     """``runner_factory("local" | "ray")``: a runner; the Ray one uses the session's Ray."""
-    from pipelines.runner import LocalRunner, RayRunner
+    from pipelines.engine.runner import LocalRunner, RayRunner
 
     def make(kind: str):
         if kind == "ray":
@@ -114,9 +114,9 @@ def runner_factory(request):
 
 def run_pipeline_dict(raw: dict, runner) -> tuple:
     """Validate a config dict, build its plan and run it; return (plan, manifest)."""
-    from pipelines.config import parse_config
-    from pipelines.execute import run_pipeline
-    from pipelines.plan import build_plan
+    from pipelines.engine.config import parse_config
+    from pipelines.engine.execute import run_pipeline
+    from pipelines.engine.plan import build_plan
 
     plan = build_plan(parse_config(raw))
     return plan, run_pipeline(plan, runner)

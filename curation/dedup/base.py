@@ -26,7 +26,7 @@ from curation.dedup.clusters import (
     choose_survivors,
     connected_components,
 )
-from pipelines.rundir import RunDir
+from pipelines.engine.rundir import RunDir
 from pipelines.stage import GlobalStage, Rejections
 from schemas.columns import CAPTION, CLIP_SCORE, SOURCE_INDEX, UID
 

@@ -11,7 +11,6 @@ read are listed with their reason, never dropped silently.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,19 +21,9 @@ from PIL import Image
 from models.evaluation.caption_metrics import bleu4, cider_d
 from models.evaluation.datasets import CaptionedImageSet, Skipped
 from models.evaluation.pope import SETTINGS, BoxedImageSet, probe_questions, probe_scores
-from models.llava import LlavaBundle
+from models.llava import LlavaBundle, pixels
 from models.llava_text import collate, encode_conversation, encode_prompt
-from models.training.llava_data import caption_turns
-from schemas.llava import HUMAN, IMAGE_TOKEN
-
-
-def pixels(bundle: LlavaBundle, images: Sequence[bytes]) -> torch.Tensor:
-    """Encoded images as the model's input batch (its tower's eval transform)."""
-    tensors = []
-    for data in images:
-        with Image.open(io.BytesIO(data)) as image:
-            tensors.append(bundle.preprocess(image.convert("RGB")))
-    return torch.stack(tensors)
+from schemas.llava import HUMAN, IMAGE_TOKEN, caption_turns
 
 
 @torch.no_grad()

@@ -10,16 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-PATTERN = "step-*.pt"
-
-
-def checkpoint_path(folder: Path, step: int) -> Path:
-    return folder / f"step-{step:08d}.pt"
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(folder.glob(PATTERN))
-    return found[-1] if found else None
+from models.checkpoint_files import PATTERN, checkpoint_path
 
 
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:

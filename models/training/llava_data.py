@@ -15,10 +15,9 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from models.training.shards import iter_shard, resolve_shards
-from schemas.llava import GPT, HUMAN, IMAGE_TOKEN
+from schemas.llava import caption_turns
 
 STAGE_FOLDERS = {1: "stage1", 2: "stage2"}
 
@@ -71,6 +70,3 @@ def iter_vlm_file(path: Path) -> Iterator[VlmSample]:
         yield VlmSample(str(record["id"]), (root / record["image"]).read_bytes(), record["conversations"])
 
 
-def caption_turns(caption: str) -> list[dict[str, Any]]:
-    """A caption as a stage-1 conversation: the image, then the caption as the answer."""
-    return [{"from": HUMAN, "value": IMAGE_TOKEN}, {"from": GPT, "value": caption.strip()}]

@@ -32,8 +32,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.evaluation.vlm import pixels
-from models.llava import LlavaBundle, load_llava
+from models.llava import LlavaBundle, load_llava, pixels
 from models.llava_text import EncodeError, collate, encode_conversation, prepare_tokenizer
 from models.training.llava_data import VlmSample, iter_vlm_file, resolve_vlm_shards
 from models.training.loop import LoopConfig, TrainLoop

@@ -23,8 +23,9 @@ from typing import Any, Protocol
 
 import torch
 
+from models.checkpoint_files import latest_checkpoint
 from models.training import progress
-from models.training.checkpoint import latest_checkpoint, restore_rng, rng_state, save_checkpoint
+from models.training.checkpoint import restore_rng, rng_state, save_checkpoint
 from models.training.schedule import warmup_cosine
 
 log = logging.getLogger("vlmcurate.train")

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from models.checkpoint_files import latest_checkpoint
 from models.llava import LlavaBundle, LlavaConfig, load_llava
 from models.llava_text import prepare_tokenizer
-from models.training.checkpoint import latest_checkpoint
 
 DESCRIBED_ONLY = ("image_tokens", "vision_width")  # in a checkpoint's "vlm" entry, not config fields
 

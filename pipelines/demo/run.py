@@ -23,7 +23,7 @@ import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.config import PipelineConfig, apply_overrides, format_validation_error, load_config
+from pipelines.engine.config import PipelineConfig, apply_overrides, format_validation_error, load_config
 from schemas.manifest import Manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -143,7 +143,7 @@ class Demo:
         return self.paths.pool
 
     def lit_clip(self) -> None:
-        from models.training.checkpoint import latest_checkpoint
+        from models.checkpoint_files import latest_checkpoint
         from models.training.clip_recipe import train_clip
 
         self.header("LiT CLIP heads")
@@ -229,7 +229,7 @@ class Demo:
 def write_scene_shard(folder: Path, first: int, count: int) -> Path:
     """Scenes ``first .. first + count - 1`` with their exact captions as one webdataset tar."""
     from pipelines.demo.scenes import render, scene
-    from pipelines.export import write_webdataset
+    from pipelines.export.shards import write_webdataset
 
     folder.mkdir(parents=True, exist_ok=True)
     scenes = [scene(i) for i in range(first, first + count)]

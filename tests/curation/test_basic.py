@@ -27,7 +27,7 @@ from curation.basic import (
     ImageSize,
     JunkAltText,
 )
-from pipelines.runner import LocalRunner
+from pipelines.engine.runner import LocalRunner
 from schemas.columns import ORIGINAL_HEIGHT, ORIGINAL_WIDTH
 from schemas.rejects import REJECT_DETAIL, REJECT_REASON
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict, shared_path

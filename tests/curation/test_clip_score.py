@@ -15,8 +15,8 @@ from PIL import Image
 
 from curation.clip_score import ClipEmbed, ClipPreprocess, ClipScoreThreshold, ClipScoreTopFraction
 from models.clip import load_clip
-from pipelines.config import parse_config
-from pipelines.plan import build_plan
+from pipelines.engine.config import parse_config
+from pipelines.engine.plan import build_plan
 from schemas.columns import CAPTION, CLIP_PIXELS, CLIP_SCORE, IMAGE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
 from schemas.rejects import REJECT_DETAIL, REJECT_REASON
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict, shared_path
@@ -174,8 +174,8 @@ def test_top_fraction_is_identical_under_both_runners_and_any_sharding(scored_po
 
 def _check_card(run_uri, manifest, cutoff):
     """The dataset card has the CLIP-score histogram of every scored row with the cutoff."""
-    from pipelines.card_stats import KEPT, REJECTED_HERE, score_histogram
-    from pipelines.rundir import RunDir
+    from pipelines.card.stats import KEPT, REJECTED_HERE, score_histogram
+    from pipelines.engine.rundir import RunDir
 
     card = (Path(run_uri) / "README.md").read_text()
     assert "![clip_score (clip_score_top_fraction)](card/clip_score_top_fraction-clip_score.png)" in card

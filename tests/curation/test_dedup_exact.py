@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.dedup import DUPLICATE, ExactDuplicates
-from pipelines.runner import LocalRunner
+from pipelines.engine.runner import LocalRunner
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict
 
 # (url, caption) by source_index. With shard_size=2 the copies of row 0 sit in shards 1, 2 and 3.

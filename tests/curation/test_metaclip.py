@@ -290,8 +290,8 @@ def test_threshold_from_a_head_factor_caps_only_the_entries_far_above_the_mean(s
 
 
 def test_a_changed_metadata_file_is_a_changed_config(skewed_pool, runner_factory):
-    from pipelines.config import parse_config
-    from pipelines.plan import build_plan
+    from pipelines.engine.config import parse_config
+    from pipelines.engine.plan import build_plan
 
     folder, metadata, pool = skewed_pool
     config = _balance_config(folder, metadata, pool, "identity", 5000)
@@ -308,8 +308,8 @@ def test_a_changed_metadata_file_is_a_changed_config(skewed_pool, runner_factory
 
 
 def test_bad_metadata_fails_when_the_pipeline_is_built(skewed_pool, tmp_path):
-    from pipelines.config import parse_config
-    from pipelines.plan import build_plan
+    from pipelines.engine.config import parse_config
+    from pipelines.engine.plan import build_plan
 
     folder, metadata, pool = skewed_pool
     bad = tmp_path / "bad.json"
@@ -323,8 +323,8 @@ def test_bad_metadata_fails_when_the_pipeline_is_built(skewed_pool, tmp_path):
 
 
 def test_entry_counts_before_and_after_balancing(skewed_pool, runner_factory):
-    from pipelines.inspect_run import list_value_counts
-    from pipelines.rundir import RunDir
+    from pipelines.cli.inspect_run import list_value_counts
+    from pipelines.engine.rundir import RunDir
 
     folder, metadata, pool = skewed_pool
     plan, manifest = run_pipeline_dict(_balance_config(folder, metadata, pool, "counts", 5000),
@@ -344,7 +344,7 @@ def test_entry_counts_before_and_after_balancing(skewed_pool, runner_factory):
 
 def test_balancing_after_download(tmp_path):
     """The stages need only captions and uids: the same config works after a download stage."""
-    from pipelines.runner import LocalRunner
+    from pipelines.engine.runner import LocalRunner
     from tests.http_server import ImageServer, make_image
 
     server = ImageServer()
@@ -370,7 +370,7 @@ def test_balancing_after_download(tmp_path):
 def test_metadata_build_command(tmp_path):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from pipelines.cli.main import app
 
     corpus = tmp_path / "captions.txt"
     corpus.write_text("a hot dog stand\n" * 6 + "a cat\n")

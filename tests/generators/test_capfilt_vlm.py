@@ -40,7 +40,7 @@ def test_vlm_captions_are_sampled_per_image_reproducibly_and_bad_images_are_reje
 def test_a_trained_checkpoint_captions_greedily_and_feeds_the_itm_filter(tmp_path, runner_factory):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from pipelines.cli.main import app
     from tests.models.training.test_llava_recipe import write_llava_export
 
     train = tmp_path / "vlm.yaml"

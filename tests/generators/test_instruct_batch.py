@@ -20,7 +20,7 @@ from generators.instruct.batch import (
 from generators.instruct.cache import ReplyCache
 from generators.instruct.chat import BUDGET_EXHAUSTED, REQUEST_FAILED, ChatSettings, EndpointError, Failure
 from generators.instruct.prompts import load_prompt
-from pipelines.cli import app
+from pipelines.cli.main import app
 from schemas.llava import llava_json
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict
 from tests.generators.test_instruct import assert_llava_record

@@ -72,7 +72,7 @@ def _kill_tree(process: subprocess.Popen, ray_temp: str) -> None:
 # the workers of this test's own Ray, however many other Rays run on the machine.
 
 def running_title(stage: str) -> str:
-    """What the title of a Ray Data actor shows while it runs a batch of ``stage`` (see pipelines.runner)."""
+    """What the title of a Ray Data actor shows while it runs a batch of ``stage`` (see pipelines.engine.runner)."""
     return f"MapBatches({stage})).submit"
 
 

@@ -26,11 +26,11 @@ import jsonschema
 import pytest
 import yaml
 
-from pipelines.config import load_config
 from pipelines.demo.pool import write_demo_pool
-from pipelines.execute import run_pipeline
-from pipelines.plan import build_plan
-from pipelines.runner import LocalRunner
+from pipelines.engine.config import load_config
+from pipelines.engine.execute import run_pipeline
+from pipelines.engine.plan import build_plan
+from pipelines.engine.runner import LocalRunner
 from tests.conftest import REPO_ROOT, TEXT_ONLY_HOST, free_port, read_phase, read_rejects
 
 BIN = Path(sys.executable).parent

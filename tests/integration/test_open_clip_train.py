@@ -21,7 +21,7 @@ import re
 import subprocess
 import sys
 
-from pipelines.runner import LocalRunner
+from pipelines.engine.runner import LocalRunner
 from tests.conftest import REPO_ROOT, run_pipeline_dict
 from tests.http_server import ImageServer, make_image
 

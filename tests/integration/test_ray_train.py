@@ -25,7 +25,7 @@ def test_ray_train_runs_the_recipe_on_two_cpu_workers(request, tmp_path, ray_ses
 def test_ray_train_runs_stage_two_on_two_cpu_workers_from_the_cli(tmp_path, ray_session):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from pipelines.cli.main import app
 
     data = write_llava_export(tmp_path)
     shard = data / "stage2" / "00000.json"

@@ -54,7 +54,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
 
     reference_plan, reference = run_pipeline_dict(
         {**_config(tmp_path, pool, "reference", seconds=0), "runner": "local"},
-        __import__("pipelines.runner", fromlist=["LocalRunner"]).LocalRunner())
+        __import__("pipelines.engine.runner", fromlist=["LocalRunner"]).LocalRunner())
     final = reference.final_phase
     got, expected = read_phase(run_dir, final), read_phase(reference_plan.run_uri, final)
     assert len(set(got["uid"].to_pylist())) == got.num_rows  # no duplicate

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipelines.demo.pool import write_demo_pool
 from pipelines.demo.server import DemoImageServer
-from pipelines.runner import LocalRunner
+from pipelines.engine.runner import LocalRunner
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict
 from tests.integration.killing import WorkerKiller, running_title
 from tests.openai_server import FakeChatServer

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.evaluation.vlm import pixels
-from models.llava import LlavaConfig, load_llava
+from models.llava import LlavaConfig, load_llava, pixels
 from models.llava_text import collate, encode_conversation
 from tests.http_server import make_image
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.evaluation.vlm import pixels
-from models.llava import load_llava
+from models.llava import load_llava, pixels
 from models.llava_hf import NotExportable, export_hf
 from models.llava_text import encode_prompt
 from tests.http_server import make_image

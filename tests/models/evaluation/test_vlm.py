@@ -9,10 +9,10 @@ import torch
 
 from models.evaluation.datasets import CaptionedImageSet
 from models.evaluation.pope import BoxedImageSet
-from models.evaluation.vlm import caption_loss, evaluate_captions, evaluate_probe, generate_captions, pixels
-from models.llava import load_llava
+from models.evaluation.vlm import caption_loss, evaluate_captions, evaluate_probe, generate_captions
+from models.llava import load_llava, pixels
 from models.llava_text import collate, encode_conversation, encode_prompt, prepare_tokenizer
-from models.training.llava_data import caption_turns
+from schemas.llava import caption_turns
 from tests.http_server import make_image
 from tests.models.test_llava import argmax_decode
 

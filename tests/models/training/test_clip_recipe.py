@@ -15,7 +15,7 @@ from PIL import Image
 from models.clip import load_clip, preprocess_spec
 from models.training.clip_recipe import ClipTrainConfig, train_clip
 from models.training.shards import epoch_samples, resolve_shards
-from pipelines.export import write_webdataset
+from pipelines.export.shards import write_webdataset
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 

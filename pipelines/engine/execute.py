@@ -1,0 +1,261 @@
+"""The driver: runs a plan into its run directory, resumably, and keeps the manifest.
+
+Order of work: check the run directory (a changed config is refused), clear temporary files a
+killed run left, read the input into ``00_input`` shards, then for each phase compute the
+aggregate of its global stage (or reuse the saved one), process the shards that have no ledger
+entry yet, and check that the phase's ledger closes before the next phase starts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+from collections.abc import Callable
+from importlib import metadata
+
+from pipelines.card.writer import CARD, write_card
+from pipelines.engine.ledger import LedgerError, check_phase, check_run, summarise
+from pipelines.engine.phase import PhaseTask, ShardIO
+from pipelines.engine.plan import INPUT_PHASE, Plan, fingerprint_diff
+from pipelines.engine.rundir import RunDir
+from pipelines.engine.runner import Runner
+from pipelines.export.shards import (
+    ExportJob,
+    export_done,
+    export_settings,
+    finish_export,
+    plan_export,
+    write_export_shard,
+)
+from pipelines.source.shards import READ_STAGE, read_shards
+from schemas.manifest import Manifest, PhaseSummary, ShardEntry
+from schemas.rejects import INTERNAL_ERROR
+
+log = logging.getLogger(__name__)
+
+#: ``progress(phase, shards_done, shards_total)`` when a phase starts and after every written shard.
+Progress = Callable[[str, int, int], None]
+
+VERSIONED_PACKAGES = ("vlmcurate", "pyarrow", "ray", "polars", "torch", "open_clip_torch",
+                      "img2dataset", "transformers", "openai", "datasketch", "pillow")
+
+
+class ConfigChangedError(RuntimeError):
+    """The run directory holds a run of a different configuration."""
+
+
+def run_pipeline(plan: Plan, runner: Runner, progress: Progress | None = None) -> Manifest:
+    """Execute ``plan`` with ``runner``, resuming whatever an earlier attempt finished."""
+    rundir = RunDir(plan.run_uri)
+    with rundir.lock():
+        manifest = _open_manifest(rundir, plan)
+        removed = rundir.remove_temporaries()
+        if removed:
+            log.info("removed %d temporary file(s) left by an interrupted run", removed)
+        try:
+            changed = _execute(plan, runner, rundir, manifest, progress)
+        except BaseException:
+            manifest.status = "failed"
+            _write(rundir, manifest)
+            raise
+        # A worker killed mid-write (Ray ran its batch again elsewhere) leaves its temporary file.
+        removed = rundir.remove_temporaries()
+        if removed:
+            log.info("removed %d temporary file(s) left by workers that died during the run", removed)
+        manifest.status = "complete"
+        _write(rundir, manifest)
+        if not changed and rundir.exists(rundir.path(CARD)):  # a rerun of a finished run: nothing to describe anew
+            return manifest
+        try:
+            write_card(rundir, manifest, plan.stages)
+        except Exception:  # the rows are complete and recorded; only their description failed
+            log.exception("could not write the dataset card of %s; `vlmcurate card %s` writes it again",
+                          plan.run_uri, plan.run_uri)
+    return manifest
+
+
+def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, progress: Progress | None) -> bool:
+    """Run what is left of the plan; whether anything was written (shards, an aggregate, the export)."""
+    shards, previous, changed = _ingest(plan, rundir, manifest, progress)
+    input_phase = INPUT_PHASE
+    for phase in plan.phases:
+        done = rundir.shard_entries(phase.name)
+        if progress:
+            progress(phase.name, len(done), len(shards))
+        if phase.global_stage is not None:
+            changed |= _bind_aggregate(phase.global_stage, runner, rundir, input_phase, shards, manifest)
+        task = PhaseTask(ShardIO(rundir, input_phase, phase.name), phase.stages)
+        pending = [s for s in shards if s not in done]
+        changed |= bool(pending)
+        for entry in runner.run_phase(task, pending):
+            done[entry.shard] = entry
+            if progress:
+                progress(phase.name, len(done), len(shards))
+        entries = rundir.shard_entries(phase.name)
+        missing = sorted(set(shards) - set(entries))
+        if missing:
+            raise LedgerError(f"phase {phase.name!r} finished without shard(s) {missing[:10]}: their rows are "
+                              f"unaccounted for (is output_dir on storage every worker writes to?)")
+        check_phase(phase.name, entries, previous)
+        summary = summarise(phase.name, [s.name for s in phase.stages], entries, len(shards))
+        _warn_internal_errors(summary, plan.run_uri)
+        _set_phase(manifest, summary, plan.phase_names)
+        _write(rundir, manifest)
+        input_phase, previous = phase.name, entries
+    check_run(manifest)
+    if plan.config.export is not None:
+        changed |= _export(plan, runner, rundir, manifest, input_phase, previous)
+    return changed
+
+
+def _warn_internal_errors(summary: PhaseSummary, run_uri: str) -> None:
+    """Say so when a stage rejected rows for an error of its own, not of the data."""
+    for stage, counts in summary.counts.items():
+        rows = counts.rejected.get(INTERNAL_ERROR, 0)
+        if rows:
+            log.warning("stage %r rejected %d row(s) with %s: an error in vlmcurate or a library, not in the data; "
+                        "the exceptions are in %s/rejects/%s/ (column detail)", stage, rows, INTERNAL_ERROR,
+                        run_uri, summary.name)
+
+
+def _export(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, phase: str, entries) -> bool:
+    """Write the export unless it is there with these settings; whether it was written."""
+    options = plan.config.export
+    rows = sum(e.rows_out for e in entries.values())
+    settings = export_settings(options.formats, options.samples_per_shard, phase, rows)
+    written = not export_done(rundir, options.folder, settings)
+    if written:
+        rundir.remove_folder(options.folder)  # an export with other settings, or a partial one
+        shards = plan_export(entries, options.samples_per_shard)
+        job = ExportJob(rundir, phase, options.folder, tuple(options.formats))
+        counts = runner.map_tasks(write_export_shard, job, shards)
+        finish_export(rundir, options.folder, settings, counts)
+    manifest.export = {**settings, "folder": rundir.path(options.folder),
+                       "shards": -(-rows // options.samples_per_shard)}
+    _write(rundir, manifest)
+    return written
+
+
+def _open_manifest(rundir: RunDir, plan: Plan) -> Manifest:
+    existing = rundir.read_manifest()
+    if existing is not None and existing.config_hash != plan.config_hash and rundir.has_shard_entries():
+        changes = fingerprint_diff(existing.config.get("fingerprint", {}), plan.fingerprint)
+        raise ConfigChangedError(
+            f"run directory {plan.run_uri} holds a run of another configuration "
+            f"(hash {existing.config_hash}, now {plan.config_hash}). Changed:\n  "
+            + "\n  ".join(changes or ["(no readable difference)"])
+            + "\nTo keep both, start a new run: add name=<new name> (or output_dir=<other folder>). "
+            "To start over, delete the run directory."
+        )
+    now = _now()
+    if existing is not None and existing.config_hash == plan.config_hash:
+        versions = _versions()
+        before = existing.versions
+        changed = {k: f"{before.get(k)} -> {v}" for k, v in versions.items() if before.get(k) != v}
+        if changed:
+            log.warning("resuming run %s with other package versions: %s", plan.config.name, changed)
+        existing.history.append({"resumed_at": now, **({"versions_changed": changed} if changed else {})})
+        existing.versions = versions
+        existing.status = "running"
+        existing.config["pipeline"] = _portable(plan.config)
+        return existing
+    if existing is not None:
+        log.info("run %s finished no shard under its earlier configuration: replacing it", plan.config.name)
+    manifest = Manifest(
+        name=plan.config.name, config_hash=plan.config_hash,
+        config={"fingerprint": plan.fingerprint, "pipeline": _portable(plan.config)},
+        versions=_versions(), created_at=now, updated_at=now,
+    )
+    _write(rundir, manifest)
+    return manifest
+
+
+def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress | None):
+    """Read the input into ``00_input`` shards (skipping shards already written); the shard numbers,
+    their ledger entries, and whether the input was read."""
+    summary = next((p for p in manifest.phases if p.name == INPUT_PHASE), None)
+    done = rundir.shard_entries(INPUT_PHASE)
+    read = summary is None or summary.shards_done != summary.shards_total or len(done) != summary.shards_total
+    if read:
+        if progress:
+            progress(INPUT_PHASE, len(done), 0)
+        total = 0
+        for shard in read_shards(plan.source, plan.config.shard_size):
+            total += 1
+            if shard.shard in done:
+                continue
+            entry = ShardEntry(phase=INPUT_PHASE, shard=shard.shard, rows_in=shard.counts.rows_in,
+                               rows_out=shard.rows.num_rows, stages={READ_STAGE: shard.counts})
+            rundir.write_shard(entry, shard.rows, shard.rejects)
+            done[shard.shard] = entry
+            if progress:
+                progress(INPUT_PHASE, len(done), 0)
+        if len(done) != total:
+            raise LedgerError(
+                f"the input now gives {total} shards but {len(done)} were written earlier: the input "
+                f"changed under the run"
+            )
+        if progress:
+            progress(INPUT_PHASE, len(done), total)
+        check_phase(INPUT_PHASE, done, None)
+        _set_phase(manifest, summarise(INPUT_PHASE, [READ_STAGE], done, total), plan.phase_names)
+        _write(rundir, manifest)
+    return sorted(done), done, read
+
+
+def _bind_aggregate(planned, runner: Runner, rundir: RunDir, phase: str, shards: list[int],
+                    manifest: Manifest) -> bool:
+    """Give a global stage its aggregate, computing it unless saved; whether it was computed."""
+    computed = not bind_saved_aggregate(planned, rundir)
+    if computed:
+        partials = runner.compute_partials(planned, rundir, phase, shards)
+        rundir.save_aggregate(planned.name, planned.stage.aggregate(partials))
+        bind_saved_aggregate(planned, rundir)
+    manifest.aggregates[planned.name] = planned.stage.describe(planned.state)
+    _write(rundir, manifest)
+    return computed
+
+
+def bind_saved_aggregate(planned, rundir: RunDir) -> bool:
+    """Give a global stage its saved aggregate (workers load it from the run directory)."""
+    found, state = rundir.load_aggregate(planned.name)
+    if found:
+        planned.state = state
+        planned.state_source = rundir
+    return found
+
+
+def _portable(config) -> dict:
+    """The config as run, with local paths made absolute so the run can be retried from anywhere."""
+    raw = config.model_dump()
+    for key in ("input", "output_dir"):
+        if "://" not in raw[key]:
+            raw[key] = os.path.abspath(raw[key])
+    return raw
+
+
+def _set_phase(manifest: Manifest, summary, order: list[str]) -> None:
+    phases = {p.name: p for p in manifest.phases}
+    phases[summary.name] = summary
+    manifest.phases = [phases[name] for name in order if name in phases]
+
+
+def _write(rundir: RunDir, manifest: Manifest) -> None:
+    manifest.updated_at = _now()
+    rundir.write_manifest(manifest)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions

@@ -1,0 +1,492 @@
+"""Runners execute phases shard by shard; this is the only module that imports Ray.
+
+``LocalRunner`` runs everything in the calling process (unit tests, debugging, small pools).
+``RayRunner`` runs each phase as a Ray Data pipeline whose rows are shards: one ``map_batches``
+per stage, class-based actor pools for stages with ``setup`` (models load once per actor),
+stateless tasks otherwise, so Ray's streaming executor overlaps stages and applies
+backpressure. Inside a shard both runners call the same code (:mod:`pipelines.engine.chain`), so they
+produce identical rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import pickle
+import re
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.engine.chain import PlannedStage, ShardState, apply_stage
+from pipelines.engine.config import RayConfig
+from pipelines.engine.phase import PhaseTask, ShardIO, compute_partial
+from pipelines.engine.rundir import RunDir
+from schemas.manifest import ShardEntry, StageCounts
+
+log = logging.getLogger(__name__)
+
+#: Largest actor pool per stage on an autoscaling cluster when the stage sets no concurrency.
+AUTOSCALE_MAX_ACTORS = 64
+
+
+#: How often a crashed worker is restarted, or a failed task retried, before the phase fails.
+#: Finite on purpose: a stage that kills its worker on some input must fail the run, not loop.
+WORKER_RETRIES = 3
+
+#: How long a local Ray keeps an idle worker process before killing it.
+IDLE_WORKER_KEEP_MS = 600_000
+
+#: The share of a fixed cluster's memory the memory requests of one phase may take together.
+MEMORY_SHARE = 0.8
+
+
+class Runner(ABC):
+    """Executes phases over shards and the ``compute`` pass of global stages."""
+
+    @abstractmethod
+    def run_phase(self, task: PhaseTask, shards: list[int]) -> Iterator[ShardEntry]:
+        """Process and write each shard; yield its ledger entry as soon as it is written."""
+
+    @abstractmethod
+    def compute_partials(self, planned: PlannedStage, rundir: RunDir, phase: str, shards: list[int]) -> list[Any]:
+        """``planned.stage.compute`` on each finished shard of ``phase``, in the order of ``shards``."""
+
+    @abstractmethod
+    def map_tasks(self, fn: Callable[..., Any], first: Any, items: list[Any]) -> list[Any]:
+        """``[fn(first, item) for item in items]``, in parallel where the runner can."""
+
+    def close(self) -> None:
+        """Release what the runner started."""
+
+
+class LocalRunner(Runner):
+    """Runs every shard in this process, one after the other."""
+
+    def __init__(self) -> None:
+        self._ready: dict[int, PlannedStage] = {}
+
+    def _setup(self, planned: PlannedStage) -> PlannedStage:
+        """The stage as it runs here, set up once. Stages run one after the other in this
+        process, so a model stage gets every core (with a GPU its threads hardly matter)."""
+        if id(planned) not in self._ready:
+            ready = planned
+            if planned.stage.resources.gpus:
+                ready = with_cpus(planned, max(planned.stage.resources.cpus, os.cpu_count() or 1))
+                import torch
+
+                if not torch.cuda.is_available():
+                    log.warning(gpu_on_cpu(planned.name, planned.stage.resources.gpus, "this machine",
+                                           ready.stage.resources.cpus))
+            ready.setup()
+            self._ready[id(planned)] = ready
+        return self._ready[id(planned)]
+
+    def run_phase(self, task: PhaseTask, shards: list[int]) -> Iterator[ShardEntry]:
+        stages = [self._setup(planned) for planned in task.stages] if shards else []
+        for shard in shards:
+            state = task.io.load(shard)
+            for planned in stages:
+                state = apply_stage(planned, state)
+            yield task.io.finish(state)
+
+    def compute_partials(self, planned, rundir, phase, shards):
+        if shards:
+            planned = self._setup(planned)
+        return [compute_partial(planned, rundir, phase, shard) for shard in shards]
+
+    def map_tasks(self, fn, first, items):
+        return [fn(first, item) for item in items]
+
+
+class RayRunner(Runner):
+    """Runs phases as Ray Data pipelines on a local Ray or on the cluster at ``address``.
+
+    On a Ray it starts itself (or one already running in this process) the cluster is fixed, so
+    actor pools are sized to fit it, leaving room for the read and write tasks. Connected to a
+    cluster by ``address``, it leaves sizing and GPU placement to Ray's autoscaler.
+    """
+
+    def __init__(self, config: RayConfig | None = None) -> None:
+        self.config = config or RayConfig()
+        self._started_ray = False
+        self._deaths: WorkerDeaths | None = None
+
+    def start(self) -> None:
+        """Start (or join) Ray as configured, unless this process has one; watch its workers from now."""
+        import ray
+
+        if not ray.is_initialized():
+            self._init()
+        if self._deaths is None:
+            self._deaths = WorkerDeaths()
+
+    def _init(self) -> None:
+        import ray
+
+        common = dict(include_dashboard=False, log_to_driver=self.config.log_to_driver, configure_logging=False)
+        if self.config.address:
+            ray.init(address=self.config.address, **common)
+        else:
+            # Workers inherit the driver's environment: make stage modules beside the user importable.
+            paths = [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+            # Ray kills idle workers beyond num_cpus after 1 s by default, so each shard's
+            # short write task would start (and import the project in) a fresh process on the
+            # cores a model actor is using; keep them for the phase instead.
+            ray.init(num_cpus=self.config.num_cpus, num_gpus=self.config.num_gpus,
+                     object_store_memory=self.config.object_store_memory,
+                     _temp_dir=self.config.temp_dir,
+                     _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}, **common)
+        self._started_ray = True
+        log.info("started Ray: %s", ray.cluster_resources())
+
+    def close(self) -> None:
+        import ray
+
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+        self._started_ray = False
+        self._deaths = None
+
+    def _data_context(self):
+        import ray.data
+
+        self.start()
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the CLI draws one bar per phase
+        context.print_on_execution_start = False
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        return context
+
+    def _placement(self, stages: list[PlannedStage]) -> Placement:
+        import ray
+
+        resources = ray.cluster_resources()
+        if self.config.address:  # an autoscaling cluster: ask, and let Ray provide
+            return Placement(True, 1.0, {p.name: (1, p.stage.resources.concurrency or AUTOSCALE_MAX_ACTORS)
+                                         for p in stages if p.stateful})
+        return plan_placement(stages, resources.get("CPU", 1), resources.get("GPU", 0) > 0, resources.get("memory"))
+
+    def run_phase(self, task: PhaseTask, shards: list[int]) -> Iterator[ShardEntry]:
+        if not shards:
+            return
+        import ray.data
+
+        self._data_context()
+        placement = self._placement(task.stages)
+        io_args = dict(fn_kwargs={"io": task.io}, batch_size=1, batch_format="pyarrow",
+                       num_cpus=placement.cpu_scale, max_retries=WORKER_RETRIES)
+        ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=len(shards))
+        ds = _map_batches(ds, _load_shards, **io_args)
+        for planned in task.stages:
+            ds = _map(ds, planned, _apply_stage_batch, placement, label=planned.name)
+        ds = _map_batches(ds, _finish_shards, **io_args)
+        for row in ds.iter_rows():
+            yield ShardEntry.from_json(row["entry"])
+        self._deaths.report(f"phase {task.io.name}")
+
+    def compute_partials(self, planned, rundir, phase, shards):
+        if not shards:
+            return []
+        import ray.data
+
+        self._data_context()
+        placement = self._placement([planned])
+        ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=len(shards))
+        ds = _map(ds, planned, _compute_batch, placement, label=f"{planned.name}_compute", rundir=rundir, phase=phase)
+        partials = {row["shard"]: pickle.loads(row["partial"]) for row in ds.iter_rows()}
+        self._deaths.report(f"the compute pass of {planned.name}")
+        return [partials[shard] for shard in shards]
+
+    def map_tasks(self, fn, first, items):
+        if not items:
+            return []
+        import ray
+
+        self.start()
+        remote = ray.remote(max_retries=WORKER_RETRIES)(fn)
+        first_ref = ray.put(first)
+        results = ray.get([remote.remote(first_ref, item) for item in items])
+        self._deaths.report(fn.__name__)
+        return results
+
+
+def make_runner(kind: str, ray_config: RayConfig | None = None) -> Runner:
+    if kind == "local":
+        return LocalRunner()
+    if kind == "ray":
+        return RayRunner(ray_config)
+    raise ValueError(f"runner {kind!r} is not one of: local, ray")
+
+
+# Ray Data map functions. A row is a shard: its rows and rejects as Arrow IPC, its counts as JSON.
+
+class _StageActor:
+    """Holds one stage in a Ray actor: ``setup`` runs once when the actor starts."""
+
+    def __init__(self, planned: PlannedStage, fn, **kwargs) -> None:
+        self.planned, self.fn, self.kwargs = planned, fn, kwargs
+        planned.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.fn(batch, self.planned, **self.kwargs)
+
+
+def _apply_stage_batch(batch: pa.Table, planned: PlannedStage) -> pa.Table:
+    return _encode([apply_stage(planned, state) for state in _decode(batch)])
+
+
+def _compute_batch(batch: pa.Table, planned: PlannedStage, rundir: RunDir, phase: str) -> pa.Table:
+    shards = batch["shard"].to_pylist()
+    partials = [pickle.dumps(compute_partial(planned, rundir, phase, s), protocol=5) for s in shards]
+    return pa.table({"shard": pa.array(shards, pa.int64()), "partial": pa.array(partials, pa.large_binary())})
+
+
+def _load_shards(batch: pa.Table, io: ShardIO) -> pa.Table:
+    return _encode([io.load(shard) for shard in batch["shard"].to_pylist()])
+
+
+def _finish_shards(batch: pa.Table, io: ShardIO) -> pa.Table:
+    entries = [io.finish(state) for state in _decode(batch)]
+    return pa.table({"entry": pa.array([e.to_json() for e in entries], pa.string())})
+
+
+def _map_batches(ds, fn, **args):
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing max_restarts/max_retries as keyword arguments but offers
+        # no named parameter for them yet; without them a crashing worker is retried forever.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        return ds.map_batches(fn, **args)
+
+
+def _map(ds, planned: PlannedStage, fn, placement: Placement, label: str, **kwargs):
+    """``ds.map_batches`` running ``fn(batch, planned, **kwargs)`` with the stage's resources.
+
+    The step is named ``label`` (Ray Data names an operator after its function or class), so the
+    stage shows in Ray's operator names, logs, dashboard and worker process titles, e.g.
+    ``ray::MapWorker(MapBatches(clip_embed)).submit`` for an actor running a ``clip_embed`` batch.
+    """
+    import ray.data
+
+    if planned.name in placement.cpus:
+        planned = with_cpus(planned, placement.cpus[planned.name])
+    resources = planned.stage.resources
+    pool = placement.pools.get(planned.name)
+    gpus = resources.gpus
+    if gpus and not placement.has_gpu:
+        log.warning(gpu_on_cpu(planned.name, gpus, "this Ray cluster", resources.cpus))
+        gpus = 0
+    args: dict[str, Any] = dict(batch_size=1, batch_format="pyarrow", num_cpus=resources.cpus * placement.cpu_scale)
+    if gpus:
+        args["num_gpus"] = gpus
+    if resources.memory:
+        args["memory"] = int(resources.memory * placement.memory_scale)
+    env = planned.stage.worker_env()
+    if env:
+        args["runtime_env"] = {"env_vars": env}
+    if pool is not None:
+        low, high = pool
+        strategy = ray.data.ActorPoolStrategy(size=low) if low == high else \
+            ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+        args.update(compute=strategy, fn_constructor_args=(planned, fn), fn_constructor_kwargs=kwargs,
+                    max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES)
+        target = type(label, (_StageActor,), {"__module__": __name__, "__qualname__": label})
+    else:
+        if resources.concurrency is not None:
+            args["compute"] = ray.data.TaskPoolStrategy(size=resources.concurrency)
+        args.update(fn_kwargs={"planned": planned, **kwargs}, max_retries=WORKER_RETRIES)
+        target = _named_task(fn, label)
+    return _map_batches(ds, target, **args)
+
+
+def _named_task(fn, label: str):
+    """``fn`` under the name ``label`` (pickled by value, like the named actor classes)."""
+    def task(batch: pa.Table, **kwargs) -> pa.Table:
+        return fn(batch, **kwargs)
+
+    task.__name__ = task.__qualname__ = label
+    return task
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a phase's steps are placed: a CPU scale for every request, the actor-pool sizes, and
+    the CPUs granted to stages in place of what they declared (before scaling)."""
+
+    has_gpu: bool
+    cpu_scale: float
+    pools: dict[str, tuple[int, int]]
+    cpus: dict[str, float] = field(default_factory=dict)
+    memory_scale: float = 1.0
+
+
+def with_cpus(planned: PlannedStage, cpus: float) -> PlannedStage:
+    """A copy of ``planned`` whose stage declares ``cpus`` (what its ``setup`` sizes threads by)."""
+    stage = copy.copy(planned.stage)
+    stage.resources = replace(stage.resources, cpus=cpus)
+    return replace(planned, stage=stage)
+
+
+def plan_placement(stages: list[PlannedStage], cluster_cpus: float, has_gpu: bool,
+                   cluster_memory: float | None = None) -> Placement:
+    """Fit a phase on a fixed cluster: actor pools never take the CPUs the tasks need.
+
+    Actors hold their CPUs for the whole phase. If they took every CPU, the task-based steps
+    (reading, stateless stages, writing) could never be scheduled and the phase would hang. One
+    task's worth of CPUs (the largest task request, at least 1) stays free. When even one actor
+    per stateful stage plus that reserve exceeds the cluster (two model stages on a 2-CPU
+    laptop), every CPU request of the phase is scaled down by the same factor, with a warning:
+    the steps then share cores instead of waiting for each other forever.
+
+    A stage that asks for a GPU on a cluster without one runs its model on CPU threads, and is
+    then the phase's bottleneck: it is granted the whole node's CPUs (at least what it asked),
+    scaled like every other request, so its threads share the cores with the light tasks beside
+    it rather than leave all but one idle. To run several smaller CPU actors instead, declare
+    ``gpus: 0`` and the ``cpus`` each should have.
+    """
+    granted = {p.name: max(p.stage.resources.cpus, cluster_cpus) for p in stages
+               if p.stateful and p.stage.resources.gpus and not has_gpu}
+
+    def cpus(p: PlannedStage) -> float:
+        return granted.get(p.name, p.stage.resources.cpus)
+
+    actors = [p for p in stages if p.stateful]
+    reserve = max([1.0] + [cpus(p) for p in stages if not p.stateful])
+    needed = sum(cpus(p) for p in actors)
+    scale = min(1.0, cluster_cpus / (needed + reserve)) if actors else 1.0
+    if scale < 1.0:
+        log.info("stages %s need %g CPU(s) as actors plus %g for the other steps, more than the %g this Ray "
+                    "has: scaling the phase's CPU requests by %.2f (they share cores)",
+                    [p.name for p in actors], needed, reserve, cluster_cpus, scale)
+    budget = cluster_cpus - reserve * scale
+    pools = {}
+    for p in actors:
+        spare = budget - (needed - cpus(p)) * scale  # once the other pools have one actor
+        largest = max(1, int((spare + 1e-9) // (cpus(p) * scale)))
+        wanted = p.stage.resources.concurrency
+        if wanted is not None and wanted > largest:
+            log.warning("stage %r asks for %d actors but only %d fit beside the other steps on %g CPUs",
+                        p.name, wanted, largest, cluster_cpus)
+        pools[p.name] = (min(wanted, largest), min(wanted, largest)) if wanted else (1, largest)
+    return Placement(has_gpu, scale, pools, granted, _memory_scale(stages, cluster_memory))
+
+
+def _memory_scale(stages: list[PlannedStage], cluster_memory: float | None) -> float:
+    """1, or less where one worker of each stage that declares ``memory`` would not fit in
+    :data:`MEMORY_SHARE` of the cluster's memory: then every memory request of the phase shrinks
+    by the same factor, as CPU requests do, so the workers start (and share the memory) instead
+    of waiting forever."""
+    needed = sum(p.stage.resources.memory or 0 for p in stages)
+    if not cluster_memory or needed <= MEMORY_SHARE * cluster_memory:
+        return 1.0
+    scale = MEMORY_SHARE * cluster_memory / needed
+    log.info("stages %s declare %.1f GiB of memory, more than %d%% of the %.1f GiB this Ray has: scaling the "
+             "phase's memory requests by %.2f", [p.name for p in stages if p.stage.resources.memory],
+             needed / 2**30, MEMORY_SHARE * 100, cluster_memory / 2**30, scale)
+    return scale
+
+
+def gpu_on_cpu(stage: str, gpus: float, where: str, cpus: float) -> str:
+    """The warning for a stage that asks for a GPU and runs on the CPU."""
+    return (f"stage {stage!r} asks for a GPU (resources.gpus {gpus:g}) but {where} has none: its model runs on "
+            f"{cpus:g} CPU core(s), much slower; set stages.{stage}.resources.gpus=0 if that is intended")
+
+
+class WorkerDeaths:
+    """Watches this job's Ray workers: one that died unexpectedly (crashed, killed, out of memory)
+    had its actor restarted or its task retried by Ray. The run goes on with every row, but the
+    user hears of it, with the stages whose actors were restarted.
+
+    It reads Ray's own worker and actor tables (GCS) through ``ray._private.state``: Ray's state
+    API (``ray.util.state``) would need the dashboard, which this runner does not start.
+    """
+
+    UNEXPECTED = ("SYSTEM_ERROR", "NODE_OUT_OF_MEMORY")
+
+    def __init__(self) -> None:
+        self.seen, self.restarts = self._deaths(), self._restarts()
+
+    def report(self, during: str) -> None:
+        deaths, restarts = self._deaths(), self._restarts()
+        new = [why for worker, why in deaths.items() if worker not in self.seen]
+        restarted = sorted(name for name, n in restarts.items() if n > self.restarts.get(name, 0))
+        self.seen, self.restarts = deaths, restarts
+        if new:
+            log.warning("%d Ray worker(s) died during %s and Ray ran their work again%s (%s); no row is lost, "
+                        "but a stage whose workers keep dying fails the run after %d retries",
+                        len(new), during, f", restarting the actors of {', '.join(restarted)}" if restarted else "",
+                        "; ".join(sorted(set(new))), WORKER_RETRIES)
+
+    @classmethod
+    def _deaths(cls) -> dict[str, str]:
+        """Workers of this job that exited unexpectedly: their exit type and detail, by worker id."""
+        import ray
+        from ray._private.state import state
+        from ray.core.generated import common_pb2, gcs_pb2
+
+        job = ray.get_runtime_context().get_job_id()
+        deaths = {}
+        for raw in state._connect_and_get_accessor().get_worker_table():
+            worker = gcs_pb2.WorkerTableData.FromString(raw)
+            exit_type = common_pb2.WorkerExitType.Name(worker.exit_type)
+            if not worker.is_alive and worker.job_id.hex() == job and exit_type in cls.UNEXPECTED:
+                detail = worker.exit_detail.split(". ")[0][:200]
+                deaths[worker.worker_address.worker_id.hex()] = f"{exit_type}: {detail}"
+        return deaths
+
+    @staticmethod
+    def _restarts() -> dict[str, int]:
+        """Restarts of this job's actors, by stage (Ray Data names an actor after its operator)."""
+        import ray
+        from ray._private.state import actors
+
+        counts: dict[str, int] = {}
+        for actor in actors(job_id=ray.JobID.from_hex(ray.get_runtime_context().get_job_id())).values():
+            match = re.search(r"MapBatches\((.+)\)\)$", actor["ActorClassName"])
+            name = match.group(1) if match else actor["ActorClassName"]
+            counts[name] = counts.get(name, 0) + actor["NumRestarts"]
+        return counts
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(scalar: pa.Scalar) -> pa.Table:
+    return pa.ipc.open_stream(scalar.as_buffer()).read_all()
+
+
+def _encode(states: list[ShardState]) -> pa.Table:
+    rejects = [s.rejects_table() for s in states]
+    return pa.table({
+        "shard": pa.array([s.shard for s in states], pa.int64()),
+        "rows_in": pa.array([s.rows_in for s in states], pa.int64()),
+        "rows": pa.array([_ipc(s.rows) for s in states], pa.large_binary()),
+        "rejects": pa.array([None if r is None else _ipc(r) for r in rejects], pa.large_binary()),
+        "counts": pa.array([json.dumps({k: c.to_dict() for k, c in s.counts.items()}) for s in states]),
+    })
+
+
+def _decode(batch: pa.Table) -> list[ShardState]:
+    states = []
+    for i in range(batch.num_rows):
+        rejects = batch["rejects"][i]
+        counts = json.loads(batch["counts"][i].as_py())
+        states.append(ShardState(
+            shard=batch["shard"][i].as_py(),
+            rows=_from_ipc(batch["rows"][i]),
+            rows_in=batch["rows_in"][i].as_py(),
+            rejects=[] if not rejects.is_valid else [_from_ipc(rejects)],
+            counts={k: StageCounts.from_dict(v) for k, v in counts.items()},
+        ))
+    return states

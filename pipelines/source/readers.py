@@ -1,0 +1,476 @@
+"""Input files: finding them, telling their format, resolving columns, reading normalised chunks.
+
+Every reader yields tables of one fixed schema: ``url`` and ``caption`` (UTF-8 text, null where
+unusable), ``uid`` when the pool has its own, the kept columns, and the two reserved reject
+columns set for rows already known bad, in input order:
+
+* ``malformed_row``: a row that does not parse (a csv/tsv record with the wrong number of
+  fields, a jsonl line that is not a JSON object or nests too deeply), a line or record longer
+  than ``max_row_bytes`` and a csv quote never closed (see :mod:`pipelines.source.text_records` and
+  :mod:`pipelines.source.jsonl_rows`);
+* ``missing_url``, ``url_not_text``, ``url_not_utf8``, ``missing_caption``, ``caption_not_text``,
+  ``caption_not_utf8``, ``missing_uid``, ``uid_not_utf8`` and ``kept_column_not_utf8`` (the
+  detail names the column);
+* ``unreadable_input``: rows a damaged file loses: each row of a parquet row group that cannot
+  be read, or one record for the rest of a truncated or corrupt compressed csv/tsv/jsonl file.
+
+Problems with a whole file (no header, an unreadable footer, columns of the wrong type, a column
+twice) raise :class:`SourceError` naming the file and what to change.
+
+Kept columns hold text for csv, tsv and jsonl (JSON values other than strings as JSON text); in
+parquet they keep their type, unified over all input files, so every shard has one schema.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipelines.source import jsonl_rows
+from pipelines.source.text_records import (
+    CSV,
+    DEFAULT_MAX_ROW_BYTES,
+    JSONL,
+    TSV,
+    Dialect,
+    RecordBatch,
+    RecordReader,
+    preview,
+)
+from pipelines.stage import Rejections
+from schemas import rejects as R
+from schemas.columns import CAPTION, UID, URL
+from schemas.rejects import REJECT_DETAIL, REJECT_REASON
+
+FORMATS = ("parquet", "csv", "tsv", "jsonl")
+URL_CANDIDATES = ("url", "URL", "image_url", "img_url")
+CAPTION_CANDIDATES = ("caption", "TEXT", "text", "alt_text", "alt", "title")
+_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+_CHUNK_ROWS = 65536
+_STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view())
+_TEXT_TYPES = (*_STRING_TYPES, pa.binary(), pa.large_binary(), pa.null())
+_DIALECTS = {"csv": CSV, "tsv": TSV}
+_PYARROW_INVALID_ROW = re.compile(r"Row #(\d+): Expected (\d+) columns, got (\d+)")
+
+
+class SourceError(ValueError):
+    """The input as a whole cannot be read: the message names the file and what to change."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where the pool is and which of its columns hold the url, caption and (optionally) uid.
+
+    ``url_column`` / ``caption_column`` set to ``"auto"`` pick the first present of
+    ``URL_CANDIDATES`` / ``CAPTION_CANDIDATES`` (``url``/``caption``, LAION's ``URL``/``TEXT``, …).
+    ``keep_columns`` are carried through. ``max_row_bytes`` bounds a csv/tsv record and a jsonl
+    line: a longer one is a ``malformed_row``, skipped without being held in memory.
+    """
+
+    path: str
+    format: str = "auto"
+    url_column: str = "auto"
+    caption_column: str = "auto"
+    uid_column: str | None = None
+    keep_columns: tuple[str, ...] = field(default_factory=tuple)
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
+
+
+def resolve_files(path: str) -> list[str]:
+    """The input files named by a file path, a folder (its files) or a glob, sorted."""
+    if any(ch in path for ch in "*?["):
+        files = sorted(f for f in glob.glob(path) if os.path.isfile(f))
+        if not files:
+            raise SourceError(f"input glob {path!r} matches no file")
+        return files
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(path, f) for f in os.listdir(path)
+            if not f.startswith((".", "_")) and _format_of(f) is not None
+        )
+        if not files:
+            raise SourceError(f"input folder {path!r} holds no .parquet, .csv, .tsv or .jsonl file")
+        return files
+    if not os.path.exists(path):
+        raise SourceError(f"input file {path!r} does not exist")
+    return [path]
+
+
+def detect_format(files: list[str], requested: str = "auto") -> str:
+    if requested != "auto":
+        if requested not in FORMATS:
+            raise SourceError(f"input_format {requested!r} is not one of: auto, {', '.join(FORMATS)}")
+        return requested
+    formats = {_format_of(f) for f in files}
+    if None in formats or len(formats) != 1:
+        raise SourceError(
+            f"cannot tell the input format from the file names {files[:3]}; set input_format to one of "
+            f"{', '.join(FORMATS)} (all input files must share one format)"
+        )
+    return formats.pop()
+
+
+def check_file(path: str, fmt: str, spec: SourceSpec) -> tuple[str, str]:
+    """Resolve the url and caption columns of ``path`` and check what can be checked cheaply."""
+    if os.path.getsize(path) == 0:
+        raise SourceError(f"input file {path!r} is empty")
+    if fmt == "parquet":
+        schema = _parquet(path).schema_arrow
+        url_col, caption_col = resolve_columns(schema.names, spec, path)
+        _check_parquet_types(schema, url_col, caption_col, spec, path)
+        return url_col, caption_col
+    if fmt == "jsonl":
+        with _records(path, JSONL, spec) as reader:
+            keys = jsonl_rows.first_keys(reader)
+        if reader.failure is not None and not reader.lines_read:
+            raise SourceError(f"input file {path!r} cannot be read: {reader.failure}")
+        # No JSON object among the first records: every line is malformed (or the file is blank).
+        return resolve_columns(keys, spec, path) if keys else (URL, CAPTION)
+    with _records(path, _DIALECTS[fmt], spec) as reader:
+        return resolve_columns(_header_names(reader, path, fmt), spec, path)
+
+
+def keep_types(files: list[str], fmt: str, spec: SourceSpec) -> dict[str, pa.DataType]:
+    """The type of each kept column in every shard: text, or (parquet) unified over all files."""
+    if fmt != "parquet" or not spec.keep_columns:
+        return {name: pa.string() for name in spec.keep_columns}
+    for f in files:
+        check_file(f, fmt, spec)
+    schemas = [pa.schema([_parquet(f).schema_arrow.field(n) for n in spec.keep_columns]) for f in files]
+    try:
+        unified = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise SourceError(f"input files disagree on the types of kept columns {list(spec.keep_columns)}: {e}") \
+            from None
+    return {f.name: f.type for f in unified}
+
+
+def read_file(path: str, fmt: str, spec: SourceSpec, kept: dict[str, pa.DataType]) -> Iterator[pa.Table]:
+    """Normalised chunks of one input file (see the module docstring)."""
+    url_col, caption_col = check_file(path, fmt, spec)
+    schema = _schema(spec, kept)
+    if fmt == "parquet":
+        yield from _read_parquet(path, spec, url_col, caption_col, schema)
+    elif fmt == "jsonl":
+        with _records(path, JSONL, spec) as reader:
+            yield from jsonl_rows.read_rows(reader, spec, url_col, caption_col, schema, _CHUNK_ROWS)
+    else:
+        yield from _read_delimited(path, fmt, spec, url_col, caption_col, schema)
+
+
+def caption_texts(path: str, column: str = "auto") -> list[str]:
+    """Just the captions of a file (any pool format, or .txt with one caption a line), for mining."""
+    import polars as pl
+
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    fmt = detect_format([path])
+    frame = {"parquet": lambda: pl.read_parquet(path), "jsonl": lambda: pl.read_ndjson(path),
+             "csv": lambda: pl.read_csv(path, infer_schema=False),
+             "tsv": lambda: pl.read_csv(path, separator="\t", quote_char=None, infer_schema=False)}[fmt]()
+    name = _pick(frame.columns, column, CAPTION_CANDIDATES, "caption column", path)
+    return [text for text in frame[name].to_list() if isinstance(text, str)]
+
+
+def resolve_columns(names: list[str], spec: SourceSpec, path: str) -> tuple[str, str]:
+    url_col = _pick(names, spec.url_column, URL_CANDIDATES, "columns.url", path)
+    caption_col = _pick(names, spec.caption_column, CAPTION_CANDIDATES, "columns.caption", path)
+    for name, key in [(spec.uid_column, "columns.uid")] + [(k, "columns.keep") for k in spec.keep_columns]:
+        if name and name not in names:
+            raise SourceError(f"{key}: column {name!r} is not in {path!r}; its columns are {names}")
+    for name in _wanted_columns(url_col, caption_col, spec):
+        if names.count(name) > 1:
+            raise SourceError(f"column {name!r} appears {names.count(name)} times in {path!r}; rename or drop the "
+                              f"copies so that it names one column")
+    return url_col, caption_col
+
+
+# Formats ---------------------------------------------------------------------------------------
+
+def _parquet(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise SourceError(f"input file {path!r} is not a readable parquet file: {e}") from None
+
+
+def _check_parquet_types(schema: pa.Schema, url_col: str, caption_col: str, spec: SourceSpec, path: str) -> None:
+    for name, key in ((url_col, "columns.url"), (caption_col, "columns.caption")):
+        type_ = schema.field(name).type
+        if not _is_text(type_):
+            raise SourceError(f"{key}: column {name!r} of {path!r} has type {type_}; it must hold text")
+    if spec.uid_column:
+        type_ = schema.field(spec.uid_column).type
+        if not (_is_text(type_) or pa.types.is_integer(_value_type(type_))):
+            raise SourceError(f"columns.uid: column {spec.uid_column!r} of {path!r} has type {type_}; a uid must "
+                              f"be text or integers")
+
+
+def _read_parquet(path: str, spec: SourceSpec, url_col: str, caption_col: str,
+                  schema: pa.Schema) -> Iterator[pa.Table]:
+    """Row group by row group; the rows of a group that cannot be read are ``unreadable_input``."""
+    file = _parquet(path)
+    for group in range(file.num_row_groups):
+        batches = file.iter_batches(batch_size=_CHUNK_ROWS, row_groups=[group],
+                                    columns=_wanted_columns(url_col, caption_col, spec))
+        read = 0
+        while True:
+            try:
+                batch = next(batches, None)
+            except (OSError, pa.ArrowException) as e:
+                lost = file.metadata.row_group(group).num_rows - read
+                detail = f"input file {path!r}, row group {group}: {lost} of its rows cannot be read: {e}"
+                for first in range(0, lost, _CHUNK_ROWS):
+                    n = min(_CHUNK_ROWS, lost - first)
+                    yield _reject_rows(schema, [R.UNREADABLE_INPUT] * n, [detail] * n)
+                break
+            if batch is None:
+                break
+            read += batch.num_rows
+            yield _normalise(pa.Table.from_batches([batch]), url_col, caption_col, spec, schema)
+
+
+def _records(path: str, dialect: Dialect, spec: SourceSpec) -> RecordReader:
+    try:
+        return RecordReader(path, dialect, spec.max_row_bytes)
+    except (OSError, pa.ArrowException) as e:
+        raise SourceError(f"input file {path!r} cannot be opened: {e}") from None
+
+
+def _delimited_options(fmt: str) -> dict:
+    csv = fmt == "csv"  # TSV pools (img2dataset's) are unquoted: a stray quote is caption text
+    return dict(delimiter="," if csv else "\t", newlines_in_values=csv, quote_char='"' if csv else False)
+
+
+def _header_names(reader: RecordReader, path: str, fmt: str) -> list[str]:
+    """The column names on the header line of a csv/tsv file."""
+    try:
+        header = reader.header()
+        if header is None:
+            raise ValueError("it holds no header line")
+        return pacsv.read_csv(pa.py_buffer(header + b"\n"), read_options=pacsv.ReadOptions(use_threads=False),
+                              parse_options=pacsv.ParseOptions(**_delimited_options(fmt))).column_names
+    except ValueError as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise SourceError(f"input file {path!r} cannot be parsed as {fmt}: {e}") from None
+
+
+def _read_delimited(path: str, fmt: str, spec: SourceSpec, url_col: str, caption_col: str,
+                    schema: pa.Schema) -> Iterator[pa.Table]:
+    with _records(path, _DIALECTS[fmt], spec) as reader:
+        names = _header_names(reader, path, fmt)
+        wanted = _wanted_columns(url_col, caption_col, spec)
+        parse = _record_parser(fmt, names, wanted)
+        for batch in reader.batches(fields=len(names)):
+            tables, invalid = _parse_records(batch, parse)
+            rows = _normalise(pa.concat_tables(tables).rename_columns(wanted), url_col, caption_col, spec, schema) \
+                if tables else schema.empty_table()
+            yield _interleave(rows, _batch_rejects(batch, invalid, reader.dialect.label), schema)
+
+
+def _record_parser(fmt: str, names: list[str], wanted: list[str]):
+    """``parse(text, first, invalid)``: pyarrow's table of the wanted columns of whole records, noting
+    ``(record index, why)`` in ``invalid`` for each record with the wrong number of fields."""
+    # Columns by position: header names may repeat or be empty where they are not wanted.
+    positions = [str(names.index(name)) for name in wanted]
+    # Text is read unchecked and checked per value in _normalise: bad UTF-8 costs only its row.
+    convert = pacsv.ConvertOptions(include_columns=positions, column_types=dict.fromkeys(positions, pa.string()),
+                                   check_utf8=False)
+
+    def parse(text: pa.Buffer, first: int, invalid: list[tuple[int, str]]) -> pa.Table:
+        def on_invalid(row) -> str:  # numbered from 1 in ``text`` (known, as it is read without threads)
+            invalid.append((first + row.number - 1, f"expected {row.expected_columns} columns, got "
+                                                    f"{row.actual_columns}: {preview(row.text)}"))
+            return "skip"
+        return pacsv.read_csv(
+            text, read_options=pacsv.ReadOptions(column_names=[str(i) for i in range(len(names))], use_threads=False,
+                                                 block_size=text.size + 1),
+            parse_options=pacsv.ParseOptions(**_delimited_options(fmt), invalid_row_handler=on_invalid),
+            convert_options=convert)
+    return parse
+
+
+def _parse_records(batch: RecordBatch, parse) -> tuple[list[pa.Table], list[tuple[int, str]]]:
+    """The tables of the batch's records, in order, and ``(record index, why)`` of the invalid ones."""
+    tables: list[pa.Table] = []
+    invalid: list[tuple[int, str]] = []
+    first = 0
+    while first < len(batch.starts):
+        noted = len(invalid)
+        try:
+            tables.append(parse(batch.text(first), first, invalid))
+            break
+        except pa.ArrowInvalid as e:
+            # pyarrow cannot hand its invalid-row handler a row that is not UTF-8: it stops, naming the row.
+            found = _PYARROW_INVALID_ROW.search(str(e))
+            if found is None:
+                raise
+            del invalid[noted:]
+            bad = first + int(found.group(1)) - 1
+            if bad > first:
+                tables.append(parse(batch.text(first, bad), first, invalid))
+            invalid.append((bad, f"expected {found.group(2)} columns, got {found.group(3)}: "
+                                 f"{preview(batch.run_text(bad, bad + 1))}"))
+            first = bad + 1
+    return tables, invalid
+
+
+def _batch_rejects(batch: RecordBatch, invalid: list[tuple[int, str]], label: str) -> list[tuple[int, str, str]]:
+    """``(position, reason, detail)`` of the batch's rejects and invalid records, by position in the batch."""
+    slots = [r.slot for r in batch.rejects]
+    found = [(r.slot + i, r.reason, r.detail) for i, r in enumerate(batch.rejects)]
+    found += [(k + bisect.bisect_right(slots, k), R.MALFORMED_ROW, f"{label} {batch.lines[k]}: {why}")
+              for k, why in invalid]
+    return sorted(found)
+
+
+# Normalisation ---------------------------------------------------------------------------------
+
+def _format_of(name: str) -> str | None:
+    base = name[:-3] if name.endswith(".gz") else name
+    return _EXTENSIONS.get(os.path.splitext(base)[1].lower())
+
+
+def _pick(names, requested, candidates, key, path) -> str:
+    if requested != "auto":
+        if requested not in names:
+            raise SourceError(f"{key}: column {requested!r} is not in {path!r}; its columns are {names}")
+        return requested
+    for candidate in candidates:
+        if candidate in names:
+            return candidate
+    raise SourceError(
+        f"{key}: no column of {path!r} looks like one (looked for {', '.join(candidates)}); its columns are "
+        f"{names}: set {key} in the config"
+    )
+
+
+def _wanted_columns(url_col: str, caption_col: str, spec: SourceSpec) -> list[str]:
+    return list(dict.fromkeys([url_col, caption_col, *([spec.uid_column] if spec.uid_column else []),
+                               *spec.keep_columns]))
+
+
+def _schema(spec: SourceSpec, kept: dict[str, pa.DataType]) -> pa.Schema:
+    fields = [pa.field(URL, pa.string()), pa.field(CAPTION, pa.string())]
+    if spec.uid_column:
+        fields.append(pa.field(UID, pa.string()))
+    fields += [pa.field(name, kept.get(name, pa.string())) for name in spec.keep_columns]
+    return pa.schema(fields + [pa.field(REJECT_REASON, pa.string()), pa.field(REJECT_DETAIL, pa.string())])
+
+
+def _normalise(table: pa.Table, url_col: str, caption_col: str, spec: SourceSpec, schema: pa.Schema) -> pa.Table:
+    """Typed url/caption/uid/keep columns plus reject columns for rows that are unusable, as ``schema``."""
+    rejections = Rejections(table.num_rows)
+    url_values, caption_values = _decoded(table[url_col]), _decoded(table[caption_col])
+    url, bad_url = _as_utf8(url_values)
+    caption, bad_caption = _as_utf8(caption_values)
+    rejections.add(pc.or_kleene(pc.is_null(url_values), _is_empty(url_values)), R.MISSING_URL,
+                   f"no value in column {url_col!r}")
+    rejections.add(bad_url, R.URL_NOT_UTF8, f"{url_col!r} is not valid UTF-8")
+    rejections.add(pc.is_null(caption_values), R.MISSING_CAPTION, f"no value in column {caption_col!r}")
+    rejections.add(bad_caption, R.CAPTION_NOT_UTF8, f"{caption_col!r} is not valid UTF-8")
+    columns = {URL: url, CAPTION: caption}
+    if spec.uid_column:
+        columns[UID] = _uid(table[spec.uid_column], spec.uid_column, rejections)
+    for name in spec.keep_columns:
+        columns[name] = _kept(table[name], name, rejections)
+    table = pa.table(columns)
+    if rejections.any:
+        return rejections.attach(table).cast(schema)
+    # Keep the schema fixed: the reject columns are always there.
+    return table.append_column(REJECT_REASON, pa.nulls(table.num_rows, pa.string())) \
+        .append_column(REJECT_DETAIL, pa.nulls(table.num_rows, pa.string())).cast(schema)
+
+
+def _uid(column: pa.ChunkedArray, name: str, rejections: Rejections) -> pa.Array:
+    """The pool's uids as text (null where missing or not UTF-8), rejecting those rows."""
+    values = _decoded(column)
+    if _is_text(values.type):
+        uid, bad = _as_utf8(values)
+        empty = pc.or_kleene(pc.is_null(values), _is_empty(values))
+    else:  # integers: check_file allows no other type
+        uid, bad = values.cast(pa.string()), None
+        empty = pc.is_null(values)
+    rejections.add(empty, R.MISSING_UID, f"no value in column {name!r}")
+    if bad is not None:
+        rejections.add(bad, R.UID_NOT_UTF8, f"{name!r} is not valid UTF-8")
+    return pc.if_else(empty, pa.scalar(None, pa.string()), uid)
+
+
+def _kept(column: pa.ChunkedArray, name: str, rejections: Rejections) -> pa.ChunkedArray | pa.Array:
+    """A kept column as read; a text column's values that are not UTF-8 become null, rejecting their rows."""
+    if _value_type(column.type) not in _STRING_TYPES:
+        return column  # numbers, bytes and nested values are kept as they are
+    values, bad = _as_utf8(_decoded(column))
+    if not pc.any(bad).as_py():
+        return column
+    rejections.add(bad, R.KEPT_COLUMN_NOT_UTF8, f"{name!r} is not valid UTF-8")
+    return values
+
+
+def _value_type(type_: pa.DataType) -> pa.DataType:
+    return type_.value_type if pa.types.is_dictionary(type_) else type_
+
+
+def _is_text(type_: pa.DataType) -> bool:
+    return _value_type(type_) in _TEXT_TYPES
+
+
+def _is_empty(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pc.equal(pc.binary_length(column.cast(pa.binary())), 0)
+
+
+def _decoded(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Dictionary-encoded columns (pandas categories) as plain values."""
+    if pa.types.is_dictionary(column.type):
+        return column.cast(column.type.value_type)
+    return column
+
+
+def _as_utf8(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """The column as UTF-8 strings, and a mask of values that were not valid UTF-8 (now null)."""
+    binary = column.combine_chunks().cast(pa.binary())
+    try:
+        return binary.cast(pa.string()), pa.repeat(pa.scalar(False), len(binary))
+    except pa.ArrowInvalid:
+        values, bad = [], []
+        for value in binary.to_pylist():
+            try:
+                values.append(None if value is None else value.decode("utf-8"))
+                bad.append(False)
+            except UnicodeDecodeError:
+                values.append(None)
+                bad.append(True)
+        return pa.array(values, pa.string()), pa.array(bad, pa.bool_())
+
+
+def _reject_rows(schema: pa.Schema, reasons: list[str], details: list[str]) -> pa.Table:
+    """Rows of ``schema`` that hold nothing but a reject reason and detail."""
+    n = len(reasons)
+    columns = [pa.nulls(n, f.type) for f in schema if f.name not in (REJECT_REASON, REJECT_DETAIL)]
+    return pa.Table.from_arrays([*columns, pa.array(reasons, pa.string()), pa.array(details, pa.string())],
+                                schema=schema)
+
+
+def _interleave(rows: pa.Table, rejects: list[tuple[int, str, str]], schema: pa.Schema) -> pa.Table:
+    """``rows`` with a reject row ``(position, reason, detail)`` placed at each position (ascending)."""
+    if not rejects:
+        return rows
+    total = rows.num_rows + len(rejects)
+    is_reject = np.zeros(total, dtype=bool)
+    is_reject[[position for position, _, _ in rejects]] = True
+    order = np.empty(total, dtype=np.int64)
+    order[is_reject] = rows.num_rows + np.arange(len(rejects))
+    order[~is_reject] = np.arange(rows.num_rows)
+    extra = _reject_rows(schema, [reason for _, reason, _ in rejects], [detail for _, _, detail in rejects])
+    return pa.concat_tables([rows, extra]).take(order)

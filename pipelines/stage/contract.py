@@ -1,0 +1,258 @@
+"""The Stage contract: what every curation and generation step looks like to the runners.
+
+A stage is a small dataclass. Its fields are its parameters (validated against the config when a
+pipeline is built); ``input_columns`` and ``output_columns`` say what it reads and writes;
+``resources`` says what one worker needs. ``setup()`` runs once per worker before the first
+batch (load a model there), and ``__call__`` maps a batch to a batch.
+
+The runner hands a stage only its ``input_columns`` and merges back only its
+``output_columns``, so a stage cannot read or clobber what it did not declare. A stage never
+deletes rows: it returns exactly as many rows as it received, in the same order, and marks the
+ones to drop with a reason (:class:`Rejections`). The runner moves those rows to the rejects
+sink and counts them in the ledger.
+
+Decisions that need the whole pool (entry counts, a global score cutoff, duplicate clusters)
+are a :class:`GlobalStage`: ``compute`` runs per shard on finished data, ``aggregate`` combines
+the partial results once, and ``decide`` maps every batch with the combined result.
+
+Stages never import Ray: the same object runs in-process under ``LocalRunner`` and inside Ray
+Data workers under ``RayRunner``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.rejects import REJECT_DETAIL, REJECT_REASON
+
+GiB = 2**30
+
+
+@dataclass
+class Resources:
+    """What one worker of a stage needs; every field can be overridden from the YAML config.
+
+    ``batch_size`` is the number of rows per call of the stage. ``concurrency`` is the number of
+    workers (actors for stages with ``setup``, tasks otherwise); ``None`` lets the runner size
+    the pool from the cluster. ``gpus`` greater than zero asks for a GPU where the cluster has
+    one and falls back to the CPU, with a warning, where it has none. ``memory`` (bytes) is what
+    one worker holds at its peak, model included: Ray places workers where that much is free
+    (stages that load a model declare a measured figure; ``None`` asks for nothing).
+    """
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    batch_size: int = 1024
+    concurrency: int | None = None
+    memory: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cpus <= 0:
+            raise ValueError(f"resources.cpus must be > 0, got {self.cpus}")
+        if self.gpus < 0:
+            raise ValueError(f"resources.gpus must be >= 0, got {self.gpus}")
+        if self.batch_size < 1:
+            raise ValueError(f"resources.batch_size must be >= 1, got {self.batch_size}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"resources.concurrency must be >= 1 or null, got {self.concurrency}")
+        if self.memory is not None and self.memory < 1:
+            raise ValueError(f"resources.memory must be >= 1 (bytes) or null, got {self.memory}")
+
+
+def default_resources(**overrides: Any) -> Any:
+    """A stage's own default resources: ``resources: Resources = default_resources(batch_size=...)``.
+
+    The field stays keyword-only, so a stage can still declare required parameters.
+    """
+    return field(default_factory=lambda: Resources(**overrides), kw_only=True)
+
+
+@dataclass(frozen=True)
+class Cutoff:
+    """A threshold a stage applied to a numeric column: rows on one side of ``value`` left."""
+
+    column: str
+    value: float
+    label: str
+
+
+@dataclass(kw_only=True)
+class Stage:
+    """Base class of every pipeline step (see the module docstring for the contract)."""
+
+    #: Default name of the stage in the ledger and in reject records.
+    name: ClassVar[str] = "stage"
+    #: Columns the stage reads; the runner passes exactly these.
+    input_columns: ClassVar[tuple[str, ...]] = ()
+    #: Columns the stage writes (new or replaced), registered in ``schemas.columns``.
+    output_columns: ClassVar[tuple[str, ...]] = ()
+    #: Whether its phase ends after it unless the config says otherwise (``checkpoint:``), so
+    #: that what it produced at great cost (downloads) is on disk before anything else runs.
+    checkpoint_after: ClassVar[bool] = False
+
+    resources: Resources = field(default_factory=Resources)
+
+    def setup(self) -> None:
+        """Load models or other per-worker state; called once per worker before any batch."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError(f"{type(self).__name__} does not implement __call__")
+
+    def identity(self) -> dict[str, Any]:
+        """What else determines this stage's output besides its parameters (the content of a file
+        it reads, say); part of the config hash, so a changed file is a changed config."""
+        return {}
+
+    def worker_env(self) -> dict[str, str]:
+        """Environment variables this stage's workers need from the driver (an endpoint's API key
+        named in the config): the Ray runner sets them in the workers' runtime environment."""
+        return {}
+
+    def cutoffs(self, summary: Any) -> list[Cutoff]:
+        """The thresholds this stage applied to numeric columns, for the dataset card's
+        histograms; ``summary`` is what ``describe`` recorded in the manifest (global stages)."""
+        return []
+
+    def card_notes(self, view: Any) -> str | None:
+        """Markdown for the dataset card about what this stage found, or None. ``view`` is a
+        :class:`pipelines.card.stats.CardView`: the stage's ``describe`` summary, lazy scans of the
+        rows kept to the end, and a place to write images."""
+        return None
+
+    def is_transient(self, reason: str) -> bool:
+        """Whether a row this stage rejected for ``reason`` may pass on another attempt.
+
+        ``vlmcurate retry-failed`` re-runs such rows; the default is that no rejection is.
+        """
+        return False
+
+    @property
+    def has_setup(self) -> bool:
+        """Whether the stage overrides ``setup`` (it then runs in long-lived actors)."""
+        return type(self).setup is not Stage.setup
+
+
+@dataclass(kw_only=True)
+class GlobalStage(Stage):
+    """A two-pass decision over the whole pool: compute per shard, aggregate, decide.
+
+    ``compute`` sees the ``compute_columns`` of one finished shard and returns a small partial
+    result; ``aggregate`` receives the partial results of all shards in shard order and returns
+    the global state (saved with the run, so a resumed run decides exactly as before);
+    ``decide`` maps a batch of ``input_columns`` using that state, like ``__call__`` for an
+    ordinary stage. ``describe`` turns the state into a JSON-friendly summary for the manifest
+    (a chosen cutoff, the number of clusters).
+    """
+
+    @property
+    def compute_columns(self) -> tuple[str, ...]:
+        return self.input_columns
+
+    def compute(self, batch: pa.Table) -> Any:
+        raise NotImplementedError
+
+    def aggregate(self, partials: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def decide(self, batch: pa.Table, state: Any) -> pa.Table:
+        raise NotImplementedError
+
+    def describe(self, state: Any) -> dict[str, Any]:
+        return {}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        raise TypeError(f"{type(self).__name__} is a GlobalStage: it runs as compute/aggregate/decide")
+
+
+class Rejections:
+    """Collects reject reasons for the rows of one batch; the first reason set on a row wins.
+
+    >>> r = Rejections(3)
+    >>> r.add([True, False, False], "caption_too_short", "1 word")
+    >>> kept_columns_only = r.attach(batch.select([]))
+    """
+
+    def __init__(self, num_rows: int) -> None:
+        self.num_rows = num_rows
+        self._reason: pa.Array = pa.nulls(num_rows, pa.string())
+        self._detail: pa.Array = pa.nulls(num_rows, pa.string())
+
+    def add(self, mask: Any, reason: str, detail: Any = None) -> None:
+        """Reject the rows where ``mask`` is true (nulls count as false) and that have no reason yet.
+
+        ``detail`` is a string for all rows, a per-row array of strings, or a callable that
+        receives the boolean mask of the newly rejected rows and returns one string per such row
+        (so that costly details are built for rejected rows only).
+        """
+        mask = _as_bool_array(mask, self.num_rows)
+        fresh = pc.and_(pc.fill_null(mask, False), pc.is_null(self._reason))
+        if not pc.any(fresh).as_py():
+            return
+        self._reason = pc.if_else(fresh, pa.scalar(reason, pa.string()), self._reason)
+        if detail is None:
+            return
+        if callable(detail):
+            values = pc.cast(_as_array(detail(fresh)), pa.string())
+            self._detail = pc.replace_with_mask(self._detail, fresh, values)
+            return
+        if isinstance(detail, str):
+            detail = pa.scalar(detail, pa.string())
+        else:
+            detail = pc.cast(_as_array(detail), pa.string())
+        self._detail = pc.if_else(fresh, detail, self._detail)
+
+    def add_each(self, rows: Iterable[tuple[int, str, str | None]]) -> None:
+        """Reject single rows, each ``(row, reason, detail)`` with its own reason and detail."""
+        for row, reason, detail in rows:
+            mask = [False] * self.num_rows
+            mask[row] = True
+            self.add(mask, reason, detail)
+
+    @property
+    def any(self) -> bool:
+        return self._reason.null_count < self.num_rows
+
+    @property
+    def mask(self) -> pa.Array:
+        """True for rows rejected so far."""
+        return pc.is_valid(self._reason)
+
+    def attach(self, table: pa.Table, num_rows: int | None = None) -> pa.Table:
+        """``table`` with the reserved reject columns appended (only when some row is rejected)."""
+        if num_rows is not None and num_rows != self.num_rows:
+            raise ValueError(f"Rejections for {self.num_rows} rows attached to {num_rows} rows")
+        if not self.any:
+            return table
+        return table.append_column(REJECT_REASON, self._reason).append_column(REJECT_DETAIL, self._detail)
+
+
+def _as_array(values: Any) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values
+    return pa.array(values)
+
+
+def _as_bool_array(mask: Any, num_rows: int) -> pa.Array:
+    array = _as_array(mask)
+    if len(array) != num_rows:
+        raise ValueError(f"reject mask has {len(array)} values for {num_rows} rows")
+    if array.type != pa.bool_():
+        array = pc.cast(array, pa.bool_())
+    return array
+
+
+def file_digest(path: str) -> str:
+    """blake2b of a file's bytes: what a stage's ``identity`` reports for a file it reads."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
