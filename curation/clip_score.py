@@ -24,34 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.stage import Cutoff, GiB, GlobalStage, Rejections, Resources, Stage, default_resources, file_digest
+from models.clip_inference import ClipInference, ClipModelRef
+from pipelines.stage import Cutoff, GiB, GlobalStage, Rejections, Resources, Stage, default_resources
 from pipelines.stage.decode import DEFAULT_MAX_PIXELS, decode_to_pixels
 from schemas.columns import CAPTION, CLIP_PIXELS, CLIP_SCORE, IMAGE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
+from schemas.embeddings import float16_lists
 
 BELOW_THRESHOLD = "clip_score_below_threshold"
 BELOW_TOP_FRACTION = "clip_score_below_top_fraction"
-
-
-@dataclass(kw_only=True)
-class ClipModelRef:
-    """Which CLIP: an architecture name (``pretrained`` tag or file) and/or trained ``weights`` (a
-    ``vlmcurate train clip`` output folder or checkpoint file; not ``checkpoint``, which in a stage
-    entry of a pipeline config means "write the phase to disk after this stage")."""
-
-    model: str | None = None
-    pretrained: str | None = None
-    weights: str | None = None
-
-    def _check_model(self) -> None:
-        if not self.model and not self.weights:
-            raise ValueError("set `model` (a CLIP architecture) or `weights` (a vlmcurate train clip output)")
-
-    def _model_identity(self) -> dict[str, Any]:
-        from models.clip import checkpoint_file
-
-        if self.weights is None:
-            return {}
-        return {"checkpoint_blake2b": file_digest(str(checkpoint_file(self.weights)))}
 
 
 @dataclass
@@ -98,51 +78,6 @@ def geometry_transform(spec: Any) -> Any:
     return T.Compose(steps)
 
 
-@dataclass(kw_only=True)
-class ClipInference(ClipModelRef):
-    """A CLIP loaded once per worker: on the GPU where the worker has one (``device: auto``), in
-    fp16 autocast there (``precision: auto``) and fp32 on a CPU with as many torch threads as the
-    worker's CPUs."""
-
-    device: str = "auto"
-    precision: str = "auto"
-
-    def __post_init__(self) -> None:
-        from models.inference import check_precision
-
-        self._check_model()
-        check_precision(self.precision)
-
-    def identity(self) -> dict[str, Any]:
-        return self._model_identity()
-
-    def setup(self) -> None:
-        import torch
-
-        from models.clip import load_clip
-        from models.inference import inference_device
-
-        self._torch = torch
-        self._device, dtype = inference_device(self.device, self.precision)
-        self._bundle = load_clip(self.model, pretrained=self.pretrained, checkpoint=self.weights,
-                                 device=str(self._device))
-        self._autocast_dtype = None if dtype == torch.float32 else dtype
-
-    def _inference(self) -> Any:
-        """The context to run the model in: the stage's CPU threads, no autograd, autocast when not fp32."""
-        import contextlib
-
-        from models.inference import cpu_threads
-
-        torch = self._torch
-        stack = contextlib.ExitStack()
-        stack.enter_context(cpu_threads(self._device, self.resources.cpus))
-        stack.enter_context(torch.inference_mode())
-        stack.enter_context(torch.autocast(self._device.type, dtype=self._autocast_dtype,
-                                           enabled=self._autocast_dtype is not None))
-        return stack
-
-
 @dataclass
 class ClipEmbed(ClipInference, Stage):
     """Embeds images (from ``clip_pixels``) and captions; writes both embeddings and ``clip_score``.
@@ -174,16 +109,12 @@ class ClipEmbed(ClipInference, Stage):
         text_emb = torch.nn.functional.normalize(text_emb.float(), dim=-1)
         scores = (image_emb * text_emb).sum(-1)
         return pa.table({
-            IMAGE_EMBEDDING: _float16_lists(image_emb.cpu().numpy()),
-            TEXT_EMBEDDING: _float16_lists(text_emb.cpu().numpy()),
+            IMAGE_EMBEDDING: float16_lists(image_emb.cpu().numpy()),
+            TEXT_EMBEDDING: float16_lists(text_emb.cpu().numpy()),
             CLIP_SCORE: pa.array(scores.cpu().numpy().astype(np.float32)),
         })
 
 
-def _float16_lists(matrix: np.ndarray) -> pa.Array:
-    rows, dim = matrix.shape
-    offsets = pa.array(np.arange(0, (rows + 1) * dim, dim, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(matrix.astype(np.float16).ravel()))
 
 
 @dataclass

@@ -32,9 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.dedup.image import embedding_matrix
 from pipelines.stage import Cutoff, GlobalStage, Rejections
 from schemas.columns import CLIP_SCORE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
+from schemas.embeddings import embedding_matrix
 
 BELOW_NULL_CUT = "clip_score_below_null_cut"
 BINS = 4000  # over [-1, 1]: 0.0005 wide, far below any score difference that matters

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from curation.clip_score import ClipInference
+from models.clip_inference import ClipInference
 from pipelines.stage import GiB, Rejections, Resources, Stage, default_resources
 from schemas.columns import (
     BLIP_PIXELS,
@@ -36,6 +36,7 @@ from schemas.columns import (
     UID,
     WEB_CAPTION,
 )
+from schemas.embeddings import embedding_matrix
 
 NO_CAPTION = "capfilt_no_caption"
 POLICIES = ("web_first", "best", "all")
@@ -111,7 +112,6 @@ class ClipCaptionScore(ClipInference, Stage):
     resources: Resources = default_resources(batch_size=256, gpus=1.0, memory=int(2.5 * GiB))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from curation.dedup.image import embedding_matrix
 
         torch = self._torch
         texts, owner = candidate_texts(batch)
@@ -203,8 +203,6 @@ class CapFiltSelect(Stage):
     def card_notes(self, view: Any) -> str | None:
         import polars as pl
 
-        from pipelines.card.figures import markdown_cell, thumbnail_jpeg
-
         frame = view.kept([CAPTION_SOURCE])
         if frame is None:
             return None
@@ -227,10 +225,9 @@ class CapFiltSelect(Stage):
         if rows:
             lines += ["", "| image | web caption (score) | replaced by (score) |", "|---|---|---|"]
         for i, row in enumerate(rows):
-            thumbnail = thumbnail_jpeg(row[IMAGE]) if row[IMAGE] else None
-            image = f"![example {i}]({view.write_asset(f'example-{i}.jpg', thumbnail)})" if thumbnail else "-"
+            image = view.image_link(f"example-{i}.jpg", row[IMAGE]) or "-"
             scores = row[CAPTION_SCORES]
-            lines.append(f"| {image} | {markdown_cell(row[WEB_CAPTION])} ({scores[0]:.3f}) | "
-                         f"{markdown_cell(row[CAPTION])} ({max(scores[1:]):.3f}) |")
+            lines.append(f"| {image} | {view.cell(row[WEB_CAPTION])} ({scores[0]:.3f}) | "
+                         f"{view.cell(row[CAPTION])} ({max(scores[1:]):.3f}) |")
         return "\n".join(lines)
 

@@ -16,14 +16,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from curation.dedup.base import ClusterDedup
 from curation.dedup.caption import concat_shingles
 from curation.dedup.minhash import SHINGLE_KINDS, caption_series, jaccard, shingle
 from curation.dedup.vectors import SearchSettings, similar_pairs, unit_rows
 from pipelines.stage import Resources, default_resources
-from schemas.columns import CAPTION, IMAGE_EMBEDDING, UID
+from schemas.columns import CAPTION, IMAGE_EMBEDDING
+from schemas.embeddings import embedding_matrix
 
 NEAR_DUPLICATE_IMAGE = "near_duplicate_image"
 NEAR_DUPLICATE_PAIR = "near_duplicate_pair"
@@ -98,18 +98,3 @@ class ImageNearDuplicates(ClusterDedup):
         return left, right, facts
 
 
-def embedding_matrix(batch: pa.Table, dim: int | None, column: str = IMAGE_EMBEDDING) -> np.ndarray:
-    """An embedding column (``image_embedding`` by default) as a (rows, dim) float16 matrix, or a clear error."""
-    values_column = batch[column].combine_chunks()
-    if values_column.null_count:
-        missing = pc.filter(batch[UID], pc.is_null(batch[column])).to_pylist()
-        raise ValueError(f"{values_column.null_count} row(s) have no {column} (first uids: {missing[:3]}): "
-                         f"run ClipEmbed before this stage, and reject rows it cannot embed")
-    lengths = pc.list_value_length(values_column).to_numpy(zero_copy_only=False)
-    expected = dim if dim is not None else (int(lengths[0]) if len(lengths) else 0)
-    wrong = np.flatnonzero(lengths != expected)
-    if len(wrong):
-        raise ValueError(f"{column} of row {batch[UID][int(wrong[0])].as_py()!r} has {lengths[wrong[0]]} "
-                         f"values, not {expected}" + (" (dim)" if dim is not None else " (the shard's first row)"))
-    values = values_column.flatten().to_numpy(zero_copy_only=False)
-    return values.astype(np.float16, copy=False).reshape(len(lengths), expected)

@@ -39,24 +39,6 @@ class Histogram:
         return int(sum(c.sum() for c in self.counts.values()))
 
 
-@dataclass
-class CardView:
-    """What a stage reads to write its part of the dataset card (``Stage.card_notes``)."""
-
-    rundir: RunDir
-    manifest: Manifest
-    stage: str
-    summary: object  # what the stage's ``describe`` recorded (global stages), else None
-
-    def kept(self, columns: list[str]) -> pl.LazyFrame | None:
-        """A lazy scan of ``columns`` over the rows kept to the end; None when a column is not there."""
-        return kept_scan(self.rundir, self.manifest, columns)
-
-    def write_asset(self, name: str, data: bytes) -> str:
-        """Write ``data`` beside the card; return the path to link it with."""
-        return write_asset(self.rundir, f"{self.stage}-{name}", data)
-
-
 def write_asset(rundir: RunDir, name: str, data: bytes) -> str:
     """Write ``data`` as ``card/<name>`` of the run; return the relative path the card links."""
     relative = f"{CARD_ASSETS}/{name}"

@@ -25,8 +25,9 @@ from pipelines.card.sections import (
     metaclip_section,
     samples_section,
 )
-from pipelines.card.stats import KEPT, REJECTED_HERE, CardView, score_histogram, write_asset
+from pipelines.card.stats import KEPT, REJECTED_HERE, score_histogram, write_asset
 from pipelines.card.topic_charts import funnel_png
+from pipelines.card.view import CardView
 from pipelines.engine.chain import PlannedStage
 from pipelines.engine.rundir import RunDir
 from pipelines.stage import Cutoff

@@ -11,7 +11,7 @@ from pipelines.stage.contract import (
     Resources,
     Stage,
     default_resources,
-    file_digest,
 )
+from schemas.files import file_digest
 
 __all__ = ["Cutoff", "GiB", "GlobalStage", "Rejections", "Resources", "Stage", "default_resources", "file_digest"]

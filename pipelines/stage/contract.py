@@ -21,7 +21,6 @@ Data workers under ``RayRunner``.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -121,7 +120,7 @@ class Stage:
 
     def card_notes(self, view: Any) -> str | None:
         """Markdown for the dataset card about what this stage found, or None. ``view`` is a
-        :class:`pipelines.card.stats.CardView`: the stage's ``describe`` summary, lazy scans of the
+        :class:`pipelines.card.view.CardView`: the stage's ``describe`` summary, lazy scans of the
         rows kept to the end, and a place to write images."""
         return None
 
@@ -247,12 +246,3 @@ def _as_bool_array(mask: Any, num_rows: int) -> pa.Array:
     if array.type != pa.bool_():
         array = pc.cast(array, pa.bool_())
     return array
-
-
-def file_digest(path: str) -> str:
-    """blake2b of a file's bytes: what a stage's ``identity`` reports for a file it reads."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
