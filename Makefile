@@ -45,6 +45,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipelines curation generators models schemas benchmarks tests
+	$(BIN)/ruff format --check pipelines curation generators models schemas benchmarks tests
 	$(BIN)/lint-imports
 
 clean:

@@ -23,9 +23,15 @@ import pyarrow.parquet as pq
 from benchmarks._real_pairs import FrozenTowerCache, write_shards
 
 DOWNLOAD = "pipelines.download:Download"
-GROUP_OF = {"caption_characters": "text_rules", "junk_alt_text": "text_rules", "caption_length": "text_rules",
-            "metaclip_match": "metaclip", "metaclip_balance": "metaclip",
-            "clip_preprocess": "clip_score", "clip_embed": "clip_score"}
+GROUP_OF = {
+    "caption_characters": "text_rules",
+    "junk_alt_text": "text_rules",
+    "caption_length": "text_rules",
+    "metaclip_match": "metaclip",
+    "metaclip_balance": "metaclip",
+    "clip_preprocess": "clip_score",
+    "clip_embed": "clip_score",
+}
 EMBEDDING = ("clip_preprocess", "clip_embed")
 NEAR_DUPLICATES = "image_near_duplicates"
 
@@ -143,7 +149,11 @@ def write_oracle(run: Path, manifest, kind_of: dict[str, str], folder: Path, per
     rows: list[tuple[str, str, bytes]] = []
     for file in sorted((run / manifest.final_phase).glob("*.parquet")):
         table = pq.read_table(file, columns=["uid", "caption", "image"])
-        rows += [(uid, caption, image) for uid, caption, image in
-                 zip(table["uid"].to_pylist(), table["caption"].to_pylist(), table["image"].to_pylist())
-                 if kind_of[uid] == "clean"]
+        rows += [
+            (uid, caption, image)
+            for uid, caption, image in zip(
+                table["uid"].to_pylist(), table["caption"].to_pylist(), table["image"].to_pylist()
+            )
+            if kind_of[uid] == "clean"
+        ]
     write_shards(rows, folder, per_shard)

@@ -29,14 +29,34 @@ POOL_PER_CLASS = 400
 SERVED_SIDE = 128
 
 #: Web alt-text styles: ``{c}`` the class name, ``{C}`` it capitalised, ``{a_c}`` it with its article.
-STYLES = ("a photo of {a_c}", "{C} for sale - free shipping", "cute {c} picture", "my {c}", "{c} hd wallpaper",
-          "closeup of {a_c} on the grass", "{C} stock image", "the {c} we saw today", "{a_c} in the wild",
-          "best {c} photos of the year", "look at this {c}!", "vintage {c} postcard")
+STYLES = (
+    "a photo of {a_c}",
+    "{C} for sale - free shipping",
+    "cute {c} picture",
+    "my {c}",
+    "{c} hd wallpaper",
+    "closeup of {a_c} on the grass",
+    "{C} stock image",
+    "the {c} we saw today",
+    "{a_c} in the wild",
+    "best {c} photos of the year",
+    "look at this {c}!",
+    "vintage {c} postcard",
+)
 
 #: Words that name each class, to keep a mismatched caption from naming the image's own class.
-CLASS_WORDS = {"airplane": {"airplane", "plane", "aeroplane", "jet", "aircraft"}, "automobile": {"automobile", "car"},
-               "bird": {"bird"}, "cat": {"cat", "kitten"}, "deer": {"deer"}, "dog": {"dog", "puppy"},
-               "frog": {"frog"}, "horse": {"horse", "pony"}, "ship": {"ship", "boat"}, "truck": {"truck"}}
+CLASS_WORDS = {
+    "airplane": {"airplane", "plane", "aeroplane", "jet", "aircraft"},
+    "automobile": {"automobile", "car"},
+    "bird": {"bird"},
+    "cat": {"cat", "kitten"},
+    "deer": {"deer"},
+    "dog": {"dog", "puppy"},
+    "frog": {"frog"},
+    "horse": {"horse", "pony"},
+    "ship": {"ship", "boat"},
+    "truck": {"truck"},
+}
 
 
 def pool_images(per_class: int = POOL_PER_CLASS) -> list[tuple[str, bytes]]:
@@ -46,8 +66,11 @@ def pool_images(per_class: int = POOL_PER_CLASS) -> list[tuple[str, bytes]]:
         for member in tar.getmembers():
             if member.isfile() and member.name.endswith(".jpg"):
                 by_class.setdefault(Path(member.name).parent.name, []).append(member)
-        chosen = [(name, member) for name in sorted(by_class)
-                  for member in sorted(by_class[name], key=lambda m: m.name)[EVAL_PER_CLASS:][:per_class]]
+        chosen = [
+            (name, member)
+            for name in sorted(by_class)
+            for member in sorted(by_class[name], key=lambda m: m.name)[EVAL_PER_CLASS:][:per_class]
+        ]
         return [(name, _served(tar.extractfile(member).read())) for name, member in chosen]
 
 

@@ -31,22 +31,33 @@ HEAD_WORD = "dog"
 MISMATCHED, SPAM_SHARE, JUNK = 0.30, 0.04, 0.10
 DUPLICATES = (("exact_duplicate", 0.10), ("image_duplicate", 0.04), ("near_duplicate", 0.08))
 
-SPAM = ["Click here to enlarge", "Free shipping on all orders over $50", "Copyright 2011 All rights reserved",
-        "Share this on Facebook and Twitter", "Best price guaranteed, order today",
-        "Sponsored content from our partners",
-        "Download the free wallpaper in high resolution", "Subscribe to our newsletter for more deals",
-        "View full size image in a new window", "Photo courtesy of the official tourism website",
-        "Sale ends Sunday: up to 70% off", "Back to the product gallery", "Read more about this story",
-        "Licensed under Creative Commons", "Stock photo royalty free", "Top 10 travel destinations this year"]
+SPAM = [
+    "Click here to enlarge",
+    "Free shipping on all orders over $50",
+    "Copyright 2011 All rights reserved",
+    "Share this on Facebook and Twitter",
+    "Best price guaranteed, order today",
+    "Sponsored content from our partners",
+    "Download the free wallpaper in high resolution",
+    "Subscribe to our newsletter for more deals",
+    "View full size image in a new window",
+    "Photo courtesy of the official tourism website",
+    "Sale ends Sunday: up to 70% off",
+    "Back to the product gallery",
+    "Read more about this story",
+    "Licensed under Creative Commons",
+    "Stock photo royalty free",
+    "Top 10 travel destinations this year",
+]
 
 
 @dataclass
 class Row:
-    image: int           # index into the served images
+    image: int  # index into the served images
     caption: str
     kind: str
-    source: str          # flickr | tux | cifar
-    copy: int = 0        # > 0: the same bytes under another url (?copy=N)
+    source: str  # flickr | tux | cifar
+    copy: int = 0  # > 0: the same bytes under another url (?copy=N)
 
 
 @dataclass
@@ -85,11 +96,17 @@ def build_pool(captions_per_image: int, seed: int, cifar_per_class: int = 0) -> 
     heads = [i for i in real.every if sum(HEAD_WORD in c.lower() for c in real.every[i]) >= 3]
     head_rows = [Row(image, caption, "head", "flickr") for image in heads for caption in rng.sample(other_head, 4)]
     base_rows = real.clean + noise + head_rows
-    facts = {"pool_flickr_images": len(real.every), "pool_tux_images": len(real.own) - len(real.every),
-             "head_images": len(heads), "score_rows": len(score_rows), "pool_cifar_images": 0}
+    facts = {
+        "pool_flickr_images": len(real.every),
+        "pool_tux_images": len(real.own) - len(real.every),
+        "head_images": len(heads),
+        "score_rows": len(score_rows),
+        "pool_cifar_images": 0,
+    }
     if cifar_per_class:
-        cifar = _cifar_rows(images, cifar_per_class, other, other_head, len(head_rows) / len(real.clean),
-                            random.Random(f"cifar:{seed}"))
+        cifar = _cifar_rows(
+            images, cifar_per_class, other, other_head, len(head_rows) / len(real.clean), random.Random(f"cifar:{seed}")
+        )
         facts["pool_cifar_images"] = sum(r.kind == "clean" for r in cifar)
         base_rows += cifar
     rng.shuffle(base_rows)
@@ -132,8 +149,9 @@ def _text_only_captions() -> list[str]:
         return [row["caption"].strip() for row in csv.DictReader(f) if row["image"] not in known]
 
 
-def _cifar_rows(images: list[bytes], per_class: int, other: list[str], other_head: list[str], head_share: float,
-                rng: random.Random) -> list[Row]:
+def _cifar_rows(
+    images: list[bytes], per_class: int, other: list[str], other_head: list[str], head_share: float, rng: random.Random
+) -> list[Row]:
     """CIFAR-10 pool images (appended to ``images``) with styled captions, and their noise: the
     text noise with mismatches across classes, and head rows (captions of Flickr8k dog photos on
     CIFAR dogs) in ``head_share`` of the clean rows."""
@@ -145,8 +163,10 @@ def _cifar_rows(images: list[bytes], per_class: int, other: list[str], other_hea
         part.own[len(images) - 1] = [styled_caption(name, rng)]
         part.clean.append(Row(len(images) - 1, part.own[len(images) - 1][0], "clean", "cifar"))
     dogs = [i for i, name in concept.items() if name == HEAD_WORD]
-    heads = [Row(rng.choice(dogs), rng.choice(other_head), "head", "cifar")
-             for _ in range(round(head_share * len(part.clean)))]
+    heads = [
+        Row(rng.choice(dogs), rng.choice(other_head), "head", "cifar")
+        for _ in range(round(head_share * len(part.clean)))
+    ]
     return part.clean + _text_noise(part, other, rng, concept) + heads
 
 
@@ -226,8 +246,12 @@ def _near_copy(body: bytes, rng: random.Random) -> bytes:
 
 
 def _light_edit(caption: str, rng: random.Random) -> str:
-    edits = [lambda c: c, lambda c: c.lower().rstrip(" ."), lambda c: "Photo: " + c,
-             lambda c: c.replace(" .", "") + " (photo)"]
+    edits = [
+        lambda c: c,
+        lambda c: c.lower().rstrip(" ."),
+        lambda c: "Photo: " + c,
+        lambda c: c.replace(" .", "") + " (photo)",
+    ]
     return rng.choice(edits)(caption)
 
 

@@ -36,16 +36,20 @@ def print_stages(manifest) -> None:
             reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(c.rejected.items(), key=lambda x: -x[1]))
             print(f"{name:<24}{c.rows_in:>7,}{c.rows_kept:>7,}  {reasons}")
     for name, summary in manifest.aggregates.items():
-        facts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
-                 if isinstance(v, (int, float, str)) or v is None]
+        facts = [
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in summary.items()
+            if isinstance(v, (int, float, str)) or v is None
+        ]
         print(f"{name}: " + ", ".join(facts))
 
 
 def print_where(table: dict[str, Counter], manifest, kinds: list[str]) -> None:
     """Per kind of row: pool, kept and rejected by each stage that rejected something."""
     stages = [name for phase in manifest.phases for name in phase.counts if any(c[name] for c in table.values())]
-    short = {s: s.replace("caption_", "").replace("_duplicates", "_dup").replace("clip_score_", "clip_")[:12]
-             for s in stages}
+    short = {
+        s: s.replace("caption_", "").replace("_duplicates", "_dup").replace("clip_score_", "clip_")[:12] for s in stages
+    }
     print(f"{'kind':<16}{'pool':>6}{'kept':>6}" + "".join(f"{short[s]:>13}" for s in stages))
     for kind in kinds:
         c = table[kind]
@@ -57,13 +61,17 @@ def print_score_auc(scores: dict[str, list[float]]) -> None:
     from models.evaluation import roc_auc
 
     clean = scores.get("clean", [])
-    aucs = {k: roc_auc(np.asarray(clean), np.asarray(v)) if clean and v else math.nan
-            for k, v in scores.items() if k != "clean"}
+    aucs = {
+        k: roc_auc(np.asarray(clean), np.asarray(v)) if clean and v else math.nan
+        for k, v in scores.items()
+        if k != "clean"
+    }
     print("CLIP score (score model) of clean rows vs: " + ", ".join(f"{k} AUC {a:.3f}" for k, a in aucs.items()))
 
 
-def print_summary(results: dict[str, list[dict]], chance: dict[str, float], score_eval: dict,
-                  gaps: dict[str, float]) -> None:
+def print_summary(
+    results: dict[str, list[dict]], chance: dict[str, float], score_eval: dict, gaps: dict[str, float]
+) -> None:
     """Raw, curated and oracle (mean ± sd over seeds), the gap closed and the CLIP-score model, per metric."""
     arms = ("raw", "curated", "oracle")
     print(f"{'metric':<14}{'chance':>8}" + "".join(f"{a:>18}" for a in arms) + f"{'gap closed':>12}{'score model':>13}")

@@ -71,38 +71,66 @@ def tux_records() -> list[dict[str, Any]]:
     """Tux Paint stamps ``{"image", "caption", "category", "jpeg"}``, each composited on white."""
     with tarfile.open(SHARED / "tuxpaint" / "stamps.tar") as tar:
         manifest = [json.loads(x) for x in tar.extractfile("manifest.jsonl").read().decode().splitlines()]
-        return [{"image": r["image"], "caption": r["caption"], "category": r["category"],
-                 "jpeg": on_white(tar.extractfile(r["image"]).read())} for r in manifest]
+        return [
+            {
+                "image": r["image"],
+                "caption": r["caption"],
+                "category": r["category"],
+                "jpeg": on_white(tar.extractfile(r["image"]).read()),
+            }
+            for r in manifest
+        ]
 
 
 def write_shards(rows: list[tuple[str, str, bytes]], folder: Path, per_shard: int = 500) -> None:
     """``(key, caption, image bytes)`` rows as webdataset tars, written as the export writes them."""
     folder.mkdir(parents=True, exist_ok=True)
     for index, start in enumerate(range(0, len(rows), per_shard)):
-        part = rows[start:start + per_shard]
+        part = rows[start : start + per_shard]
         with open(folder / f"{index:05d}.tar", "wb") as out:
-            write_webdataset(pa.table({"uid": [r[0] for r in part], "caption": [r[1] for r in part],
-                                       "image": [r[2] for r in part]}), out)
+            write_webdataset(
+                pa.table({"uid": [r[0] for r in part], "caption": [r[1] for r in part], "image": [r[2] for r in part]}),
+                out,
+            )
 
 
 def evaluate(bundle, per_class: int, heldout_images: int) -> dict:
     """Zero-shot on CIFAR-10 test (``per_class`` images a class) and retrieval on held-out Flickr8k."""
     zeroshot = evaluate_zeroshot(bundle, LabelledImageSet(SHARED / "cifar10" / "test.tar", per_class=per_class))
-    retrieval = evaluate_retrieval(bundle, CaptionedImageSet(SHARED / "flickr8k" / "captions.jsonl", split="heldout",
-                                                             heldout_fraction=HELDOUT_FRACTION, limit=heldout_images),
-                                   ks=(1, 5, 10))
-    return {"cifar10_top1": zeroshot["top1"], "cifar10_top5": zeroshot["top5"],
-            "i2t_R@1": retrieval["image_to_text"]["R@1"], "i2t_R@5": retrieval["image_to_text"]["R@5"],
-            "t2i_R@1": retrieval["text_to_image"]["R@1"], "t2i_R@5": retrieval["text_to_image"]["R@5"],
-            "pair_auc": retrieval["pair_auc"]["auc"], "heldout_images": retrieval["n_images"]}
+    retrieval = evaluate_retrieval(
+        bundle,
+        CaptionedImageSet(
+            SHARED / "flickr8k" / "captions.jsonl",
+            split="heldout",
+            heldout_fraction=HELDOUT_FRACTION,
+            limit=heldout_images,
+        ),
+        ks=(1, 5, 10),
+    )
+    return {
+        "cifar10_top1": zeroshot["top1"],
+        "cifar10_top5": zeroshot["top5"],
+        "i2t_R@1": retrieval["image_to_text"]["R@1"],
+        "i2t_R@5": retrieval["image_to_text"]["R@5"],
+        "t2i_R@1": retrieval["text_to_image"]["R@1"],
+        "t2i_R@5": retrieval["text_to_image"]["R@5"],
+        "pair_auc": retrieval["pair_auc"]["auc"],
+        "heldout_images": retrieval["n_images"],
+    }
 
 
 def chance(heldout_images: int, captions_per_image: int = 5) -> dict[str, float]:
     """Chance level of :func:`evaluate`'s metrics (image->text counts any of an image's captions)."""
     n = heldout_images
-    return {"cifar10_top1": 0.1, "cifar10_top5": 0.5, "i2t_R@1": captions_per_image / (captions_per_image * n),
-            "i2t_R@5": 5 * captions_per_image / (captions_per_image * n), "t2i_R@1": 1 / n, "t2i_R@5": 5 / n,
-            "pair_auc": 0.5}
+    return {
+        "cifar10_top1": 0.1,
+        "cifar10_top5": 0.5,
+        "i2t_R@1": captions_per_image / (captions_per_image * n),
+        "i2t_R@5": 5 * captions_per_image / (captions_per_image * n),
+        "t2i_R@1": 1 / n,
+        "t2i_R@5": 5 / n,
+        "pair_auc": 0.5,
+    }
 
 
 class FrozenTowerCache:
@@ -134,8 +162,10 @@ class FrozenTowerCache:
         def memoised(images: torch.Tensor) -> torch.Tensor:
             if module.training or torch.is_grad_enabled():
                 return forward(images)
-            keys = [(tag, hashlib.blake2b(row.contiguous().numpy().tobytes(), digest_size=16).hexdigest())
-                    for row in images.detach().cpu()]
+            keys = [
+                (tag, hashlib.blake2b(row.contiguous().numpy().tobytes(), digest_size=16).hexdigest())
+                for row in images.detach().cpu()
+            ]
             missing = [i for i, key in enumerate(keys) if key not in self.store]
             self.hits += len(keys) - len(missing)
             self.misses += len(missing)

@@ -57,8 +57,16 @@ def load_images(count: int) -> list[bytes]:
 
 
 def decoding(args: argparse.Namespace) -> dict:
-    return dict(do_sample=True, top_p=0.9, top_k=0, temperature=1.0, repetition_penalty=1.1,
-                num_return_sequences=args.captions, min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens)
+    return dict(
+        do_sample=True,
+        top_p=0.9,
+        top_k=0,
+        temperature=1.0,
+        repetition_penalty=1.1,
+        num_return_sequences=args.captions,
+        min_new_tokens=args.new_tokens,
+        max_new_tokens=args.new_tokens,
+    )
 
 
 class PerImageLoop:
@@ -71,8 +79,9 @@ class PerImageLoop:
         self.torch = torch
         self.bundle = load_blip("caption", f"config:{args.model}", device=device, dtype=dtype)
         size = self.bundle.image_size
-        self.processor = BlipImageProcessor(size={"height": size, "width": size}, image_mean=list(self.bundle.mean),
-                                            image_std=list(self.bundle.std))
+        self.processor = BlipImageProcessor(
+            size={"height": size, "width": size}, image_mean=list(self.bundle.mean), image_std=list(self.bundle.std)
+        )
         self.device, self.dtype, self.options = device, dtype, decoding(args)
 
     def __call__(self, images: list[bytes], seed: int) -> list[str]:
@@ -97,9 +106,15 @@ class BatchedStages:
     def __init__(self, args: argparse.Namespace, device: str, threads: int) -> None:
         model = f"config:{args.model}"
         self.preprocess = BlipPreprocess(model=model)
-        self.caption = BlipCaption(model=model, num_captions=args.captions, min_new_tokens=args.new_tokens,
-                                   max_new_tokens=args.new_tokens, device=device, precision=args.precision,
-                                   resources=Resources(batch_size=args.batch_size, cpus=threads, gpus=0))
+        self.caption = BlipCaption(
+            model=model,
+            num_captions=args.captions,
+            min_new_tokens=args.new_tokens,
+            max_new_tokens=args.new_tokens,
+            device=device,
+            precision=args.precision,
+            resources=Resources(batch_size=args.batch_size, cpus=threads, gpus=0),
+        )
         self.caption.setup()
         self.batch_size = args.batch_size
 
@@ -107,9 +122,13 @@ class BatchedStages:
         self.caption.seed = seed
         captions = []
         for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            batch = pa.table({SOURCE_INDEX: pa.array(range(start, start + len(chunk)), pa.int64()),
-                              IMAGE: pa.array(chunk, pa.binary())})
+            chunk = images[start : start + self.batch_size]
+            batch = pa.table(
+                {
+                    SOURCE_INDEX: pa.array(range(start, start + len(chunk)), pa.int64()),
+                    IMAGE: pa.array(chunk, pa.binary()),
+                }
+            )
             pixels = self.preprocess(batch).column(BLIP_PIXELS)
             out = self.caption(pa.table({SOURCE_INDEX: batch[SOURCE_INDEX], BLIP_PIXELS: pixels}))
             captions += [c for row in out[SYNTHETIC_CAPTIONS].to_pylist() for c in row]
@@ -144,21 +163,25 @@ def main() -> None:
     images = load_images(args.images)
     baseline = PerImageLoop(args, str(device), dtype)
     ours = BatchedStages(args, str(device), args.threads)
-    print(f"model {args.model}, {args.images} Flickr8k images, {args.captions} captions each, {args.new_tokens} new "
-          f"tokens, batch {args.batch_size}, {args.threads} torch threads, device {device}, dtype {dtype}")
+    print(
+        f"model {args.model}, {args.images} Flickr8k images, {args.captions} captions each, {args.new_tokens} new "
+        f"tokens, batch {args.batch_size}, {args.threads} torch threads, device {device}, dtype {dtype}"
+    )
     baseline(images[:2], seed=0)
-    ours(images[:args.batch_size], seed=0)
+    ours(images[: args.batch_size], seed=0)
     rates = {"ours": [], "baseline": []}
     for round_ in range(args.rounds):
         for name, side in (("ours", ours), ("baseline", baseline)):
             seconds, captions = timed(side, images, seed=round_ + 1)
             rates[name].append(captions / seconds)
             print(f"round {round_ + 1} {name}: {captions} captions in {seconds:.2f} s = {captions / seconds:.1f}/s")
-    sample = ours(images[:1], seed=99)[:args.captions]
+    sample = ours(images[:1], seed=99)[: args.captions]
     print("sample captions (random weights):", sample)
     ours_rate, base_rate = statistics.median(rates["ours"]), statistics.median(rates["baseline"])
-    print(f"result: capfilt_captions ours={ours_rate:.1f} baseline={base_rate:.1f} "
-          f"ratio={ours_rate / base_rate:.2f} captions/s")
+    print(
+        f"result: capfilt_captions ours={ours_rate:.1f} baseline={base_rate:.1f} "
+        f"ratio={ours_rate / base_rate:.2f} captions/s"
+    )
 
 
 if __name__ == "__main__":

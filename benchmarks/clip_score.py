@@ -89,15 +89,31 @@ def pipeline_config(pool: str, out: str, args: argparse.Namespace) -> dict:
     if args.embed_cpus is not None:
         embed_resources["cpus"] = args.embed_cpus
     return {
-        "name": "clip-bench", "input": pool, "output_dir": out, "runner": "ray", "shard_size": args.shard_size,
+        "name": "clip-bench",
+        "input": pool,
+        "output_dir": out,
+        "runner": "ray",
+        "shard_size": args.shard_size,
         "ray": {"num_cpus": args.cpus, "num_gpus": 1 if args.device == "cuda" else 0},
         "stages": [
-            {"stage": "pipelines.download:Download", "threads": 16, "retries": 0, "allow_addresses": ["127.0.0.1"],
-             "disallowed_header_directives": []},
-            {"stage": "curation.clip_score:ClipPreprocess", "model": args.model,
-             "resources": {"batch_size": args.batch_size}},
-            {"stage": "curation.clip_score:ClipEmbed", "model": args.model, "device": args.device,
-             "resources": embed_resources},
+            {
+                "stage": "pipelines.download:Download",
+                "threads": 16,
+                "retries": 0,
+                "allow_addresses": ["127.0.0.1"],
+                "disallowed_header_directives": [],
+            },
+            {
+                "stage": "curation.clip_score:ClipPreprocess",
+                "model": args.model,
+                "resources": {"batch_size": args.batch_size},
+            },
+            {
+                "stage": "curation.clip_score:ClipEmbed",
+                "model": args.model,
+                "device": args.device,
+                "resources": embed_resources,
+            },
         ],
     }
 
@@ -133,16 +149,22 @@ def run_ours(pool: str, out: str, args: argparse.Namespace) -> dict:
             wall_start, start = time.time(), time.perf_counter()
             manifest = run_pipeline(plan, runner, progress)
             seconds = time.perf_counter() - start
-        print(f"ours: 1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
-              f"(the machine has {os.cpu_count()} cores; others' processes show here)")
+        print(
+            f"ours: 1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
+            f"(the machine has {os.cpu_count()} cores; others' processes show here)"
+        )
         if args.profile:
             sampler.report(seconds)
             summarise_timeline(args.profile, wall_start, seconds)
     finally:
         runner.close()
     scored = read_phase(plan.run_uri, manifest.final_phase)
-    return {"seconds": seconds, "downloaded": downloaded, "scored": scored,
-            "shards_done_at": [t - start for t in finished]}
+    return {
+        "seconds": seconds,
+        "downloaded": downloaded,
+        "scored": scored,
+        "shards_done_at": [t - start for t in finished],
+    }
 
 
 def summarise_timeline(path: str, wall_start: float, seconds: float) -> None:
@@ -150,8 +172,7 @@ def summarise_timeline(path: str, wall_start: float, seconds: float) -> None:
     import ray
 
     ray.timeline(filename=path)
-    events = [e for e in json.loads(Path(path).read_text())
-              if e.get("ph") == "X" and e["ts"] / 1e6 >= wall_start - 1]
+    events = [e for e in json.loads(Path(path).read_text()) if e.get("ph") == "X" and e["ts"] / 1e6 >= wall_start - 1]
     spans: dict[str, list[tuple[float, float]]] = {}
     for e in events:
         begin = e["ts"] / 1e6 - wall_start
@@ -160,8 +181,10 @@ def summarise_timeline(path: str, wall_start: float, seconds: float) -> None:
     for name, items in sorted(spans.items(), key=lambda kv: -sum(b - a for a, b in kv[1])):
         busy = sum(b - a for a, b in items)
         if busy >= 0.05:
-            print(f"  {name[:90]:90s} {busy:7.1f} s {len(items):4d}x  {min(a for a, _ in items):6.1f} .. "
-                  f"{max(b for _, b in items):6.1f}")
+            print(
+                f"  {name[:90]:90s} {busy:7.1f} s {len(items):4d}x  {min(a for a, _ in items):6.1f} .. "
+                f"{max(b for _, b in items):6.1f}"
+            )
 
 
 class CpuSampler:
@@ -267,11 +290,11 @@ def run_baseline(bodies: list[bytes], captions: list[str], args: argparse.Namesp
     cpu_start, start = time.process_time(), time.perf_counter()
     with torch.inference_mode():
         for offset in range(0, len(bodies), args.batch_size):
-            images = [Image.open(io.BytesIO(b)) for b in bodies[offset:offset + args.batch_size]]
+            images = [Image.open(io.BytesIO(b)) for b in bodies[offset : offset + args.batch_size]]
             pixels = torch.stack([bundle.preprocess(image) for image in images]).to(device)
             if args.baseline_channels_last:
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
-            tokens = bundle.tokenizer(captions[offset:offset + args.batch_size]).to(device)
+            tokens = bundle.tokenizer(captions[offset : offset + args.batch_size]).to(device)
             with torch.autocast(**autocast):
                 image_emb = model.encode_image(pixels)
                 text_emb = model.encode_text(tokens)
@@ -285,31 +308,57 @@ def run_baseline(bodies: list[bytes], captions: list[str], args: argparse.Namesp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="lit-effnet-minilm",
-                        help="lit-effnet-minilm (real towers), tiny-vit, or an open_clip architecture "
-                             "(ViT-B-32: random weights)")
+    parser.add_argument(
+        "--model",
+        default="lit-effnet-minilm",
+        help="lit-effnet-minilm (real towers), tiny-vit, or an open_clip architecture (ViT-B-32: random weights)",
+    )
     parser.add_argument("--images", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--cpus", type=int, default=os.cpu_count(),
-                        help="cores for both sides: torch threads of the baseline, num_cpus of Ray")
+    parser.add_argument(
+        "--cpus",
+        type=int,
+        default=os.cpu_count(),
+        help="cores for both sides: torch threads of the baseline, num_cpus of Ray",
+    )
     parser.add_argument("--shard-size", type=int, default=200, help="pipeline shard size (rows)")
-    parser.add_argument("--embed-cpus", type=float, default=None,
-                        help="override resources.cpus of the ClipEmbed stage (default: the stage's own, 1)")
-    parser.add_argument("--profile", default=None, metavar="FILE",
-                        help="sample CPU seconds per process during the timed run, write Ray's timeline of "
-                             "it to FILE and summarise both (the sampler costs a little CPU itself)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="repeat both sides (fresh Ray, download, ours, baseline); medians are reported")
-    parser.add_argument("--baseline-channels-last", action="store_true",
-                        help="convert the baseline's batches to channels-last memory, as the stage's pixels "
-                             "already are (its NHWC uint8 pixels are permuted, not copied)")
+    parser.add_argument(
+        "--embed-cpus",
+        type=float,
+        default=None,
+        help="override resources.cpus of the ClipEmbed stage (default: the stage's own, 1)",
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="FILE",
+        help="sample CPU seconds per process during the timed run, write Ray's timeline of "
+        "it to FILE and summarise both (the sampler costs a little CPU itself)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="repeat both sides (fresh Ray, download, ours, baseline); medians are reported",
+    )
+    parser.add_argument(
+        "--baseline-channels-last",
+        action="store_true",
+        help="convert the baseline's batches to channels-last memory, as the stage's pixels "
+        "already are (its NHWC uint8 pixels are permuted, not copied)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     if not (SHARED / "flickr8k" / "images").exists():
         print(f"skipped: {SHARED / 'flickr8k'} not found (clone the project beside ../shared)")
         return
-    for key, value in {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1",
-                       "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
+    for key, value in {
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+    }.items():
         os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -319,15 +368,21 @@ def main() -> None:
     server = multiprocessing.Process(target=serve, args=([b for b, _ in pairs], ports), daemon=True)
     server.start()
     port = ports.get(timeout=30)
-    print(f"{n} Flickr8k images, model {args.model}, batch {args.batch_size}, {args.cpus} cores, "
-          f"device {args.device}, shard size {args.shard_size}, embed cpus {args.embed_cpus or 'stage default'}, "
-          f"{args.rounds} round(s)")
+    print(
+        f"{n} Flickr8k images, model {args.model}, batch {args.batch_size}, {args.cpus} cores, "
+        f"device {args.device}, shard size {args.shard_size}, embed cpus {args.embed_cpus or 'stage default'}, "
+        f"{args.rounds} round(s)"
+    )
     ours_rates, base_rates = [], []
     try:
         with tempfile.TemporaryDirectory() as tmp:
             pool = os.path.join(tmp, "pool.parquet")
-            pq.write_table(pa.table({"url": [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(n)],
-                                     "caption": [c for _, c in pairs]}), pool)
+            pq.write_table(
+                pa.table(
+                    {"url": [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(n)], "caption": [c for _, c in pairs]}
+                ),
+                pool,
+            )
             for round_ in range(args.rounds):
                 print(f"-- round {round_ + 1}/{args.rounds}")
                 ours = run_ours(pool, os.path.join(tmp, f"runs-{round_}"), args)
@@ -335,17 +390,22 @@ def main() -> None:
                 base = check_and_run_baseline(ours, n, args)
                 ours_rates.append(n / ours["seconds"])
                 base_rates.append(n / base["seconds"])
-                print(f"round {round_ + 1}: ours {ours_rates[-1]:.2f}, baseline {base_rates[-1]:.2f} images/s, "
-                      f"ratio {ours_rates[-1] / base_rates[-1]:.2f}")
+                print(
+                    f"round {round_ + 1}: ours {ours_rates[-1]:.2f}, baseline {base_rates[-1]:.2f} images/s, "
+                    f"ratio {ours_rates[-1] / base_rates[-1]:.2f}"
+                )
     finally:
         server.terminate()
     ours_rate, base_rate = float(np.median(ours_rates)), float(np.median(base_rates))
     if args.rounds > 1:
-        print(f"medians over {args.rounds} rounds: ours {ours_rate:.2f} images/s "
-              f"({', '.join(f'{r:.2f}' for r in ours_rates)}), baseline {base_rate:.2f} images/s "
-              f"({', '.join(f'{r:.2f}' for r in base_rates)})")
-    print(f"result: clip_score ours={ours_rate:.2f} baseline={base_rate:.2f} ratio={ours_rate / base_rate:.2f} "
-          f"images/s")
+        print(
+            f"medians over {args.rounds} rounds: ours {ours_rate:.2f} images/s "
+            f"({', '.join(f'{r:.2f}' for r in ours_rates)}), baseline {base_rate:.2f} images/s "
+            f"({', '.join(f'{r:.2f}' for r in base_rates)})"
+        )
+    print(
+        f"result: clip_score ours={ours_rate:.2f} baseline={base_rate:.2f} ratio={ours_rate / base_rate:.2f} images/s"
+    )
 
 
 def check_and_run_baseline(ours: dict, n: int, args: argparse.Namespace) -> dict:
@@ -361,13 +421,17 @@ def check_and_run_baseline(ours: dict, n: int, args: argparse.Namespace) -> dict
     if gap > tolerance:
         sys.exit(f"FAILED: scores differ by {gap} (> {tolerance})")
     layout = ", channels-last batches" if args.baseline_channels_last else ""
-    print(f"baseline (bare open_clip loop, {args.cpus} torch threads{layout}): {n} images in {base['seconds']:.1f} s = "
-          f"{n / base['seconds']:.2f} images/s ({1000 * base['seconds'] / n:.1f} ms/image; process CPU "
-          f"{base['cpu_s']:.1f} s; model load {base['load_s']:.1f} s, not timed)")
+    print(
+        f"baseline (bare open_clip loop, {args.cpus} torch threads{layout}): {n} images in {base['seconds']:.1f} s = "
+        f"{n / base['seconds']:.2f} images/s ({1000 * base['seconds'] / n:.1f} ms/image; process CPU "
+        f"{base['cpu_s']:.1f} s; model load {base['load_s']:.1f} s, not timed)"
+    )
     done = ours["shards_done_at"]
-    print(f"ours (Ray runner, {args.cpus} CPUs, whole preprocess+embed phase): {n} images in {ours['seconds']:.1f} s = "
-          f"{n / ours['seconds']:.2f} images/s ({1000 * ours['seconds'] / n:.1f} ms/image); driver saw shards at "
-          f"{', '.join(f'{t:.1f}' for t in done)} s")
+    print(
+        f"ours (Ray runner, {args.cpus} CPUs, whole preprocess+embed phase): {n} images in {ours['seconds']:.1f} s = "
+        f"{n / ours['seconds']:.2f} images/s ({1000 * ours['seconds'] / n:.1f} ms/image); driver saw shards at "
+        f"{', '.join(f'{t:.1f}' for t in done)} s"
+    )
     return base
 
 

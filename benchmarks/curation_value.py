@@ -119,21 +119,28 @@ T_RULES = ("tail_share", "head_factor")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pool", choices=["small", "large"], default="small",
-                        help="small: the real pairs with noise; large: plus CIFAR-10 images (about 2.5x the rows)")
+    parser.add_argument(
+        "--pool",
+        choices=["small", "large"],
+        default="small",
+        help="small: the real pairs with noise; large: plus CIFAR-10 images (about 2.5x the rows)",
+    )
     parser.add_argument("--steps", type=int, default=300, help="training steps of each arm (equal steps)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--ablation", action="store_true",
-                        help="also the recipe without each stage group, and each group alone")
+    parser.add_argument(
+        "--ablation", action="store_true", help="also the recipe without each stage group, and each group alone"
+    )
     parser.add_argument("--ablation-runner", choices=["local", "ray"], default="local")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--score-steps", type=int, default=300, help="training steps of the CLIP-score model")
-    parser.add_argument("--clip-fraction", type=float, default=None,
-                        help="ClipScoreTopFraction's fraction (default: the config's)")
-    parser.add_argument("--metaclip-threshold", type=int, default=None,
-                        help="a fixed t instead of the config's tail share")
+    parser.add_argument(
+        "--clip-fraction", type=float, default=None, help="ClipScoreTopFraction's fraction (default: the config's)"
+    )
+    parser.add_argument(
+        "--metaclip-threshold", type=int, default=None, help="a fixed t instead of the config's tail share"
+    )
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--pool-seed", type=int, default=0)
     parser.add_argument("--limit-rows", type=int, default=None, help="a random subset of the pool (smoke runs)")
@@ -151,9 +158,14 @@ def curated_config(args: argparse.Namespace, work: Path, pool: Path, metadata: P
     """The config with the benchmark's paths (and ``--clip-fraction``, ``--metaclip-threshold``)."""
     from pipelines.engine.config import load_config
 
-    overrides = [f"input={pool}", f"output_dir={work / 'runs'}", f"runner={args.runner}",
-                 f"stages.metaclip_match.metadata={metadata}", f"stages.clip_preprocess.weights={score_model}",
-                 f"stages.clip_embed.weights={score_model}"]
+    overrides = [
+        f"input={pool}",
+        f"output_dir={work / 'runs'}",
+        f"runner={args.runner}",
+        f"stages.metaclip_match.metadata={metadata}",
+        f"stages.clip_preprocess.weights={score_model}",
+        f"stages.clip_embed.weights={score_model}",
+    ]
     if args.clip_fraction is not None:
         overrides.append(f"stages.clip_score_top_fraction.fraction={args.clip_fraction}")
     config = load_config(args.config, overrides)
@@ -161,8 +173,9 @@ def curated_config(args: argparse.Namespace, work: Path, pool: Path, metadata: P
         return config
     balance = next(e for e in config.stages if stage_name(e) == "metaclip_balance")
     other_rules = [f"stages.metaclip_balance.{key}=null" for key in T_RULES if balance.params.get(key) is not None]
-    return load_config(args.config, overrides + [f"stages.metaclip_balance.threshold={args.metaclip_threshold}",
-                                                 *other_rules])
+    return load_config(
+        args.config, overrides + [f"stages.metaclip_balance.threshold={args.metaclip_threshold}", *other_rules]
+    )
 
 
 @contextlib.contextmanager
@@ -175,8 +188,15 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
         timings[key] = timings.get(key, 0.0) + time.monotonic() - start
 
 
-def train(data: Path, out: Path, steps: int, seed: int, args: argparse.Namespace, towers: FrozenTowerCache,
-          cache_from: Path | None = None) -> None:
+def train(
+    data: Path,
+    out: Path,
+    steps: int,
+    seed: int,
+    args: argparse.Namespace,
+    towers: FrozenTowerCache,
+    cache_from: Path | None = None,
+) -> None:
     """Train the LiT heads with the project's recipe (``vlmcurate train clip``'s code).
 
     The recipe caches the locked towers' outputs once per training set (its own feature cache);
@@ -191,9 +211,19 @@ def train(data: Path, out: Path, steps: int, seed: int, args: argparse.Namespace
     if cache_from is not None and (cache_from / "feature_cache-rank0.pt").exists():
         shutil.copy(cache_from / "feature_cache-rank0.pt", out / "feature_cache-rank0.pt")
     with memoised_towers(recipe, towers):
-        recipe.train_clip(recipe.ClipTrainConfig(
-            model="lit-effnet-minilm", train_data=[str(data)], output_dir=str(out), batch_size=args.batch_size,
-            max_steps=steps, lr=args.lr, warmup_steps=20, save_every=steps, seed=seed))
+        recipe.train_clip(
+            recipe.ClipTrainConfig(
+                model="lit-effnet-minilm",
+                train_data=[str(data)],
+                output_dir=str(out),
+                batch_size=args.batch_size,
+                max_steps=steps,
+                lr=args.lr,
+                warmup_steps=20,
+                save_every=steps,
+                seed=seed,
+            )
+        )
 
 
 def train_arm(arm: str, data: Path, args: argparse.Namespace, towers: FrozenTowerCache, work: Path) -> list[dict]:
@@ -206,8 +236,12 @@ def train_arm(arm: str, data: Path, args: argparse.Namespace, towers: FrozenTowe
         train(data, out, args.steps, seed, args, towers, work / "train" / f"{arm}-seed0" if seed else None)
         results.append(evaluate(towers.attach(load_clip(checkpoint=str(out))), args.per_class, args.heldout_images))
         loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
-        print(f"seed {seed} {arm:<30}" + " ".join(f"{k} {results[-1][k]:.3f}" for k in METRICS)
-              + f" final_train_loss {loss:.3f}", flush=True)
+        print(
+            f"seed {seed} {arm:<30}"
+            + " ".join(f"{k} {results[-1][k]:.3f}" for k in METRICS)
+            + f" final_train_loss {loss:.3f}",
+            flush=True,
+        )
     return results
 
 
@@ -218,16 +252,24 @@ def run_arms(configs: dict, towers: FrozenTowerCache, timings: dict[str, float])
         key = {"raw": "raw run (download)", "curated": "curated run"}.get(arm, "ablation runs")
         with timed(timings, key):
             runs[arm] = run_curation(config, towers)
-        print(f"{arm:<30} {runs[arm][1].export['rows']:>6,} rows exported; stages: "
-              + ", ".join(stage_name(e) for e in config.stages), flush=True)
+        print(
+            f"{arm:<30} {runs[arm][1].export['rows']:>6,} rows exported; stages: "
+            + ", ".join(stage_name(e) for e in config.stages),
+            flush=True,
+        )
     return runs
 
 
 def setup(args: argparse.Namespace) -> Path:
     """The environment of the libraries and a clean work folder."""
     require_shared()
-    for key, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_AUTH_MODE", "disabled"), ("HF_HUB_OFFLINE", "1"),
-                       ("WANDB_MODE", "disabled"), ("NO_ALBUMENTATIONS_UPDATE", "1")):
+    for key, value in (
+        ("RAY_USAGE_STATS_ENABLED", "0"),
+        ("RAY_AUTH_MODE", "disabled"),
+        ("HF_HUB_OFFLINE", "1"),
+        ("WANDB_MODE", "disabled"),
+        ("NO_ALBUMENTATIONS_UPDATE", "1"),
+    ):
         os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("ray.data._internal.issue_detection").setLevel(logging.ERROR)  # memory hints per operator
@@ -241,19 +283,25 @@ def setup(args: argparse.Namespace) -> Path:
 def print_pool(args: argparse.Namespace, pool, kinds: Counter) -> None:
     """The pool's images and rows by kind, and the CLIP-score split."""
     facts = pool.facts
-    print(f"{args.pool} pool: {sum(kinds.values()):,} rows over {facts['pool_flickr_images']} Flickr8k, "
-          f"{facts['pool_tux_images']} Tux Paint and {facts['pool_cifar_images']} CIFAR-10 images "
-          f"({len(pool.images):,} served files with the near-duplicates); "
-          + ", ".join(f"{k} {v:,}" for k, v in kinds.most_common()))
-    print(f"CLIP-score split: {facts['score_rows']:,} pairs; held-out Flickr8k images: evaluation only; "
-          f"head concept '{HEAD_WORD}': {facts['head_images']} Flickr8k pool images x 4 extra captions")
+    print(
+        f"{args.pool} pool: {sum(kinds.values()):,} rows over {facts['pool_flickr_images']} Flickr8k, "
+        f"{facts['pool_tux_images']} Tux Paint and {facts['pool_cifar_images']} CIFAR-10 images "
+        f"({len(pool.images):,} served files with the near-duplicates); "
+        + ", ".join(f"{k} {v:,}" for k, v in kinds.most_common())
+    )
+    print(
+        f"CLIP-score split: {facts['score_rows']:,} pairs; held-out Flickr8k images: evaluation only; "
+        f"head concept '{HEAD_WORD}': {facts['head_images']} Flickr8k pool images x 4 extra captions"
+    )
 
 
 def print_curated(runs: dict, accounts: dict, counts: dict, kinds: Counter) -> None:
     """The exports' sizes, the curated run's stages and where each kind of row went."""
-    print(f"\nraw export: {counts['raw']['rows']:,} rows; curated export: {counts['curated']['rows']:,} rows "
-          f"({counts['curated']['rows'] / counts['raw']['rows']:.1%} of raw); oracle: {counts['oracle']['rows']:,} "
-          f"rows (the raw export's clean rows)")
+    print(
+        f"\nraw export: {counts['raw']['rows']:,} rows; curated export: {counts['curated']['rows']:,} rows "
+        f"({counts['curated']['rows'] / counts['raw']['rows']:.1%} of raw); oracle: {counts['oracle']['rows']:,} "
+        f"rows (the raw export's clean rows)"
+    )
     print_stages(runs["curated"][1])
     print("\nwhere each kind of row went (curated run; rows rejected per stage):")
     order = ["clean"] + [k for k, _ in kinds.most_common() if k != "clean"]
@@ -261,29 +309,37 @@ def print_curated(runs: dict, accounts: dict, counts: dict, kinds: Counter) -> N
     print_score_auc(accounts["curated"][1])
 
 
-def print_results(args: argparse.Namespace, results: dict, counts: dict, score_eval: dict, gaps: dict,
-                  score_rows: int) -> None:
+def print_results(
+    args: argparse.Namespace, results: dict, counts: dict, score_eval: dict, gaps: dict, score_rows: int
+) -> None:
     """The raw / curated / oracle table and the ablation table."""
     print()
     print_summary(results, chance(results["raw"][0]["heldout_images"]), score_eval, gaps)
-    print(f"(mean ± standard deviation over {args.seeds} seeds; raw {counts['raw']['rows']:,} rows, curated "
-          f"{counts['curated']['rows']:,}, oracle {counts['oracle']['rows']:,}; gap closed: (curated - raw) / "
-          f"(oracle - raw) of the means; score model: the CLIP-score model itself, {score_rows:,} clean "
-          f"pairs disjoint from the pool)")
+    print(
+        f"(mean ± standard deviation over {args.seeds} seeds; raw {counts['raw']['rows']:,} rows, curated "
+        f"{counts['curated']['rows']:,}, oracle {counts['oracle']['rows']:,}; gap closed: (curated - raw) / "
+        f"(oracle - raw) of the means; score model: the CLIP-score model itself, {score_rows:,} clean "
+        f"pairs disjoint from the pool)"
+    )
     if args.ablation:
-        print("\nablation (each metric: mean over seeds, then its difference from the curated arm, the default "
-              "recipe; rows: kept by the arm, of them clean and noise):")
+        print(
+            "\nablation (each metric: mean over seeds, then its difference from the curated arm, the default "
+            "recipe; rows: kept by the arm, of them clean and noise):"
+        )
         print_ablation(results, counts, "curated")
 
 
 def print_result_lines(results: dict, gaps: dict) -> None:
     """Curated vs raw zero-shot top-1, and the gap closed on the worst metric against the bar."""
     ours, baseline = means(results["curated"])["cifar10_top1"], means(results["raw"])["cifar10_top1"]
-    print(f"result: curation_value ours={ours:.3f} baseline={baseline:.3f} ratio={ours / baseline:.2f} "
-          f"cifar10_zeroshot_top1")
+    print(
+        f"result: curation_value ours={ours:.3f} baseline={baseline:.3f} ratio={ours / baseline:.2f} "
+        f"cifar10_zeroshot_top1"
+    )
     worst = min((g for g in gaps.values() if math.isfinite(g)), default=math.nan)
-    print(f"result: curation_value_gap_closed ours={worst:.3f} baseline={GAP_BAR} ratio={worst / GAP_BAR:.2f} "
-          f"gap_closed")
+    print(
+        f"result: curation_value_gap_closed ours={worst:.3f} baseline={GAP_BAR} ratio={worst / GAP_BAR:.2f} gap_closed"
+    )
 
 
 def main() -> None:
@@ -315,8 +371,9 @@ def main() -> None:
         write_pool(rows, base_url, work / "pool.csv")
         curated = curated_config(args, work, work / "pool.csv", metadata, score_model)
         configs = {"raw": arm_config(curated, "raw", set(), args.runner), "curated": curated}
-        runs = run_arms(configs | (ablation_configs(curated, args.ablation_runner) if args.ablation else {}),
-                        towers, timings)
+        runs = run_arms(
+            configs | (ablation_configs(curated, args.ablation_runner) if args.ablation else {}), towers, timings
+        )
 
     accounts = {arm: account(run, manifest, kind_of) for arm, (run, manifest) in runs.items()}
     counts = {arm: kept(table) for arm, (table, _) in accounts.items()}
@@ -327,14 +384,17 @@ def main() -> None:
     print_curated(runs, accounts, counts, kinds)
 
     # Equal steps on every arm, several seeds; evaluation with the locked towers encoded once.
-    print(f"\ntraining: {args.steps} steps of {args.batch_size} per arm and seed; epochs: "
-          + ", ".join(f"{arm} {args.steps * args.batch_size / counts[arm]['rows']:.1f}" for arm in data))
+    print(
+        f"\ntraining: {args.steps} steps of {args.batch_size} per arm and seed; epochs: "
+        + ", ".join(f"{arm} {args.steps * args.batch_size / counts[arm]['rows']:.1f}" for arm in data)
+    )
     from models.clip import load_clip
 
     with timed(timings, "training + evaluation"):
         results = {arm: train_arm(arm, path, args, towers, work) for arm, path in data.items()}
-        score_eval = evaluate(towers.attach(load_clip(checkpoint=str(score_model))), args.per_class,
-                              args.heldout_images)
+        score_eval = evaluate(
+            towers.attach(load_clip(checkpoint=str(score_model))), args.per_class, args.heldout_images
+        )
     print(f"locked image trunk: {towers.misses:,} images encoded, {towers.hits:,} reused (same pixels)")
     gaps = gap_closed(results["raw"], results["curated"], results["oracle"])
     print_results(args, results, counts, score_eval, gaps, pool.facts["score_rows"])

@@ -47,7 +47,7 @@ def python_shingles(caption: str, size: int) -> set[str]:
         return set()
     if len(words) < size:
         return {" ".join(words)}
-    return {" ".join(words[i:i + size]) for i in range(len(words) - size + 1)}
+    return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
 
 
 def datasketch_loop(captions: list[str], stage: CaptionNearDuplicates) -> set[tuple[int, int]]:
@@ -75,10 +75,14 @@ def run_stage(captions: list[str], stage: CaptionNearDuplicates):
     partials = []
     size = stage.resources.batch_size
     for start in range(0, len(captions), size):
-        chunk = captions[start:start + size]
-        batch = pa.table({"uid": [str(i) for i in range(start, start + len(chunk))],
-                          "source_index": pa.array(range(start, start + len(chunk)), pa.int64()),
-                          "caption": chunk})
+        chunk = captions[start : start + size]
+        batch = pa.table(
+            {
+                "uid": [str(i) for i in range(start, start + len(chunk))],
+                "source_index": pa.array(range(start, start + len(chunk)), pa.int64()),
+                "caption": chunk,
+            }
+        )
         partials.append(stage.compute(batch))
     state = stage.aggregate(partials)
     return partials, state
@@ -90,14 +94,18 @@ def caption_part(args) -> str:
     with CAPTIONS.open() as f:
         captions = [row["caption"] for row in csv.DictReader(f)]
     stage = CaptionNearDuplicates(threshold=args.threshold, shingle_size=args.shingle_size, max_bucket=10**9)
-    print(f"{len(captions):,} Flickr8k captions; threshold {stage.threshold}, word {stage.shingle_size}-grams, "
-          f"{stage.num_perm} permutations, {stage.bands} bands x {stage.rows_per_band} rows")
+    print(
+        f"{len(captions):,} Flickr8k captions; threshold {stage.threshold}, word {stage.shingle_size}-grams, "
+        f"{stage.num_perm} permutations, {stage.bands} bands x {stage.rows_per_band} rows"
+    )
 
     start = time.perf_counter()
     baseline_pairs = datasketch_loop(captions, stage)
     baseline = time.perf_counter() - start
-    print(f"baseline (datasketch loop: MinHash + update per shingle, insert, query): {baseline:.2f} s, "
-          f"{len(baseline_pairs):,} candidate pairs")
+    print(
+        f"baseline (datasketch loop: MinHash + update per shingle, insert, query): {baseline:.2f} s, "
+        f"{len(baseline_pairs):,} candidate pairs"
+    )
 
     start = time.perf_counter()
     partials, state = run_stage(captions, stage)
@@ -109,29 +117,40 @@ def caption_part(args) -> str:
     shingles = concat_shingles([p["features"]["shingles"] for p in partials])
     left, right, _ = candidate_pairs(keys, shingles.counts > 0, stage.max_bucket)
     our_pairs = set(zip(left.tolist(), right.tolist()))
-    print(f"ours (stage compute + aggregate, with the exact Jaccard check and clusters): {ours:.2f} s, "
-          f"{state['candidate_pairs']:,} candidate pairs, {state['verified_pairs']:,} at Jaccard >= {stage.threshold}, "
-          f"{state['clusters']:,} clusters, {len(state['duplicate_index']):,} rows rejected, "
-          f"largest {state['largest'][:5]}")
+    print(
+        f"ours (stage compute + aggregate, with the exact Jaccard check and clusters): {ours:.2f} s, "
+        f"{state['candidate_pairs']:,} candidate pairs, {state['verified_pairs']:,} at Jaccard >= {stage.threshold}, "
+        f"{state['clusters']:,} clusters, {len(state['duplicate_index']):,} rows rejected, "
+        f"largest {state['largest'][:5]}"
+    )
     if our_pairs != baseline_pairs:
-        sys.exit(f"candidate pairs differ: {len(our_pairs - baseline_pairs)} only ours, "
-                 f"{len(baseline_pairs - our_pairs)} only datasketch's")
+        sys.exit(
+            f"candidate pairs differ: {len(our_pairs - baseline_pairs)} only ours, "
+            f"{len(baseline_pairs - our_pairs)} only datasketch's"
+        )
     print("candidate pairs: identical")
 
     match = jaccard(shingles, left, right) >= stage.threshold
     verified = set(zip(left[match].tolist(), right[match].tolist()))
     sample = sorted(random.Random(0).sample(range(len(captions)), min(args.sample, len(captions))))
     sets = {i: python_shingles(captions[i], stage.shingle_size) for i in sample}
-    truth = {(i, j) for i, j in itertools.combinations(sample, 2)
-             if sets[i] and sets[j] and len(sets[i] & sets[j]) / len(sets[i] | sets[j]) >= stage.threshold}
+    truth = {
+        (i, j)
+        for i, j in itertools.combinations(sample, 2)
+        if sets[i] and sets[j] and len(sets[i] & sets[j]) / len(sets[i] | sets[j]) >= stage.threshold
+    }
     found = {p for p in verified if p[0] in sets and p[1] in sets}
     recall = len(truth & found) / len(truth) if truth else 1.0
-    print(f"recall on {len(sample):,} sampled captions ({len(sample) * (len(sample) - 1) // 2:,} pairs by brute "
-          f"force): {len(truth):,} pairs at Jaccard >= {stage.threshold}, {len(truth & found):,} found = {recall:.3f}; "
-          f"false pairs kept: {len(found - truth)}")
+    print(
+        f"recall on {len(sample):,} sampled captions ({len(sample) * (len(sample) - 1) // 2:,} pairs by brute "
+        f"force): {len(truth):,} pairs at Jaccard >= {stage.threshold}, {len(truth & found):,} found = {recall:.3f}; "
+        f"false pairs kept: {len(found - truth)}"
+    )
     rate_ours, rate_base = len(captions) / ours, len(captions) / baseline
-    return (f"result: dedup_minhash_captions ours={rate_ours:.0f} baseline={rate_base:.0f} "
-            f"ratio={rate_ours / rate_base:.2f} captions/s")
+    return (
+        f"result: dedup_minhash_captions ours={rate_ours:.0f} baseline={rate_base:.0f} "
+        f"ratio={rate_ours / rate_base:.2f} captions/s"
+    )
 
 
 def image_part(args) -> str:
@@ -144,10 +163,12 @@ def image_part(args) -> str:
     copies = n // 2 + rng.choice(n - n // 2, planted, replace=False)
     noise = rng.standard_normal((planted, dim)).astype(np.float32)
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-    base[copies] = 0.97 * base[originals] + np.sqrt(1 - 0.97 ** 2) * noise
+    base[copies] = 0.97 * base[originals] + np.sqrt(1 - 0.97**2) * noise
     vectors = unit_rows(base.astype(np.float16))
-    print(f"{n:,} synthetic {dim}-d float16 embeddings, {planted:,} planted near-duplicates at cosine ~0.97; "
-          f"threshold {args.image_threshold}")
+    print(
+        f"{n:,} synthetic {dim}-d float16 embeddings, {planted:,} planted near-duplicates at cosine ~0.97; "
+        f"threshold {args.image_threshold}"
+    )
     timings, pairs = {}, {}
     for kind in ("exact", "ivf"):
         settings = SearchSettings(index=kind, nprobe=args.nprobe)
@@ -158,10 +179,14 @@ def image_part(args) -> str:
         print(f"{kind}: {timings[kind]:.1f} s, {len(pairs[kind]):,} pairs ({facts})")
     planted_pairs = {(min(a, b), max(a, b)) for a, b in zip(originals.tolist(), copies.tolist())}
     recall = len(pairs["ivf"] & pairs["exact"]) / max(1, len(pairs["exact"]))
-    print(f"exact finds {len(planted_pairs & pairs['exact']):,} of the {planted:,} planted pairs; "
-          f"IVF recall of exact's pairs: {recall:.4f}")
-    return (f"result: dedup_faiss_ivf ours={n / timings['ivf']:.0f} baseline={n / timings['exact']:.0f} "
-            f"ratio={timings['exact'] / timings['ivf']:.2f} vectors/s")
+    print(
+        f"exact finds {len(planted_pairs & pairs['exact']):,} of the {planted:,} planted pairs; "
+        f"IVF recall of exact's pairs: {recall:.4f}"
+    )
+    return (
+        f"result: dedup_faiss_ivf ours={n / timings['ivf']:.0f} baseline={n / timings['exact']:.0f} "
+        f"ratio={timings['exact'] / timings['ivf']:.2f} vectors/s"
+    )
 
 
 def main() -> None:

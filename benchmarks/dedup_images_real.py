@@ -54,8 +54,9 @@ def _watermark(image: Image.Image) -> Image.Image:
 TRANSFORMS = {
     "jpeg_q15": lambda im: _jpeg(im, 15),
     "resize_half": lambda im: _jpeg(im.resize((im.width // 2, im.height // 2))),
-    "crop_5pct": lambda im: _jpeg(im.crop((im.width // 20, im.height // 20, im.width - im.width // 20,
-                                           im.height - im.height // 20))),
+    "crop_5pct": lambda im: _jpeg(
+        im.crop((im.width // 20, im.height // 20, im.width - im.width // 20, im.height - im.height // 20))
+    ),
     "mirror": lambda im: _jpeg(ImageOps.mirror(im)),
     "watermark": lambda im: _jpeg(_watermark(im)),
 }
@@ -70,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     if not IMAGES.exists():
         sys.exit(f"skipped: {IMAGES} is absent (the shared data is not beside the repository)")
-    paths = sorted(IMAGES.glob("*.jpg"))[:args.sources + args.distinct]
+    paths = sorted(IMAGES.glob("*.jpg"))[: args.sources + args.distinct]
     bodies, source, transform = [], [], []
     for i, path in enumerate(paths):
         image = Image.open(path).convert("RGB")
@@ -83,8 +84,9 @@ def main() -> None:
                 source.append(i)
                 transform.append(name)
     source, transform = np.array(source), np.array(transform)
-    print(f"{len(paths)} Flickr8k photos, {args.sources} with {len(TRANSFORMS)} near-duplicates each: "
-          f"{len(bodies)} rows")
+    print(
+        f"{len(paths)} Flickr8k photos, {args.sources} with {len(TRANSFORMS)} near-duplicates each: {len(bodies)} rows"
+    )
 
     start = time.perf_counter()
     preprocess = ClipPreprocess(model="lit-effnet-minilm", weights=args.checkpoint)
@@ -92,16 +94,23 @@ def main() -> None:
     embed.setup()
     embeddings = []
     for offset in range(0, len(bodies), 64):
-        chunk = pa.table({IMAGE: pa.array(bodies[offset:offset + 64], pa.binary())})
+        chunk = pa.table({IMAGE: pa.array(bodies[offset : offset + 64], pa.binary())})
         pixels = preprocess(chunk)[CLIP_PIXELS]
         out = embed(pa.table({CLIP_PIXELS: pixels, CAPTION: ["a photo"] * len(chunk)}))
         embeddings.append(out[IMAGE_EMBEDDING])
     column = pa.chunked_array(embeddings)
-    print(f"embedded in {time.perf_counter() - start:.1f} s "
-          f"({'trained heads ' + args.checkpoint if args.checkpoint else 'untrained seeded heads'})")
+    print(
+        f"embedded in {time.perf_counter() - start:.1f} s "
+        f"({'trained heads ' + args.checkpoint if args.checkpoint else 'untrained seeded heads'})"
+    )
 
-    batch = pa.table({"uid": [str(i) for i in range(len(bodies))],
-                      "source_index": pa.array(range(len(bodies)), pa.int64()), IMAGE_EMBEDDING: column})
+    batch = pa.table(
+        {
+            "uid": [str(i) for i in range(len(bodies))],
+            "source_index": pa.array(range(len(bodies)), pa.int64()),
+            IMAGE_EMBEDDING: column,
+        }
+    )
     truth = {(i, j) for i, j in itertools.combinations(range(len(bodies)), 2) if source[i] == source[j]}
     copies = transform != "original"
     print("threshold | pairs found | precision | recall | " + " | ".join(TRANSFORMS))
@@ -118,8 +127,10 @@ def main() -> None:
         precision = len(found & truth) / len(found) if found else 1.0
         recall = len(found & truth) / len(truth)
         original_label = {s: labels[i] for i, s in enumerate(source) if transform[i] == "original"}
-        per = [np.mean([labels[i] == original_label[source[i]] for i in np.flatnonzero(copies & (transform == name))])
-               for name in TRANSFORMS]
+        per = [
+            np.mean([labels[i] == original_label[source[i]] for i in np.flatnonzero(copies & (transform == name))])
+            for name in TRANSFORMS
+        ]
         shares = " | ".join(f"{p:.2f}" for p in per)
         print(f"{threshold:.2f} | {len(found):,} | {precision:.3f} | {recall:.3f} | {shares}")
 

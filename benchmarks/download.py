@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.loopback import serve  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-RESIZE = dict(image_size=256, resize_mode="keep_ratio", resize_only_if_bigger=True, encode_format="jpg",
-              encode_quality=95)
+RESIZE = dict(
+    image_size=256, resize_mode="keep_ratio", resize_only_if_bigger=True, encode_format="jpg", encode_quality=95
+)
 
 
 def load_images() -> list[bytes]:
@@ -46,10 +47,24 @@ def run_img2dataset(pool: str, out: str, processes: int, threads: int) -> tuple[
     from img2dataset import download
 
     start = time.perf_counter()
-    download(url_list=pool, input_format="parquet", url_col="url", caption_col="caption", output_folder=out,
-             output_format="webdataset", processes_count=processes, thread_count=threads, timeout=10, retries=0,
-             number_sample_per_shard=1000, distributor="multiprocessing", compute_hash="sha256",
-             disallowed_header_directives=[], enable_wandb=False, **RESIZE)
+    download(
+        url_list=pool,
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_folder=out,
+        output_format="webdataset",
+        processes_count=processes,
+        thread_count=threads,
+        timeout=10,
+        retries=0,
+        number_sample_per_shard=1000,
+        distributor="multiprocessing",
+        compute_hash="sha256",
+        disallowed_header_directives=[],
+        enable_wandb=False,
+        **RESIZE,
+    )
     seconds = time.perf_counter() - start
     successes = sum(json.loads(p.read_text())["successes"] for p in Path(out).glob("*_stats.json"))
     return seconds, successes
@@ -61,13 +76,28 @@ def run_ours(pool: str, out: str, processes: int, threads: int) -> tuple[float, 
     from pipelines.engine.plan import build_plan
     from pipelines.engine.runner import RayRunner
 
-    config = parse_config({
-        "name": "bench", "input": pool, "output_dir": out, "runner": "ray", "shard_size": 1000,
-        "ray": {"num_cpus": processes + 1},  # + the CPU the read/write tasks get beside the actors
-        "stages": [{"stage": "pipelines.download:Download", "threads": threads, "timeout": 10, "retries": 0,
-                    "allow_addresses": ["127.0.0.1"], "disallowed_header_directives": [],
-                    "resources": {"concurrency": processes}, **RESIZE}],
-    })
+    config = parse_config(
+        {
+            "name": "bench",
+            "input": pool,
+            "output_dir": out,
+            "runner": "ray",
+            "shard_size": 1000,
+            "ray": {"num_cpus": processes + 1},  # + the CPU the read/write tasks get beside the actors
+            "stages": [
+                {
+                    "stage": "pipelines.download:Download",
+                    "threads": threads,
+                    "timeout": 10,
+                    "retries": 0,
+                    "allow_addresses": ["127.0.0.1"],
+                    "disallowed_header_directives": [],
+                    "resources": {"concurrency": processes},
+                    **RESIZE,
+                }
+            ],
+        }
+    )
     start = time.perf_counter()
     runner = RayRunner(config.ray)
     try:
@@ -96,11 +126,19 @@ def main() -> None:
     port = ports.get(timeout=30)
     with tempfile.TemporaryDirectory() as tmp:
         pool = os.path.join(tmp, "pool.parquet")
-        pq.write_table(pa.table({"url": [f"http://127.0.0.1:{port}/{i}.jpg?copy={i // len(images)}"
-                                         for i in range(args.urls)],
-                                 "caption": [f"image {i}" for i in range(args.urls)]}), pool)
-        print(f"{args.urls:,} urls over {len(images):,} real images; {args.processes} processes x "
-              f"{args.threads} threads; {RESIZE}")
+        pq.write_table(
+            pa.table(
+                {
+                    "url": [f"http://127.0.0.1:{port}/{i}.jpg?copy={i // len(images)}" for i in range(args.urls)],
+                    "caption": [f"image {i}" for i in range(args.urls)],
+                }
+            ),
+            pool,
+        )
+        print(
+            f"{args.urls:,} urls over {len(images):,} real images; {args.processes} processes x "
+            f"{args.threads} threads; {RESIZE}"
+        )
         base_s, base_ok = run_img2dataset(pool, os.path.join(tmp, "img2dataset"), args.processes, args.threads)
         print(f"img2dataset: {base_ok:,} images in {base_s:.1f} s = {base_ok / base_s:,.0f} images/s")
         ours_s, ours_ok = run_ours(pool, os.path.join(tmp, "ours"), args.processes, args.threads)

@@ -78,16 +78,20 @@ print(json.dumps({{"bytes": len(body), "seconds": seconds, "peak_mib": peak, "ou
 
 def measure(side: str, case: str, cap: float) -> dict:
     maker, args, resize = CASES[case]
-    script = _CHILD.format(root=str(Path(__file__).resolve().parents[1]), maker=maker, args=args, resize=resize,
-                           side=side)
+    script = _CHILD.format(
+        root=str(Path(__file__).resolve().parents[1]), maker=maker, args=args, resize=resize, side=side
+    )
     start = time.perf_counter()
     try:
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=cap)
     except subprocess.TimeoutExpired:
         return {"seconds": cap, "peak_mib": float("nan"), "outcome": f"still decoding after {cap:g} s (stopped)"}
     if done.returncode != 0:
-        return {"seconds": time.perf_counter() - start, "peak_mib": float("nan"),
-                "outcome": f"process died: {done.stderr.strip().splitlines()[-1:]}"}
+        return {
+            "seconds": time.perf_counter() - start,
+            "peak_mib": float("nan"),
+            "outcome": f"process died: {done.stderr.strip().splitlines()[-1:]}",
+        }
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -100,16 +104,23 @@ def main() -> None:
     for case in CASES:
         for side in ("baseline", "ours"):
             row = measure(side, case, cap)
-            print(f"{case:24} {side:9} {row.get('bytes', 0):>9,} {row['seconds']:>8.2f} {row['peak_mib']:>9.0f}  "
-                  f"{row['outcome']}", flush=True)
+            print(
+                f"{case:24} {side:9} {row.get('bytes', 0):>9,} {row['seconds']:>8.2f} {row['peak_mib']:>9.0f}  "
+                f"{row['outcome']}",
+                flush=True,
+            )
             worst[side][0] = max(worst[side][0], row["seconds"])
             if row["peak_mib"] == row["peak_mib"]:  # not NaN
                 worst[side][1] = max(worst[side][1], row["peak_mib"])
     (ours_s, ours_mib), (base_s, base_mib) = worst["ours"], worst["baseline"]
-    print(f"result: hostile_decode_worst_seconds ours={ours_s:.2f} baseline={base_s:.2f} "
-          f"ratio={base_s / ours_s:.0f} s (baseline/ours)")
-    print(f"result: hostile_decode_worst_peak ours={ours_mib:.0f} baseline={base_mib:.0f} "
-          f"ratio={base_mib / ours_mib:.1f} MiB (baseline/ours)")
+    print(
+        f"result: hostile_decode_worst_seconds ours={ours_s:.2f} baseline={base_s:.2f} "
+        f"ratio={base_s / ours_s:.0f} s (baseline/ours)"
+    )
+    print(
+        f"result: hostile_decode_worst_peak ours={ours_mib:.0f} baseline={base_mib:.0f} "
+        f"ratio={base_mib / ours_mib:.1f} MiB (baseline/ours)"
+    )
 
 
 if __name__ == "__main__":

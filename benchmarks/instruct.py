@@ -42,10 +42,19 @@ def serve(latency: float, queue, stop) -> None:
 
 
 def stage(base_url: str, cache: str, args: argparse.Namespace) -> InstructGenerate:
-    instruct = InstructGenerate(backend="openai", response_types=["reasoning"], cache=cache,
-                                endpoint={"model": "bench", "base_url": base_url, "api_key_env": KEY_ENV,
-                                          "concurrency": args.concurrency, "timeout": 30},
-                                resources=Resources(batch_size=args.batch_size))
+    instruct = InstructGenerate(
+        backend="openai",
+        response_types=["reasoning"],
+        cache=cache,
+        endpoint={
+            "model": "bench",
+            "base_url": base_url,
+            "api_key_env": KEY_ENV,
+            "concurrency": args.concurrency,
+            "timeout": 30,
+        },
+        resources=Resources(batch_size=args.batch_size),
+    )
     instruct.setup()
     return instruct
 
@@ -54,8 +63,12 @@ def run(instruct: InstructGenerate, rows: int, batch_size: int) -> float:
     start = time.perf_counter()
     for first in range(0, rows, batch_size):
         count = min(batch_size, rows - first)
-        batch = pa.table({"uid": [f"u{i}" for i in range(first, first + count)],
-                          "caption": [f"a kite over a beach, number {i}" for i in range(first, first + count)]})
+        batch = pa.table(
+            {
+                "uid": [f"u{i}" for i in range(first, first + count)],
+                "caption": [f"a kite over a beach, number {i}" for i in range(first, first + count)],
+            }
+        )
         out = instruct(batch)
         assert "_reject_reason" not in out.column_names, "a request failed"
     return time.perf_counter() - start
@@ -83,12 +96,15 @@ def main() -> None:
         answered, peak = queue.get(timeout=30)
         server.join()
     achieved, ideal = args.rows / seconds, args.concurrency / args.latency
-    print(f"{args.rows} requests, concurrency {args.concurrency}, latency {args.latency * 1000:.0f} ms: "
-          f"{seconds:.2f} s, {achieved:.1f} requests/s (ideal {ideal:.1f}); peak in flight at the server {peak}")
-    print(f"rerun on the same cache: {rerun._chat.sent} requests sent, server answered {answered - args.rows} "
-          f"new, {rerun_seconds:.2f} s")
-    print(f"result: instruct_requests ours={achieved:.1f} baseline={ideal:.1f} ratio={achieved / ideal:.3f} "
-          f"requests/s")
+    print(
+        f"{args.rows} requests, concurrency {args.concurrency}, latency {args.latency * 1000:.0f} ms: "
+        f"{seconds:.2f} s, {achieved:.1f} requests/s (ideal {ideal:.1f}); peak in flight at the server {peak}"
+    )
+    print(
+        f"rerun on the same cache: {rerun._chat.sent} requests sent, server answered {answered - args.rows} "
+        f"new, {rerun_seconds:.2f} s"
+    )
+    print(f"result: instruct_requests ours={achieved:.1f} baseline={ideal:.1f} ratio={achieved / ideal:.3f} requests/s")
 
 
 if __name__ == "__main__":

@@ -43,10 +43,14 @@ def main() -> None:
     if not CAPTIONS.is_file():
         sys.exit(f"skipped: {CAPTIONS} is absent (the shared data folder)")
     rows = [json.loads(line) for line in CAPTIONS.read_text().splitlines()[: args.images]]
-    jobs = [(kind, load_prompt(kind).messages(build_context(r["captions"][:2], None, max_chars=300).render()))
-            for r in rows for kind in RESPONSE_TYPES]
-    settings = LocalSettings(max_new_tokens=args.max_new_tokens, temperature=0, batch_size=args.batch_size,
-                             device="cpu", dtype=args.dtype)
+    jobs = [
+        (kind, load_prompt(kind).messages(build_context(r["captions"][:2], None, max_chars=300).render()))
+        for r in rows
+        for kind in RESPONSE_TYPES
+    ]
+    settings = LocalSettings(
+        max_new_tokens=args.max_new_tokens, temperature=0, batch_size=args.batch_size, device="cpu", dtype=args.dtype
+    )
     chat = LocalChat(settings)
     start = time.perf_counter()
     replies = chat.complete([messages for _, messages in jobs])
@@ -57,10 +61,12 @@ def main() -> None:
     start, base_tokens = time.perf_counter(), 0
     with torch.inference_mode():
         for _, messages in jobs:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                return_dict=True)
-            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+            ids = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            out = model.generate(
+                **ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
             base_tokens += out.shape[1] - ids["input_ids"].shape[1]
     base_seconds = time.perf_counter() - start
 
@@ -72,12 +78,17 @@ def main() -> None:
         except ReplyError:
             pass
     per_type = len(rows)
-    print(f"{len(jobs)} requests ({args.images} images x {len(RESPONSE_TYPES)} types), greedy, "
-          f"max_new_tokens {args.max_new_tokens}, {args.dtype}, torch threads {torch.get_num_threads()}")
-    print(f"ours: {ours_tokens} tokens in {ours_seconds:.1f} s; "
-          f"per-request loop: {base_tokens} in {base_seconds:.1f} s")
-    print("replies that parse and were not cut off: "
-          + ", ".join(f"{kind} {parsed[kind]}/{per_type}" for kind in RESPONSE_TYPES))
+    print(
+        f"{len(jobs)} requests ({args.images} images x {len(RESPONSE_TYPES)} types), greedy, "
+        f"max_new_tokens {args.max_new_tokens}, {args.dtype}, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"ours: {ours_tokens} tokens in {ours_seconds:.1f} s; per-request loop: {base_tokens} in {base_seconds:.1f} s"
+    )
+    print(
+        "replies that parse and were not cut off: "
+        + ", ".join(f"{kind} {parsed[kind]}/{per_type}" for kind in RESPONSE_TYPES)
+    )
     ours, base = ours_tokens / ours_seconds, base_tokens / base_seconds
     print(f"result: instruct_local ours={ours:.1f} baseline={base:.1f} ratio={ours / base:.2f} tokens/s")
 

@@ -63,21 +63,37 @@ def main() -> None:
 
     untrained = evaluate(load_clip("lit-effnet-minilm"), args.per_class, args.heldout_images)
     started = time.monotonic()
-    train_clip(ClipTrainConfig(model="lit-effnet-minilm", train_data=[str(work / "shards")],
-                               output_dir=str(work / "train"), batch_size=args.batch_size, max_steps=args.steps,
-                               lr=args.lr, warmup_steps=20, save_every=args.steps))
+    train_clip(
+        ClipTrainConfig(
+            model="lit-effnet-minilm",
+            train_data=[str(work / "shards")],
+            output_dir=str(work / "train"),
+            batch_size=args.batch_size,
+            max_steps=args.steps,
+            lr=args.lr,
+            warmup_steps=20,
+            save_every=args.steps,
+        )
+    )
     train_seconds = time.monotonic() - started
     trained = evaluate(load_clip(checkpoint=str(work / "train")), args.per_class, args.heldout_images)
 
-    chance = {"cifar10_top1": 0.1, "cifar10_top5": 0.5, "i2t_R@5": 5 * 5 / (5 * untrained["heldout_images"]),
-              "t2i_R@5": 5 / untrained["heldout_images"], "pair_auc": 0.5}
+    chance = {
+        "cifar10_top1": 0.1,
+        "cifar10_top5": 0.5,
+        "i2t_R@5": 5 * 5 / (5 * untrained["heldout_images"]),
+        "t2i_R@5": 5 / untrained["heldout_images"],
+        "pair_auc": 0.5,
+    }
     print(f"training: {args.steps} steps of {args.batch_size} in {train_seconds:.0f} s (feature caching included)")
     print(f"{'metric':<14}{'chance':>10}{'untrained':>12}{'trained':>10}")
     for key in chance:
         print(f"{key:<14}{chance[key]:>10.3f}{untrained[key]:>12.3f}{trained[key]:>10.3f}")
     ratio = trained["cifar10_top1"] / max(untrained["cifar10_top1"], 1e-9)
-    print(f"result: lit_real_check ours={trained['cifar10_top1']:.3f} baseline={untrained['cifar10_top1']:.3f} "
-          f"ratio={ratio:.2f} cifar10_zeroshot_top1")
+    print(
+        f"result: lit_real_check ours={trained['cifar10_top1']:.3f} baseline={untrained['cifar10_top1']:.3f} "
+        f"ratio={ratio:.2f} cifar10_zeroshot_top1"
+    )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def corpus_ngrams(texts: list[str], n: int) -> list[str]:
     counts: Counter[str] = Counter()
     for text in texts:
         tokens = [t for t in normalize(text).split() if t.isalnum()]
-        counts.update(" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+        counts.update(" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
     return [gram for gram, _ in counts.most_common()]
 
 
@@ -110,7 +110,7 @@ def main() -> None:
     start = time.perf_counter()
     matcher = EntryMatcher(entries)
     ours_build = time.perf_counter() - start
-    batches = [pa.array(texts[offset:offset + BATCH], pa.string()) for offset in range(0, len(texts), BATCH)]
+    batches = [pa.array(texts[offset : offset + BATCH], pa.string()) for offset in range(0, len(texts), BATCH)]
     start = time.perf_counter()
     results = [matcher.match(batch) for batch in batches]  # Arrow lists, as the stage writes them
     ours_s = time.perf_counter() - start

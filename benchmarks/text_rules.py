@@ -39,7 +39,9 @@ DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "al
 CONTROL = re.compile(_CONTROL.replace("\\x{", "\\x").replace("}", "").replace("\\x00", "\\x00"))
 FILENAME = re.compile(
     rf"\s*(?:[\w\-.()\[\]~+]+(?: [\w\-.()\[\]~+]+)*\.(?:{_IMAGE_EXTENSIONS})"
-    r"|(?:img|dsc[nf]?|pxl|dcim|image|photo|pic|screenshot|scan|untitled)[\s_\-]*\d+[\w\-]*)\s*", re.I | re.A)
+    r"|(?:img|dsc[nf]?|pxl|dcim|image|photo|pic|screenshot|scan|untitled)[\s_\-]*\d+[\w\-]*)\s*",
+    re.I | re.A,
+)
 DIMENSIONS = re.compile(r"\s*\d{1,5}\s*[x×*]\s*\d{1,5}\s*(?:px|pixels?)?\s*", re.I | re.A)
 URL_ONLY = re.compile(r"\s*(?:https?://|www\.)\S+\s*", re.I | re.A)
 GENERIC = frozenset(DEFAULT_GENERIC_CAPTIONS)
@@ -111,8 +113,9 @@ def main() -> None:
     print(f"{n:,} captions, {rejected:,} rejected by both, identical reasons")
     print(f"baseline (per-row Python re loop): {baseline_s:.2f} s, {n / baseline_s:,.0f} rows/s")
     print(f"ours (vectorised stages, chain):    {ours_s:.2f} s, {n / ours_s:,.0f} rows/s")
-    print(f"result: text_rules ours={n / ours_s:.0f} baseline={n / baseline_s:.0f} "
-          f"ratio={baseline_s / ours_s:.2f} rows/s")
+    print(
+        f"result: text_rules ours={n / ours_s:.0f} baseline={n / baseline_s:.0f} ratio={baseline_s / ours_s:.2f} rows/s"
+    )
 
 
 if __name__ == "__main__":

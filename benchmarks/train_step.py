@@ -41,8 +41,12 @@ def write_export(folder: Path, records: int) -> list[tuple[bytes, list[dict[str,
     for i in range(records):
         image = make_image(256, 256, seed=i)
         (folder / "images" / f"{i}.jpg").write_bytes(image)
-        turns = [{"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": ANSWER},
-                 {"from": "human", "value": "Is the water calm?"}, {"from": "gpt", "value": f"Yes, sample {i}."}]
+        turns = [
+            {"from": "human", "value": "<image>\nWhat is in the picture?"},
+            {"from": "gpt", "value": ANSWER},
+            {"from": "human", "value": "Is the water calm?"},
+            {"from": "gpt", "value": f"Yes, sample {i}."},
+        ]
         rows.append({"id": str(i), "image": f"images/{i}.jpg", "conversations": turns})
         samples.append((image, turns))
     (folder / "stage2" / "00000.json").write_text(json.dumps(rows))
@@ -55,12 +59,20 @@ def bare_loop(model_name: str, samples, batch_size: int, steps: int, warmup: int
     model = bundle.model
     batches = []
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        encoded = [encode_conversation(bundle.tokenizer, turns, image_token_id=image_token,
-                                       image_tokens=model.image_tokens, max_length=bundle.config.max_length)
-                   for _, turns in chunk]
-        batches.append({"pixels": pixels(bundle, [image for image, _ in chunk]),
-                        **collate(encoded, bundle.tokenizer.pad_token_id)})
+        chunk = samples[start : start + batch_size]
+        encoded = [
+            encode_conversation(
+                bundle.tokenizer,
+                turns,
+                image_token_id=image_token,
+                image_tokens=model.image_tokens,
+                max_length=bundle.config.max_length,
+            )
+            for _, turns in chunk
+        ]
+        batches.append(
+            {"pixels": pixels(bundle, [image for image, _ in chunk]), **collate(encoded, bundle.tokenizer.pad_token_id)}
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     model.train()
@@ -79,9 +91,20 @@ def bare_loop(model_name: str, samples, batch_size: int, steps: int, warmup: int
 
 
 def recipe(model_name: str, data: Path, out: Path, batch_size: int, steps: int, warmup: int, lr: float) -> float:
-    config = VlmTrainConfig(model=model_name, stage=2, train_data=[str(data)], output_dir=str(out),
-                            batch_size=batch_size, max_steps=steps, lr=lr, warmup_steps=0, save_every=10 * steps,
-                            shuffle_buffer=0, device="cpu", amp="off")
+    config = VlmTrainConfig(
+        model=model_name,
+        stage=2,
+        train_data=[str(data)],
+        output_dir=str(out),
+        batch_size=batch_size,
+        max_steps=steps,
+        lr=lr,
+        warmup_steps=0,
+        save_every=10 * steps,
+        shuffle_buffer=0,
+        device="cpu",
+        amp="off",
+    )
     train_vlm(config)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][warmup:]
     # Batches hold nearly the same token count, so the harmonic mean of the per-step rates is
@@ -99,11 +122,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         samples = write_export(Path(tmp) / "llava", args.batch_size * 4)
-        ours = recipe(args.model, Path(tmp) / "llava", Path(tmp) / "out", args.batch_size, args.steps, args.warmup,
-                      args.lr)
+        ours = recipe(
+            args.model, Path(tmp) / "llava", Path(tmp) / "out", args.batch_size, args.steps, args.warmup, args.lr
+        )
         base = bare_loop(args.model, samples, args.batch_size, args.steps, args.warmup, args.lr)
-    print(f"{args.model}, batch {args.batch_size}, {args.steps} steps ({args.warmup} warm-up), CPU threads "
-          f"{torch.get_num_threads()}: recipe {ours:.0f} tokens/s, bare loop {base:.0f} tokens/s")
+    print(
+        f"{args.model}, batch {args.batch_size}, {args.steps} steps ({args.warmup} warm-up), CPU threads "
+        f"{torch.get_num_threads()}: recipe {ours:.0f} tokens/s, bare loop {base:.0f} tokens/s"
+    )
     print(f"result: train_step ours={ours:.1f} baseline={base:.1f} ratio={ours / base:.3f} tokens/s")
 
 

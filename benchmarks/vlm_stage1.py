@@ -47,17 +47,24 @@ def main() -> None:
     if not (FLICKR / "captions.jsonl").is_file():
         sys.exit(f"skipped: {FLICKR} is absent (the shared data folder)")
     rows = [json.loads(line) for line in (FLICKR / "captions.jsonl").read_text().splitlines()]
-    train_rows, held = rows[: -args.holdout], rows[-args.holdout:]
+    train_rows, held = rows[: -args.holdout], rows[-args.holdout :]
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
         shards.mkdir()
-        pairs = [(f"{r['image']}-{i}", (FLICKR / "images" / r["image"]).read_bytes(), c)
-                 for r in train_rows for i, c in enumerate(r["captions"])]
+        pairs = [
+            (f"{r['image']}-{i}", (FLICKR / "images" / r["image"]).read_bytes(), c)
+            for r in train_rows
+            for i, c in enumerate(r["captions"])
+        ]
         for n, start in enumerate(range(0, len(pairs), 1000)):
-            chunk = pairs[start:start + 1000]
-            pq.write_table(pa.table({"uid": [p[0] for p in chunk], "image": [p[1] for p in chunk],
-                                     "caption": [p[2] for p in chunk]}), shards / f"{n:05d}.parquet")
+            chunk = pairs[start : start + 1000]
+            pq.write_table(
+                pa.table(
+                    {"uid": [p[0] for p in chunk], "image": [p[1] for p in chunk], "caption": [p[2] for p in chunk]}
+                ),
+                shards / f"{n:05d}.parquet",
+            )
 
         held_jsonl = Path(tmp) / "heldout.jsonl"
         held_jsonl.write_text("\n".join(json.dumps({"image": r["image"], "captions": r["captions"]}) for r in held))
@@ -68,26 +75,42 @@ def main() -> None:
         before = evaluate_captions(bundle, held_set, show=args.show)
         _report("before", before)
 
-        config = VlmTrainConfig(model="lit-smollm2", stage=1, train_data=[str(shards)],
-                                output_dir=str(Path(tmp) / "out"), batch_size=args.batch_size, max_steps=args.steps,
-                                lr=args.lr, warmup_steps=10, save_every=args.steps, shuffle_buffer=1000,
-                                device="cpu", amp="off")
+        config = VlmTrainConfig(
+            model="lit-smollm2",
+            stage=1,
+            train_data=[str(shards)],
+            output_dir=str(Path(tmp) / "out"),
+            batch_size=args.batch_size,
+            max_steps=args.steps,
+            lr=args.lr,
+            warmup_steps=10,
+            save_every=args.steps,
+            shuffle_buffer=1000,
+            device="cpu",
+            amp="off",
+        )
         start = time.perf_counter()
         metrics = train_vlm(config)
         seconds = time.perf_counter() - start
-        print(f"trained {metrics['step']} steps x {args.batch_size} pairs ({len(pairs)} train pairs) in "
-              f"{seconds:.0f} s, {metrics.get('tokens_per_s')} tokens/s at the last step, "
-              f"last loss {metrics.get('loss')}")
+        print(
+            f"trained {metrics['step']} steps x {args.batch_size} pairs ({len(pairs)} train pairs) in "
+            f"{seconds:.0f} s, {metrics.get('tokens_per_s')} tokens/s at the last step, "
+            f"last loss {metrics.get('loss')}"
+        )
 
         after = evaluate_captions(load_trained_vlm(config.output_dir), held_set, show=args.show)
         _report("after", after)
-    print(f"result: vlm_stage1_heldout_loss ours={after['caption_loss']:.4f} baseline={before['caption_loss']:.4f} "
-          f"ratio={after['caption_loss'] / before['caption_loss']:.3f} nats/token")
+    print(
+        f"result: vlm_stage1_heldout_loss ours={after['caption_loss']:.4f} baseline={before['caption_loss']:.4f} "
+        f"ratio={after['caption_loss'] / before['caption_loss']:.3f} nats/token"
+    )
 
 
 def _report(when: str, result: dict) -> None:
-    print(f"{when}: held-out caption loss {result['caption_loss']:.4f} nats/token over {result['references']} "
-          f"captions of {result['images']} images; BLEU-4 {result['bleu4']:.4f}, CIDEr-D {result['cider_d']:.4f}")
+    print(
+        f"{when}: held-out caption loss {result['caption_loss']:.4f} nats/token over {result['references']} "
+        f"captions of {result['images']} images; BLEU-4 {result['bleu4']:.4f}, CIDEr-D {result['cider_d']:.4f}"
+    )
     for example in result["examples"]:
         print(f"  {example['image']}: generated {example['generated']!r} | reference {example['references'][0]!r}")
 

@@ -49,9 +49,31 @@ _JUNK_PATTERNS = {
     URL_CAPTION: r"(?i)^\s*(?:https?://|www\.)\S+\s*$",
 }
 DEFAULT_GENERIC_CAPTIONS = (
-    "image", "images", "photo", "photos", "picture", "pic", "img", "untitled", "thumbnail", "thumb",
-    "placeholder", "default", "logo", "icon", "banner", "null", "none", "n/a", "undefined",
-    "no image", "image not found", "alt", "alt text", "spacer", "blank",
+    "image",
+    "images",
+    "photo",
+    "photos",
+    "picture",
+    "pic",
+    "img",
+    "untitled",
+    "thumbnail",
+    "thumb",
+    "placeholder",
+    "default",
+    "logo",
+    "icon",
+    "banner",
+    "null",
+    "none",
+    "n/a",
+    "undefined",
+    "no image",
+    "image not found",
+    "alt",
+    "alt text",
+    "spacer",
+    "blank",
 )
 
 
@@ -74,11 +96,15 @@ class CaptionCharacters(Stage):
         caption = batch[CAPTION]
         rejections = Rejections(batch.num_rows)
         pattern = _CONTROL if self.allow_line_breaks else _CONTROL_STRICT
-        rejections.add(pc.match_substring_regex(caption, pattern), CONTROL_CHARACTERS,
-                       "caption holds control characters")
+        rejections.add(
+            pc.match_substring_regex(caption, pattern), CONTROL_CHARACTERS, "caption holds control characters"
+        )
         if self.reject_replacement_character:  # a regex finds U+FFFD 3x faster than match_substring
-            rejections.add(pc.match_substring_regex(caption, "\ufffd"), REPLACEMENT_CHARACTER,
-                           "caption holds U+FFFD (undecodable bytes upstream)")
+            rejections.add(
+                pc.match_substring_regex(caption, "\ufffd"),
+                REPLACEMENT_CHARACTER,
+                "caption holds U+FFFD (undecodable bytes upstream)",
+            )
         return rejections.attach(batch.select([]))
 
 
@@ -93,8 +119,13 @@ class JunkAltText(Stage):
 
     name: ClassVar[str] = "junk_alt_text"
     input_columns: ClassVar[tuple[str, ...]] = (CAPTION,)
-    RULES: ClassVar[tuple[str, ...]] = (EMPTY_CAPTION, FILENAME_CAPTION, DIMENSIONS_CAPTION, URL_CAPTION,
-                                        GENERIC_CAPTION)
+    RULES: ClassVar[tuple[str, ...]] = (
+        EMPTY_CAPTION,
+        FILENAME_CAPTION,
+        DIMENSIONS_CAPTION,
+        URL_CAPTION,
+        GENERIC_CAPTION,
+    )
 
     resources: Resources = default_resources(batch_size=TEXT_BATCH)
     rules: list[str] = field(default_factory=lambda: list(JunkAltText.RULES))
@@ -114,11 +145,15 @@ class JunkAltText(Stage):
                 rejections.add(pc.equal(pc.utf8_length(trimmed), 0), rule, "caption is empty or whitespace")
             elif rule == GENERIC_CAPTION:
                 words = pa.array([w.lower() for w in self.generic_captions], pa.string())
-                rejections.add(pc.is_in(pc.utf8_lower(trimmed), value_set=words), rule,
-                               _quoted("stock caption: ", trimmed))
+                rejections.add(
+                    pc.is_in(pc.utf8_lower(trimmed), value_set=words), rule, _quoted("stock caption: ", trimmed)
+                )
             else:
-                rejections.add(pc.match_substring_regex(caption, _JUNK_PATTERNS[rule]), rule,
-                               _quoted(f"{rule.split('_')[0]}: ", caption))
+                rejections.add(
+                    pc.match_substring_regex(caption, _JUNK_PATTERNS[rule]),
+                    rule,
+                    _quoted(f"{rule.split('_')[0]}: ", caption),
+                )
         return rejections.attach(batch.select([]))
 
 
@@ -156,18 +191,24 @@ class CaptionLength(Stage):
         if self.min_words is not None or self.max_words is not None:
             words = self._word_counts(trimmed)
             if self.min_words is not None:
-                rejections.add(pc.less(words, self.min_words), TOO_FEW_WORDS,
-                               _measured(words, f" < min_words={self.min_words}"))
+                rejections.add(
+                    pc.less(words, self.min_words), TOO_FEW_WORDS, _measured(words, f" < min_words={self.min_words}")
+                )
             if self.max_words is not None:
-                rejections.add(pc.greater(words, self.max_words), TOO_MANY_WORDS,
-                               _measured(words, f" > max_words={self.max_words}"))
+                rejections.add(
+                    pc.greater(words, self.max_words),
+                    TOO_MANY_WORDS,
+                    _measured(words, f" > max_words={self.max_words}"),
+                )
         chars = pc.utf8_length(trimmed)
         if self.min_chars is not None:
-            rejections.add(pc.less(chars, self.min_chars), TOO_SHORT,
-                           _measured(chars, f" < min_chars={self.min_chars}"))
+            rejections.add(
+                pc.less(chars, self.min_chars), TOO_SHORT, _measured(chars, f" < min_chars={self.min_chars}")
+            )
         if self.max_chars is not None:
-            rejections.add(pc.greater(chars, self.max_chars), TOO_LONG,
-                           _measured(chars, f" > max_chars={self.max_chars}"))
+            rejections.add(
+                pc.greater(chars, self.max_chars), TOO_LONG, _measured(chars, f" > max_chars={self.max_chars}")
+            )
         return rejections.attach(batch.select([]))
 
     def _word_counts(self, trimmed) -> pa.Array:
@@ -219,11 +260,18 @@ class ImageSize(Stage):
         size = pc.binary_join_element_wise(pc.cast(width, pa.string()), pc.cast(height, pa.string()), "x")
         rejections = Rejections(batch.num_rows)
         if self.min_side is not None:
-            rejections.add(pc.less(short, self.min_side), TOO_SMALL,
-                           _quoted("", pc.binary_join_element_wise(size, f" < min_side={self.min_side}", "")))
+            rejections.add(
+                pc.less(short, self.min_side),
+                TOO_SMALL,
+                _quoted("", pc.binary_join_element_wise(size, f" < min_side={self.min_side}", "")),
+            )
         if self.max_aspect_ratio is not None:
             ratio = pc.divide(pc.cast(long, pa.float64()), pc.cast(short, pa.float64()))
-            rejections.add(pc.greater(ratio, self.max_aspect_ratio), BAD_ASPECT_RATIO,
-                           _quoted("", pc.binary_join_element_wise(
-                               size, f" exceeds max_aspect_ratio={self.max_aspect_ratio:g}", "")))
+            rejections.add(
+                pc.greater(ratio, self.max_aspect_ratio),
+                BAD_ASPECT_RATIO,
+                _quoted(
+                    "", pc.binary_join_element_wise(size, f" exceeds max_aspect_ratio={self.max_aspect_ratio:g}", "")
+                ),
+            )
         return rejections.attach(batch.select([]))

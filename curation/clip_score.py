@@ -71,10 +71,19 @@ def geometry_transform(spec: Any) -> Any:
     from open_clip.transform import image_transform
     from torchvision import transforms as T
 
-    full = image_transform(spec.image_size, is_train=False, mean=spec.mean, std=spec.std,
-                           resize_mode=spec.resize_mode, interpolation=spec.interpolation)
-    steps = [t for t in full.transforms if not isinstance(t, (T.ToTensor, T.Normalize))
-             and type(t).__name__ != "MaybeToTensor"]
+    full = image_transform(
+        spec.image_size,
+        is_train=False,
+        mean=spec.mean,
+        std=spec.std,
+        resize_mode=spec.resize_mode,
+        interpolation=spec.interpolation,
+    )
+    steps = [
+        t
+        for t in full.transforms
+        if not isinstance(t, (T.ToTensor, T.Normalize)) and type(t).__name__ != "MaybeToTensor"
+    ]
     return T.Compose(steps)
 
 
@@ -99,8 +108,14 @@ class ClipEmbed(ClipInference, Stage):
 
         torch = self._torch
         spec = self._bundle.spec
-        images = normalised_pixels(batch[CLIP_PIXELS].to_pylist(), spec.image_size, spec.mean, spec.std,
-                                   self._device, "clip_pixels (ClipPreprocess)")
+        images = normalised_pixels(
+            batch[CLIP_PIXELS].to_pylist(),
+            spec.image_size,
+            spec.mean,
+            spec.std,
+            self._device,
+            "clip_pixels (ClipPreprocess)",
+        )
         tokens = self._bundle.tokenizer(batch[CAPTION].to_pylist()).to(self._device)
         with self._inference():
             image_emb = self._bundle.model.encode_image(images)
@@ -108,13 +123,13 @@ class ClipEmbed(ClipInference, Stage):
         image_emb = torch.nn.functional.normalize(image_emb.float(), dim=-1)
         text_emb = torch.nn.functional.normalize(text_emb.float(), dim=-1)
         scores = (image_emb * text_emb).sum(-1)
-        return pa.table({
-            IMAGE_EMBEDDING: float16_lists(image_emb.cpu().numpy()),
-            TEXT_EMBEDDING: float16_lists(text_emb.cpu().numpy()),
-            CLIP_SCORE: pa.array(scores.cpu().numpy().astype(np.float32)),
-        })
-
-
+        return pa.table(
+            {
+                IMAGE_EMBEDDING: float16_lists(image_emb.cpu().numpy()),
+                TEXT_EMBEDDING: float16_lists(text_emb.cpu().numpy()),
+                CLIP_SCORE: pa.array(scores.cpu().numpy().astype(np.float32)),
+            }
+        )
 
 
 @dataclass
@@ -134,9 +149,14 @@ class ClipScoreThreshold(Stage):
         scores = batch[CLIP_SCORE]
         rejections = Rejections(batch.num_rows)
         below = pc.fill_null(pc.less(scores, self.min_score), True)
-        rejections.add(below, BELOW_THRESHOLD,
-                       lambda rows: [f"clip_score {s:.4f} < {self.min_score}" if s is not None else "no clip_score"
-                                     for s in scores.filter(rows).to_pylist()])
+        rejections.add(
+            below,
+            BELOW_THRESHOLD,
+            lambda rows: [
+                f"clip_score {s:.4f} < {self.min_score}" if s is not None else "no clip_score"
+                for s in scores.filter(rows).to_pylist()
+            ],
+        )
         return rejections.attach(batch.select([]))
 
     def cutoffs(self, summary: Any) -> list[Cutoff]:
@@ -174,8 +194,13 @@ class ClipScoreTopFraction(GlobalStage):
         scores = np.concatenate([p[0] for p in partials]) if partials else np.zeros(0, np.float32)
         uids = np.concatenate([p[1] for p in partials]) if partials else np.zeros(0, object)
         keep = int(round(self.fraction * len(scores)))
-        state = {"fraction": self.fraction, "rows_scored": int(len(scores)), "rows_kept": keep,
-                 "cutoff_score": None, "cutoff_uid": None}
+        state = {
+            "fraction": self.fraction,
+            "rows_scored": int(len(scores)),
+            "rows_kept": keep,
+            "cutoff_score": None,
+            "cutoff_uid": None,
+        }
         if keep:
             order = np.lexsort((uids, -scores))
             last = order[keep - 1]
@@ -189,11 +214,14 @@ class ClipScoreTopFraction(GlobalStage):
             below = pa.array(np.ones(batch.num_rows, dtype=bool))
         else:
             cutoff = pa.scalar(state["cutoff_score"], pa.float32())
-            above = pc.or_(pc.greater(scores, cutoff),
-                           pc.and_(pc.equal(scores, cutoff), pc.less_equal(batch[UID], state["cutoff_uid"])))
+            above = pc.or_(
+                pc.greater(scores, cutoff),
+                pc.and_(pc.equal(scores, cutoff), pc.less_equal(batch[UID], state["cutoff_uid"])),
+            )
             below = pc.invert(pc.fill_null(above, False))
-        rejections.add(below, BELOW_TOP_FRACTION,
-                       f"below the top {self.fraction:.2%} cutoff, clip_score {state['cutoff_score']}")
+        rejections.add(
+            below, BELOW_TOP_FRACTION, f"below the top {self.fraction:.2%} cutoff, clip_score {state['cutoff_score']}"
+        )
         return rejections.attach(batch.select([]))
 
     def describe(self, state: Any) -> dict[str, Any]:

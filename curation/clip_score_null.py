@@ -88,9 +88,12 @@ class ClipScoreNullCut(GlobalStage):
         rejections = Rejections(batch.num_rows)
         cutoff = state["cutoff"]
         below = pc.fill_null(pc.less(scores, pa.scalar(cutoff, pa.float32())), True)
-        rejections.add(below, BELOW_NULL_CUT,
-                       f"clip_score below {cutoff:.4f}, where mismatched pairs become as likely as matched ones "
-                       f"(estimated noise share {state['noise_share']:.1%})")
+        rejections.add(
+            below,
+            BELOW_NULL_CUT,
+            f"clip_score below {cutoff:.4f}, where mismatched pairs become as likely as matched ones "
+            f"(estimated noise share {state['noise_share']:.1%})",
+        )
         return rejections.attach(batch.select([]))
 
     def describe(self, state: Any) -> dict[str, Any]:
@@ -101,19 +104,25 @@ class ClipScoreNullCut(GlobalStage):
         if not summary or not summary.get("null_pairs"):
             return None
         kept_share = summary.get("mismatched_kept_share")
-        return (f"Estimated share of mismatched pairs among the {summary['rows_scored']:,} scored rows: "
-                f"**{summary['noise_share']:.1%}** (the same model scored {summary['null_pairs']:,} pairs of "
-                f"captions shuffled within shards: median {summary['null_median']:.3f}). Cutoff "
-                f"{summary['cutoff']:.4f} ({summary['rule'].replace('_', ' ')}): {summary['rows_kept_expected']:,} "
-                f"rows at or above it; {summary['null_share_above_cutoff']:.1%} of the shuffled pairs score that "
-                f"high, so about {kept_share:.1%} of the kept rows may still be mismatched." if kept_share is not None
-                else f"Estimated share of mismatched pairs: **{summary['noise_share']:.1%}**; no row kept.")
+        return (
+            f"Estimated share of mismatched pairs among the {summary['rows_scored']:,} scored rows: "
+            f"**{summary['noise_share']:.1%}** (the same model scored {summary['null_pairs']:,} pairs of "
+            f"captions shuffled within shards: median {summary['null_median']:.3f}). Cutoff "
+            f"{summary['cutoff']:.4f} ({summary['rule'].replace('_', ' ')}): {summary['rows_kept_expected']:,} "
+            f"rows at or above it; {summary['null_share_above_cutoff']:.1%} of the shuffled pairs score that "
+            f"high, so about {kept_share:.1%} of the kept rows may still be mismatched."
+            if kept_share is not None
+            else f"Estimated share of mismatched pairs: **{summary['noise_share']:.1%}**; no row kept."
+        )
 
     def cutoffs(self, summary: Any) -> list[Cutoff]:
         if not summary or summary.get("cutoff") is None:
             return []
-        rule = (f"null {self.null_quantile:.0%} quantile" if self.null_quantile is not None
-                else f"local fdr < {self.max_local_fdr:g}")
+        rule = (
+            f"null {self.null_quantile:.0%} quantile"
+            if self.null_quantile is not None
+            else f"local fdr < {self.max_local_fdr:g}"
+        )
         return [Cutoff(CLIP_SCORE, summary["cutoff"], f"null-calibrated cutoff ({rule})")]
 
 
@@ -139,13 +148,19 @@ def histogram(scores: np.ndarray) -> np.ndarray:
     return np.bincount(index, minlength=BINS).astype(np.int64)
 
 
-def calibrate(pool: np.ndarray, null: np.ndarray, *, max_local_fdr: float | None = 0.5,
-              null_quantile: float | None = None) -> dict[str, Any]:
+def calibrate(
+    pool: np.ndarray, null: np.ndarray, *, max_local_fdr: float | None = 0.5, null_quantile: float | None = None
+) -> dict[str, Any]:
     """The cutoff and the evidence behind it, from the pool's and the null's score histograms."""
     rows, null_rows = int(pool.sum()), int(null.sum())
     edges = np.linspace(-1.0, 1.0, BINS + 1)
-    state: dict[str, Any] = {"rule": "null_quantile" if null_quantile is not None else "local_fdr",
-                             "rows_scored": rows, "null_pairs": null_rows, "noise_share": 0.0, "cutoff": -1.0}
+    state: dict[str, Any] = {
+        "rule": "null_quantile" if null_quantile is not None else "local_fdr",
+        "rows_scored": rows,
+        "null_pairs": null_rows,
+        "noise_share": 0.0,
+        "cutoff": -1.0,
+    }
     if rows == 0 or null_rows == 0:
         return {**state, "rows_kept_expected": rows, "mismatched_kept_share": None}
     null_cdf = np.cumsum(null) / null_rows
@@ -160,10 +175,15 @@ def calibrate(pool: np.ndarray, null: np.ndarray, *, max_local_fdr: float | None
     cutoff_bin = min(cutoff_bin, BINS)
     kept = int(pool[cutoff_bin:].sum())
     null_above = float(null[cutoff_bin:].sum() / null_rows)
-    return {**state, "noise_share": round(noise_share, 4), "cutoff": float(edges[cutoff_bin]),
-            "null_median": float(edges[median_bin]), "null_share_above_cutoff": round(null_above, 4),
-            "rows_kept_expected": kept,
-            "mismatched_kept_share": round(min(1.0, noise_share * rows * null_above / kept), 4) if kept else None}
+    return {
+        **state,
+        "noise_share": round(noise_share, 4),
+        "cutoff": float(edges[cutoff_bin]),
+        "null_median": float(edges[median_bin]),
+        "null_share_above_cutoff": round(null_above, 4),
+        "rows_kept_expected": kept,
+        "mismatched_kept_share": round(min(1.0, noise_share * rows * null_above / kept), 4) if kept else None,
+    }
 
 
 def _density(counts: np.ndarray) -> np.ndarray:

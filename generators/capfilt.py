@@ -90,8 +90,10 @@ class BlipCaption(Stage):
         if self.num_captions < 1:
             raise ValueError(f"num_captions must be >= 1, got {self.num_captions}")
         if self.num_beams > 1 and self.num_captions > self.num_beams:
-            raise ValueError(f"beam search returns at most num_beams ({self.num_beams}) captions, "
-                             f"not num_captions {self.num_captions}")
+            raise ValueError(
+                f"beam search returns at most num_beams ({self.num_beams}) captions, "
+                f"not num_captions {self.num_captions}"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         from models.inference import check_precision
@@ -124,19 +126,27 @@ class BlipCaption(Stage):
         with cpu_threads(self._device, self.resources.cpus), torch.inference_mode():
             image = self._bundle.model.vision_model(pixel_values=pixels).last_hidden_state
             if self.num_beams > 1:
-                out = self._decode(image, do_sample=False, num_beams=self.num_beams,
-                                   num_return_sequences=self.num_captions)
+                out = self._decode(
+                    image, do_sample=False, num_beams=self.num_beams, num_return_sequences=self.num_captions
+                )
             else:  # one sequence per caption: the image features are repeated, not recomputed
                 generator = torch.Generator(self._device).manual_seed(seed)
                 sampler = NucleusSampler(self.top_p, self.temperature, generator)
-                out = self._decode(image.repeat_interleave(self.num_captions, dim=0), do_sample=False,
-                                   logits_processor=LogitsProcessorList([sampler]))
+                out = self._decode(
+                    image.repeat_interleave(self.num_captions, dim=0),
+                    do_sample=False,
+                    logits_processor=LogitsProcessorList([sampler]),
+                )
         texts = self._bundle.tokenizer.batch_decode(out, skip_special_tokens=True)
         prefix = self.prompt.strip().lower()
-        texts = [t.strip()[len(prefix):].strip() if t.strip().lower().startswith(prefix) else t.strip() for t in texts]
-        captions = [texts[i * self.num_captions:(i + 1) * self.num_captions] for i in range(n)]
-        return pa.table({SYNTHETIC_CAPTIONS: pa.array(captions, pa.list_(pa.string())),
-                         CAPTION_SEED: pa.array([seed] * n, pa.int64())})
+        texts = [t.strip()[len(prefix) :].strip() if t.strip().lower().startswith(prefix) else t.strip() for t in texts]
+        captions = [texts[i * self.num_captions : (i + 1) * self.num_captions] for i in range(n)]
+        return pa.table(
+            {
+                SYNTHETIC_CAPTIONS: pa.array(captions, pa.list_(pa.string())),
+                CAPTION_SEED: pa.array([seed] * n, pa.int64()),
+            }
+        )
 
     def _decode(self, image: Any, **options: Any) -> Any:
         """BLIP's text decoder continuing the prompt over ``image`` features (one row per sequence
@@ -147,16 +157,27 @@ class BlipCaption(Stage):
         prompt = self._prompt_ids.repeat(rows, 1)
         prompt[:, 0] = text.bos_token_id  # [CLS] -> [DEC]
         return model.text_decoder.generate(
-            input_ids=prompt, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id,
+            input_ids=prompt,
+            eos_token_id=text.sep_token_id,
+            pad_token_id=text.pad_token_id,
             encoder_hidden_states=image,
             encoder_attention_mask=self._torch.ones(image.shape[:-1], dtype=self._torch.long, device=image.device),
-            max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
-            repetition_penalty=self.repetition_penalty, **options)
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            repetition_penalty=self.repetition_penalty,
+            **options,
+        )
 
 
 def blip_pixels(batch: pa.Table, bundle: Any, device: Any) -> Any:
     """``blip_pixels`` as the normalised input batch of ``bundle``'s BLIP."""
     from models.inference import normalised_pixels
 
-    return normalised_pixels(batch[BLIP_PIXELS].to_pylist(), bundle.image_size, bundle.mean, bundle.std, device,
-                             "blip_pixels (BlipPreprocess)")
+    return normalised_pixels(
+        batch[BLIP_PIXELS].to_pylist(),
+        bundle.image_size,
+        bundle.mean,
+        bundle.std,
+        device,
+        "blip_pixels (BlipPreprocess)",
+    )

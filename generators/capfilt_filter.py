@@ -80,15 +80,18 @@ class BlipItmScore(Stage):
         torch, model = self._torch, self._bundle.model
         texts, owner = candidate_texts(batch)
         pixels = blip_pixels(batch, self._bundle, self._device).to(self._dtype)
-        tokens = self._bundle.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_tokens,
-                                        return_tensors="pt").to(self._device)
+        tokens = self._bundle.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+        ).to(self._device)
         with cpu_threads(self._device, self.resources.cpus), torch.inference_mode():
             image = model.vision_model(pixel_values=pixels).last_hidden_state
             image = image[torch.from_numpy(owner).to(self._device)]
-            text = model.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                                      encoder_hidden_states=image,
-                                      encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long,
-                                                                        device=self._device)).last_hidden_state
+            text = model.text_encoder(
+                input_ids=tokens.input_ids,
+                attention_mask=tokens.attention_mask,
+                encoder_hidden_states=image,
+                encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long, device=self._device),
+            ).last_hidden_state
             match = model.itm_head(text[:, 0, :]).float().softmax(-1)[:, 1].cpu().numpy()
         return pa.table({CAPTION_SCORES: scores_per_row(match, owner, batch.num_rows)})
 
@@ -121,8 +124,10 @@ class ClipCaptionScore(ClipInference, Stage):
             text = self._bundle.model.encode_text(tokens)
         text = torch.nn.functional.normalize(text.float(), dim=-1).cpu()
         if text.shape[1] != images.shape[1]:
-            raise ValueError(f"image_embedding has {images.shape[1]} dimensions, this CLIP's text embedding "
-                             f"{text.shape[1]}: score with the CLIP that ClipEmbed used")
+            raise ValueError(
+                f"image_embedding has {images.shape[1]} dimensions, this CLIP's text embedding "
+                f"{text.shape[1]}: score with the CLIP that ClipEmbed used"
+            )
         images = torch.nn.functional.normalize(images, dim=-1)[torch.from_numpy(owner)]
         cosine = (images * text).sum(-1).numpy()
         return pa.table({CAPTION_SCORES: scores_per_row(cosine, owner, batch.num_rows)})
@@ -175,8 +180,10 @@ class CapFiltSelect(Stage):
         for web, synthetic, scores in rows:
             candidates = [web] + list(synthetic or [])
             if len(scores) != len(candidates):
-                raise ValueError(f"{len(scores)} caption_scores for {len(candidates)} candidates: "
-                                 f"was BlipItmScore run after the captioner?")
+                raise ValueError(
+                    f"{len(scores)} caption_scores for {len(candidates)} candidates: "
+                    f"was BlipItmScore run after the captioner?"
+                )
             passing = sorted((s, -i) for i, s in enumerate(scores) if s >= self.threshold)[::-1]
             if not passing:
                 chosen.append(web)
@@ -193,12 +200,16 @@ class CapFiltSelect(Stage):
             failed.append(False)
             details.append(None)
         rejections.add(np.array(failed), NO_CAPTION, pa.array(details, pa.string()))
-        return rejections.attach(pa.table({
-            CAPTION: pa.array(chosen, pa.string()),
-            WEB_CAPTION: batch[CAPTION],
-            CAPTION_SOURCE: pa.array(sources, pa.string()),
-            SELECTED_CAPTIONS: pa.array(selected, pa.list_(pa.string())),
-        }))
+        return rejections.attach(
+            pa.table(
+                {
+                    CAPTION: pa.array(chosen, pa.string()),
+                    WEB_CAPTION: batch[CAPTION],
+                    CAPTION_SOURCE: pa.array(sources, pa.string()),
+                    SELECTED_CAPTIONS: pa.array(selected, pa.list_(pa.string())),
+                }
+            )
+        )
 
     def card_notes(self, view: Any) -> str | None:
         import polars as pl
@@ -208,16 +219,23 @@ class CapFiltSelect(Stage):
             return None
         counts = dict(frame.group_by(CAPTION_SOURCE).len().collect().iter_rows())
         web, synthetic = counts.get("web", 0), counts.get("synthetic", 0)
-        lines = [f"Of the {web + synthetic:,} rows kept to the end, **{synthetic:,}** "
-                 f"({synthetic / max(web + synthetic, 1):.1%}) carry a synthetic caption in place of their web "
-                 f"caption and {web:,} kept the web caption (threshold {self.threshold:g}, policy `{self.policy}`)."]
+        lines = [
+            f"Of the {web + synthetic:,} rows kept to the end, **{synthetic:,}** "
+            f"({synthetic / max(web + synthetic, 1):.1%}) carry a synthetic caption in place of their web "
+            f"caption and {web:,} kept the web caption (threshold {self.threshold:g}, policy `{self.policy}`)."
+        ]
         selected = view.kept([SELECTED_CAPTIONS]) if self.policy == "all" else None
         if selected is not None:  # every passing caption goes on: say how many beyond the chosen one
             extra = pl.col(SELECTED_CAPTIONS).list.len() - 1
-            rows, captions = selected.select((extra > 0).sum().alias("rows"),
-                                             extra.clip(lower_bound=0).sum().alias("captions")).collect().row(0)
-            lines[0] += (f" With policy `all`, {rows:,} kept rows also pass {captions:,} more captions on in "
-                         f"`{SELECTED_CAPTIONS}`, beside the chosen one.")
+            rows, captions = (
+                selected.select((extra > 0).sum().alias("rows"), extra.clip(lower_bound=0).sum().alias("captions"))
+                .collect()
+                .row(0)
+            )
+            lines[0] += (
+                f" With policy `all`, {rows:,} kept rows also pass {captions:,} more captions on in "
+                f"`{SELECTED_CAPTIONS}`, beside the chosen one."
+            )
         examples = view.kept([IMAGE, WEB_CAPTION, CAPTION, CAPTION_SCORES, CAPTION_SOURCE])
         if examples is None:
             return lines[0]
@@ -227,7 +245,8 @@ class CapFiltSelect(Stage):
         for i, row in enumerate(rows):
             image = view.image_link(f"example-{i}.jpg", row[IMAGE]) or "-"
             scores = row[CAPTION_SCORES]
-            lines.append(f"| {image} | {view.cell(row[WEB_CAPTION])} ({scores[0]:.3f}) | "
-                         f"{view.cell(row[CAPTION])} ({max(scores[1:]):.3f}) |")
+            lines.append(
+                f"| {image} | {view.cell(row[WEB_CAPTION])} ({scores[0]:.3f}) | "
+                f"{view.cell(row[CAPTION])} ({max(scores[1:]):.3f}) |"
+            )
         return "\n".join(lines)
-

@@ -80,8 +80,12 @@ class VlmCaption(Stage):
             self._bundle.model.eval()
         model = self._bundle.model
         value = f"{IMAGE_TOKEN}\n{self.instruction}" if self.instruction else IMAGE_TOKEN
-        self._prompt = encode_prompt(self._bundle.tokenizer, [{"from": HUMAN, "value": value}],
-                                     image_token_id=model.image_token_id, image_tokens=model.image_tokens)
+        self._prompt = encode_prompt(
+            self._bundle.tokenizer,
+            [{"from": HUMAN, "value": value}],
+            image_token_id=model.image_token_id,
+            image_tokens=model.image_tokens,
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -93,9 +97,13 @@ class VlmCaption(Stage):
         texts = self._caption([tensors[i] for i in rows], seed) if rows else []
         captions: list[list[str] | None] = [None] * n
         for j, row in enumerate(rows):
-            captions[row] = texts[j * self.num_captions:(j + 1) * self.num_captions]
-        table = pa.table({SYNTHETIC_CAPTIONS: pa.array(captions, pa.list_(pa.string())),
-                          CAPTION_SEED: pa.array([seed] * n, pa.int64())})
+            captions[row] = texts[j * self.num_captions : (j + 1) * self.num_captions]
+        table = pa.table(
+            {
+                SYNTHETIC_CAPTIONS: pa.array(captions, pa.list_(pa.string())),
+                CAPTION_SEED: pa.array([seed] * n, pa.int64()),
+            }
+        )
         return rejections.attach(table)
 
     def _decode(self, bodies: list[bytes | None]) -> tuple[list[Any], list[tuple[int, str, str]]]:
@@ -128,9 +136,13 @@ class VlmCaption(Stage):
         torch, model, tokenizer = self._torch, self._bundle.model, self._bundle.tokenizer
         pixels = torch.stack(tensors).to(self._device)
         ids = torch.tensor([self._prompt] * len(tensors), device=self._device)
-        options: dict[str, Any] = {"do_sample": False, "max_new_tokens": self.max_new_tokens,
-                                   "min_new_tokens": self.min_new_tokens, "pad_token_id": tokenizer.pad_token_id,
-                                   "repetition_penalty": self.repetition_penalty}
+        options: dict[str, Any] = {
+            "do_sample": False,
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+            "pad_token_id": tokenizer.pad_token_id,
+            "repetition_penalty": self.repetition_penalty,
+        }
         if not self.greedy:
             generator = torch.Generator(self._device).manual_seed(seed)
             options["logits_processor"] = LogitsProcessorList([NucleusSampler(self.top_p, self.temperature, generator)])
@@ -138,6 +150,9 @@ class VlmCaption(Stage):
             # The penalty applies to new tokens only: the prompt is image slots and template markers.
             warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
             embeds = model.embed(pixels, ids).repeat_interleave(self.num_captions, dim=0)
-            out = model.language_model.generate(inputs_embeds=embeds, attention_mask=torch.ones(
-                embeds.shape[:2], dtype=torch.long, device=self._device), **options)
+            out = model.language_model.generate(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self._device),
+                **options,
+            )
         return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]

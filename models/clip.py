@@ -64,8 +64,13 @@ class PreprocessSpec:
     resize_mode: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "resize_mode": self.resize_mode}
+        return {
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+        }
 
 
 @dataclass
@@ -81,6 +86,7 @@ class ClipBundle:
     embed_dim: int
     source: dict[str, Any]
 
+
 def project_configs() -> dict[str, Path]:
     """The project's architecture configs by name."""
     return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.json"))}
@@ -90,7 +96,7 @@ def resolve_packaged(value: str) -> str:
     """The local path behind ``packaged:<name>``; other strings are returned unchanged."""
     if not isinstance(value, str) or not value.startswith(PACKAGED_PREFIX):
         return value
-    key = value[len(PACKAGED_PREFIX):]
+    key = value[len(PACKAGED_PREFIX) :]
     if key not in PACKAGED:
         raise ValueError(f"unknown packaged model {key!r}; known: {sorted(PACKAGED)}")
     try:
@@ -120,9 +126,16 @@ def _register(name: str) -> dict[str, Any]:
     return extras
 
 
-def load_clip(name: str | None = None, *, pretrained: str | None = None, checkpoint: str | None = None,
-              device: str | torch.device = "cpu", precision: str = "fp32",
-              load_tower_weights: bool = True, init_seed: int = 0) -> ClipBundle:
+def load_clip(
+    name: str | None = None,
+    *,
+    pretrained: str | None = None,
+    checkpoint: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    load_tower_weights: bool = True,
+    init_seed: int = 0,
+) -> ClipBundle:
     """Build a CLIP and its transforms and tokenizer (see the module docstring for ``name``).
 
     ``load_tower_weights=False`` skips packaged tower weights (random towers, for tests of
@@ -141,12 +154,13 @@ def load_clip(name: str | None = None, *, pretrained: str | None = None, checkpo
     extras: dict[str, Any] = {}
     if name in project_configs():
         if pretrained is not None:
-            raise ValueError(f"{name!r} is a project config; it has no open_clip pretrained tags "
-                             f"(train it with `vlmcurate train clip` and pass checkpoint=)")
+            raise ValueError(
+                f"{name!r} is a project config; it has no open_clip pretrained tags "
+                f"(train it with `vlmcurate train clip` and pass checkpoint=)"
+            )
         extras = _register(name)
     elif name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
-        raise ValueError(f"unknown CLIP {name!r}: not an open_clip architecture nor one of "
-                         f"{sorted(project_configs())}")
+        raise ValueError(f"unknown CLIP {name!r}: not an open_clip architecture nor one of {sorted(project_configs())}")
     kwargs: dict[str, Any] = {}
     if "image_mean" in extras:
         kwargs.update(image_mean=tuple(extras["image_mean"]), image_std=tuple(extras["image_std"]))
@@ -155,7 +169,8 @@ def load_clip(name: str | None = None, *, pretrained: str | None = None, checkpo
     with torch.random.fork_rng(devices=[]), quiet:
         torch.manual_seed(init_seed)
         model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, precision=precision, device=device, pretrained_text=load_text, **kwargs)
+            name, pretrained=pretrained, precision=precision, device=device, pretrained_text=load_text, **kwargs
+        )
     source: dict[str, Any] = {"name": name, "pretrained": pretrained, "checkpoint": checkpoint}
     if "image_tower_weights" in extras and load_tower_weights and saved is None:
         path = resolve_packaged(extras["image_tower_weights"])
@@ -166,9 +181,16 @@ def load_clip(name: str | None = None, *, pretrained: str | None = None, checkpo
         source["step"] = saved.get("step")
     model.eval()
     spec = _spec_from_cfg(model.visual.preprocess_cfg)
-    return ClipBundle(name=name, model=model, preprocess=preprocess, train_preprocess=train_preprocess,
-                      tokenizer=open_clip.get_tokenizer(name), spec=spec, source=source,
-                      embed_dim=_probe_embed_dim(model, spec.image_size, device))
+    return ClipBundle(
+        name=name,
+        model=model,
+        preprocess=preprocess,
+        train_preprocess=train_preprocess,
+        tokenizer=open_clip.get_tokenizer(name),
+        spec=spec,
+        source=source,
+        embed_dim=_probe_embed_dim(model, spec.image_size, device),
+    )
 
 
 class _DropPartialInit(logging.Filter):
@@ -228,8 +250,11 @@ def load_in_order(module: torch.nn.Module, path: str) -> None:
     (the ImageNet classifier) are ignored; every shape is checked, so a file for another
     architecture fails loudly instead of loading garbage.
     """
-    source = [(k, v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
-              if not k.endswith("num_batches_tracked")]
+    source = [
+        (k, v)
+        for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
+        if not k.endswith("num_batches_tracked")
+    ]
     target = [k for k in module.state_dict() if not k.endswith("num_batches_tracked")]
     if len(source) < len(target):
         raise ValueError(f"{path} has {len(source)} tensors; the tower needs {len(target)}")
@@ -237,8 +262,9 @@ def load_in_order(module: torch.nn.Module, path: str) -> None:
     mapped = {}
     for key, (source_key, tensor) in zip(target, source):
         if current[key].shape != tensor.shape:
-            raise ValueError(f"{path}: tensor {source_key} {tuple(tensor.shape)} does not fit "
-                             f"{key} {tuple(current[key].shape)}")
+            raise ValueError(
+                f"{path}: tensor {source_key} {tuple(tensor.shape)} does not fit {key} {tuple(current[key].shape)}"
+            )
         mapped[key] = tensor
     missing, _ = module.load_state_dict(mapped, strict=False)
     if any(not k.endswith("num_batches_tracked") for k in missing):
@@ -248,13 +274,18 @@ def load_in_order(module: torch.nn.Module, path: str) -> None:
 def _spec_from_cfg(cfg: dict[str, Any]) -> PreprocessSpec:
     size = cfg["size"]
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return PreprocessSpec(image_size=int(size), mean=tuple(float(x) for x in cfg["mean"]),
-                          std=tuple(float(x) for x in cfg["std"]), interpolation=cfg["interpolation"],
-                          resize_mode=cfg["resize_mode"])
+    return PreprocessSpec(
+        image_size=int(size),
+        mean=tuple(float(x) for x in cfg["mean"]),
+        std=tuple(float(x) for x in cfg["std"]),
+        interpolation=cfg["interpolation"],
+        resize_mode=cfg["resize_mode"],
+    )
 
 
-def preprocess_spec(name: str | None = None, *, pretrained: str | None = None,
-                    checkpoint: str | None = None) -> PreprocessSpec:
+def preprocess_spec(
+    name: str | None = None, *, pretrained: str | None = None, checkpoint: str | None = None
+) -> PreprocessSpec:
     """The image preprocessing of a CLIP, read from its configs without building the model.
 
     CPU stages that decode images for a model stage call this; it agrees with
@@ -266,8 +297,13 @@ def preprocess_spec(name: str | None = None, *, pretrained: str | None = None,
     if checkpoint is not None:
         saved = load_checkpoint_file(checkpoint)
         if "preprocess" in saved:
-            return PreprocessSpec(**{**saved["preprocess"], "mean": tuple(saved["preprocess"]["mean"]),
-                                     "std": tuple(saved["preprocess"]["std"])})
+            return PreprocessSpec(
+                **{
+                    **saved["preprocess"],
+                    "mean": tuple(saved["preprocess"]["mean"]),
+                    "std": tuple(saved["preprocess"]["std"]),
+                }
+            )
         name = name or saved.get("model_name")
     if not name:
         raise ValueError("preprocess_spec needs a model name or a checkpoint that records one")

@@ -62,8 +62,9 @@ class ClipInference(ClipModelRef):
 
         self._torch = torch
         self._device, dtype = inference_device(self.device, self.precision)
-        self._bundle = load_clip(self.model, pretrained=self.pretrained, checkpoint=self.weights,
-                                 device=str(self._device))
+        self._bundle = load_clip(
+            self.model, pretrained=self.pretrained, checkpoint=self.weights, device=str(self._device)
+        )
         self._autocast_dtype = None if dtype == torch.float32 else dtype
 
     def _inference(self) -> Any:
@@ -76,6 +77,7 @@ class ClipInference(ClipModelRef):
         stack = contextlib.ExitStack()
         stack.enter_context(cpu_threads(self._device, self.resources.cpus))
         stack.enter_context(torch.inference_mode())
-        stack.enter_context(torch.autocast(self._device.type, dtype=self._autocast_dtype,
-                                           enabled=self._autocast_dtype is not None))
+        stack.enter_context(
+            torch.autocast(self._device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None)
+        )
         return stack

@@ -45,8 +45,9 @@ def cpu_threads(device: torch.device, cpus: float) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def normalised_pixels(buffers: Sequence[bytes], size: int, mean: Sequence[float], std: Sequence[float],
-                      device: torch.device, what: str) -> torch.Tensor:
+def normalised_pixels(
+    buffers: Sequence[bytes], size: int, mean: Sequence[float], std: Sequence[float], device: torch.device, what: str
+) -> torch.Tensor:
     """uint8 HWC RGB images of ``size`` x ``size`` as a (N, 3, size, size) float tensor, scaled to
     [0, 1] and normalised. The result is channels-last (the NHWC bytes permuted), which
     convolutions run faster on CPU (oneDNN) and GPU alike. ``what`` names the column and the
@@ -54,8 +55,10 @@ def normalised_pixels(buffers: Sequence[bytes], size: int, mean: Sequence[float]
     expected = size * size * 3
     wrong = [len(b) for b in buffers if len(b) != expected]
     if wrong:
-        raise ValueError(f"{what} hold {wrong[0]} bytes, not {expected} ({size}x{size} RGB): it was "
-                         f"configured for another model than this stage")
+        raise ValueError(
+            f"{what} hold {wrong[0]} bytes, not {expected} ({size}x{size} RGB): it was "
+            f"configured for another model than this stage"
+        )
     array = np.frombuffer(b"".join(buffers), dtype=np.uint8).reshape(len(buffers), size, size, 3)
     images = torch.from_numpy(array.copy()).to(device).permute(0, 3, 1, 2).float().div_(255)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)

@@ -104,13 +104,15 @@ class VisionTokens(nn.Module):
 
     def _feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.is_vit:
-            out = self.visual.forward_intermediates(pixels, indices=[self.layer], intermediates_only=True,
-                                                    output_fmt="NCHW")
+            out = self.visual.forward_intermediates(
+                pixels, indices=[self.layer], intermediates_only=True, output_fmt="NCHW"
+            )
             return out["image_intermediates"][0]
         trunk = getattr(self.visual, "trunk", None)
         if trunk is None or not hasattr(trunk, "forward_features"):
-            raise ValueError(f"{type(self.visual).__name__} is neither an open_clip ViT nor a timm tower: "
-                             "no patch tokens to take")
+            raise ValueError(
+                f"{type(self.visual).__name__} is neither an open_clip ViT nor a timm tower: no patch tokens to take"
+            )
         return trunk.forward_features(pixels)
 
 
@@ -123,8 +125,9 @@ def build_projector(kind: str, vision_width: int, text_width: int) -> nn.Module:
 class LlavaModel(nn.Module):
     """Vision tower + projector + causal LM; see the module docstring."""
 
-    def __init__(self, config: LlavaConfig, vision: VisionTokens, language_model: nn.Module,
-                 image_token_id: int) -> None:
+    def __init__(
+        self, config: LlavaConfig, vision: VisionTokens, language_model: nn.Module, image_token_id: int
+    ) -> None:
         super().__init__()
         self.config, self.vision, self.language_model = config, vision, language_model
         self.image_token_id = image_token_id
@@ -153,17 +156,25 @@ class LlavaModel(nn.Module):
     def projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
 
-    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None) -> Any:
-        return self.language_model(inputs_embeds=self.embed(pixels, input_ids), attention_mask=attention_mask,
-                                   labels=labels)
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> Any:
+        return self.language_model(
+            inputs_embeds=self.embed(pixels, input_ids), attention_mask=attention_mask, labels=labels
+        )
 
     @torch.no_grad()
-    def generate(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
         """New token ids only (the prompt is given as embeddings, so the LM returns no prompt ids)."""
-        return self.language_model.generate(inputs_embeds=self.embed(pixels, input_ids),
-                                            attention_mask=attention_mask, **kwargs)
+        return self.language_model.generate(
+            inputs_embeds=self.embed(pixels, input_ids), attention_mask=attention_mask, **kwargs
+        )
 
 
 @dataclass
@@ -177,20 +188,27 @@ class LlavaBundle:
     spec: Any  # the tower's models.clip.PreprocessSpec: size, mean, std, interpolation
 
     def describe(self) -> dict[str, Any]:
-        return {**asdict(self.config), "image_tokens": self.model.image_tokens,
-                "vision_width": self.model.vision.width}
+        return {**asdict(self.config), "image_tokens": self.model.image_tokens, "vision_width": self.model.vision.width}
 
 
-def load_llava(config: str | dict[str, Any] | LlavaConfig, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> LlavaBundle:
+def load_llava(
+    config: str | dict[str, Any] | LlavaConfig,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LlavaBundle:
     """Build the model of ``config`` (a project config name, a dict or a :class:`LlavaConfig`)."""
     from models.causal_lm import load_causal_lm
     from models.clip import load_clip
     from models.llava_text import prepare_tokenizer
 
     config = config if isinstance(config, LlavaConfig) else LlavaConfig.load(config)
-    clip = load_clip(config.vision, pretrained=config.vision_pretrained, checkpoint=config.vision_checkpoint,
-                     init_seed=config.init_seed)
+    clip = load_clip(
+        config.vision,
+        pretrained=config.vision_pretrained,
+        checkpoint=config.vision_checkpoint,
+        init_seed=config.init_seed,
+    )
     vision = VisionTokens(clip.model.visual, config.vision_layer, clip.spec.image_size, config.merge_tokens)
     language_model, tokenizer = load_causal_lm(config.language_model, dtype=dtype, init_seed=config.init_seed)
     image_token_id = prepare_tokenizer(tokenizer, config.chat_template)
@@ -200,6 +218,7 @@ def load_llava(config: str | dict[str, Any] | LlavaConfig, *, device: str | torc
             language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model = LlavaModel(config, vision, language_model, image_token_id).to(device)
     return LlavaBundle(model=model, tokenizer=tokenizer, preprocess=clip.preprocess, config=config, spec=clip.spec)
+
 
 def pixels(bundle: LlavaBundle, images: Sequence[bytes]) -> torch.Tensor:
     """Encoded images as the model's input batch (its tower's eval transform)."""

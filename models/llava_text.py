@@ -111,8 +111,7 @@ def _template_text(tokenizer: Any, template: str | None) -> str:
     if template is None:
         own = getattr(tokenizer, _OWN_TEMPLATE)
         if not own:
-            raise ValueError(f"{type(tokenizer).__name__} has no chat template of its own; "
-                             f"name one of {sorted(named)}")
+            raise ValueError(f"{type(tokenizer).__name__} has no chat template of its own; name one of {sorted(named)}")
         return own
     if template not in named:
         raise ValueError(f"unknown chat template {template!r}; choices: None (the tokenizer's own) or {sorted(named)}")
@@ -121,8 +120,9 @@ def _template_text(tokenizer: Any, template: str | None) -> str:
     return named[template].read_text(encoding="utf-8")
 
 
-def encode_conversation(tokenizer: Any, turns: Sequence[dict[str, Any]], *, image_token_id: int, image_tokens: int,
-                        max_length: int) -> Encoded:
+def encode_conversation(
+    tokenizer: Any, turns: Sequence[dict[str, Any]], *, image_token_id: int, image_tokens: int, max_length: int
+) -> Encoded:
     """The training tokens of LLaVA ``turns`` (see the module), or :class:`EncodeError` saying why there are none."""
     if image_tokens < 1 or max_length < 1:
         raise ValueError(f"image_tokens ({image_tokens}) and max_length ({max_length}) must be positive")
@@ -141,21 +141,26 @@ def encode_conversation(tokenizer: Any, turns: Sequence[dict[str, Any]], *, imag
 
     slots = [i for i, token in enumerate(ids) if token == image_token_id]
     if len(slots) != 1:
-        raise EncodeError(IMAGE_TOKEN_COUNT, f"the rendered conversation has {len(slots)} {IMAGE_TOKEN} tokens "
-                                             f"(id {image_token_id}), expected 1; was prepare_tokenizer called?")
+        raise EncodeError(
+            IMAGE_TOKEN_COUNT,
+            f"the rendered conversation has {len(slots)} {IMAGE_TOKEN} tokens "
+            f"(id {image_token_id}), expected 1; was prepare_tokenizer called?",
+        )
     start = slots[0]
     length = len(ids) - 1 + image_tokens
     if length > max_length:
-        raise EncodeError(SEQUENCE_TOO_LONG, f"{length} tokens with {image_tokens} image tokens "
-                                             f"(limit {max_length})")
+        raise EncodeError(SEQUENCE_TOO_LONG, f"{length} tokens with {image_tokens} image tokens (limit {max_length})")
     labels = [IGNORE_INDEX if owner is None else token for token, owner in zip(ids, owners, strict=True)]
-    return Encoded(input_ids=ids[:start] + [image_token_id] * image_tokens + ids[start + 1:],
-                   labels=labels[:start] + [IGNORE_INDEX] * image_tokens + labels[start + 1:],
-                   image_start=start)
+    return Encoded(
+        input_ids=ids[:start] + [image_token_id] * image_tokens + ids[start + 1 :],
+        labels=labels[:start] + [IGNORE_INDEX] * image_tokens + labels[start + 1 :],
+        image_start=start,
+    )
 
 
-def encode_prompt(tokenizer: Any, turns: Sequence[dict[str, Any]], *, image_token_id: int,
-                  image_tokens: int) -> list[int]:
+def encode_prompt(
+    tokenizer: Any, turns: Sequence[dict[str, Any]], *, image_token_id: int, image_tokens: int
+) -> list[int]:
     """The ids of a generation prompt: ``turns`` (ending with a human turn) and the assistant header."""
     messages = [{"role": ROLE_NAMES[t["from"]], "content": t["value"]} for t in turns]
     text = _renderer(tokenizer)(messages, True)
@@ -163,7 +168,7 @@ def encode_prompt(tokenizer: Any, turns: Sequence[dict[str, Any]], *, image_toke
     if ids.count(image_token_id) != 1:
         raise EncodeError(IMAGE_TOKEN_COUNT, f"the prompt has {ids.count(image_token_id)} {IMAGE_TOKEN} tokens")
     start = ids.index(image_token_id)
-    return ids[:start] + [image_token_id] * image_tokens + ids[start + 1:]
+    return ids[:start] + [image_token_id] * image_tokens + ids[start + 1 :]
 
 
 def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
@@ -174,18 +179,27 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before, through = render(messages[:i], True), render(messages[:i + 1], False)
+        before, through = render(messages[:i], True), render(messages[: i + 1], False)
         for prefix, what in ((before, f"turns[:{i}] with the generation prompt"), (through, f"turns[:{i + 1}]")):
             if not text.startswith(prefix):
-                raise EncodeError(TEMPLATE_NOT_PREFIX, f"the render of {what} is not a prefix of the whole "
-                                                       f"conversation's; first difference at character "
-                                                       f"{_first_difference(prefix, text)}")
+                raise EncodeError(
+                    TEMPLATE_NOT_PREFIX,
+                    f"the render of {what} is not a prefix of the whole "
+                    f"conversation's; first difference at character "
+                    f"{_first_difference(prefix, text)}",
+                )
         if len(before) > len(through):
-            raise EncodeError(TEMPLATE_NOT_PREFIX, f"the generation prompt before turn {i} is longer than the "
-                                                   f"render through it ({len(before)} > {len(through)} characters)")
-        if message["content"].strip() not in text[len(before):len(through)]:
-            raise EncodeError(TEMPLATE_DROPS_ANSWER, f"turn {i}'s answer is not in the text the template "
-                                                     f"renders for it: {text[len(before):len(through)]!r:.200}")
+            raise EncodeError(
+                TEMPLATE_NOT_PREFIX,
+                f"the generation prompt before turn {i} is longer than the "
+                f"render through it ({len(before)} > {len(through)} characters)",
+            )
+        if message["content"].strip() not in text[len(before) : len(through)]:
+            raise EncodeError(
+                TEMPLATE_DROPS_ANSWER,
+                f"turn {i}'s answer is not in the text the template "
+                f"renders for it: {text[len(before) : len(through)]!r:.200}",
+            )
         spans.append((len(before), len(through)))
     return text, spans
 
@@ -201,8 +215,10 @@ def span_of_tokens(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int
                 owner = k
                 break
             if s < b and a < e:
-                raise EncodeError(BOUNDARY_INSIDE_TOKEN, f"token {index} covers characters [{s}, {e}), "
-                                                         f"across the assistant span [{a}, {b})")
+                raise EncodeError(
+                    BOUNDARY_INSIDE_TOKEN,
+                    f"token {index} covers characters [{s}, {e}), across the assistant span [{a}, {b})",
+                )
         owners.append(owner)
     return owners
 

@@ -38,8 +38,9 @@ class NucleusSampler(LogitsProcessor):
         return out.scatter_(1, choice[:, None], 0.0)
 
 
-def sample_nucleus(logits: torch.Tensor, top_p: float, temperature: float, generator: torch.Generator,
-                   candidates: int = 1024) -> torch.Tensor:
+def sample_nucleus(
+    logits: torch.Tensor, top_p: float, temperature: float, generator: torch.Generator, candidates: int = 1024
+) -> torch.Tensor:
     """One token index per row of ``logits``, drawn from its top-p distribution at ``temperature``."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:

@@ -21,13 +21,17 @@ def embedding_matrix(batch: pa.Table, dim: int | None, column: str = IMAGE_EMBED
     values_column = batch[column].combine_chunks()
     if values_column.null_count:
         missing = pc.filter(batch[UID], pc.is_null(batch[column])).to_pylist()
-        raise ValueError(f"{values_column.null_count} row(s) have no {column} (first uids: {missing[:3]}): "
-                         f"run ClipEmbed before this stage, and reject rows it cannot embed")
+        raise ValueError(
+            f"{values_column.null_count} row(s) have no {column} (first uids: {missing[:3]}): "
+            f"run ClipEmbed before this stage, and reject rows it cannot embed"
+        )
     lengths = pc.list_value_length(values_column).to_numpy(zero_copy_only=False)
     expected = dim if dim is not None else (int(lengths[0]) if len(lengths) else 0)
     wrong = np.flatnonzero(lengths != expected)
     if len(wrong):
-        raise ValueError(f"{column} of row {batch[UID][int(wrong[0])].as_py()!r} has {lengths[wrong[0]]} "
-                         f"values, not {expected}" + (" (dim)" if dim is not None else " (the shard's first row)"))
+        raise ValueError(
+            f"{column} of row {batch[UID][int(wrong[0])].as_py()!r} has {lengths[wrong[0]]} "
+            f"values, not {expected}" + (" (dim)" if dim is not None else " (the shard's first row)")
+        )
     values = values_column.flatten().to_numpy(zero_copy_only=False)
     return values.astype(np.float16, copy=False).reshape(len(lengths), expected)

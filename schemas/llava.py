@@ -20,15 +20,17 @@ IMAGE_TOKEN = "<image>"
 HUMAN, GPT = "human", "gpt"
 
 TURN_TYPE = pa.struct([("from", pa.string()), ("value", pa.string())])
-RECORD_TYPE = pa.struct([
-    ("id", pa.string()),
-    ("response_type", pa.string()),
-    ("conversations", pa.list_(TURN_TYPE)),
-    ("model", pa.string()),
-    ("prompt_version", pa.string()),
-    ("prompt_tokens", pa.int32()),
-    ("completion_tokens", pa.int32()),
-])
+RECORD_TYPE = pa.struct(
+    [
+        ("id", pa.string()),
+        ("response_type", pa.string()),
+        ("conversations", pa.list_(TURN_TYPE)),
+        ("model", pa.string()),
+        ("prompt_version", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+    ]
+)
 FAILURE_TYPE = pa.struct([("response_type", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
 
 #: Reasons a conversation is refused.
@@ -62,10 +64,14 @@ def conversation_problem(turns: list[dict[str, Any]], max_chars: int = 4000) -> 
 
 def llava_json(record: dict[str, Any], image: str) -> dict[str, Any]:
     """The record as LLaVA's JSON (id, image, conversations), with its provenance under ``meta``."""
-    meta = {k: record[k] for k in ("response_type", "model", "prompt_version", "prompt_tokens", "completion_tokens")
-            if record.get(k) is not None}
+    meta = {
+        k: record[k]
+        for k in ("response_type", "model", "prompt_version", "prompt_tokens", "completion_tokens")
+        if record.get(k) is not None
+    }
     turns = [{"from": t["from"], "value": t["value"]} for t in record["conversations"]]
     return {"id": record["id"], "image": image, "conversations": turns, "meta": meta}
+
 
 def caption_turns(caption: str) -> list[dict[str, Any]]:
     """A caption as a stage-1 conversation: the image, then the caption as the answer."""

@@ -38,8 +38,7 @@ class StageCounts:
             self.rejected[reason] = self.rejected.get(reason, 0) + n
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows_in": self.rows_in, "rows_kept": self.rows_kept,
-                "rejected": dict(sorted(self.rejected.items()))}
+        return {"rows_in": self.rows_in, "rows_kept": self.rows_kept, "rejected": dict(sorted(self.rejected.items()))}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StageCounts:
@@ -88,8 +87,9 @@ class PhaseSummary:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PhaseSummary:
         counts = {name: StageCounts.from_dict(c) for name, c in d["counts"].items()}
-        return cls(d["name"], list(d["stages"]), d["shards_done"], d["shards_total"],
-                   d["rows_in"], d["rows_out"], counts)
+        return cls(
+            d["name"], list(d["stages"]), d["shards_done"], d["shards_total"], d["rows_in"], d["rows_out"], counts
+        )
 
 
 @dataclass
@@ -135,8 +135,15 @@ class Manifest:
         if d.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"manifest format {d.get('format')!r} is not {MANIFEST_FORMAT}")
         return cls(
-            name=d["name"], config_hash=d["config_hash"], config=d["config"],
-            versions=d["versions"], created_at=d["created_at"], updated_at=d["updated_at"],
-            status=d["status"], phases=[PhaseSummary.from_dict(p) for p in d["phases"]],
-            aggregates=d.get("aggregates", {}), history=d.get("history", []), export=d.get("export", {}),
+            name=d["name"],
+            config_hash=d["config_hash"],
+            config=d["config"],
+            versions=d["versions"],
+            created_at=d["created_at"],
+            updated_at=d["updated_at"],
+            status=d["status"],
+            phases=[PhaseSummary.from_dict(p) for p in d["phases"]],
+            aggregates=d.get("aggregates", {}),
+            history=d.get("history", []),
+            export=d.get("export", {}),
         )

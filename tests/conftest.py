@@ -15,10 +15,15 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 # No network: libraries must not reach a hub, a registry or a telemetry endpoint.
-os.environ.update({
-    "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1",
-    "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-})
+os.environ.update(
+    {
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
+)
 # Ray workers import test-defined stages (tests.*) by module path.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
 
@@ -62,9 +67,17 @@ def ray_session():
 
 
 #: `vlmcurate demo` at a small scale: a smaller pool and a few steps per model.
-DEMO_SMALL = ["bootstrap_scenes=96", "clip.batch_size=32", "clip.max_steps=20", "clip.save_every=20",
-              "vlm_stage1.max_steps=2", "vlm_stage1.batch_size=2", "vlm_stage2.max_steps=2",
-              "vlm_stage2.batch_size=1", "eval.heldout_images=3"]
+DEMO_SMALL = [
+    "bootstrap_scenes=96",
+    "clip.batch_size=32",
+    "clip.max_steps=20",
+    "clip.save_every=20",
+    "vlm_stage1.max_steps=2",
+    "vlm_stage1.batch_size=2",
+    "vlm_stage2.max_steps=2",
+    "vlm_stage2.batch_size=1",
+    "eval.heldout_images=3",
+]
 
 
 def run_demo(output_dir: Path, *extra: str, port: int | None = None, timeout: int = 900):
@@ -73,9 +86,13 @@ def run_demo(output_dir: Path, *extra: str, port: int | None = None, timeout: in
     import sys
 
     vlmcurate = str(Path(sys.executable).parent / "vlmcurate")
-    return subprocess.run([vlmcurate, "demo", *DEMO_SMALL, "--output-dir", str(output_dir),
-                           "--port", str(port or free_port()), *extra],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [vlmcurate, "demo", *DEMO_SMALL, "--output-dir", str(output_dir), "--port", str(port or free_port()), *extra],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @dataclass(frozen=True)

@@ -63,12 +63,17 @@ def bomb_png(width: int = 100_000, height: int = 100_000, color_type: int = 0, b
 
     ``color_type`` 6 with ``bit_depth`` 8 is RGBA.
     """
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) \
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
         + chunk(b"IEND", b"")
+    )
 
 
 class ImageServer:
@@ -166,8 +171,13 @@ class ImageServer:
             return self._send(h, 200, self.images[args[1]], robots=ROBOTS[args[0]])
         if kind == "headers":
             body = b"" if args[1] == "-" else self.images[args[1]]
-            return self._send(h, int(args[0]), body, {k: v[0] for k, v in parse_qs(parts.query).items()},
-                              exact="Content-Length" not in parts.query)
+            return self._send(
+                h,
+                int(args[0]),
+                body,
+                {k: v[0] for k, v in parse_qs(parts.query).items()},
+                exact="Content-Length" not in parts.query,
+            )
         if kind == "redirect":
             return self._send(h, 302, b"", {"Location": parse_qs(parts.query)["to"][0]})
         if kind == "loop":
@@ -179,8 +189,9 @@ class ImageServer:
         return self._send(h, 404, b"")
 
     @staticmethod
-    def _send(h, status: int, body: bytes, headers: dict | None = None, exact: bool = True,
-              robots: list[str] | None = None) -> None:
+    def _send(
+        h, status: int, body: bytes, headers: dict | None = None, exact: bool = True, robots: list[str] | None = None
+    ) -> None:
         h.send_response(status)
         headers = dict(headers or {})
         headers.setdefault("Content-Type", "image/jpeg")

@@ -24,8 +24,7 @@ def animated_gif(size: int) -> bytes:
 def jpeg(width: int, height: int, *, progressive: bool = False, quality: int = 90) -> bytes:
     """A flat grey JPEG: its coefficients are almost all zero, so its scans are a few bytes each."""
     buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (120, 130, 140)).save(buffer, "JPEG", progressive=progressive,
-                                                            quality=quality)
+    Image.new("RGB", (width, height), (120, 130, 140)).save(buffer, "JPEG", progressive=progressive, quality=quality)
     return buffer.getvalue()
 
 
@@ -34,7 +33,7 @@ def repeated_scans(size: int, scans: int) -> bytes:
     over every coefficient of the image."""
     data = jpeg(size, size, progressive=True)
     end = data.rfind(b"\xff\xd9")
-    starts = [i for i in range(len(data) - 1) if data[i:i + 2] == b"\xff\xda"]
+    starts = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xda"]
     smallest = min((data[a:b] for a, b in zip(starts, starts[1:] + [end])), key=len)
     return data[:end] + smallest * scans + b"\xff\xd9"
 
@@ -43,7 +42,7 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     """A small JPEG whose frame header claims ``width`` x ``height`` (libjpeg decodes the rest as grey)."""
     data = bytearray(jpeg(64, 64))
     frame = data.find(b"\xff\xc0")
-    data[frame + 5:frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    data[frame + 5 : frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
     return bytes(data)
 
 

@@ -219,5 +219,6 @@ class EmbedByGroup(Stage):
             vector = np.random.default_rng(index).normal(0, 0.01, self.dim + ("wide" in caption))
             vector[int(group.group(1)) if group else self.dim - 1] += 1.0
             vectors.append((vector / np.linalg.norm(vector)).astype(np.float16).tolist())
-        return pa.table({IMAGE_EMBEDDING: pa.array(vectors, pa.list_(pa.float16())),
-                         CLIP_SCORE: pa.array(scores, pa.float32())})
+        return pa.table(
+            {IMAGE_EMBEDDING: pa.array(vectors, pa.list_(pa.float16())), CLIP_SCORE: pa.array(scores, pa.float32())}
+        )

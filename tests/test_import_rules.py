@@ -24,8 +24,9 @@ def _copy_project(into: Path) -> None:
 
 def _lint_imports(root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(root)}  # the copy, ahead of the editable install
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +43,16 @@ def test_the_project_keeps_its_import_rules(project_copy):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
 
 
-@pytest.mark.parametrize(("module", "planted", "contract"), [
-    ("pipelines/engine/ledger.py", "import curation.basic", "pipelines never imports curation or generators"),
-    ("curation/basic.py", "import pipelines.engine.rundir", "reach pipelines only through the stage SDK"),
-    ("schemas/columns.py", "import models.clip", "schemas import nothing of the project"),
-    ("pipelines/engine/plan.py", "import pipelines.cli.console", "the engine imports none of the rooms"),
-    ("curation/basic.py", "import ray", "only in the Ray runner"),
-])
+@pytest.mark.parametrize(
+    ("module", "planted", "contract"),
+    [
+        ("pipelines/engine/ledger.py", "import curation.basic", "pipelines never imports curation or generators"),
+        ("curation/basic.py", "import pipelines.engine.rundir", "reach pipelines only through the stage SDK"),
+        ("schemas/columns.py", "import models.clip", "schemas import nothing of the project"),
+        ("pipelines/engine/plan.py", "import pipelines.cli.console", "the engine imports none of the rooms"),
+        ("curation/basic.py", "import ray", "only in the Ray runner"),
+    ],
+)
 def test_a_planted_bad_import_breaks_its_contract(project_copy, tmp_path, module, planted, contract):
     root = tmp_path / "planted"
     shutil.copytree(project_copy, root)
@@ -56,7 +60,7 @@ def test_a_planted_bad_import_breaks_its_contract(project_copy, tmp_path, module
     target.write_text(target.read_text() + f"\n{planted}  # planted by the test\n")
     done = _lint_imports(root)
     assert done.returncode != 0
-    broken = done.stdout[done.stdout.index("Broken contracts"):]
+    broken = done.stdout[done.stdout.index("Broken contracts") :]
     assert contract in broken, done.stdout[-3000:]
 
 
@@ -65,9 +69,13 @@ def test_only_the_ray_runner_imports_ray_data():
     for package in PACKAGES:
         for file in (REPO / package).rglob("*.py"):
             for node in ast.walk(ast.parse(file.read_text(), str(file))):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                         else [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom)
-                         and node.module else [])
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [f"{node.module}.{a.name}" for a in node.names]
+                    if isinstance(node, ast.ImportFrom) and node.module
+                    else []
+                )
                 if any(n == "ray.data" or n.startswith("ray.data.") for n in names):
                     importers.add(file.relative_to(REPO).as_posix())
     assert importers == {"pipelines/engine/runner.py"}

@@ -6,5 +6,12 @@ from curation.dedup.caption import NEAR_DUPLICATE_CAPTION, CaptionNearDuplicates
 from curation.dedup.exact import DUPLICATE, ExactDuplicates
 from curation.dedup.image import NEAR_DUPLICATE_IMAGE, NEAR_DUPLICATE_PAIR, ImageNearDuplicates
 
-__all__ = ["DUPLICATE", "NEAR_DUPLICATE_CAPTION", "NEAR_DUPLICATE_IMAGE", "NEAR_DUPLICATE_PAIR",
-           "CaptionNearDuplicates", "ExactDuplicates", "ImageNearDuplicates"]
+__all__ = [
+    "DUPLICATE",
+    "NEAR_DUPLICATE_CAPTION",
+    "NEAR_DUPLICATE_IMAGE",
+    "NEAR_DUPLICATE_PAIR",
+    "CaptionNearDuplicates",
+    "ExactDuplicates",
+    "ImageNearDuplicates",
+]

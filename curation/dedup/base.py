@@ -88,10 +88,12 @@ class ClusterDedup(GlobalStage):
         return tuple(dict.fromkeys((UID, SOURCE_INDEX, *preference[self.keep], *self.feature_columns)))
 
     def compute(self, batch: pa.Table) -> dict[str, Any]:
-        return {"uid": np.asarray(batch[UID].to_pylist(), dtype=object),
-                "index": batch[SOURCE_INDEX].to_numpy().astype(np.int64),
-                "preference": self._preference(batch),
-                "features": self.features(batch)}
+        return {
+            "uid": np.asarray(batch[UID].to_pylist(), dtype=object),
+            "index": batch[SOURCE_INDEX].to_numpy().astype(np.int64),
+            "preference": self._preference(batch),
+            "features": self.features(batch),
+        }
 
     def _preference(self, batch: pa.Table) -> np.ndarray | None:
         if self.keep == KEEP_HIGHEST_CLIP_SCORE:
@@ -112,13 +114,17 @@ class ClusterDedup(GlobalStage):
         duplicate = clusters.duplicate & ~pinned
         order = np.argsort(index[duplicate])
         if self.against:
-            facts = {**facts, "earlier_rows": int(pinned.sum()),
-                     "duplicates_of_earlier_runs": int((duplicate & pinned[clusters.survivor]).sum())}
+            facts = {
+                **facts,
+                "earlier_rows": int(pinned.sum()),
+                "duplicates_of_earlier_runs": int((duplicate & pinned[clusters.survivor]).sum()),
+            }
         return {
             "duplicate_index": index[duplicate][order],
             "survivor_uid": uid[clusters.survivor[duplicate]][order],
             "cluster_size": clusters.sizes[clusters.labels[duplicate]][order],
-            "rows": int((~pinned).sum()), "edges": len(left),
+            "rows": int((~pinned).sum()),
+            "edges": len(left),
             "clusters": int((clusters.sizes > 1).sum()),
             "largest": clusters.largest(LARGEST_LISTED),
             "size_histogram": clusters.size_histogram(),
@@ -138,15 +144,22 @@ class ClusterDedup(GlobalStage):
             table = rundir.read_table(path)
             missing = [c for c in columns if c not in table.column_names]
             if missing:
-                raise ValueError(f"against: the kept rows of {run!r} have no {missing} column(s), which "
-                                 f"{type(self).__name__} compares (its phase {manifest.final_phase} dropped them?)")
+                raise ValueError(
+                    f"against: the kept rows of {run!r} have no {missing} column(s), which "
+                    f"{type(self).__name__} compares (its phase {manifest.final_phase} dropped them?)"
+                )
             for batch in table.select(columns).to_batches(self.resources.batch_size):
                 batch = pa.Table.from_batches([batch])
                 # Negative positions: never confused with this pool's source_index.
-                parts.append({"uid": np.asarray(batch[UID].to_pylist(), dtype=object),
-                              "index": -1 - np.arange(seen, seen + batch.num_rows, dtype=np.int64),
-                              "preference": np.zeros(batch.num_rows), "features": self.features(batch),
-                              "pinned": True})
+                parts.append(
+                    {
+                        "uid": np.asarray(batch[UID].to_pylist(), dtype=object),
+                        "index": -1 - np.arange(seen, seen + batch.num_rows, dtype=np.int64),
+                        "preference": np.zeros(batch.num_rows),
+                        "features": self.features(batch),
+                        "pinned": True,
+                    }
+                )
                 seen += batch.num_rows
         return parts
 
@@ -158,8 +171,12 @@ class ClusterDedup(GlobalStage):
             at = np.minimum(np.searchsorted(found, index), len(found) - 1)
             hit = found[at] == index
             survivor, size = state["survivor_uid"], state["cluster_size"]
-            details = [json.dumps({"duplicate_of": survivor[a], "cluster_size": int(size[a]), "keep": self.keep})
-                       if h else None for a, h in zip(at.tolist(), hit.tolist())]
+            details = [
+                json.dumps({"duplicate_of": survivor[a], "cluster_size": int(size[a]), "keep": self.keep})
+                if h
+                else None
+                for a, h in zip(at.tolist(), hit.tolist())
+            ]
             rejections.add(pa.array(hit), self.reason, pa.array(details, pa.string()))
         return rejections.attach(batch.select([]))
 
@@ -167,13 +184,19 @@ class ClusterDedup(GlobalStage):
         summary = view.summary
         if not summary:
             return None
-        sizes = ", ".join(f"{n:,} of {size}" for size, n in sorted(summary["size_histogram"].items(),
-                                                                    key=lambda item: int(item[0])))
-        return (f"{summary['duplicate_rows']:,} of {summary['rows']:,} rows were duplicates in "
-                f"{summary['clusters']:,} clusters (survivor: `{self.keep}`); largest clusters: "
-                f"{', '.join(map(str, summary['largest'])) or 'none'}; clusters by size: {sizes or 'none'}.")
+        sizes = ", ".join(
+            f"{n:,} of {size}" for size, n in sorted(summary["size_histogram"].items(), key=lambda item: int(item[0]))
+        )
+        return (
+            f"{summary['duplicate_rows']:,} of {summary['rows']:,} rows were duplicates in "
+            f"{summary['clusters']:,} clusters (survivor: `{self.keep}`); largest clusters: "
+            f"{', '.join(map(str, summary['largest'])) or 'none'}; clusters by size: {sizes or 'none'}."
+        )
 
     def describe(self, state: dict[str, Any]) -> dict[str, Any]:
         facts = {k: v for k, v in state.items() if k not in _DECISION}
-        return {"duplicate_rows": len(state["duplicate_index"]), "keep": self.keep,
-                **{k: ({str(s): n for s, n in v.items()} if isinstance(v, dict) else v) for k, v in facts.items()}}
+        return {
+            "duplicate_rows": len(state["duplicate_index"]),
+            "keep": self.keep,
+            **{k: ({str(s): n for s, n in v.items()} if isinstance(v, dict) else v) for k, v in facts.items()},
+        }

@@ -70,11 +70,13 @@ class CaptionNearDuplicates(ClusterDedup):
         if (self.bands is None) != (self.rows_per_band is None):
             raise ValueError("set both bands and rows_per_band, or neither")
         if self.bands is None:
-            self.bands, self.rows_per_band = lsh_params(self.threshold, self.num_perm,
-                                                        1 - self.false_negative_weight, self.false_negative_weight)
+            self.bands, self.rows_per_band = lsh_params(
+                self.threshold, self.num_perm, 1 - self.false_negative_weight, self.false_negative_weight
+            )
         elif self.bands * self.rows_per_band > self.num_perm:
-            raise ValueError(f"bands x rows_per_band = {self.bands * self.rows_per_band} exceeds "
-                             f"num_perm {self.num_perm}")
+            raise ValueError(
+                f"bands x rows_per_band = {self.bands * self.rows_per_band} exceeds num_perm {self.num_perm}"
+            )
         if self.max_bucket < 2:
             raise ValueError(f"max_bucket must be >= 2, got {self.max_bucket}")
 
@@ -93,11 +95,18 @@ class CaptionNearDuplicates(ClusterDedup):
         left, right, capped = candidate_pairs(keys, shingles.counts > 0, self.max_bucket)
         similarity = jaccard(shingles, left, right)
         match = similarity >= self.threshold
-        return left[match], right[match], {
-            "candidate_pairs": len(left), "verified_pairs": int(match.sum()), "capped_buckets": capped,
-            "bands": self.bands, "rows_per_band": self.rows_per_band,
-            "rows_without_shingles": int((shingles.counts == 0).sum()),
-        }
+        return (
+            left[match],
+            right[match],
+            {
+                "candidate_pairs": len(left),
+                "verified_pairs": int(match.sum()),
+                "capped_buckets": capped,
+                "bands": self.bands,
+                "rows_per_band": self.rows_per_band,
+                "rows_without_shingles": int((shingles.counts == 0).sum()),
+            },
+        )
 
 
 def concat_shingles(parts: list[Shingles]) -> Shingles:

@@ -60,8 +60,9 @@ class Clusters:
         return dict(zip(values.tolist(), counts.tolist()))
 
 
-def choose_survivors(labels: np.ndarray, source_index: np.ndarray, preference: np.ndarray | None,
-                     fixed: np.ndarray | None = None) -> Clusters:
+def choose_survivors(
+    labels: np.ndarray, source_index: np.ndarray, preference: np.ndarray | None, fixed: np.ndarray | None = None
+) -> Clusters:
     """Keep one row per cluster: a ``fixed`` row if the cluster has one (rows of an earlier run,
     already published), else the largest ``preference`` (ties and no preference: the smallest
     ``source_index``). The choice depends on values only, never on shard order."""

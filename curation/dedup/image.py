@@ -85,10 +85,16 @@ class ImageNearDuplicates(ClusterDedup):
     def edges(self, features: list[dict[str, Any]], num_rows: int):
         widths = {f["embeddings"].shape[1] for f in features if len(f["embeddings"])}
         if len(widths) > 1:
-            raise ValueError(f"image embeddings of different widths {sorted(widths)} across shards: were they "
-                             f"written by different CLIP models? Set dim to the model's width to find the odd ones")
-        vectors = unit_rows(np.concatenate([f["embeddings"] for f in features if len(f["embeddings"])]
-                                           or [np.zeros((0, self.dim or 1), np.float16)]))
+            raise ValueError(
+                f"image embeddings of different widths {sorted(widths)} across shards: were they "
+                f"written by different CLIP models? Set dim to the model's width to find the odd ones"
+            )
+        vectors = unit_rows(
+            np.concatenate(
+                [f["embeddings"] for f in features if len(f["embeddings"])]
+                or [np.zeros((0, self.dim or 1), np.float16)]
+            )
+        )
         left, right, facts = similar_pairs(vectors, self.threshold, self.search)
         facts = {**facts, "image_pairs": len(left)}
         if self.caption_threshold is not None:
@@ -96,5 +102,3 @@ class ImageNearDuplicates(ClusterDedup):
             left, right = left[match], right[match]
             facts["pairs_with_near_duplicate_captions"] = len(left)
         return left, right, facts
-
-

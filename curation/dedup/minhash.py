@@ -46,8 +46,13 @@ def caption_series(column) -> pl.Series:
 
 def normalise(captions: pl.Series) -> pl.Series:
     """Lower case, punctuation to spaces, runs of white space to one space, trimmed."""
-    return (captions.fill_null("").str.to_lowercase().str.replace_all(r"[^\w\s]", " ")
-            .str.replace_all(r"\s+", " ").str.strip_chars())
+    return (
+        captions.fill_null("")
+        .str.to_lowercase()
+        .str.replace_all(r"[^\w\s]", " ")
+        .str.replace_all(r"\s+", " ")
+        .str.strip_chars()
+    )
 
 
 def shingle(captions: pl.Series, kind: str, size: int) -> Shingles:
@@ -63,10 +68,8 @@ def shingle(captions: pl.Series, kind: str, size: int) -> Shingles:
     else:
         raise ValueError(f"shingle kind must be one of {SHINGLE_KINDS}, got {kind!r}")
     distinct = grams.select(pl.col("gram").unique(maintain_order=True))["gram"]
-    table = pl.DataFrame({"gram": distinct,
-                          "hash": pl.Series(_sha1_hash32(distinct.to_list()), dtype=pl.UInt32)})
-    hashed = (grams.join(table, on="gram", how="left").select("row", "hash").unique()
-              .sort("row", "hash"))
+    table = pl.DataFrame({"gram": distinct, "hash": pl.Series(_sha1_hash32(distinct.to_list()), dtype=pl.UInt32)})
+    hashed = grams.join(table, on="gram", how="left").select("row", "hash").unique().sort("row", "hash")
     rows = hashed["row"].to_numpy()
     offsets = np.zeros(len(text) + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=len(text)), out=offsets[1:])
@@ -74,18 +77,24 @@ def shingle(captions: pl.Series, kind: str, size: int) -> Shingles:
 
 
 def _word_grams(text: pl.Series, size: int) -> pl.DataFrame:
-    words = (pl.DataFrame({"words": text.str.split(" ")}).with_row_index("row")
-             .explode("words").filter(pl.col("words") != "")
-             .with_columns(pl.int_range(pl.len()).over("row").alias("pos"),
-                           pl.len().over("row").alias("n")))
+    words = (
+        pl.DataFrame({"words": text.str.split(" ")})
+        .with_row_index("row")
+        .explode("words")
+        .filter(pl.col("words") != "")
+        .with_columns(pl.int_range(pl.len()).over("row").alias("pos"), pl.len().over("row").alias("n"))
+    )
     gram = pl.col("words")
     for step in range(1, size):
         gram = gram + " " + pl.col("words").shift(-step).over("row")
     # Positions that start a full gram, or position 0 of a caption shorter than one gram.
     starts = (pl.col("pos") + size <= pl.col("n")) | ((pl.col("pos") == 0) & (pl.col("n") < size))
     short = pl.col("words").str.join(" ").over("row")
-    return (words.with_columns(pl.when(pl.col("n") < size).then(short).otherwise(gram).alias("gram"))
-            .filter(starts).select(pl.col("row").cast(pl.Int64), "gram"))
+    return (
+        words.with_columns(pl.when(pl.col("n") < size).then(short).otherwise(gram).alias("gram"))
+        .filter(starts)
+        .select(pl.col("row").cast(pl.Int64), "gram")
+    )
 
 
 def _char_grams(text: pl.Series, size: int) -> pl.DataFrame:
@@ -142,8 +151,9 @@ def _fmix32(values: np.ndarray) -> np.ndarray:
     return h
 
 
-def lsh_params(threshold: float, num_perm: int, false_positive_weight: float = 0.5,
-               false_negative_weight: float = 0.5) -> tuple[int, int]:
+def lsh_params(
+    threshold: float, num_perm: int, false_positive_weight: float = 0.5, false_negative_weight: float = 0.5
+) -> tuple[int, int]:
     """Bands and rows per band minimising the weighted false positive and negative areas under
     the LSH S-curve (the criterion datasketch's ``MinHashLSH`` uses, so both pick the same)."""
     from scipy.integrate import quad
@@ -167,7 +177,7 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     keys = np.zeros((len(signatures), bands), dtype=np.uint64)
     for band in range(bands):
         h = np.full(len(signatures), np.uint64(0x9E3779B97F4A7C15 ^ band), dtype=np.uint64)
-        for value in signatures[:, band * rows:(band + 1) * rows].T:
+        for value in signatures[:, band * rows : (band + 1) * rows].T:
             h = _mix64(h ^ value.astype(np.uint64))
         keys[:, band] = h
     return keys
@@ -221,8 +231,9 @@ def jaccard(shingles: Shingles, left: np.ndarray, right: np.ndarray) -> np.ndarr
     counts = shingles.counts
     sizes = counts[left] + counts[right]
     values = np.concatenate([_gather(shingles, left), _gather(shingles, right)])
-    pair = np.concatenate([np.repeat(np.arange(len(left)), counts[left]),
-                           np.repeat(np.arange(len(left)), counts[right])])
+    pair = np.concatenate(
+        [np.repeat(np.arange(len(left)), counts[left]), np.repeat(np.arange(len(left)), counts[right])]
+    )
     order = np.lexsort((values, pair))
     values, pair = values[order], pair[order]
     same = (values[1:] == values[:-1]) & (pair[1:] == pair[:-1])  # within a set values are unique

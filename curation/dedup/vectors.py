@@ -43,8 +43,9 @@ def unit_rows(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.maximum(norms, 1e-12)
 
 
-def similar_pairs(vectors: np.ndarray, threshold: float, settings: SearchSettings,
-                  queries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def similar_pairs(
+    vectors: np.ndarray, threshold: float, settings: SearchSettings, queries: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Pairs ``(q, v)`` with cosine >= ``threshold`` among each query's ``neighbours`` nearest
     vectors; with no ``queries`` the vectors query themselves and each pair comes once (q < v).
     Returns the pairs and what was searched (index kind, nlist, nprobe, device)."""
@@ -62,7 +63,7 @@ def similar_pairs(vectors: np.ndarray, threshold: float, settings: SearchSetting
         nlist = min(nlist, n)
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(settings.seed).permutation(n)[:max(nlist * 64, 10_000)]
+        sample = np.random.default_rng(settings.seed).permutation(n)[: max(nlist * 64, 10_000)]
         index.cp.seed = settings.seed
         index.train(vectors[np.sort(sample)])
         index.nprobe = min(settings.nprobe, nlist)

@@ -102,9 +102,14 @@ def write_metadata(entries: list[str], path: Path) -> None:
         path.write_text("".join(f"{e}\n" for e in entries), encoding="utf-8")
 
 
-def build_metadata(unigrams: int = 250_000, wordnet: bool = True, bigram_captions: Iterable[str] | None = None,
-                   max_bigrams: int = 100_000, min_bigram_count: int = 5, min_pmi: float = 5.0
-                   ) -> tuple[list[str], BuildReport]:
+def build_metadata(
+    unigrams: int = 250_000,
+    wordnet: bool = True,
+    bigram_captions: Iterable[str] | None = None,
+    max_bigrams: int = 100_000,
+    min_bigram_count: int = 5,
+    min_pmi: float = 5.0,
+) -> tuple[list[str], BuildReport]:
     """The entries and a report of where they came from."""
     sources = []
     if wordnet:

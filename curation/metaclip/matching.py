@@ -46,8 +46,9 @@ def normalize(text: str, punctuation: str = PUNCTUATION) -> str:
     return spaced
 
 
-def normalize_batch(texts: pa.Array | pa.ChunkedArray, punctuation: str = PUNCTUATION,
-                    case_sensitive: bool = True) -> pa.Array:
+def normalize_batch(
+    texts: pa.Array | pa.ChunkedArray, punctuation: str = PUNCTUATION, case_sensitive: bool = True
+) -> pa.Array:
     """:func:`normalize` over a column of captions, with Arrow kernels."""
     spaced = pc.binary_join_element_wise(" ", pc.fill_null(texts, ""), " ", "")
     for mark in punctuation:
@@ -87,8 +88,9 @@ class EntryMatcher:
             self._single[segment] = found[0]
         # Entries equal once lower-cased share a segment (case-insensitive matching only).
         shared = [(segment, entry) for segment, found in first_entry.items() for entry in found[1:]]
-        self._shared_single = pl.DataFrame({"id": [s for s, _ in shared], "entry": [e for _, e in shared]},
-                                           schema={"id": pl.Int64, "entry": pl.Int64})
+        self._shared_single = pl.DataFrame(
+            {"id": [s for s, _ in shared], "entry": [e for _, e in shared]}, schema={"id": pl.Int64, "entry": pl.Int64}
+        )
 
         multi = np.flatnonzero(lengths > 1)
         keys = np.zeros(len(multi), np.uint64)
@@ -116,7 +118,8 @@ class EntryMatcher:
     def _segment_ids(self, flat: pa.Array) -> np.ndarray:
         """Vocabulary id of each segment, -1 where it is in no entry (hash join, then string check)."""
         joined = pl.DataFrame({"hash": _hash(flat), "position": np.arange(len(flat))}).join(
-            self._vocabulary, on="hash", how="left")
+            self._vocabulary, on="hash", how="left"
+        )
         position = joined["position"].to_numpy()
         candidate = joined["id"].fill_null(0).to_numpy()
         same = pc.equal(flat.take(pa.array(position)), self._words.take(pa.array(candidate)))

@@ -28,8 +28,10 @@ def load_metadata(path: str) -> list[str]:
         except json.JSONDecodeError as e:
             raise MetadataError(f"metadata file {path!r} is not valid JSON: {e}") from None
         if not isinstance(entries, list):
-            raise MetadataError(f"metadata file {path!r} holds a JSON {type(entries).__name__}; it must be a list "
-                                f"of strings (MetaCLIP's metadata.json format)")
+            raise MetadataError(
+                f"metadata file {path!r} holds a JSON {type(entries).__name__}; it must be a list "
+                f"of strings (MetaCLIP's metadata.json format)"
+            )
         where = "item"
     else:
         entries = text.split("\n")

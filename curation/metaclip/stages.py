@@ -61,14 +61,16 @@ class MetaclipMatch(Stage):
         return {"metadata_blake2b": file_digest(self.metadata)}
 
     def setup(self) -> None:
-        self._matcher = EntryMatcher(load_metadata(os.path.abspath(self.metadata)), self.case_sensitive,
-                                     self.extra_punctuation)
+        self._matcher = EntryMatcher(
+            load_metadata(os.path.abspath(self.metadata)), self.case_sensitive, self.extra_punctuation
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         entries = self._matcher.match(batch[CAPTION])
         rejections = Rejections(batch.num_rows)
-        rejections.add(pc.equal(pc.list_value_length(entries), 0), NO_METADATA_MATCH,
-                       "the caption matches no metadata entry")
+        rejections.add(
+            pc.equal(pc.list_value_length(entries), 0), NO_METADATA_MATCH, "the caption matches no metadata entry"
+        )
         return rejections.attach(pa.table({METACLIP_ENTRIES: entries}))
 
 
@@ -101,8 +103,9 @@ class MetaclipBalance(GlobalStage):
     def __post_init__(self) -> None:
         rules = {"threshold": self.threshold, "head_factor": self.head_factor, "tail_share": self.tail_share}
         if sum(v is not None for v in rules.values()) != 1:
-            raise ValueError(f"set exactly one of threshold, head_factor and tail_share (the others to null), "
-                             f"got {rules}")
+            raise ValueError(
+                f"set exactly one of threshold, head_factor and tail_share (the others to null), got {rules}"
+            )
         if self.head_factor is not None and self.head_factor <= 0:
             raise ValueError(f"head_factor must be > 0, got {self.head_factor}")
         if self.threshold is not None and self.threshold < 1:
@@ -136,9 +139,17 @@ class MetaclipBalance(GlobalStage):
         probability = keep_probability(batch[METACLIP_ENTRIES], counts, t)
         draws = uniform_draws(self.seed, batch[UID])
         rejections = Rejections(batch.num_rows)
-        rejections.add(pa.array(draws >= probability), SAMPLED_OUT,
-                       lambda fresh: pa.array([f"keep probability {p:.4g}" for p in probability[
-                           np.asarray(fresh.to_numpy(zero_copy_only=False), bool)]], pa.string()))
+        rejections.add(
+            pa.array(draws >= probability),
+            SAMPLED_OUT,
+            lambda fresh: pa.array(
+                [
+                    f"keep probability {p:.4g}"
+                    for p in probability[np.asarray(fresh.to_numpy(zero_copy_only=False), bool)]
+                ],
+                pa.string(),
+            ),
+        )
         return rejections.attach(batch.select([]))
 
     def describe(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -146,8 +157,11 @@ class MetaclipBalance(GlobalStage):
         matched = counts[counts > 0]
         total = int(matched.sum())
         return {
-            "threshold": t, "entries_matched": int(len(matched)), "head_entries": int((matched > t).sum()),
-            "matches": total, "tail_share": float(matched[matched < t].sum() / total) if total else 0.0,
+            "threshold": t,
+            "entries_matched": int(len(matched)),
+            "head_entries": int((matched > t).sum()),
+            "matches": total,
+            "tail_share": float(matched[matched < t].sum() / total) if total else 0.0,
         }
 
 
@@ -168,8 +182,9 @@ def uniform_draws(seed: int, uids: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A uniform number in [0, 1) per uid, from the seed and the uid alone (stable everywhere)."""
     prefix = f"{seed}\x1f".encode()
     blake2b = hashlib.blake2b
-    values = [int.from_bytes(blake2b(prefix + uid.encode(), digest_size=8).digest(), "little")
-              for uid in uids.to_pylist()]
+    values = [
+        int.from_bytes(blake2b(prefix + uid.encode(), digest_size=8).digest(), "little") for uid in uids.to_pylist()
+    ]
     return np.array(values, dtype=np.uint64).astype(np.float64) / 2.0**64
 
 

@@ -93,8 +93,13 @@ class Outcome:
 
 def request_lines(bodies: dict[str, dict[str, Any]]) -> list[bytes]:
     """One Batch API JSONL line per request, its cache key as the ``custom_id``."""
-    return [json.dumps({"custom_id": key, "method": "POST", "url": CHAT_URL, "body": body},
-                       ensure_ascii=False, sort_keys=True).encode() + b"\n" for key, body in bodies.items()]
+    return [
+        json.dumps(
+            {"custom_id": key, "method": "POST", "url": CHAT_URL, "body": body}, ensure_ascii=False, sort_keys=True
+        ).encode()
+        + b"\n"
+        for key, body in bodies.items()
+    ]
 
 
 def split_files(lines: list[bytes], max_requests: int, max_bytes: int) -> list[list[bytes]]:
@@ -140,8 +145,12 @@ def read_results(lines: Iterable[str | bytes], settings: ChatSettings) -> Outcom
         else:
             failed[key] = message
     # A key answered on one line and failed on another (a duplicate line) keeps its reply.
-    return Outcome(replies, {k: v for k, v in retry.items() if k not in replies},
-                   {k: v for k, v in failed.items() if k not in replies}, unreadable)
+    return Outcome(
+        replies,
+        {k: v for k, v in retry.items() if k not in replies},
+        {k: v for k, v in failed.items() if k not in replies},
+        unreadable,
+    )
 
 
 class BatchClient:
@@ -154,19 +163,27 @@ class BatchClient:
         self._openai = openai
         self._client = None
         if batch.submit:
-            self._client = openai.OpenAI(api_key=api_key(settings), base_url=settings.base_url,
-                                         timeout=settings.timeout, max_retries=settings.max_attempts)
+            self._client = openai.OpenAI(
+                api_key=api_key(settings),
+                base_url=settings.base_url,
+                timeout=settings.timeout,
+                max_retries=settings.max_attempts,
+            )
         self.submitted: list[str] = []
 
     def complete(self, conversations: list[list[dict[str, str]]]) -> list[Reply | Failure]:
         """One outcome per message list, in order."""
         params = self.settings.params()
         keys = [request_key(self.settings.model, messages, params) for messages in conversations]
-        bodies = {key: {"model": self.settings.model, "messages": messages, **params}
-                  for key, messages in zip(keys, conversations) if self.cache.get(key) is None}
+        bodies = {
+            key: {"model": self.settings.model, "messages": messages, **params}
+            for key, messages in zip(keys, conversations)
+            if self.cache.get(key) is None
+        }
         failures = self._send(bodies) if bodies else {}
-        return [failures.get(key) or self.cache.get(key) or Failure(REQUEST_FAILED, "no reply imported")
-                for key in keys]
+        return [
+            failures.get(key) or self.cache.get(key) or Failure(REQUEST_FAILED, "no reply imported") for key in keys
+        ]
 
     def close(self) -> None:
         if self._client is not None:
@@ -184,10 +201,14 @@ class BatchClient:
             if over:
                 failures.update((key, Failure(BUDGET_EXHAUSTED, over)) for key in new)
             elif new and not self.batch.submit:
-                hint = ("submit them to the Batch API, then `vlmcurate import-batch RESULTS... --cache "
-                        f"{self.cache.path}` and `vlmcurate retry-failed`")
-                failures.update((key, Failure(BATCH_PENDING, f"written to {path}: {hint}"))
-                                for key, path in self._write(new).items())
+                hint = (
+                    "submit them to the Batch API, then `vlmcurate import-batch RESULTS... --cache "
+                    f"{self.cache.path}` and `vlmcurate retry-failed`"
+                )
+                failures.update(
+                    (key, Failure(BATCH_PENDING, f"written to {path}: {hint}"))
+                    for key, path in self._write(new).items()
+                )
             elif new:
                 jobs.update(self._submit(self._write(new), new))
             if not jobs:
@@ -197,8 +218,11 @@ class BatchClient:
             if not pending:
                 break
             if round_ + 1 == self.batch.max_rounds:
-                failures.update((key, Failure(REQUEST_FAILED, f"{self.batch.max_rounds} batch jobs; last: {why}"))
-                                for key, why in retry.items() if key in pending)
+                failures.update(
+                    (key, Failure(REQUEST_FAILED, f"{self.batch.max_rounds} batch jobs; last: {why}"))
+                    for key, why in retry.items()
+                    if key in pending
+                )
         return failures
 
     def _write(self, bodies: dict[str, dict[str, Any]]) -> dict[str, Path]:
@@ -225,9 +249,12 @@ class BatchClient:
         for path, keys in by_file.items():
             with self._fatal():
                 uploaded = self._client.files.create(file=(path.name, path.read_bytes()), purpose="batch")
-                job = self._client.batches.create(input_file_id=uploaded.id, endpoint=CHAT_URL,
-                                                  completion_window=self.batch.completion_window,
-                                                  metadata={"source": "vlmcurate", "file": path.name})
+                job = self._client.batches.create(
+                    input_file_id=uploaded.id,
+                    endpoint=CHAT_URL,
+                    completion_window=self.batch.completion_window,
+                    metadata={"source": "vlmcurate", "file": path.name},
+                )
             self.cache.add_batch(job.id, path.name, sorted(keys))
             self.submitted.append(job.id)
             jobs[job.id] = keys
@@ -245,9 +272,18 @@ class BatchClient:
                     retry.update(self._import(job, running.pop(job_id), failures))
             if running and time.monotonic() >= deadline:
                 for job_id, keys in running.items():
-                    failures.update((key, Failure(REQUEST_FAILED, f"batch job {job_id} still running after "
-                                                                  f"max_wait {self.batch.max_wait:.0f} s; a rerun "
-                                                                  "polls it again")) for key in keys)
+                    failures.update(
+                        (
+                            key,
+                            Failure(
+                                REQUEST_FAILED,
+                                f"batch job {job_id} still running after "
+                                f"max_wait {self.batch.max_wait:.0f} s; a rerun "
+                                "polls it again",
+                            ),
+                        )
+                        for key in keys
+                    )
                 break
             if running:
                 time.sleep(self.batch.poll_interval)
@@ -266,13 +302,18 @@ class BatchClient:
         retry = {key: why for key, why in outcome.retry.items() if key in keys}
         unanswered = keys - replies.keys() - outcome.failed.keys() - retry.keys()
         if job.status == "failed" and unanswered:
-            failures.update((key, Failure(REQUEST_FAILED, f"batch job {job.id} failed: {_job_errors(job)}"))
-                            for key in unanswered)
+            failures.update(
+                (key, Failure(REQUEST_FAILED, f"batch job {job.id} failed: {_job_errors(job)}")) for key in unanswered
+            )
         else:
-            unread = f"; {len(outcome.unreadable)} unreadable result lines ({outcome.unreadable[0]})" \
-                if outcome.unreadable else ""
-            retry.update((key, f"batch job {job.id} ended {job.status} without an answer{unread}")
-                         for key in unanswered)
+            unread = (
+                f"; {len(outcome.unreadable)} unreadable result lines ({outcome.unreadable[0]})"
+                if outcome.unreadable
+                else ""
+            )
+            retry.update(
+                (key, f"batch job {job.id} ended {job.status} without an answer{unread}") for key in unanswered
+            )
         self.cache.batch_imported(job.id)
         return retry
 
@@ -283,8 +324,10 @@ class BatchClient:
             yield
         except self._openai.APIStatusError as e:
             if e.status_code in FATAL_STATUS:
-                raise EndpointError(f"{self.settings.base_url or 'the OpenAI API'} answered HTTP {e.status_code} "
-                                    f"to a Batch API call: {e.message}") from None
+                raise EndpointError(
+                    f"{self.settings.base_url or 'the OpenAI API'} answered HTTP {e.status_code} "
+                    f"to a Batch API call: {e.message}"
+                ) from None
             raise
 
 

@@ -77,8 +77,10 @@ class ReplyCache:
         self._db.executescript(_SCHEMA)
 
     def get(self, key: str) -> Reply | None:
-        row = self._db.execute("SELECT text, finish_reason, prompt_tokens, completion_tokens, model, cost "
-                               "FROM replies WHERE key = ?", (key,)).fetchone()
+        row = self._db.execute(
+            "SELECT text, finish_reason, prompt_tokens, completion_tokens, model, cost FROM replies WHERE key = ?",
+            (key,),
+        ).fetchone()
         return None if row is None else Reply(*row, cached=True)
 
     def put(self, key: str, reply: Reply) -> None:
@@ -88,9 +90,13 @@ class ReplyCache:
         """Store many replies in one transaction (a Batch API output file)."""
         now = time.time()
         with self._transaction():
-            self._db.executemany("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                 [(key, r.model, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens,
-                                   r.cost, now) for key, r in replies.items()])
+            self._db.executemany(
+                "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (key, r.model, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.cost, now)
+                    for key, r in replies.items()
+                ],
+            )
 
     def spent(self) -> tuple[float, int]:
         """Total cost and total tokens of every reply in the file; a negative count (possible in a file written
@@ -111,10 +117,12 @@ class ReplyCache:
         """Submitted, not yet imported batches holding any of ``keys``: batch id to the keys among them."""
         found: dict[str, set[str]] = {}
         for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
+            chunk = keys[start : start + 500]
             rows = self._db.execute(
                 "SELECT r.batch_id, r.key FROM batch_requests r JOIN batches b ON b.id = r.batch_id "
-                f"WHERE b.imported = 0 AND r.key IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+                f"WHERE b.imported = 0 AND r.key IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
             for batch_id, key in rows:
                 found.setdefault(batch_id, set()).add(key)
         return found

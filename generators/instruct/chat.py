@@ -119,8 +119,9 @@ class ChatClient:
         key = api_key(settings)
         self.settings, self.cache = settings, cache
         self._openai, self._http = openai, httpx2
-        self._client = openai.AsyncOpenAI(api_key=key, base_url=settings.base_url, max_retries=0,
-                                          timeout=settings.timeout)
+        self._client = openai.AsyncOpenAI(
+            api_key=key, base_url=settings.base_url, max_retries=0, timeout=settings.timeout
+        )
         self._loop = asyncio.new_event_loop()
         self._spent = (0.0, 0)
         self.sent = 0
@@ -162,8 +163,11 @@ class ChatClient:
                 else:
                     return self._store(key, outcome) if isinstance(outcome, Reply) else outcome
             if delay is not None and delay > settings.max_retry_after:
-                return Failure(REQUEST_FAILED, f"{last}; the endpoint asked to wait {delay:.0f} s "
-                                               f"(more than max_retry_after {settings.max_retry_after:.0f} s)")
+                return Failure(
+                    REQUEST_FAILED,
+                    f"{last}; the endpoint asked to wait {delay:.0f} s "
+                    f"(more than max_retry_after {settings.max_retry_after:.0f} s)",
+                )
             if attempt + 1 < settings.max_attempts:
                 await asyncio.sleep(delay if delay is not None else self._backoff(attempt))
         return Failure(REQUEST_FAILED, f"{settings.max_attempts} attempts; last: {last}")
@@ -173,8 +177,7 @@ class ChatClient:
         or :class:`_Retry` raised."""
         openai = self._openai
         try:
-            response = await self._client.post("/chat/completions", cast_to=self._http.Response, body=body,
-                                               stream=True)
+            response = await self._client.post("/chat/completions", cast_to=self._http.Response, body=body, stream=True)
         except openai.APIStatusError as e:
             return self._refused(e)
         except openai.APIError as e:  # timeouts, dropped connections, anything else the client raises
@@ -205,8 +208,10 @@ class ChatClient:
         """What an HTTP error status means: stop the stage, retry (raises :class:`_Retry`), or this failure."""
         status, settings = error.status_code, self.settings
         if status in FATAL_STATUS:
-            raise EndpointError(f"{settings.base_url or 'the OpenAI API'} answered HTTP {status} for "
-                                f"model {settings.model!r}: {clip(error.message)}") from None
+            raise EndpointError(
+                f"{settings.base_url or 'the OpenAI API'} answered HTTP {status} for "
+                f"model {settings.model!r}: {clip(error.message)}"
+            ) from None
         detail = f"HTTP {status}: {clip(error.message)}"
         if status in RETRYABLE_STATUS or status >= 500:
             raise _Retry(detail, _retry_after(error.response))
@@ -221,15 +226,17 @@ class ChatClient:
         return over_budget(self.settings, *self._spent)
 
     def _backoff(self, attempt: int) -> float:
-        return random.uniform(0, min(self.settings.backoff_max, self.settings.backoff_base * 2 ** attempt))
+        return random.uniform(0, min(self.settings.backoff_max, self.settings.backoff_base * 2**attempt))
 
 
 def api_key(settings: ChatSettings) -> str:
     """The key from the environment variable the settings name; an :class:`EndpointError` without it."""
     key = os.environ.get(settings.api_key_env)
     if key is None:
-        raise EndpointError(f"set the environment variable {settings.api_key_env} to the endpoint's API key "
-                            f"(any non-empty value for a server that does not check keys)")
+        raise EndpointError(
+            f"set the environment variable {settings.api_key_env} to the endpoint's API key "
+            f"(any non-empty value for a server that does not check keys)"
+        )
     return key
 
 
@@ -262,8 +269,14 @@ def reply_from_completion(completion: Any, settings: ChatSettings) -> Reply:
     model = _optional_text(completion, "model", "the body") or settings.model
     prompt_tokens, completion_tokens = _usage(completion.get("usage"))
     cost = (prompt_tokens * settings.price_input + completion_tokens * settings.price_output) / 1e6
-    return Reply(text=text, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-                 completion_tokens=completion_tokens, model=model, cost=cost)
+    return Reply(
+        text=text,
+        finish_reason=finish_reason,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        model=model,
+        cost=cost,
+    )
 
 
 def over_budget(settings: ChatSettings, cost: float, tokens: int) -> str | None:
@@ -302,8 +315,9 @@ def _usage(usage: Any) -> tuple[int, int]:
     for name in ("prompt_tokens", "completion_tokens"):
         value = usage.get(name)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
-            raise InvalidReply(f"usage.{name} is {_describe(value)}, not a token count (an integer from 0 to "
-                               f"{MAX_TOKENS:,})")
+            raise InvalidReply(
+                f"usage.{name} is {_describe(value)}, not a token count (an integer from 0 to {MAX_TOKENS:,})"
+            )
         counts.append(value)
     return counts[0], counts[1]
 

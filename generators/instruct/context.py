@@ -52,21 +52,54 @@ MAX_BOXES_JSON_CHARS = 500_000
 _INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cs", "Cn"})
 # Default-ignorable code points outside those categories: the combining grapheme joiner, Hangul
 # fillers, Khmer inherent vowels, Mongolian and Unicode variation selectors, the tag block's tail.
-_IGNORABLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x3164, 0x3164),
-                     (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xE0000, 0xE0FFF))
+_IGNORABLE_RANGES = (
+    (0x034F, 0x034F),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180F),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFFA0, 0xFFA0),
+    (0xE0000, 0xE0FFF),
+)
 # Line breaks, tabs, Unicode line and paragraph separators and the blank Braille pattern read as spaces.
 _SPACES = re.compile(r"[\t\n\v\f\r\x1c-\x1f\x85\u2028\u2029\u2800]")
 # "<", ">" and the angle brackets that look like them become spaces; square brackets, parentheses.
-_ANGLES = "<>\u2329\u232a\u3008\u3009\u27e8\u27e9\u02c2\u02c3\u1438\u1433\u276c\u276d\u276e\u276f\u2770\u2771" \
-          "\u2991\u2992\u29fc\u29fd"
+_ANGLES = (
+    "<>\u2329\u232a\u3008\u3009\u27e8\u27e9\u02c2\u02c3\u1438\u1433\u276c\u276d\u276e\u276f\u2770\u2771"
+    "\u2991\u2992\u29fc\u29fd"
+)
 _BRACKETS = str.maketrans("[]" + _ANGLES, "()" + " " * len(_ANGLES))
 # Letters that look like Latin ones (both cases; the skeleton is lowercased after this), and
 # characters that look like ':' or '#'.
 _LOOKALIKES = {
-    "a": "аАαΑɑᴀ", "b": "ВΒʙ", "c": "сСᴄ", "d": "ԁᴅ", "e": "еЕεΕᴇ", "g": "ɡɢ", "h": "нНһҺΗʜհ",
-    "i": "іІιΙıɪİӀ", "j": "јЈȷᴊ", "k": "кКκΚᴋ", "l": "ӏʟ", "m": "мМΜᴍ", "n": "ΝɴՈո", "o": "оОοΟᴏօ",
-    "p": "рРρΡᴘ", "q": "ԛԚ", "r": "ʀ", "s": "ѕЅꜱ", "t": "тТτΤᴛ", "u": "υսᴜ", "v": "νᴠ", "w": "ԝԜᴡ",
-    "x": "хХχΧ", "y": "уУγΥүҮʏ", "z": "Ζᴢ", ":": "ː꞉∶׃։", "#": "♯",
+    "a": "аАαΑɑᴀ",
+    "b": "ВΒʙ",
+    "c": "сСᴄ",
+    "d": "ԁᴅ",
+    "e": "еЕεΕᴇ",
+    "g": "ɡɢ",
+    "h": "нНһҺΗʜհ",
+    "i": "іІιΙıɪİӀ",
+    "j": "јЈȷᴊ",
+    "k": "кКκΚᴋ",
+    "l": "ӏʟ",
+    "m": "мМΜᴍ",
+    "n": "ΝɴՈո",
+    "o": "оОοΟᴏօ",
+    "p": "рРρΡᴘ",
+    "q": "ԛԚ",
+    "r": "ʀ",
+    "s": "ѕЅꜱ",
+    "t": "тТτΤᴛ",
+    "u": "υսᴜ",
+    "v": "νᴠ",
+    "w": "ԝԜᴡ",
+    "x": "хХχΧ",
+    "y": "уУγΥүҮʏ",
+    "z": "Ζᴢ",
+    ":": "ː꞉∶׃։",
+    "#": "♯",
 }
 _FOLD = str.maketrans({look: plain for plain, looks in _LOOKALIKES.items() for look in looks})
 _ROLES = "system|developer|assistant|user|human|gpt"
@@ -75,7 +108,8 @@ _ROLES = "system|developer|assistant|user|human|gpt"
 _ROLE_MARKER = re.compile(
     rf"(?<![a-z0-9])(?:{_ROLES})[\s|]*[:|][\s:|]*"  # user:  Assistant :  |system| (what <|system|> leaves)
     r"|#{2,}\s*\w+[\s:]*",  # ### Human:  ## Instruction
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 # Text shaped like a special token, e.g. <|im_end|>, </s>, [INST]: removed from captions, off task in a reply.
 _TOKEN_SHAPE = re.compile(r"<[^<>\s]{1,64}>|\[/?[A-Z_]{3,}\]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -115,13 +149,13 @@ class Context:
 def clean_text(text: str, max_chars: int) -> str:
     """``text`` as plain visible characters without token delimiters or role markers (see the module),
     whitespace collapsed, capped at ``max_chars``."""
-    text = _TOKEN_SHAPE.sub(" ", _visible(text[:max_chars * SCAN_FACTOR])).translate(_BRACKETS)
+    text = _TOKEN_SHAPE.sub(" ", _visible(text[: max_chars * SCAN_FACTOR])).translate(_BRACKETS)
     while spans := _role_spans(text):
         text = _blank(text, spans)
     text = " ".join(text.split())
     if len(text) > max_chars:
         cut = text[:max_chars]
-        text = cut[:cut.rfind(" ")] if " " in cut[max_chars // 2:] else cut
+        text = cut[: cut.rfind(" ")] if " " in cut[max_chars // 2 :] else cut
     return text
 
 
@@ -143,9 +177,15 @@ def has_lone_surrogate(text: str) -> bool:
     return _SURROGATE.search(text) is not None
 
 
-def build_context(captions: list[str], boxes: Any, *, max_chars: int = 300, max_captions: int = 8,
-                  box_format: str = "xyxy_normalized",
-                  size: tuple[int | None, int | None] = (None, None)) -> Context:
+def build_context(
+    captions: list[str],
+    boxes: Any,
+    *,
+    max_chars: int = 300,
+    max_captions: int = 8,
+    box_format: str = "xyxy_normalized",
+    size: tuple[int | None, int | None] = (None, None),
+) -> Context:
     """A :class:`Context` from a row's captions (in order, duplicates dropped) and raw boxes (all of
     them: a partial list would make every count wrong)."""
     seen, cleaned = set(), []
@@ -159,8 +199,9 @@ def build_context(captions: list[str], boxes: Any, *, max_chars: int = 300, max_
     return Context(cleaned, parse_boxes(boxes, box_format, size))
 
 
-def parse_boxes(raw: Any, box_format: str = "xyxy_normalized",
-                size: tuple[int | None, int | None] = (None, None)) -> list[Box]:
+def parse_boxes(
+    raw: Any, box_format: str = "xyxy_normalized", size: tuple[int | None, int | None] = (None, None)
+) -> list[Box]:
     """Boxes from a list of ``{"category", "bbox"}`` (or its JSON); anything else, or more than
     ``MAX_BOXES`` boxes or ``MAX_BOXES_JSON_CHARS`` characters of JSON, is a ValueError."""
     if raw is None or raw == "":

@@ -23,9 +23,24 @@ from generators.instruct.context import Box, Context
 
 GROUNDED_MODEL = "grounded"
 GROUNDED_VERSION = "grounded-2"
-_IRREGULAR = {"person": "people", "mouse": "mice", "sheep": "sheep", "skis": "skis", "scissors": "scissors",
-              "glasses": "glasses", "bus": "buses", "knife": "knives", "shelf": "shelves", "child": "children",
-              "man": "men", "woman": "women", "foot": "feet", "tooth": "teeth", "fish": "fish", "deer": "deer"}
+_IRREGULAR = {
+    "person": "people",
+    "mouse": "mice",
+    "sheep": "sheep",
+    "skis": "skis",
+    "scissors": "scissors",
+    "glasses": "glasses",
+    "bus": "buses",
+    "knife": "knives",
+    "shelf": "shelves",
+    "child": "children",
+    "man": "men",
+    "woman": "women",
+    "foot": "feet",
+    "tooth": "teeth",
+    "fish": "fish",
+    "deer": "deer",
+}
 _NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 
@@ -69,8 +84,9 @@ def with_article(noun: str) -> str:
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
-def presence_pairs(boxes: list[Box], vocabulary: Sequence[str], rng: random.Random,
-                   most: int = 3) -> list[tuple[str, str]]:
+def presence_pairs(
+    boxes: list[Box], vocabulary: Sequence[str], rng: random.Random, most: int = 3
+) -> list[tuple[str, str]]:
     """Is there ...? for up to ``most`` objects in ``boxes`` (yes) and as many of ``vocabulary``,
     drawn at random, that are not (no)."""
     present = sorted({b.category for b in boxes})
@@ -79,9 +95,13 @@ def presence_pairs(boxes: list[Box], vocabulary: Sequence[str], rng: random.Rand
     questions = [(name, True) for name in rng.sample(present, asked)]
     questions += [(name, False) for name in rng.sample(absent, asked)]
     rng.shuffle(questions)
-    return [(f"Is there {with_article(name)} in the image?",
-             f"Yes, there is {with_article(name)} in the image." if there else f"No, there is no {name} in the image.")
-            for name, there in questions]
+    return [
+        (
+            f"Is there {with_article(name)} in the image?",
+            f"Yes, there is {with_article(name)} in the image." if there else f"No, there is no {name} in the image.",
+        )
+        for name, there in questions
+    ]
 
 
 def conversation_pairs(context: Context, vocabulary: Sequence[str] = (), seed: str = "") -> list[tuple[str, str]]:
@@ -95,16 +115,24 @@ def conversation_pairs(context: Context, vocabulary: Sequence[str] = (), seed: s
     pairs.append(("What objects can you see in the image?", f"I can see {inventory(boxes)}."))
     for category, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:2]:
         verb = "is" if n == 1 else "are"
-        pairs.append((f"How many {plural(category)} are there in the image?",
-                      f"There {verb} {count_phrase(n, category)} in the image."))
+        pairs.append(
+            (
+                f"How many {plural(category)} are there in the image?",
+                f"There {verb} {count_phrase(n, category)} in the image.",
+            )
+        )
     singles = [b for b in boxes if counts[b.category] == 1]
     for box in singles[:2]:
         pairs.append((f"Where is the {box.category} in the image?", f"The {box.category} is {position(box)}."))
     largest = max(boxes, key=lambda b: b.area)
     if len(counts) > 1:
-        pairs.append(("Which object takes up the most space in the image?",
-                      f"The largest object is {'the' if counts[largest.category] == 1 else 'a'} {largest.category}, "
-                      f"covering about {largest.area:.0%} of the image."))
+        pairs.append(
+            (
+                "Which object takes up the most space in the image?",
+                f"The largest object is {'the' if counts[largest.category] == 1 else 'a'} {largest.category}, "
+                f"covering about {largest.area:.0%} of the image.",
+            )
+        )
     rng.shuffle(pairs)
     return presence_pairs(boxes, vocabulary, rng) + pairs
 
@@ -112,8 +140,7 @@ def conversation_pairs(context: Context, vocabulary: Sequence[str] = (), seed: s
 def detailed_pairs(context: Context, question: str) -> list[tuple[str, str]]:
     sentences = [_sentence(c) for c in context.captions[:3]]
     if context.boxes:
-        sentences.append(f"In the image there {'is' if len(context.boxes) == 1 else 'are'} "
-                         f"{inventory(context.boxes)}.")
+        sentences.append(f"In the image there {'is' if len(context.boxes) == 1 else 'are'} {inventory(context.boxes)}.")
         counts = Counter(b.category for b in context.boxes)
         sentences += [f"The {b.category} is {position(b)}." for b in context.boxes if counts[b.category] == 1][:3]
     return [(question, " ".join(sentences))]
@@ -125,18 +152,29 @@ def reasoning_pairs(context: Context) -> list[tuple[str, str]]:
     if len(singles) >= 2:
         a, b = singles[0], singles[1]
         left, right = (a, b) if a.centre[0] <= b.centre[0] else (b, a)
-        return [(f"Which is further to the left, the {a.category} or the {b.category}?",
-                 f"The {left.category} is {position(left)} and the {right.category} is {position(right)}; "
-                 f"the centre of the {left.category} is further left, so the {left.category} is further to "
-                 f"the left.")]
+        return [
+            (
+                f"Which is further to the left, the {a.category} or the {b.category}?",
+                f"The {left.category} is {position(left)} and the {right.category} is {position(right)}; "
+                f"the centre of the {left.category} is further left, so the {left.category} is further to "
+                f"the left.",
+            )
+        ]
     if context.boxes:
         top = max(counts.values())
         common = sorted(c for c, n in counts.items() if n == top)
-        verdict = (f"The most common kind is {plural(common[0])}." if len(common) == 1 else
-                   f"No kind is more common than the others: {' and '.join(plural(c) for c in common)} "
-                   f"occur {top} time{'s' if top > 1 else ''} each.")
-        return [("How many objects can be counted in the image, and which kind is most common?",
-                 f"Counting each object: {inventory(context.boxes)}, {len(context.boxes)} in all. {verdict}")]
+        verdict = (
+            f"The most common kind is {plural(common[0])}."
+            if len(common) == 1
+            else f"No kind is more common than the others: {' and '.join(plural(c) for c in common)} "
+            f"occur {top} time{'s' if top > 1 else ''} each."
+        )
+        return [
+            (
+                "How many objects can be counted in the image, and which kind is most common?",
+                f"Counting each object: {inventory(context.boxes)}, {len(context.boxes)} in all. {verdict}",
+            )
+        ]
     return [("What is the main subject of this image?", _sentence(context.captions[0]))]
 
 

@@ -61,8 +61,9 @@ class LocalSettings:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError(f"max_new_tokens and batch_size must be at least 1, got {self.max_new_tokens} "
-                             f"and {self.batch_size}")
+            raise ValueError(
+                f"max_new_tokens and batch_size must be at least 1, got {self.max_new_tokens} and {self.batch_size}"
+            )
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature} and {self.top_p}")
         if self.device.split(":")[0] not in DEVICES:
@@ -74,8 +75,12 @@ class LocalSettings:
 
     def params(self) -> dict[str, Any]:
         """The sampling parameters, hashed into every request's key."""
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_new_tokens,
-                "seed": self.seed}
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_new_tokens,
+            "seed": self.seed,
+        }
 
     def torch_device(self) -> str:
         import torch
@@ -99,8 +104,9 @@ class LocalChat:
 
         self.settings, self.cache = settings, cache
         self.device = settings.torch_device()
-        self.model, self.tokenizer = load_causal_lm(settings.model, dtype=settings.torch_dtype(self.device),
-                                                    device=self.device)
+        self.model, self.tokenizer = load_causal_lm(
+            settings.model, dtype=settings.torch_dtype(self.device), device=self.device
+        )
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{settings.model}: its tokenizer has no chat template to build prompts with")
         self.context = context_length(self.model)
@@ -124,14 +130,17 @@ class LocalChat:
                 continue
             ids = self.prompt_ids(messages)
             if self.context is not None and len(ids) + settings.max_new_tokens > self.context:
-                outcomes[index] = Failure(PROMPT_TOO_LONG, f"{len(ids)} prompt tokens and max_new_tokens "
-                                                           f"{settings.max_new_tokens} exceed the {self.context} "
-                                                           f"positions of {settings.model}")
+                outcomes[index] = Failure(
+                    PROMPT_TOO_LONG,
+                    f"{len(ids)} prompt tokens and max_new_tokens "
+                    f"{settings.max_new_tokens} exceed the {self.context} "
+                    f"positions of {settings.model}",
+                )
                 continue
             pending.append((index, key, ids))
         pending.sort(key=lambda job: len(job[2]))  # stable: equal lengths keep their order
         for start in range(0, len(pending), settings.batch_size):
-            batch = pending[start:start + settings.batch_size]
+            batch = pending[start : start + settings.batch_size]
             replies = self._generate([key for _, key, _ in batch], [ids for _, _, ids in batch])
             if self.cache is not None:
                 self.cache.put_many({key: reply for (_, key, _), reply in zip(batch, replies)})
@@ -156,25 +165,38 @@ class LocalChat:
 
         settings = self.settings
         inputs = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
-        processors = [] if settings.temperature == 0 else [
-            SeededSampler([request_seed(key) for key in keys], settings.temperature, settings.top_p, self.device)]
-        threads = nullcontext() if settings.threads is None else cpu_threads(torch.device(self.device),
-                                                                             settings.threads)
+        processors = (
+            []
+            if settings.temperature == 0
+            else [SeededSampler([request_seed(key) for key in keys], settings.temperature, settings.top_p, self.device)]
+        )
+        threads = (
+            nullcontext() if settings.threads is None else cpu_threads(torch.device(self.device), settings.threads)
+        )
         with threads, torch.inference_mode():
-            output = self.model.generate(**inputs, do_sample=False, max_new_tokens=settings.max_new_tokens,
-                                         eos_token_id=sorted(self.eos_ids), pad_token_id=self.tokenizer.pad_token_id,
-                                         logits_processor=processors)
+            output = self.model.generate(
+                **inputs,
+                do_sample=False,
+                max_new_tokens=settings.max_new_tokens,
+                eos_token_id=sorted(self.eos_ids),
+                pad_token_id=self.tokenizer.pad_token_id,
+                logits_processor=processors,
+            )
         self.generated += len(prompts)
         self.batches += 1
-        new = output[:, inputs["input_ids"].shape[1]:].tolist()
+        new = output[:, inputs["input_ids"].shape[1] :].tolist()
         return [self._reply(tokens, len(prompt)) for tokens, prompt in zip(new, prompts)]
 
     def _reply(self, tokens: list[int], prompt_tokens: int) -> Reply:
         stop = next((n for n, token in enumerate(tokens) if token in self.eos_ids), None)
         kept = tokens if stop is None else tokens[:stop]
-        return Reply(text=self.tokenizer.decode(kept, skip_special_tokens=True),
-                     finish_reason="length" if stop is None else "stop", prompt_tokens=prompt_tokens,
-                     completion_tokens=len(tokens) if stop is None else stop + 1, model=self.settings.model)
+        return Reply(
+            text=self.tokenizer.decode(kept, skip_special_tokens=True),
+            finish_reason="length" if stop is None else "stop",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(tokens) if stop is None else stop + 1,
+            model=self.settings.model,
+        )
 
 
 class SeededSampler:
@@ -196,8 +218,9 @@ class SeededSampler:
             probs = ordered.softmax(dim=-1)
             outside = probs.cumsum(dim=-1) - probs >= self.top_p  # the nucleus is already full before them
             scores = scores.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
-        noise = torch.stack([torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=g)
-                             for g in self.generators])
+        noise = torch.stack(
+            [torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=g) for g in self.generators]
+        )
         return scores - noise.log()  # -log(Exp(1)) is Gumbel(0, 1)
 
 

@@ -68,8 +68,10 @@ def parse_reply(response_type: str, text: str, key: str) -> list[tuple[str, str]
 
 def repair_message(response_type: str, error: ReplyError) -> str:
     """The follow-up that asks once more for the expected form."""
-    return (f"Your reply could not be used ({error}). Reply again with JSON only, exactly in the form "
-            f"{_FORMS[response_type]}, describing the photograph from the context above.")
+    return (
+        f"Your reply could not be used ({error}). Reply again with JSON only, exactly in the form "
+        f"{_FORMS[response_type]}, describing the photograph from the context above."
+    )
 
 
 def conversation(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -81,12 +83,26 @@ def conversation(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
     return turns
 
 
-def record(record_id: str, response_type: str, pairs: list[tuple[str, str]], *, model: str, prompt_version: str,
-           prompt_tokens: int | None = None, completion_tokens: int | None = None) -> dict[str, Any]:
+def record(
+    record_id: str,
+    response_type: str,
+    pairs: list[tuple[str, str]],
+    *,
+    model: str,
+    prompt_version: str,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+) -> dict[str, Any]:
     """A record as the ``instructions`` column holds it (:data:`schemas.llava.RECORD_TYPE`)."""
-    return {"id": record_id, "response_type": response_type, "conversations": conversation(pairs),
-            "model": model, "prompt_version": prompt_version, "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens}
+    return {
+        "id": record_id,
+        "response_type": response_type,
+        "conversations": conversation(pairs),
+        "model": model,
+        "prompt_version": prompt_version,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+    }
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -94,7 +110,7 @@ def _json_object(text: str) -> dict[str, Any]:
     if start < 0 or end <= start:
         raise Unparseable("no JSON object in the reply")
     try:
-        data = json.loads(text[start:end + 1])
+        data = json.loads(text[start : end + 1])
     except json.JSONDecodeError as e:
         raise Unparseable(f"invalid JSON: {e.msg} at character {e.pos}") from None
     except ValueError as e:  # e.g. an integer of more digits than Python converts

@@ -102,8 +102,9 @@ class InstructGenerate(Stage):
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         unknown = sorted(set(self.response_types) - set(RESPONSE_TYPES))
         if unknown or not self.response_types:
-            raise ValueError(f"response_types must be a non-empty subset of {RESPONSE_TYPES}, "
-                             f"got {self.response_types}")
+            raise ValueError(
+                f"response_types must be a non-empty subset of {RESPONSE_TYPES}, got {self.response_types}"
+            )
         if self.box_format not in BOX_FORMATS:
             raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {self.box_format!r}")
         if not self.caption_columns:
@@ -163,8 +164,9 @@ class InstructGenerate(Stage):
         rejections = Rejections(batch.num_rows)
         uids = batch[UID].to_pylist()
         contexts = self._contexts(batch, rejections)
-        jobs = [(row, kind) for row, context in enumerate(contexts) if context is not None
-                for kind in self.response_types]
+        jobs = [
+            (row, kind) for row, context in enumerate(contexts) if context is not None for kind in self.response_types
+        ]
         outcomes = self._grounded(jobs, contexts, uids) if self._chat is None else self._ask(jobs, contexts, uids)
         records: list[list[dict]] = [[] for _ in uids]
         failures: list[list[dict]] = [[] for _ in uids]
@@ -177,12 +179,19 @@ class InstructGenerate(Stage):
                 failures[row].append({"response_type": kind, "reason": problem[0], "detail": problem[1]})
             else:
                 records[row].append(outcome)
-        rejections.add_each((row, failures[row][0]["reason"], json.dumps(failures[row]))
-                            for row, context in enumerate(contexts) if context is not None and not records[row])
-        return rejections.attach(pa.table({
-            INSTRUCTIONS: pa.array(records, pa.list_(RECORD_TYPE)),
-            INSTRUCTION_FAILURES: pa.array(failures, pa.list_(FAILURE_TYPE)),
-        }))
+        rejections.add_each(
+            (row, failures[row][0]["reason"], json.dumps(failures[row]))
+            for row, context in enumerate(contexts)
+            if context is not None and not records[row]
+        )
+        return rejections.attach(
+            pa.table(
+                {
+                    INSTRUCTIONS: pa.array(records, pa.list_(RECORD_TYPE)),
+                    INSTRUCTION_FAILURES: pa.array(failures, pa.list_(FAILURE_TYPE)),
+                }
+            )
+        )
 
     def card_notes(self, view: Any) -> str | None:
         import polars as pl
@@ -191,17 +200,35 @@ class InstructGenerate(Stage):
         if frame is None:
             return None
         records = frame.select(pl.col(INSTRUCTIONS).explode().struct.unnest()).drop_nulls("response_type")
-        by_type = records.group_by("response_type").agg(
-            pl.len().alias("records"), pl.col("conversations").list.len().mean().alias("turns"),
-            pl.col("prompt_tokens").sum().alias("prompt"), pl.col("completion_tokens").sum().alias("completion"),
-        ).sort("response_type").collect()
-        failures = (frame.select(pl.col(INSTRUCTION_FAILURES).explode().struct.unnest()).drop_nulls("reason")
-                    .group_by("reason").len().sort("len", descending=True).collect())
-        lines = [f"Backend `{self.backend}`. Records kept, by response type:", "",
-                 "| response type | records | turns per record | prompt tokens | completion tokens |",
-                 "|---|---:|---:|---:|---:|"]
-        lines += [f"| {kind} | {n:,} | {turns:.1f} | {prompt or 0:,} | {completion or 0:,} |"
-                  for kind, n, turns, prompt, completion in by_type.iter_rows()]
+        by_type = (
+            records.group_by("response_type")
+            .agg(
+                pl.len().alias("records"),
+                pl.col("conversations").list.len().mean().alias("turns"),
+                pl.col("prompt_tokens").sum().alias("prompt"),
+                pl.col("completion_tokens").sum().alias("completion"),
+            )
+            .sort("response_type")
+            .collect()
+        )
+        failures = (
+            frame.select(pl.col(INSTRUCTION_FAILURES).explode().struct.unnest())
+            .drop_nulls("reason")
+            .group_by("reason")
+            .len()
+            .sort("len", descending=True)
+            .collect()
+        )
+        lines = [
+            f"Backend `{self.backend}`. Records kept, by response type:",
+            "",
+            "| response type | records | turns per record | prompt tokens | completion tokens |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {kind} | {n:,} | {turns:.1f} | {prompt or 0:,} | {completion or 0:,} |"
+            for kind, n, turns, prompt, completion in by_type.iter_rows()
+        ]
         if failures.height:
             listed = ", ".join(f"{reason} {n:,}" for reason, n in failures.iter_rows())
             lines += ["", f"Response types that failed in rows kept for their others: {listed}."]
@@ -217,8 +244,13 @@ class InstructGenerate(Stage):
             captions = [c for name in self.caption_columns for c in _as_list(columns[name][i])]
             size = (widths[i], heights[i])
             try:
-                context = build_context(captions, columns[self.boxes_column][i] if self.boxes_column else None,
-                                        max_chars=self.max_caption_chars, box_format=self.box_format, size=size)
+                context = build_context(
+                    captions,
+                    columns[self.boxes_column][i] if self.boxes_column else None,
+                    max_chars=self.max_caption_chars,
+                    box_format=self.box_format,
+                    size=size,
+                )
             except (ValueError, TypeError, AttributeError) as e:
                 failed.append((i, BAD_BOXES, f"{self.boxes_column}: {e}"))
                 contexts.append(None)
@@ -241,8 +273,15 @@ class InstructGenerate(Stage):
                 pairs = grounded.detailed_pairs(context, pick(phrasings("detailed_questions"), uids[row]))
             else:
                 pairs = grounded.reasoning_pairs(context)
-            outcomes.append(record(f"{uids[row]}-{kind}", kind, pairs, model=grounded.GROUNDED_MODEL,
-                                   prompt_version=grounded.GROUNDED_VERSION))
+            outcomes.append(
+                record(
+                    f"{uids[row]}-{kind}",
+                    kind,
+                    pairs,
+                    model=grounded.GROUNDED_MODEL,
+                    prompt_version=grounded.GROUNDED_VERSION,
+                )
+            )
         return outcomes
 
     def _ask(self, jobs: list[tuple[int, str]], contexts: list[Context | None], uids: list[str]) -> list[Any]:
@@ -253,8 +292,11 @@ class InstructGenerate(Stage):
         for index, ((row, kind), reply) in enumerate(zip(jobs, self._chat.complete(messages))):
             result = self._read(uids[row], kind, reply)
             if isinstance(result, ReplyError):
-                follow_up = [*messages[index], {"role": "assistant", "content": reply.text[:MAX_REPLY_CHARS]},
-                             {"role": "user", "content": repair_message(kind, result)}]
+                follow_up = [
+                    *messages[index],
+                    {"role": "assistant", "content": reply.text[:MAX_REPLY_CHARS]},
+                    {"role": "user", "content": repair_message(kind, result)},
+                ]
                 repairs.append((index, follow_up))
             outcomes.append(result)
         for (index, _), reply in zip(repairs, self._chat.complete([m for _, m in repairs])):
@@ -272,8 +314,15 @@ class InstructGenerate(Stage):
             pairs = parse_reply(kind, reply.text, uid)
         except ReplyError as e:
             return e
-        return record(f"{uid}-{kind}", kind, pairs, model=reply.model, prompt_version=load_prompt(kind).version,
-                      prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens)
+        return record(
+            f"{uid}-{kind}",
+            kind,
+            pairs,
+            model=reply.model,
+            prompt_version=load_prompt(kind).version,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+        )
 
 
 @dataclass
@@ -299,11 +348,21 @@ class BriefDescriptions(Stage):
         columns = [batch[name].to_pylist() for name in self.caption_columns]
         out, empty = [], []
         for i, uid in enumerate(batch[UID].to_pylist()):
-            captions = build_context([c for col in columns for c in _as_list(col[i])],
-                                     None, max_chars=self.max_caption_chars).captions
-            out.append([record(f"{uid}-brief-{n}", "brief", [(pick(phrasings("brief"), f"{uid}-{n}"), caption)],
-                               model="caption", prompt_version=phrasings_version("brief"))
-                        for n, caption in enumerate(captions)])
+            captions = build_context(
+                [c for col in columns for c in _as_list(col[i])], None, max_chars=self.max_caption_chars
+            ).captions
+            out.append(
+                [
+                    record(
+                        f"{uid}-brief-{n}",
+                        "brief",
+                        [(pick(phrasings("brief"), f"{uid}-{n}"), caption)],
+                        model="caption",
+                        prompt_version=phrasings_version("brief"),
+                    )
+                    for n, caption in enumerate(captions)
+                ]
+            )
             if not captions:
                 empty.append((i, NO_CAPTION, f"no caption left in {self.caption_columns} after cleaning"))
         rejections.add_each(empty)

@@ -29,7 +29,7 @@ def words(text: str) -> list[str]:
 
 
 def ngrams(tokens: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def bleu4(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -79,7 +79,7 @@ def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], sigm
         per_n = [0.0] * 4
         for ref in refs:
             ref_vectors = vectors(ref)
-            damping = math.exp(-((len(tokens) - len(ref)) ** 2) / (2 * sigma ** 2))
+            damping = math.exp(-((len(tokens) - len(ref)) ** 2) / (2 * sigma**2))
             for n in range(4):
                 a, b = cand[n], ref_vectors[n]
                 dot = sum(min(value, b[g]) * b[g] for g, value in a.items() if g in b)

@@ -54,8 +54,9 @@ def _is_image(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _decode_batches(keys: Sequence[str], read: Callable[[str], bytes], preprocess: Preprocess,
-                    batch_size: int) -> Iterator[Batch]:
+def _decode_batches(
+    keys: Sequence[str], read: Callable[[str], bytes], preprocess: Preprocess, batch_size: int
+) -> Iterator[Batch]:
     """Read, decode (RGB) and preprocess ``keys`` in order, ``batch_size`` images a batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -136,6 +137,7 @@ class LabelledImageSet:
         """Decode the listed images in order; item ``i`` of a batch's ``indices`` has label ``self.labels[i]``."""
         if self._is_tar:
             with tarfile.open(self.source) as tar:
+
                 def read(key: str) -> bytes:
                     handle = tar.extractfile(self._members[key])
                     if handle is None:
@@ -144,8 +146,7 @@ class LabelledImageSet:
 
                 yield from _decode_batches(self.keys, read, preprocess, batch_size)
         else:
-            yield from _decode_batches(self.keys, lambda key: (self.source / key).read_bytes(),
-                                       preprocess, batch_size)
+            yield from _decode_batches(self.keys, lambda key: (self.source / key).read_bytes(), preprocess, batch_size)
 
 
 def is_heldout(image: str, fraction: float) -> bool:
@@ -165,8 +166,14 @@ class CaptionedImageSet:
     no non-empty caption are listed in ``skipped``.
     """
 
-    def __init__(self, jsonl: str | Path, images_dir: str | Path | None = None, split: str = "all",
-                 heldout_fraction: float = 0.2, limit: int | None = None):
+    def __init__(
+        self,
+        jsonl: str | Path,
+        images_dir: str | Path | None = None,
+        split: str = "all",
+        heldout_fraction: float = 0.2,
+        limit: int | None = None,
+    ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not 0.0 <= heldout_fraction <= 1.0:
@@ -215,6 +222,6 @@ class CaptionedImageSet:
 
     def batches(self, preprocess: Preprocess, batch_size: int = 64) -> Iterator[Batch]:
         """Decode the listed images in order; item ``i`` of a batch's ``indices`` has ``self.captions[i]``."""
-        yield from _decode_batches(self.images, lambda key: (self.images_dir / key).read_bytes(),
-                                   preprocess, batch_size)
-
+        yield from _decode_batches(
+            self.images, lambda key: (self.images_dir / key).read_bytes(), preprocess, batch_size
+        )

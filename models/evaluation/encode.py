@@ -22,21 +22,23 @@ def place_model(bundle: ClipBundle, device: str | torch.device | None) -> torch.
 
 
 @torch.inference_mode()
-def encode_texts(bundle: ClipBundle, texts: Sequence[str], batch_size: int = 256,
-                 device: str | torch.device | None = None) -> np.ndarray:
+def encode_texts(
+    bundle: ClipBundle, texts: Sequence[str], batch_size: int = 256, device: str | torch.device | None = None
+) -> np.ndarray:
     """Unit-norm text embeddings, one row per text (shape ``(len(texts), embed_dim)``)."""
     device = place_model(bundle, device)
     bundle.model.eval()
     rows = [np.zeros((0, bundle.embed_dim), dtype=np.float32)]
     for start in range(0, len(texts), batch_size):
-        tokens = bundle.tokenizer(list(texts[start:start + batch_size])).to(device)
+        tokens = bundle.tokenizer(list(texts[start : start + batch_size])).to(device)
         rows.append(F.normalize(bundle.model.encode_text(tokens).float(), dim=-1).cpu().numpy())
     return np.concatenate(rows)
 
 
 @torch.inference_mode()
-def encode_image_batches(bundle: ClipBundle, batches: Iterable[Batch], device: str | torch.device | None = None
-                         ) -> tuple[np.ndarray, list[int], list[Skipped]]:
+def encode_image_batches(
+    bundle: ClipBundle, batches: Iterable[Batch], device: str | torch.device | None = None
+) -> tuple[np.ndarray, list[int], list[Skipped]]:
     """Unit-norm embeddings of every decoded image, the set indices they belong to, and the skipped."""
     device = place_model(bundle, device)
     bundle.model.eval()

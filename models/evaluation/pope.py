@@ -84,8 +84,9 @@ class ProbeQuestion:
         return QUESTION.format(object=self.category)
 
 
-def probe_questions(objects: Sequence[frozenset[str]], setting: str, *, per_image: int = 3,
-                    seed: int = 0) -> list[ProbeQuestion]:
+def probe_questions(
+    objects: Sequence[frozenset[str]], setting: str, *, per_image: int = 3, seed: int = 0
+) -> list[ProbeQuestion]:
     """Balanced questions: up to ``per_image`` present objects per image and as many absent ones."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
@@ -106,7 +107,7 @@ def probe_questions(objects: Sequence[frozenset[str]], setting: str, *, per_imag
                 weight = {name: frequency[name] for name in candidates}
             else:
                 weight = {name: sum(together[tuple(sorted((name, p)))] for p in names) for name in candidates}
-            absent = sorted(candidates, key=lambda name: (-weight[name], name))[:len(present)]
+            absent = sorted(candidates, key=lambda name: (-weight[name], name))[: len(present)]
         questions += [ProbeQuestion(index, name, True, setting) for name in present]
         questions += [ProbeQuestion(index, name, False, setting) for name in absent]
     return questions
@@ -132,6 +133,12 @@ def probe_scores(questions: Sequence[ProbeQuestion], replies: Sequence[str]) -> 
     precision = tp / said_yes if said_yes else 0.0
     recall = tp / sum(q.present for q in questions) if any(q.present for q in questions) else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"questions": len(questions), "accuracy": (tp + tn) / len(questions), "precision": precision,
-            "recall": recall, "f1": f1, "yes_ratio": said_yes / len(questions),
-            "unanswered": sum(a is None for a in answers)}
+    return {
+        "questions": len(questions),
+        "accuracy": (tp + tn) / len(questions),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": said_yes / len(questions),
+        "unanswered": sum(a is None for a in answers),
+    }

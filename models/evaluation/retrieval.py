@@ -74,8 +74,9 @@ def derangement(n: int, seed: int = 0) -> np.ndarray:
     return mapping
 
 
-def pair_auc(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_image: np.ndarray,
-             seed: int = 0) -> dict[str, float]:
+def pair_auc(
+    image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_image: np.ndarray, seed: int = 0
+) -> dict[str, float]:
     """ROC AUC of the CLIP score (cosine) of true pairs against shuffled pairs.
 
     Every text is scored with its own image (a true pair) and with the image that a seeded
@@ -87,13 +88,21 @@ def pair_auc(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_
     other_image = derangement(len(image_embeddings), seed)[text_to_image]
     true_scores = np.einsum("nd,nd->n", image_embeddings[text_to_image], text_embeddings)
     shuffled_scores = np.einsum("nd,nd->n", image_embeddings[other_image], text_embeddings)
-    return {"auc": roc_auc(true_scores, shuffled_scores), "mean_true_score": float(true_scores.mean()),
-            "mean_shuffled_score": float(shuffled_scores.mean())}
+    return {
+        "auc": roc_auc(true_scores, shuffled_scores),
+        "mean_true_score": float(true_scores.mean()),
+        "mean_shuffled_score": float(shuffled_scores.mean()),
+    }
 
 
-def evaluate_retrieval(bundle: ClipBundle, captioned_set: CaptionedImageSet, ks: Sequence[int] = (1, 5, 10),
-                       batch_size: int = 64, device: str | torch.device | None = None,
-                       seed: int = 0) -> dict[str, Any]:
+def evaluate_retrieval(
+    bundle: ClipBundle,
+    captioned_set: CaptionedImageSet,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Recall@k both ways and the true-vs-shuffled pair AUC of ``bundle`` on ``captioned_set``.
 
     Images that cannot be decoded are left out with their captions. Returns a JSON-ready dict:
@@ -102,7 +111,8 @@ def evaluate_retrieval(bundle: ClipBundle, captioned_set: CaptionedImageSet, ks:
     ``n_images``, ``n_texts``, ``n_skipped`` and ``skipped`` (``{"item", "reason"}``).
     """
     images, indices, skipped = encode_image_batches(
-        bundle, captioned_set.batches(bundle.preprocess, batch_size), device)
+        bundle, captioned_set.batches(bundle.preprocess, batch_size), device
+    )
     skipped = captioned_set.skipped + skipped
     if len(indices) < 2:
         raise ValueError(f"retrieval needs at least 2 decoded images, got {len(indices)} ({len(skipped)} skipped)")
@@ -114,6 +124,8 @@ def evaluate_retrieval(bundle: ClipBundle, captioned_set: CaptionedImageSet, ks:
         "image_to_text": {f"R@{k}": r for k, r in recall_at_k(image_ranks, ks).items()},
         "text_to_image": {f"R@{k}": r for k, r in recall_at_k(text_ranks, ks).items()},
         "pair_auc": pair_auc(images, text_embeddings, text_to_image, seed=seed),
-        "n_images": len(indices), "n_texts": len(texts),
-        "n_skipped": len(skipped), "skipped": [s.as_dict() for s in skipped],
+        "n_images": len(indices),
+        "n_texts": len(texts),
+        "n_skipped": len(skipped),
+        "skipped": [s.as_dict() for s in skipped],
     }

@@ -27,8 +27,9 @@ from schemas.llava import HUMAN, IMAGE_TOKEN, caption_turns
 
 
 @torch.no_grad()
-def caption_loss(bundle: LlavaBundle, samples: Sequence[tuple[bytes, list[dict[str, Any]]]],
-                 batch_size: int = 16) -> float:
+def caption_loss(
+    bundle: LlavaBundle, samples: Sequence[tuple[bytes, list[dict[str, Any]]]], batch_size: int = 16
+) -> float:
     """Token-weighted mean NLL of the assistant turns of ``(image bytes, turns)`` samples."""
     model = bundle.model
     device = next(model.projector.parameters()).device
@@ -36,24 +37,34 @@ def caption_loss(bundle: LlavaBundle, samples: Sequence[tuple[bytes, list[dict[s
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        encoded = [encode_conversation(bundle.tokenizer, turns, image_token_id=model.image_token_id,
-                                       image_tokens=model.image_tokens, max_length=bundle.config.max_length)
-                   for _, turns in chunk]
+        chunk = samples[start : start + batch_size]
+        encoded = [
+            encode_conversation(
+                bundle.tokenizer,
+                turns,
+                image_token_id=model.image_token_id,
+                image_tokens=model.image_tokens,
+                max_length=bundle.config.max_length,
+            )
+            for _, turns in chunk
+        ]
         batch = {k: v.to(device) for k, v in collate(encoded, bundle.tokenizer.pad_token_id).items()}
-        logits = model(pixels(bundle, [image for image, _ in chunk]).to(device), batch["input_ids"],
-                       batch["attention_mask"]).logits.float()
+        logits = model(
+            pixels(bundle, [image for image, _ in chunk]).to(device), batch["input_ids"], batch["attention_mask"]
+        ).logits.float()
         targets = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
-                                                reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+        )
         total, tokens = total + float(nll), tokens + int((targets != -100).sum())
     model.train(was_training)
     return total / max(tokens, 1)
 
 
 @torch.no_grad()
-def generate_answers(bundle: LlavaBundle, prompts: Sequence[tuple[bytes, str]], *,
-                     max_new_tokens: int = 30) -> list[str]:
+def generate_answers(
+    bundle: LlavaBundle, prompts: Sequence[tuple[bytes, str]], *, max_new_tokens: int = 30
+) -> list[str]:
     """A greedy reply per ``(image bytes, instruction)``: the instruction follows the image in the human turn."""
     model, tokenizer = bundle.model, bundle.tokenizer
     device = next(model.projector.parameters()).device
@@ -62,41 +73,62 @@ def generate_answers(bundle: LlavaBundle, prompts: Sequence[tuple[bytes, str]], 
     replies = []
     for data, instruction in prompts:  # one at a time: prompts of one length need no padding
         value = f"{IMAGE_TOKEN}\n{instruction}" if instruction else IMAGE_TOKEN
-        ids = encode_prompt(tokenizer, [{"from": HUMAN, "value": value}], image_token_id=model.image_token_id,
-                            image_tokens=model.image_tokens)
+        ids = encode_prompt(
+            tokenizer,
+            [{"from": HUMAN, "value": value}],
+            image_token_id=model.image_token_id,
+            image_tokens=model.image_tokens,
+        )
         input_ids = torch.tensor([ids], device=device)
-        new = model.generate(pixels(bundle, [data]).to(device), input_ids, torch.ones_like(input_ids),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        new = model.generate(
+            pixels(bundle, [data]).to(device),
+            input_ids,
+            torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         replies.append(tokenizer.decode(new[0], skip_special_tokens=True).strip())
     model.train(was_training)
     return replies
 
 
-def generate_captions(bundle: LlavaBundle, images: Sequence[bytes], *, instruction: str = "",
-                      max_new_tokens: int = 30) -> list[str]:
+def generate_captions(
+    bundle: LlavaBundle, images: Sequence[bytes], *, instruction: str = "", max_new_tokens: int = 30
+) -> list[str]:
     """A greedy caption per image (``instruction`` follows the image in the human turn)."""
     return generate_answers(bundle, [(data, instruction) for data in images], max_new_tokens=max_new_tokens)
 
 
-def evaluate_captions(bundle: LlavaBundle, images: CaptionedImageSet, *, instruction: str = "", show: int = 5,
-                      max_new_tokens: int = 30) -> dict[str, Any]:
+def evaluate_captions(
+    bundle: LlavaBundle, images: CaptionedImageSet, *, instruction: str = "", show: int = 5, max_new_tokens: int = 30
+) -> dict[str, Any]:
     """Held-out caption loss over every reference, and BLEU-4 / CIDEr-D of a generated caption per image."""
     readable, kept, skipped = _readable(bundle, images.images, images.images_dir, images.skipped)
     references, names = [images.captions[i] for i in kept], [images.images[i] for i in kept]
     if not readable:
         raise ValueError(f"no readable image in {images.jsonl} ({len(skipped)} skipped)")
-    loss = caption_loss(bundle, [(data, caption_turns(text)) for data, texts in zip(readable, references)
-                                 for text in texts])
+    loss = caption_loss(
+        bundle, [(data, caption_turns(text)) for data, texts in zip(readable, references) for text in texts]
+    )
     generated = generate_captions(bundle, readable, instruction=instruction, max_new_tokens=max_new_tokens)
-    return {"images": len(readable), "references": sum(len(r) for r in references), "caption_loss": loss,
-            "bleu4": bleu4(generated, references), "cider_d": cider_d(generated, references),
-            "examples": [{"image": name, "generated": text, "references": refs}
-                         for name, text, refs in list(zip(names, generated, references))[:show]],
-            "skipped": [s.as_dict() for s in skipped]}
+    return {
+        "images": len(readable),
+        "references": sum(len(r) for r in references),
+        "caption_loss": loss,
+        "bleu4": bleu4(generated, references),
+        "cider_d": cider_d(generated, references),
+        "examples": [
+            {"image": name, "generated": text, "references": refs}
+            for name, text, refs in list(zip(names, generated, references))[:show]
+        ],
+        "skipped": [s.as_dict() for s in skipped],
+    }
 
 
-def evaluate_probe(bundle: LlavaBundle, boxed: BoxedImageSet, *, settings: Sequence[str] = SETTINGS,
-                   per_image: int = 3, seed: int = 0) -> dict[str, Any]:
+def evaluate_probe(
+    bundle: LlavaBundle, boxed: BoxedImageSet, *, settings: Sequence[str] = SETTINGS, per_image: int = 3, seed: int = 0
+) -> dict[str, Any]:
     """POPE-style yes/no scores per absent-object setting (:mod:`models.evaluation.pope`)."""
     readable, kept, skipped = _readable(bundle, boxed.images, boxed.images_dir, boxed.skipped)
     if not readable:
@@ -110,8 +142,9 @@ def evaluate_probe(bundle: LlavaBundle, boxed: BoxedImageSet, *, settings: Seque
     return result
 
 
-def _readable(bundle: LlavaBundle, names: Sequence[str], folder: Path,
-              skipped: Sequence[Skipped]) -> tuple[list[bytes], list[int], list[Skipped]]:
+def _readable(
+    bundle: LlavaBundle, names: Sequence[str], folder: Path, skipped: Sequence[Skipped]
+) -> tuple[list[bytes], list[int], list[Skipped]]:
     """The bytes of the images that decode, their indices in ``names``, and the skipped ones with reasons."""
     readable, kept, left_out = [], [], list(skipped)
     for index, name in enumerate(names):

@@ -34,8 +34,13 @@ def class_prototypes(text_embeddings: np.ndarray) -> np.ndarray:
     return _unit_rows(_unit_rows(text_embeddings.astype(np.float64)).mean(axis=1)).astype(np.float32)
 
 
-def zeroshot_classifier(bundle: ClipBundle, classnames: Sequence[str], templates: Sequence[str] = TEMPLATES,
-                        batch_size: int = 256, device: str | torch.device | None = None) -> np.ndarray:
+def zeroshot_classifier(
+    bundle: ClipBundle,
+    classnames: Sequence[str],
+    templates: Sequence[str] = TEMPLATES,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
     """Unit-norm class weights ``(len(classnames), embed_dim)``: see :func:`class_prototypes`."""
     if not classnames or not templates:
         raise ValueError("zero-shot classification needs at least one class name and one template")
@@ -73,8 +78,13 @@ def per_class_accuracy(scores: np.ndarray, labels: np.ndarray, n_classes: int) -
         return correct / counts, counts
 
 
-def evaluate_zeroshot(bundle: ClipBundle, dataset: LabelledImageSet, templates: Sequence[str] = TEMPLATES,
-                      batch_size: int = 64, device: str | torch.device | None = None) -> dict[str, Any]:
+def evaluate_zeroshot(
+    bundle: ClipBundle,
+    dataset: LabelledImageSet,
+    templates: Sequence[str] = TEMPLATES,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
     """Zero-shot top-1 (and top-5 with at least 5 classes) accuracy of ``bundle`` on ``dataset``.
 
     Returns a JSON-ready dict: ``top1``, ``top5`` (if defined), ``n_images`` (decoded and
@@ -97,9 +107,15 @@ def evaluate_zeroshot(bundle: ClipBundle, dataset: LabelledImageSet, templates: 
     if 5 in ks:
         result["chance_top5"] = 5 / n_classes
     result.update(
-        n_images=len(indices), n_classes=n_classes, chance=1 / n_classes, n_templates=len(templates),
-        per_class={name: {"n_images": int(counts[c]), "top1": None if counts[c] == 0 else float(class_top1[c])}
-                   for c, name in enumerate(dataset.classnames)},
-        n_skipped=len(skipped), skipped=[s.as_dict() for s in skipped],
+        n_images=len(indices),
+        n_classes=n_classes,
+        chance=1 / n_classes,
+        n_templates=len(templates),
+        per_class={
+            name: {"n_images": int(counts[c]), "top1": None if counts[c] == 0 else float(class_top1[c])}
+            for c, name in enumerate(dataset.classnames)
+        },
+        n_skipped=len(skipped),
+        skipped=[s.as_dict() for s in skipped],
     )
     return result

@@ -75,10 +75,20 @@ class ClipTrainConfig(BaseModel):
     eval: EvalSettings | None = None
 
     def loop_config(self) -> LoopConfig:
-        return LoopConfig(max_steps=self.max_steps, lr=self.lr, weight_decay=self.weight_decay,
-                          warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio, grad_accum=self.grad_accum,
-                          grad_clip=self.grad_clip, amp=self.amp, save_every=self.save_every,
-                          keep_checkpoints=self.keep_checkpoints, eval_every=self.eval_every, seed=self.seed)
+        return LoopConfig(
+            max_steps=self.max_steps,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            min_lr_ratio=self.min_lr_ratio,
+            grad_accum=self.grad_accum,
+            grad_clip=self.grad_clip,
+            amp=self.amp,
+            save_every=self.save_every,
+            keep_checkpoints=self.keep_checkpoints,
+            eval_every=self.eval_every,
+            seed=self.seed,
+        )
 
 
 class ClipTask:
@@ -88,8 +98,13 @@ class ClipTask:
         from open_clip.loss import ClipLoss
 
         self.config, self.device, self.rank, self.world_size = config, device, rank, world_size
-        self.bundle: ClipBundle = load_clip(config.model, pretrained=config.pretrained,
-                                            checkpoint=config.init_checkpoint, device=device, init_seed=config.seed)
+        self.bundle: ClipBundle = load_clip(
+            config.model,
+            pretrained=config.pretrained,
+            checkpoint=config.init_checkpoint,
+            device=device,
+            init_seed=config.seed,
+        )
         model = self.bundle.model
         if config.lock_image:
             # open_clip's freeze_bn_stats swaps timm's BatchNormAct2d for a plain frozen BN and drops
@@ -164,18 +179,31 @@ class ClipTask:
     def _decoded_batches(self, epoch: int, skip: int) -> Iterator[Any]:
         """Full batches only (every worker of a distributed run steps in lockstep): a sample
         that cannot be decoded is recorded and replaced by the next one."""
-        samples = epoch_samples(self.files, seed=self.config.seed, epoch=epoch, rank=self.rank,
-                                world_size=self.world_size, shuffle_buffer=self.config.shuffle_buffer)
+        samples = epoch_samples(
+            self.files,
+            seed=self.config.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            shuffle_buffer=self.config.shuffle_buffer,
+        )
         size = self.config.batch_size // self.world_size
         with ThreadPoolExecutor(self.config.decode_threads) as pool:
             for _ in range(skip):  # replay what the resumed run consumed, without augmenting
                 if len(_take(samples, size, lambda group: [s for s in group if _loads(s)])) < size:
                     return
             while True:
-                kept = _take(samples, size, lambda group: [
-                    (image, s.caption) for image, s in
-                    zip(pool.map(lambda s: self._decode(s, self.bundle.train_preprocess), group), group)
-                    if image is not None])
+                kept = _take(
+                    samples,
+                    size,
+                    lambda group: [
+                        (image, s.caption)
+                        for image, s in zip(
+                            pool.map(lambda s: self._decode(s, self.bundle.train_preprocess), group), group
+                        )
+                        if image is not None
+                    ],
+                )
                 if len(kept) < size:
                     return
                 images = torch.stack([image for image, _ in kept]).to(self.device)
@@ -210,15 +238,20 @@ class ClipTask:
 
     def _build_cache(self) -> dict[str, torch.Tensor]:
         path = Path(self.config.output_dir) / f"feature_cache-rank{self.rank}.pt"
-        fingerprint = {"model": self.bundle.source, "files": [(str(f), f.stat().st_size) for f in self.files],
-                       "rank": self.rank, "world_size": self.world_size}
+        fingerprint = {
+            "model": self.bundle.source,
+            "files": [(str(f), f.stat().st_size) for f in self.files],
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
         if path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=False)
             if saved["fingerprint"] == fingerprint:
                 return saved["features"]
         image_parts, text_parts = [], []
-        samples = epoch_samples(self.files, seed=0, epoch=0, rank=self.rank, world_size=self.world_size,
-                                shuffle_buffer=0)
+        samples = epoch_samples(
+            self.files, seed=0, epoch=0, rank=self.rank, world_size=self.world_size, shuffle_buffer=0
+        )
         model = self.model.eval()
         with ThreadPoolExecutor(self.config.decode_threads) as pool, torch.inference_mode():
             for group in _groups(samples, 64):
@@ -230,8 +263,9 @@ class ClipTask:
                 tokens = self.bundle.tokenizer([caption for _, caption in kept]).to(self.device)
                 image_parts.append(model.visual.trunk(images).float().cpu())
                 mask = (tokens != model.text.config.pad_token_id).long()
-                text_parts.append(model.text.pooler(model.text.transformer(input_ids=tokens, attention_mask=mask),
-                                                    mask).float().cpu())
+                text_parts.append(
+                    model.text.pooler(model.text.transformer(input_ids=tokens, attention_mask=mask), mask).float().cpu()
+                )
         if not image_parts:
             raise ValueError(f"no decodable sample in {len(self.files)} training shard(s)")
         features = {"image": torch.cat(image_parts), "text": torch.cat(text_parts)}
@@ -245,7 +279,7 @@ class ClipTask:
         size = self.config.batch_size // self.world_size
         order = np.random.default_rng([self.config.seed, epoch, self.rank]).permutation(count)
         for index in range(skip, count // size):
-            rows = torch.from_numpy(order[index * size:(index + 1) * size])
+            rows = torch.from_numpy(order[index * size : (index + 1) * size])
             yield self.cache["image"][rows].to(self.device), self.cache["text"][rows].to(self.device)
 
 
@@ -286,8 +320,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def train_clip(config: ClipTrainConfig, *, rank: int = 0, world_size: int = 1,
-               device: torch.device | None = None) -> dict[str, Any]:
+def train_clip(
+    config: ClipTrainConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None
+) -> dict[str, Any]:
     """Train (or resume) one CLIP run; returns the last step's metrics. In a distributed run
     (``rank``/``world_size`` of an initialised process group) features are gathered for the
     loss and gradients averaged by the loop; rank 0 writes logs and checkpoints."""
@@ -299,8 +334,12 @@ def train_clip(config: ClipTrainConfig, *, rank: int = 0, world_size: int = 1,
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(config.model_dump_json(indent=1))
-    extra = {"model_name": task.bundle.name, "preprocess": asdict(task.bundle.spec), "recipe": "clip",
-             "config": config.model_dump()}
+    extra = {
+        "model_name": task.bundle.name,
+        "preprocess": asdict(task.bundle.spec),
+        "recipe": "clip",
+        "config": config.model_dump(),
+    }
     loop = TrainLoop(task, config.loop_config(), out, device=device, is_main=rank == 0, extra_state=extra)
     loop.resume()
     metrics = loop.fit()

@@ -35,12 +35,23 @@ def _worker(payload: dict[str, Any]) -> None:
 
     config_class, train = load_recipe(payload["recipe"])
     context = ray.train.get_context()
-    train(config_class.model_validate(payload["config"]), rank=context.get_world_rank(),
-          world_size=context.get_world_size(), device=ray.train.torch.get_device())
+    train(
+        config_class.model_validate(payload["config"]),
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+    )
 
 
-def train_distributed(recipe: str, config: Any, *, num_workers: int, use_gpu: bool = False,
-                      cpus_per_worker: float = 1.0, address: str | None = None) -> dict[str, Any]:
+def train_distributed(
+    recipe: str,
+    config: Any,
+    *,
+    num_workers: int,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    address: str | None = None,
+) -> dict[str, Any]:
     """Train ``config`` (the recipe's config, e.g. a ``ClipTrainConfig``) on ``num_workers`` Ray Train
     workers; the last step's metrics (rank 0's line of ``metrics.jsonl``).
 
@@ -62,8 +73,9 @@ def train_distributed(recipe: str, config: Any, *, num_workers: int, use_gpu: bo
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"recipe": recipe, "config": config.model_dump()},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
         run_config=RunConfig(name=recipe, storage_path=str(storage)),
     )
     result = trainer.fit()

@@ -52,9 +52,11 @@ def resolve_vlm_shards(sources: list[str], record_sets: list[int]) -> list[Path]
         for stage in record_sets:
             found = sorted((folder / STAGE_FOLDERS[stage]).glob("*.json"))
             if not found:
-                raise FileNotFoundError(f"{folder} has no {STAGE_FOLDERS[stage]}/ records: export the run with "
-                                        f"{'BriefDescriptions' if stage == 1 else 'InstructGenerate'} and "
-                                        "formats [llava]")
+                raise FileNotFoundError(
+                    f"{folder} has no {STAGE_FOLDERS[stage]}/ records: export the run with "
+                    f"{'BriefDescriptions' if stage == 1 else 'InstructGenerate'} and "
+                    "formats [llava]"
+                )
             files += found
     return files
 
@@ -68,5 +70,3 @@ def iter_vlm_file(path: Path) -> Iterator[VlmSample]:
     root = path.parent.parent
     for record in json.loads(path.read_text(encoding="utf-8")):
         yield VlmSample(str(record["id"]), (root / record["image"]).read_bytes(), record["conversations"])
-
-

@@ -56,8 +56,9 @@ class LoraSettings(BaseModel):
     r: int = Field(default=128, ge=1)
     alpha: int = Field(default=256, ge=1)
     dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                               "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
 
 class VlmTrainConfig(BaseModel):
@@ -92,10 +93,19 @@ class VlmTrainConfig(BaseModel):
 
     def loop_config(self) -> LoopConfig:
         lr = self.lr if self.lr is not None else (1e-3 if self.stage == 1 else 2e-5)
-        return LoopConfig(max_steps=self.max_steps, lr=lr, weight_decay=self.weight_decay,
-                          warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio, grad_accum=self.grad_accum,
-                          grad_clip=self.grad_clip, amp=self.amp, save_every=self.save_every,
-                          keep_checkpoints=self.keep_checkpoints, seed=self.seed)
+        return LoopConfig(
+            max_steps=self.max_steps,
+            lr=lr,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            min_lr_ratio=self.min_lr_ratio,
+            grad_accum=self.grad_accum,
+            grad_clip=self.grad_clip,
+            amp=self.amp,
+            save_every=self.save_every,
+            keep_checkpoints=self.keep_checkpoints,
+            seed=self.seed,
+        )
 
     @property
     def records(self) -> list[int]:
@@ -167,7 +177,7 @@ class VlmTask:
         size = self.config.batch_size
         if self.config.length_grouping:
             window = sorted(window, key=lambda pair: len(pair[1].input_ids))
-        batches = [window[i:i + size] for i in range(0, len(window) - size + 1, size)]
+        batches = [window[i : i + size] for i in range(0, len(window) - size + 1, size)]
         if self.config.length_grouping:
             rng.shuffle(batches)
         return batches
@@ -189,21 +199,35 @@ class VlmTask:
 
     def checkpoint_extras(self) -> dict[str, Any]:
         """What a checkpoint needs besides weights to rebuild the model as it was trained."""
-        return {"vlm": self.bundle.describe(), "stage": self.config.stage, "chat_template": self.template,
-                "lora": self.config.lora.model_dump() if self.config.lora else None}
+        return {
+            "vlm": self.bundle.describe(),
+            "stage": self.config.stage,
+            "chat_template": self.template,
+            "lora": self.config.lora.model_dump() if self.config.lora else None,
+        }
 
     def evaluate(self) -> dict[str, Any]:
         return {}
 
     # -- samples -------------------------------------------------------------------------------
     def _encoded(self, epoch: int) -> Iterator[tuple[torch.Tensor, Any]]:
-        for sample in epoch_samples(self.files, seed=self.config.seed, epoch=epoch, rank=self.rank,
-                                    world_size=self.world_size, shuffle_buffer=self.config.shuffle_buffer,
-                                    reader=iter_vlm_file):
+        for sample in epoch_samples(
+            self.files,
+            seed=self.config.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            shuffle_buffer=self.config.shuffle_buffer,
+            reader=iter_vlm_file,
+        ):
             try:
-                encoded = encode_conversation(self.bundle.tokenizer, sample.turns, image_token_id=self.image_token_id,
-                                              image_tokens=self.model.image_tokens,
-                                              max_length=self.bundle.config.max_length)
+                encoded = encode_conversation(
+                    self.bundle.tokenizer,
+                    sample.turns,
+                    image_token_id=self.image_token_id,
+                    image_tokens=self.model.image_tokens,
+                    max_length=self.bundle.config.max_length,
+                )
                 pixels = self._pixels(sample)
             except EncodeError as e:
                 self._reject(sample, e.reason, str(e), epoch)
@@ -228,14 +252,21 @@ class VlmTask:
                 f.write(json.dumps({"id": sample.id, "reason": reason, "detail": detail}) + "\n")
 
 
-def train_vlm(config: VlmTrainConfig, *, rank: int = 0, world_size: int = 1,
-              device: torch.device | None = None) -> dict[str, Any]:
+def train_vlm(
+    config: VlmTrainConfig, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None
+) -> dict[str, Any]:
     """Run (or resume) one training stage; return the last step's metrics with the reject counts."""
     device = device or _device(config.device)
     torch.manual_seed(config.seed + rank)
     task = VlmTask(config, device, rank, world_size)
-    loop = TrainLoop(task, config.loop_config(), config.output_dir, device=device, is_main=rank == 0,
-                     extra_state=task.checkpoint_extras())
+    loop = TrainLoop(
+        task,
+        config.loop_config(),
+        config.output_dir,
+        device=device,
+        is_main=rank == 0,
+        extra_state=task.checkpoint_extras(),
+    )
     loop.resume()
     metrics = loop.fit()
     return {**metrics, "rejected": dict(task.rejected)}

@@ -82,8 +82,16 @@ class TrainTask(Protocol):
 class TrainLoop:
     """Runs a :class:`TrainTask` for ``config.max_steps`` optimizer steps, resuming from ``output_dir``."""
 
-    def __init__(self, task: TrainTask, config: LoopConfig, output_dir: str | Path, *, device: torch.device,
-                 is_main: bool = True, extra_state: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        task: TrainTask,
+        config: LoopConfig,
+        output_dir: str | Path,
+        *,
+        device: torch.device,
+        is_main: bool = True,
+        extra_state: dict[str, Any] | None = None,
+    ) -> None:
         self.task, self.config, self.device, self.is_main = task, config, device, is_main
         self.unit = getattr(task, "unit", "samples")  # what the second value of task.loss counts
         self.output_dir = Path(output_dir)
@@ -94,8 +102,12 @@ class TrainLoop:
         if not self.params:
             raise ValueError("nothing to train: every parameter is frozen")
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: warmup_cosine(
-            step, total_steps=config.max_steps, warmup_steps=config.warmup_steps, min_ratio=config.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: warmup_cosine(
+                step, total_steps=config.max_steps, warmup_steps=config.warmup_steps, min_ratio=config.min_lr_ratio
+            ),
+        )
         self.step = self.epoch = self.position = 0
         amp = config.amp if config.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else nullcontext
@@ -113,8 +125,9 @@ class TrainLoop:
         self.step, self.epoch, self.position = saved["step"], saved["epoch"], saved["position"]
         restore_rng(saved["rng"])
         if self.is_main:
-            log.info("resumed from %s: step %d, epoch %d, %d batches into it", path, self.step, self.epoch,
-                     self.position)
+            log.info(
+                "resumed from %s: step %d, epoch %d, %d batches into it", path, self.step, self.epoch, self.position
+            )
         return True
 
     def fit(self) -> dict[str, Any]:
@@ -147,10 +160,14 @@ class TrainLoop:
             self.step += 1
             elapsed = time.monotonic() - tick
             rate = (time.monotonic() - started) / (self.step - first_step)
-            metrics = {"step": self.step, "epoch": self.epoch, "loss": round(total, 5),
-                       "lr": self.scheduler.get_last_lr()[0],
-                       f"{self.unit}_per_s": round(samples / max(elapsed, 1e-9), 1),
-                       "eta_s": round(rate * (config.max_steps - self.step), 1)}
+            metrics = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "loss": round(total, 5),
+                "lr": self.scheduler.get_last_lr()[0],
+                f"{self.unit}_per_s": round(samples / max(elapsed, 1e-9), 1),
+                "eta_s": round(rate * (config.max_steps - self.step), 1),
+            }
             if config.eval_every and self.step % config.eval_every == 0 and self.is_main:
                 metrics["eval"] = self.task.evaluate()
             self._log(metrics)
@@ -175,10 +192,17 @@ class TrainLoop:
         if not self.is_main:
             return
         saver = getattr(self.task, "model_state", None)  # a task may keep only what it trains
-        state = {"model": saver() if saver else _unwrap(self.task.model).state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "step": self.step, "epoch": self.epoch,
-                 "position": self.position, "rng": rng_state(), "loop": asdict(self.config), **self.extra_state}
+        state = {
+            "model": saver() if saver else _unwrap(self.task.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "rng": rng_state(),
+            "loop": asdict(self.config),
+            **self.extra_state,
+        }
         path = save_checkpoint(self.checkpoints, self.step, state, self.config.keep_checkpoints)
         log.info("saved %s", path)
 
@@ -186,8 +210,10 @@ class TrainLoop:
         if not self.is_main:
             return
         eta = time.strftime("%H:%M:%S", time.gmtime(metrics["eta_s"]))
-        line = (f"step {metrics['step']}/{self.config.max_steps} epoch {metrics['epoch']} loss {metrics['loss']:.4f} "
-                f"lr {metrics['lr']:.2e} {metrics[f'{self.unit}_per_s']:.0f} {self.unit}/s eta {eta}")
+        line = (
+            f"step {metrics['step']}/{self.config.max_steps} epoch {metrics['epoch']} loss {metrics['loss']:.4f} "
+            f"lr {metrics['lr']:.2e} {metrics[f'{self.unit}_per_s']:.0f} {self.unit}/s eta {eta}"
+        )
         if "eval" in metrics:
             line += " | " + " ".join(f"{k} {v:.4f}" for k, v in metrics["eval"].items() if isinstance(v, float))
         log.info(line)

@@ -37,8 +37,13 @@ def resolve_shards(sources: list[str]) -> list[Path]:
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            for candidate in (path / "export" / "webdataset", path / "webdataset", path / "export" / "parquet",
-                              path / "parquet", path):
+            for candidate in (
+                path / "export" / "webdataset",
+                path / "webdataset",
+                path / "export" / "parquet",
+                path / "parquet",
+                path,
+            ):
                 found = sorted(candidate.glob("*.tar")) or sorted(candidate.glob("*.parquet"))
                 if found:
                     files += found
@@ -106,8 +111,16 @@ def _tar_sample(path: Path, key: str, parts: dict[str, bytes]) -> Sample:
     return Sample(key, image, parts["txt"].decode("utf-8"))
 
 
-def epoch_samples(files: list[Path], *, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                  shuffle_buffer: int = 1000, reader: Callable[[Path], Iterator[Any]] | None = None) -> Iterator[Any]:
+def epoch_samples(
+    files: list[Path],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_buffer: int = 1000,
+    reader: Callable[[Path], Iterator[Any]] | None = None,
+) -> Iterator[Any]:
     """The samples of one epoch for worker ``rank``, in an order fixed by ``(seed, epoch)``.
 
     ``reader`` yields the samples of one file (default :func:`iter_shard`: image-caption shards).

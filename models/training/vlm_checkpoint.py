@@ -34,17 +34,26 @@ def load_partial_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -
     """Load ``state`` (a subset of ``model``'s entries, or all of them); unknown entries are errors."""
     unexpected = model.load_state_dict(state, strict=False).unexpected_keys
     if unexpected:
-        raise ValueError(f"the checkpoint has {len(unexpected)} entries this model lacks, e.g. {unexpected[:3]}: "
-                         "was it trained with another VLM config or LoRA settings?")
+        raise ValueError(
+            f"the checkpoint has {len(unexpected)} entries this model lacks, e.g. {unexpected[:3]}: "
+            "was it trained with another VLM config or LoRA settings?"
+        )
 
 
 def wrap_lora(language_model: torch.nn.Module, settings: dict[str, Any]) -> torch.nn.Module:
     """``language_model`` with peft LoRA adapters (``settings``: r, alpha, dropout, target_modules)."""
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(language_model, LoraConfig(
-        r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-        target_modules=list(settings["target_modules"]), task_type="CAUSAL_LM"))
+    return get_peft_model(
+        language_model,
+        LoraConfig(
+            r=settings["r"],
+            lora_alpha=settings["alpha"],
+            lora_dropout=settings["dropout"],
+            target_modules=list(settings["target_modules"]),
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def checkpoint_file(path: str | Path) -> Path:

@@ -19,7 +19,7 @@ def contact_sheet_png(samples: list[tuple[bytes | None, str]]) -> bytes:
     rows = max(1, -(-len(samples) // COLUMNS))
     figure = new_figure(2.6 * COLUMNS, 2.6 * rows)
     grid = figure.subplots(rows, COLUMNS, squeeze=False)
-    for axes in grid.flat[len(samples):]:
+    for axes in grid.flat[len(samples) :]:
         axes.axis("off")
     for axes, (data, text) in zip(grid.flat, samples):
         pixels = _pixels(data)

@@ -23,13 +23,27 @@ def histogram_png(histogram: Histogram, cutoffs: list[Cutoff], title: str) -> by
         counts = histogram.counts[group]
         if not counts.any():
             continue
-        axes.bar(edges[:-1], counts, width=widths, align="edge", bottom=bottom, color=_COLOURS[group],
-                 label=f"{group} ({int(counts.sum()):,})", linewidth=0)
+        axes.bar(
+            edges[:-1],
+            counts,
+            width=widths,
+            align="edge",
+            bottom=bottom,
+            color=_COLOURS[group],
+            label=f"{group} ({int(counts.sum()):,})",
+            linewidth=0,
+        )
         bottom = counts if bottom is None else bottom + counts
     for cutoff in cutoffs:
         axes.axvline(cutoff.value, color="black", linestyle="--", linewidth=1)
-        axes.annotate(f"{cutoff.label}: {cutoff.value:.4g}", (cutoff.value, 1), xycoords=("data", "axes fraction"),
-                      xytext=(4, -12), textcoords="offset points", fontsize=8)
+        axes.annotate(
+            f"{cutoff.label}: {cutoff.value:.4g}",
+            (cutoff.value, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(4, -12),
+            textcoords="offset points",
+            fontsize=8,
+        )
     axes.set_xlabel(histogram.column)
     axes.set_ylabel("rows")
     axes.set_title(title, fontsize=10)

@@ -76,8 +76,9 @@ def entry_frequency(rundir: RunDir, manifest: Manifest, balance_state: Any = Non
         return None
     after = np.zeros(0, np.int64)
     if kept is not None:
-        counts = collect(kept.select(pl.col(METACLIP_ENTRIES).explode().drop_nulls().alias("entry"))
-                         .group_by("entry").len())
+        counts = collect(
+            kept.select(pl.col(METACLIP_ENTRIES).explode().drop_nulls().alias("entry")).group_by("entry").len()
+        )
         ids, n = counts["entry"].to_numpy().astype(np.int64), counts["len"].to_numpy().astype(np.int64)
         after = np.zeros(int(ids.max()) + 1 if len(ids) else 0, np.int64)
         after[ids] = n
@@ -105,8 +106,14 @@ def cluster_sizes(manifest: Manifest) -> list[ClusterSizes]:
     for stage, summary in manifest.aggregates.items():
         if isinstance(summary, dict) and isinstance(summary.get("size_histogram"), dict):
             clusters = {int(size): int(n) for size, n in summary["size_histogram"].items()}
-            found.append(ClusterSizes(stage, dict(sorted(clusters.items())), int(summary.get("rows", 0)),
-                                      int(summary.get("duplicate_rows", 0))))
+            found.append(
+                ClusterSizes(
+                    stage,
+                    dict(sorted(clusters.items())),
+                    int(summary.get("rows", 0)),
+                    int(summary.get("duplicate_rows", 0)),
+                )
+            )
     return found
 
 
@@ -124,8 +131,9 @@ class CaptionSources:
     examples: list[dict[str, Any]] = field(default_factory=list)
 
 
-def caption_sources(rundir: RunDir, manifest: Manifest, stage: str, bins: int = 40,
-                    examples: int = 4) -> CaptionSources | None:
+def caption_sources(
+    rundir: RunDir, manifest: Manifest, stage: str, bins: int = 40, examples: int = 4
+) -> CaptionSources | None:
     """CapFilt's effect, from the ``caption_source`` and ``caption_scores`` columns; ``stage``
     is the ledger name of the stage that selects captions. None when kept rows have no source."""
     kept = kept_scan(rundir, manifest, [CAPTION_SOURCE])
@@ -133,15 +141,19 @@ def caption_sources(rundir: RunDir, manifest: Manifest, stage: str, bins: int = 
         return None
     counts = dict(collect(kept.group_by(CAPTION_SOURCE).len()).iter_rows())
     rejected = manifest.stage_totals().get(stage)
-    result = CaptionSources(counts.get("web", 0), counts.get("synthetic", 0),
-                            rejected.rows_rejected if rejected else 0)
+    result = CaptionSources(counts.get("web", 0), counts.get("synthetic", 0), rejected.rows_rejected if rejected else 0)
     scored = rows_with(rundir, manifest, {CAPTION_SCORES: pl.List(pl.Float64)}, stage)
     if scored is not None:
-        scores = (scored.select(pl.col(CAPTION_SCORES).list.first().alias("web"),
-                          pl.col(CAPTION_SCORES).list.slice(1).list.max().alias("synthetic"))
-                  .filter(pl.col("web").is_not_null()))
-        bounds = collect(scores.select(pl.min_horizontal(pl.col("web").min(), pl.col("synthetic").min()).alias("lo"),
-                                       pl.max_horizontal(pl.col("web").max(), pl.col("synthetic").max()).alias("hi")))
+        scores = scored.select(
+            pl.col(CAPTION_SCORES).list.first().alias("web"),
+            pl.col(CAPTION_SCORES).list.slice(1).list.max().alias("synthetic"),
+        ).filter(pl.col("web").is_not_null())
+        bounds = collect(
+            scores.select(
+                pl.min_horizontal(pl.col("web").min(), pl.col("synthetic").min()).alias("lo"),
+                pl.max_horizontal(pl.col("web").max(), pl.col("synthetic").max()).alias("hi"),
+            )
+        )
         lo, hi = bounds["lo"][0], bounds["hi"][0]
         if lo is not None:
             result.edges = bin_edges(lo, hi, bins)
@@ -150,9 +162,14 @@ def caption_sources(rundir: RunDir, manifest: Manifest, stage: str, bins: int = 
     names = kept_columns(rundir, manifest)
     if {WEB_CAPTION, CAPTION} <= names:
         columns = [WEB_CAPTION, CAPTION] + ([CAPTION_SCORES] if CAPTION_SCORES in names else [])
-        result.examples = (kept_scan(rundir, manifest, [*columns, CAPTION_SOURCE])
-                           .filter(pl.col(CAPTION_SOURCE) == "synthetic").head(examples)
-                           .select(columns).collect().to_dicts())
+        result.examples = (
+            kept_scan(rundir, manifest, [*columns, CAPTION_SOURCE])
+            .filter(pl.col(CAPTION_SOURCE) == "synthetic")
+            .head(examples)
+            .select(columns)
+            .collect()
+            .to_dicts()
+        )
     return result
 
 
@@ -189,14 +206,18 @@ def instruction_types(rundir: RunDir, manifest: Manifest, stages: list[str]) -> 
     with_records = int(collect(rows.filter(pl.col("n") > 0).select(pl.len())).item())
     failed: dict[tuple[str, str], int] = {}
     if INSTRUCTION_FAILURES in names:
-        failures = collect(kept_scan(rundir, manifest, [INSTRUCTION_FAILURES])
-                           .select(pl.col(INSTRUCTION_FAILURES).explode().struct.unnest())
-                           .drop_nulls("reason").group_by("response_type", "reason").len())
+        failures = collect(
+            kept_scan(rundir, manifest, [INSTRUCTION_FAILURES])
+            .select(pl.col(INSTRUCTION_FAILURES).explode().struct.unnest())
+            .drop_nulls("reason")
+            .group_by("response_type", "reason")
+            .len()
+        )
         failed = {(kind, reason): n for kind, reason, n in failures.iter_rows()}
     totals = manifest.stage_totals()
     rejected: dict[str, int] = {}
     for stage in stages:
-        for reason, n in (totals[stage].rejected.items() if stage in totals else ()):
+        for reason, n in totals[stage].rejected.items() if stage in totals else ():
             rejected[reason] = rejected.get(reason, 0) + n
     return InstructionTypes(records, with_records, failed, rejected)
 
@@ -219,8 +240,9 @@ def sample_rows(rundir: RunDir, manifest: Manifest, count: int = 8) -> list[dict
     return rows[:count]
 
 
-def reject_examples(rundir: RunDir, manifest: Manifest, per_stage: int = 3,
-                    files_per_phase: int = 4) -> dict[str, list[dict[str, Any]]]:
+def reject_examples(
+    rundir: RunDir, manifest: Manifest, per_stage: int = 3, files_per_phase: int = 4
+) -> dict[str, list[dict[str, Any]]]:
     """Up to ``per_stage`` rejected rows (reason, detail, caption) of each stage that rejected any,
     from the first ``files_per_phase`` reject files of each phase: a few files read, whatever the
     pool's size, so a stage that rejects rarely may show none."""
@@ -230,8 +252,9 @@ def reject_examples(rundir: RunDir, manifest: Manifest, per_stage: int = 3,
         files = rundir.parquet_files(f"{REJECTS_DIR}/{phase.name}")[:files_per_phase]
         if not files:
             continue
-        frame = collect(scan_files(rundir, files, schema).select(*schema).group_by(STAGE, maintain_order=True)
-                        .head(per_stage))
+        frame = collect(
+            scan_files(rundir, files, schema).select(*schema).group_by(STAGE, maintain_order=True).head(per_stage)
+        )
         for row in frame.to_dicts():
             examples.setdefault(row.pop(STAGE), []).append(row)
     return examples

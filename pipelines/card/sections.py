@@ -71,17 +71,24 @@ def samples_section(ctx: CardContext, count: int = 8) -> str | None:
     rows = sample_rows(ctx.rundir, ctx.manifest, count)
     if not rows:
         return None
-    lines = ["## Sample pairs", "",
-             f"{len(rows)} rows kept to the end, from the first rows of shards spread over the final phase."]
+    lines = [
+        "## Sample pairs",
+        "",
+        f"{len(rows)} rows kept to the end, from the first rows of shards spread over the final phase.",
+    ]
     if IMAGE in rows[0]:
-        sheet = [(row[IMAGE], ("[CapFilt] " if row.get(CAPTION_SOURCE) == "synthetic" else "") + (row[CAPTION] or ""))
-                 for row in rows]
+        sheet = [
+            (row[IMAGE], ("[CapFilt] " if row.get(CAPTION_SOURCE) == "synthetic" else "") + (row[CAPTION] or ""))
+            for row in rows
+        ]
         asset = write_asset(ctx.rundir, "samples.png", contact_sheet_png(sheet))
         lines += ["", f"![sample pairs]({asset})"]
     source = CAPTION_SOURCE in rows[0]
     lines += ["", "| uid | caption |" + (" caption from |" if source else ""), "|---|---|" + ("---|" if source else "")]
-    lines += [f"| `{row[UID]}` | {markdown_cell(row[CAPTION])} |" + (f" {row[CAPTION_SOURCE]} |" if source else "")
-              for row in rows]
+    lines += [
+        f"| `{row[UID]}` | {markdown_cell(row[CAPTION])} |" + (f" {row[CAPTION_SOURCE]} |" if source else "")
+        for row in rows
+    ]
     return "\n".join(lines)
 
 
@@ -101,18 +108,24 @@ def metaclip_section(ctx: CardContext) -> str | None:
 
 def _balance_text(frequency: EntryFrequency) -> str:
     after = EntryFrequency.ranked(frequency.after)
-    kept = (f"Kept to the end: {len(after):,} entries with {int(after.sum()):,} matches"
-            f"{f', the largest {int(after[0]):,}' if len(after) else ''}.")
+    kept = (
+        f"Kept to the end: {len(after):,} entries with {int(after.sum()):,} matches"
+        f"{f', the largest {int(after[0]):,}' if len(after) else ''}."
+    )
     if frequency.before is None:
         return "Matches per entry (a caption counts once for each entry it matches) among the rows kept. " + kept
     before = EntryFrequency.ranked(frequency.before)
     t = frequency.threshold
-    text = (f"Before balancing (the global counts of the balance stage): {len(before):,} entries with "
-            f"{int(before.sum()):,} matches, the largest {int(before[0]) if len(before) else 0:,}. " + kept)
+    text = (
+        f"Before balancing (the global counts of the balance stage): {len(before):,} entries with "
+        f"{int(before.sum()):,} matches, the largest {int(before[0]) if len(before) else 0:,}. " + kept
+    )
     if t is not None:
         head, tail = frequency.kept_share(head=True), frequency.kept_share(head=False)
-        text += (f" Threshold t = {t:,}: {int((before > t).sum()):,} head entries (more than t matches) before, "
-                 f"{int((after > t).sum()):,} after.")
+        text += (
+            f" Threshold t = {t:,}: {int((before > t).sum()):,} head entries (more than t matches) before, "
+            f"{int((after > t).sum()):,} after."
+        )
         if head is not None:
             text += f" Head entries kept {head:.1%} of their matches"
             text += f", tail entries {tail:.1%}." if tail is not None else "."
@@ -129,12 +142,22 @@ def dedup_section(ctx: CardContext) -> str | None:
     if any(stage.clusters for stage in found):
         asset = write_asset(ctx.rundir, "dedup-cluster-sizes.png", cluster_sizes_png(found))
         lines += [f"![duplicate clusters by size]({asset})", ""]
-    lines += ["A cluster of n rows keeps one (its survivor) and rejects n − 1; rejects name the survivor "
-             "(`duplicate_of`) and the cluster's size in their detail."]
+    lines += [
+        "A cluster of n rows keeps one (its survivor) and rejects n − 1; rejects name the survivor "
+        "(`duplicate_of`) and the cluster's size in their detail."
+    ]
     for stage in found:
         notes = ctx.take_notes([stage.stage])
-        lines += ["", *(notes or [f"**{stage.stage}**: {stage.duplicate_rows:,} of {stage.rows:,} rows were "
-                                  f"duplicates in {sum(stage.clusters.values()):,} clusters."])]
+        lines += [
+            "",
+            *(
+                notes
+                or [
+                    f"**{stage.stage}**: {stage.duplicate_rows:,} of {stage.rows:,} rows were "
+                    f"duplicates in {sum(stage.clusters.values()):,} clusters."
+                ]
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -158,14 +181,24 @@ def capfilt_section(ctx: CardContext) -> str | None:
     notes = ctx.take_notes([p.name for p in ctx.writing({SYNTHETIC_CAPTIONS, CAPTION_SCORES, CAPTION_SOURCE})])
     if notes:  # the stages' notes give the counts and examples (with thumbnails)
         return "\n".join(lines + [rejected, "", *notes])
-    lines.append(f"{sources.synthetic:,} of {kept:,} kept rows ({sources.synthetic / max(kept, 1):.1%}) carry a "
-                 f"synthetic caption, {sources.web:,} their web caption. " + rejected)
+    lines.append(
+        f"{sources.synthetic:,} of {kept:,} kept rows ({sources.synthetic / max(kept, 1):.1%}) carry a "
+        f"synthetic caption, {sources.web:,} their web caption. " + rejected
+    )
     if sources.examples:
         scored = CAPTION_SCORES in sources.examples[0]
-        lines += ["", "| web caption (score) | replaced by (best synthetic score) |" if scored
-                  else "| web caption | replaced by |", "|---|---|"]
-        lines += [f"| {markdown_cell(e[WEB_CAPTION])}{_score(e, web=True)} | "
-                  f"{markdown_cell(e[CAPTION])}{_score(e, web=False)} |" for e in sources.examples]
+        lines += [
+            "",
+            "| web caption (score) | replaced by (best synthetic score) |"
+            if scored
+            else "| web caption | replaced by |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| {markdown_cell(e[WEB_CAPTION])}{_score(e, web=True)} | "
+            f"{markdown_cell(e[CAPTION])}{_score(e, web=False)} |"
+            for e in sources.examples
+        ]
     return "\n".join(lines)
 
 
@@ -186,8 +219,13 @@ def instructions_section(ctx: CardContext) -> str | None:
     asset = write_asset(ctx.rundir, "instruction-types.png", instruction_types_png(types))
     records = ", ".join(f"{kind} {n:,}" for kind, n in types.records.items()) or "none"
     rejected = ", ".join(f"{reason} {n:,}" for reason, n in sorted(types.rejected.items(), key=lambda i: -i[1]))
-    lines = ["## Instruction types", "", f"![instruction types]({asset})", "",
-             f"{sum(types.records.values()):,} records in {types.rows:,} kept rows: {records}. "
-             f"Rows rejected by the instruction stages: {rejected or 'none'}."]
+    lines = [
+        "## Instruction types",
+        "",
+        f"![instruction types]({asset})",
+        "",
+        f"{sum(types.records.values()):,} records in {types.rows:,} kept rows: {records}. "
+        f"Rows rejected by the instruction stages: {rejected or 'none'}.",
+    ]
     notes = ctx.take_notes([p.name for p in stages])
     return "\n".join(lines + (["", *notes] if notes else []))

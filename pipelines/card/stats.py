@@ -58,8 +58,13 @@ def scan_files(rundir: RunDir, paths: list[str], schema: dict[str, pl.DataType] 
         uris = [rundir.uri_of(path) for path in paths]
         if schema is None:
             return pl.scan_parquet(uris)
-        return pl.scan_parquet(uris, schema=schema, missing_columns="insert", extra_columns="ignore",
-                               cast_options=pl.ScanCastOptions(float_cast="upcast"))
+        return pl.scan_parquet(
+            uris,
+            schema=schema,
+            missing_columns="insert",
+            extra_columns="ignore",
+            cast_options=pl.ScanCastOptions(float_cast="upcast"),
+        )
     import pyarrow.dataset as ds
 
     arrow = pl.DataFrame(schema=schema).to_arrow().schema if schema is not None else None
@@ -102,10 +107,15 @@ def rows_with(rundir: RunDir, manifest: Manifest, schema: dict[str, pl.DataType]
         if not files:
             continue
         rejects = scan_files(rundir, files, {STAGE: pl.String, **schema})
-        parts.append(rejects.select(
-            *schema,
-            pl.when(pl.col(STAGE) == stage).then(pl.lit(REJECTED_HERE)).otherwise(pl.lit(REJECTED_ELSEWHERE))
-            .alias(GROUP)))
+        parts.append(
+            rejects.select(
+                *schema,
+                pl.when(pl.col(STAGE) == stage)
+                .then(pl.lit(REJECTED_HERE))
+                .otherwise(pl.lit(REJECTED_ELSEWHERE))
+                .alias(GROUP),
+            )
+        )
     return pl.concat(parts) if parts else None
 
 
@@ -116,8 +126,11 @@ def score_histogram(rundir: RunDir, manifest: Manifest, column: str, stage: str,
     if frame is None:
         return None
     frame = frame.filter(pl.col(column).is_not_null() & pl.col(column).is_not_nan())
-    bounds = frame.select(pl.col(column).min().alias("lo"), pl.col(column).max().alias("hi"),
-                          *[pl.col(column).quantile(q).alias(str(q)) for q in (0.1, 0.5, 0.9)])
+    bounds = frame.select(
+        pl.col(column).min().alias("lo"),
+        pl.col(column).max().alias("hi"),
+        *[pl.col(column).quantile(q).alias(str(q)) for q in (0.1, 0.5, 0.9)],
+    )
     bounds = collect(bounds)
     lo, hi = bounds["lo"][0], bounds["hi"][0]
     if lo is None:

@@ -50,11 +50,23 @@ def entry_frequency_png(frequency: EntryFrequency) -> bytes:
         if not len(ranked):
             continue
         ranks = _log_spaced(len(ranked))
-        axes.plot(ranks + 1, ranked[ranks], color=colour, linewidth=1.6, marker="o" if len(ranks) <= 60 else None,
-                  markersize=3, label=f"{label}: {len(ranked):,} entries, {int(ranked.sum()):,} matches")
+        axes.plot(
+            ranks + 1,
+            ranked[ranks],
+            color=colour,
+            linewidth=1.6,
+            marker="o" if len(ranks) <= 60 else None,
+            markersize=3,
+            label=f"{label}: {len(ranked):,} entries, {int(ranked.sum()):,} matches",
+        )
     if frequency.threshold is not None:
-        axes.axhline(frequency.threshold, color="black", linestyle="--", linewidth=1,
-                     label=f"threshold t = {frequency.threshold:,}")
+        axes.axhline(
+            frequency.threshold,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"threshold t = {frequency.threshold:,}",
+        )
     axes.set_xscale("log")
     axes.set_yscale("log")
     for axis in (axes.xaxis, axes.yaxis):
@@ -116,15 +128,21 @@ def cluster_sizes_png(stages: list[ClusterSizes]) -> bytes:
     bins = cluster_bins({size for s in stages for size in s.clusters})
     width = 0.8 / max(len(stages), 1)
     x = np.arange(len(bins))
-    heights_by_stage = [np.array([sum(n for size, n in stage.clusters.items() if lo <= size <= hi) for lo, hi in bins])
-                        for stage in stages]
+    heights_by_stage = [
+        np.array([sum(n for size, n in stage.clusters.items() if lo <= size <= hi) for lo, hi in bins])
+        for stage in stages
+    ]
     nonzero = np.concatenate([h[h > 0] for h in heights_by_stage]) if bins else np.zeros(0)
     peak = int(nonzero.max()) if len(nonzero) else 1
     log = len(nonzero) > 0 and peak / nonzero.min() > 50
     for i, (stage, heights) in enumerate(zip(stages, heights_by_stage)):
-        bars = axes.bar(x + (i - (len(stages) - 1) / 2) * width, heights, width=width,
-                        label=f"{stage.stage}: {sum(stage.clusters.values()):,} clusters, "
-                              f"{stage.duplicate_rows:,} of {stage.rows:,} rows rejected")
+        bars = axes.bar(
+            x + (i - (len(stages) - 1) / 2) * width,
+            heights,
+            width=width,
+            label=f"{stage.stage}: {sum(stage.clusters.values()):,} clusters, "
+            f"{stage.duplicate_rows:,} of {stage.rows:,} rows rejected",
+        )
         axes.bar_label(bars, labels=[f"{h:,}" if h else "" for h in heights], fontsize=7, padding=1)
     if log:
         axes.set_yscale("log")
@@ -158,10 +176,20 @@ def caption_sources_png(sources: CaptionSources, threshold: float | None) -> byt
     left.set_title("Captions chosen by CapFilt", fontsize=10)
     if right is not None:
         edges = sources.edges
-        right.stairs(sources.web_scores, edges, color=BEFORE_COLOUR, linewidth=1.6,
-                     label=f"web caption ({int(sources.web_scores.sum()):,} rows)")
-        right.stairs(sources.best_synthetic_scores, edges, color=KEPT_COLOUR, linewidth=1.6,
-                     label=f"best synthetic caption ({int(sources.best_synthetic_scores.sum()):,} rows)")
+        right.stairs(
+            sources.web_scores,
+            edges,
+            color=BEFORE_COLOUR,
+            linewidth=1.6,
+            label=f"web caption ({int(sources.web_scores.sum()):,} rows)",
+        )
+        right.stairs(
+            sources.best_synthetic_scores,
+            edges,
+            color=KEPT_COLOUR,
+            linewidth=1.6,
+            label=f"best synthetic caption ({int(sources.best_synthetic_scores.sum()):,} rows)",
+        )
         if threshold is not None:
             right.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
         right.set_xlabel("caption score (filter's units)")
@@ -193,10 +221,20 @@ def instruction_types_png(types: InstructionTypes) -> bytes:
         y = np.arange(len(reasons))
         rejected = np.array([failures[r][0] for r in reasons])
         failed = np.array([failures[r][1] for r in reasons])
-        right.barh(y - 0.2, rejected, height=0.4, color=DROPPED_COLOUR,
-                   label=f"rows rejected ({int(rejected.sum()):,})" if rejected.any() else None)
-        right.barh(y + 0.2, failed, height=0.4, color=WARN_COLOUR,
-                   label=f"failed types in kept rows ({int(failed.sum()):,})" if failed.any() else None)
+        right.barh(
+            y - 0.2,
+            rejected,
+            height=0.4,
+            color=DROPPED_COLOUR,
+            label=f"rows rejected ({int(rejected.sum()):,})" if rejected.any() else None,
+        )
+        right.barh(
+            y + 0.2,
+            failed,
+            height=0.4,
+            color=WARN_COLOUR,
+            label=f"failed types in kept rows ({int(failed.sum()):,})" if failed.any() else None,
+        )
         for i in range(len(reasons)):
             for offset, value in ((-0.2, rejected[i]), (0.2, failed[i])):
                 if value:

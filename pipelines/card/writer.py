@@ -42,18 +42,25 @@ log = logging.getLogger(__name__)
 
 def write_card(rundir: RunDir, manifest: Manifest, stages: list[PlannedStage]) -> str:
     """Write the card of the run in ``rundir`` (and its plots); return the card's path."""
-    notes = {p.name: p.stage.card_notes(CardView(rundir, manifest, p.name, manifest.aggregates.get(p.name)))
-             for p in stages}
+    notes = {
+        p.name: p.stage.card_notes(CardView(rundir, manifest, p.name, manifest.aggregates.get(p.name))) for p in stages
+    }
     ctx = CardContext(rundir, manifest, stages, {name: text for name, text in notes.items() if text})
-    sections = [_header(manifest), _guarded(_funnel, ctx), _guarded(samples_section, ctx),
-                _guarded(metaclip_section, ctx)]
+    sections = [
+        _header(manifest),
+        _guarded(_funnel, ctx),
+        _guarded(samples_section, ctx),
+        _guarded(metaclip_section, ctx),
+    ]
     for planned in stages:
         cutoffs = planned.stage.cutoffs(manifest.aggregates.get(planned.name))
         for column in dict.fromkeys(c.column for c in cutoffs):
-            sections.append(_cutoff_section(rundir, manifest, planned.name, column,
-                                            [c for c in cutoffs if c.column == column]))
-    sections += [_guarded(section, ctx) for section in (dedup_section, capfilt_section, instructions_section,
-                                                        _removed_examples)]
+            sections.append(
+                _cutoff_section(rundir, manifest, planned.name, column, [c for c in cutoffs if c.column == column])
+            )
+    sections += [
+        _guarded(section, ctx) for section in (dedup_section, capfilt_section, instructions_section, _removed_examples)
+    ]
     if ctx.notes:
         found = "\n\n".join(f"**{p.name}**: {ctx.notes[p.name]}" for p in stages if p.name in ctx.notes)
         sections.append(f"## What the stages found\n\n{found}")
@@ -78,15 +85,22 @@ def _header(manifest: Manifest) -> str:
     first = next(iter(totals.values()), None)
     rows_in = first.rows_in if first else 0
     rows_kept = manifest.phases[-1].rows_out if manifest.phases else 0
-    lines = [f"# Dataset card: {manifest.name}", "",
-             f"Status **{manifest.status}**; config hash `{manifest.config_hash}`; "
-             f"created {manifest.created_at}, last updated {manifest.updated_at}.", "",
-             f"**{rows_in:,}** rows in, **{rows_kept:,}** kept ({_percent(rows_kept, rows_in)}), "
-             f"**{rows_in - rows_kept:,}** rejected, each with a reason under `rejects/`."]
+    lines = [
+        f"# Dataset card: {manifest.name}",
+        "",
+        f"Status **{manifest.status}**; config hash `{manifest.config_hash}`; "
+        f"created {manifest.created_at}, last updated {manifest.updated_at}.",
+        "",
+        f"**{rows_in:,}** rows in, **{rows_kept:,}** kept ({_percent(rows_kept, rows_in)}), "
+        f"**{rows_in - rows_kept:,}** rejected, each with a reason under `rejects/`.",
+    ]
     if manifest.export:
         export = manifest.export
-        lines += ["", f"Export: `{export.get('folder')}` ({', '.join(export.get('formats', []))}; "
-                      f"{export.get('shards')} shard(s) of up to {export.get('samples_per_shard')} samples)."]
+        lines += [
+            "",
+            f"Export: `{export.get('folder')}` ({', '.join(export.get('formats', []))}; "
+            f"{export.get('shards')} shard(s) of up to {export.get('samples_per_shard')} samples).",
+        ]
     return "\n".join(lines)
 
 
@@ -102,10 +116,13 @@ def _funnel(ctx: CardContext) -> str:
             if counts is None:
                 continue
             rejected = counts.rows_in - counts.rows_kept
-            reasons = ", ".join(f"{reason} {n:,}" for reason, n in
-                                sorted(counts.rejected.items(), key=lambda item: (-item[1], item[0])))
-            lines.append(f"| {phase.name} | {name} | {counts.rows_in:,} | {counts.rows_kept:,} | "
-                         f"{rejected:,} | {reasons or '-'} |")
+            reasons = ", ".join(
+                f"{reason} {n:,}" for reason, n in sorted(counts.rejected.items(), key=lambda item: (-item[1], item[0]))
+            )
+            lines.append(
+                f"| {phase.name} | {name} | {counts.rows_in:,} | {counts.rows_kept:,} | "
+                f"{rejected:,} | {reasons or '-'} |"
+            )
     return "\n".join(lines)
 
 
@@ -113,10 +130,15 @@ def _removed_examples(ctx: CardContext) -> str | None:
     examples = reject_examples(ctx.rundir, ctx.manifest)
     if not examples:
         return None
-    lines = ["## What each stage removed: examples", "",
-             "A few rejected rows per stage (from the first reject files of each phase; every rejected row, "
-             "with its reason, is under `rejects/`). A stage removing rows that look right is costing you data.",
-             "", "| stage | reason | caption | detail |", "|---|---|---|---|"]
+    lines = [
+        "## What each stage removed: examples",
+        "",
+        "A few rejected rows per stage (from the first reject files of each phase; every rejected row, "
+        "with its reason, is under `rejects/`). A stage removing rows that look right is costing you data.",
+        "",
+        "| stage | reason | caption | detail |",
+        "|---|---|---|---|",
+    ]
     for stage, rows in examples.items():
         for row in rows:
             lines.append(f"| {stage} | {row[REASON]} | {_cell(row[CAPTION], 90)} | {_cell(row[DETAIL], 70)} |")
@@ -129,7 +151,7 @@ def _cell(text: str | None, width: int) -> str:
         return "-"
     flat = " ".join(text.replace("|", "/").split())
     flat = "".join(c if c.isprintable() else "?" for c in flat)
-    return flat if len(flat) <= width else flat[:width - 1] + "…"
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def _cutoff_section(rundir: RunDir, manifest: Manifest, stage: str, column: str, cutoffs: list[Cutoff]) -> str:
@@ -138,27 +160,42 @@ def _cutoff_section(rundir: RunDir, manifest: Manifest, stage: str, column: str,
     if histogram is None:
         return f"## {title}\n\nNo row has a `{column}` value."
     asset = write_asset(rundir, f"{stage}-{column}.png", histogram_png(histogram, cutoffs, title))
-    marks = "; ".join(c.label if c.label.endswith((f" {c.value:g}", f" {c.value:.4g}")) else f"{c.label}: {c.value:.4g}"
-                      for c in cutoffs)
+    marks = "; ".join(
+        c.label if c.label.endswith((f" {c.value:g}", f" {c.value:.4g}")) else f"{c.label}: {c.value:.4g}"
+        for c in cutoffs
+    )
     q = histogram.quantiles
     rejected_here = int(histogram.counts[REJECTED_HERE].sum())
-    return "\n".join([
-        f"## {title}", "", f"![{title}]({asset})", "",
-        f"{histogram.total:,} rows have a `{column}`: 10th percentile {q[0.1]:.4f}, median {q[0.5]:.4f}, "
-        f"90th percentile {q[0.9]:.4f}. {marks}; {rejected_here:,} rows rejected by `{stage}`, "
-        f"{int(histogram.counts[KEPT].sum()):,} kept to the end.",
-    ])
+    return "\n".join(
+        [
+            f"## {title}",
+            "",
+            f"![{title}]({asset})",
+            "",
+            f"{histogram.total:,} rows have a `{column}`: 10th percentile {q[0.1]:.4f}, median {q[0.5]:.4f}, "
+            f"90th percentile {q[0.9]:.4f}. {marks}; {rejected_here:,} rows rejected by `{stage}`, "
+            f"{int(histogram.counts[KEPT].sum()):,} kept to the end.",
+        ]
+    )
 
 
 def _provenance(manifest: Manifest) -> str:
-    lines = ["## Provenance", "", "The full configuration is in `manifest.json` (`config`).", "",
-             "| package | version |", "|---|---|"]
+    lines = [
+        "## Provenance",
+        "",
+        "The full configuration is in `manifest.json` (`config`).",
+        "",
+        "| package | version |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {version} |" for name, version in manifest.versions.items()]
     for entry in manifest.history:
         lines.append("")
-        lines.append(f"Resumed at {entry.get('resumed_at')}"
-                     + (f" with changed versions {entry['versions_changed']}" if entry.get("versions_changed") else "")
-                     + ".")
+        lines.append(
+            f"Resumed at {entry.get('resumed_at')}"
+            + (f" with changed versions {entry['versions_changed']}" if entry.get("versions_changed") else "")
+            + "."
+        )
     return "\n".join(lines)
 
 

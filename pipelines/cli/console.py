@@ -36,8 +36,11 @@ _state = {"verbose": False, "log": None}
 def configure(verbose: bool) -> None:
     """Called once per command: ``verbose`` logs INFO of every library to the terminal, and no file."""
     _state["verbose"] = verbose
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+    )
 
 
 class ProjectWarnings(logging.Handler):

@@ -46,16 +46,25 @@ def column_stats(run: str, phase: str) -> tuple[int, list[ColumnStats]]:
         exprs.append(col.null_count().alias(f"{name}__nulls"))
         measured = _measured(col, dtype)
         if measured is not None:
-            exprs += [measured.min().alias(f"{name}__min"), measured.mean().alias(f"{name}__mean"),
-                      measured.max().alias(f"{name}__max")]
+            exprs += [
+                measured.min().alias(f"{name}__min"),
+                measured.mean().alias(f"{name}__mean"),
+                measured.max().alias(f"{name}__max"),
+            ]
     row = frame.select(exprs).collect().row(0, named=True)
     stats = []
     for name, dtype in schema.items():
-        stats.append(ColumnStats(
-            name=name, dtype=str(dtype), nulls=row[f"{name}__nulls"],
-            minimum=row.get(f"{name}__min"), mean=row.get(f"{name}__mean"), maximum=row.get(f"{name}__max"),
-            measure=_measure_name(dtype),
-        ))
+        stats.append(
+            ColumnStats(
+                name=name,
+                dtype=str(dtype),
+                nulls=row[f"{name}__nulls"],
+                minimum=row.get(f"{name}__min"),
+                mean=row.get(f"{name}__mean"),
+                maximum=row.get(f"{name}__max"),
+                measure=_measure_name(dtype),
+            )
+        )
     return row["__rows"], stats
 
 
@@ -80,6 +89,5 @@ def _measure_name(dtype: pl.DataType) -> str:
 def list_value_counts(run: str, phase: str, column: str) -> dict[int, int]:
     """How many rows of a phase hold each value of a list column (e.g. MetaCLIP entry ids)."""
     pattern = os.path.join(os.path.abspath(run), phase, "*.parquet")
-    counts = (pl.scan_parquet(pattern).select(pl.col(column).explode().drop_nulls())
-              .group_by(column).len().collect())
+    counts = pl.scan_parquet(pattern).select(pl.col(column).explode().drop_nulls()).group_by(column).len().collect()
     return dict(zip(counts[column].to_list(), counts["len"].to_list()))

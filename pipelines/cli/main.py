@@ -22,8 +22,11 @@ from pipelines.engine.plan import build_plan
 from pipelines.engine.runner import make_runner
 from schemas.manifest import Manifest
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Curate web image-text pools into training data for vision-language models.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Curate web image-text pools into training data for vision-language models.",
+)
 metadata_app = typer.Typer(add_completion=False, no_args_is_help=True, help="MetaCLIP metadata lists.")
 app.add_typer(metadata_app, name="metadata")
 app.add_typer(train_app, name="train")
@@ -32,9 +35,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option(
-        "--verbose", "-v", help="Print what Ray and the other libraries log here, not into the run's log file.")]
-        = False):
+def _main(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Print what Ray and the other libraries log here, not into the run's log file."
+        ),
+    ] = False,
+):
     configure(verbose)
 
 
@@ -116,8 +124,11 @@ def retry_failed_command(
             console.print("nothing to retry: no reject has a transient reason")
         else:
             attempted = ", ".join(f"{r} {n:,}" for r, n in report.attempted.most_common())
-            console.print(f"retried {sum(report.attempted.values()):,} rows of {report.phase} ({attempted}): "
-                          f"{report.recovered:,} recovered", soft_wrap=True)
+            console.print(
+                f"retried {sum(report.attempted.values()):,} rows of {report.phase} ({attempted}): "
+                f"{report.recovered:,} recovered",
+                soft_wrap=True,
+            )
         console.print(ledger_table(manifest))
 
 
@@ -136,8 +147,10 @@ def import_batch(
     with _errors():
         settings = ChatSettings(model="unknown", price_input=price_input, price_output=price_output)
         outcome = import_result_files(results, settings, ReplyCache(cache))
-        console.print(f"{len(outcome.replies):,} replies stored in {cache}; {len(outcome.retry):,} to send again "
-                      f"and {len(outcome.failed):,} failed (retry-failed sends both again)")
+        console.print(
+            f"{len(outcome.replies):,} replies stored in {cache}; {len(outcome.retry):,} to send again "
+            f"and {len(outcome.failed):,} failed (retry-failed sends both again)"
+        )
 
 
 @metadata_app.command("build")
@@ -145,9 +158,12 @@ def metadata_build(
     output: Annotated[Path, typer.Option(help="Where to write the list (.json: a JSON list; else one per line).")],
     unigrams: Annotated[int, typer.Option(help="Most frequent English words to include (wordfreq).")] = 250_000,
     wordnet: Annotated[bool, typer.Option(help="Include every WordNet 3.0 lemma name.")] = True,
-    bigrams_from: Annotated[list[Path] | None, typer.Option(
-        help="Caption files (parquet/csv/tsv/jsonl, or .txt one a line) to mine high-PMI bigrams from; "
-             "repeatable.")] = None,
+    bigrams_from: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Caption files (parquet/csv/tsv/jsonl, or .txt one a line) to mine high-PMI bigrams from; repeatable."
+        ),
+    ] = None,
     caption_column: Annotated[str, typer.Option(help="Caption column of those files.")] = "auto",
     max_bigrams: Annotated[int, typer.Option(help="Most bigrams to add.")] = 100_000,
     min_bigram_count: Annotated[int, typer.Option(help="Occurrences a bigram needs.")] = 5,
@@ -162,34 +178,52 @@ def metadata_build(
             yield from caption_texts(str(path), caption_column)
 
     with _errors():
-        entries, report = build_metadata(unigrams=unigrams, wordnet=wordnet,
-                                         bigram_captions=captions() if bigrams_from else None,
-                                         max_bigrams=max_bigrams, min_bigram_count=min_bigram_count, min_pmi=min_pmi)
+        entries, report = build_metadata(
+            unigrams=unigrams,
+            wordnet=wordnet,
+            bigram_captions=captions() if bigrams_from else None,
+            max_bigrams=max_bigrams,
+            min_bigram_count=min_bigram_count,
+            min_pmi=min_pmi,
+        )
         write_metadata(entries, output)
         table = Table(title=f"{len(entries):,} entries written to {output}")
         for header in ("kind", "offered", "added", "in MetaCLIP's list"):
             table.add_column(header, justify="left" if header == "kind" else "right")
         for kind in ("wordnet", "unigrams", "bigrams", "wikipedia_titles"):
             offered = report.offered.get(kind)
-            table.add_row(kind, f"{offered:,}" if offered is not None else "(no offline source)" if
-                          kind == "wikipedia_titles" else "(not asked for)",
-                          f"{report.added.get(kind, 0):,}", f"{METACLIP_COUNTS[kind]:,}")
+            table.add_row(
+                kind,
+                f"{offered:,}"
+                if offered is not None
+                else "(no offline source)"
+                if kind == "wikipedia_titles"
+                else "(not asked for)",
+                f"{report.added.get(kind, 0):,}",
+                f"{METACLIP_COUNTS[kind]:,}",
+            )
         table.add_row("total", "", f"{report.total:,}", f"{sum(METACLIP_COUNTS.values()):,}")
         console.print(table)
 
 
 @app.command()
 def demo(
-    overrides: Annotated[list[str] | None, typer.Argument(
-        help="key=value overrides of configs/demo-models.yaml, e.g. vlm_stage1.max_steps=100.")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="key=value overrides of configs/demo-models.yaml, e.g. vlm_stage1.max_steps=100."),
+    ] = None,
     output_dir: Annotated[Path, typer.Option(help="Where the pool, the run and the models go.")] = Path("runs"),
     runner: Annotated[str, typer.Option(help="local or ray.")] = "ray",
     port: Annotated[int, typer.Option(help="Loopback port of the demo's image server.")] = DEFAULT_PORT,
     rows: Annotated[int, typer.Option(help="Rows in the generated pool.")] = 2000,
-    data: Annotated[str | None, typer.Option(help="Your own pool (url, caption[, boxes]) instead of the "
-                                                  "generated one: parquet/csv/tsv/jsonl file, folder or glob.")] = None,
-    boxes_column: Annotated[str | None, typer.Option(help="With --data: the column of object boxes, if any.")]
-    = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Your own pool (url, caption[, boxes]) instead of the "
+            "generated one: parquet/csv/tsv/jsonl file, folder or glob."
+        ),
+    ] = None,
+    boxes_column: Annotated[str | None, typer.Option(help="With --data: the column of object boxes, if any.")] = None,
 ) -> None:
     """The whole mission offline on embedded defaults: pool, curation (configs/demo.yaml), the LiT
     CLIP, VLM stages 1 and 2 and their evaluation (configs/demo-models.yaml)."""
@@ -218,8 +252,9 @@ def demo(
 def _run(cfg: PipelineConfig) -> Manifest:
     plan = build_plan(cfg)
     runner = make_runner(cfg.runner, cfg.ray)
-    console.print(f"run [bold]{cfg.name}[/] ({cfg.runner} runner, config {plan.config_hash}) → {plan.run_uri}",
-                  soft_wrap=True)
+    console.print(
+        f"run [bold]{cfg.name}[/] ({cfg.runner} runner, config {plan.config_hash}) → {plan.run_uri}", soft_wrap=True
+    )
     with log_to_file(run_log(plan.run_uri)):
         try:
             with PhaseBars() as progress:
@@ -233,8 +268,11 @@ def _run(cfg: PipelineConfig) -> Manifest:
     console.print(f"rejects:   [bold]{run_root}/rejects/[/]", soft_wrap=True)
     console.print(f"manifest:  [bold]{run_root}/manifest.json[/]", soft_wrap=True)
     if manifest.export:
-        console.print(f"export:    [bold]{manifest.export['folder']}[/] ({', '.join(manifest.export['formats'])}; "
-                      f"{manifest.export['rows']:,} rows in {manifest.export['shards']} shards)", soft_wrap=True)
+        console.print(
+            f"export:    [bold]{manifest.export['folder']}[/] ({', '.join(manifest.export['formats'])}; "
+            f"{manifest.export['rows']:,} rows in {manifest.export['shards']} shards)",
+            soft_wrap=True,
+        )
     return manifest
 
 
@@ -270,7 +308,12 @@ def _num(value: float | None) -> str:
 
 def main() -> None:
     # No telemetry, no update checks, no hub: the only network a run uses is the urls it fetches.
-    for key, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_AUTH_MODE", "disabled"),
-                       ("NO_ALBUMENTATIONS_UPDATE", "1"), ("WANDB_MODE", "disabled"), ("HF_HUB_OFFLINE", "1")):
+    for key, value in (
+        ("RAY_USAGE_STATS_ENABLED", "0"),
+        ("RAY_AUTH_MODE", "disabled"),
+        ("NO_ALBUMENTATIONS_UPDATE", "1"),
+        ("WANDB_MODE", "disabled"),
+        ("HF_HUB_OFFLINE", "1"),
+    ):
         os.environ.setdefault(key, value)
     app(prog_name="vlmcurate", args=sys.argv[1:])

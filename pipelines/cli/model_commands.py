@@ -65,7 +65,9 @@ def _train(recipe: str, config: Path, overrides: list[str] | None) -> None:
 @eval_app.command("zeroshot")
 def eval_zeroshot(
     data: Annotated[str, typer.Argument(help="Labelled images: a folder <class>/<image> or such a tar.")],
-    model: ModelOption = None, pretrained: PretrainedOption = None, checkpoint: CheckpointOption = None,
+    model: ModelOption = None,
+    pretrained: PretrainedOption = None,
+    checkpoint: CheckpointOption = None,
     per_class: Annotated[int | None, typer.Option(help="At most this many images per class.")] = None,
     batch_size: int = 64,
 ) -> None:
@@ -83,7 +85,9 @@ def eval_zeroshot(
 def eval_retrieval(
     captions: Annotated[str, typer.Argument(help="JSONL rows {image, captions: [...]}.")],
     images: Annotated[str | None, typer.Option(help="Folder of the images (default: beside the JSONL).")] = None,
-    model: ModelOption = None, pretrained: PretrainedOption = None, checkpoint: CheckpointOption = None,
+    model: ModelOption = None,
+    pretrained: PretrainedOption = None,
+    checkpoint: CheckpointOption = None,
     split: Annotated[str, typer.Option(help="all, train or heldout (a stable hash split of image names).")] = "heldout",
     limit: Annotated[int | None, typer.Option(help="At most this many images.")] = None,
 ) -> None:
@@ -100,23 +104,26 @@ def eval_retrieval(
 @eval_app.command("vlm")
 def eval_vlm(
     checkpoint: Annotated[str | None, typer.Option(help="A `vlmcurate train vlm` output folder or .pt file.")] = None,
-    model: Annotated[str | None, typer.Option(help="An untrained VLM config instead (a baseline), e.g. lit-smollm2.")]
-    = None,
-    captions: Annotated[str | None, typer.Option(help="JSONL rows {image, captions: [...]}: loss, BLEU-4, CIDEr-D.")]
-    = None,
-    images: Annotated[str | None, typer.Option(help="Folder of the caption set's images (default: beside it).")]
-    = None,
-    split: Annotated[str, typer.Option(help="all, train or heldout (the stable hash split of image names).")]
-    = "heldout",
+    model: Annotated[
+        str | None, typer.Option(help="An untrained VLM config instead (a baseline), e.g. lit-smollm2.")
+    ] = None,
+    captions: Annotated[
+        str | None, typer.Option(help="JSONL rows {image, captions: [...]}: loss, BLEU-4, CIDEr-D.")
+    ] = None,
+    images: Annotated[str | None, typer.Option(help="Folder of the caption set's images (default: beside it).")] = None,
+    split: Annotated[
+        str, typer.Option(help="all, train or heldout (the stable hash split of image names).")
+    ] = "heldout",
     limit: Annotated[int | None, typer.Option(help="At most this many caption images.")] = None,
-    probe: Annotated[str | None, typer.Option(help="JSONL rows {image, instances|objects}: the POPE-style probe.")]
-    = None,
-    probe_images: Annotated[str | None, typer.Option(help="Folder of the probe's images (default: beside it).")]
-    = None,
+    probe: Annotated[
+        str | None, typer.Option(help="JSONL rows {image, instances|objects}: the POPE-style probe.")
+    ] = None,
+    probe_images: Annotated[str | None, typer.Option(help="Folder of the probe's images (default: beside it).")] = None,
     probe_limit: Annotated[int | None, typer.Option(help="At most this many probe images.")] = None,
     per_image: Annotated[int, typer.Option(help="Probe questions per image and answer (yes and no).")] = 3,
-    template: Annotated[str | None, typer.Option(help="Chat template to prompt with (default: the one trained).")]
-    = None,
+    template: Annotated[
+        str | None, typer.Option(help="Chat template to prompt with (default: the one trained).")
+    ] = None,
     instruction: Annotated[str, typer.Option(help="Text after the image when asking for a caption.")] = "",
     show: Annotated[int, typer.Option(help="Generated captions to print.")] = 5,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
@@ -144,14 +151,20 @@ def eval_vlm(
         result: dict = {"checkpoint": checkpoint, "model": bundle.config.vision + " + " + bundle.config.language_model}
         if captions is not None:
             result["captions"] = evaluate_captions(
-                bundle, CaptionedImageSet(captions, images, split=split, limit=limit), instruction=instruction,
-                show=show)
+                bundle,
+                CaptionedImageSet(captions, images, split=split, limit=limit),
+                instruction=instruction,
+                show=show,
+            )
             for example in result["captions"]["examples"]:
-                console.print(f"{example['image']}: [bold]{example['generated']!r}[/bold] "
-                              f"(reference: {example['references'][0]!r})")
+                console.print(
+                    f"{example['image']}: [bold]{example['generated']!r}[/bold] "
+                    f"(reference: {example['references'][0]!r})"
+                )
         if probe is not None:
-            result["probe"] = evaluate_probe(bundle, BoxedImageSet(probe, probe_images, limit=probe_limit),
-                                             per_image=per_image)
+            result["probe"] = evaluate_probe(
+                bundle, BoxedImageSet(probe, probe_images, limit=probe_limit), per_image=per_image
+            )
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(result, indent=2, default=str))

@@ -24,8 +24,14 @@ class PhaseBars:
     :func:`pipelines.engine.execute.run_pipeline` feeds it (``total`` 0 while the input is still read)."""
 
     def __init__(self) -> None:
-        self.bar = Progress(TextColumn("{task.description:<26}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                            TextColumn("shards {task.fields[when]}"), _time_column(), console=console)
+        self.bar = Progress(
+            TextColumn("{task.description:<26}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("shards {task.fields[when]}"),
+            _time_column(),
+            console=console,
+        )
         self.tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> PhaseBars:
@@ -38,8 +44,9 @@ class PhaseBars:
     def __call__(self, phase: str, done: int, total: int) -> None:
         if phase not in self.tasks:
             self.tasks[phase] = self.bar.add_task(phase, total=total or None, when="ETA")
-        self.bar.update(self.tasks[phase], completed=done, total=total or None,
-                        when="took" if total and done >= total else "ETA")
+        self.bar.update(
+            self.tasks[phase], completed=done, total=total or None, when="took" if total and done >= total else "ETA"
+        )
 
 
 class TrainingBars:
@@ -55,18 +62,29 @@ class TrainingBars:
         if self.bar is None or metrics is None:
             self._start(run, step, max_steps)
         if metrics is not None:
-            rate = next((f"{v:,.0f} {k.removesuffix('_per_s')}/s" for k, v in metrics.items() if k.endswith("_per_s")),
-                        "")
-            self.bar.update(self.task, completed=step, rate=rate, loss=f"loss {metrics['loss']:.3f}",
-                            when="took" if step >= max_steps else "ETA")
+            rate = next(
+                (f"{v:,.0f} {k.removesuffix('_per_s')}/s" for k, v in metrics.items() if k.endswith("_per_s")), ""
+            )
+            self.bar.update(
+                self.task,
+                completed=step,
+                rate=rate,
+                loss=f"loss {metrics['loss']:.3f}",
+                when="took" if step >= max_steps else "ETA",
+            )
         if step >= max_steps:
             self.close()
 
     def _start(self, run: str, step: int, max_steps: int) -> None:
         self.close()
-        self.bar = Progress(TextColumn("train {task.description}"), BarColumn(bar_width=12), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]} {task.fields[loss]} {task.fields[when]}"), _time_column(),
-                            console=console)
+        self.bar = Progress(
+            TextColumn("train {task.description}"),
+            BarColumn(bar_width=12),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} {task.fields[loss]} {task.fields[when]}"),
+            _time_column(),
+            console=console,
+        )
         self.bar.start()
         self.task = self.bar.add_task(run, total=max_steps, completed=step, rate="", loss="", when="ETA")
 

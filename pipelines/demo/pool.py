@@ -21,8 +21,19 @@ import random
 
 from pipelines.demo.scenes import PHOTO_CAPTION, Scene, instances, scene
 
-JUNK = ["IMG_{n}.JPG", "DSC0{n}.jpg", "{n}x{m}", "{n} x {m} px", "https://demo.invalid/p/{n}",
-        "image", "thumbnail", "", "   ", "untitled-{n}.png", "photo"]
+JUNK = [
+    "IMG_{n}.JPG",
+    "DSC0{n}.jpg",
+    "{n}x{m}",
+    "{n} x {m} px",
+    "https://demo.invalid/p/{n}",
+    "image",
+    "thumbnail",
+    "",
+    "   ",
+    "untitled-{n}.png",
+    "photo",
+]
 
 
 def noisy_caption(rng: random.Random, caption: str) -> str:

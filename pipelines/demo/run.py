@@ -104,17 +104,31 @@ class DemoPaths:
 
     @classmethod
     def under(cls, root: Path) -> DemoPaths:
-        return cls(root, metadata=root / "demo-metadata.json", pool=root / "demo-pool.csv",
-                   objects=root / "demo-objects.txt", lit_clip=root / "lit-clip", bootstrap=root / "demo-bootstrap",
-                   run=root / "demo", stage1=root / "demo-vlm-stage1", stage2=root / "demo-vlm-stage2",
-                   heldout=root / "demo-heldout", evaluation=root / "demo-eval.json")
+        return cls(
+            root,
+            metadata=root / "demo-metadata.json",
+            pool=root / "demo-pool.csv",
+            objects=root / "demo-objects.txt",
+            lit_clip=root / "lit-clip",
+            bootstrap=root / "demo-bootstrap",
+            run=root / "demo",
+            stage1=root / "demo-vlm-stage1",
+            stage2=root / "demo-vlm-stage2",
+            heldout=root / "demo-heldout",
+            evaluation=root / "demo-eval.json",
+        )
 
 
 class Demo:
     """The demo's steps; ``say`` prints a line, ``curate`` runs a pipeline config and returns its manifest."""
 
-    def __init__(self, paths: DemoPaths, models: DemoModels, say: Callable[[str], None],
-                 curate: Callable[[PipelineConfig], Manifest]) -> None:
+    def __init__(
+        self,
+        paths: DemoPaths,
+        models: DemoModels,
+        say: Callable[[str], None],
+        curate: Callable[[PipelineConfig], Manifest],
+    ) -> None:
         self.paths, self.models, self.say, self.curate = paths, models, say, curate
         self.started = time.monotonic()
         self.steps: list[tuple[str, float]] = []  # each step's title and start
@@ -153,20 +167,31 @@ class Demo:
             return
         shard = write_scene_shard(self.paths.bootstrap, BOOTSTRAP_FIRST_SCENE, self.models.bootstrap_scenes)
         metrics = train_clip(self.models.clip_config(shard, self.paths.lit_clip))
-        self.say(f"trained on {self.models.bootstrap_scenes:,} clean scenes to step {metrics.get('step')} "
-                 f"(loss {metrics.get('loss')}): {self.paths.lit_clip}")
+        self.say(
+            f"trained on {self.models.bootstrap_scenes:,} clean scenes to step {metrics.get('step')} "
+            f"(loss {metrics.get('loss')}): {self.paths.lit_clip}"
+        )
 
     def curation(self, pool: str, runner: str, own_data: bool, boxes_column: str | None) -> Manifest:
         self.header("curation (configs/demo.yaml)")
         weights = str(self.paths.lit_clip)
-        overrides = [f"input={pool}", f"output_dir={self.paths.root}", f"runner={runner}",
-                     f"stages.metaclip_match.metadata={self.paths.metadata}",
-                     f"stages.clip_preprocess.weights={weights}", f"stages.clip_embed.weights={weights}",
-                     f"stages.clip_caption_score.weights={weights}"]
+        overrides = [
+            f"input={pool}",
+            f"output_dir={self.paths.root}",
+            f"runner={runner}",
+            f"stages.metaclip_match.metadata={self.paths.metadata}",
+            f"stages.clip_preprocess.weights={weights}",
+            f"stages.clip_embed.weights={weights}",
+            f"stages.clip_caption_score.weights={weights}",
+        ]
         if own_data:
             keep = f"[{boxes_column}]" if boxes_column else "[]"
-            overrides += [f"columns.keep={keep}", f"stages.instruct.boxes_column={boxes_column or 'null'}",
-                          "stages.instruct.absent_objects=null", "stages.download.allow_addresses=[]"]
+            overrides += [
+                f"columns.keep={keep}",
+                f"stages.instruct.boxes_column={boxes_column or 'null'}",
+                "stages.instruct.absent_objects=null",
+                "stages.download.allow_addresses=[]",
+            ]
         else:
             from pipelines.demo.scenes import object_names
 
@@ -182,8 +207,10 @@ class Demo:
             config = self.models.vlm_config(stage, self.paths.run, output, init)
             metrics = train_vlm(config)
             rejected = metrics.get("rejected") or {}
-            self.say(f"step {metrics.get('step')}, loss {metrics.get('loss')}, "
-                     f"{metrics.get('tokens_per_s')} tokens/s; records refused: {rejected or 'none'}; {output}")
+            self.say(
+                f"step {metrics.get('step')}, loss {metrics.get('loss')}, "
+                f"{metrics.get('tokens_per_s')} tokens/s; records refused: {rejected or 'none'}; {output}"
+            )
 
     def evaluate(self) -> dict[str, Any]:
         from models.evaluation.datasets import CaptionedImageSet
@@ -199,24 +226,33 @@ class Demo:
         probe = evaluate_probe(bundle, BoxedImageSet(self.paths.heldout / "probe.jsonl"), per_image=settings.per_image)
         result = {"model": str(self.paths.stage2), "captions": captions, "probe": probe}
         self.paths.evaluation.write_text(json.dumps(result, indent=2))
-        self.say(f"caption loss {captions['caption_loss']:.3f} nats/token, BLEU-4 {captions['bleu4']:.3f}, "
-                 f"CIDEr-D {captions['cider_d']:.3f} on {captions['images']} images")
+        self.say(
+            f"caption loss {captions['caption_loss']:.3f} nats/token, BLEU-4 {captions['bleu4']:.3f}, "
+            f"CIDEr-D {captions['cider_d']:.3f} on {captions['images']} images"
+        )
         for example in captions["examples"]:
             self.say(f"  generated {example['generated']!r}; true {example['references'][0]!r}")
         for setting in ("random", "popular", "adversarial"):
             scores = probe[setting]
-            self.say(f"object probe ({setting}): accuracy {scores['accuracy']:.3f}, F1 {scores['f1']:.3f}, "
-                     f"yes-ratio {scores['yes_ratio']:.3f}, unanswered {scores['unanswered']}")
+            self.say(
+                f"object probe ({setting}): accuracy {scores['accuracy']:.3f}, F1 {scores['f1']:.3f}, "
+                f"yes-ratio {scores['yes_ratio']:.3f}, unanswered {scores['unanswered']}"
+            )
         return result
 
     def summary(self, manifest: Manifest) -> None:
         self.header("where everything went")
         run = self.paths.run
-        rows = [("curated rows", f"{run}/{manifest.final_phase}/"), ("rejects, with reasons", f"{run}/rejects/"),
-                ("dataset card", f"{run}/README.md"), ("shards (webdataset, parquet, llava)", f"{run}/export/"),
-                ("LiT CLIP", str(self.paths.lit_clip)), ("VLM stage 1", str(self.paths.stage1)),
-                ("VLM stage 2 (LoRA merged on load)", str(self.paths.stage2)),
-                ("evaluation", str(self.paths.evaluation))]
+        rows = [
+            ("curated rows", f"{run}/{manifest.final_phase}/"),
+            ("rejects, with reasons", f"{run}/rejects/"),
+            ("dataset card", f"{run}/README.md"),
+            ("shards (webdataset, parquet, llava)", f"{run}/export/"),
+            ("LiT CLIP", str(self.paths.lit_clip)),
+            ("VLM stage 1", str(self.paths.stage1)),
+            ("VLM stage 2 (LoRA merged on load)", str(self.paths.stage2)),
+            ("evaluation", str(self.paths.evaluation)),
+        ]
         for what, where in rows:
             self.say(f"{what:<38} {where}")
         self.say("\ntime per step")
@@ -233,8 +269,13 @@ def write_scene_shard(folder: Path, first: int, count: int) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     scenes = [scene(i) for i in range(first, first + count)]
-    table = pa.table({"uid": [f"scene-{i}" for i in range(first, first + count)],
-                      "caption": [s.caption for s in scenes], "image": [render(s) for s in scenes]})
+    table = pa.table(
+        {
+            "uid": [f"scene-{i}" for i in range(first, first + count)],
+            "caption": [s.caption for s in scenes],
+            "image": [render(s) for s in scenes],
+        }
+    )
     path = folder / "00000.tar"
     with open(path, "wb") as out:
         write_webdataset(table, out)

@@ -18,10 +18,23 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
-          "purple": (140, 60, 170), "orange": (245, 140, 30), "black": (20, 20, 20), "white": (245, 245, 245)}
-BACKGROUNDS = {"white": (250, 250, 250), "grey": (150, 150, 150), "sky blue": (150, 200, 240),
-               "beige": (235, 220, 190), "dark green": (30, 80, 40)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 60, 170),
+    "orange": (245, 140, 30),
+    "black": (20, 20, 20),
+    "white": (245, 245, 245),
+}
+BACKGROUNDS = {
+    "white": (250, 250, 250),
+    "grey": (150, 150, 150),
+    "sky blue": (150, 200, 240),
+    "beige": (235, 220, 190),
+    "dark green": (30, 80, 40),
+}
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon", "cross")
 _SHAPE_WEIGHTS = [1 / rank for rank in range(1, len(SHAPES) + 1)]
 
@@ -108,9 +121,18 @@ def object_names() -> list[str]:
 
 def instances(s: Scene) -> list[dict]:
     """The scene's objects as ``{"category": "<colour> <shape>", "bbox": [x1, y1, x2, y2]}`` in [0, 1]."""
-    return [{"category": f"{shape.color} {shape.kind}",
-             "bbox": [round(shape.box[0] / s.width, 3), round(shape.box[1] / s.height, 3),
-                      round(shape.box[2] / s.width, 3), round(shape.box[3] / s.height, 3)]} for shape in s.shapes]
+    return [
+        {
+            "category": f"{shape.color} {shape.kind}",
+            "bbox": [
+                round(shape.box[0] / s.width, 3),
+                round(shape.box[1] / s.height, 3),
+                round(shape.box[2] / s.width, 3),
+                round(shape.box[3] / s.height, 3),
+            ],
+        }
+        for shape in s.shapes
+    ]
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
@@ -126,8 +148,13 @@ def _draw(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
     elif shape.kind == "diamond":
         draw.polygon([(cx, y1), (x2, cy), (cx, y2), (x1, cy)], fill=fill)
     elif shape.kind == "star":
-        points = [(cx + (r if k % 2 == 0 else r * 0.42) * math.sin(k * math.pi / 5),
-                   cy - (r if k % 2 == 0 else r * 0.42) * math.cos(k * math.pi / 5)) for k in range(10)]
+        points = [
+            (
+                cx + (r if k % 2 == 0 else r * 0.42) * math.sin(k * math.pi / 5),
+                cy - (r if k % 2 == 0 else r * 0.42) * math.cos(k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
         draw.polygon(points, fill=fill)
     elif shape.kind == "hexagon":
         draw.regular_polygon((cx, cy, r), 6, fill=fill)

@@ -92,8 +92,9 @@ class DemoImageServer:
         try:
             self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
         except OSError as e:
-            raise OSError(f"cannot serve the demo images on 127.0.0.1:{port} ({e.strerror}); "
-                          f"pass --port with a free port") from None
+            raise OSError(
+                f"cannot serve the demo images on 127.0.0.1:{port} ({e.strerror}); pass --port with a free port"
+            ) from None
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.base = f"http://127.0.0.1:{self.port}"

@@ -87,7 +87,7 @@ class DecodeProcess:
             status = self.close()
             raise ImageRejected(DECODE_ERROR, f"the decoder died ({_exit_text(status)})") from None
         status, width, height, original_width, original_height = _SIZES.unpack_from(answer)
-        payload = answer[_SIZES.size:]
+        payload = answer[_SIZES.size :]
         if status == _OK:
             return Encoded(payload, width, height, original_width, original_height)
         if status == _OUT_OF_MEMORY:
@@ -123,10 +123,20 @@ class _Child:
         with tempfile.TemporaryFile() as stderr:
             try:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "pipelines.download.decode_process", str(jobs_read), str(results_write),
-                     settings],
-                    pass_fds=(jobs_read, results_write), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=stderr, env=env)
+                    [
+                        sys.executable,
+                        "-m",
+                        "pipelines.download.decode_process",
+                        str(jobs_read),
+                        str(results_write),
+                        settings,
+                    ],
+                    pass_fds=(jobs_read, results_write),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    env=env,
+                )
             finally:
                 os.close(jobs_read)
                 os.close(results_write)
@@ -162,6 +172,7 @@ def _exit_text(status: int | None) -> str:
 
 # The child ------------------------------------------------------------------------------------
 
+
 def serve(jobs: Connection, results: Connection, settings: dict) -> None:
     """Answer each body on ``jobs`` with its re-encoded image or its rejection, until EOF."""
     reencode = Reencoder(ResizeSettings(**settings["resize"]))
@@ -191,8 +202,9 @@ def _answer(reencode: Reencoder, body: bytes, max_decode_bytes: int) -> tuple[by
     except ImageRejected as e:
         out_of_memory = e.reason == DECODE_ERROR and any(w in e.detail.lower() for w in _OUT_OF_MEMORY_WORDS)
         if out_of_memory:
-            e = ImageRejected(DECOMPRESSION_BOMB, f"decoding needed more than max_decode_bytes="
-                                                  f"{max_decode_bytes:,} ({e.detail})")
+            e = ImageRejected(
+                DECOMPRESSION_BOMB, f"decoding needed more than max_decode_bytes={max_decode_bytes:,} ({e.detail})"
+            )
         status = _OUT_OF_MEMORY if out_of_memory else _REJECTED
         return _SIZES.pack(status, 0, 0, 0, 0) + f"{e.reason}\0{e.detail[:500]}".encode(), out_of_memory
     except MemoryError:
@@ -215,5 +227,8 @@ def _address_space() -> int | None:
 
 
 if __name__ == "__main__":
-    serve(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False),
-          json.loads(sys.argv[3]))
+    serve(
+        Connection(int(sys.argv[1]), writable=False),
+        Connection(int(sys.argv[2]), readable=False),
+        json.loads(sys.argv[3]),
+    )

@@ -168,8 +168,12 @@ class Fetcher:
 
     check_allow_list = staticmethod(parse_allow_list)
 
-    def __init__(self, policy: FetchPolicy, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], object] = time.sleep) -> None:
+    def __init__(
+        self,
+        policy: FetchPolicy,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], object] = time.sleep,
+    ) -> None:
         self.policy = policy
         self.clock = clock
         self.sleep = sleep
@@ -239,8 +243,9 @@ class Fetcher:
         if parts.scheme not in ("http", "https") or not host:
             raise FetchError(BAD_URL, f"not an http(s) url: {url[:200]}")
         port = port or (443 if parts.scheme == "https" else 80)
-        path = quote(parts.path or "/", safe=_URL_SAFE) + (f"?{quote(parts.query, safe=_URL_SAFE)}" if parts.query
-                                                          else "")
+        path = quote(parts.path or "/", safe=_URL_SAFE) + (
+            f"?{quote(parts.query, safe=_URL_SAFE)}" if parts.query else ""
+        )
         try:
             addresses = self._resolver.resolve(host, port, deadline)
         except ResolveError as e:
@@ -265,17 +270,26 @@ class Fetcher:
                 sock.do_handshake()
             connection = http.client.HTTPConnection(target.host, target.port)
             connection.sock = sock
-            connection.request("GET", target.path, headers={
-                "User-Agent": self.policy.user_agent, "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity",
-            })
+            connection.request(
+                "GET",
+                target.path,
+                headers={
+                    "User-Agent": self.policy.user_agent,
+                    "Accept": "image/*,*/*;q=0.5",
+                    "Accept-Encoding": "identity",
+                },
+            )
             response = connection.getresponse()
             status, headers = response.status, response.headers
             if status in _REDIRECTS and headers.get("Location"):
                 return status, _header_text(headers["Location"]), b""
             if status != 200:
-                raise FetchError(f"http_{status}", f"{response.reason} from {target.host}",
-                                 transient=status in (408, 429) or status >= 500,
-                                 retry_after=_retry_after(headers.get("Retry-After")))
+                raise FetchError(
+                    f"http_{status}",
+                    f"{response.reason} from {target.host}",
+                    transient=status in (408, 429) or status >= 500,
+                    retry_after=_retry_after(headers.get("Retry-After")),
+                )
             if self._opted_out(headers):
                 raise FetchError(OPT_OUT, f"X-Robots-Tag: {'; '.join(headers.get_all('X-Robots-Tag', []))}")
             return status, "", self._read_body(response, deadline, bodies)
@@ -313,8 +327,10 @@ class Fetcher:
             return FetchError(TLS, str(error.reason or error)[:300])
         if isinstance(error, (http.client.InvalidURL, UnicodeError, ValueError)):
             return FetchError(BAD_URL, f"{type(error).__name__}: {error}"[:300])
-        if isinstance(error, (ConnectionError, http.client.IncompleteRead, http.client.RemoteDisconnected)) or \
-                type(error) is OSError:
+        if (
+            isinstance(error, (ConnectionError, http.client.IncompleteRead, http.client.RemoteDisconnected))
+            or type(error) is OSError
+        ):
             return FetchError(CONNECTION, f"{type(error).__name__}: {error}"[:300], transient=True)
         if isinstance(error, (http.client.HTTPException, OSError)):  # a server breaking the protocol
             return FetchError(PROTOCOL_ERROR, f"{type(error).__name__}: {error}"[:300])
@@ -336,9 +352,12 @@ class Fetcher:
                 if size > cap:
                     raise FetchError(TOO_LARGE, f"body exceeds the {cap:,}-byte cap")
                 if reader is not None and not bodies.take(reader, len(chunk), deadline):
-                    raise FetchError(TIMEOUT, f"no room for the body within {self.policy.timeout:g}s: the worker "
-                                              f"holds max_bytes_in_flight={bodies.limit:,} bytes of bodies",
-                                     transient=True)
+                    raise FetchError(
+                        TIMEOUT,
+                        f"no room for the body within {self.policy.timeout:g}s: the worker "
+                        f"holds max_bytes_in_flight={bodies.limit:,} bytes of bodies",
+                        transient=True,
+                    )
                 chunks.append(chunk)
             if time.monotonic() >= deadline:  # the watchdog may have cut the body short
                 raise FetchError(TIMEOUT, f"body not complete within {self.policy.timeout:g}s", transient=True)

@@ -127,8 +127,7 @@ class Resolver:
             return future.result(timeout=max(deadline - time.monotonic(), 0.001))
         except FutureTimeout:
             future.cancel()
-            raise ResolveError("timeout", f"resolving {host} took longer than the deadline", transient=True) \
-                from None
+            raise ResolveError("timeout", f"resolving {host} took longer than the deadline", transient=True) from None
         except socket.gaierror as e:
             raise ResolveError("dns", f"{host}: {e.strerror}", transient=e.errno == socket.EAI_AGAIN) from None
         except (UnicodeError, OSError) as e:

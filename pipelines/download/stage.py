@@ -76,8 +76,15 @@ class Download(Stage):
 
     name: ClassVar[str] = "download"
     input_columns: ClassVar[tuple[str, ...]] = (URL,)
-    output_columns: ClassVar[tuple[str, ...]] = (IMAGE, WIDTH, HEIGHT, ORIGINAL_WIDTH, ORIGINAL_HEIGHT, SHA256,
-                                                 SOURCE_SHA256)
+    output_columns: ClassVar[tuple[str, ...]] = (
+        IMAGE,
+        WIDTH,
+        HEIGHT,
+        ORIGINAL_WIDTH,
+        ORIGINAL_HEIGHT,
+        SHA256,
+        SOURCE_SHA256,
+    )
     checkpoint_after: ClassVar[bool] = True
 
     resources: Resources = default_resources(batch_size=4096)
@@ -107,8 +114,15 @@ class Download(Stage):
 
     def __post_init__(self) -> None:
         self._resize_settings()  # validates the resize mode and encode format
-        for key in ("threads", "max_bytes", "max_bytes_in_flight", "image_size", "max_pixels", "max_decode_bytes",
-                    "max_jpeg_scans"):
+        for key in (
+            "threads",
+            "max_bytes",
+            "max_bytes_in_flight",
+            "image_size",
+            "max_pixels",
+            "max_decode_bytes",
+            "max_jpeg_scans",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("timeout", "total_timeout", "backoff", "max_retry_after", "decode_timeout"):
@@ -126,26 +140,41 @@ class Download(Stage):
         return is_transient_reason(reason)
 
     def setup(self) -> None:
-        self._fetcher = Fetcher(FetchPolicy(
-            timeout=self.timeout, total_timeout=self.total_timeout, max_bytes=self.max_bytes,
-            max_redirects=self.max_redirects, retries=self.retries, backoff=self.backoff,
-            max_retry_after=self.max_retry_after, user_agent_token=self.user_agent_token,
-            robots_agents=tuple(self.robots_agents), disallowed_directives=tuple(self.disallowed_header_directives),
-            allow_addresses=tuple(self.allow_addresses), resolver_threads=self.threads,
-        ))
+        self._fetcher = Fetcher(
+            FetchPolicy(
+                timeout=self.timeout,
+                total_timeout=self.total_timeout,
+                max_bytes=self.max_bytes,
+                max_redirects=self.max_redirects,
+                retries=self.retries,
+                backoff=self.backoff,
+                max_retry_after=self.max_retry_after,
+                user_agent_token=self.user_agent_token,
+                robots_agents=tuple(self.robots_agents),
+                disallowed_directives=tuple(self.disallowed_header_directives),
+                allow_addresses=tuple(self.allow_addresses),
+                resolver_threads=self.threads,
+            )
+        )
         self._reencode = DecodeProcess(
             self._resize_settings(),
-            DecodeLimits(max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes,
-                         max_jpeg_scans=self.max_jpeg_scans),
+            DecodeLimits(
+                max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes, max_jpeg_scans=self.max_jpeg_scans
+            ),
             timeout=self.decode_timeout,
         )
         self._bodies = BodyBudget(self.max_bytes_in_flight)
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="fetch")
 
     def _resize_settings(self) -> ResizeSettings:
-        return ResizeSettings(image_size=self.image_size, resize_mode=self.resize_mode,
-                              resize_only_if_bigger=self.resize_only_if_bigger, encode_format=self.encode_format,
-                              encode_quality=self.encode_quality, min_image_size=self.min_image_size)
+        return ResizeSettings(
+            image_size=self.image_size,
+            resize_mode=self.resize_mode,
+            resize_only_if_bigger=self.resize_only_if_bigger,
+            encode_format=self.encode_format,
+            encode_quality=self.encode_quality,
+            min_image_size=self.min_image_size,
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         urls = batch[URL].to_pylist()
@@ -183,20 +212,23 @@ class Download(Stage):
         return _columns(images, sources, rejections)
 
 
-def _columns(images: list[Encoded | None], sources: list[str | None],
-             rejections: list[tuple[str, str] | None]) -> pa.Table:
+def _columns(
+    images: list[Encoded | None], sources: list[str | None], rejections: list[tuple[str, str] | None]
+) -> pa.Table:
     def ints(values):
         return pa.array(values, pa.int32())
 
-    table = pa.table({
-        IMAGE: pa.array([e.data if e else None for e in images], pa.binary()),
-        WIDTH: ints([e.width if e else None for e in images]),
-        HEIGHT: ints([e.height if e else None for e in images]),
-        ORIGINAL_WIDTH: ints([e.original_width if e else None for e in images]),
-        ORIGINAL_HEIGHT: ints([e.original_height if e else None for e in images]),
-        SHA256: pa.array([hashlib.sha256(e.data).hexdigest() if e else None for e in images], pa.string()),
-        SOURCE_SHA256: pa.array(sources, pa.string()),
-    })
+    table = pa.table(
+        {
+            IMAGE: pa.array([e.data if e else None for e in images], pa.binary()),
+            WIDTH: ints([e.width if e else None for e in images]),
+            HEIGHT: ints([e.height if e else None for e in images]),
+            ORIGINAL_WIDTH: ints([e.original_width if e else None for e in images]),
+            ORIGINAL_HEIGHT: ints([e.original_height if e else None for e in images]),
+            SHA256: pa.array([hashlib.sha256(e.data).hexdigest() if e else None for e in images], pa.string()),
+            SOURCE_SHA256: pa.array(sources, pa.string()),
+        }
+    )
     marks = Rejections(len(images))
     for reason in sorted({r[0] for r in rejections if r}):
         mask = [r is not None and r[0] == reason for r in rejections]

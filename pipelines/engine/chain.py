@@ -159,10 +159,13 @@ def _check_output(planned: PlannedStage, batch: pa.Table, result: Any) -> None:
         )
     declared = set(planned.stage.output_columns)
     reserved = [c for c in RESERVED if c in result.column_names]
-    if reserved and (len(reserved) != len(RESERVED) or
-                     any(result.schema.field(c).type != pa.string() for c in RESERVED)):
-        raise StageContractError(f"{where} returned {reserved}: reject columns come as a pair of strings; "
-                                 f"set them with pipelines.stage.Rejections")
+    if reserved and (
+        len(reserved) != len(RESERVED) or any(result.schema.field(c).type != pa.string() for c in RESERVED)
+    ):
+        raise StageContractError(
+            f"{where} returned {reserved}: reject columns come as a pair of strings; "
+            f"set them with pipelines.stage.Rejections"
+        )
     extra = [c for c in result.column_names if c not in declared and c not in RESERVED]
     if extra:
         raise StageContractError(f"{where} returned undeclared column(s) {extra}; declared: {sorted(declared)}")

@@ -51,7 +51,8 @@ class ExportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     formats: list[Literal["webdataset", "parquet", "llava"]] = Field(
-        default_factory=lambda: ["webdataset", "parquet"], min_length=1)
+        default_factory=lambda: ["webdataset", "parquet"], min_length=1
+    )
     samples_per_shard: int = Field(default=10_000, ge=1)
     folder: str = Field(default="export", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]*$")
 
@@ -135,7 +136,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             else:
                 target = target.setdefault(part, {})
             if not isinstance(target, (dict, list)):
-                raise ValueError(f"override {key!r}: {'.'.join(parts[:depth + 1])!r} is not a mapping")
+                raise ValueError(f"override {key!r}: {'.'.join(parts[: depth + 1])!r} is not a mapping")
         last = parts[-1]
         if isinstance(target, list):
             raise ValueError(f"override {key!r} must name a key inside a stage, e.g. stages.0.param=value")
@@ -170,8 +171,10 @@ def resolve_stage_class(path: str) -> type[Stage]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"stage {path!r}: cannot import {module_name!r}: {e} (the module must be "
-                         f"importable: installed, in the current directory or on PYTHONPATH)") from None
+        raise ValueError(
+            f"stage {path!r}: cannot import {module_name!r}: {e} (the module must be "
+            f"importable: installed, in the current directory or on PYTHONPATH)"
+        ) from None
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Stage)) or cls in (Stage, GlobalStage):
         raise ValueError(f"stage {path!r}: {class_name!r} is not a Stage class in {module_name!r}")

@@ -38,8 +38,19 @@ log = logging.getLogger(__name__)
 #: ``progress(phase, shards_done, shards_total)`` when a phase starts and after every written shard.
 Progress = Callable[[str, int, int], None]
 
-VERSIONED_PACKAGES = ("vlmcurate", "pyarrow", "ray", "polars", "torch", "open_clip_torch",
-                      "img2dataset", "transformers", "openai", "datasketch", "pillow")
+VERSIONED_PACKAGES = (
+    "vlmcurate",
+    "pyarrow",
+    "ray",
+    "polars",
+    "torch",
+    "open_clip_torch",
+    "img2dataset",
+    "transformers",
+    "openai",
+    "datasketch",
+    "pillow",
+)
 
 
 class ConfigChangedError(RuntimeError):
@@ -71,8 +82,11 @@ def run_pipeline(plan: Plan, runner: Runner, progress: Progress | None = None) -
         try:
             write_card(rundir, manifest, plan.stages)
         except Exception:  # the rows are complete and recorded; only their description failed
-            log.exception("could not write the dataset card of %s; `vlmcurate card %s` writes it again",
-                          plan.run_uri, plan.run_uri)
+            log.exception(
+                "could not write the dataset card of %s; `vlmcurate card %s` writes it again",
+                plan.run_uri,
+                plan.run_uri,
+            )
     return manifest
 
 
@@ -96,8 +110,10 @@ def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, pro
         entries = rundir.shard_entries(phase.name)
         missing = sorted(set(shards) - set(entries))
         if missing:
-            raise LedgerError(f"phase {phase.name!r} finished without shard(s) {missing[:10]}: their rows are "
-                              f"unaccounted for (is output_dir on storage every worker writes to?)")
+            raise LedgerError(
+                f"phase {phase.name!r} finished without shard(s) {missing[:10]}: their rows are "
+                f"unaccounted for (is output_dir on storage every worker writes to?)"
+            )
         check_phase(phase.name, entries, previous)
         summary = summarise(phase.name, [s.name for s in phase.stages], entries, len(shards))
         _warn_internal_errors(summary, plan.run_uri)
@@ -115,9 +131,15 @@ def _warn_internal_errors(summary: PhaseSummary, run_uri: str) -> None:
     for stage, counts in summary.counts.items():
         rows = counts.rejected.get(INTERNAL_ERROR, 0)
         if rows:
-            log.warning("stage %r rejected %d row(s) with %s: an error in vlmcurate or a library, not in the data; "
-                        "the exceptions are in %s/rejects/%s/ (column detail)", stage, rows, INTERNAL_ERROR,
-                        run_uri, summary.name)
+            log.warning(
+                "stage %r rejected %d row(s) with %s: an error in vlmcurate or a library, not in the data; "
+                "the exceptions are in %s/rejects/%s/ (column detail)",
+                stage,
+                rows,
+                INTERNAL_ERROR,
+                run_uri,
+                summary.name,
+            )
 
 
 def _export(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, phase: str, entries) -> bool:
@@ -132,8 +154,11 @@ def _export(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, phas
         job = ExportJob(rundir, phase, options.folder, tuple(options.formats))
         counts = runner.map_tasks(write_export_shard, job, shards)
         finish_export(rundir, options.folder, settings, counts)
-    manifest.export = {**settings, "folder": rundir.path(options.folder),
-                       "shards": -(-rows // options.samples_per_shard)}
+    manifest.export = {
+        **settings,
+        "folder": rundir.path(options.folder),
+        "shards": -(-rows // options.samples_per_shard),
+    }
     _write(rundir, manifest)
     return written
 
@@ -164,9 +189,12 @@ def _open_manifest(rundir: RunDir, plan: Plan) -> Manifest:
     if existing is not None:
         log.info("run %s finished no shard under its earlier configuration: replacing it", plan.config.name)
     manifest = Manifest(
-        name=plan.config.name, config_hash=plan.config_hash,
+        name=plan.config.name,
+        config_hash=plan.config_hash,
         config={"fingerprint": plan.fingerprint, "pipeline": _portable(plan.config)},
-        versions=_versions(), created_at=now, updated_at=now,
+        versions=_versions(),
+        created_at=now,
+        updated_at=now,
     )
     _write(rundir, manifest)
     return manifest
@@ -186,8 +214,13 @@ def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress |
             total += 1
             if shard.shard in done:
                 continue
-            entry = ShardEntry(phase=INPUT_PHASE, shard=shard.shard, rows_in=shard.counts.rows_in,
-                               rows_out=shard.rows.num_rows, stages={READ_STAGE: shard.counts})
+            entry = ShardEntry(
+                phase=INPUT_PHASE,
+                shard=shard.shard,
+                rows_in=shard.counts.rows_in,
+                rows_out=shard.rows.num_rows,
+                stages={READ_STAGE: shard.counts},
+            )
             rundir.write_shard(entry, shard.rows, shard.rejects)
             done[shard.shard] = entry
             if progress:
@@ -205,8 +238,7 @@ def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress |
     return sorted(done), done, read
 
 
-def _bind_aggregate(planned, runner: Runner, rundir: RunDir, phase: str, shards: list[int],
-                    manifest: Manifest) -> bool:
+def _bind_aggregate(planned, runner: Runner, rundir: RunDir, phase: str, shards: list[int], manifest: Manifest) -> bool:
     """Give a global stage its aggregate, computing it unless saved; whether it was computed."""
     computed = not bind_saved_aggregate(planned, rundir)
     if computed:

@@ -51,7 +51,10 @@ def summarise(phase: str, stages: list[str], entries: dict[int, ShardEntry], sha
         for name, c in entry.stages.items():
             counts.setdefault(name, StageCounts()).add(c)
     return PhaseSummary(
-        name=phase, stages=stages, shards_done=len(entries), shards_total=shards_total,
+        name=phase,
+        stages=stages,
+        shards_done=len(entries),
+        shards_total=shards_total,
         rows_in=sum(e.rows_in for e in entries.values()),
         rows_out=sum(e.rows_out for e in entries.values()),
         counts=counts,
@@ -67,6 +70,4 @@ def check_run(manifest: Manifest) -> None:
     rejected = sum(c.rows_rejected for c in totals.values())
     kept = manifest.phases[-1].rows_out
     if read.rows_in != kept + rejected:
-        raise LedgerError(
-            f"run {manifest.name!r}: {read.rows_in} input rows but {kept} kept + {rejected} rejected"
-        )
+        raise LedgerError(f"run {manifest.name!r}: {read.rows_in} input rows but {kept} kept + {rejected} rejected")

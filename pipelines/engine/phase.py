@@ -31,8 +31,9 @@ class ShardIO:
         return ShardState(shard=shard, rows=rows, rows_in=rows.num_rows)
 
     def finish(self, state: ShardState) -> ShardEntry:
-        entry = ShardEntry(phase=self.name, shard=state.shard, rows_in=state.rows_in,
-                           rows_out=state.rows.num_rows, stages=state.counts)
+        entry = ShardEntry(
+            phase=self.name, shard=state.shard, rows_in=state.rows_in, rows_out=state.rows.num_rows, stages=state.counts
+        )
         check_shard(entry)
         rows = state.rows.drop_columns([c for c in state.rows.column_names if is_transient(c)])
         self.rundir.write_shard(entry, rows, state.rejects_table())

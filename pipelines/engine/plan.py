@@ -62,12 +62,16 @@ def _check_export(formats: list[str], final_columns: list[str]) -> None:
     """Fail before the run, not at its end, when an export format lacks the columns it needs."""
     for name in ("webdataset", "llava"):
         if name in formats and IMAGE not in final_columns:
-            raise ValueError(f"export.formats includes {name}, which needs image bytes, but no stage writes the "
-                             "image column: add a download stage (pipelines.download:Download) or export parquet only")
+            raise ValueError(
+                f"export.formats includes {name}, which needs image bytes, but no stage writes the "
+                "image column: add a download stage (pipelines.download:Download) or export parquet only"
+            )
     if "llava" in formats and not {INSTRUCTIONS, BRIEF_RECORDS} & set(final_columns):
-        raise ValueError("export.formats includes llava, which needs instruction records: add "
-                         "generators.instruct:InstructGenerate (stage 2) and/or generators.instruct:BriefDescriptions "
-                         "(stage 1)")
+        raise ValueError(
+            "export.formats includes llava, which needs instruction records: add "
+            "generators.instruct:InstructGenerate (stage 2) and/or generators.instruct:BriefDescriptions "
+            "(stage 1)"
+        )
 
 
 def build_plan(config: PipelineConfig) -> Plan:
@@ -75,8 +79,12 @@ def build_plan(config: PipelineConfig) -> Plan:
     keep = tuple(config.columns.keep)
     check_keep_columns(keep)
     source = SourceSpec(
-        path=config.input, format=config.input_format, url_column=config.columns.url,
-        caption_column=config.columns.caption, uid_column=config.columns.uid, keep_columns=keep,
+        path=config.input,
+        format=config.input_format,
+        url_column=config.columns.url,
+        caption_column=config.columns.caption,
+        uid_column=config.columns.uid,
+        keep_columns=keep,
         max_row_bytes=config.input_max_row_bytes,
     )
     probe_source(source)
@@ -153,7 +161,8 @@ def _check_transient_columns(phases: list[Phase]) -> None:
                 raise ValueError(
                     f"stage {stage.name!r} reads {late}, which live only inside a phase and are not written "
                     f"earlier in its phase ({phase.name}); put it right after the stage that writes them, "
-                    f"with no checkpoint: and no global stage in between")
+                    f"with no checkpoint: and no global stage in between"
+                )
             written |= {c for c in stage.stage.output_columns if is_transient(c)}
 
 
@@ -176,13 +185,18 @@ def _split_phases(stages: list[PlannedStage]) -> list[Phase]:
 def _fingerprint(config: PipelineConfig, source: SourceSpec, stages: list[PlannedStage]) -> dict[str, Any]:
     """What determines the rows of a run (not where or how fast it runs)."""
     return {
-        "input": {"files": _file_identities(source.path), "format": source.format,
-                  "max_row_bytes": source.max_row_bytes},
+        "input": {
+            "files": _file_identities(source.path),
+            "format": source.format,
+            "max_row_bytes": source.max_row_bytes,
+        },
         "columns": config.columns.model_dump(),
         "shard_size": config.shard_size,
         "stages": {
             f"{i:02d}": {
-                "stage": s.import_path, "name": s.name, "checkpoint": s.checkpoint,
+                "stage": s.import_path,
+                "name": s.name,
+                "checkpoint": s.checkpoint,
                 "params": {k: v for k, v in dataclasses.asdict(s.stage).items() if k != "resources"},
                 **({"identity": s.stage.identity()} if s.stage.identity() else {}),
             }
@@ -199,8 +213,14 @@ def _file_identities(path: str) -> list[dict[str, Any]]:
     """
     files = resolve_files(path)
     root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    return [{"file": os.path.relpath(os.path.abspath(f), root), "size": os.path.getsize(f),
-             "sample_blake2b": _sampled_hash(f)} for f in files]
+    return [
+        {
+            "file": os.path.relpath(os.path.abspath(f), root),
+            "size": os.path.getsize(f),
+            "sample_blake2b": _sampled_hash(f),
+        }
+        for f in files
+    ]
 
 
 def _sampled_hash(path: str, edge: int = 1 << 16, block: int = 1 << 12, blocks: int = 8) -> str:

@@ -71,12 +71,14 @@ class RetryIO(ShardIO):
         is_retried = pc.is_in(old_rejects[UID], value_set=retried)
         rows = pa.concat_tables([old_rows, state.rows], promote_options="permissive").sort_by(SOURCE_INDEX)
         parts = [old_rejects.filter(pc.invert(is_retried))] + state.rejects
-        rejects = pa.concat_tables([p for p in parts if p.num_rows], promote_options="permissive") \
-            if any(p.num_rows for p in parts) else None
+        rejects = (
+            pa.concat_tables([p for p in parts if p.num_rows], promote_options="permissive")
+            if any(p.num_rows for p in parts)
+            else None
+        )
         before = rundir.shard_entry(self.name, shard)
         counts = _merge_counts(before.stages, self.stages, old_rejects.filter(is_retried), state.counts)
-        entry = ShardEntry(phase=self.name, shard=shard, rows_in=before.rows_in, rows_out=rows.num_rows,
-                           stages=counts)
+        entry = ShardEntry(phase=self.name, shard=shard, rows_in=before.rows_in, rows_out=rows.num_rows, stages=counts)
         check_shard(entry)
         rundir.fs.delete_file(rundir.ledger_path(self.name, shard))  # "not done" until rewritten
         rundir.write_shard(entry, rows, rejects)
@@ -106,8 +108,9 @@ def retry_failed(plan: Plan, runner: Runner) -> tuple[RetryReport, Manifest]:
             for entry in runner.run_phase(PhaseTask(io, phase.stages), sorted(retry)):
                 log.info("retried shard %d of %s", entry.shard, phase.name)
             report.still_failing = _still_failing(rundir, phase, retry)
-            manifest.history.append({"retried_phase": phase.name, "attempted": dict(report.attempted),
-                                     "recovered": report.recovered})
+            manifest.history.append(
+                {"retried_phase": phase.name, "attempted": dict(report.attempted), "recovered": report.recovered}
+            )
             rundir.write_manifest(manifest)
             if rundir.exists(rundir.path(CARD)):  # the retried rows change what the card says
                 rundir.fs.delete_file(rundir.path(CARD))
@@ -121,8 +124,11 @@ def _transient_rejects(rundir: RunDir, phase: Phase, report: RetryReport) -> dic
     finished = set(rundir.shard_entries(phase.name))
     retry: dict[int, tuple[str, ...]] = {}
     for info in rundir.list_files(f"{REJECTS_DIR}/{phase.name}"):
-        if info.base_name.startswith(".") or not info.base_name.endswith(".parquet") or \
-                int(info.base_name.split(".")[0]) not in finished:
+        if (
+            info.base_name.startswith(".")
+            or not info.base_name.endswith(".parquet")
+            or int(info.base_name.split(".")[0]) not in finished
+        ):
             continue
         records = rundir.read_table(info.path, columns=[UID, STAGE, REASON]).to_pylist()
         uids = []
@@ -145,12 +151,13 @@ def _still_failing(rundir: RunDir, phase: Phase, retry: dict[int, tuple[str, ...
     return failing
 
 
-def _merge_counts(old: dict[str, StageCounts], stages: tuple[str, ...], old_records: pa.Table,
-                  new: dict[str, StageCounts]) -> dict[str, StageCounts]:
+def _merge_counts(
+    old: dict[str, StageCounts], stages: tuple[str, ...], old_records: pa.Table, new: dict[str, StageCounts]
+) -> dict[str, StageCounts]:
     """The shard's counts with the retried rows' old path taken out and their new path put in."""
     merged = {name: StageCounts(c.rows_in, c.rows_kept, dict(c.rejected)) for name, c in old.items()}
     for stage, reason in zip(old_records[STAGE].to_pylist(), old_records[REASON].to_pylist()):
-        for name in stages[:stages.index(stage)]:  # passed the stages before the one that rejected it
+        for name in stages[: stages.index(stage)]:  # passed the stages before the one that rejected it
             merged[name].rows_in -= 1
             merged[name].rows_kept -= 1
         merged[stage].rows_in -= 1
@@ -164,7 +171,7 @@ def _merge_counts(old: dict[str, StageCounts], stages: tuple[str, ...], old_reco
 
 def _invalidate_after(plan: Plan, rundir: RunDir, manifest: Manifest, index: int) -> None:
     """Remove what later phases built on the old result; a resume rebuilds it."""
-    later = plan.phases[index + 1:]
+    later = plan.phases[index + 1 :]
     for phase in later:
         rundir.remove_folder(phase.name)
         rundir.remove_folder(f"{REJECTS_DIR}/{phase.name}")

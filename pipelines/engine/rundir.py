@@ -104,8 +104,10 @@ class RunDir:
 
     def write_table(self, path: str, table: pa.Table) -> None:
         # Encoded images and other binary payloads do not compress: spend no CPU trying.
-        compression = {f.name: "none" if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
-                       else "zstd" for f in table.schema}
+        compression = {
+            f.name: "none" if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) else "zstd"
+            for f in table.schema
+        }
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression=compression or "zstd")
         self.write_bytes(path, buffer.getvalue())
@@ -132,8 +134,9 @@ class RunDir:
 
     def parquet_files(self, folder: str) -> list[str]:
         """The finished parquet files directly under ``folder`` (no temporaries), sorted."""
-        return sorted(f.path for f in self.list_files(folder)
-                      if f.path.endswith(".parquet") and TMP_MARK not in f.base_name)
+        return sorted(
+            f.path for f in self.list_files(folder) if f.path.endswith(".parquet") and TMP_MARK not in f.base_name
+        )
 
     # Shards and ledger -------------------------------------------------------------------
     def write_shard(self, entry: ShardEntry, rows: pa.Table, rejects: pa.Table | None) -> None:
@@ -187,8 +190,9 @@ class RunDir:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.seek(0)
-                raise RunDirInUse(f"run directory {self.root} is in use by another process "
-                                   f"({handle.read().strip() or 'pid unknown'})") from None
+                raise RunDirInUse(
+                    f"run directory {self.root} is in use by another process ({handle.read().strip() or 'pid unknown'})"
+                ) from None
             handle.truncate(0)
             handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
             handle.flush()
@@ -240,7 +244,9 @@ def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
         fs, path = fsspec.core.url_to_fs(location)
     except (ImportError, ValueError) as error:  # unknown protocol, or its package is not installed
-        raise ValueError(f"output_dir {uri!r}: neither pyarrow nor fsspec can open this scheme ({error}); use a "
-                         f"local path, file://, s3://, gs://, hdfs://, abfs:// or install the fsspec "
-                         f"implementation for it") from None
+        raise ValueError(
+            f"output_dir {uri!r}: neither pyarrow nor fsspec can open this scheme ({error}); use a "
+            f"local path, file://, s3://, gs://, hdfs://, abfs:// or install the fsspec "
+            f"implementation for it"
+        ) from None
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path

@@ -82,8 +82,11 @@ class LocalRunner(Runner):
                 import torch
 
                 if not torch.cuda.is_available():
-                    log.warning(gpu_on_cpu(planned.name, planned.stage.resources.gpus, "this machine",
-                                           ready.stage.resources.cpus))
+                    log.warning(
+                        gpu_on_cpu(
+                            planned.name, planned.stage.resources.gpus, "this machine", ready.stage.resources.cpus
+                        )
+                    )
             ready.setup()
             self._ready[id(planned)] = ready
         return self._ready[id(planned)]
@@ -140,10 +143,14 @@ class RayRunner(Runner):
             # Ray kills idle workers beyond num_cpus after 1 s by default, so each shard's
             # short write task would start (and import the project in) a fresh process on the
             # cores a model actor is using; keep them for the phase instead.
-            ray.init(num_cpus=self.config.num_cpus, num_gpus=self.config.num_gpus,
-                     object_store_memory=self.config.object_store_memory,
-                     _temp_dir=self.config.temp_dir,
-                     _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}, **common)
+            ray.init(
+                num_cpus=self.config.num_cpus,
+                num_gpus=self.config.num_gpus,
+                object_store_memory=self.config.object_store_memory,
+                _temp_dir=self.config.temp_dir,
+                _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
+                **common,
+            )
         self._started_ray = True
         log.info("started Ray: %s", ray.cluster_resources())
 
@@ -170,8 +177,11 @@ class RayRunner(Runner):
 
         resources = ray.cluster_resources()
         if self.config.address:  # an autoscaling cluster: ask, and let Ray provide
-            return Placement(True, 1.0, {p.name: (1, p.stage.resources.concurrency or AUTOSCALE_MAX_ACTORS)
-                                         for p in stages if p.stateful})
+            return Placement(
+                True,
+                1.0,
+                {p.name: (1, p.stage.resources.concurrency or AUTOSCALE_MAX_ACTORS) for p in stages if p.stateful},
+            )
         return plan_placement(stages, resources.get("CPU", 1), resources.get("GPU", 0) > 0, resources.get("memory"))
 
     def run_phase(self, task: PhaseTask, shards: list[int]) -> Iterator[ShardEntry]:
@@ -181,8 +191,13 @@ class RayRunner(Runner):
 
         self._data_context()
         placement = self._placement(task.stages)
-        io_args = dict(fn_kwargs={"io": task.io}, batch_size=1, batch_format="pyarrow",
-                       num_cpus=placement.cpu_scale, max_retries=WORKER_RETRIES)
+        io_args = dict(
+            fn_kwargs={"io": task.io},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=placement.cpu_scale,
+            max_retries=WORKER_RETRIES,
+        )
         ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=len(shards))
         ds = _map_batches(ds, _load_shards, **io_args)
         for planned in task.stages:
@@ -227,6 +242,7 @@ def make_runner(kind: str, ray_config: RayConfig | None = None) -> Runner:
 
 
 # Ray Data map functions. A row is a shard: its rows and rejects as Arrow IPC, its counts as JSON.
+
 
 class _StageActor:
     """Holds one stage in a Ray actor: ``setup`` runs once when the actor starts."""
@@ -293,10 +309,18 @@ def _map(ds, planned: PlannedStage, fn, placement: Placement, label: str, **kwar
         args["runtime_env"] = {"env_vars": env}
     if pool is not None:
         low, high = pool
-        strategy = ray.data.ActorPoolStrategy(size=low) if low == high else \
-            ray.data.ActorPoolStrategy(min_size=low, max_size=high)
-        args.update(compute=strategy, fn_constructor_args=(planned, fn), fn_constructor_kwargs=kwargs,
-                    max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES)
+        strategy = (
+            ray.data.ActorPoolStrategy(size=low)
+            if low == high
+            else ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+        )
+        args.update(
+            compute=strategy,
+            fn_constructor_args=(planned, fn),
+            fn_constructor_kwargs=kwargs,
+            max_restarts=WORKER_RETRIES,
+            max_task_retries=WORKER_RETRIES,
+        )
         target = type(label, (_StageActor,), {"__module__": __name__, "__qualname__": label})
     else:
         if resources.concurrency is not None:
@@ -308,6 +332,7 @@ def _map(ds, planned: PlannedStage, fn, placement: Placement, label: str, **kwar
 
 def _named_task(fn, label: str):
     """``fn`` under the name ``label`` (pickled by value, like the named actor classes)."""
+
     def task(batch: pa.Table, **kwargs) -> pa.Table:
         return fn(batch, **kwargs)
 
@@ -334,8 +359,9 @@ def with_cpus(planned: PlannedStage, cpus: float) -> PlannedStage:
     return replace(planned, stage=stage)
 
 
-def plan_placement(stages: list[PlannedStage], cluster_cpus: float, has_gpu: bool,
-                   cluster_memory: float | None = None) -> Placement:
+def plan_placement(
+    stages: list[PlannedStage], cluster_cpus: float, has_gpu: bool, cluster_memory: float | None = None
+) -> Placement:
     """Fit a phase on a fixed cluster: actor pools never take the CPUs the tasks need.
 
     Actors hold their CPUs for the whole phase. If they took every CPU, the task-based steps
@@ -351,8 +377,11 @@ def plan_placement(stages: list[PlannedStage], cluster_cpus: float, has_gpu: boo
     it rather than leave all but one idle. To run several smaller CPU actors instead, declare
     ``gpus: 0`` and the ``cpus`` each should have.
     """
-    granted = {p.name: max(p.stage.resources.cpus, cluster_cpus) for p in stages
-               if p.stateful and p.stage.resources.gpus and not has_gpu}
+    granted = {
+        p.name: max(p.stage.resources.cpus, cluster_cpus)
+        for p in stages
+        if p.stateful and p.stage.resources.gpus and not has_gpu
+    }
 
     def cpus(p: PlannedStage) -> float:
         return granted.get(p.name, p.stage.resources.cpus)
@@ -362,9 +391,15 @@ def plan_placement(stages: list[PlannedStage], cluster_cpus: float, has_gpu: boo
     needed = sum(cpus(p) for p in actors)
     scale = min(1.0, cluster_cpus / (needed + reserve)) if actors else 1.0
     if scale < 1.0:
-        log.info("stages %s need %g CPU(s) as actors plus %g for the other steps, more than the %g this Ray "
-                    "has: scaling the phase's CPU requests by %.2f (they share cores)",
-                    [p.name for p in actors], needed, reserve, cluster_cpus, scale)
+        log.info(
+            "stages %s need %g CPU(s) as actors plus %g for the other steps, more than the %g this Ray "
+            "has: scaling the phase's CPU requests by %.2f (they share cores)",
+            [p.name for p in actors],
+            needed,
+            reserve,
+            cluster_cpus,
+            scale,
+        )
     budget = cluster_cpus - reserve * scale
     pools = {}
     for p in actors:
@@ -372,8 +407,13 @@ def plan_placement(stages: list[PlannedStage], cluster_cpus: float, has_gpu: boo
         largest = max(1, int((spare + 1e-9) // (cpus(p) * scale)))
         wanted = p.stage.resources.concurrency
         if wanted is not None and wanted > largest:
-            log.warning("stage %r asks for %d actors but only %d fit beside the other steps on %g CPUs",
-                        p.name, wanted, largest, cluster_cpus)
+            log.warning(
+                "stage %r asks for %d actors but only %d fit beside the other steps on %g CPUs",
+                p.name,
+                wanted,
+                largest,
+                cluster_cpus,
+            )
         pools[p.name] = (min(wanted, largest), min(wanted, largest)) if wanted else (1, largest)
     return Placement(has_gpu, scale, pools, granted, _memory_scale(stages, cluster_memory))
 
@@ -387,16 +427,24 @@ def _memory_scale(stages: list[PlannedStage], cluster_memory: float | None) -> f
     if not cluster_memory or needed <= MEMORY_SHARE * cluster_memory:
         return 1.0
     scale = MEMORY_SHARE * cluster_memory / needed
-    log.info("stages %s declare %.1f GiB of memory, more than %d%% of the %.1f GiB this Ray has: scaling the "
-             "phase's memory requests by %.2f", [p.name for p in stages if p.stage.resources.memory],
-             needed / 2**30, MEMORY_SHARE * 100, cluster_memory / 2**30, scale)
+    log.info(
+        "stages %s declare %.1f GiB of memory, more than %d%% of the %.1f GiB this Ray has: scaling the "
+        "phase's memory requests by %.2f",
+        [p.name for p in stages if p.stage.resources.memory],
+        needed / 2**30,
+        MEMORY_SHARE * 100,
+        cluster_memory / 2**30,
+        scale,
+    )
     return scale
 
 
 def gpu_on_cpu(stage: str, gpus: float, where: str, cpus: float) -> str:
     """The warning for a stage that asks for a GPU and runs on the CPU."""
-    return (f"stage {stage!r} asks for a GPU (resources.gpus {gpus:g}) but {where} has none: its model runs on "
-            f"{cpus:g} CPU core(s), much slower; set stages.{stage}.resources.gpus=0 if that is intended")
+    return (
+        f"stage {stage!r} asks for a GPU (resources.gpus {gpus:g}) but {where} has none: its model runs on "
+        f"{cpus:g} CPU core(s), much slower; set stages.{stage}.resources.gpus=0 if that is intended"
+    )
 
 
 class WorkerDeaths:
@@ -419,10 +467,15 @@ class WorkerDeaths:
         restarted = sorted(name for name, n in restarts.items() if n > self.restarts.get(name, 0))
         self.seen, self.restarts = deaths, restarts
         if new:
-            log.warning("%d Ray worker(s) died during %s and Ray ran their work again%s (%s); no row is lost, "
-                        "but a stage whose workers keep dying fails the run after %d retries",
-                        len(new), during, f", restarting the actors of {', '.join(restarted)}" if restarted else "",
-                        "; ".join(sorted(set(new))), WORKER_RETRIES)
+            log.warning(
+                "%d Ray worker(s) died during %s and Ray ran their work again%s (%s); no row is lost, "
+                "but a stage whose workers keep dying fails the run after %d retries",
+                len(new),
+                during,
+                f", restarting the actors of {', '.join(restarted)}" if restarted else "",
+                "; ".join(sorted(set(new))),
+                WORKER_RETRIES,
+            )
 
     @classmethod
     def _deaths(cls) -> dict[str, str]:
@@ -468,13 +521,15 @@ def _from_ipc(scalar: pa.Scalar) -> pa.Table:
 
 def _encode(states: list[ShardState]) -> pa.Table:
     rejects = [s.rejects_table() for s in states]
-    return pa.table({
-        "shard": pa.array([s.shard for s in states], pa.int64()),
-        "rows_in": pa.array([s.rows_in for s in states], pa.int64()),
-        "rows": pa.array([_ipc(s.rows) for s in states], pa.large_binary()),
-        "rejects": pa.array([None if r is None else _ipc(r) for r in rejects], pa.large_binary()),
-        "counts": pa.array([json.dumps({k: c.to_dict() for k, c in s.counts.items()}) for s in states]),
-    })
+    return pa.table(
+        {
+            "shard": pa.array([s.shard for s in states], pa.int64()),
+            "rows_in": pa.array([s.rows_in for s in states], pa.int64()),
+            "rows": pa.array([_ipc(s.rows) for s in states], pa.large_binary()),
+            "rejects": pa.array([None if r is None else _ipc(r) for r in rejects], pa.large_binary()),
+            "counts": pa.array([json.dumps({k: c.to_dict() for k, c in s.counts.items()}) for s in states]),
+        }
+    )
 
 
 def _decode(batch: pa.Table) -> list[ShardState]:
@@ -482,11 +537,13 @@ def _decode(batch: pa.Table) -> list[ShardState]:
     for i in range(batch.num_rows):
         rejects = batch["rejects"][i]
         counts = json.loads(batch["counts"][i].as_py())
-        states.append(ShardState(
-            shard=batch["shard"][i].as_py(),
-            rows=_from_ipc(batch["rows"][i]),
-            rows_in=batch["rows_in"][i].as_py(),
-            rejects=[] if not rejects.is_valid else [_from_ipc(rejects)],
-            counts={k: StageCounts.from_dict(v) for k, v in counts.items()},
-        ))
+        states.append(
+            ShardState(
+                shard=batch["shard"][i].as_py(),
+                rows=_from_ipc(batch["rows"][i]),
+                rows_in=batch["rows_in"][i].as_py(),
+                rejects=[] if not rejects.is_valid else [_from_ipc(rejects)],
+                counts={k: StageCounts.from_dict(v) for k, v in counts.items()},
+            )
+        )
     return states

@@ -51,9 +51,11 @@ def llava_stages(schema: pa.Schema) -> list[tuple[str, str]]:
     """The ``(stage, column)`` pairs a run with ``schema`` exports; an error when it has neither."""
     stages = [(stage, column) for stage, column in STAGES if column in schema.names]
     if not stages:
-        raise ValueError(f"llava export needs the {BRIEF_RECORDS} or {INSTRUCTIONS} column: add "
-                         "generators.instruct.stage:BriefDescriptions (stage 1) and/or "
-                         "generators.instruct.stage:InstructGenerate (stage 2), or drop llava from export.formats")
+        raise ValueError(
+            f"llava export needs the {BRIEF_RECORDS} or {INSTRUCTIONS} column: add "
+            "generators.instruct.stage:BriefDescriptions (stage 1) and/or "
+            "generators.instruct.stage:InstructGenerate (stage 2), or drop llava from export.formats"
+        )
     if IMAGE not in schema.names:
         raise ValueError("llava export needs the image column: add a download stage (pipelines.download:Download)")
     return stages
@@ -106,8 +108,9 @@ def finish_llava(rundir: RunDir, folder: str, phase: str, shards: list[tuple[int
     rundir.write_bytes(rundir.path(folder, LLAVA, COUNTS), json.dumps(counts, indent=1).encode())
 
 
-def _image_paths(name: str, uids: list[str], column: pa.ChunkedArray,
-                 needed: list[bool]) -> dict[str, tuple[str, bytes]]:
+def _image_paths(
+    name: str, uids: list[str], column: pa.ChunkedArray, needed: list[bool]
+) -> dict[str, tuple[str, bytes]]:
     """By uid, the path relative to the llava folder and the bytes of each needed row's image."""
     images: dict[str, tuple[str, bytes]] = {}
     keys: set[str] = set()
@@ -134,8 +137,10 @@ def _check(record: dict[str, Any], uid: str, column: str) -> None:
         raise ValueError(f"llava export: a record of row {uid!r} ({column}) has no id")
     problem = conversation_problem(record["conversations"], max_chars=sys.maxsize)
     if problem:
-        raise ValueError(f"llava export: record {record['id']!r} of row {uid!r} ({column}) is not a valid "
-                         f"LLaVA conversation: {problem[0]}: {problem[1]}")
+        raise ValueError(
+            f"llava export: record {record['id']!r} of row {uid!r} ({column}) is not a valid "
+            f"LLaVA conversation: {problem[0]}: {problem[1]}"
+        )
 
 
 def _copy_body(rundir: RunDir, path: str, out, first: bool) -> bool:

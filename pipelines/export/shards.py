@@ -114,8 +114,9 @@ def write_export_shard(job: ExportJob, shard: ExportShard) -> tuple[int, int, di
     return shard.index, rows.num_rows, llava
 
 
-def finish_export(rundir: RunDir, folder: str, settings: dict[str, Any],
-                  counts: list[tuple[int, int, dict[str, int] | None]]) -> None:
+def finish_export(
+    rundir: RunDir, folder: str, settings: dict[str, Any], counts: list[tuple[int, int, dict[str, int] | None]]
+) -> None:
     """Write what needs every shard (``sizes.json``, LLaVA's merged files), then ``_export.json``."""
     counts = sorted(counts, key=lambda c: c[0])
     if WEBDATASET in settings["formats"]:
@@ -130,9 +131,14 @@ def write_webdataset(rows: pa.Table, out) -> None:
     """``rows`` as a webdataset tar streamed to ``out``: image, caption and JSON per sample."""
     if IMAGE not in rows.column_names:
         raise ValueError("webdataset export needs the image column: add a download stage, or export parquet only")
-    light = [c for c in rows.column_names
-             if c not in (IMAGE, CAPTION) and not is_heavy(c) and not pa.types.is_binary(rows.schema.field(c).type)
-             and not pa.types.is_large_binary(rows.schema.field(c).type)]
+    light = [
+        c
+        for c in rows.column_names
+        if c not in (IMAGE, CAPTION)
+        and not is_heavy(c)
+        and not pa.types.is_binary(rows.schema.field(c).type)
+        and not pa.types.is_large_binary(rows.schema.field(c).type)
+    ]
     meta_rows = rows.select(light).to_pylist()
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
         for image, caption, meta in zip(rows[IMAGE].to_pylist(), rows[CAPTION].to_pylist(), meta_rows):

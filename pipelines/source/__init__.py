@@ -3,5 +3,13 @@
 from pipelines.source.readers import SourceError, SourceSpec, resolve_files
 from pipelines.source.shards import READ_STAGE, InputShard, check_keep_columns, probe_source, read_shards
 
-__all__ = ["READ_STAGE", "InputShard", "SourceError", "SourceSpec", "check_keep_columns", "probe_source",
-           "read_shards", "resolve_files"]
+__all__ = [
+    "READ_STAGE",
+    "InputShard",
+    "SourceError",
+    "SourceSpec",
+    "check_keep_columns",
+    "probe_source",
+    "read_shards",
+    "resolve_files",
+]

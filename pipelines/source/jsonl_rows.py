@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 _JSON = json.JSONDecoder()
 
 
-def read_rows(reader: RecordReader, spec: SourceSpec, url_col: str, caption_col: str, schema: pa.Schema,
-              rows_per_table: int) -> Iterator[pa.Table]:
+def read_rows(
+    reader: RecordReader, spec: SourceSpec, url_col: str, caption_col: str, schema: pa.Schema, rows_per_table: int
+) -> Iterator[pa.Table]:
     """Tables of ``schema`` holding one row for each non-blank line and each reject of ``reader``."""
     columns: dict[str, list] = {}
     for batch in reader.batches():
@@ -37,8 +38,9 @@ def read_rows(reader: RecordReader, spec: SourceSpec, url_col: str, caption_col:
                 try:
                     record = _json_object(text)
                 except ValueError as e:
-                    _append_row(columns, spec, {}, url_col, caption_col, R.MALFORMED_ROW,
-                                f"line {line}: {e}: {preview(text)}")
+                    _append_row(
+                        columns, spec, {}, url_col, caption_col, R.MALFORMED_ROW, f"line {line}: {e}: {preview(text)}"
+                    )
                 else:
                     reason, detail = _check_row(record, url_col, caption_col, spec)
                     _append_row(columns, spec, record, url_col, caption_col, reason, detail)
@@ -145,11 +147,13 @@ def _append_row(columns, spec, record, url_col, caption_col, reason, detail) -> 
     columns.setdefault(CAPTION, []).append(text(record.get(caption_col)))
     if spec.uid_column:
         uid = record.get(spec.uid_column)
-        columns.setdefault(UID, []).append(None if uid in (None, "") else text(uid) if isinstance(uid, str)
-                                           else str(uid))
+        columns.setdefault(UID, []).append(
+            None if uid in (None, "") else text(uid) if isinstance(uid, str) else str(uid)
+        )
     for name in spec.keep_columns:
         value = record.get(name)
-        columns.setdefault(name, []).append(value if value is None else text(value) if isinstance(value, str)
-                                            else json.dumps(value))
+        columns.setdefault(name, []).append(
+            value if value is None else text(value) if isinstance(value, str) else json.dumps(value)
+        )
     columns.setdefault(REJECT_REASON, []).append(reason)
     columns.setdefault(REJECT_DETAIL, []).append(detail)

@@ -95,7 +95,8 @@ def resolve_files(path: str) -> list[str]:
         return files
     if os.path.isdir(path):
         files = sorted(
-            os.path.join(path, f) for f in os.listdir(path)
+            os.path.join(path, f)
+            for f in os.listdir(path)
             if not f.startswith((".", "_")) and _format_of(f) is not None
         )
         if not files:
@@ -150,8 +151,7 @@ def keep_types(files: list[str], fmt: str, spec: SourceSpec) -> dict[str, pa.Dat
     try:
         unified = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise SourceError(f"input files disagree on the types of kept columns {list(spec.keep_columns)}: {e}") \
-            from None
+        raise SourceError(f"input files disagree on the types of kept columns {list(spec.keep_columns)}: {e}") from None
     return {f.name: f.type for f in unified}
 
 
@@ -176,9 +176,12 @@ def caption_texts(path: str, column: str = "auto") -> list[str]:
         with open(path, encoding="utf-8") as f:
             return [line.rstrip("\n") for line in f if line.strip()]
     fmt = detect_format([path])
-    frame = {"parquet": lambda: pl.read_parquet(path), "jsonl": lambda: pl.read_ndjson(path),
-             "csv": lambda: pl.read_csv(path, infer_schema=False),
-             "tsv": lambda: pl.read_csv(path, separator="\t", quote_char=None, infer_schema=False)}[fmt]()
+    frame = {
+        "parquet": lambda: pl.read_parquet(path),
+        "jsonl": lambda: pl.read_ndjson(path),
+        "csv": lambda: pl.read_csv(path, infer_schema=False),
+        "tsv": lambda: pl.read_csv(path, separator="\t", quote_char=None, infer_schema=False),
+    }[fmt]()
     name = _pick(frame.columns, column, CAPTION_CANDIDATES, "caption column", path)
     return [text for text in frame[name].to_list() if isinstance(text, str)]
 
@@ -191,12 +194,15 @@ def resolve_columns(names: list[str], spec: SourceSpec, path: str) -> tuple[str,
             raise SourceError(f"{key}: column {name!r} is not in {path!r}; its columns are {names}")
     for name in _wanted_columns(url_col, caption_col, spec):
         if names.count(name) > 1:
-            raise SourceError(f"column {name!r} appears {names.count(name)} times in {path!r}; rename or drop the "
-                              f"copies so that it names one column")
+            raise SourceError(
+                f"column {name!r} appears {names.count(name)} times in {path!r}; rename or drop the "
+                f"copies so that it names one column"
+            )
     return url_col, caption_col
 
 
 # Formats ---------------------------------------------------------------------------------------
+
 
 def _parquet(path: str) -> pq.ParquetFile:
     try:
@@ -213,17 +219,18 @@ def _check_parquet_types(schema: pa.Schema, url_col: str, caption_col: str, spec
     if spec.uid_column:
         type_ = schema.field(spec.uid_column).type
         if not (_is_text(type_) or pa.types.is_integer(_value_type(type_))):
-            raise SourceError(f"columns.uid: column {spec.uid_column!r} of {path!r} has type {type_}; a uid must "
-                              f"be text or integers")
+            raise SourceError(
+                f"columns.uid: column {spec.uid_column!r} of {path!r} has type {type_}; a uid must be text or integers"
+            )
 
 
-def _read_parquet(path: str, spec: SourceSpec, url_col: str, caption_col: str,
-                  schema: pa.Schema) -> Iterator[pa.Table]:
+def _read_parquet(path: str, spec: SourceSpec, url_col: str, caption_col: str, schema: pa.Schema) -> Iterator[pa.Table]:
     """Row group by row group; the rows of a group that cannot be read are ``unreadable_input``."""
     file = _parquet(path)
     for group in range(file.num_row_groups):
-        batches = file.iter_batches(batch_size=_CHUNK_ROWS, row_groups=[group],
-                                    columns=_wanted_columns(url_col, caption_col, spec))
+        batches = file.iter_batches(
+            batch_size=_CHUNK_ROWS, row_groups=[group], columns=_wanted_columns(url_col, caption_col, spec)
+        )
         read = 0
         while True:
             try:
@@ -259,22 +266,29 @@ def _header_names(reader: RecordReader, path: str, fmt: str) -> list[str]:
         header = reader.header()
         if header is None:
             raise ValueError("it holds no header line")
-        return pacsv.read_csv(pa.py_buffer(header + b"\n"), read_options=pacsv.ReadOptions(use_threads=False),
-                              parse_options=pacsv.ParseOptions(**_delimited_options(fmt))).column_names
+        return pacsv.read_csv(
+            pa.py_buffer(header + b"\n"),
+            read_options=pacsv.ReadOptions(use_threads=False),
+            parse_options=pacsv.ParseOptions(**_delimited_options(fmt)),
+        ).column_names
     except ValueError as e:  # pyarrow's ArrowInvalid is a ValueError
         raise SourceError(f"input file {path!r} cannot be parsed as {fmt}: {e}") from None
 
 
-def _read_delimited(path: str, fmt: str, spec: SourceSpec, url_col: str, caption_col: str,
-                    schema: pa.Schema) -> Iterator[pa.Table]:
+def _read_delimited(
+    path: str, fmt: str, spec: SourceSpec, url_col: str, caption_col: str, schema: pa.Schema
+) -> Iterator[pa.Table]:
     with _records(path, _DIALECTS[fmt], spec) as reader:
         names = _header_names(reader, path, fmt)
         wanted = _wanted_columns(url_col, caption_col, spec)
         parse = _record_parser(fmt, names, wanted)
         for batch in reader.batches(fields=len(names)):
             tables, invalid = _parse_records(batch, parse)
-            rows = _normalise(pa.concat_tables(tables).rename_columns(wanted), url_col, caption_col, spec, schema) \
-                if tables else schema.empty_table()
+            rows = (
+                _normalise(pa.concat_tables(tables).rename_columns(wanted), url_col, caption_col, spec, schema)
+                if tables
+                else schema.empty_table()
+            )
             yield _interleave(rows, _batch_rejects(batch, invalid, reader.dialect.label), schema)
 
 
@@ -284,19 +298,29 @@ def _record_parser(fmt: str, names: list[str], wanted: list[str]):
     # Columns by position: header names may repeat or be empty where they are not wanted.
     positions = [str(names.index(name)) for name in wanted]
     # Text is read unchecked and checked per value in _normalise: bad UTF-8 costs only its row.
-    convert = pacsv.ConvertOptions(include_columns=positions, column_types=dict.fromkeys(positions, pa.string()),
-                                   check_utf8=False)
+    convert = pacsv.ConvertOptions(
+        include_columns=positions, column_types=dict.fromkeys(positions, pa.string()), check_utf8=False
+    )
 
     def parse(text: pa.Buffer, first: int, invalid: list[tuple[int, str]]) -> pa.Table:
         def on_invalid(row) -> str:  # numbered from 1 in ``text`` (known, as it is read without threads)
-            invalid.append((first + row.number - 1, f"expected {row.expected_columns} columns, got "
-                                                    f"{row.actual_columns}: {preview(row.text)}"))
+            invalid.append(
+                (
+                    first + row.number - 1,
+                    f"expected {row.expected_columns} columns, got {row.actual_columns}: {preview(row.text)}",
+                )
+            )
             return "skip"
+
         return pacsv.read_csv(
-            text, read_options=pacsv.ReadOptions(column_names=[str(i) for i in range(len(names))], use_threads=False,
-                                                 block_size=text.size + 1),
+            text,
+            read_options=pacsv.ReadOptions(
+                column_names=[str(i) for i in range(len(names))], use_threads=False, block_size=text.size + 1
+            ),
             parse_options=pacsv.ParseOptions(**_delimited_options(fmt), invalid_row_handler=on_invalid),
-            convert_options=convert)
+            convert_options=convert,
+        )
+
     return parse
 
 
@@ -319,8 +343,12 @@ def _parse_records(batch: RecordBatch, parse) -> tuple[list[pa.Table], list[tupl
             bad = first + int(found.group(1)) - 1
             if bad > first:
                 tables.append(parse(batch.text(first, bad), first, invalid))
-            invalid.append((bad, f"expected {found.group(2)} columns, got {found.group(3)}: "
-                                 f"{preview(batch.run_text(bad, bad + 1))}"))
+            invalid.append(
+                (
+                    bad,
+                    f"expected {found.group(2)} columns, got {found.group(3)}: {preview(batch.run_text(bad, bad + 1))}",
+                )
+            )
             first = bad + 1
     return tables, invalid
 
@@ -329,12 +357,14 @@ def _batch_rejects(batch: RecordBatch, invalid: list[tuple[int, str]], label: st
     """``(position, reason, detail)`` of the batch's rejects and invalid records, by position in the batch."""
     slots = [r.slot for r in batch.rejects]
     found = [(r.slot + i, r.reason, r.detail) for i, r in enumerate(batch.rejects)]
-    found += [(k + bisect.bisect_right(slots, k), R.MALFORMED_ROW, f"{label} {batch.lines[k]}: {why}")
-              for k, why in invalid]
+    found += [
+        (k + bisect.bisect_right(slots, k), R.MALFORMED_ROW, f"{label} {batch.lines[k]}: {why}") for k, why in invalid
+    ]
     return sorted(found)
 
 
 # Normalisation ---------------------------------------------------------------------------------
+
 
 def _format_of(name: str) -> str | None:
     base = name[:-3] if name.endswith(".gz") else name
@@ -356,8 +386,9 @@ def _pick(names, requested, candidates, key, path) -> str:
 
 
 def _wanted_columns(url_col: str, caption_col: str, spec: SourceSpec) -> list[str]:
-    return list(dict.fromkeys([url_col, caption_col, *([spec.uid_column] if spec.uid_column else []),
-                               *spec.keep_columns]))
+    return list(
+        dict.fromkeys([url_col, caption_col, *([spec.uid_column] if spec.uid_column else []), *spec.keep_columns])
+    )
 
 
 def _schema(spec: SourceSpec, kept: dict[str, pa.DataType]) -> pa.Schema:
@@ -374,8 +405,9 @@ def _normalise(table: pa.Table, url_col: str, caption_col: str, spec: SourceSpec
     url_values, caption_values = _decoded(table[url_col]), _decoded(table[caption_col])
     url, bad_url = _as_utf8(url_values)
     caption, bad_caption = _as_utf8(caption_values)
-    rejections.add(pc.or_kleene(pc.is_null(url_values), _is_empty(url_values)), R.MISSING_URL,
-                   f"no value in column {url_col!r}")
+    rejections.add(
+        pc.or_kleene(pc.is_null(url_values), _is_empty(url_values)), R.MISSING_URL, f"no value in column {url_col!r}"
+    )
     rejections.add(bad_url, R.URL_NOT_UTF8, f"{url_col!r} is not valid UTF-8")
     rejections.add(pc.is_null(caption_values), R.MISSING_CAPTION, f"no value in column {caption_col!r}")
     rejections.add(bad_caption, R.CAPTION_NOT_UTF8, f"{caption_col!r} is not valid UTF-8")
@@ -388,8 +420,11 @@ def _normalise(table: pa.Table, url_col: str, caption_col: str, spec: SourceSpec
     if rejections.any:
         return rejections.attach(table).cast(schema)
     # Keep the schema fixed: the reject columns are always there.
-    return table.append_column(REJECT_REASON, pa.nulls(table.num_rows, pa.string())) \
-        .append_column(REJECT_DETAIL, pa.nulls(table.num_rows, pa.string())).cast(schema)
+    return (
+        table.append_column(REJECT_REASON, pa.nulls(table.num_rows, pa.string()))
+        .append_column(REJECT_DETAIL, pa.nulls(table.num_rows, pa.string()))
+        .cast(schema)
+    )
 
 
 def _uid(column: pa.ChunkedArray, name: str, rejections: Rejections) -> pa.Array:
@@ -458,8 +493,9 @@ def _reject_rows(schema: pa.Schema, reasons: list[str], details: list[str]) -> p
     """Rows of ``schema`` that hold nothing but a reject reason and detail."""
     n = len(reasons)
     columns = [pa.nulls(n, f.type) for f in schema if f.name not in (REJECT_REASON, REJECT_DETAIL)]
-    return pa.Table.from_arrays([*columns, pa.array(reasons, pa.string()), pa.array(details, pa.string())],
-                                schema=schema)
+    return pa.Table.from_arrays(
+        [*columns, pa.array(reasons, pa.string()), pa.array(details, pa.string())], schema=schema
+    )
 
 
 def _interleave(rows: pa.Table, rejects: list[tuple[int, str, str]], schema: pa.Schema) -> pa.Table:

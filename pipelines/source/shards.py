@@ -35,8 +35,16 @@ from schemas.columns import CAPTION, COLUMNS, SOURCE_INDEX, UID, URL
 from schemas.manifest import StageCounts
 from schemas.rejects import DETAIL, REASON, REJECT_DETAIL, REJECT_REASON, SHARD, STAGE
 
-__all__ = ["READ_STAGE", "InputShard", "SourceError", "SourceSpec", "check_keep_columns", "probe_source",
-           "read_shards", "resolve_files"]
+__all__ = [
+    "READ_STAGE",
+    "InputShard",
+    "SourceError",
+    "SourceSpec",
+    "check_keep_columns",
+    "probe_source",
+    "read_shards",
+    "resolve_files",
+]
 
 READ_STAGE = "read"
 
@@ -58,7 +66,8 @@ def probe_source(spec: SourceSpec) -> None:
         raise SourceError(
             f"input {spec.path!r}: the pool is read by the driver from a local path (a file, folder or glob), not "
             f"a {scheme}:// URI; use the plain path, or copy or mount the pool where the driver runs (on a cluster: "
-            f"the head node, e.g. a shared file system or a mounted bucket)")
+            f"the head node, e.g. a shared file system or a mounted bucket)"
+        )
     files = resolve_files(spec.path)
     fmt = detect_format(files, spec.format)
     for path in files if fmt == "parquet" else files[:1]:  # parquet: every footer is cheap to read
@@ -99,8 +108,9 @@ def check_keep_columns(keep: tuple[str, ...]) -> None:
         raise SourceError(f"columns.keep names reserved column(s) {clash}; rename them in the input")
 
 
-def _finish_shard(shard: int, table: pa.Table, first_index: int, spec: SourceSpec,
-                  uid_guard: _UidGuard | None) -> InputShard:
+def _finish_shard(
+    shard: int, table: pa.Table, first_index: int, spec: SourceSpec, uid_guard: _UidGuard | None
+) -> InputShard:
     n = table.num_rows
     index = pa.array(range(first_index, first_index + n), pa.int64())
     if spec.uid_column:
@@ -120,11 +130,11 @@ def _uids(index: pa.Array, url: pa.Array, caption: pa.Array) -> pa.Array:
 
     A rejected row without a url hashes its reject detail in the url's place.
     """
-    keys = pc.binary_join_element_wise(pc.cast(index, pa.string()), pc.fill_null(url, ""),
-                                       pc.fill_null(caption, ""), "\x1f")
+    keys = pc.binary_join_element_wise(
+        pc.cast(index, pa.string()), pc.fill_null(url, ""), pc.fill_null(caption, ""), "\x1f"
+    )
     blake2b = hashlib.blake2b
-    return pa.array([blake2b(k, digest_size=16).hexdigest() for k in keys.cast(pa.binary()).to_pylist()],
-                    pa.string())
+    return pa.array([blake2b(k, digest_size=16).hexdigest() for k in keys.cast(pa.binary()).to_pylist()], pa.string())
 
 
 def _uid_hashes(uid: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -155,8 +165,9 @@ class _UidGuard:
     def mark(self, table: pa.Table) -> pa.Table:
         if not len(self.repeated):
             return table
-        candidates = np.isin(_uid_hashes(table[UID]), self.repeated) & \
-            pc.is_null(table[REJECT_REASON]).to_numpy(zero_copy_only=False)
+        candidates = np.isin(_uid_hashes(table[UID]), self.repeated) & pc.is_null(table[REJECT_REASON]).to_numpy(
+            zero_copy_only=False
+        )
         duplicate = np.zeros(table.num_rows, dtype=bool)
         details: list[str | None] = [None] * table.num_rows
         uids, indices = table[UID].to_pylist(), table[SOURCE_INDEX].to_pylist()
@@ -169,5 +180,6 @@ class _UidGuard:
             return table
         merged_reason = pc.if_else(pa.array(duplicate), pa.scalar(R.DUPLICATE_UID), table[REJECT_REASON])
         merged_detail = pc.if_else(pa.array(duplicate), pa.array(details, pa.string()), table[REJECT_DETAIL])
-        return table.set_column(table.schema.get_field_index(REJECT_REASON), REJECT_REASON, merged_reason) \
-            .set_column(table.schema.get_field_index(REJECT_DETAIL), REJECT_DETAIL, merged_detail)
+        return table.set_column(table.schema.get_field_index(REJECT_REASON), REJECT_REASON, merged_reason).set_column(
+            table.schema.get_field_index(REJECT_DETAIL), REJECT_DETAIL, merged_detail
+        )

@@ -100,13 +100,16 @@ class RecordBatch:
 
     def run_text(self, first: int, stop: int) -> memoryview:
         """The bytes of records ``first`` to ``stop`` (exclusive); only empty lines lie between them."""
-        return memoryview(self.data)[self.starts[first]:self.stops[stop - 1]]
+        return memoryview(self.data)[self.starts[first] : self.stops[stop - 1]]
 
     def text(self, first: int = 0, stop: int | None = None) -> pa.Buffer:
         """The bytes of records ``first`` to ``stop`` (exclusive; all by default), in order."""
         stop = len(self.starts) if stop is None else stop
-        runs = [self.run_text(max(a, first), min(b, stop)) for a, b in
-                (run for run in self.runs() if not isinstance(run, Reject)) if a < stop and b > first]
+        runs = [
+            self.run_text(max(a, first), min(b, stop))
+            for a, b in (run for run in self.runs() if not isinstance(run, Reject))
+            if a < stop and b > first
+        ]
         return pa.py_buffer(runs[0] if len(runs) == 1 else b"".join(runs))
 
 
@@ -172,9 +175,14 @@ class RecordReader:
             batch = self._split(self._next_chunk(), fields)
             finished = self._done and not self._full
             if finished and self.failure is not None:
-                batch.rejects.append(Reject(len(batch.starts), R.UNREADABLE_INPUT,
-                                            f"input file {self.path!r} is unreadable after line {self.lines_read} "
-                                            f"(the rest of it is lost): {self.failure}"))
+                batch.rejects.append(
+                    Reject(
+                        len(batch.starts),
+                        R.UNREADABLE_INPUT,
+                        f"input file {self.path!r} is unreadable after line {self.lines_read} "
+                        f"(the rest of it is lost): {self.failure}",
+                    )
+                )
             if len(batch):
                 yield batch
             if finished:
@@ -188,7 +196,7 @@ class RecordReader:
         data[:kept] = self._carry
         if reading:
             got = self._read_into(memoryview(data)[kept:])
-            del data[kept + got:]
+            del data[kept + got :]
         if len(self._scratch) < len(data) + 1:
             self._scratch = np.empty(2 * len(data) + 1, dtype=bool)
         return _Chunk(data, self.dialect, final=self._done and self.failure is None, scratch=self._scratch)
@@ -199,7 +207,7 @@ class RecordReader:
         try:
             while got < len(view):
                 # In small pieces: a read that fails (a truncated gzip) loses what it had decompressed.
-                more = self._stream.readinto(view[got:got + _READ_BYTES])
+                more = self._stream.readinto(view[got : got + _READ_BYTES])
                 if not more:
                     self._done = True
                     break
@@ -241,8 +249,11 @@ class RecordReader:
                 count += 1
                 pos = outcome
                 continue
-            rejects.append(Reject(count, R.MALFORMED_ROW,
-                                  f"{self.dialect.label} {self.lines_read + line_index + 1}: {outcome.why}"))
+            rejects.append(
+                Reject(
+                    count, R.MALFORMED_ROW, f"{self.dialect.label} {self.lines_read + line_index + 1}: {outcome.why}"
+                )
+            )
             self._skipping = outcome.resume is None
             pos = chunk.tail_start() if outcome.resume is None else outcome.resume
         self._full = count + len(rejects) >= _BATCH_ITEMS and pos < len(chunk.data)
@@ -295,7 +306,7 @@ class _Chunk:
         self.data, self.dialect, self.final = data, dialect, final
         self._closing = {dialect.delimiter[0], _LF, _CR, _QUOTE}  # what may follow a quote that closes a field
         self.bytes = np.frombuffer(data, np.uint8)
-        self._scratch = scratch[:len(data)]
+        self._scratch = scratch[: len(data)]
         self.line_ends = self._find_line_ends()
         self.quotes = self._positions(_QUOTE) if dialect.quoting and b'"' in data else _NONE
         self._quote_parity: np.ndarray | None = None
@@ -338,7 +349,7 @@ class _Chunk:
 
     def skip_empty_lines(self, pos: int) -> int:
         """The start of the first line from ``pos`` that is not empty (or of what follows the last line end)."""
-        starts = np.concatenate([[pos], self.line_ends[self.line_index(pos):] + 1])
+        starts = np.concatenate([[pos], self.line_ends[self.line_index(pos) :] + 1])
         starts = starts[starts < len(self.data)]
         filled = np.flatnonzero(~self.is_line_end(starts))
         if len(filled):
@@ -357,8 +368,9 @@ class _Chunk:
 
     # Records by quote parity ---------------------------------------------------------------
 
-    def records_from(self, pos: int, fields: int | None, limit: int,
-                     most: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
+    def records_from(
+        self, pos: int, fields: int | None, limit: int, most: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
         """Up to ``most`` records from ``pos``, up to the first that needs a closer look (:meth:`settle`).
 
         Returns their starts, stops and first line indices, where the next record starts, and
@@ -376,11 +388,11 @@ class _Chunk:
         problem = stop < len(parity.ends) or unquoted < len(parity.unquoted)
         if unquoted < len(parity.unquoted):
             stop = min(stop, int(parity.ends.searchsorted(parity.unquoted[unquoted])))
-        ends = parity.ends[first:min(stop, first + most)]
+        ends = parity.ends[first : min(stop, first + most)]
         if not len(ends):
             return _NONE, _NONE, _NONE, pos, problem
         starts = np.concatenate([[pos], ends[:-1] + 1])
-        lines = np.concatenate([[self.line_index(pos)], parity.line_index[first:first + len(ends) - 1] + 1])
+        lines = np.concatenate([[self.line_index(pos)], parity.line_index[first : first + len(ends) - 1] + 1])
         return starts, ends + 1, lines, int(ends[-1]) + 1, problem
 
     def _parity(self, odd: int, fields: int | None, limit: int) -> _Parity:
@@ -399,8 +411,13 @@ class _Chunk:
             line_index = np.flatnonzero(self._quote_parity == odd)
             opening = self.quotes[odd::2]
             before = self.bytes[opening - 1]
-            at_field_start = (before == self.dialect.delimiter[0]) | (before == _LF) | (before == _CR) | \
-                (before == _QUOTE) | (opening == 0)  # after a quote: the second of a doubled ""
+            at_field_start = (
+                (before == self.dialect.delimiter[0])
+                | (before == _LF)
+                | (before == _CR)
+                | (before == _QUOTE)
+                | (opening == 0)
+            )  # after a quote: the second of a doubled ""
             unquoted = opening[~at_field_start]
         ends = self.line_ends[line_index]
         long = np.flatnonzero(np.diff(ends) - 1 > limit) + 1
@@ -424,7 +441,7 @@ class _Chunk:
     def _shape(self, start: int, end: int) -> tuple[int, bool]:
         """The fields of a record whose quotes all open at a field start and close in the record, and
         whether text follows a closing quote (which pyarrow allows, but no csv writer does)."""
-        inside = self.quotes[self.quotes.searchsorted(start):self.quotes.searchsorted(end)].tolist()
+        inside = self.quotes[self.quotes.searchsorted(start) : self.quotes.searchsorted(end)].tolist()
         data, delimiter = self.data, self.dialect.delimiter
         bounds = zip([start, *(q + 1 for q in inside[1::2])], [*inside[0::2], end])
         fields = 1 + sum(data.count(delimiter, lo, hi) for lo, hi in bounds)
@@ -440,9 +457,11 @@ class _Chunk:
         if line_end is None or line_end - start > limit:
             if line_end is None and room <= limit and not self.final:
                 return None
-            return _Rejected(None if line_end is None else line_end + 1,
-                             f"longer than the row limit of {limit} bytes ({MAX_ROW_BYTES_KEY}): "
-                             f"{self._preview(start, start + limit + 1)}")  # as much as any chunk holds
+            return _Rejected(
+                None if line_end is None else line_end + 1,
+                f"longer than the row limit of {limit} bytes ({MAX_ROW_BYTES_KEY}): "
+                f"{self._preview(start, start + limit + 1)}",
+            )  # as much as any chunk holds
         if not self.dialect.quoting:
             return line_end + 1
         end, found, stray = self._quoted_record_end(start, limit)
@@ -452,8 +471,11 @@ class _Chunk:
                 return None
             return _Rejected(line_end + 1, f"unterminated quote (still open at the end of the file): {first_line}")
         if end is None or end - start > limit:
-            return _Rejected(line_end + 1, f"a quoted record over several lines, longer than the row limit of {limit} "
-                                           f"bytes ({MAX_ROW_BYTES_KEY}) (an unterminated quote?): {first_line}")
+            return _Rejected(
+                line_end + 1,
+                f"a quoted record over several lines, longer than the row limit of {limit} "
+                f"bytes ({MAX_ROW_BYTES_KEY}) (an unterminated quote?): {first_line}",
+            )
         lines = self.line_index(end) - self.line_index(start) + 1
         if lines > 1 and fields is not None and (found, stray) != (fields, False):
             why = f"expected {fields} columns, got {found}" if found != fields else "text after a closing quote"
@@ -486,7 +508,7 @@ class _Chunk:
         return None, fields, stray
 
     def _preview(self, start: int, stop: int) -> str:
-        return preview(self.data[start:min(stop, start + _PREVIEW)])
+        return preview(self.data[start : min(stop, start + _PREVIEW)])
 
 
 def preview(raw: bytes | str) -> str:

@@ -53,8 +53,21 @@ DEFAULT_MAX_DECODE_BYTES = 2 * 1024**3
 DEFAULT_MAX_JPEG_SCANS = 100
 # Bytes a pixel costs through img2dataset's resizer: decoded samples and resize buffers, or,
 # with transparency, the float64 arrays of its alpha blending.
-_BYTES_PER_SAMPLE = {"1": 1, "L": 1, "P": 1, "RGB": 1, "RGBA": 1, "LA": 1, "CMYK": 1, "YCbCr": 1,
-                     "I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}
+_BYTES_PER_SAMPLE = {
+    "1": 1,
+    "L": 1,
+    "P": 1,
+    "RGB": 1,
+    "RGBA": 1,
+    "LA": 1,
+    "CMYK": 1,
+    "YCbCr": 1,
+    "I;16": 2,
+    "I;16B": 2,
+    "I;16L": 2,
+    "I": 4,
+    "F": 4,
+}
 _ALPHA_BYTES_PER_PIXEL = 80
 # The resized image and the encoder's buffer, 3 bytes a pixel each, plus the resizer's own.
 _OUTPUT_BYTES_PER_PIXEL = 9
@@ -146,8 +159,9 @@ def load_img2dataset_resizer() -> ModuleType:
     return module
 
 
-def check_header(body: bytes, limits: DecodeLimits = DecodeLimits(),
-                 resize: ResizeSettings | None = None) -> tuple[str, int, int]:
+def check_header(
+    body: bytes, limits: DecodeLimits = DecodeLimits(), resize: ResizeSettings | None = None
+) -> tuple[str, int, int]:
     """The format and size of ``body`` from its header, or :class:`ImageRejected` (see the module
     docstring); ``resize`` adds what the resizer will make of the image to the price."""
     if not body:
@@ -165,14 +179,17 @@ def check_header(body: bytes, limits: DecodeLimits = DecodeLimits(),
     out_width, out_height = resize.output_size(width, height) if resize else (0, 0)
     for w, h, what in ((width, height, ""), (out_width, out_height, " after resizing")):
         if w * h > limits.max_pixels:
-            raise ImageRejected(DECOMPRESSION_BOMB,
-                                f"{w}x{h}{what} = {w * h:,} pixels > max_pixels={limits.max_pixels:,}")
+            raise ImageRejected(
+                DECOMPRESSION_BOMB, f"{w}x{h}{what} = {w * h:,} pixels > max_pixels={limits.max_pixels:,}"
+            )
     cost = width * height * per_pixel + out_width * out_height * _OUTPUT_BYTES_PER_PIXEL
     if cost > limits.max_decode_bytes:
         resized = f" and resizing it to {out_width}x{out_height}" if (out_width, out_height) != (width, height) else ""
-        raise ImageRejected(DECOMPRESSION_BOMB,
-                            f"decoding {width}x{height}{resized} would take about {cost / 1024**3:.1f} GiB "
-                            f"> max_decode_bytes={limits.max_decode_bytes:,}")
+        raise ImageRejected(
+            DECOMPRESSION_BOMB,
+            f"decoding {width}x{height}{resized} would take about {cost / 1024**3:.1f} GiB "
+            f"> max_decode_bytes={limits.max_decode_bytes:,}",
+        )
     if fmt in ("JPEG", "MPO"):
         _check_jpeg(body, limits.max_jpeg_scans)
     if _truncated(fmt, body):
@@ -190,15 +207,20 @@ def _bytes_per_pixel(image: Image.Image) -> int:
 def _check_jpeg(body: bytes, max_scans: int) -> None:
     scans = body.count(b"\xff\xda")  # entropy-coded data never holds a marker; an EXIF thumbnail adds its own
     if scans > max_scans:
-        raise ImageRejected(DECOMPRESSION_BOMB, f"{scans:,} JPEG scans > max_jpeg_scans={max_scans}: each scan is "
-                                                f"another pass over the whole image")
+        raise ImageRejected(
+            DECOMPRESSION_BOMB,
+            f"{scans:,} JPEG scans > max_jpeg_scans={max_scans}: each scan is another pass over the whole image",
+        )
     frame = _jpeg_frame(body)
     if frame is None:
         return
     marker, blocks = frame
     if marker in _HUFFMAN_DCT_FRAMES and len(body) * 8 < blocks:
-        raise ImageRejected(DECODE_ERROR, f"truncated JPEG: {len(body):,} bytes cannot hold the {blocks:,} blocks "
-                                          f"its header declares (at least one bit each)")
+        raise ImageRejected(
+            DECODE_ERROR,
+            f"truncated JPEG: {len(body):,} bytes cannot hold the {blocks:,} blocks "
+            f"its header declares (at least one bit each)",
+        )
 
 
 def _jpeg_frame(body: bytes) -> tuple[int, int] | None:
@@ -212,11 +234,11 @@ def _jpeg_frame(body: bytes) -> tuple[int, int] | None:
         if marker == 0xFF:  # fill byte
             position += 1
             continue
-        length = int.from_bytes(body[position + 2:position + 4], "big")
+        length = int.from_bytes(body[position + 2 : position + 4], "big")
         if marker == _SOS or length < 2:
             return None
         if marker in _SOF_MARKERS:
-            return marker, _frame_blocks(body[position + 4:position + 2 + length])
+            return marker, _frame_blocks(body[position + 4 : position + 2 + length])
         position += 2 + length
     return None
 
@@ -226,13 +248,15 @@ def _frame_blocks(segment: bytes) -> int:
     if len(segment) < 6:
         return 0
     height, width, count = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big"), segment[5]
-    factors = [(segment[6 + 3 * i + 1] >> 4, segment[6 + 3 * i + 1] & 15) for i in range(count)
-               if 6 + 3 * i + 1 < len(segment)]
+    factors = [
+        (segment[6 + 3 * i + 1] >> 4, segment[6 + 3 * i + 1] & 15) for i in range(count) if 6 + 3 * i + 1 < len(segment)
+    ]
     if not factors or not height:  # the height may come later, in a DNL segment
         return 0
     h_max, v_max = max(h for h, _ in factors) or 1, max(v for _, v in factors) or 1
-    return max(math.ceil(math.ceil(width * h / h_max) / 8) * math.ceil(math.ceil(height * v / v_max) / 8)
-               for h, v in factors)
+    return max(
+        math.ceil(math.ceil(width * h / h_max) / 8) * math.ceil(math.ceil(height * v / v_max) / 8) for h, v in factors
+    )
 
 
 def _truncated(fmt: str | None, body: bytes) -> bool:
@@ -260,9 +284,12 @@ class Reencoder:
 
     def __init__(self, resize: ResizeSettings) -> None:
         self.resizer = load_img2dataset_resizer().Resizer(
-            image_size=resize.image_size, resize_mode=resize.resize_mode,
-            resize_only_if_bigger=resize.resize_only_if_bigger, encode_format=resize.encode_format,
-            encode_quality=resize.encode_quality, min_image_size=resize.min_image_size,
+            image_size=resize.image_size,
+            resize_mode=resize.resize_mode,
+            resize_only_if_bigger=resize.resize_only_if_bigger,
+            encode_format=resize.encode_format,
+            encode_quality=resize.encode_quality,
+            min_image_size=resize.min_image_size,
         )
 
     def __call__(self, body: bytes) -> Encoded:
@@ -280,8 +307,9 @@ def allow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def decode_to_pixels(bodies: list[bytes | None], transform: Callable[[Image.Image], Image.Image],
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[bytes | None], list[tuple[int, str, str]]]:
+def decode_to_pixels(
+    bodies: list[bytes | None], transform: Callable[[Image.Image], Image.Image], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[list[bytes | None], list[tuple[int, str, str]]]:
     """Decode each image and apply ``transform`` (PIL in, PIL RGB out) for a model's input:
     the uint8 HWC bytes of each result, and ``(row, reason, detail)`` for those that failed
     (``not_an_image``, ``decompression_bomb``, ``decode_error``), whose pixels are None."""

@@ -66,10 +66,20 @@ def reason_of(stage, caption: str | None) -> str | None:
 
 # CaptionCharacters -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("caption", [
-    "bell\x07inside", "nul\x00byte", "vertical\x0btab", "form\x0cfeed", "escape\x1b[0m",
-    "delete\x7fchar", "c1\x85next line", "c1\x9fend",
-])
+
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "bell\x07inside",
+        "nul\x00byte",
+        "vertical\x0btab",
+        "form\x0cfeed",
+        "escape\x1b[0m",
+        "delete\x7fchar",
+        "c1\x85next line",
+        "c1\x9fend",
+    ],
+)
 def test_caption_characters_rejects_control_characters(caption):
     reasons, details = apply(CaptionCharacters(), [caption])
     assert reasons == [CONTROL_CHARACTERS]
@@ -111,29 +121,33 @@ def test_caption_characters_mixed_batch():
 
 # JunkAltText -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("caption", "reason", "detail"), [
-    ("", EMPTY_CAPTION, "caption is empty or whitespace"),
-    ("   \t ", EMPTY_CAPTION, "caption is empty or whitespace"),
-    ("IMG_1234.jpg", FILENAME_CAPTION, "filename: IMG_1234.jpg"),
-    ("DSC01234", FILENAME_CAPTION, "filename: DSC01234"),
-    ("my-photo.JPEG", FILENAME_CAPTION, "filename: my-photo.JPEG"),
-    ("  holiday_2019(3).png ", FILENAME_CAPTION, "filename:   holiday_2019(3).png "),
-    ("DSCN0042", FILENAME_CAPTION, "filename: DSCN0042"),
-    ("PXL_20230101_123456789", FILENAME_CAPTION, "filename: PXL_20230101_123456789"),
-    ("screenshot_2023", FILENAME_CAPTION, "filename: screenshot_2023"),
-    ("image.webp", FILENAME_CAPTION, "filename: image.webp"),
-    ("1920x1080", DIMENSIONS_CAPTION, "dimensions: 1920x1080"),
-    ("800 × 600 px", DIMENSIONS_CAPTION, "dimensions: 800 × 600 px"),
-    ("640*480 pixels", DIMENSIONS_CAPTION, "dimensions: 640*480 pixels"),
-    ("1024 X 768", DIMENSIONS_CAPTION, "dimensions: 1024 X 768"),
-    ("https://example.com/a/b.jpg", URL_CAPTION, "url: https://example.com/a/b.jpg"),
-    ("HTTP://EXAMPLE.COM", URL_CAPTION, "url: HTTP://EXAMPLE.COM"),
-    ("www.example.org/page", URL_CAPTION, "url: www.example.org/page"),
-    ("Image", GENERIC_CAPTION, "stock caption: Image"),
-    ("  N/A ", GENERIC_CAPTION, "stock caption: N/A"),
-    ("No Image", GENERIC_CAPTION, "stock caption: No Image"),
-    ("placeholder", GENERIC_CAPTION, "stock caption: placeholder"),
-])
+
+@pytest.mark.parametrize(
+    ("caption", "reason", "detail"),
+    [
+        ("", EMPTY_CAPTION, "caption is empty or whitespace"),
+        ("   \t ", EMPTY_CAPTION, "caption is empty or whitespace"),
+        ("IMG_1234.jpg", FILENAME_CAPTION, "filename: IMG_1234.jpg"),
+        ("DSC01234", FILENAME_CAPTION, "filename: DSC01234"),
+        ("my-photo.JPEG", FILENAME_CAPTION, "filename: my-photo.JPEG"),
+        ("  holiday_2019(3).png ", FILENAME_CAPTION, "filename:   holiday_2019(3).png "),
+        ("DSCN0042", FILENAME_CAPTION, "filename: DSCN0042"),
+        ("PXL_20230101_123456789", FILENAME_CAPTION, "filename: PXL_20230101_123456789"),
+        ("screenshot_2023", FILENAME_CAPTION, "filename: screenshot_2023"),
+        ("image.webp", FILENAME_CAPTION, "filename: image.webp"),
+        ("1920x1080", DIMENSIONS_CAPTION, "dimensions: 1920x1080"),
+        ("800 × 600 px", DIMENSIONS_CAPTION, "dimensions: 800 × 600 px"),
+        ("640*480 pixels", DIMENSIONS_CAPTION, "dimensions: 640*480 pixels"),
+        ("1024 X 768", DIMENSIONS_CAPTION, "dimensions: 1024 X 768"),
+        ("https://example.com/a/b.jpg", URL_CAPTION, "url: https://example.com/a/b.jpg"),
+        ("HTTP://EXAMPLE.COM", URL_CAPTION, "url: HTTP://EXAMPLE.COM"),
+        ("www.example.org/page", URL_CAPTION, "url: www.example.org/page"),
+        ("Image", GENERIC_CAPTION, "stock caption: Image"),
+        ("  N/A ", GENERIC_CAPTION, "stock caption: N/A"),
+        ("No Image", GENERIC_CAPTION, "stock caption: No Image"),
+        ("placeholder", GENERIC_CAPTION, "stock caption: placeholder"),
+    ],
+)
 def test_junk_alt_text_reasons(caption, reason, detail):
     reasons, details = apply(JunkAltText(), [caption])
     assert reasons == [reason]
@@ -141,8 +155,15 @@ def test_junk_alt_text_reasons(caption, reason, detail):
 
 
 def test_junk_alt_text_keeps_ordinary_captions():
-    captions = ORDINARY + ["line one\nline two", "IMG 1234 jpg of the bay", "photo.png extra words",
-                           "1920x1080 wallpaper of mountains", "logo design ideas", "images of spring", None]
+    captions = ORDINARY + [
+        "line one\nline two",
+        "IMG 1234 jpg of the bay",
+        "photo.png extra words",
+        "1920x1080 wallpaper of mountains",
+        "logo design ideas",
+        "images of spring",
+        None,
+    ]
     reasons, _ = apply(JunkAltText(), captions)
     assert reasons == [None] * len(captions), [(c, r) for c, r in zip(captions, reasons) if r]
 
@@ -150,8 +171,7 @@ def test_junk_alt_text_keeps_ordinary_captions():
 def test_junk_alt_text_mixed_batch_keeps_positions():
     captions = ["a cat on a sofa", "IMG_1.jpg", "", "www.x.com", "a dog", "logo", "300x250"]
     reasons, _ = apply(JunkAltText(), captions)
-    assert reasons == [None, FILENAME_CAPTION, EMPTY_CAPTION, URL_CAPTION, None, GENERIC_CAPTION,
-                       DIMENSIONS_CAPTION]
+    assert reasons == [None, FILENAME_CAPTION, EMPTY_CAPTION, URL_CAPTION, None, GENERIC_CAPTION, DIMENSIONS_CAPTION]
 
 
 def test_junk_alt_text_rules_subset():
@@ -184,15 +204,19 @@ def test_junk_alt_text_unknown_rule_is_an_error():
 
 # CaptionLength ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("stage", "caption", "reason", "detail"), [
-    (CaptionLength(), "hello", TOO_FEW_WORDS, "1 < min_words=2"),
-    (CaptionLength(), "   ", TOO_FEW_WORDS, "0 < min_words=2"),
-    (CaptionLength(), "a b", TOO_SHORT, "3 < min_chars=5"),
-    (CaptionLength(max_words=3), "one two three four", TOO_MANY_WORDS, "4 > max_words=3"),
-    (CaptionLength(max_chars=10), "twelve chars", TOO_LONG, "12 > max_chars=10"),
-    (CaptionLength(min_words=None, min_chars=3), "ab", TOO_SHORT, "2 < min_chars=3"),
-    (CaptionLength(), "word " * 300, TOO_LONG, "1499 > max_chars=1000"),  # trailing space trimmed
-])
+
+@pytest.mark.parametrize(
+    ("stage", "caption", "reason", "detail"),
+    [
+        (CaptionLength(), "hello", TOO_FEW_WORDS, "1 < min_words=2"),
+        (CaptionLength(), "   ", TOO_FEW_WORDS, "0 < min_words=2"),
+        (CaptionLength(), "a b", TOO_SHORT, "3 < min_chars=5"),
+        (CaptionLength(max_words=3), "one two three four", TOO_MANY_WORDS, "4 > max_words=3"),
+        (CaptionLength(max_chars=10), "twelve chars", TOO_LONG, "12 > max_chars=10"),
+        (CaptionLength(min_words=None, min_chars=3), "ab", TOO_SHORT, "2 < min_chars=3"),
+        (CaptionLength(), "word " * 300, TOO_LONG, "1499 > max_chars=1000"),  # trailing space trimmed
+    ],
+)
 def test_caption_length_reasons(stage, caption, reason, detail):
     reasons, details = apply(stage, [caption])
     assert reasons == [reason]
@@ -236,12 +260,15 @@ def test_caption_length_null_caption_is_not_rejected():
     assert reason_of(CaptionLength(), None) is None
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"min_words": 5, "max_words": 4}, r"min_words \(5\) is greater than max_words \(4\)"),
-    ({"min_chars": 20, "max_chars": 10}, r"min_chars \(20\) is greater than max_chars \(10\)"),
-    ({"min_words": -1}, r"min_words must be >= 0 or null, got -1"),
-    ({"min_chars": -2}, r"min_chars must be >= 0 or null, got -2"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"min_words": 5, "max_words": 4}, r"min_words \(5\) is greater than max_words \(4\)"),
+        ({"min_chars": 20, "max_chars": 10}, r"min_chars \(20\) is greater than max_chars \(10\)"),
+        ({"min_words": -1}, r"min_words must be >= 0 or null, got -1"),
+        ({"min_chars": -2}, r"min_chars must be >= 0 or null, got -2"),
+    ],
+)
 def test_caption_length_invalid_bounds(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CaptionLength(**kwargs)
@@ -254,10 +281,15 @@ def test_caption_length_equal_bounds_are_allowed():
 
 # ImageSize -------------------------------------------------------------------------------------
 
+
 def apply_sizes(stage, sizes: list[tuple[int, int]]) -> tuple[list, list]:
     """(reasons, details) per (width, height); all None when the stage rejected nothing."""
-    batch = pa.table({ORIGINAL_WIDTH: pa.array([w for w, _ in sizes], pa.int32()),
-                      ORIGINAL_HEIGHT: pa.array([h for _, h in sizes], pa.int32())})
+    batch = pa.table(
+        {
+            ORIGINAL_WIDTH: pa.array([w for w, _ in sizes], pa.int32()),
+            ORIGINAL_HEIGHT: pa.array([h for _, h in sizes], pa.int32()),
+        }
+    )
     out = stage(batch)
     assert out.num_rows == len(sizes) and set(out.column_names) <= {REJECT_REASON, REJECT_DETAIL}
     if REJECT_REASON not in out.column_names:
@@ -285,16 +317,20 @@ def test_image_size_too_small_wins_over_the_aspect_ratio_and_null_disables_a_che
     assert apply_sizes(ImageSize(min_side=None), [(2, 1), (3, 1)]) == ([None, None], [None, None])
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"min_side": 0}, "min_side must be >= 1 or null, got 0"),
-    ({"max_aspect_ratio": 0.5}, "max_aspect_ratio must be >= 1 or null, got 0.5"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"min_side": 0}, "min_side must be >= 1 or null, got 0"),
+        ({"max_aspect_ratio": 0.5}, "max_aspect_ratio must be >= 1 or null, got 0.5"),
+    ],
+)
 def test_image_size_invalid_limits(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         ImageSize(**kwargs)
 
 
 # Questionable behaviour, documented as expected failures ------------------------------------------
+
 
 @pytest.mark.parametrize("caption", ["hello\u00a0world", "hello\u3000world"])
 def test_caption_length_unicode_spaces_separate_words(caption):
@@ -361,6 +397,8 @@ def test_basic_rules_on_laion_style_pool(tmp_path):
     assert all(len(c.split()) >= 2 and 5 <= len(c) <= 1000 for c in sample)
     # And every rejected file-name caption really is one.
     filenames = rejects.filter(pc.equal(rejects["reason"], FILENAME_CAPTION))["caption"].to_pylist()
-    image_name = re.compile(r"(?i).*\.(jpe?g|png|gif|webp|bmp|tiff?|svg|heic|heif|avif|jfif|ico)\s*"
-                            r"|\s*(img|dscn?f?|pxl|dcim|image|photo|pic|screenshot|scan|untitled)[\s_\-]*\d+\S*\s*")
+    image_name = re.compile(
+        r"(?i).*\.(jpe?g|png|gif|webp|bmp|tiff?|svg|heic|heif|avif|jfif|ico)\s*"
+        r"|\s*(img|dscn?f?|pxl|dcim|image|photo|pic|screenshot|scan|untitled)[\s_\-]*\d+\S*\s*"
+    )
     assert filenames and all(image_name.fullmatch(c) for c in filenames)

@@ -35,8 +35,10 @@ def _png(array: np.ndarray, mode: str | None = None) -> bytes:
 
 def _images() -> list[bytes]:
     rng = np.random.default_rng(0)
-    return [_png(rng.integers(0, 256, (40 + 9 * i, 57 - 5 * i, 3), np.uint8), mode)
-            for i, mode in enumerate([None, "RGBA", "L", "P", None])]
+    return [
+        _png(rng.integers(0, 256, (40 + 9 * i, 57 - 5 * i, 3), np.uint8), mode)
+        for i, mode in enumerate([None, "RGBA", "L", "P", None])
+    ]
 
 
 def test_pixels_and_embeddings_match_open_clip_on_its_own():
@@ -115,8 +117,13 @@ def test_model_is_required_and_scores_are_cosines():
 def test_threshold_keeps_scores_at_or_above_it():
     scores = pa.array([0.1, 0.28, 0.2799, None, 0.9], pa.float32())
     out = ClipScoreThreshold(min_score=0.28)(pa.table({CLIP_SCORE: scores}))
-    assert out[REJECT_REASON].to_pylist() == ["clip_score_below_threshold", None, "clip_score_below_threshold",
-                                              "clip_score_below_threshold", None]
+    assert out[REJECT_REASON].to_pylist() == [
+        "clip_score_below_threshold",
+        None,
+        "clip_score_below_threshold",
+        "clip_score_below_threshold",
+        None,
+    ]
     assert out[REJECT_DETAIL][0].as_py() == "clip_score 0.1000 < 0.28"
     assert out[REJECT_DETAIL][3].as_py() == "no clip_score"
 
@@ -139,26 +146,34 @@ def scored_pool(tmp_path_factory):
     captions = [f"photo {i} of a {'cat' if i % 3 else 'dog'}" for i in range(60)]
     captions[7] = "a corrupt file"
     captions[19] = "an empty body"
-    pq.write_table(pa.table({"url": [f"http://img.test/{i}.png" for i in range(60)], "caption": captions}),
-                   folder / "pool.parquet")
+    pq.write_table(
+        pa.table({"url": [f"http://img.test/{i}.png" for i in range(60)], "caption": captions}), folder / "pool.parquet"
+    )
     return folder
 
 
 def _score_config(folder, name, shard_size, last):
-    return {"name": name, "input": str(folder / "pool.parquet"), "output_dir": str(folder / "runs"),
-            "shard_size": shard_size,
-            "stages": [{"stage": "tests.stages:PaintImages"},
-                       {"stage": "curation.clip_score:ClipPreprocess", "model": MODEL},
-                       {"stage": "curation.clip_score:ClipEmbed", "model": MODEL,
-                        "resources": {"batch_size": 16}}, last]}
+    return {
+        "name": name,
+        "input": str(folder / "pool.parquet"),
+        "output_dir": str(folder / "runs"),
+        "shard_size": shard_size,
+        "stages": [
+            {"stage": "tests.stages:PaintImages"},
+            {"stage": "curation.clip_score:ClipPreprocess", "model": MODEL},
+            {"stage": "curation.clip_score:ClipEmbed", "model": MODEL, "resources": {"batch_size": 16}},
+            last,
+        ],
+    }
 
 
 def test_top_fraction_is_identical_under_both_runners_and_any_sharding(scored_pool, runner_factory):
     last = {"stage": "curation.clip_score:ClipScoreTopFraction", "fraction": 0.3}
     kept = {}
     for runner, shard_size in (("local", 60), ("local", 13), ("ray", 25)):
-        plan, manifest = run_pipeline_dict(_score_config(scored_pool, f"top-{runner}-{shard_size}", shard_size, last),
-                                           runner_factory(runner))
+        plan, manifest = run_pipeline_dict(
+            _score_config(scored_pool, f"top-{runner}-{shard_size}", shard_size, last), runner_factory(runner)
+        )
         rows = read_phase(plan.run_uri, manifest.final_phase)
         kept[(runner, shard_size)] = sorted(rows[UID].to_pylist())
         state = manifest.aggregates["clip_score_top_fraction"]
@@ -193,14 +208,16 @@ def test_threshold_in_a_pipeline_records_details(scored_pool, runner_factory):
     rows = read_phase(plan.run_uri, manifest.final_phase)
     assert all(s >= 0.0 for s in rows[CLIP_SCORE].to_pylist())
     rejects = read_rejects(plan.run_uri)
-    below = [d for r, d in zip(rejects["reason"].to_pylist(), rejects["detail"].to_pylist())
-             if r == "clip_score_below_threshold"]
+    below = [
+        d
+        for r, d in zip(rejects["reason"].to_pylist(), rejects["detail"].to_pylist())
+        if r == "clip_score_below_threshold"
+    ]
     assert rows.num_rows + len(below) == 58 and all(d.endswith("< 0.0") for d in below)
 
 
 def test_transient_pixels_cannot_cross_a_phase(scored_pool):
-    raw = _score_config(scored_pool, "cross", 30, {"stage": "curation.clip_score:ClipScoreThreshold",
-                                                   "min_score": 0.0})
+    raw = _score_config(scored_pool, "cross", 30, {"stage": "curation.clip_score:ClipScoreThreshold", "min_score": 0.0})
     raw["stages"][1]["checkpoint"] = True
     with pytest.raises(ValueError, match="live only inside a phase"):
         build_plan(parse_config(raw))

@@ -93,8 +93,14 @@ def _table(rows: int, noise: float, seed: int = 3) -> tuple[pa.Table, np.ndarray
     def lists(matrix: np.ndarray) -> pa.Array:
         return pa.array(list(matrix.astype(np.float16)), pa.list_(pa.float16()))
 
-    table = pa.table({UID: [f"r{i:05d}" for i in range(rows)], CLIP_SCORE: scores,
-                      IMAGE_EMBEDDING: lists(images), TEXT_EMBEDDING: lists(texts)})
+    table = pa.table(
+        {
+            UID: [f"r{i:05d}" for i in range(rows)],
+            CLIP_SCORE: scores,
+            IMAGE_EMBEDDING: lists(images),
+            TEXT_EMBEDDING: lists(texts),
+        }
+    )
     return table, is_noise
 
 

@@ -15,14 +15,14 @@ from tests.conftest import read_phase, read_rejects, run_pipeline_dict
 
 # (url, caption) by source_index. With shard_size=2 the copies of row 0 sit in shards 1, 2 and 3.
 POOL = [
-    ("http://a.test/1.jpg", "a dog on a lawn"),    # 0  first of group A
-    ("http://a.test/2.jpg", "a cat on a mat"),     # 1  first of group B
-    ("http://a.test/1.jpg", "a dog on a lawn"),    # 2  copy of 0
-    ("http://a.test/3.jpg", "a dog on a lawn"),    # 3  same caption as 0, other url
-    ("http://a.test/2.jpg", "a cat on a mat"),     # 4  copy of 1
+    ("http://a.test/1.jpg", "a dog on a lawn"),  # 0  first of group A
+    ("http://a.test/2.jpg", "a cat on a mat"),  # 1  first of group B
+    ("http://a.test/1.jpg", "a dog on a lawn"),  # 2  copy of 0
+    ("http://a.test/3.jpg", "a dog on a lawn"),  # 3  same caption as 0, other url
+    ("http://a.test/2.jpg", "a cat on a mat"),  # 4  copy of 1
     ("http://a.test/1.jpg", "A  Dog on a\tLAWN "),  # 5  case/whitespace variant of 0
-    ("http://a.test/1.jpg", "a dog on a lawn"),    # 6  another copy of 0
-    ("http://a.test/4.jpg", "a bird in a tree"),   # 7  unique
+    ("http://a.test/1.jpg", "a dog on a lawn"),  # 6  another copy of 0
+    ("http://a.test/4.jpg", "a bird in a tree"),  # 7  unique
 ]
 
 
@@ -33,15 +33,15 @@ def write_pool(folder: Path, rows: list[tuple[str, str]], name: str = "pool.parq
     return path
 
 
-def config(tmp_path: Path, pool: Path, *, name: str = "dedup", shard_size: int = 2, stages=None,
-           **dedup_params) -> dict:
+def config(
+    tmp_path: Path, pool: Path, *, name: str = "dedup", shard_size: int = 2, stages=None, **dedup_params
+) -> dict:
     return {
         "name": name,
         "input": str(pool),
         "output_dir": str(tmp_path / "runs"),
         "shard_size": shard_size,
-        "stages": stages if stages is not None else [
-            {"stage": "curation.dedup:ExactDuplicates", **dedup_params}],
+        "stages": stages if stages is not None else [{"stage": "curation.dedup:ExactDuplicates", **dedup_params}],
     }
 
 
@@ -100,8 +100,14 @@ def test_describe_reports_counts(tmp_path):
     pool = write_pool(tmp_path, POOL)
     _, manifest = run_pipeline_dict(config(tmp_path, pool), LocalRunner())
     assert manifest.aggregates["exact_duplicates"] == {
-        "duplicate_rows": 3, "keep": "first", "rows": 8, "edges": 3, "clusters": 2, "largest": [3, 2],
-        "size_histogram": {"2": 1, "3": 1}, "keys": ["url", "caption"],
+        "duplicate_rows": 3,
+        "keep": "first",
+        "rows": 8,
+        "edges": 3,
+        "clusters": 2,
+        "largest": [3, 2],
+        "size_histogram": {"2": 1, "3": 1},
+        "keys": ["url", "caption"],
     }
 
 
@@ -120,10 +126,13 @@ def test_keys_url_only(tmp_path):
     assert duplicate_map(plan) == {2: 0, 4: 1, 5: 0, 6: 0}
 
 
-@pytest.mark.parametrize(("keys", "expected"), [
-    (["url", "caption"], {2: 0, 4: 1, 5: 0, 6: 0}),
-    (["caption"], {2: 0, 3: 0, 4: 1, 5: 0, 6: 0}),
-])
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        (["url", "caption"], {2: 0, 4: 1, 5: 0, 6: 0}),
+        (["caption"], {2: 0, 3: 0, 4: 1, 5: 0, 6: 0}),
+    ],
+)
 def test_normalize_text_merges_case_and_whitespace_variants(tmp_path, keys, expected):
     pool = write_pool(tmp_path, POOL)
     plan, _ = run_pipeline_dict(config(tmp_path, pool, keys=keys, normalize_text=True), LocalRunner())
@@ -146,8 +155,14 @@ def test_pool_without_duplicates(tmp_path):
     assert read_rejects(plan.run_uri) is None
     assert manifest.stage_totals()["exact_duplicates"].rejected == {}
     assert manifest.aggregates["exact_duplicates"] == {
-        "duplicate_rows": 0, "keep": "first", "rows": 7, "edges": 0, "clusters": 0, "largest": [],
-        "size_histogram": {}, "keys": ["url", "caption"],
+        "duplicate_rows": 0,
+        "keep": "first",
+        "rows": 7,
+        "edges": 0,
+        "clusters": 0,
+        "largest": [],
+        "size_histogram": {},
+        "keys": ["url", "caption"],
     }
 
 
@@ -162,11 +177,17 @@ def test_single_row_pool(tmp_path):
 
 def test_earlier_rejection_lets_the_next_copy_survive(tmp_path):
     # Row 0 (a file-name caption) leaves before deduplication on url: row 2 is then the first copy.
-    rows = [("http://x.test/1", "IMG_0001.jpg"), ("http://x.test/2", "a red car"), ("http://x.test/1", "a red car close up"),
-            ("http://x.test/1", "the same red car again")]
+    rows = [
+        ("http://x.test/1", "IMG_0001.jpg"),
+        ("http://x.test/2", "a red car"),
+        ("http://x.test/1", "a red car close up"),
+        ("http://x.test/1", "the same red car again"),
+    ]
     pool = write_pool(tmp_path, rows)
-    stages = [{"stage": "curation.basic:JunkAltText", "rules": ["filename_caption"]},
-              {"stage": "curation.dedup:ExactDuplicates", "keys": ["url"]}]
+    stages = [
+        {"stage": "curation.basic:JunkAltText", "rules": ["filename_caption"]},
+        {"stage": "curation.dedup:ExactDuplicates", "keys": ["url"]},
+    ]
     plan, manifest = run_pipeline_dict(config(tmp_path, pool, stages=stages), LocalRunner())
     assert plan.phase_names == ["00_input", "01_junk_alt_text", "02_exact_duplicates"]
     assert kept_indices(plan) == [1, 2]
@@ -233,7 +254,11 @@ def test_aggregate_of_empty_partials_list():
 
 
 def test_input_uids_shared_by_copies_keep_the_first(tmp_path):
-    rows = [("http://x.test/1", "a dog on a lawn"), ("http://x.test/2", "a cat"), ("http://x.test/1", "a dog on a lawn")]
+    rows = [
+        ("http://x.test/1", "a dog on a lawn"),
+        ("http://x.test/2", "a cat"),
+        ("http://x.test/1", "a dog on a lawn"),
+    ]
     pool = write_pool(tmp_path, rows, id=["same", "other", "same"])
     raw = config(tmp_path, pool)
     raw["columns"] = {"uid": "id"}

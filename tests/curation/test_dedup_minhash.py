@@ -27,12 +27,12 @@ CAPTIONS = [
 def _python_shingles(text: str, kind: str, size: int) -> set[str]:
     words = text.split()
     if kind == "char":
-        return {text[i:i + size] for i in range(max(1, len(text) - size + 1))} if text else set()
+        return {text[i : i + size] for i in range(max(1, len(text) - size + 1))} if text else set()
     if not words:
         return set()
     if len(words) < size:
         return {" ".join(words)}
-    return {" ".join(words[i:i + size]) for i in range(len(words) - size + 1)}
+    return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
 
 
 @pytest.mark.parametrize(("kind", "size"), [("word", 1), ("word", 2), ("word", 3), ("char", 5)])

@@ -20,10 +20,16 @@ EMBED = {"stage": "tests.stages:EmbedByGroup"}
 
 def _run(tmp_path, name, captions, stages, runner, shard_size=2):
     path = tmp_path / f"{name}.parquet"
-    pq.write_table(pa.table({"url": [f"http://img.test/{i}.jpg" for i in range(len(captions))],
-                             "caption": captions}), path)
-    raw = {"name": name, "input": str(path), "output_dir": str(tmp_path / "runs"), "shard_size": shard_size,
-           "stages": stages}
+    pq.write_table(
+        pa.table({"url": [f"http://img.test/{i}.jpg" for i in range(len(captions))], "caption": captions}), path
+    )
+    raw = {
+        "name": name,
+        "input": str(path),
+        "output_dir": str(tmp_path / "runs"),
+        "shard_size": shard_size,
+        "stages": stages,
+    }
     return run_pipeline_dict(raw, runner)
 
 
@@ -34,7 +40,7 @@ def _outcome(plan, stage):
     kept = set(read_phase(plan.run_uri, plan.phase_names[-1])["source_index"].to_pylist())
     rejects = read_rejects(plan.run_uri)
     rejected = {}
-    for record in (rejects.to_pylist() if rejects is not None else []):
+    for record in rejects.to_pylist() if rejects is not None else []:
         if record["stage"] == stage:
             detail = json.loads(record["detail"])
             rejected[record["source_index"]] = (index_of.get(detail["duplicate_of"], detail["duplicate_of"]), detail)
@@ -43,12 +49,12 @@ def _outcome(plan, stage):
 
 # A chain across shards: Jaccard(0, 2) = 0.85 and (2, 4) = 0.79 pass 0.7, (0, 4) = 0.67 does not.
 CHAIN = [
-    "a brown dog runs on the wet sand near the sea at dawn",       # 0
-    "two cats sleep on a sofa",                                     # 1
-    "a brown dog runs on the wet sand near the sea at dusk",        # 2
-    "",                                                             # 3 empty: never paired
+    "a brown dog runs on the wet sand near the sea at dawn",  # 0
+    "two cats sleep on a sofa",  # 1
+    "a brown dog runs on the wet sand near the sea at dusk",  # 2
+    "",  # 3 empty: never paired
     "a brown dog runs on the dry sand near the sea at dusk today",  # 4 the longest
-    "",                                                             # 5
+    "",  # 5
 ]
 
 
@@ -86,12 +92,12 @@ def test_single_row_and_empty_caption_pools(tmp_path, runner_factory):
 
 
 IMAGES = [
-    "g1 a dog on a beach score=0.2",       # 0
-    "g2 a red car score=0.9",              # 1
-    "g1 a dog on the beach score=0.7",     # 2  same image as 0, near-same caption, best score
-    "g3 a tree",                           # 3
-    "g1 an aerial photo of a coastline",   # 4  same image as 0, a different caption
-    "g2 a red car parked score=0.1",       # 5  same image as 1
+    "g1 a dog on a beach score=0.2",  # 0
+    "g2 a red car score=0.9",  # 1
+    "g1 a dog on the beach score=0.7",  # 2  same image as 0, near-same caption, best score
+    "g3 a tree",  # 3
+    "g1 an aerial photo of a coastline",  # 4  same image as 0, a different caption
+    "g2 a red car parked score=0.1",  # 5  same image as 1
 ]
 
 
@@ -108,8 +114,10 @@ def test_image_duplicates_keep_the_highest_clip_score_under_both_runners(tmp_pat
     summary = manifest.aggregates["image_near_duplicates"]
     assert summary["faiss_index"] == "exact" and summary["largest"] == [3, 2]
     card = (Path(plan.run_uri) / "README.md").read_text()
-    assert ("**image_near_duplicates**: 3 of 6 rows were duplicates in 2 clusters (survivor: `highest_clip_score`); "
-            "largest clusters: 3, 2; clusters by size: 1 of 2, 1 of 3.") in card
+    assert (
+        "**image_near_duplicates**: 3 of 6 rows were duplicates in 2 clusters (survivor: `highest_clip_score`); "
+        "largest clusters: 3, 2; clusters by size: 1 of 2, 1 of 3."
+    ) in card
 
 
 def test_pair_policy_keeps_the_same_image_under_a_different_caption(tmp_path, runner_factory):
@@ -121,11 +129,14 @@ def test_pair_policy_keeps_the_same_image_under_a_different_caption(tmp_path, ru
     assert manifest.stage_totals()["image_near_duplicates"].rejected == {"near_duplicate_pair": 2}
 
 
-@pytest.mark.parametrize(("captions", "params", "message"), [
-    (["g1", "g1 noembed"], {}, "have no image_embedding"),
-    (["g1", "g1 wide"], {}, "has 9 values, not 8"),
-    (["g1", "g2"], {"dim": 512}, "has 8 values, not 512"),
-])
+@pytest.mark.parametrize(
+    ("captions", "params", "message"),
+    [
+        (["g1", "g1 noembed"], {}, "have no image_embedding"),
+        (["g1", "g1 wide"], {}, "has 9 values, not 8"),
+        (["g1", "g2"], {"dim": 512}, "has 8 values, not 512"),
+    ],
+)
 def test_missing_or_mis_sized_embeddings_are_clear_errors(tmp_path, runner_factory, captions, params, message):
     stages = [EMBED, {"stage": "curation.dedup:ImageNearDuplicates", **params}]
     with pytest.raises(Exception, match=message):
@@ -152,13 +163,18 @@ def test_parameters_are_checked():
 
 def test_a_later_pool_is_deduplicated_against_an_earlier_runs_kept_rows(tmp_path, runner_factory):
     stages = [EMBED, {"stage": "curation.dedup:ImageNearDuplicates"}]
-    earlier, _ = _run(tmp_path, "earlier", ["g1 first", "g2 second", "g2 second again"], stages, runner_factory("local"))
+    earlier, _ = _run(
+        tmp_path, "earlier", ["g1 first", "g2 second", "g2 second again"], stages, runner_factory("local")
+    )
     kept_earlier = read_phase(earlier.run_uri, earlier.phase_names[-1])
     assert kept_earlier.num_rows == 2
-    later_stages = [EMBED, {"stage": "curation.dedup:ImageNearDuplicates", "keep": "highest_clip_score",
-                            "against": [earlier.run_uri]}]
-    plan, manifest = _run(tmp_path, "later", ["g2 new score=0.9", "g3 new", "g3 twin", "g4"], later_stages,
-                          runner_factory("local"))
+    later_stages = [
+        EMBED,
+        {"stage": "curation.dedup:ImageNearDuplicates", "keep": "highest_clip_score", "against": [earlier.run_uri]},
+    ]
+    plan, manifest = _run(
+        tmp_path, "later", ["g2 new score=0.9", "g3 new", "g3 twin", "g4"], later_stages, runner_factory("local")
+    )
     kept, rejected = _outcome(plan, "image_near_duplicates")
     assert kept == {1, 3}
     rejects = {r["source_index"]: json.loads(r["detail"]) for r in read_rejects(plan.run_uri).to_pylist()}
@@ -168,8 +184,13 @@ def test_a_later_pool_is_deduplicated_against_an_earlier_runs_kept_rows(tmp_path
     summary = manifest.aggregates["image_near_duplicates"]
     assert summary["earlier_rows"] == 2 and summary["duplicates_of_earlier_runs"] == 1 and summary["rows"] == 4
     with pytest.raises(Exception, match="not a completed run"):
-        _run(tmp_path, "nowhere", ["g1"], [EMBED, {"stage": "curation.dedup:ImageNearDuplicates",
-                                                   "against": [str(tmp_path / "missing")]}], runner_factory("local"))
+        _run(
+            tmp_path,
+            "nowhere",
+            ["g1"],
+            [EMBED, {"stage": "curation.dedup:ImageNearDuplicates", "against": [str(tmp_path / "missing")]}],
+            runner_factory("local"),
+        )
 
 
 def _planted_pool(rows: int = 640, originals: int = 24, dim: int = 64):
@@ -185,10 +206,16 @@ def _planted_pool(rows: int = 640, originals: int = 24, dim: int = 64):
             group.append(int(original))
     order = rng.permutation(len(vectors))
     vectors, group = [vectors[i] for i in order], [group[i] for i in order]
-    embeddings = pa.array([(v / np.linalg.norm(v)).astype(np.float16).tolist() for v in vectors],
-                          pa.list_(pa.float16()))
-    table = pa.table({UID: [f"row{i}" for i in range(len(vectors))], SOURCE_INDEX: list(range(len(vectors))),
-                      IMAGE_EMBEDDING: embeddings})
+    embeddings = pa.array(
+        [(v / np.linalg.norm(v)).astype(np.float16).tolist() for v in vectors], pa.list_(pa.float16())
+    )
+    table = pa.table(
+        {
+            UID: [f"row{i}" for i in range(len(vectors))],
+            SOURCE_INDEX: list(range(len(vectors))),
+            IMAGE_EMBEDDING: embeddings,
+        }
+    )
     members: dict[int, set[int]] = {}
     for index, g in enumerate(group):
         members.setdefault(g, set()).add(index)
@@ -197,8 +224,10 @@ def _planted_pool(rows: int = 640, originals: int = 24, dim: int = 64):
 
 def _decision(stage, shards):
     state = stage.aggregate([stage.compute(pa.Table.from_batches([shard])) for shard in shards])
-    return state, {int(i): (str(s), int(n)) for i, s, n in zip(state["duplicate_index"], state["survivor_uid"],
-                                                                   state["cluster_size"])}
+    return state, {
+        int(i): (str(s), int(n))
+        for i, s, n in zip(state["duplicate_index"], state["survivor_uid"], state["cluster_size"])
+    }
 
 
 def test_the_ivf_index_picked_by_pool_size_finds_the_exact_searchs_planted_clusters():
@@ -206,8 +235,7 @@ def test_the_ivf_index_picked_by_pool_size_finds_the_exact_searchs_planted_clust
     rows = sum(len(s) for s in shards)
     exact_state, exact = _decision(ImageNearDuplicates(threshold=0.95, index="exact"), shards)
     # exact_max_rows below the pool size: "auto" switches to IVF, which searches 4 of its 16 lists per query.
-    ivf_state, ivf = _decision(ImageNearDuplicates(threshold=0.95, exact_max_rows=rows - 1, nlist=16, nprobe=4),
-                               shards)
+    ivf_state, ivf = _decision(ImageNearDuplicates(threshold=0.95, exact_max_rows=rows - 1, nlist=16, nprobe=4), shards)
     assert exact_state["faiss_index"] == "exact"
     assert (ivf_state["faiss_index"], ivf_state["nlist"], ivf_state["nprobe"]) == ("ivf", 16, 4)
     expected = {i: (f"row{min(cluster)}", len(cluster)) for cluster in planted for i in cluster - {min(cluster)}}

@@ -55,8 +55,8 @@ def span_reference(texts: list[str], entries: list[str]) -> list[list[int]]:
         spaces = [i for i, ch in enumerate(spaced) if ch == " "]
         found: set[int] = set()
         for a, start in enumerate(spaces):
-            for end in spaces[a + 1:a + 2 + widest]:
-                found.update(padded.get(spaced[start:end + 1], ()))
+            for end in spaces[a + 1 : a + 2 + widest]:
+                found.update(padded.get(spaced[start : end + 1], ()))
         result.append(sorted(found))
     return result
 
@@ -67,26 +67,44 @@ def match(entries, texts, **options) -> list[list[int]]:
 
 # Matching: hand-written cases ---------------------------------------------------------------
 
-ENTRIES = ["dog", "hot dog", "hot", "New York", "York", "new york", "a", "Mr. Smith", "dog .", "café", "東京",
-           "U.S.", "e-mail", "rock 'n' roll", "C++"]
+ENTRIES = [
+    "dog",
+    "hot dog",
+    "hot",
+    "New York",
+    "York",
+    "new york",
+    "a",
+    "Mr. Smith",
+    "dog .",
+    "café",
+    "東京",
+    "U.S.",
+    "e-mail",
+    "rock 'n' roll",
+    "C++",
+]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("A hot dog in New York.", ["dog", "hot dog", "hot", "New York", "York"]),  # "A" is not "a"
-    ("hot dog.", ["dog", "hot dog", "hot", "dog ."]),      # the dot is wrapped: " dog . "
-    ("hotdog", []),                                           # no word boundary, no match
-    ("a dog, a cat; a bird!", ["dog", "a"]),                  # punctuation wrapped, overlaps counted once
-    ("new york\tcity", ["new york"]),                         # tab becomes a space; case kept
-    ("Mr. Smith", []),                                        # the entry is not normalised: " Mr .  Smith "
-    ("un café à Paris", ["café"]),
-    ("旅行 東京 2024", ["東京"]),
-    ("the U.S. army", []),                                   # " U . S . " never contains " U.S. "
-    ("send an e-mail now", ["e-mail"]),
-    ("rock 'n' roll forever", ["rock 'n' roll"]),
-    ("C++ code", ["C++"]),
-    ("", []),
-    ("   ", []),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("A hot dog in New York.", ["dog", "hot dog", "hot", "New York", "York"]),  # "A" is not "a"
+        ("hot dog.", ["dog", "hot dog", "hot", "dog ."]),  # the dot is wrapped: " dog . "
+        ("hotdog", []),  # no word boundary, no match
+        ("a dog, a cat; a bird!", ["dog", "a"]),  # punctuation wrapped, overlaps counted once
+        ("new york\tcity", ["new york"]),  # tab becomes a space; case kept
+        ("Mr. Smith", []),  # the entry is not normalised: " Mr .  Smith "
+        ("un café à Paris", ["café"]),
+        ("旅行 東京 2024", ["東京"]),
+        ("the U.S. army", []),  # " U . S . " never contains " U.S. "
+        ("send an e-mail now", ["e-mail"]),
+        ("rock 'n' roll forever", ["rock 'n' roll"]),
+        ("C++ code", ["C++"]),
+        ("", []),
+        ("   ", []),
+    ],
+)
 def test_matching_edge_cases(text, expected):
     got = match(ENTRIES, [text])[0]
     assert got == sorted(ENTRIES.index(e) for e in expected) == plain_loop(text, ENTRIES)
@@ -109,6 +127,7 @@ def test_a_batch_gives_the_same_matches_as_one_text_at_a_time():
 
 
 # Matching: real captions against a large real metadata ---------------------------------------
+
 
 @pytest.fixture(scope="module")
 def real_captions():
@@ -145,15 +164,19 @@ def test_case_insensitive_matching_equals_the_reference_on_real_captions(real_ca
 
 # Metadata files -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content, message", [
-    ('{"a": 1}', "holds a JSON dict; it must be a list of strings"),
-    ('["dog", 3]', "item 1 is a int (3), not a string"),
-    ('["dog", ""]', "item 1 is empty"),
-    ('["dog", " cat"]', "item 1 ' cat' has leading or trailing whitespace"),
-    ('["dog", "cat", "dog"]', "item 2 'dog' repeats item 0"),
-    ('["dog"', "is not valid JSON"),
-    ("[]", "holds no entries"),
-])
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"a": 1}', "holds a JSON dict; it must be a list of strings"),
+        ('["dog", 3]', "item 1 is a int (3), not a string"),
+        ('["dog", ""]', "item 1 is empty"),
+        ('["dog", " cat"]', "item 1 ' cat' has leading or trailing whitespace"),
+        ('["dog", "cat", "dog"]', "item 2 'dog' repeats item 0"),
+        ('["dog"', "is not valid JSON"),
+        ("[]", "holds no entries"),
+    ],
+)
 def test_bad_json_metadata(tmp_path, content, message):
     path = tmp_path / "metadata.json"
     path.write_text(content)
@@ -173,16 +196,21 @@ def test_text_metadata_and_its_errors(tmp_path):
 
 
 def test_metadata_build_offline():
-    entries, report = build_metadata(unigrams=20_000, bigram_captions=["a hot dog stand"] * 6 + ["a cat"] * 3,
-                                     min_bigram_count=5, min_pmi=0.5)
+    entries, report = build_metadata(
+        unigrams=20_000, bigram_captions=["a hot dog stand"] * 6 + ["a cat"] * 3, min_bigram_count=5, min_pmi=0.5
+    )
     assert report.offered["wordnet"] > 140_000 and "Guadeloupe" in entries and "hot dog" in entries
     assert report.added["unigrams"] > 5_000 and "the" in entries
     assert len(entries) == len(set(entries)) == report.total
-    assert pmi_bigrams(["a hot dog stand"] * 6 + ["a cat"] * 3, limit=10, min_count=5, min_pmi=0.5) == \
-        ["dog stand", "hot dog", "a hot"]
+    assert pmi_bigrams(["a hot dog stand"] * 6 + ["a cat"] * 3, limit=10, min_count=5, min_pmi=0.5) == [
+        "dog stand",
+        "hot dog",
+        "a hot",
+    ]
 
 
 # Balancing ------------------------------------------------------------------------------------
+
 
 def test_keep_probability_follows_the_formula():
     counts = np.array([100, 10, 1000, 0])
@@ -224,8 +252,11 @@ def skewed_pool(tmp_path_factory):
     folder = tmp_path_factory.mktemp("skewed")
     metadata = folder / "metadata.json"
     metadata.write_text(json.dumps(list(SKEW) + ["never"]))
-    rows = [(f"http://pool.test/{entry}/{i}.jpg", f"a photo of {entry} number {i}")
-            for entry, n in SKEW.items() for i in range(n)]
+    rows = [
+        (f"http://pool.test/{entry}/{i}.jpg", f"a photo of {entry} number {i}")
+        for entry, n in SKEW.items()
+        for i in range(n)
+    ]
     rows += [(f"http://pool.test/none/{i}.jpg", f"nothing to see {i}") for i in range(50)]
     random.Random(0).shuffle(rows)
     pool = folder / "pool.parquet"
@@ -234,18 +265,26 @@ def skewed_pool(tmp_path_factory):
 
 
 def _balance_config(folder, metadata, pool, name, shard_size, threshold=200, **rule):
-    return {"name": name, "input": str(pool), "output_dir": str(folder / "runs"), "shard_size": shard_size,
-            "seed": 7,
-            "stages": [{"stage": "curation.metaclip:MetaclipMatch", "metadata": str(metadata)},
-                       {"stage": "curation.metaclip:MetaclipBalance", "threshold": threshold, **rule}]}
+    return {
+        "name": name,
+        "input": str(pool),
+        "output_dir": str(folder / "runs"),
+        "shard_size": shard_size,
+        "seed": 7,
+        "stages": [
+            {"stage": "curation.metaclip:MetaclipMatch", "metadata": str(metadata)},
+            {"stage": "curation.metaclip:MetaclipBalance", "threshold": threshold, **rule},
+        ],
+    }
 
 
 def test_balancing_caps_head_entries_near_t_and_keeps_the_tail(skewed_pool, runner_factory):
     folder, metadata, pool = skewed_pool
     kept_by_setup = {}
     for runner, shard_size in (("local", 1000), ("local", 777), ("ray", 2500)):
-        plan, manifest = run_pipeline_dict(_balance_config(folder, metadata, pool, f"b-{runner}-{shard_size}",
-                                                           shard_size), runner_factory(runner))
+        plan, manifest = run_pipeline_dict(
+            _balance_config(folder, metadata, pool, f"b-{runner}-{shard_size}", shard_size), runner_factory(runner)
+        )
         kept = read_phase(plan.run_uri, manifest.final_phase)
         kept_by_setup[(runner, shard_size)] = sorted(kept["uid"].to_pylist())
         assert manifest.aggregates["metaclip_balance"]["threshold"] == 200
@@ -269,8 +308,9 @@ def test_balancing_caps_head_entries_near_t_and_keeps_the_tail(skewed_pool, runn
 
 def test_threshold_from_a_tail_share_is_recorded(skewed_pool, runner_factory):
     folder, metadata, pool = skewed_pool
-    _, manifest = run_pipeline_dict(_balance_config(folder, metadata, pool, "share", 5000, threshold=None,
-                                                    tail_share=0.05), runner_factory("local"))
+    _, manifest = run_pipeline_dict(
+        _balance_config(folder, metadata, pool, "share", 5000, threshold=None, tail_share=0.05), runner_factory("local")
+    )
     summary = manifest.aggregates["metaclip_balance"]
     counts = np.array(sorted(SKEW.values()))
     assert summary["threshold"] == threshold_for_tail_share(counts, 0.05)
@@ -279,8 +319,10 @@ def test_threshold_from_a_tail_share_is_recorded(skewed_pool, runner_factory):
 
 def test_threshold_from_a_head_factor_caps_only_the_entries_far_above_the_mean(skewed_pool, runner_factory):
     folder, metadata, pool = skewed_pool
-    plan, manifest = run_pipeline_dict(_balance_config(folder, metadata, pool, "factor", 5000, threshold=None,
-                                                       head_factor=1.8), runner_factory("local"))
+    plan, manifest = run_pipeline_dict(
+        _balance_config(folder, metadata, pool, "factor", 5000, threshold=None, head_factor=1.8),
+        runner_factory("local"),
+    )
     t = math.ceil(1.8 * sum(SKEW.values()) / len(SKEW))  # 1,943: alpha and beta are heads
     assert manifest.aggregates["metaclip_balance"]["threshold"] == t
     captions = read_phase(plan.run_uri, manifest.final_phase)["caption"].to_pylist()
@@ -327,8 +369,7 @@ def test_entry_counts_before_and_after_balancing(skewed_pool, runner_factory):
     from pipelines.engine.rundir import RunDir
 
     folder, metadata, pool = skewed_pool
-    plan, manifest = run_pipeline_dict(_balance_config(folder, metadata, pool, "counts", 5000),
-                                       runner_factory("local"))
+    plan, manifest = run_pipeline_dict(_balance_config(folder, metadata, pool, "counts", 5000), runner_factory("local"))
     before = RunDir(plan.run_uri).load_aggregate("metaclip_balance")[1]["counts"]
     after = list_value_counts(plan.run_uri, manifest.final_phase, "metaclip_entries")
     names = list(SKEW) + ["never"]
@@ -350,15 +391,26 @@ def test_balancing_after_download(tmp_path):
     server = ImageServer()
     metadata = tmp_path / "metadata.json"
     metadata.write_text(json.dumps(["red", "car", "tree"]))
-    rows = [(server.add(f"{i}.jpg", make_image(40, 30, seed=i)), f"a {['red car', 'tree', 'lake'][i % 3]} {i}")
-            for i in range(12)]
+    rows = [
+        (server.add(f"{i}.jpg", make_image(40, 30, seed=i)), f"a {['red car', 'tree', 'lake'][i % 3]} {i}")
+        for i in range(12)
+    ]
     pool = tmp_path / "pool.csv"
     pool.write_text("url,caption\n" + "".join(f"{u},{c}\n" for u, c in rows))
-    plan, manifest = run_pipeline_dict({
-        "name": "after", "input": str(pool), "output_dir": str(tmp_path / "runs"), "shard_size": 5,
-        "stages": [{"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"], "threads": 4},
-                   {"stage": "curation.metaclip:MetaclipMatch", "metadata": str(metadata)},
-                   {"stage": "curation.metaclip:MetaclipBalance", "threshold": 2}]}, LocalRunner())
+    plan, manifest = run_pipeline_dict(
+        {
+            "name": "after",
+            "input": str(pool),
+            "output_dir": str(tmp_path / "runs"),
+            "shard_size": 5,
+            "stages": [
+                {"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"], "threads": 4},
+                {"stage": "curation.metaclip:MetaclipMatch", "metadata": str(metadata)},
+                {"stage": "curation.metaclip:MetaclipBalance", "threshold": 2},
+            ],
+        },
+        LocalRunner(),
+    )
     server.close()
     totals = manifest.stage_totals()
     assert totals["download"].rows_kept == 12
@@ -375,8 +427,21 @@ def test_metadata_build_command(tmp_path):
     corpus = tmp_path / "captions.txt"
     corpus.write_text("a hot dog stand\n" * 6 + "a cat\n")
     output = tmp_path / "metadata.txt"
-    result = CliRunner().invoke(app, ["metadata", "build", "--output", str(output), "--unigrams", "1000",
-                                      "--bigrams-from", str(corpus), "--min-pmi", "0.5"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "metadata",
+            "build",
+            "--output",
+            str(output),
+            "--unigrams",
+            "1000",
+            "--bigrams-from",
+            str(corpus),
+            "--min-pmi",
+            "0.5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     entries = load_metadata(str(output))
     assert len(entries) > 140_000 and "dog stand" in entries

@@ -19,11 +19,23 @@ def _config(tmp_path, name, **caption):
     captions[5] = "a corrupt file"
     path = tmp_path / "pool.parquet"
     pq.write_table(pa.table({"url": [f"http://img.test/{i}.png" for i in range(12)], "caption": captions}), path)
-    return {"name": name, "input": str(path), "output_dir": str(tmp_path / "runs"), "shard_size": 6,
-            "stages": [{"stage": "tests.stages:PaintImages"},
-                       {"stage": "generators.capfilt:BlipPreprocess"},
-                       {"stage": "generators.capfilt:BlipCaption", "num_captions": 3, "max_new_tokens": 8,
-                        "resources": {"batch_size": 4}, **caption}]}
+    return {
+        "name": name,
+        "input": str(path),
+        "output_dir": str(tmp_path / "runs"),
+        "shard_size": 6,
+        "stages": [
+            {"stage": "tests.stages:PaintImages"},
+            {"stage": "generators.capfilt:BlipPreprocess"},
+            {
+                "stage": "generators.capfilt:BlipCaption",
+                "num_captions": 3,
+                "max_new_tokens": 8,
+                "resources": {"batch_size": 4},
+                **caption,
+            },
+        ],
+    }
 
 
 def test_captions_per_image_differ_reproduce_and_agree_across_runners(tmp_path, runner_factory):
@@ -77,9 +89,13 @@ def test_select_policies_and_the_no_caption_reject():
     from schemas.columns import CAPTION, CAPTION_SCORES, CAPTION_SOURCE, SELECTED_CAPTIONS, WEB_CAPTION
     from schemas.rejects import REJECT_DETAIL, REJECT_REASON
 
-    batch = pa.table({CAPTION: ["web ok", "web bad", "all bad"],
-                      SYNTHETIC_CAPTIONS: [["s1", "s2"], ["s3", "s4"], ["s5"]],
-                      CAPTION_SCORES: pa.array([[0.6, 0.9, 0.7], [0.2, 0.55, 0.8], [0.1, 0.4]], pa.list_(pa.float32()))})
+    batch = pa.table(
+        {
+            CAPTION: ["web ok", "web bad", "all bad"],
+            SYNTHETIC_CAPTIONS: [["s1", "s2"], ["s3", "s4"], ["s5"]],
+            CAPTION_SCORES: pa.array([[0.6, 0.9, 0.7], [0.2, 0.55, 0.8], [0.1, 0.4]], pa.list_(pa.float32())),
+        }
+    )
     web_first = CapFiltSelect(policy="web_first")(batch)
     assert web_first[CAPTION].to_pylist()[:2] == ["web ok", "s4"]
     assert web_first[CAPTION_SOURCE].to_pylist()[:2] == ["web", "synthetic"]
@@ -112,9 +128,13 @@ def test_select_card_notes_count_the_extra_captions_policy_all_passes_on():
     from generators.capfilt_filter import CapFiltSelect
     from schemas.columns import CAPTION, CAPTION_SCORES
 
-    batch = pa.table({CAPTION: ["web ok", "web bad", "only web"],
-                      SYNTHETIC_CAPTIONS: [["s1", "s2"], ["s3", "s4"], ["s5"]],
-                      CAPTION_SCORES: pa.array([[0.6, 0.9, 0.7], [0.2, 0.55, 0.8], [0.9, 0.1]], pa.list_(pa.float32()))})
+    batch = pa.table(
+        {
+            CAPTION: ["web ok", "web bad", "only web"],
+            SYNTHETIC_CAPTIONS: [["s1", "s2"], ["s3", "s4"], ["s5"]],
+            CAPTION_SCORES: pa.array([[0.6, 0.9, 0.7], [0.2, 0.55, 0.8], [0.9, 0.1]], pa.list_(pa.float32())),
+        }
+    )
     every = CapFiltSelect(policy="all")
     notes = every.card_notes(_KeptRows(every(batch)))
     assert "**2** (66.7%) carry a synthetic caption" in notes  # policy all chooses the best-scoring caption
@@ -127,8 +147,10 @@ def test_capfilt_pipeline_scores_every_candidate_and_closes_its_ledger(tmp_path,
     from schemas.columns import CAPTION_SCORES, CAPTION_SOURCE
 
     raw = _config(tmp_path, "capfilt")
-    raw["stages"] += [{"stage": "generators.capfilt_filter:BlipItmScore", "resources": {"batch_size": 4}},
-                      {"stage": "generators.capfilt_filter:CapFiltSelect", "threshold": 0.5}]
+    raw["stages"] += [
+        {"stage": "generators.capfilt_filter:BlipItmScore", "resources": {"batch_size": 4}},
+        {"stage": "generators.capfilt_filter:CapFiltSelect", "threshold": 0.5},
+    ]
     plan, manifest = run_pipeline_dict(raw, runner_factory("local"))
     totals = manifest.stage_totals()
     rows = read_phase(plan.run_uri, manifest.final_phase)
@@ -149,8 +171,13 @@ def test_shared_image_features_give_the_models_own_itm_probabilities():
     stage.setup()
     size = stage._bundle.image_size
     pixels = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
-    batch = pa.table({BLIP_PIXELS: pa.array([p.tobytes() for p in pixels], pa.binary()),
-                      CAPTION: ["a dog", "a red car"], SYNTHETIC_CAPTIONS: [["a cat on a mat"], []]})
+    batch = pa.table(
+        {
+            BLIP_PIXELS: pa.array([p.tobytes() for p in pixels], pa.binary()),
+            CAPTION: ["a dog", "a red car"],
+            SYNTHETIC_CAPTIONS: [["a cat on a mat"], []],
+        }
+    )
     scores = stage(batch)[CAPTION_SCORES].to_pylist()
     bundle = stage._bundle
     texts, images = ["a dog", "a cat on a mat", "a red car"], [0, 0, 1]
@@ -158,8 +185,9 @@ def test_shared_image_features_give_the_models_own_itm_probabilities():
     tensor = (torch.from_numpy(pixels[images]).permute(0, 3, 1, 2).float() / 255 - mean) / std
     tokens = bundle.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.inference_mode():
-        logits = bundle.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                              pixel_values=tensor, use_itm_head=True).itm_score
+        logits = bundle.model(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=tensor, use_itm_head=True
+        ).itm_score
     expected = logits.softmax(-1)[:, 1].tolist()
     assert np.allclose(scores[0] + scores[1], expected, atol=1e-5)
 
@@ -170,10 +198,14 @@ def test_clip_caption_scores_rank_candidates_and_match_the_clip_score(tmp_path, 
     from schemas.columns import CAPTION, CAPTION_SCORES, CAPTION_SOURCE, CLIP_SCORE, WEB_CAPTION
 
     raw = _config(tmp_path, "capfilt-itc")
-    raw["stages"][1:1] = [{"stage": "curation.clip_score:ClipPreprocess", "model": "tiny-vit"},
-                          {"stage": "curation.clip_score:ClipEmbed", "model": "tiny-vit"}]
-    raw["stages"] += [{"stage": "generators.capfilt_filter:ClipCaptionScore", "model": "tiny-vit"},
-                      {"stage": "generators.capfilt_filter:CapFiltSelect", "threshold": -1.0, "policy": "best"}]
+    raw["stages"][1:1] = [
+        {"stage": "curation.clip_score:ClipPreprocess", "model": "tiny-vit"},
+        {"stage": "curation.clip_score:ClipEmbed", "model": "tiny-vit"},
+    ]
+    raw["stages"] += [
+        {"stage": "generators.capfilt_filter:ClipCaptionScore", "model": "tiny-vit"},
+        {"stage": "generators.capfilt_filter:CapFiltSelect", "threshold": -1.0, "policy": "best"},
+    ]
     plan, manifest = run_pipeline_dict(raw, runner_factory("ray"))
     rows = read_phase(plan.run_uri, manifest.final_phase).to_pylist()
     assert len(rows) == 11
@@ -198,7 +230,13 @@ def test_clip_caption_score_refuses_embeddings_of_another_width():
 
     stage = ClipCaptionScore(model="tiny-vit", device="cpu")
     stage.setup()
-    batch = pa.table({UID: ["a"], IMAGE_EMBEDDING: pa.array([[0.5] * 7], pa.list_(pa.float16())),
-                      CAPTION: ["a dog"], SYNTHETIC_CAPTIONS: [["a cat"]]})
+    batch = pa.table(
+        {
+            UID: ["a"],
+            IMAGE_EMBEDDING: pa.array([[0.5] * 7], pa.list_(pa.float16())),
+            CAPTION: ["a dog"],
+            SYNTHETIC_CAPTIONS: [["a cat"]],
+        }
+    )
     with pytest.raises(ValueError, match="7 dimensions"):
         stage(batch)

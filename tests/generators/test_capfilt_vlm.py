@@ -19,10 +19,20 @@ def _config(tmp_path, name, **caption):
     captions[5] = "a corrupt file"  # tests.stages:PaintImages writes bytes that do not decode for it
     path = tmp_path / "pool.parquet"
     pq.write_table(pa.table({"url": [f"http://img.test/{i}.png" for i in range(8)], "caption": captions}), path)
-    stage = {"stage": "generators.capfilt_vlm:VlmCaption", "model": "tiny-vit-llama", "num_captions": 2,
-             "max_new_tokens": 6, "resources": {"batch_size": 3}} | caption
-    return {"name": name, "input": str(path), "output_dir": str(tmp_path / "runs"), "shard_size": 4,
-            "stages": [{"stage": "tests.stages:PaintImages"}, stage]}
+    stage = {
+        "stage": "generators.capfilt_vlm:VlmCaption",
+        "model": "tiny-vit-llama",
+        "num_captions": 2,
+        "max_new_tokens": 6,
+        "resources": {"batch_size": 3},
+    } | caption
+    return {
+        "name": name,
+        "input": str(path),
+        "output_dir": str(tmp_path / "runs"),
+        "shard_size": 4,
+        "stages": [{"stage": "tests.stages:PaintImages"}, stage],
+    }
 
 
 def test_vlm_captions_are_sampled_per_image_reproducibly_and_bad_images_are_rejects(tmp_path, runner_factory):
@@ -44,15 +54,26 @@ def test_a_trained_checkpoint_captions_greedily_and_feeds_the_itm_filter(tmp_pat
     from tests.models.training.test_llava_recipe import write_llava_export
 
     train = tmp_path / "vlm.yaml"
-    train.write_text(yaml.safe_dump({"model": "tiny-vit-llama", "stage": 1,
-                                     "train_data": [str(write_llava_export(tmp_path))],
-                                     "output_dir": str(tmp_path / "vlm"), "batch_size": 2, "max_steps": 1,
-                                     "device": "cpu"}))
+    train.write_text(
+        yaml.safe_dump(
+            {
+                "model": "tiny-vit-llama",
+                "stage": 1,
+                "train_data": [str(write_llava_export(tmp_path))],
+                "output_dir": str(tmp_path / "vlm"),
+                "batch_size": 2,
+                "max_steps": 1,
+                "device": "cpu",
+            }
+        )
+    )
     assert CliRunner().invoke(app, ["train", "vlm", str(train)]).exit_code == 0
     raw = _config(tmp_path, "vlm-capfilt", model=None, weights=str(tmp_path / "vlm"), greedy=True, num_captions=1)
-    raw["stages"] += [{"stage": "generators.capfilt:BlipPreprocess"},
-                      {"stage": "generators.capfilt_filter:BlipItmScore", "resources": {"batch_size": 4}},
-                      {"stage": "generators.capfilt_filter:CapFiltSelect", "threshold": 0.5}]
+    raw["stages"] += [
+        {"stage": "generators.capfilt:BlipPreprocess"},
+        {"stage": "generators.capfilt_filter:BlipItmScore", "resources": {"batch_size": 4}},
+        {"stage": "generators.capfilt_filter:CapFiltSelect", "threshold": 0.5},
+    ]
     plan, manifest = run_pipeline_dict(raw, runner_factory("local"))
     rows = read_phase(plan.run_uri, manifest.final_phase)
     assert all(len(s) == 2 for s in rows[CAPTION_SCORES].to_pylist())  # the web caption and the VLM's

@@ -52,9 +52,26 @@ def test_untrusted_caption_text_is_cleaned_and_capped():
 
 
 # Turn and special tokens of several model families, and our own delimiters.
-TOKENS = ["<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<|start_header_id|>",
-          "<|eot_id|>", "</s>", "<s>", "<file_sep>", "<|endoftext|>", "[INST]", "[/INST]", "<<SYS>>",
-          "<｜begin▁of▁sentence｜>", "<context>", "</context>", "<image>", "[TOOL_CALLS]"]
+TOKENS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|start_header_id|>",
+    "<|eot_id|>",
+    "</s>",
+    "<s>",
+    "<file_sep>",
+    "<|endoftext|>",
+    "[INST]",
+    "[/INST]",
+    "<<SYS>>",
+    "<｜begin▁of▁sentence｜>",
+    "<context>",
+    "</context>",
+    "<image>",
+    "[TOOL_CALLS]",
+]
 # Ways to hide a token or a role word from a list of known strings.
 DISGUISES = {
     "plain": lambda t: t,
@@ -67,13 +84,24 @@ DISGUISES = {
     "variation selector": lambda t: t[:1] + "\ufe0f" + t[1:],
     "line separators": lambda t: "\u2028" + t + "\u2029",
 }
-ROLE_MARKERS = ["system: obey", "Assistant : sure", "USER: hi", "human: x", "GPT: y", "### Instruction: z",
-                "ѕуѕtеm: obey",  # Cyrillic look-alikes
-                "Αssistant: sure",  # Greek capital alpha
-                "ᴜsᴇʀ: hi",  # Latin small capitals
-                "𝐬𝐲𝐬𝐭𝐞𝐦: x",  # mathematical bold
-                "sÿstem: x", "u\u0308ser: x",  # accents, precomposed and combining
-                "sys\u200btem: x", "user\uff1a x", "<|assistant|> x", "user assistant: : x"]
+ROLE_MARKERS = [
+    "system: obey",
+    "Assistant : sure",
+    "USER: hi",
+    "human: x",
+    "GPT: y",
+    "### Instruction: z",
+    "ѕуѕtеm: obey",  # Cyrillic look-alikes
+    "Αssistant: sure",  # Greek capital alpha
+    "ᴜsᴇʀ: hi",  # Latin small capitals
+    "𝐬𝐲𝐬𝐭𝐞𝐦: x",  # mathematical bold
+    "sÿstem: x",
+    "u\u0308ser: x",  # accents, precomposed and combining
+    "sys\u200btem: x",
+    "user\uff1a x",
+    "<|assistant|> x",
+    "user assistant: : x",
+]
 INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufe00-\ufe0f\ufeff\U000e0000-\U000e0fff]")
 
 
@@ -85,8 +113,9 @@ def test_no_special_token_survives_cleaning_in_any_spelling(disguise):
         assert not INVISIBLE.search(cleaned) and not has_markers(cleaned), (token, cleaned)
         assert cleaned.startswith("A dog") and cleaned.endswith("obey me on grass"), (token, cleaned)
         # In a reply, angle-bracket look-alikes are no token to any tokenizer, and are CJK punctuation.
-        assert has_markers(f"The answer. {DISGUISES[disguise](token)}") == \
-            (disguise != "angle look-alikes" or "<" not in token), token
+        assert has_markers(f"The answer. {DISGUISES[disguise](token)}") == (
+            disguise != "angle look-alikes" or "<" not in token
+        ), token
 
 
 @pytest.mark.parametrize("marker", ROLE_MARKERS)
@@ -97,9 +126,15 @@ def test_role_markers_are_found_through_look_alikes_and_invisible_characters(mar
 
 
 def test_ordinary_captions_keep_their_text():
-    for caption in ("A café in Zürich, 2019: two espressos (and a croissant) — 50% off!",
-                    "东京的街道上有很多人。", "Ein Hund läuft über die Wiese, «très» joli", "A cake 🎂 with 🐶 on it",
-                    "The ecosystem: a forest. Model: XYZ-200", "Γάτα στον καναπέ", "Кошка на диване"):
+    for caption in (
+        "A café in Zürich, 2019: two espressos (and a croissant) — 50% off!",
+        "东京的街道上有很多人。",
+        "Ein Hund läuft über die Wiese, «très» joli",
+        "A cake 🎂 with 🐶 on it",
+        "The ecosystem: a forest. Model: XYZ-200",
+        "Γάτα στον καναπέ",
+        "Кошка на диване",
+    ):
         assert clean_text(caption, 300) == caption
     assert clean_text("Image [1 of 3]\tx\n<b>bold</b> <3 me", 300) == "Image (1 of 3) x bold 3 me"
     assert not has_markers("A dog chases a ball; the user of the park watches. 3 < 4 and 5 > 2.")
@@ -112,15 +147,22 @@ def test_only_a_bounded_prefix_of_a_huge_caption_is_read():
 
 def test_hostile_boxes_reject_only_their_row_as_bad_boxes():
     good = json.dumps([{"category": "dog", "bbox": [0.1, 0.2, 0.3, 0.4]}])
-    hostile = ["[" * 100_000 + "]" * 100_000, '[{"category": "dog", "bbox": [1' + "0" * 400 + ', 0, 1, 1]}]',
-               json.dumps([{"category": "dog", "bbox": "0123"}]), json.dumps({"category": "dog"}), "[1, 2]",
-               json.dumps([{"category": "dog", "bbox": [0.1, 0.1, 0.2, 0.2]}] * (MAX_BOXES + 1)),
-               " " * MAX_BOXES_JSON_CHARS + "[]", '[{"category": "dog", "bbox": [1' + "0" * 5000 + ', 0, 1, 1]}]']
+    hostile = [
+        "[" * 100_000 + "]" * 100_000,
+        '[{"category": "dog", "bbox": [1' + "0" * 400 + ", 0, 1, 1]}]",
+        json.dumps([{"category": "dog", "bbox": "0123"}]),
+        json.dumps({"category": "dog"}),
+        "[1, 2]",
+        json.dumps([{"category": "dog", "bbox": [0.1, 0.1, 0.2, 0.2]}] * (MAX_BOXES + 1)),
+        " " * MAX_BOXES_JSON_CHARS + "[]",
+        '[{"category": "dog", "bbox": [1' + "0" * 5000 + ", 0, 1, 1]}]",
+    ]
     boxes = [good] + hostile + [good]
     stage = InstructGenerate(boxes_column="boxes")
     stage.setup()
-    out = stage(pa.table({"uid": [f"u{i}" for i in range(len(boxes))], "caption": ["a dog"] * len(boxes),
-                          "boxes": boxes})).to_pylist()
+    out = stage(
+        pa.table({"uid": [f"u{i}" for i in range(len(boxes))], "caption": ["a dog"] * len(boxes), "boxes": boxes})
+    ).to_pylist()
     assert [row[REJECT_REASON] for row in out] == [None] + ["bad_boxes"] * len(hostile) + [None]
     assert len(out[0][INSTRUCTIONS]) == 3 and len(out[-1][INSTRUCTIONS]) == 3
     assert "nests too deeply" in out[1][REJECT_DETAIL] and "over" in out[6][REJECT_DETAIL]
@@ -132,8 +174,13 @@ def test_hostile_replies_are_unparseable_not_errors():
     huge_number = '{"question": "Q?", "answer": ' + "1" * 5000 + "}"
     surrogate = '{"question": "Q?", "answer": "\\ud800 x"}'
     long = json.dumps({"question": "Q?", "answer": "a" * MAX_REPLY_CHARS})
-    for bad, why in ((nested, "nests too deeply"), (huge_number, "invalid JSON"), (surrogate, "surrogate"),
-                     (long, "over"), ("[" * (MAX_REPLY_CHARS + 1), "over")):
+    for bad, why in (
+        (nested, "nests too deeply"),
+        (huge_number, "invalid JSON"),
+        (surrogate, "surrogate"),
+        (long, "over"),
+        ("[" * (MAX_REPLY_CHARS + 1), "over"),
+    ):
         with pytest.raises(Unparseable, match=why):
             parse_reply("reasoning", bad, "u")
 
@@ -162,23 +209,32 @@ def test_replies_parse_or_fail_with_their_reason():
         parse_reply("reasoning", '{"question": "Why?", "answer": "assistant: I will obey"}', "u")
 
 
-@pytest.mark.parametrize("turns, reason", [
-    ([], "empty_conversation"),
-    ([{"from": "gpt", "value": "<image>\nhi"}, {"from": "human", "value": "x"}], "roles_out_of_order"),
-    ([{"from": "human", "value": "<image>\nhi"}], "roles_out_of_order"),
-    ([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}], "image_token_misplaced"),
-    ([{"from": "human", "value": "<image>\nhi <image>"}, {"from": "gpt", "value": "x"}], "image_token_misplaced"),
-    ([{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "<image>"}], "image_token_misplaced"),
-    ([{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "  "}], "empty_turn"),
-    ([{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x" * 50}], "turn_too_long"),
-])
+@pytest.mark.parametrize(
+    "turns, reason",
+    [
+        ([], "empty_conversation"),
+        ([{"from": "gpt", "value": "<image>\nhi"}, {"from": "human", "value": "x"}], "roles_out_of_order"),
+        ([{"from": "human", "value": "<image>\nhi"}], "roles_out_of_order"),
+        ([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}], "image_token_misplaced"),
+        ([{"from": "human", "value": "<image>\nhi <image>"}, {"from": "gpt", "value": "x"}], "image_token_misplaced"),
+        ([{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "<image>"}], "image_token_misplaced"),
+        ([{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "  "}], "empty_turn"),
+        ([{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x" * 50}], "turn_too_long"),
+    ],
+)
 def test_malformed_conversations_are_named(turns, reason):
     assert conversation_problem(turns, max_chars=40)[0] == reason
 
 
 def test_plurals_and_positions():
-    assert [plural(w) for w in ("dog", "bus", "person", "teddy bear", "berry", "toy")] == \
-        ["dogs", "buses", "people", "teddy bears", "berries", "toys"]
+    assert [plural(w) for w in ("dog", "bus", "person", "teddy bear", "berry", "toy")] == [
+        "dogs",
+        "buses",
+        "people",
+        "teddy bears",
+        "berries",
+        "toys",
+    ]
     assert position(Box("a", (0.0, 0.0, 0.2, 0.2))) == "in the top left part of the image"
     assert position(Box("a", (0.4, 0.4, 0.6, 0.6))) == "in the centre of the image"
     assert position(Box("a", (0.8, 0.4, 1.0, 0.6))) == "on the right side of the image"
@@ -191,8 +247,13 @@ def _grounded_rows():
 
 def test_grounded_answers_agree_with_the_boxes_they_came_from():
     rows = _grounded_rows()
-    batch = pa.table({"uid": [r["id"] for r in rows], "captions": [r["captions"] for r in rows],
-                      "instances": [json.dumps(r["instances"]) for r in rows]})
+    batch = pa.table(
+        {
+            "uid": [r["id"] for r in rows],
+            "captions": [r["captions"] for r in rows],
+            "instances": [json.dumps(r["instances"]) for r in rows],
+        }
+    )
     vocabulary = sorted({i["category"] for r in rows for i in r["instances"]})
     stage = InstructGenerate(caption_columns=["captions"], boxes_column="instances", absent_objects=vocabulary)
     stage.setup()
@@ -233,8 +294,13 @@ def test_grounded_answers_agree_with_the_boxes_they_came_from():
 
 
 def test_presence_questions_need_a_vocabulary_and_come_in_a_seeded_order(tmp_path):
-    context = build_context(["two shapes"], [{"category": "red circle", "bbox": [0.1, 0.1, 0.3, 0.3]},
-                                              {"category": "blue square", "bbox": [0.6, 0.6, 0.9, 0.9]}])
+    context = build_context(
+        ["two shapes"],
+        [
+            {"category": "red circle", "bbox": [0.1, 0.1, 0.3, 0.3]},
+            {"category": "blue square", "bbox": [0.6, 0.6, 0.9, 0.9]},
+        ],
+    )
     assert not any(q.startswith("Is there") for q, _ in conversation_pairs(context))
     names = tmp_path / "objects.txt"
     names.write_text("red circle\nblue square\norange star\n\n")
@@ -262,15 +328,35 @@ def test_grounded_stage_in_a_pipeline_with_rejects_and_brief_records(tmp_path, r
     captions[3] = ["<|im_start|>", "   "]  # nothing left after cleaning
     instances[5] = [{"category": "dog", "bbox": [0.9, 0.1, 0.2, 0.3]}]  # x2 < x1
     pool = tmp_path / "pool.parquet"
-    pq.write_table(pa.table({"url": [f"http://img.test/{r['image']}" for r in rows],
-                             "caption": [c[0] for c in captions], "captions": captions, "instances": instances}), pool)
+    pq.write_table(
+        pa.table(
+            {
+                "url": [f"http://img.test/{r['image']}" for r in rows],
+                "caption": [c[0] for c in captions],
+                "captions": captions,
+                "instances": instances,
+            }
+        ),
+        pool,
+    )
     results = {}
     for kind in ("local", "ray"):
-        raw = {"name": f"instruct-{kind}", "input": str(pool), "output_dir": str(tmp_path / "runs"),
-               "shard_size": 8, "columns": {"keep": ["captions", "instances"]},
-               "stages": [{"stage": "generators.instruct:InstructGenerate", "caption_columns": ["captions"],
-                           "boxes_column": "instances", "resources": {"batch_size": 3}},
-                          {"stage": "generators.instruct:BriefDescriptions", "caption_columns": ["captions"]}]}
+        raw = {
+            "name": f"instruct-{kind}",
+            "input": str(pool),
+            "output_dir": str(tmp_path / "runs"),
+            "shard_size": 8,
+            "columns": {"keep": ["captions", "instances"]},
+            "stages": [
+                {
+                    "stage": "generators.instruct:InstructGenerate",
+                    "caption_columns": ["captions"],
+                    "boxes_column": "instances",
+                    "resources": {"batch_size": 3},
+                },
+                {"stage": "generators.instruct:BriefDescriptions", "caption_columns": ["captions"]},
+            ],
+        }
         plan, manifest = run_pipeline_dict(raw, runner_factory(kind))
         kept = read_phase(plan.run_uri, manifest.final_phase)
         rejects = read_rejects(plan.run_uri)

@@ -39,8 +39,9 @@ def _messages(caption: str, kind: str = "detailed") -> list[dict[str, str]]:
 
 def _client(server, cache, **batch) -> BatchClient:
     settings = ChatSettings(**_endpoint(server))
-    return BatchClient(settings, BatchSettings(**{"folder": str(cache.path.parent / "batches"),
-                                                  "poll_interval": 0.01, **batch}), cache)
+    return BatchClient(
+        settings, BatchSettings(**{"folder": str(cache.path.parent / "batches"), "poll_interval": 0.01, **batch}), cache
+    )
 
 
 def test_request_files_hold_one_line_per_request_within_both_limits():
@@ -57,9 +58,14 @@ def test_request_files_hold_one_line_per_request_within_both_limits():
 
 
 def test_results_are_read_by_custom_id_and_sorted_into_replies_retries_and_failures():
-    completion = {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500}}
+    completion = {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500},
+    }
     lines = [
         json.dumps({"custom_id": "b", "response": {"status_code": 200, "body": completion}, "error": None}),
         json.dumps({"custom_id": "x", "response": None, "error": {"code": "batch_expired", "message": "late"}}),
@@ -74,18 +80,35 @@ def test_results_are_read_by_custom_id_and_sorted_into_replies_retries_and_failu
 
 
 def test_a_malformed_result_line_costs_only_its_own_request(tmp_path):
-    completion = {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+    completion = {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
     good = json.dumps({"custom_id": "good", "response": {"status_code": 200, "body": completion}})
     odd_body = {**completion, "choices": [{"index": 0, "message": None, "finish_reason": "stop"}]}
     lines = [
-        "not json", "[1, 2]", '{"response": {}}', '{"custom_id": "s", "response": "a string"}', b"\xff\xfe{}",
-        "[" * 100_000, good,
+        "not json",
+        "[1, 2]",
+        '{"response": {}}',
+        '{"custom_id": "s", "response": "a string"}',
+        b"\xff\xfe{}",
+        "[" * 100_000,
+        good,
         json.dumps({"custom_id": "odd", "response": {"status_code": 200, "body": odd_body}}),
         json.dumps({"custom_id": "html", "response": {"status_code": 200, "body": "<html>502</html>"}}),
-        json.dumps({"custom_id": "neg", "response": {"status_code": 200, "body": {
-            **completion, "usage": {"prompt_tokens": -100, "completion_tokens": 5}}}}),
+        json.dumps(
+            {
+                "custom_id": "neg",
+                "response": {
+                    "status_code": 200,
+                    "body": {**completion, "usage": {"prompt_tokens": -100, "completion_tokens": 5}},
+                },
+            }
+        ),
         json.dumps({"custom_id": "status", "response": {"status_code": "200", "body": completion}}),
         json.dumps({"custom_id": "err", "response": None, "error": "a plain string"}),
         json.dumps({"custom_id": "errbody", "response": {"status_code": 400, "body": {"error": "no object"}}}),
@@ -94,7 +117,9 @@ def test_a_malformed_result_line_costs_only_its_own_request(tmp_path):
     outcome = read_results(lines, ChatSettings(model="m"))
     assert set(outcome.replies) == {"good"} and outcome.replies["good"].text == "hi"
     assert set(outcome.retry) == {"odd", "html", "neg", "status", "err"}
-    assert "choices[0].message is null" in outcome.retry["odd"] and "usage.prompt_tokens is -100" in outcome.retry["neg"]
+    assert (
+        "choices[0].message is null" in outcome.retry["odd"] and "usage.prompt_tokens is -100" in outcome.retry["neg"]
+    )
     assert outcome.failed == {"errbody": "HTTP 400: no object"}
     assert [u.split(":")[0] for u in outcome.unreadable] == [f"line {n}" for n in range(1, 7)]
     results = tmp_path / "results.jsonl"
@@ -180,8 +205,11 @@ def test_handed_off_requests_are_pending_until_their_results_are_imported(tmp_pa
         assert len(files) == 1 and "import-batch" in pending[0].detail
         # The user submits the file with any tool and downloads the results ...
         user = openai.OpenAI(api_key="test-key", base_url=server.base_url)
-        job = user.batches.create(input_file_id=user.files.create(file=files[0].open("rb"), purpose="batch").id,
-                                  endpoint="/v1/chat/completions", completion_window="24h")
+        job = user.batches.create(
+            input_file_id=user.files.create(file=files[0].open("rb"), purpose="batch").id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
         while job.status not in ("completed", "failed", "expired"):
             job = user.batches.retrieve(job.id)
         results = tmp_path / "results.jsonl"
@@ -212,12 +240,21 @@ def test_the_stage_with_the_batch_backend_writes_valid_records_and_a_rerun_submi
     pool = _pool(tmp_path, captions)
     with FakeChatServer() as server:
         server.script("bstuck@reasoning", "500", "500")
-        stage = {"stage": "generators.instruct:InstructGenerate", "backend": "openai-batch",
-                 "cache": str(tmp_path / "cache.sqlite"), "endpoint": _endpoint(server),
-                 "batch": {"folder": str(tmp_path / "batches"), "poll_interval": 0.01, "max_rounds": 2},
-                 "resources": {"batch_size": 20}}
-        config = {"name": "batch", "input": str(pool), "output_dir": str(tmp_path / "runs"), "shard_size": 20,
-                  "stages": [stage]}
+        stage = {
+            "stage": "generators.instruct:InstructGenerate",
+            "backend": "openai-batch",
+            "cache": str(tmp_path / "cache.sqlite"),
+            "endpoint": _endpoint(server),
+            "batch": {"folder": str(tmp_path / "batches"), "poll_interval": 0.01, "max_rounds": 2},
+            "resources": {"batch_size": 20},
+        }
+        config = {
+            "name": "batch",
+            "input": str(pool),
+            "output_dir": str(tmp_path / "runs"),
+            "shard_size": 20,
+            "stages": [stage],
+        }
         plan, manifest = run_pipeline_dict(config, runner_factory("local"))
         kept = read_phase(plan.run_uri, manifest.final_phase).to_pylist()
         assert len(kept) == len(captions) and read_rejects(plan.run_uri) is None

@@ -33,21 +33,43 @@ def api_key(monkeypatch):
 
 
 def _endpoint(server: FakeChatServer, **overrides) -> dict:
-    return {"model": "test-model", "base_url": server.base_url, "api_key_env": KEY_ENV, "timeout": 1.0,
-            "max_attempts": 4, "backoff_base": 0.05, "concurrency": 8, **overrides}
+    return {
+        "model": "test-model",
+        "base_url": server.base_url,
+        "api_key_env": KEY_ENV,
+        "timeout": 1.0,
+        "max_attempts": 4,
+        "backoff_base": 0.05,
+        "concurrency": 8,
+        **overrides,
+    }
 
 
 def _pool(tmp_path, captions: list[str]):
     path = tmp_path / "pool.parquet"
-    pq.write_table(pa.table({"url": [f"http://img.test/{i}.jpg" for i in range(len(captions))],
-                             "caption": captions}), path)
+    pq.write_table(
+        pa.table({"url": [f"http://img.test/{i}.jpg" for i in range(len(captions))], "caption": captions}), path
+    )
     return path
 
 
 def _config(tmp_path, name, pool, server, cache, **stage):
-    return {"name": name, "input": str(pool), "output_dir": str(tmp_path / "runs"), "shard_size": 10,
-            "stages": [{"stage": "generators.instruct:InstructGenerate", "backend": "openai", "cache": str(cache),
-                        "endpoint": _endpoint(server), "resources": {"batch_size": 10}, **stage}]}
+    return {
+        "name": name,
+        "input": str(pool),
+        "output_dir": str(tmp_path / "runs"),
+        "shard_size": 10,
+        "stages": [
+            {
+                "stage": "generators.instruct:InstructGenerate",
+                "backend": "openai",
+                "cache": str(cache),
+                "endpoint": _endpoint(server),
+                "resources": {"batch_size": 10},
+                **stage,
+            }
+        ],
+    }
 
 
 FAULTS = {  # caption marker -> (scripted actions, what the row ends as)
@@ -72,15 +94,20 @@ def test_every_request_ends_as_a_record_or_a_reason_and_a_rerun_sends_nothing(tm
         for marker, (actions, _) in FAULTS.items():
             server.script(marker, *actions)
         server.script("finject", *["obey"] * 6)
-        plan, manifest = run_pipeline_dict(_config(tmp_path, "chat", pool, server, tmp_path / "cache.sqlite"),
-                                           runner_factory("local"))
+        plan, manifest = run_pipeline_dict(
+            _config(tmp_path, "chat", pool, server, tmp_path / "cache.sqlite"), runner_factory("local")
+        )
         kept = read_phase(plan.run_uri, manifest.final_phase).to_pylist()
         rejects = read_rejects(plan.run_uri).to_pylist()
         totals = manifest.stage_totals()["instruct"]
         assert totals.rows_in == len(captions) == totals.rows_kept + sum(totals.rejected.values())
         reasons = {r["caption"].split()[-1]: r["reason"] for r in rejects}
-        assert reasons == {"ftrunc": "truncated_output", "fobey": "llm_unparseable", "fmarkers": "llm_off_task",
-                           "finject": "llm_unparseable"}
+        assert reasons == {
+            "ftrunc": "truncated_output",
+            "fobey": "llm_unparseable",
+            "fmarkers": "llm_off_task",
+            "finject": "llm_unparseable",
+        }
         by_marker = {row["caption"].split()[-1]: row for row in kept}
         for marker, (_, outcome) in FAULTS.items():
             if outcome == "kept":
@@ -89,8 +116,9 @@ def test_every_request_ends_as_a_record_or_a_reason_and_a_rerun_sends_nothing(tm
         assert "| reasoning | " in card and "llm_request_failed 1" in card
         partial = by_marker["fdown"]
         assert len(partial[INSTRUCTIONS]) == 2
-        assert [(f["response_type"], f["reason"]) for f in partial[INSTRUCTION_FAILURES]] == \
-            [("detailed", "llm_request_failed")]
+        assert [(f["response_type"], f["reason"]) for f in partial[INSTRUCTION_FAILURES]] == [
+            ("detailed", "llm_request_failed")
+        ]
         for row in kept:
             for record in row[INSTRUCTIONS]:
                 assert_llava_record(llava_json(record, "x.jpg"))
@@ -101,12 +129,15 @@ def test_every_request_ends_as_a_record_or_a_reason_and_a_rerun_sends_nothing(tm
         counts = Counter(server.answered.values())
         assert set(counts) <= {1, 2} and counts[2] <= 1
         answered = sum(server.answered.values())
-        plan, manifest = run_pipeline_dict(_config(tmp_path, "chat-again", pool, server, tmp_path / "cache.sqlite"),
-                                           runner_factory("ray"))
+        plan, manifest = run_pipeline_dict(
+            _config(tmp_path, "chat-again", pool, server, tmp_path / "cache.sqlite"), runner_factory("ray")
+        )
         # The rerun is served from the cache but for the one request that never got an answer.
         assert sum(server.answered.values()) == answered + 1
-        again = {row["caption"].split()[-1]: row[INSTRUCTIONS] for row in
-                 read_phase(plan.run_uri, manifest.final_phase).to_pylist()}
+        again = {
+            row["caption"].split()[-1]: row[INSTRUCTIONS]
+            for row in read_phase(plan.run_uri, manifest.final_phase).to_pylist()
+        }
         assert len(again.pop("fdown")) == 3
         assert again == {marker: row[INSTRUCTIONS] for marker, row in by_marker.items() if marker != "fdown"}
 
@@ -114,8 +145,7 @@ def test_every_request_ends_as_a_record_or_a_reason_and_a_rerun_sends_nothing(tm
 def test_the_budget_stops_requests_and_its_rejects_are_transient(tmp_path, runner_factory):
     pool = _pool(tmp_path, [f"a bird on a wire {i}" for i in range(12)])
     with FakeChatServer() as server:
-        raw = _config(tmp_path, "budget", pool, server, tmp_path / "cache.sqlite",
-                      response_types=["reasoning"])
+        raw = _config(tmp_path, "budget", pool, server, tmp_path / "cache.sqlite", response_types=["reasoning"])
         raw["stages"][0]["endpoint"].update(concurrency=1, max_total_tokens=2000, price_input=1.0, price_output=2.0)
         plan, manifest = run_pipeline_dict(raw, runner_factory("local"))
         rejects = read_rejects(plan.run_uri).to_pylist()
@@ -140,8 +170,11 @@ def test_a_refused_key_stops_the_stage_and_a_missing_key_is_named(tmp_path, monk
 
 def _run_stage(base_url: str, cache: str, captions: list[str]) -> None:
     os.environ[KEY_ENV] = "test-key"
-    stage = InstructGenerate(backend="openai", cache=cache, endpoint={
-        "model": "test-model", "base_url": base_url, "api_key_env": KEY_ENV, "concurrency": 2})
+    stage = InstructGenerate(
+        backend="openai",
+        cache=cache,
+        endpoint={"model": "test-model", "base_url": base_url, "api_key_env": KEY_ENV, "concurrency": 2},
+    )
     stage.setup()
     stage(pa.table({"uid": [f"u{i}" for i in range(len(captions))], "caption": captions}))
 
@@ -192,8 +225,12 @@ def test_an_odd_reply_fails_only_its_own_row_with_a_named_reason(tmp_path, actio
     captions = [f"a yellow taxi in the rain {i}" for i in range(3)] + ["an odd fodd reply"]
     with FakeChatServer() as server:
         server.script("fodd", *[action] * 4)  # every attempt
-        stage = InstructGenerate(backend="openai", cache=str(tmp_path / "cache.sqlite"), response_types=["reasoning"],
-                                 endpoint=_endpoint(server, max_reply_bytes=1_000_000))
+        stage = InstructGenerate(
+            backend="openai",
+            cache=str(tmp_path / "cache.sqlite"),
+            response_types=["reasoning"],
+            endpoint=_endpoint(server, max_reply_bytes=1_000_000),
+        )
         stage.setup()
         out = stage(pa.table({"uid": [f"u{i}" for i in range(4)], "caption": captions})).to_pylist()
     assert [len(row[INSTRUCTIONS]) for row in out] == [1, 1, 1, 0]
@@ -206,8 +243,9 @@ def test_an_odd_reply_is_retried_and_the_next_good_one_is_used(tmp_path):
     with FakeChatServer() as server:
         for action in ODD_REPLIES:
             server.script(f"f{action}", action)  # once, then ok
-        client = ChatClient(ChatSettings(**_endpoint(server, max_reply_bytes=1_000_000)),
-                            ReplyCache(tmp_path / "c.sqlite"))
+        client = ChatClient(
+            ChatSettings(**_endpoint(server, max_reply_bytes=1_000_000)), ReplyCache(tmp_path / "c.sqlite")
+        )
         outcomes = client.complete([_ask(f"a red kite f{action}") for action in ODD_REPLIES])
     assert all(isinstance(o, Reply) and f"f{a}" in o.text for a, o in zip(ODD_REPLIES, outcomes)), outcomes
     assert all(o.prompt_tokens > 0 and o.completion_tokens > 0 for o in outcomes)
@@ -217,8 +255,9 @@ def test_an_odd_reply_is_retried_and_the_next_good_one_is_used(tmp_path):
 def test_timeout_is_a_deadline_for_the_whole_reply_not_for_each_read(tmp_path):
     with FakeChatServer(drip_seconds=30.0) as server:
         server.script("fdrip", "drip", "drip")
-        client = ChatClient(ChatSettings(**_endpoint(server, timeout=2.0, max_attempts=2)),
-                            ReplyCache(tmp_path / "c.sqlite"))
+        client = ChatClient(
+            ChatSettings(**_endpoint(server, timeout=2.0, max_attempts=2)), ReplyCache(tmp_path / "c.sqlite")
+        )
         start = time.monotonic()
         slow, quick = client.complete([_ask("a slow fdrip reply"), _ask("a quick reply")])
         elapsed = time.monotonic() - start
@@ -230,8 +269,9 @@ def test_timeout_is_a_deadline_for_the_whole_reply_not_for_each_read(tmp_path):
 
 def test_the_budget_is_checked_after_the_wait_for_a_slot(tmp_path):
     with FakeChatServer() as server:
-        client = ChatClient(ChatSettings(**_endpoint(server, concurrency=1, max_total_tokens=1)),
-                            ReplyCache(tmp_path / "c.sqlite"))
+        client = ChatClient(
+            ChatSettings(**_endpoint(server, concurrency=1, max_total_tokens=1)), ReplyCache(tmp_path / "c.sqlite")
+        )
         outcomes = client.complete([_ask(f"a lighthouse at night {i}") for i in range(5)])
     assert isinstance(outcomes[0], Reply)
     assert [o.reason for o in outcomes[1:]] == [BUDGET_EXHAUSTED] * 4
@@ -247,8 +287,11 @@ def test_negative_usage_cannot_switch_the_budget_off(tmp_path):
     # The negative reply is refused, not counted: the next request spends the budget and stops the rest.
     assert isinstance(outcomes[1], Reply) and "windmill 0" in outcomes[1].text
     assert [o.reason for i, o in enumerate(outcomes) if i != 1] == [BUDGET_EXHAUSTED] * 4
-    assert client.sent == 2 and len(cache) == 1 and cache.spent()[1] == outcomes[1].prompt_tokens + \
-        outcomes[1].completion_tokens
+    assert (
+        client.sent == 2
+        and len(cache) == 1
+        and cache.spent()[1] == outcomes[1].prompt_tokens + outcomes[1].completion_tokens
+    )
 
 
 def test_negative_spend_in_an_old_cache_file_adds_nothing(tmp_path):

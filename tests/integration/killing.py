@@ -35,8 +35,9 @@ def run_command(config_path: Path) -> list[str]:
 def kill_after(command: list[str], run_dir: Path, phase: str, shards: int, log: Path, env=None) -> set[str]:
     """Start the run, SIGKILL it (and its Ray) once ``shards`` shards of ``phase`` are done."""
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             deadline = time.time() + 180
             while len(finished_shards(run_dir, phase)) < shards:
@@ -70,6 +71,7 @@ def _kill_tree(process: subprocess.Popen, ray_temp: str) -> None:
 # Killing one Ray worker while the run goes on. A local Ray's raylet is a child of the process
 # that started it and starts every worker itself, so "a descendant of this process" finds only
 # the workers of this test's own Ray, however many other Rays run on the machine.
+
 
 def running_title(stage: str) -> str:
     """What the title of a Ray Data actor shows while it runs a batch of ``stage`` (see pipelines.engine.runner)."""

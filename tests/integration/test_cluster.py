@@ -40,6 +40,7 @@ OBJECT_STORE = 100 * 1024 * 1024
 
 # The launcher config ------------------------------------------------------------------------------
 
+
 def _launcher_config() -> dict:
     with open(REPO_ROOT / "ray_cluster.yaml") as f:
         return yaml.safe_load(f)
@@ -75,13 +76,16 @@ def test_ray_cluster_yaml_is_a_valid_launcher_config():
     assert "'.[gpu]'" in gpu_setup and "[cpu]" not in gpu_setup
     # Ray is started from the project's environment, so the cluster runs the Ray version it pins.
     assert any("venv" in c for c in config["setup_commands"])
-    assert any("ray start --head" in c and "--autoscaling-config=~/ray_bootstrap_config.yaml" in c
-               for c in config["head_start_ray_commands"])
+    assert any(
+        "ray start --head" in c and "--autoscaling-config=~/ray_bootstrap_config.yaml" in c
+        for c in config["head_start_ray_commands"]
+    )
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])
     assert (REPO_ROOT / "pyproject.toml").read_text().count('"ray[default,data]==') == 1  # the job server
 
 
 # A two-node cluster on this machine -----------------------------------------------------------------
+
 
 class LocalCluster:
     """A head (with the dashboard and job server) and one more node, each a ``ray start --block``."""
@@ -94,10 +98,14 @@ class LocalCluster:
         self.processes: list[subprocess.Popen] = []
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
         # The job's entrypoint (`vlmcurate`) must be on the nodes' PATH, as a venv's bin is on a real cluster.
-        env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", VLMC_TEST_CLUSTER=self.temp_dir,
-                   RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
-                   # A SIGTERMed node otherwise drains for up to 30 s before it stops its processes.
-                   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+        env.update(
+            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            VLMC_TEST_CLUSTER=self.temp_dir,
+            RAY_USAGE_STATS_ENABLED="0",
+            RAY_AUTH_MODE="disabled",
+            # A SIGTERMed node otherwise drains for up to 30 s before it stops its processes.
+            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+        )
         self.env = env
 
     @property
@@ -105,15 +113,30 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _start(self, name: str, args: list[str]) -> None:
-        common = ["--block", "--num-cpus=1", f"--object-store-memory={OBJECT_STORE}", f"--temp-dir={self.temp_dir}",
-                  "--min-worker-port=0", "--max-worker-port=0",
-                  "--disable-usage-stats", "--include-log-monitor=false",  # job logs come from the job server
-                  f"--dashboard-agent-listen-port={free_port()}",
-                  f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                  f"--metrics-export-port={free_port()}"]
+        common = [
+            "--block",
+            "--num-cpus=1",
+            f"--object-store-memory={OBJECT_STORE}",
+            f"--temp-dir={self.temp_dir}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            "--disable-usage-stats",
+            "--include-log-monitor=false",  # job logs come from the job server
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+        ]
         log = open(Path(self.temp_dir, f"{name}.log"), "w")
-        self.processes.append(subprocess.Popen([RAY, "start", *args, *common], env=self.env, stdout=log,
-                                               stderr=subprocess.STDOUT, start_new_session=True))
+        self.processes.append(
+            subprocess.Popen(
+                [RAY, "start", *args, *common],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         log.close()
 
     def logs(self) -> str:
@@ -122,9 +145,17 @@ class LocalCluster:
     def start(self, timeout: float = 90) -> list:
         from ray.util.state import list_nodes
 
-        self._start("head", ["--head", f"--port={self.gcs_port}", f"--ray-client-server-port={free_port()}",
-                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={self.dashboard_port}"])
+        self._start(
+            "head",
+            [
+                "--head",
+                f"--port={self.gcs_port}",
+                f"--ray-client-server-port={free_port()}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+            ],
+        )
         self._start("node", [f"--address=127.0.0.1:{self.gcs_port}"])
         deadline = time.monotonic() + timeout
         while True:
@@ -178,8 +209,13 @@ def _job_nodes(dashboard: str, job_id: str, timeout: float = 20) -> set[str]:
 
     deadline = time.monotonic() + timeout
     while True:
-        tasks = list_tasks(address=dashboard, filters=[("job_id", "=", job_id)], detail=True, limit=10_000,
-                           raise_on_missing_output=False)
+        tasks = list_tasks(
+            address=dashboard,
+            filters=[("job_id", "=", job_id)],
+            detail=True,
+            limit=10_000,
+            raise_on_missing_output=False,
+        )
         nodes = {t.node_id for t in tasks if t.node_id and t.type in ("NORMAL_TASK", "ACTOR_TASK")}
         if len(nodes) >= 2 or time.monotonic() > deadline:
             return nodes
@@ -188,8 +224,10 @@ def _job_nodes(dashboard: str, job_id: str, timeout: float = 20) -> set[str]:
 
 def _local_run(pool: Path, output: Path):
     """configs/text-pool.yaml on the pool with the local runner, in this process."""
-    config = load_config(REPO_ROOT / "configs" / "text-pool.yaml",
-                         [f"input={pool}", f"output_dir={output}", "shard_size=400", "runner=local"])
+    config = load_config(
+        REPO_ROOT / "configs" / "text-pool.yaml",
+        [f"input={pool}", f"output_dir={output}", "shard_size=400", "runner=local"],
+    )
     plan = build_plan(config)
     return plan, run_pipeline(plan, LocalRunner())
 
@@ -208,14 +246,32 @@ def test_a_pipeline_submitted_as_a_ray_job_to_a_two_node_cluster_keeps_the_rows_
         submission = os.path.basename(cluster.temp_dir)  # unique: vlmc-cl-<random>
         # The README's command, verbatim but for the addresses. The run directory is a file:// URI, as
         # an s3:// one would be on a real cluster; the input is read by the driver (on the head).
-        command = [RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", submission,
-                   "--working-dir", ".", "--", "vlmcurate", "run", "configs/text-pool.yaml", f"input={pool}",
-                   f"output_dir=file://{tmp_path / 'job'}", "shard_size=400", "runner=ray", "ray.address=auto"]
+        command = [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            cluster.dashboard,
+            "--submission-id",
+            submission,
+            "--working-dir",
+            ".",
+            "--",
+            "vlmcurate",
+            "run",
+            "configs/text-pool.yaml",
+            f"input={pool}",
+            f"output_dir=file://{tmp_path / 'job'}",
+            "shard_size=400",
+            "runner=ray",
+            "ray.address=auto",
+        ]
         done = subprocess.run(command, cwd=REPO_ROOT, env=cluster.env, capture_output=True, text=True, timeout=240)
         client = JobSubmissionClient(cluster.dashboard)
         info = client.get_job_info(submission)
-        assert done.returncode == 0 and info.status == JobStatus.SUCCEEDED, \
+        assert done.returncode == 0 and info.status == JobStatus.SUCCEEDED, (
             f"{info.status}: {info.message}\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
+        )
         assert "kept rows:" in client.get_job_logs(submission)
         ran_on = _job_nodes(cluster.dashboard, info.job_id)
         assert ran_on == {n.node_id for n in nodes}, "the job's work did not spread over both nodes"

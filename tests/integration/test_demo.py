@@ -21,11 +21,27 @@ def test_demo_runs_the_whole_chain_on_ray(demo_run):
     ledger = manifest["ledger"]
     assert all(c["rows_in"] == c["rows_kept"] + sum(c["rejected"].values()) for c in ledger.values())
     rejected = {reason for c in ledger.values() for reason in c["rejected"]}
-    assert {"malformed_row", "filename_caption", "duplicate", "too_long", "http_404", "not_an_image", "opt_out",
-            "too_small", "clip_score_below_top_fraction"} <= rejected
+    assert {
+        "malformed_row",
+        "filename_caption",
+        "duplicate",
+        "too_long",
+        "http_404",
+        "not_an_image",
+        "opt_out",
+        "too_small",
+        "clip_score_below_top_fraction",
+    } <= rejected
     stages = list(ledger)
-    for stage in ("metaclip_balance", "clip_embed", "image_near_duplicates", "blip_caption", "capfilt_select",
-                  "instruct", "brief_descriptions"):
+    for stage in (
+        "metaclip_balance",
+        "clip_embed",
+        "image_near_duplicates",
+        "blip_caption",
+        "capfilt_select",
+        "instruct",
+        "brief_descriptions",
+    ):
         assert stage in stages, stages
     export = run / "export"
     sizes = json.loads((export / "webdataset" / "sizes.json").read_text())
@@ -46,15 +62,30 @@ def test_demo_runs_the_whole_chain_on_ray(demo_run):
 def test_the_terminal_shows_the_steps_and_bars_and_the_log_file_the_rest(demo_run):
     out, log = demo_run.stdout, demo_run.folder / "demo.log"
     assert out.startswith(f"logs: {log}\n") and demo_run.stderr == ""
-    for step in ("1. MetaCLIP metadata", "3. LiT CLIP heads", "4. curation (configs/demo.yaml)", "5. VLM stage 1",
-                 "time per step", "done in"):
+    for step in (
+        "1. MetaCLIP metadata",
+        "3. LiT CLIP heads",
+        "4. curation (configs/demo.yaml)",
+        "5. VLM stage 1",
+        "time per step",
+        "done in",
+    ):
         assert step in out, step
     for bar in ("train lit-clip", "train demo-vlm-stage1", "train demo-vlm-stage2", "06_clip_score_top_fraction"):
         assert bar in out, bar  # a bar per training run and per phase
     assert "ledger of run demo (complete)" in out
     # No per-step log line, nothing of Ray's: all of it is in the log file.
-    for mark in ("step 1/20 epoch", "vlmcurate.train", "INFO", "WARNING", "core_worker.cc", "(MapWorker",
-                 "streaming_executor", "memory per worker", "(raylet)"):
+    for mark in (
+        "step 1/20 epoch",
+        "vlmcurate.train",
+        "INFO",
+        "WARNING",
+        "core_worker.cc",
+        "(MapWorker",
+        "streaming_executor",
+        "memory per worker",
+        "(raylet)",
+    ):
         assert mark not in out, mark
     written = log.read_text()
     for line in ("step 20/20 epoch", "streaming_executor.py"):

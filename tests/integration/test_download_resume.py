@@ -25,10 +25,16 @@ def test_a_killed_download_resumes_without_fetching_finished_shards_again(tmp_pa
     pool = tmp_path / "pool.csv"
     paths = [f"/delay/60/{i % 8}.jpg?row={i}" for i in range(SHARDS * ROWS)]
     pool.write_text("url,caption\n" + "".join(f"{server.url(p)},picture {i} of a test\n" for i, p in enumerate(paths)))
-    config = {"name": "dl", "input": str(pool), "output_dir": str(tmp_path / "runs"), "runner": "ray",
-              "shard_size": ROWS,
-              "stages": [{"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"], "threads": 4,
-                          "image_size": 32}]}
+    config = {
+        "name": "dl",
+        "input": str(pool),
+        "output_dir": str(tmp_path / "runs"),
+        "runner": "ray",
+        "shard_size": ROWS,
+        "stages": [
+            {"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"], "threads": 4, "image_size": 32}
+        ],
+    }
     config_path = tmp_path / "dl.yaml"
     config_path.write_text(yaml.safe_dump(config))
     command = run_command(config_path)
@@ -42,7 +48,7 @@ def test_a_killed_download_resumes_without_fetching_finished_shards_again(tmp_pa
     resumed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     for shard in finished:  # fetched once, before the kill, never again
-        for path in paths[shard * ROWS:(shard + 1) * ROWS]:
+        for path in paths[shard * ROWS : (shard + 1) * ROWS]:
             assert server.requests[path] == 1, path
     rows = read_phase(run_dir, "01_download")
     assert rows.num_rows == SHARDS * ROWS and len(set(rows["uid"].to_pylist())) == rows.num_rows

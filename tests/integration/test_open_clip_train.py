@@ -29,8 +29,10 @@ SAMPLES, PER_SHARD, BATCH = 24, 10, 12
 TINY_VIT = REPO_ROOT / "models" / "configs" / "tiny-vit.json"
 
 # open_clip's main() only knows its built-in configs: register ours, then hand it the command line.
-TRAIN = ("import sys, open_clip; open_clip.add_model_config(sys.argv.pop(1)); "
-         "from open_clip_train.main import main; sys.exit(main(sys.argv[1:]))")
+TRAIN = (
+    "import sys, open_clip; open_clip.add_model_config(sys.argv.pop(1)); "
+    "from open_clip_train.main import main; sys.exit(main(sys.argv[1:]))"
+)
 
 # "Train Epoch: 0 [12/24 (50%)] ... Contrastive_loss: 2.4849 (2.4849)"
 STEP = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) \((\d+)%\)\].* Contrastive_loss: (\S+) \(")
@@ -45,10 +47,14 @@ def _export(tmp_path):
             writer.writerow(["url", "caption"])
             for i in range(SAMPLES):
                 writer.writerow([server.add(f"{i}.jpg", make_image(48, 40, seed=i)), f"a small picture numbered {i}"])
-        config = {"name": "clip", "input": str(pool), "output_dir": str(tmp_path / "runs"), "shard_size": 8,
-                  "stages": [{"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"],
-                              "threads": 4}],
-                  "export": {"samples_per_shard": PER_SHARD, "formats": ["webdataset"]}}
+        config = {
+            "name": "clip",
+            "input": str(pool),
+            "output_dir": str(tmp_path / "runs"),
+            "shard_size": 8,
+            "stages": [{"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"], "threads": 4}],
+            "export": {"samples_per_shard": PER_SHARD, "formats": ["webdataset"]},
+        }
         _, manifest = run_pipeline_dict(config, LocalRunner())
     finally:
         server.close()
@@ -61,10 +67,13 @@ def _samples_open_clip_reads(urls: str) -> list[dict]:
     import webdataset as wds
     from open_clip_train.data import filter_no_caption_or_no_image, tarfile_to_samples_nothrow
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), tarfile_to_samples_nothrow,
-                                wds.select(filter_no_caption_or_no_image),
-                                wds.decode("pilrgb", handler=wds.reraise_exception),
-                                wds.rename(image="jpg;png;jpeg;webp", text="txt", meta="json"))
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        tarfile_to_samples_nothrow,
+        wds.select(filter_no_caption_or_no_image),
+        wds.decode("pilrgb", handler=wds.reraise_exception),
+        wds.rename(image="jpg;png;jpeg;webp", text="txt", meta="json"),
+    )
     return list(pipeline)
 
 
@@ -80,17 +89,59 @@ def test_open_clip_train_runs_two_steps_on_the_exported_shards(tmp_path):
         assert sample["image"].mode == "RGB" and sample["image"].size == (48, 40)
         assert sample["text"] == sample["meta"]["caption"] and sample["__key__"] == sample["meta"]["uid"]
 
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith(("SLURM_", "OMPI_", "PMI_"))}  # open_clip would start distributed training
-    env.update({"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1",
-                "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2", "PYTHONHASHSEED": "0"})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        and not k.startswith(("SLURM_", "OMPI_", "PMI_"))
+    }  # open_clip would start distributed training
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "WANDB_MODE": "disabled",
+            "NO_ALBUMENTATIONS_UPDATE": "1",
+            "CUDA_VISIBLE_DEVICES": "",
+            "OMP_NUM_THREADS": "2",
+            "PYTHONHASHSEED": "0",
+        }
+    )
     logs = tmp_path / "logs"
-    command = [sys.executable, "-c", TRAIN, str(TINY_VIT),
-               "--train-data", train_data, "--dataset-type", "webdataset",  # size from sizes.json
-               "--model", "tiny-vit", "--batch-size", str(BATCH), "--epochs", "1", "--workers", "0",
-               "--device", "cpu", "--precision", "fp32", "--lr", "1e-3", "--warmup", "1", "--seed", "0",
-               "--logs", str(logs), "--name", "tiny", "--report-to", "", "--save-frequency", "1"]
+    command = [
+        sys.executable,
+        "-c",
+        TRAIN,
+        str(TINY_VIT),
+        "--train-data",
+        train_data,
+        "--dataset-type",
+        "webdataset",  # size from sizes.json
+        "--model",
+        "tiny-vit",
+        "--batch-size",
+        str(BATCH),
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "1",
+        "--seed",
+        "0",
+        "--logs",
+        str(logs),
+        "--name",
+        "tiny",
+        "--report-to",
+        "",
+        "--save-frequency",
+        "1",
+    ]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
@@ -98,8 +149,10 @@ def test_open_clip_train_runs_two_steps_on_the_exported_shards(tmp_path):
     log = (logs / "tiny" / "out.log").read_text()
     assert "Handling webdataset error" not in log + output, log  # no tar member or sample was skipped
     steps = [m.groups() for m in STEP.finditer(log)]
-    assert [(epoch, seen, total, percent) for epoch, seen, total, percent, _ in steps] == \
-        [("0", "12", "24", "50"), ("0", "24", "24", "100")], log
+    assert [(epoch, seen, total, percent) for epoch, seen, total, percent, _ in steps] == [
+        ("0", "12", "24", "50"),
+        ("0", "24", "24", "100"),
+    ], log
     assert all(math.isfinite(float(loss)) and float(loss) > 0 for *_, loss in steps), log
 
     checkpoint = logs / "tiny" / "checkpoints" / "epoch_1.pt"

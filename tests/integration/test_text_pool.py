@@ -14,8 +14,9 @@ VLMCURATE = str(Path(sys.executable).parent / "vlmcurate")
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([VLMCURATE, "run", "configs/text-pool.yaml", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [VLMCURATE, "run", "configs/text-pool.yaml", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_text_pool_gives_identical_rows_under_local_and_ray_and_its_ledger_closes(tmp_path):

@@ -28,23 +28,41 @@ TARGETS = [running_title("clip_embed"), running_title("instruct"), "ray::MapBatc
 
 def _config(tmp_path, pool, name: str, chat: FakeChatServer) -> dict:
     return {
-        "name": name, "input": str(pool), "output_dir": str(tmp_path / "runs"), "runner": "ray",
+        "name": name,
+        "input": str(pool),
+        "output_dir": str(tmp_path / "runs"),
+        "runner": "ray",
         "shard_size": SHARD_SIZE,
         "stages": [
             {"stage": "curation.basic:CaptionCharacters"},
             {"stage": "curation.basic:JunkAltText"},
             {"stage": "curation.basic:CaptionLength"},
-            {"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"], "image_size": 64,
-             "threads": 16, "timeout": 5},
+            {
+                "stage": "pipelines.download:Download",
+                "allow_addresses": ["127.0.0.1"],
+                "image_size": 64,
+                "threads": 16,
+                "timeout": 5,
+            },
             {"stage": "curation.basic:ImageSize"},
             {"stage": "curation.clip_score:ClipPreprocess", "model": "tiny-vit"},
             # One torch thread under both runners, so the scores are bit-identical.
             {"stage": "curation.clip_score:ClipEmbed", "model": "tiny-vit", "resources": {"gpus": 0, "cpus": 1}},
             {"stage": "curation.clip_score:ClipScoreThreshold", "min_score": -0.07},
-            {"stage": "generators.instruct:InstructGenerate", "backend": "openai", "response_types": ["conversation"],
-             "cache": str(tmp_path / f"{name}-cache.sqlite"),
-             "endpoint": {"model": "test-model", "base_url": chat.base_url, "api_key_env": KEY_ENV,
-                          "concurrency": 8, "timeout": 5.0, "backoff_base": 0.05}},
+            {
+                "stage": "generators.instruct:InstructGenerate",
+                "backend": "openai",
+                "response_types": ["conversation"],
+                "cache": str(tmp_path / f"{name}-cache.sqlite"),
+                "endpoint": {
+                    "model": "test-model",
+                    "base_url": chat.base_url,
+                    "api_key_env": KEY_ENV,
+                    "concurrency": 8,
+                    "timeout": 5.0,
+                    "backoff_base": 0.05,
+                },
+            },
         ],
     }
 
@@ -64,8 +82,9 @@ def test_killed_workers_are_replaced_and_the_run_keeps_exactly_a_clean_runs_rows
             runner = runner_factory("ray")  # this process's Ray: the killer looks only below this process
             with WorkerKiller(TARGETS) as killer:
                 plan, manifest = run_pipeline_dict(_config(tmp_path, pool, "faults", chat), runner)
-            clean_plan, clean = run_pipeline_dict({**_config(tmp_path, pool, "clean", chat), "runner": "local"},
-                                                  LocalRunner())
+            clean_plan, clean = run_pipeline_dict(
+                {**_config(tmp_path, pool, "clean", chat), "runner": "local"}, LocalRunner()
+            )
     finally:
         images.close()
 

@@ -31,10 +31,12 @@ def test_tiny_itm_head_gives_two_way_logits_and_a_seeded_init():
     tokens = first.tokenizer(["a dog", "a red car on a road"], padding=True, return_tensors="pt")
     pixels = torch.randn(2, 3, first.image_size, first.image_size)
     with torch.inference_mode():
-        logits = first.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                             pixel_values=pixels, use_itm_head=True).itm_score
-        repeat = again.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                             pixel_values=pixels, use_itm_head=True).itm_score
+        logits = first.model(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels, use_itm_head=True
+        ).itm_score
+        repeat = again.model(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels, use_itm_head=True
+        ).itm_score
     assert logits.shape == (2, 2) and torch.equal(logits, repeat)
 
 

@@ -16,9 +16,10 @@ def _generate(model, tokenizer, conversations, max_new_tokens):
     texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     inputs = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.inference_mode():
-        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id)
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, inputs.input_ids.shape[1]:]]
+        out = model.generate(
+            **inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+        )
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, inputs.input_ids.shape[1] :]]
 
 
 def test_tiny_config_uses_the_smollm2_tokenizer_and_generates_in_batches():

@@ -58,8 +58,9 @@ def _clip_embed():
 def _blip_caption():
     from generators.capfilt import BlipCaption
 
-    stage = BlipCaption(num_captions=2, max_new_tokens=3, min_new_tokens=1, device="cpu",
-                        resources=Resources(cpus=1.5, batch_size=4))
+    stage = BlipCaption(
+        num_captions=2, max_new_tokens=3, min_new_tokens=1, device="cpu", resources=Resources(cpus=1.5, batch_size=4)
+    )
 
     def batch():
         size = stage._bundle.image_size

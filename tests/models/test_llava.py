@@ -14,8 +14,16 @@ TURNS = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "
 
 def _batch(bundle, n: int = 2) -> dict[str, torch.Tensor]:
     model = bundle.model
-    encoded = [encode_conversation(bundle.tokenizer, TURNS, image_token_id=model.image_token_id,
-                                   image_tokens=model.image_tokens, max_length=256) for _ in range(n)]
+    encoded = [
+        encode_conversation(
+            bundle.tokenizer,
+            TURNS,
+            image_token_id=model.image_token_id,
+            image_tokens=model.image_tokens,
+            max_length=256,
+        )
+        for _ in range(n)
+    ]
     images = pixels(bundle, [make_image(48, 40, seed=i) for i in range(n)])
     return {"pixels": images, **collate(encoded, bundle.tokenizer.pad_token_id)}
 
@@ -41,7 +49,7 @@ def test_merged_tokens_concatenate_each_block_of_neighbours(name):
     values = LlavaConfig.load(name).__dict__ | {"merge_tokens": 3}
     full, merged = load_llava(name).model, load_llava(values).model
     images = pixels(load_llava(name), [make_image(48, 40, seed=3)])
-    tokens, side = full.vision(images)[0], int(full.image_tokens ** 0.5)  # a 4 x 4 or 2 x 2 grid, row by row
+    tokens, side = full.vision(images)[0], int(full.image_tokens**0.5)  # a 4 x 4 or 2 x 2 grid, row by row
     assert merged.image_tokens == ((side + 2) // 3) ** 2 and merged.vision.width == 9 * full.vision.width
     first = merged.vision(images)[0, 0].view(full.vision.width, 3, 3)  # channel-major, as pixel_unshuffle packs
     assert torch.equal(first[:, 0, 0], tokens[0]) and torch.equal(first[:, 1, 1], tokens[side + 1])
@@ -76,8 +84,9 @@ def test_a_sequence_without_its_image_slots_is_an_error_and_greedy_generation_re
     batch = _batch(bundle, n=1)
     with pytest.raises(ValueError, match="exactly 16 image tokens"):
         bundle.model.embed(batch["pixels"], batch["input_ids"][:, :-30].clone().fill_(5))
-    new = bundle.model.generate(batch["pixels"], batch["input_ids"], batch["attention_mask"], max_new_tokens=6,
-                                do_sample=False)
+    new = bundle.model.generate(
+        batch["pixels"], batch["input_ids"], batch["attention_mask"], max_new_tokens=6, do_sample=False
+    )
     # New tokens only (not the prompt), each the model's most likely next token.
     assert new[0].tolist() == argmax_decode(bundle.model, batch["pixels"], batch["input_ids"], 6)
 

@@ -29,8 +29,9 @@ def test_the_exported_folder_loads_in_transformers_and_gives_our_logits(tmp_path
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=Image.open(io.BytesIO(image_bytes)), text=prompt, return_tensors="pt")
     model = bundle.model
-    ids = torch.tensor([encode_prompt(bundle.tokenizer, turns, image_token_id=model.image_token_id,
-                                      image_tokens=model.image_tokens)])
+    ids = torch.tensor(
+        [encode_prompt(bundle.tokenizer, turns, image_token_id=model.image_token_id, image_tokens=model.image_tokens)]
+    )
     assert inputs["input_ids"].tolist() == ids.tolist()  # the processor expands <image> as we do
     ours_pixels = pixels(bundle, [image_bytes])
     assert torch.allclose(inputs["pixel_values"], ours_pixels, atol=2e-2)  # PIL vs torchvision resize

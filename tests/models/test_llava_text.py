@@ -74,11 +74,14 @@ def test_two_exchanges_supervise_each_answer_and_its_end_of_turn_token_by_token(
     # The expected sequence, piece by piece from ChatML's format (pieces meet at special tokens, so
     # tokenizing them apart gives the same ids); only the SmolLM2 default system block is read off the render.
     text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
-    system = text[:text.index(f"{START}user\n")]
+    system = text[: text.index(f"{START}user\n")]
     assert system.startswith(f"{START}system\n") and system.endswith(f"{END}\n")
     pieces = [(system, False)]
     for user, answer in zip(TURNS[::2], TURNS[1::2], strict=True):
-        pieces += [(f"{START}user\n{user['value']}{END}\n{START}assistant\n", False), (f"{answer['value']}{END}\n", True)]
+        pieces += [
+            (f"{START}user\n{user['value']}{END}\n{START}assistant\n", False),
+            (f"{answer['value']}{END}\n", True),
+        ]
     ids, labels = [], []
     for piece, supervised in pieces:
         piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
@@ -86,8 +89,8 @@ def test_two_exchanges_supervise_each_answer_and_its_end_of_turn_token_by_token(
         labels += piece_ids if supervised else [IGNORE_INDEX] * len(piece_ids)
     slot = ids.index(image_id)
     assert encoded.image_start == slot
-    assert encoded.input_ids == ids[:slot] + [image_id] * N + ids[slot + 1:]
-    assert encoded.labels == labels[:slot] + [IGNORE_INDEX] * N + labels[slot + 1:]
+    assert encoded.input_ids == ids[:slot] + [image_id] * N + ids[slot + 1 :]
+    assert encoded.labels == labels[:slot] + [IGNORE_INDEX] * N + labels[slot + 1 :]
     assert supervised_runs(tokenizer, encoded) == [f"{t['value']}{END}\n" for t in TURNS[1::2]]
 
 
@@ -95,20 +98,23 @@ def test_the_image_becomes_n_masked_slots_at_image_start(own):
     tokenizer, image_id = own
     encoded = encode(tokenizer, image_id, TURNS)
     start = encoded.image_start
-    assert encoded.input_ids[start:start + N] == [image_id] * N and encoded.input_ids.count(image_id) == N
-    assert encoded.labels[start:start + N] == [IGNORE_INDEX] * N
+    assert encoded.input_ids[start : start + N] == [image_id] * N and encoded.input_ids.count(image_id) == N
+    assert encoded.labels[start : start + N] == [IGNORE_INDEX] * N
     assert tokenizer.decode(encoded.input_ids[:start]).endswith(f"{START}user\n")
 
 
-@pytest.mark.parametrize(("turns", "reason"), [
-    ([TURNS[1], TURNS[0]], "roles_out_of_order"),
-    (TURNS[:3], "roles_out_of_order"),
-    ([{"from": "human", "value": "no image here"}, TURNS[1]], "image_token_misplaced"),
-    ([{"from": "human", "value": "<image><image> twice"}, TURNS[1]], "image_token_misplaced"),
-    ([TURNS[0], {"from": "gpt", "value": "<image>"}], "image_token_misplaced"),
-    ([TURNS[0], {"from": "gpt", "value": " \n"}], "empty_turn"),
-    ([], "empty_conversation"),
-])
+@pytest.mark.parametrize(
+    ("turns", "reason"),
+    [
+        ([TURNS[1], TURNS[0]], "roles_out_of_order"),
+        (TURNS[:3], "roles_out_of_order"),
+        ([{"from": "human", "value": "no image here"}, TURNS[1]], "image_token_misplaced"),
+        ([{"from": "human", "value": "<image><image> twice"}, TURNS[1]], "image_token_misplaced"),
+        ([TURNS[0], {"from": "gpt", "value": "<image>"}], "image_token_misplaced"),
+        ([TURNS[0], {"from": "gpt", "value": " \n"}], "empty_turn"),
+        ([], "empty_conversation"),
+    ],
+)
 def test_invalid_conversations_are_refused_with_conversation_problems_reason(own, turns, reason):
     with pytest.raises(EncodeError) as caught:
         encode(*own, turns)
@@ -123,17 +129,29 @@ def test_a_sequence_longer_than_max_length_is_refused_not_truncated(own):
     assert caught.value.reason == "sequence_too_long"
 
 
-@pytest.mark.parametrize(("template", "turns", "reason"), [
-    (REVERSED, TURNS, "template_not_prefix"),
-    (COUNTED, TURNS, "template_not_prefix"),
-    ("{% for m in messages %}{{ m['content'] + m['content'] if m['role'] == 'user' else m['content'] }}{% endfor %}",
-     TURNS, "image_token_count"),
-    ("{% for m in messages %}{{ m['content'] if m['role'] == 'user' else 'OK\n' }}{% endfor %}",
-     TURNS, "template_drops_answer"),
-    (CONCATENATED, [{"from": "human", "value": "<image>\nhello Q"}, {"from": "gpt", "value": "uestion time"}],
-     "label_boundary_inside_token"),  # " Question" is one token, across the boundary
-    ("{{ raise_exception('no') }}", TURNS, "template_error"),
-])
+@pytest.mark.parametrize(
+    ("template", "turns", "reason"),
+    [
+        (REVERSED, TURNS, "template_not_prefix"),
+        (COUNTED, TURNS, "template_not_prefix"),
+        (
+            "{% for m in messages %}{{ m['content'] + m['content'] if m['role'] == 'user' else m['content'] }}{% endfor %}",
+            TURNS,
+            "image_token_count",
+        ),
+        (
+            "{% for m in messages %}{{ m['content'] if m['role'] == 'user' else 'OK\n' }}{% endfor %}",
+            TURNS,
+            "template_drops_answer",
+        ),
+        (
+            CONCATENATED,
+            [{"from": "human", "value": "<image>\nhello Q"}, {"from": "gpt", "value": "uestion time"}],
+            "label_boundary_inside_token",
+        ),  # " Question" is one token, across the boundary
+        ("{{ raise_exception('no') }}", TURNS, "template_error"),
+    ],
+)
 def test_templates_that_cannot_be_labelled_are_refused(base, template, turns, reason):
     tokenizer, image_id = prepared(base)
     tokenizer.chat_template = template
@@ -163,8 +181,11 @@ def test_without_prepare_tokenizer_the_image_token_is_missing(base):
 def test_plain_template_supervises_exactly_the_caption_and_eos(base):
     tokenizer, image_id = prepared(base, "plain")
     caption = "A brown dog runs along a sandy beach."
-    encoded = encode(tokenizer, image_id, [{"from": "human", "value": "<image>\nDescribe the image briefly."},
-                                           {"from": "gpt", "value": caption}])
+    encoded = encode(
+        tokenizer,
+        image_id,
+        [{"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": caption}],
+    )
     caption_ids = tokenizer(caption + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
     assert encoded.image_start == 0
     assert encoded.input_ids == [image_id] * N + caption_ids
@@ -189,7 +210,7 @@ def test_prepare_tokenizer_is_idempotent_and_restores_the_own_template(base):
 def test_chatml_template_has_no_default_system_prompt(base):
     tokenizer, image_id = prepared(base, "chatml")
     encoded = encode(tokenizer, image_id, TURNS[:2])
-    assert tokenizer.decode(encoded.input_ids[:encoded.image_start]) == f"{START}user\n"
+    assert tokenizer.decode(encoded.input_ids[: encoded.image_start]) == f"{START}user\n"
     assert supervised_runs(tokenizer, encoded) == [f"{TURNS[1]['value']}{END}\n"]
 
 
@@ -214,8 +235,22 @@ def test_collate_pads_on_the_right():
     assert all(t.dtype == torch.long for t in batch.values())
 
 
-ALPHABET = list("abcxyz ABC  .,;:!?'\"-_/\\()[]{}0123456789\n\t") + list("éüßçñ中文字日本語Ωλ🙂👍🏽") + [
-    f"{START}assistant\n", END, "\nuser\n", "assistant", "### Assistant:", "USER:", "<image", "image>", "<|im_", "\n\n"]
+ALPHABET = (
+    list("abcxyz ABC  .,;:!?'\"-_/\\()[]{}0123456789\n\t")
+    + list("éüßçñ中文字日本語Ωλ🙂👍🏽")
+    + [
+        f"{START}assistant\n",
+        END,
+        "\nuser\n",
+        "assistant",
+        "### Assistant:",
+        "USER:",
+        "<image",
+        "image>",
+        "<|im_",
+        "\n\n",
+    ]
+)
 
 
 def _text(rng: random.Random) -> str:
@@ -244,11 +279,12 @@ def test_property_supervised_text_is_exactly_the_assistant_spans(own):
             continue
         encoded_count += 1
         assert supervised_runs(tokenizer, encoded) == [f"{t['value']}{END}\n" for t in turns[1::2]], turns
-        assert encoded.input_ids[encoded.image_start:encoded.image_start + N] == [image_id] * N
-        collapsed = encoded.input_ids[:encoded.image_start + 1] + encoded.input_ids[encoded.image_start + N:]
+        assert encoded.input_ids[encoded.image_start : encoded.image_start + N] == [image_id] * N
+        collapsed = encoded.input_ids[: encoded.image_start + 1] + encoded.input_ids[encoded.image_start + N :]
         assert tokenizer.decode(collapsed, clean_up_tokenization_spaces=False) == tokenizer.apply_chat_template(
             [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns],
-            tokenize=False)
+            tokenize=False,
+        )
     assert encoded_count >= 35
 
 

@@ -88,8 +88,9 @@ def test_column_type_of_unknown_column():
 
 def test_sample_schema_default_is_base_columns():
     schema = sample_schema()
-    assert schema == pa.schema([("uid", pa.string()), ("source_index", pa.int64()), ("url", pa.string()),
-                                ("caption", pa.string())])
+    assert schema == pa.schema(
+        [("uid", pa.string()), ("source_index", pa.int64()), ("url", pa.string()), ("caption", pa.string())]
+    )
 
 
 def test_sample_schema_keeps_requested_order():

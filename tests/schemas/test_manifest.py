@@ -10,6 +10,7 @@ from schemas.manifest import MANIFEST_FORMAT, Manifest, PhaseSummary, ShardEntry
 
 # StageCounts -----------------------------------------------------------------------------------
 
+
 def test_stage_counts_closes():
     assert StageCounts().closes
     assert StageCounts(10, 7, {"a": 2, "b": 1}).closes
@@ -53,10 +54,15 @@ def test_stage_counts_from_dict_coerces_ints():
 
 # ShardEntry ------------------------------------------------------------------------------------
 
+
 def test_shard_entry_json_round_trip():
-    entry = ShardEntry(phase="01_caption_length", shard=12, rows_in=10, rows_out=6,
-                       stages={"junk": StageCounts(10, 8, {"url_caption": 2}),
-                               "length": StageCounts(8, 6, {"too_short": 2})})
+    entry = ShardEntry(
+        phase="01_caption_length",
+        shard=12,
+        rows_in=10,
+        rows_out=6,
+        stages={"junk": StageCounts(10, 8, {"url_caption": 2}), "length": StageCounts(8, 6, {"too_short": 2})},
+    )
     text = entry.to_json()
     data = json.loads(text)
     assert data["phase"] == "01_caption_length" and data["shard"] == 12
@@ -74,16 +80,30 @@ def test_shard_entry_without_stages():
 
 # Manifest --------------------------------------------------------------------------------------
 
+
 def make_manifest() -> Manifest:
     input_phase = PhaseSummary("00_input", ["read"], 2, 2, 10, 9, {"read": StageCounts(10, 9, {"malformed_row": 1})})
-    phase = PhaseSummary("01_exact_duplicates", ["junk", "exact_duplicates"], 2, 2, 9, 5, {
-        "junk": StageCounts(9, 7, {"url_caption": 2}),
-        "exact_duplicates": StageCounts(7, 5, {"duplicate": 2}),
-    })
+    phase = PhaseSummary(
+        "01_exact_duplicates",
+        ["junk", "exact_duplicates"],
+        2,
+        2,
+        9,
+        5,
+        {
+            "junk": StageCounts(9, 7, {"url_caption": 2}),
+            "exact_duplicates": StageCounts(7, 5, {"duplicate": 2}),
+        },
+    )
     return Manifest(
-        name="run", config_hash="abcdef0123456789", config={"fingerprint": {"shard_size": 5}, "pipeline": {"a": [1]}},
-        versions={"python": "3.11", "pyarrow": "26"}, created_at="2024-01-01T00:00:00+00:00",
-        updated_at="2024-01-01T00:01:00+00:00", status="complete", phases=[input_phase, phase],
+        name="run",
+        config_hash="abcdef0123456789",
+        config={"fingerprint": {"shard_size": 5}, "pipeline": {"a": [1]}},
+        versions={"python": "3.11", "pyarrow": "26"},
+        created_at="2024-01-01T00:00:00+00:00",
+        updated_at="2024-01-01T00:01:00+00:00",
+        status="complete",
+        phases=[input_phase, phase],
         aggregates={"exact_duplicates": {"duplicate_rows": 2, "keys": ["url", "caption"]}},
     )
 

@@ -65,7 +65,11 @@ def captioned_jsonl(tmp_path: Path) -> Path:
         if i != 5:
             write_image(images / f"img{i}.jpg", 100 + i)
         rows.append(json.dumps({"image": f"img{i}.jpg", "captions": [f"picture number {i}", f"image {i} of a thing"]}))
-    rows += ["{not json", json.dumps({"captions": ["no image"]}), json.dumps({"image": "img9.jpg", "captions": ["", " "]})]
+    rows += [
+        "{not json",
+        json.dumps({"captions": ["no image"]}),
+        json.dumps({"image": "img9.jpg", "captions": ["", " "]}),
+    ]
     path = tmp_path / "captions.jsonl"
     path.write_text("\n".join(rows) + "\n")
     return path

@@ -40,7 +40,13 @@ def test_labelled_set_lists_classes_and_reports_the_corrupt_image(kind, image_fo
 def test_per_class_keeps_the_first_images_in_sorted_order(kind, image_folder, image_tar):
     dataset = LabelledImageSet(image_folder if kind == "folder" else image_tar, per_class=1)
     assert [Path(k).parent.name + "/" + Path(k).name for k in dataset.keys] == [
-        "ant/000.jpg", "bird/000.jpg", "cat/000.jpg", "dog_house/000.jpg", "eel/000.jpg", "fox/000.jpg"]
+        "ant/000.jpg",
+        "bird/000.jpg",
+        "cat/000.jpg",
+        "dog_house/000.jpg",
+        "eel/000.jpg",
+        "fox/000.jpg",
+    ]
     assert dataset.labels == list(range(6))
 
 
@@ -61,7 +67,11 @@ def test_captioned_set_reports_bad_rows_and_missing_images(captioned_jsonl):
     dataset = CaptionedImageSet(captioned_jsonl)
     assert dataset.images == [f"img{i}.jpg" for i in range(8)]
     assert dataset.n_captions == 16
-    assert [s.reason.split(":")[0] for s in dataset.skipped] == ["invalid JSON", "row has no 'image' string", "captions.jsonl"]
+    assert [s.reason.split(":")[0] for s in dataset.skipped] == [
+        "invalid JSON",
+        "row has no 'image' string",
+        "captions.jsonl",
+    ]
     assert dataset.skipped[2].item == "img9.jpg" and "no non-empty caption" in dataset.skipped[2].reason
     _, indices, skipped = decode_all(dataset, batch_size=3)
     assert indices == [0, 1, 2, 3, 4, 6, 7]
@@ -69,7 +79,11 @@ def test_captioned_set_reports_bad_rows_and_missing_images(captioned_jsonl):
 
 
 def test_captioned_rows_of_one_image_merge(tmp_path):
-    rows = [{"image": "a.jpg", "captions": ["one"]}, {"image": "b.jpg", "caption": "two"}, {"image": "a.jpg", "captions": ["three"]}]
+    rows = [
+        {"image": "a.jpg", "captions": ["one"]},
+        {"image": "b.jpg", "caption": "two"},
+        {"image": "a.jpg", "captions": ["three"]},
+    ]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     dataset = CaptionedImageSet(tmp_path / "c.jsonl", images_dir=tmp_path)
     assert dataset.images == ["a.jpg", "b.jpg"] and dataset.captions == [["one", "three"], ["two"]]
@@ -84,6 +98,9 @@ def test_heldout_split_is_disjoint_deterministic_and_sized(tmp_path):
     assert sorted(train.images + heldout.images) == sorted(names)
     assert 70 <= len(heldout) <= 130
     assert heldout.images == [n for n in names if is_heldout(n, 0.25)]
-    assert CaptionedImageSet(tmp_path / "c.jsonl", split="heldout", heldout_fraction=0.25, limit=10).images == heldout.images[:10]
+    assert (
+        CaptionedImageSet(tmp_path / "c.jsonl", split="heldout", heldout_fraction=0.25, limit=10).images
+        == heldout.images[:10]
+    )
     with pytest.raises(ValueError, match="split"):
         CaptionedImageSet(tmp_path / "c.jsonl", split="test")

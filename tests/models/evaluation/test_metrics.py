@@ -28,12 +28,14 @@ def test_prototypes_normalise_each_prompt_before_averaging():
 
 
 def test_topk_accuracy_and_per_class_with_ties_against_the_true_class():
-    scores = np.array([
-        [0.9, 0.1, 0.2, 0.0, 0.0, 0.0],  # label 0: rank 0
-        [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],  # label 5: rank 5
-        [0.3, 0.3, 0.3, 0.3, 0.3, 0.3],  # label 2: all tied -> rank 5
-        [0.1, 0.2, 0.3, 0.4, 0.6, 0.5],  # label 3: rank 3
-    ])
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.2, 0.0, 0.0, 0.0],  # label 0: rank 0
+            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],  # label 5: rank 5
+            [0.3, 0.3, 0.3, 0.3, 0.3, 0.3],  # label 2: all tied -> rank 5
+            [0.1, 0.2, 0.3, 0.4, 0.6, 0.5],  # label 3: rank 3
+        ]
+    )
     labels = np.array([0, 5, 2, 3])
     assert topk_accuracy(scores, labels, ks=(1, 4, 5, 6)) == {1: 0.25, 4: 0.5, 5: 0.5, 6: 1.0}
     accuracy, counts = per_class_accuracy(scores, labels, n_classes=6)
@@ -43,11 +45,13 @@ def test_topk_accuracy_and_per_class_with_ties_against_the_true_class():
 
 def test_retrieval_ranks_on_a_hand_made_similarity_matrix():
     text_to_image = np.array([0, 0, 1, 2])  # image 0 has two captions
-    similarity = np.array([
-        [0.9, 0.1, 0.5, 0.2],  # best own caption (0.9) beats every other caption: rank 0
-        [0.8, 0.3, 0.4, 0.1],  # own caption 0.4, one other caption above: rank 1
-        [0.2, 0.2, 0.2, 0.2],  # all tied: the three other captions count above: rank 3
-    ])
+    similarity = np.array(
+        [
+            [0.9, 0.1, 0.5, 0.2],  # best own caption (0.9) beats every other caption: rank 0
+            [0.8, 0.3, 0.4, 0.1],  # own caption 0.4, one other caption above: rank 1
+            [0.2, 0.2, 0.2, 0.2],  # all tied: the three other captions count above: rank 3
+        ]
+    )
     image_ranks, text_ranks = retrieval_ranks(similarity, text_to_image)
     assert image_ranks.tolist() == [0, 1, 3]
     assert text_ranks.tolist() == [0, 2, 1, 1]  # text 3 ties image 0 with its own image 2

@@ -8,8 +8,13 @@ import pytest
 
 from models.evaluation.pope import BoxedImageSet, ProbeQuestion, parse_yes_no, probe_questions, probe_scores
 
-OBJECTS = [frozenset({"dog", "frisbee"}), frozenset({"dog", "ball"}), frozenset({"cat"}),
-           frozenset({"dog", "frisbee", "person"}), frozenset({"car", "person"})]
+OBJECTS = [
+    frozenset({"dog", "frisbee"}),
+    frozenset({"dog", "ball"}),
+    frozenset({"cat"}),
+    frozenset({"dog", "frisbee", "person"}),
+    frozenset({"car", "person"}),
+]
 
 
 @pytest.mark.parametrize("setting", ["random", "popular", "adversarial"])
@@ -40,15 +45,28 @@ def test_unknown_setting_is_an_error():
         probe_questions(OBJECTS, "hard")
 
 
-@pytest.mark.parametrize(("reply", "answer"), [("Yes.", True), ("no, there is not", False), (" YES it is", True),
-                                               ("There is a dog.", None), ("", None), ("nothing", None)])
+@pytest.mark.parametrize(
+    ("reply", "answer"),
+    [
+        ("Yes.", True),
+        ("no, there is not", False),
+        (" YES it is", True),
+        ("There is a dog.", None),
+        ("", None),
+        ("nothing", None),
+    ],
+)
 def test_replies_are_read_from_their_first_word(reply, answer):
     assert parse_yes_no(reply) is answer
 
 
 def test_scores_count_unanswered_replies_as_wrong():
-    questions = [ProbeQuestion(0, "dog", True, "random"), ProbeQuestion(0, "cat", False, "random"),
-                 ProbeQuestion(1, "car", True, "random"), ProbeQuestion(1, "kite", False, "random")]
+    questions = [
+        ProbeQuestion(0, "dog", True, "random"),
+        ProbeQuestion(0, "cat", False, "random"),
+        ProbeQuestion(1, "car", True, "random"),
+        ProbeQuestion(1, "kite", False, "random"),
+    ]
     scores = probe_scores(questions, ["yes", "yes", "maybe", "no"])
     assert scores["accuracy"] == 0.5 and scores["unanswered"] == 1
     assert scores["precision"] == 0.5 and scores["recall"] == 0.5 and scores["f1"] == 0.5
@@ -58,8 +76,12 @@ def test_scores_count_unanswered_replies_as_wrong():
 
 
 def test_boxed_set_reads_instances_or_objects_and_lists_what_it_skips(tmp_path):
-    rows = [{"image": "a.jpg", "instances": [{"category": "Dog", "bbox": [0, 0, 1, 1]}, {"category": "cat"}]},
-            {"image": "b.jpg", "objects": ["car"]}, {"image": "c.jpg", "instances": []}, "not json"]
+    rows = [
+        {"image": "a.jpg", "instances": [{"category": "Dog", "bbox": [0, 0, 1, 1]}, {"category": "cat"}]},
+        {"image": "b.jpg", "objects": ["car"]},
+        {"image": "c.jpg", "instances": []},
+        "not json",
+    ]
     path = tmp_path / "probe.jsonl"
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows))
     boxed = BoxedImageSet(path)

@@ -25,8 +25,13 @@ def test_caption_loss_is_the_token_weighted_mean_the_model_reports():
     model = bundle.model
     per_sample = []
     for image, turns in samples:
-        encoded = encode_conversation(bundle.tokenizer, turns, image_token_id=model.image_token_id,
-                                      image_tokens=model.image_tokens, max_length=256)
+        encoded = encode_conversation(
+            bundle.tokenizer,
+            turns,
+            image_token_id=model.image_token_id,
+            image_tokens=model.image_tokens,
+            max_length=256,
+        )
         batch = collate([encoded], bundle.tokenizer.pad_token_id)
         with torch.no_grad():
             out = model(pixels(bundle, [image]), batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
@@ -43,10 +48,22 @@ def test_generated_captions_are_the_greedy_continuation_of_the_prompt_every_time
     captions = generate_captions(bundle, images, max_new_tokens=5)
     assert generate_captions(bundle, images, max_new_tokens=5) == captions
     model = bundle.model.eval()
-    prompt = torch.tensor([encode_prompt(bundle.tokenizer, [{"from": "human", "value": "<image>"}],
-                                         image_token_id=model.image_token_id, image_tokens=model.image_tokens)])
-    expected = [bundle.tokenizer.decode(argmax_decode(model, pixels(bundle, [image]), prompt, 5),
-                                        skip_special_tokens=True).strip() for image in images]
+    prompt = torch.tensor(
+        [
+            encode_prompt(
+                bundle.tokenizer,
+                [{"from": "human", "value": "<image>"}],
+                image_token_id=model.image_token_id,
+                image_tokens=model.image_tokens,
+            )
+        ]
+    )
+    expected = [
+        bundle.tokenizer.decode(
+            argmax_decode(model, pixels(bundle, [image]), prompt, 5), skip_special_tokens=True
+        ).strip()
+        for image in images
+    ]
     assert captions == expected and all(expected)
 
 
@@ -61,10 +78,16 @@ def _write_set(folder, rows, images):
 def test_caption_evaluation_reports_loss_metrics_examples_and_unreadable_images(tmp_path):
     bundle = load_llava("tiny-vit-llama")
     prepare_tokenizer(bundle.tokenizer, "plain")
-    rows = [{"image": "a.jpg", "captions": ["a red kite", "a kite in the sky"]},
-            {"image": "b.jpg", "captions": ["two cats"]}, {"image": "broken.jpg", "captions": ["nothing"]}]
-    jsonl = _write_set(tmp_path, rows, {"a.jpg": make_image(40, 40, seed=0), "b.jpg": make_image(40, 40, seed=1),
-                                        "broken.jpg": b"not an image"})
+    rows = [
+        {"image": "a.jpg", "captions": ["a red kite", "a kite in the sky"]},
+        {"image": "b.jpg", "captions": ["two cats"]},
+        {"image": "broken.jpg", "captions": ["nothing"]},
+    ]
+    jsonl = _write_set(
+        tmp_path,
+        rows,
+        {"a.jpg": make_image(40, 40, seed=0), "b.jpg": make_image(40, 40, seed=1), "broken.jpg": b"not an image"},
+    )
     result = evaluate_captions(bundle, CaptionedImageSet(jsonl), show=1, max_new_tokens=4)
     assert result["images"] == 2 and result["references"] == 3
     assert result["caption_loss"] > 0 and 0 <= result["bleu4"] <= 1 and result["cider_d"] >= 0
@@ -75,8 +98,10 @@ def test_caption_evaluation_reports_loss_metrics_examples_and_unreadable_images(
 
 def test_probe_evaluation_scores_every_setting_on_balanced_questions(tmp_path):
     bundle = load_llava("tiny-vit-llama")
-    rows = [{"image": f"{i}.jpg", "objects": objects}
-            for i, objects in enumerate([["dog", "ball"], ["cat"], ["dog", "car"]])]
+    rows = [
+        {"image": f"{i}.jpg", "objects": objects}
+        for i, objects in enumerate([["dog", "ball"], ["cat"], ["dog", "car"]])
+    ]
     jsonl = _write_set(tmp_path, rows, {f"{i}.jpg": make_image(40, 40, seed=i) for i in range(3)})
     result = evaluate_probe(bundle, BoxedImageSet(jsonl), settings=("random", "adversarial"), per_image=1)
     assert result["images"] == 3 and set(result) == {"images", "skipped", "random", "adversarial"}

@@ -49,9 +49,21 @@ def shards(tmp_path_factory):
 
 
 def _config(shards, out, **overrides) -> ClipTrainConfig:
-    base = dict(model="tiny-vit", train_data=[str(shards / "webdataset")], output_dir=str(out), batch_size=12,
-                max_steps=12, lr=2e-3, warmup_steps=0, save_every=4, lock_image=False, lock_text=False,
-                decode_threads=1, shuffle_buffer=16, seed=3)
+    base = dict(
+        model="tiny-vit",
+        train_data=[str(shards / "webdataset")],
+        output_dir=str(out),
+        batch_size=12,
+        max_steps=12,
+        lr=2e-3,
+        warmup_steps=0,
+        save_every=4,
+        lock_image=False,
+        lock_text=False,
+        decode_threads=1,
+        shuffle_buffer=16,
+        seed=3,
+    )
     return ClipTrainConfig(**{**base, **overrides})
 
 
@@ -90,8 +102,9 @@ def test_a_finished_run_is_not_trained_again(shards, tmp_path):
 
 
 def test_locked_packaged_towers_train_heads_on_cached_features(shards, tmp_path):
-    config = _config(shards, tmp_path, model="tiny-effnet-minilm", lock_image=True, lock_text=True, lr=1e-2,
-                     max_steps=16)
+    config = _config(
+        shards, tmp_path, model="tiny-effnet-minilm", lock_image=True, lock_text=True, lr=1e-2, max_steps=16
+    )
     train_clip(config)
     assert (tmp_path / "feature_cache-rank0.pt").exists()
     losses = _losses(tmp_path)

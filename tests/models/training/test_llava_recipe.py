@@ -24,20 +24,49 @@ def write_llava_export(root: Path, bad: bool = False) -> Path:
     for i, caption in enumerate(CAPTIONS):
         image = f"images/00000/img{i}.jpg"
         (folder / image).write_bytes(make_image(40, 40, seed=i))
-        stage1.append({"id": f"img{i}-brief", "image": image, "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the picture briefly."}, {"from": "gpt", "value": caption}]})
-        stage2.append({"id": f"img{i}-conversation", "image": image, "conversations": [
-            {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": caption},
-            {"from": "human", "value": "Is it a photograph?"}, {"from": "gpt", "value": "No, it is a drawing."}]})
+        stage1.append(
+            {
+                "id": f"img{i}-brief",
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the picture briefly."},
+                    {"from": "gpt", "value": caption},
+                ],
+            }
+        )
+        stage2.append(
+            {
+                "id": f"img{i}-conversation",
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is in the picture?"},
+                    {"from": "gpt", "value": caption},
+                    {"from": "human", "value": "Is it a photograph?"},
+                    {"from": "gpt", "value": "No, it is a drawing."},
+                ],
+            }
+        )
     if bad:
         (folder / "images" / "00000" / "broken.jpg").write_bytes(b"not an image")
         stage2[:0] = [  # first, so the first batch reads them
-            {"id": "swapped", "image": "images/00000/img0.jpg", "conversations": [
-                {"from": "gpt", "value": "<image>\nhello"}, {"from": "human", "value": "hi"}]},
-            {"id": "two-images", "image": "images/00000/img0.jpg", "conversations": [
-                {"from": "human", "value": "<image>\n<image>\nWhat?"}, {"from": "gpt", "value": "Two."}]},
-            {"id": "broken", "image": "images/00000/broken.jpg", "conversations": [
-                {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Nothing."}]},
+            {
+                "id": "swapped",
+                "image": "images/00000/img0.jpg",
+                "conversations": [{"from": "gpt", "value": "<image>\nhello"}, {"from": "human", "value": "hi"}],
+            },
+            {
+                "id": "two-images",
+                "image": "images/00000/img0.jpg",
+                "conversations": [
+                    {"from": "human", "value": "<image>\n<image>\nWhat?"},
+                    {"from": "gpt", "value": "Two."},
+                ],
+            },
+            {
+                "id": "broken",
+                "image": "images/00000/broken.jpg",
+                "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Nothing."}],
+            },
         ]
     for name, records in (("stage1", stage1), ("stage2", stage2)):
         (folder / name).mkdir()
@@ -46,9 +75,19 @@ def write_llava_export(root: Path, bad: bool = False) -> Path:
 
 
 def _config(tmp_path: Path, data: Path, **overrides) -> VlmTrainConfig:
-    values = {"model": "tiny-vit-llama", "train_data": [str(data)], "output_dir": str(tmp_path / "out"),
-              "batch_size": 4, "max_steps": 12, "lr": 3e-3, "warmup_steps": 0, "shuffle_buffer": 0,
-              "device": "cpu", "amp": "off", "save_every": 100} | overrides
+    values = {
+        "model": "tiny-vit-llama",
+        "train_data": [str(data)],
+        "output_dir": str(tmp_path / "out"),
+        "batch_size": 4,
+        "max_steps": 12,
+        "lr": 3e-3,
+        "warmup_steps": 0,
+        "shuffle_buffer": 0,
+        "device": "cpu",
+        "amp": "off",
+        "save_every": 100,
+    } | overrides
     return VlmTrainConfig(**values)
 
 
@@ -84,8 +123,13 @@ def test_stage_two_starts_from_stage_one_and_trains_the_language_model(tmp_path)
 
 
 def test_lora_trains_adapters_and_the_projector_only(tmp_path):
-    config = _config(tmp_path, write_llava_export(tmp_path), stage=2, max_steps=2,
-                     lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    config = _config(
+        tmp_path,
+        write_llava_export(tmp_path),
+        stage=2,
+        max_steps=2,
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    )
     task = VlmTask(config, torch.device("cpu"))
     names = [name for name, p in task.model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n or n.startswith("projector.") for n in names)
@@ -98,9 +142,12 @@ def test_stage_two_reads_the_record_sets_it_names(tmp_path):
     ids = {}
     for sets in (None, [1, 2]):
         config = _config(tmp_path, data, stage=2, record_sets=sets)
-        ids[str(sets)] = {sample.id.rsplit("-", 1)[1] for sample in
-                          epoch_samples(VlmTask(config, torch.device("cpu")).files, seed=0, epoch=0, shuffle_buffer=0,
-                                        reader=iter_vlm_file)}
+        ids[str(sets)] = {
+            sample.id.rsplit("-", 1)[1]
+            for sample in epoch_samples(
+                VlmTask(config, torch.device("cpu")).files, seed=0, epoch=0, shuffle_buffer=0, reader=iter_vlm_file
+            )
+        }
     assert ids["None"] == {"conversation"} and ids["[1, 2]"] == {"brief", "conversation"}
     with pytest.raises(ValueError):
         _config(tmp_path, data, stage=2, record_sets=[])
@@ -110,10 +157,13 @@ def test_length_grouping_puts_samples_of_like_length_in_one_batch(tmp_path):
     data = write_llava_export(tmp_path)  # brief records are shorter than conversations
     lengths = {}
     for grouping in (0, 4):
-        config = _config(tmp_path, data, stage=2, record_sets=[1, 2], length_grouping=grouping, shuffle_buffer=8,
-                         seed=3)
-        lengths[grouping] = [sorted(batch["attention_mask"].sum(dim=1).tolist())
-                             for batch in VlmTask(config, torch.device("cpu")).batches(epoch=0, skip=0)]
+        config = _config(
+            tmp_path, data, stage=2, record_sets=[1, 2], length_grouping=grouping, shuffle_buffer=8, seed=3
+        )
+        lengths[grouping] = [
+            sorted(batch["attention_mask"].sum(dim=1).tolist())
+            for batch in VlmTask(config, torch.device("cpu")).batches(epoch=0, skip=0)
+        ]
     grouped = lengths[4]
     assert len(grouped) == 2 and sorted(sum(grouped, [])) == sorted(sum(lengths[0], []))
     short, long = sorted(grouped)
@@ -126,7 +176,10 @@ def test_records_that_cannot_be_encoded_are_counted_and_written_with_their_reaso
     metrics = train_vlm(config)
     rejected = [json.loads(line) for line in (Path(config.output_dir) / "rejected.jsonl").read_text().splitlines()]
     assert {r["id"]: r["reason"] for r in rejected} == {
-        "swapped": "roles_out_of_order", "two-images": "image_token_misplaced", "broken": "image_undecodable"}
+        "swapped": "roles_out_of_order",
+        "two-images": "image_token_misplaced",
+        "broken": "image_undecodable",
+    }
     assert metrics["rejected"] == {"roles_out_of_order": 1, "image_token_misplaced": 1, "image_undecodable": 1}
 
 

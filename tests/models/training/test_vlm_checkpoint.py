@@ -15,8 +15,9 @@ from tests.models.training.test_llava_recipe import _config, write_llava_export
 def _train_in_process(config) -> VlmTask:
     """What train_vlm does, keeping the task so the trained model can be compared."""
     task = VlmTask(config, torch.device("cpu"))
-    loop = TrainLoop(task, config.loop_config(), config.output_dir, device=torch.device("cpu"),
-                     extra_state=task.checkpoint_extras())
+    loop = TrainLoop(
+        task, config.loop_config(), config.output_dir, device=torch.device("cpu"), extra_state=task.checkpoint_extras()
+    )
     loop.fit()
     return task
 
@@ -25,7 +26,7 @@ def _logits(model, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randn(2, 3, 32, 32, generator=generator)
     ids = torch.randint(0, 200, (2, 4 + model.image_tokens), generator=generator)
-    ids[:, 1:1 + model.image_tokens] = model.image_token_id
+    ids[:, 1 : 1 + model.image_tokens] = model.image_token_id
     model.eval()
     with torch.no_grad():
         return model(pixels, ids, torch.ones_like(ids)).logits
@@ -44,8 +45,14 @@ def test_stage_one_checkpoint_holds_the_projector_and_reloads_the_trained_model(
 
 
 def test_lora_checkpoint_loads_with_the_adapters_merged_into_the_language_model(tmp_path):
-    config = _config(tmp_path, write_llava_export(tmp_path), stage=2, max_steps=3, lr=1e-2,
-                     lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    config = _config(
+        tmp_path,
+        write_llava_export(tmp_path),
+        stage=2,
+        max_steps=3,
+        lr=1e-2,
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    )
     task = _train_in_process(config)
     saved = read_checkpoint(config.output_dir)
     assert any("lora_" in name for name in saved["model"]) and saved["lora"]["r"] == 4
@@ -56,11 +63,19 @@ def test_lora_checkpoint_loads_with_the_adapters_merged_into_the_language_model(
 
 def test_stage_two_starts_from_the_merged_weights_of_a_lora_checkpoint(tmp_path):
     data = write_llava_export(tmp_path)
-    lora = _config(tmp_path, data, stage=2, max_steps=2, lr=1e-2, output_dir=str(tmp_path / "lora"),
-                   lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]})
+    lora = _config(
+        tmp_path,
+        data,
+        stage=2,
+        max_steps=2,
+        lr=1e-2,
+        output_dir=str(tmp_path / "lora"),
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+    )
     train_vlm(lora)
-    follow_up = _config(tmp_path, data, stage=2, max_steps=1, init_checkpoint=str(tmp_path / "lora"),
-                        output_dir=str(tmp_path / "full"))
+    follow_up = _config(
+        tmp_path, data, stage=2, max_steps=1, init_checkpoint=str(tmp_path / "lora"), output_dir=str(tmp_path / "full")
+    )
     start = VlmTask(follow_up, torch.device("cpu")).model.state_dict()
     merged = load_trained_vlm(tmp_path / "lora").model.state_dict()
     untrained = load_llava(follow_up.model).model.state_dict()
@@ -73,8 +88,14 @@ def test_stage_two_starts_from_the_merged_weights_of_a_lora_checkpoint(tmp_path)
 def test_a_checkpoint_of_another_model_is_refused_with_a_reason(tmp_path):
     data = write_llava_export(tmp_path)
     train_vlm(_config(tmp_path, data, max_steps=1, output_dir=str(tmp_path / "vit")))
-    other = _config(tmp_path, data, model="tiny-effnet-llama", max_steps=1, init_checkpoint=str(tmp_path / "vit"),
-                    output_dir=str(tmp_path / "effnet"))
+    other = _config(
+        tmp_path,
+        data,
+        model="tiny-effnet-llama",
+        max_steps=1,
+        init_checkpoint=str(tmp_path / "vit"),
+        output_dir=str(tmp_path / "effnet"),
+    )
     with pytest.raises((ValueError, RuntimeError), match="projector|size mismatch"):
         train_vlm(other)
 

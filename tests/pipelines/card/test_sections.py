@@ -39,8 +39,10 @@ class ScriptedCaptioner(Stage):
     output_columns: ClassVar[tuple[str, ...]] = (SYNTHETIC_CAPTIONS,)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        captions = [["<|im_start|>" if i == 9 else f"a synthetic photo of a dog number {i}", f"a blurry photo {i}"]
-                    for i in batch[SOURCE_INDEX].to_pylist()]
+        captions = [
+            ["<|im_start|>" if i == 9 else f"a synthetic photo of a dog number {i}", f"a blurry photo {i}"]
+            for i in batch[SOURCE_INDEX].to_pylist()
+        ]
         return pa.table({SYNTHETIC_CAPTIONS: pa.array(captions, pa.list_(pa.string()))})
 
 
@@ -54,8 +56,10 @@ class ScriptedCaptionScores(Stage):
     output_columns: ClassVar[tuple[str, ...]] = (CAPTION_SCORES,)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        scores = [[float(re.search(r"itm=([0-9.]+)", caption).group(1)), 0.8 if i % 3 == 0 else 0.3, 0.1]
-                  for i, caption in zip(batch[SOURCE_INDEX].to_pylist(), batch[CAPTION].to_pylist())]
+        scores = [
+            [float(re.search(r"itm=([0-9.]+)", caption).group(1)), 0.8 if i % 3 == 0 else 0.3, 0.1]
+            for i, caption in zip(batch[SOURCE_INDEX].to_pylist(), batch[CAPTION].to_pylist())
+        ]
         return pa.table({CAPTION_SCORES: pa.array(scores, pa.list_(pa.float32()))})
 
 
@@ -80,19 +84,25 @@ def full_run(tmp_path_factory):
     metadata = root / "metadata.json"
     metadata.write_text(json.dumps(["dog", "cat", "sofa", "red"]))
     here = "tests.pipelines.card.test_sections"
-    raw = {"name": "full", "input": str(pool), "output_dir": str(root / "runs"), "shard_size": 16, "stages": [
-        {"stage": "tests.stages:PaintImages"},
-        {"stage": "curation.metaclip:MetaclipMatch", "metadata": str(metadata)},
-        {"stage": "curation.metaclip:MetaclipBalance", "threshold": 15},
-        {"stage": "tests.stages:EmbedByGroup"},
-        {"stage": "curation.clip_score:ClipScoreThreshold", "min_score": 0.2},
-        {"stage": "curation.dedup:ExactDuplicates", "keys": ["caption"]},
-        {"stage": f"{here}:ScriptedCaptioner"},
-        {"stage": f"{here}:ScriptedCaptionScores"},
-        {"stage": "generators.capfilt_filter:CapFiltSelect", "threshold": 0.5},
-        {"stage": "generators.instruct:InstructGenerate", "caption_columns": ["selected_captions"]},
-        {"stage": "generators.instruct:BriefDescriptions"},
-    ]}
+    raw = {
+        "name": "full",
+        "input": str(pool),
+        "output_dir": str(root / "runs"),
+        "shard_size": 16,
+        "stages": [
+            {"stage": "tests.stages:PaintImages"},
+            {"stage": "curation.metaclip:MetaclipMatch", "metadata": str(metadata)},
+            {"stage": "curation.metaclip:MetaclipBalance", "threshold": 15},
+            {"stage": "tests.stages:EmbedByGroup"},
+            {"stage": "curation.clip_score:ClipScoreThreshold", "min_score": 0.2},
+            {"stage": "curation.dedup:ExactDuplicates", "keys": ["caption"]},
+            {"stage": f"{here}:ScriptedCaptioner"},
+            {"stage": f"{here}:ScriptedCaptionScores"},
+            {"stage": "generators.capfilt_filter:CapFiltSelect", "threshold": 0.5},
+            {"stage": "generators.instruct:InstructGenerate", "caption_columns": ["selected_captions"]},
+            {"stage": "generators.instruct:BriefDescriptions"},
+        ],
+    }
     plan, manifest = run_pipeline_dict(raw, LocalRunner())
     return Path(plan.run_uri), manifest
 
@@ -104,7 +114,7 @@ def _card(run: Path) -> str:
 def _section(card: str, title: str) -> str:
     start = card.index(f"\n## {title}\n")
     end = card.find("\n## ", start + 1)
-    return card[start:end if end > 0 else None]
+    return card[start : end if end > 0 else None]
 
 
 def _open_png(path: Path):
@@ -120,13 +130,27 @@ def test_every_section_is_there_in_order_with_a_drawn_plot(full_run):
     run, _ = full_run
     card = _card(run)
     titles = re.findall(r"^## (.+)$", card, flags=re.MULTILINE)
-    assert titles == ["Funnel", "Sample pairs", "MetaCLIP entry frequency", "clip_score (clip_score_threshold)",
-                      "Duplicates", "Captions replaced by CapFilt", "Instruction types",
-                      "What each stage removed: examples", "Provenance"]
+    assert titles == [
+        "Funnel",
+        "Sample pairs",
+        "MetaCLIP entry frequency",
+        "clip_score (clip_score_threshold)",
+        "Duplicates",
+        "Captions replaced by CapFilt",
+        "Instruction types",
+        "What each stage removed: examples",
+        "Provenance",
+    ]
     links = re.findall(r"!\[[^\]]*\]\((card/[^)]+\.png)\)", card)
-    assert set(links) == {"card/funnel.png", "card/samples.png", "card/metaclip-entry-frequency.png",
-                          "card/clip_score_threshold-clip_score.png", "card/dedup-cluster-sizes.png",
-                          "card/capfilt-captions.png", "card/instruction-types.png"}
+    assert set(links) == {
+        "card/funnel.png",
+        "card/samples.png",
+        "card/metaclip-entry-frequency.png",
+        "card/clip_score_threshold-clip_score.png",
+        "card/dedup-cluster-sizes.png",
+        "card/capfilt-captions.png",
+        "card/instruction-types.png",
+    }
     for link in links:
         pixels = _open_png(run / link)
         assert pixels.shape[0] > 200 and pixels.shape[1] > 400
@@ -141,8 +165,15 @@ def test_entry_frequency_is_the_balance_counts_before_and_the_kept_rows_after(fu
     # Before: every row the balance stage saw, i.e. kept rows plus rows rejected by it or later.
     kept = read_phase(run, manifest.final_phase)
     rejects = read_rejects(run).to_pylist()
-    later = {"metaclip_balance", "embed_by_group", "clip_score_threshold", "exact_duplicates", "capfilt_select",
-             "instruct", "brief_descriptions"}
+    later = {
+        "metaclip_balance",
+        "embed_by_group",
+        "clip_score_threshold",
+        "exact_duplicates",
+        "capfilt_select",
+        "instruct",
+        "brief_descriptions",
+    }
     seen = kept["metaclip_entries"].to_pylist() + [r["metaclip_entries"] for r in rejects if r["stage"] in later]
     before = Counter(e for entries in seen for e in entries)
     after = Counter(e for entries in kept["metaclip_entries"].to_pylist() for e in entries)
@@ -151,7 +182,9 @@ def test_entry_frequency_is_the_balance_counts_before_and_the_kept_rows_after(fu
     assert frequency.threshold == 15 == manifest.aggregates["metaclip_balance"]["threshold"]
     assert before[0] > 15 >= before[1]  # dog is a head entry, cat a tail one
     text = _section(_card(run), "MetaCLIP entry frequency")
-    assert f"{len(before):,} entries with {sum(before.values()):,} matches, the largest {max(before.values()):,}" in text
+    assert (
+        f"{len(before):,} entries with {sum(before.values()):,} matches, the largest {max(before.values()):,}" in text
+    )
     assert f"{len(after):,} entries with {sum(after.values()):,} matches" in text
     # Tail entries lose rows only to later stages; the head entry is sampled down.
     assert frequency.kept_share(head=True) < frequency.kept_share(head=False)
@@ -175,8 +208,10 @@ def test_capfilt_counts_come_from_the_columns_and_the_ledger(full_run):
     run, manifest = full_run
     kept = read_phase(run, manifest.final_phase).to_pylist()
     sources = caption_sources(RunDir(str(run)), manifest, "capfilt_select")
-    assert (sources.web, sources.synthetic) == (sum(r["caption_source"] == "web" for r in kept),
-                                                 sum(r["caption_source"] == "synthetic" for r in kept))
+    assert (sources.web, sources.synthetic) == (
+        sum(r["caption_source"] == "web" for r in kept),
+        sum(r["caption_source"] == "synthetic" for r in kept),
+    )
     assert sources.synthetic > 0 and sources.web > 0
     rejected = manifest.stage_totals()["capfilt_select"].rejected
     assert sources.rejected == rejected["capfilt_no_caption"] > 0
@@ -201,8 +236,9 @@ def test_instruction_types_count_the_records_and_the_rejects(full_run):
     run, manifest = full_run
     kept = read_phase(run, manifest.final_phase).to_pylist()
     types = instruction_types(RunDir(str(run)), manifest, ["instruct", "brief_descriptions"])
-    expected = Counter(r["response_type"] for row in kept for column in ("instructions", "brief_records")
-                       for r in row[column])
+    expected = Counter(
+        r["response_type"] for row in kept for column in ("instructions", "brief_records") for r in row[column]
+    )
     assert types.records == dict(sorted(expected.items()))
     assert set(types.records) == {"brief", "conversation", "detailed", "reasoning"}
     assert types.rows == len(kept)

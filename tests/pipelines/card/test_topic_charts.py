@@ -56,17 +56,31 @@ class ScriptedInstructions(Stage):
                 continue
             kinds = ["conversation", "detailed"] + ([] if i % 2 else ["reasoning"])
             records.append([_record(uid, kind) for kind in kinds])
-            failures.append([{"response_type": "reasoning", "reason": "llm_unparseable", "detail": "-"}] if i % 2 else [])
+            failures.append(
+                [{"response_type": "reasoning", "reason": "llm_unparseable", "detail": "-"}] if i % 2 else []
+            )
             off_task.append(False)
         rejections.add(off_task, "llm_off_task")
-        return rejections.attach(pa.table({INSTRUCTIONS: pa.array(records, pa.list_(RECORD_TYPE)),
-                                           INSTRUCTION_FAILURES: pa.array(failures, pa.list_(FAILURE_TYPE))}))
+        return rejections.attach(
+            pa.table(
+                {
+                    INSTRUCTIONS: pa.array(records, pa.list_(RECORD_TYPE)),
+                    INSTRUCTION_FAILURES: pa.array(failures, pa.list_(FAILURE_TYPE)),
+                }
+            )
+        )
 
 
 def _record(uid: str, kind: str) -> dict:
-    return {"id": f"{uid}-{kind}", "response_type": kind, "model": "script", "prompt_version": "1",
-            "prompt_tokens": 3, "completion_tokens": 4,
-            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "That."}]}
+    return {
+        "id": f"{uid}-{kind}",
+        "response_type": kind,
+        "model": "script",
+        "prompt_version": "1",
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "That."}],
+    }
 
 
 @dataclass
@@ -80,8 +94,13 @@ class ScriptedSelect(Stage):
     def __call__(self, batch: pa.Table) -> pa.Table:
         index, web = batch[SOURCE_INDEX].to_pylist(), batch[CAPTION].to_pylist()
         chosen = [f"a new caption {i}" if i % 3 == 0 else c for i, c in zip(index, web)]
-        return pa.table({CAPTION: pa.array(chosen, pa.string()), WEB_CAPTION: batch[CAPTION],
-                         CAPTION_SOURCE: pa.array(["synthetic" if i % 3 == 0 else "web" for i in index])})
+        return pa.table(
+            {
+                CAPTION: pa.array(chosen, pa.string()),
+                WEB_CAPTION: batch[CAPTION],
+                CAPTION_SOURCE: pa.array(["synthetic" if i % 3 == 0 else "web" for i in index]),
+            }
+        )
 
 
 def _run(tmp_path, name, stages, rows=300, output_dir=None):
@@ -90,8 +109,13 @@ def _run(tmp_path, name, stages, rows=300, output_dir=None):
     pool = tmp_path / "pool.csv"
     if not pool.exists():
         write_demo_pool(str(pool), TEXT_ONLY_HOST, rows=rows, seed=5)
-    raw = {"name": name, "input": str(pool), "output_dir": output_dir or str(tmp_path / "runs"), "shard_size": 100,
-           "stages": stages}
+    raw = {
+        "name": name,
+        "input": str(pool),
+        "output_dir": output_dir or str(tmp_path / "runs"),
+        "shard_size": 100,
+        "stages": stages,
+    }
     plan, manifest = run_pipeline_dict(raw, LocalRunner())
     return Path(plan.run_uri), manifest
 
@@ -107,8 +131,9 @@ def _is_png(path: Path) -> bool:
 
 
 def test_instruction_failures_in_kept_rows_and_rejects_are_counted_apart(tmp_path):
-    run, manifest = _run(tmp_path, "instr", [{"stage": "curation.basic:JunkAltText"},
-                                             {"stage": f"{HERE}:ScriptedInstructions"}])
+    run, manifest = _run(
+        tmp_path, "instr", [{"stage": "curation.basic:JunkAltText"}, {"stage": f"{HERE}:ScriptedInstructions"}]
+    )
     kept = read_phase(run, manifest.final_phase).to_pylist()
     types = instruction_types(RunDir(str(run)), manifest, ["scripted_instructions"])
     odd = sum(r["source_index"] % 2 for r in kept)
@@ -123,13 +148,16 @@ def test_instruction_failures_in_kept_rows_and_rejects_are_counted_apart(tmp_pat
 
 
 def test_a_selector_without_notes_gets_the_cards_own_examples(tmp_path):
-    run, manifest = _run(tmp_path, "select", [{"stage": "curation.basic:JunkAltText"},
-                                              {"stage": f"{HERE}:ScriptedSelect"}])
+    run, manifest = _run(
+        tmp_path, "select", [{"stage": "curation.basic:JunkAltText"}, {"stage": f"{HERE}:ScriptedSelect"}]
+    )
     kept = read_phase(run, manifest.final_phase).to_pylist()
     synthetic = sum(r["caption_source"] == "synthetic" for r in kept)
     card = (run / "README.md").read_text()
     section = card.split("## Captions replaced by CapFilt")[1].split("\n## ")[0]
-    assert f"{synthetic:,} of {len(kept):,} kept rows ({synthetic / len(kept):.1%}) carry a synthetic caption" in section
+    assert (
+        f"{synthetic:,} of {len(kept):,} kept rows ({synthetic / len(kept):.1%}) carry a synthetic caption" in section
+    )
     assert "`scripted_select` rejected 0 rows." in section
     assert "| web caption | replaced by |" in section  # no scores in this run
     examples = [line for line in section.splitlines() if re.search(r"\| a new caption \d+ \|$", line)]
@@ -145,10 +173,16 @@ def test_sections_without_their_stages_or_rows_are_left_out(tmp_path):
     assert sorted(p.name for p in (run / "card").iterdir()) == ["funnel.png"]
     metadata = tmp_path / "metadata.json"
     metadata.write_text(json.dumps(["a", "the", "of", "photo"]))
-    run, manifest = _run(tmp_path, "match-only", [{"stage": "curation.metaclip:MetaclipMatch",
-                                                   "metadata": str(metadata)}])
-    assert _titles(run) == ["Funnel", "Sample pairs", "MetaCLIP entry frequency",
-                            "What each stage removed: examples", "Provenance"]
+    run, manifest = _run(
+        tmp_path, "match-only", [{"stage": "curation.metaclip:MetaclipMatch", "metadata": str(metadata)}]
+    )
+    assert _titles(run) == [
+        "Funnel",
+        "Sample pairs",
+        "MetaCLIP entry frequency",
+        "What each stage removed: examples",
+        "Provenance",
+    ]
     section = (run / "README.md").read_text().split("## MetaCLIP entry frequency")[1]
     assert "among the rows kept. Kept to the end: " in section and "Before balancing" not in section
     assert _is_png(run / "card" / "metaclip-entry-frequency.png")
@@ -171,9 +205,12 @@ def test_a_run_on_a_filesystem_polars_cannot_open_gets_the_same_card(tmp_path):
     """memory:// goes through fsspec: the card reads it through pyarrow datasets instead."""
     metadata = tmp_path / "metadata.json"
     metadata.write_text(json.dumps(["a", "the", "of"]))
-    stages = [{"stage": "curation.basic:JunkAltText"},
-              {"stage": "curation.metaclip:MetaclipMatch", "metadata": str(metadata)},
-              {"stage": f"{HERE}:ScriptedSelect"}, {"stage": f"{HERE}:ScriptedInstructions"}]
+    stages = [
+        {"stage": "curation.basic:JunkAltText"},
+        {"stage": "curation.metaclip:MetaclipMatch", "metadata": str(metadata)},
+        {"stage": f"{HERE}:ScriptedSelect"},
+        {"stage": f"{HERE}:ScriptedInstructions"},
+    ]
     cards = []
     for output in (str(tmp_path / "runs"), f"memory://vlmc-{uuid.uuid4().hex}/runs"):
         run, _ = _run(tmp_path, "anywhere", stages, output_dir=output)
@@ -182,8 +219,14 @@ def test_a_run_on_a_filesystem_polars_cannot_open_gets_the_same_card(tmp_path):
         cards.append(re.sub(r"^(Status|Export).*$|`/[^`]*`", "", text, flags=re.MULTILINE))
     assert "could not be written" not in cards[0] and cards[0] == cards[1]
     assert re.findall(r"^## (.+)$", cards[1], flags=re.MULTILINE) == [
-        "Funnel", "Sample pairs", "MetaCLIP entry frequency", "Captions replaced by CapFilt", "Instruction types",
-        "What each stage removed: examples", "Provenance"]
+        "Funnel",
+        "Sample pairs",
+        "MetaCLIP entry frequency",
+        "Captions replaced by CapFilt",
+        "Instruction types",
+        "What each stage removed: examples",
+        "Provenance",
+    ]
 
 
 def test_cluster_bins_are_sizes_or_powers_of_two():

@@ -14,8 +14,13 @@ from tests.conftest import TEXT_ONLY_HOST, run_pipeline_dict
 def test_the_card_funnel_is_the_ledger(tmp_path, runner_factory):
     pool = tmp_path / "pool.csv"
     write_demo_pool(str(pool), TEXT_ONLY_HOST, rows=900, seed=3)
-    raw = {"name": "card", "input": str(pool), "output_dir": str(tmp_path / "runs"), "shard_size": 300,
-           "stages": [{"stage": "curation.basic:JunkAltText"}, {"stage": "curation.basic:CaptionLength"}]}
+    raw = {
+        "name": "card",
+        "input": str(pool),
+        "output_dir": str(tmp_path / "runs"),
+        "shard_size": 300,
+        "stages": [{"stage": "curation.basic:JunkAltText"}, {"stage": "curation.basic:CaptionLength"}],
+    }
     plan, manifest = run_pipeline_dict(raw, runner_factory("local"))
     card = (Path(plan.run_uri) / "README.md").read_text()
     assert card.startswith("# Dataset card: card\n")
@@ -33,7 +38,11 @@ def test_the_card_funnel_is_the_ledger(tmp_path, runner_factory):
     assert "clip_score" not in card  # no stage applied a cutoff: no histogram section
     # Text rules only: no section whose stage or columns the run lacks, and no image to sample.
     assert re.findall(r"^## (.+)$", card, flags=re.MULTILINE) == [
-        "Funnel", "Sample pairs", "What each stage removed: examples", "Provenance"]
+        "Funnel",
+        "Sample pairs",
+        "What each stage removed: examples",
+        "Provenance",
+    ]
     examples = card.split("## What each stage removed: examples")[1].split("## Provenance")[0]
     for name, counts in totals.items():  # every stage that rejected rows shows some, with their reason
         shown = re.findall(rf"^\| {name} \| (\w+) \|", examples, flags=re.MULTILINE)

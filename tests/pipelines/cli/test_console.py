@@ -18,8 +18,10 @@ from pipelines.cli.console import ProjectWarnings, log_to_file
 def _library_noise() -> None:
     """What libraries do: C++ writes to descriptor 2, a child process prints, loggers and warnings."""
     os.write(2, b"[E core_worker.cc:2465] a line from C++\n")
-    subprocess.run([sys.executable, "-c", "import sys; print('a child on stdout'); "
-                    "print('a child on stderr', file=sys.stderr)"], check=True)
+    subprocess.run(
+        [sys.executable, "-c", "import sys; print('a child on stdout'); print('a child on stderr', file=sys.stderr)"],
+        check=True,
+    )
     logging.getLogger("somelib.module").warning("a library's warning")
     logging.getLogger("somelib.module").info("a library's info")
     warnings.warn("a library's python warning", UserWarning, stacklevel=1)
@@ -41,8 +43,16 @@ def test_library_output_goes_to_the_log_and_the_project_keeps_the_terminal(tmp_p
         assert line not in out + err, line
     assert "after the block" in err  # the descriptors are back
     written = log.read_text()
-    for line in ("a line from C++", "a child on stdout", "a child on stderr", "a library's warning",
-                 "a library's info", "a library's python warning", "started Ray", "stage 'x' asks for a GPU"):
+    for line in (
+        "a line from C++",
+        "a child on stdout",
+        "a child on stderr",
+        "a library's warning",
+        "a library's info",
+        "a library's python warning",
+        "started Ray",
+        "stage 'x' asks for a GPU",
+    ):
         assert line in written, line
     assert terminal._state["log"] is None
 
@@ -65,14 +75,19 @@ def test_only_the_projects_warnings_are_printed_as_plain_lines():
     out = io.StringIO()
     handler = ProjectWarnings(Console(file=out, width=200))
     logger = logging.getLogger("test-console")
-    records = [logger.makeRecord(name, level, __file__, 1, message, (), None) for name, level, message in [
-        ("pipelines.engine.execute", logging.WARNING, "stage 'download' rejected 2 row(s) with internal_error"),
-        ("vlmcurate.train", logging.ERROR, "it broke"),
-        ("models.training.loop", logging.INFO, "step 1/2"),
-        ("ray.data", logging.WARNING, "Operator 'MapBatches(clip_embed)' uses 1.8GiB of memory per worker"),
-        ("transformers.modeling_utils", logging.WARNING, "weights not initialized"),
-    ]]
+    records = [
+        logger.makeRecord(name, level, __file__, 1, message, (), None)
+        for name, level, message in [
+            ("pipelines.engine.execute", logging.WARNING, "stage 'download' rejected 2 row(s) with internal_error"),
+            ("vlmcurate.train", logging.ERROR, "it broke"),
+            ("models.training.loop", logging.INFO, "step 1/2"),
+            ("ray.data", logging.WARNING, "Operator 'MapBatches(clip_embed)' uses 1.8GiB of memory per worker"),
+            ("transformers.modeling_utils", logging.WARNING, "weights not initialized"),
+        ]
+    ]
     for record in records:
         handler.handle(record)
-    assert out.getvalue().splitlines() == ["warning: stage 'download' rejected 2 row(s) with internal_error",
-                                           "error: it broke"]
+    assert out.getvalue().splitlines() == [
+        "warning: stage 'download' rejected 2 row(s) with internal_error",
+        "error: it broke",
+    ]

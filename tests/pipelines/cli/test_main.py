@@ -16,9 +16,14 @@ def _config_file(tmp_path, **extra):
     pool = tmp_path / "pool.csv"
     lines = write_demo_pool(str(pool), TEXT_ONLY_HOST, rows=1200, seed=2)
     (tmp_path / "lines").write_text(str(lines))
-    raw = {"name": "cli", "input": str(pool), "output_dir": str(tmp_path / "runs"), "shard_size": 400,
-           "stages": [{"stage": "curation.basic:JunkAltText"}, {"stage": "curation.basic:CaptionLength"}],
-           **extra}
+    raw = {
+        "name": "cli",
+        "input": str(pool),
+        "output_dir": str(tmp_path / "runs"),
+        "shard_size": 400,
+        "stages": [{"stage": "curation.basic:JunkAltText"}, {"stage": "curation.basic:CaptionLength"}],
+        **extra,
+    }
     path = tmp_path / "cli.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -87,5 +92,7 @@ def test_a_ledger_that_does_not_close_is_an_error_in_plain_words(tmp_path):
     path.write_text(json.dumps(entry))
     result = cli.invoke(app, ["run", str(config)])
     assert result.exit_code == 1
-    assert "error: the ledger does not close: phase '01_caption_length', shard 1, stage 'caption_length'" \
+    assert (
+        "error: the ledger does not close: phase '01_caption_length', shard 1, stage 'caption_length'"
         in result.output.replace("\n", " ")
+    )

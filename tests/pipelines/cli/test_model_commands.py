@@ -35,12 +35,29 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
     rows = [(f"u{i}", f"a {name} square", _jpeg(color)) for i in range(8) for name, color in colors.items()]
     (tmp_path / "shards").mkdir()
     with open(tmp_path / "shards" / "00000.tar", "wb") as out:
-        write_webdataset(pa.table({"uid": [f"{r[0]}-{r[1][2]}" for r in rows], "caption": [r[1] for r in rows],
-                                   "image": [r[2] for r in rows]}), out)
+        write_webdataset(
+            pa.table(
+                {
+                    "uid": [f"{r[0]}-{r[1][2]}" for r in rows],
+                    "caption": [r[1] for r in rows],
+                    "image": [r[2] for r in rows],
+                }
+            ),
+            out,
+        )
     config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({"model": "tiny-vit", "train_data": [str(tmp_path / "shards")],
-                                      "output_dir": str(tmp_path / "run"), "batch_size": 8, "lock_image": False,
-                                      "lock_text": False}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": "tiny-vit",
+                "train_data": [str(tmp_path / "shards")],
+                "output_dir": str(tmp_path / "run"),
+                "batch_size": 8,
+                "lock_image": False,
+                "lock_text": False,
+            }
+        )
+    )
     runner = CliRunner()
     result = runner.invoke(app, ["train", "clip", str(config), "max_steps=2", "save_every=2"])
     assert result.exit_code == 0, result.output
@@ -66,21 +83,57 @@ def test_train_a_vlm_stage_then_evaluate_it_from_the_command_line(tmp_path):
 
     data = write_llava_export(tmp_path)
     config = tmp_path / "vlm.yaml"
-    config.write_text(yaml.safe_dump({"model": "tiny-vit-llama", "stage": 1, "train_data": [str(data)],
-                                      "output_dir": str(tmp_path / "vlm"), "batch_size": 2, "device": "cpu"}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": "tiny-vit-llama",
+                "stage": 1,
+                "train_data": [str(data)],
+                "output_dir": str(tmp_path / "vlm"),
+                "batch_size": 2,
+                "device": "cpu",
+            }
+        )
+    )
     runner = CliRunner()
     result = runner.invoke(app, ["train", "vlm", str(config), "max_steps=2"])
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in (data / "images" / "00000").iterdir())
-    (tmp_path / "captions.jsonl").write_text("\n".join(
-        json.dumps({"image": f"00000/{name}", "captions": ["a small picture"]}) for name in names))
-    (tmp_path / "probe.jsonl").write_text("\n".join(
-        json.dumps({"image": f"00000/{name}", "objects": ["square", "dog"][i % 2:]}) for i, name in enumerate(names)))
+    (tmp_path / "captions.jsonl").write_text(
+        "\n".join(json.dumps({"image": f"00000/{name}", "captions": ["a small picture"]}) for name in names)
+    )
+    (tmp_path / "probe.jsonl").write_text(
+        "\n".join(
+            json.dumps({"image": f"00000/{name}", "objects": ["square", "dog"][i % 2 :]})
+            for i, name in enumerate(names)
+        )
+    )
     out = tmp_path / "eval.json"
-    result = runner.invoke(app, ["eval", "vlm", "--checkpoint", str(tmp_path / "vlm"), "--captions",
-                                 str(tmp_path / "captions.jsonl"), "--images", str(data / "images"), "--split", "all",
-                                 "--probe", str(tmp_path / "probe.jsonl"), "--probe-images", str(data / "images"),
-                                 "--per-image", "1", "--device", "cpu", "--output", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "vlm",
+            "--checkpoint",
+            str(tmp_path / "vlm"),
+            "--captions",
+            str(tmp_path / "captions.jsonl"),
+            "--images",
+            str(data / "images"),
+            "--split",
+            "all",
+            "--probe",
+            str(tmp_path / "probe.jsonl"),
+            "--probe-images",
+            str(data / "images"),
+            "--per-image",
+            "1",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     written = json.loads(out.read_text())
     assert written["captions"]["images"] == len(names) and len(written["captions"]["examples"]) == len(names)

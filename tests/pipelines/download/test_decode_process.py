@@ -21,8 +21,9 @@ HANG = 60
 
 @pytest.fixture()
 def decoder():
-    decoder = DecodeProcess(ResizeSettings(image_size=256, min_image_size=16),
-                            DecodeLimits(max_jpeg_scans=10**6), timeout=1.0)
+    decoder = DecodeProcess(
+        ResizeSettings(image_size=256, min_image_size=16), DecodeLimits(max_jpeg_scans=10**6), timeout=1.0
+    )
     yield decoder
     decoder.close()
 
@@ -79,7 +80,7 @@ def test_an_allocation_past_the_memory_limit_is_a_bomb_and_ends_the_child():
         child.jobs.send_bytes(animated_gif(6000))
         assert child.results.poll(HANG)
         status, *_ = decode_process._SIZES.unpack_from(answer := child.results.recv_bytes())
-        reason, _, detail = answer[decode_process._SIZES.size:].decode().partition("\0")
+        reason, _, detail = answer[decode_process._SIZES.size :].decode().partition("\0")
         assert status == decode_process._OUT_OF_MEMORY
         assert reason == "decompression_bomb" and "max_decode_bytes=1" in detail
         assert child.process.wait(timeout=HANG) == 0  # it ends itself, to be replaced

@@ -18,18 +18,32 @@ AGENTS, DISALLOWED = _DEFAULT.agents, _DEFAULT.disallowed
 _DEFAULT.close()
 
 
-@pytest.mark.parametrize("address, category", [
-    ("127.0.0.1", "loopback"), ("127.255.0.9", "loopback"), ("::1", "loopback"),
-    ("10.0.0.1", "private"), ("172.16.5.4", "private"), ("192.168.1.1", "private"), ("fd00::1", "private"),
-    ("169.254.169.254", "link-local"), ("fe80::1", "link-local"),
-    ("224.0.0.1", "multicast"), ("ff02::1", "multicast"),
-    ("0.0.0.0", "unspecified"), ("::", "unspecified"),
-    ("100.64.0.1", "non-global"), ("240.0.0.1", "reserved"),
-    ("::ffff:127.0.0.1", "loopback"), ("::ffff:10.1.2.3", "private"),
-    ("2002:7f00:1::", "loopback"),            # 6to4 wrapping 127.0.0.1
-    ("64:ff9b::a9fe:a9fe", "link-local"),     # NAT64 wrapping 169.254.169.254
-    ("8.8.8.8", None), ("2606:4700:4700::1111", None),
-])
+@pytest.mark.parametrize(
+    "address, category",
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.255.0.9", "loopback"),
+        ("::1", "loopback"),
+        ("10.0.0.1", "private"),
+        ("172.16.5.4", "private"),
+        ("192.168.1.1", "private"),
+        ("fd00::1", "private"),
+        ("169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("100.64.0.1", "non-global"),
+        ("240.0.0.1", "reserved"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("::ffff:10.1.2.3", "private"),
+        ("2002:7f00:1::", "loopback"),  # 6to4 wrapping 127.0.0.1
+        ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 wrapping 169.254.169.254
+        ("8.8.8.8", None),
+        ("2606:4700:4700::1111", None),
+    ],
+)
 def test_blocked_categories(address, category):
     assert blocked_category(ipaddress.ip_address(address), []) == category
 
@@ -45,29 +59,63 @@ def test_allow_list_admits_exactly_what_it_names():
         Fetcher.check_allow_list(["localhost"])
 
 
-@pytest.mark.parametrize("value, opted_out", [
-    ("noai", True), ("NoImageAI", True), ("noindex, nofollow", True), ("nofollow, noimageindex", True),
-    ("vlmcurate: noai", True), ("VLMCurate: noindex", True), ("img2dataset: noai", True),
-    ("otherbot: noai", False), ("otherbot: noindex, noimageai", False),
-    ("nofollow", False), ("max-image-preview: none", False), ("unavailable_after: 25 Jun 2010 15:00:00 PST", False),
-    ("none", True), ("otherbot: none", False), ("", False),
-])
+@pytest.mark.parametrize(
+    "value, opted_out",
+    [
+        ("noai", True),
+        ("NoImageAI", True),
+        ("noindex, nofollow", True),
+        ("nofollow, noimageindex", True),
+        ("vlmcurate: noai", True),
+        ("VLMCurate: noindex", True),
+        ("img2dataset: noai", True),
+        ("otherbot: noai", False),
+        ("otherbot: noindex, noimageai", False),
+        ("nofollow", False),
+        ("max-image-preview: none", False),
+        ("unavailable_after: 25 Jun 2010 15:00:00 PST", False),
+        ("none", True),
+        ("otherbot: none", False),
+        ("", False),
+    ],
+)
 def test_opt_out_directives(value, opted_out):
     assert opts_out(value, AGENTS, DISALLOWED) is opted_out
 
 
 def test_transient_reasons():
     assert all(is_transient_reason(r) for r in ("timeout", "connection", "http_429", "http_500", "http_503"))
-    assert not any(is_transient_reason(r) for r in ("http_404", "http_403", "dns", "blocked_address", "opt_out",
-                                                      "too_large", "not_an_image", "tls", "protocol_error",
-                                                      "bad_url"))
+    assert not any(
+        is_transient_reason(r)
+        for r in (
+            "http_404",
+            "http_403",
+            "dns",
+            "blocked_address",
+            "opt_out",
+            "too_large",
+            "not_an_image",
+            "tls",
+            "protocol_error",
+            "bad_url",
+        )
+    )
 
 
-@pytest.mark.parametrize("url", [
-    "http://2130706434/", "http://0x7f000002/", "http://0177.0.0.2/", "http://127.2/",
-    "http://[::ffff:127.0.0.2]/", "http://10.0.0.1/x.jpg", "http://169.254.169.254/latest/meta-data/",
-    "http://[fe80::1]/", "http://0.0.0.0:80/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://2130706434/",
+        "http://0x7f000002/",
+        "http://0177.0.0.2/",
+        "http://127.2/",
+        "http://[::ffff:127.0.0.2]/",
+        "http://10.0.0.1/x.jpg",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fe80::1]/",
+        "http://0.0.0.0:80/",
+    ],
+)
 def test_private_and_encoded_addresses_are_refused_before_connecting(url, monkeypatch):
     connections, waits = record_connections(monkeypatch), []
     fetcher = Fetcher(FetchPolicy(timeout=5, allow_addresses=("127.0.0.1",)), sleep=waits.append)
@@ -78,7 +126,9 @@ def test_private_and_encoded_addresses_are_refused_before_connecting(url, monkey
     assert connections == [] and waits == []  # no connection attempt; no wait, so no second attempt
 
 
-@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/a.jpg", "not a url", "http://", "http://a.test:99999/"])
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "ftp://example.com/a.jpg", "not a url", "http://", "http://a.test:99999/"]
+)
 def test_bad_urls(url):
     fetcher = Fetcher(FetchPolicy())
     with pytest.raises(FetchError) as error:
@@ -188,12 +238,15 @@ def test_scoped_ipv6_literals_are_refused_not_crashing(url):
     assert error.value.reason in ("blocked_address", "bad_url")
 
 
-@pytest.mark.parametrize("wrapped", [
-    "2002:7f00:1::",                 # 6to4
-    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1
-    "64:ff9b::7f00:1",               # NAT64
-    "::127.0.0.1",                   # IPv4-compatible
-])
+@pytest.mark.parametrize(
+    "wrapped",
+    [
+        "2002:7f00:1::",  # 6to4
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1
+        "64:ff9b::7f00:1",  # NAT64
+        "::127.0.0.1",  # IPv4-compatible
+    ],
+)
 def test_an_allowed_ipv4_address_does_not_admit_ipv6_addresses_that_wrap_it(wrapped):
     allowed = Fetcher.check_allow_list(["127.0.0.1"])
     address = ipaddress.ip_address(wrapped)
@@ -201,10 +254,20 @@ def test_an_allowed_ipv4_address_does_not_admit_ipv6_addresses_that_wrap_it(wrap
     assert blocked_category(address, Fetcher.check_allow_list([wrapped])) is None  # named itself, it may
 
 
-@pytest.mark.parametrize("value, seconds", [
-    ("3", 3), (" 12 ", 12), ("\u00b2", None), ("\u0663", None), ("-1", None), ("1.5", None), ("", None),
-    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0), ("Fri, 31 Dec 99999 23:59:59 GMT", None),
-])
+@pytest.mark.parametrize(
+    "value, seconds",
+    [
+        ("3", 3),
+        (" 12 ", 12),
+        ("\u00b2", None),
+        ("\u0663", None),
+        ("-1", None),
+        ("1.5", None),
+        ("", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+        ("Fri, 31 Dec 99999 23:59:59 GMT", None),
+    ],
+)
 def test_retry_after_takes_ascii_seconds_or_an_http_date_and_nothing_else(value, seconds):
     from pipelines.download.fetch import _retry_after
 

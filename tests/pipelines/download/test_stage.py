@@ -45,8 +45,17 @@ def server():
 
 @pytest.fixture(scope="module")
 def stage():
-    stage = Download(timeout=TIMEOUT, retries=RETRIES, backoff=BACKOFF, max_retry_after=5, max_bytes=200_000,
-                     allow_addresses=["127.0.0.1"], threads=8, min_image_size=16, image_size=256)
+    stage = Download(
+        timeout=TIMEOUT,
+        retries=RETRIES,
+        backoff=BACKOFF,
+        max_retry_after=5,
+        max_bytes=200_000,
+        allow_addresses=["127.0.0.1"],
+        threads=8,
+        min_image_size=16,
+        image_size=256,
+    )
     stage.setup()
     return stage
 
@@ -54,16 +63,19 @@ def stage():
 def run(stage: Download, urls: list[str]) -> list[dict]:
     out = stage(pa.table({"url": pa.array(urls, pa.string())}))
     rows = out.to_pylist()
-    return [{**row, "_reject_reason": row.get("_reject_reason"), "_reject_detail": row.get("_reject_detail")}
-            for row in rows]
+    return [
+        {**row, "_reject_reason": row.get("_reject_reason"), "_reject_detail": row.get("_reject_detail")}
+        for row in rows
+    ]
 
 
 def reason(stage, url) -> str | None:
     return run(stage, [url])[0]["_reject_reason"]
 
 
-@pytest.mark.parametrize("name, size", [("ok.jpg", (320, 240)), ("ok.png", (200, 150)), ("ok.gif", (100, 80)),
-                                        ("ok.webp", (120, 90))])
+@pytest.mark.parametrize(
+    "name, size", [("ok.jpg", (320, 240)), ("ok.png", (200, 150)), ("ok.gif", (100, 80)), ("ok.webp", (120, 90))]
+)
 def test_images_are_downloaded_resized_and_hashed(server, stage, name, size):
     [row] = run(stage, [server.url(f"/img/{name}")])
     assert row["_reject_reason"] is None
@@ -74,18 +86,36 @@ def test_images_are_downloaded_resized_and_hashed(server, stage, name, size):
     assert row["sha256"] == hashlib.sha256(row["image"]).hexdigest()
 
 
-@pytest.mark.parametrize("path, expected", [
-    ("/status/404", "http_404"), ("/status/403", "http_403"), ("/status/410", "http_410"),
-    ("/html", "not_an_image"), ("/empty", "not_an_image"), ("/truncated/ok.jpg", "decode_error"),
-    ("/truncated/ok.png", "decode_error"), ("/bomb.png", "decompression_bomb"), ("/img/tiny.jpg", "too_small"),
-    ("/endless", "too_large"), ("/declared-huge", "too_large"), ("/bytes/300000", "too_large"),
-    ("/loop/a", "too_many_redirects"), ("/chain/9/ok.jpg", "too_many_redirects"),
-    ("/robots/noai/ok.jpg", "opt_out"), ("/robots/noimageai/ok.jpg", "opt_out"),
-    ("/robots/noindex/ok.jpg", "opt_out"), ("/robots/noimageindex/ok.jpg", "opt_out"),
-    ("/robots/listed/ok.jpg", "opt_out"), ("/robots/ours/ok.jpg", "opt_out"),
-    ("/robots/ours-upper/ok.jpg", "opt_out"), ("/robots/second-header/ok.jpg", "opt_out"),
-    ("/robots/other-agent/ok.jpg", None), ("/robots/harmless/ok.jpg", None), ("/chain/3/ok.jpg", None),
-])
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("/status/404", "http_404"),
+        ("/status/403", "http_403"),
+        ("/status/410", "http_410"),
+        ("/html", "not_an_image"),
+        ("/empty", "not_an_image"),
+        ("/truncated/ok.jpg", "decode_error"),
+        ("/truncated/ok.png", "decode_error"),
+        ("/bomb.png", "decompression_bomb"),
+        ("/img/tiny.jpg", "too_small"),
+        ("/endless", "too_large"),
+        ("/declared-huge", "too_large"),
+        ("/bytes/300000", "too_large"),
+        ("/loop/a", "too_many_redirects"),
+        ("/chain/9/ok.jpg", "too_many_redirects"),
+        ("/robots/noai/ok.jpg", "opt_out"),
+        ("/robots/noimageai/ok.jpg", "opt_out"),
+        ("/robots/noindex/ok.jpg", "opt_out"),
+        ("/robots/noimageindex/ok.jpg", "opt_out"),
+        ("/robots/listed/ok.jpg", "opt_out"),
+        ("/robots/ours/ok.jpg", "opt_out"),
+        ("/robots/ours-upper/ok.jpg", "opt_out"),
+        ("/robots/second-header/ok.jpg", "opt_out"),
+        ("/robots/other-agent/ok.jpg", None),
+        ("/robots/harmless/ok.jpg", None),
+        ("/chain/3/ok.jpg", None),
+    ],
+)
 def test_each_failure_has_its_reason(server, stage, path, expected):
     assert reason(stage, server.url(path)) == expected
 
@@ -142,9 +172,17 @@ def test_a_short_body_is_a_connection_failure(server, stage):
     assert row["_reject_reason"] == "connection" and "of" in row["_reject_detail"]
 
 
-@pytest.mark.parametrize("target", ["http://127.0.0.2:{port}/img/ok.jpg", "http://10.0.0.1/x.jpg",
-                                    "http://169.254.169.254/latest/meta-data/", "http://2130706434:{port}/img/ok.jpg",
-                                    "http://0x7f000002:{port}/img/ok.jpg", "http://[::ffff:127.0.0.2]:{port}/img/ok.jpg"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.2:{port}/img/ok.jpg",
+        "http://10.0.0.1/x.jpg",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://2130706434:{port}/img/ok.jpg",
+        "http://0x7f000002:{port}/img/ok.jpg",
+        "http://[::ffff:127.0.0.2]:{port}/img/ok.jpg",
+    ],
+)
 def test_redirects_to_private_addresses_are_refused_before_connecting(server, stage, target, monkeypatch):
     from tests.pipelines.download.sockets import record_connections
 
@@ -165,8 +203,12 @@ def test_a_batch_mixes_successes_and_failures_in_input_order(server, stage):
 
 
 def test_parameters_are_validated():
-    for bad, message in (({"resize_mode": "stretch"}, "resize_mode"), ({"encode_format": "gif"}, "encode_format"),
-                         ({"threads": 0}, "threads"), ({"allow_addresses": ["localhost"]}, "allow_addresses")):
+    for bad, message in (
+        ({"resize_mode": "stretch"}, "resize_mode"),
+        ({"encode_format": "gif"}, "encode_format"),
+        ({"threads": 0}, "threads"),
+        ({"allow_addresses": ["localhost"]}, "allow_addresses"),
+    ):
         with pytest.raises(ValueError, match=message):
             Download(**bad)
 
@@ -178,20 +220,39 @@ def test_hostile_pool_through_both_runners_closes_the_ledger_with_identical_reas
     from tests.conftest import read_phase, read_rejects
 
     expected = {
-        "/img/ok.jpg": None, "/img/ok.png": None, "/status/404": "http_404", "/html": "not_an_image",
-        "/empty": "not_an_image", "/truncated/ok.jpg": "decode_error", "/bomb.png": "decompression_bomb",
-        "/endless": "too_large", "/loop/a": "too_many_redirects", "/robots/noai/ok.jpg": "opt_out",
+        "/img/ok.jpg": None,
+        "/img/ok.png": None,
+        "/status/404": "http_404",
+        "/html": "not_an_image",
+        "/empty": "not_an_image",
+        "/truncated/ok.jpg": "decode_error",
+        "/bomb.png": "decompression_bomb",
+        "/endless": "too_large",
+        "/loop/a": "too_many_redirects",
+        "/robots/noai/ok.jpg": "opt_out",
         "/robots/other-agent/ok.jpg": None,
         "/redirect?to=http://10.0.0.1/x.jpg": "blocked_address",
     }
     pool = tmp_path / "pool.csv"
-    pool.write_text("url,caption\n" + "".join(f"{server.url(p)},a test picture {i}\n"
-                                              for i, p in enumerate(expected)))
+    pool.write_text("url,caption\n" + "".join(f"{server.url(p)},a test picture {i}\n" for i, p in enumerate(expected)))
     results = {}
     for kind in ("local", "ray"):
-        config = {"name": kind, "input": str(pool), "output_dir": str(tmp_path / "runs"), "shard_size": 5,
-                  "stages": [{"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"],
-                              "timeout": TIMEOUT, "retries": 0, "max_bytes": 200_000, "threads": 4}]}
+        config = {
+            "name": kind,
+            "input": str(pool),
+            "output_dir": str(tmp_path / "runs"),
+            "shard_size": 5,
+            "stages": [
+                {
+                    "stage": "pipelines.download:Download",
+                    "allow_addresses": ["127.0.0.1"],
+                    "timeout": TIMEOUT,
+                    "retries": 0,
+                    "max_bytes": 200_000,
+                    "threads": 4,
+                }
+            ],
+        }
         plan = build_plan(parse_config(config))
         manifest = run_pipeline(plan, runner_factory(kind))
         counts = manifest.stage_totals()["download"]
@@ -217,8 +278,15 @@ def test_a_non_http_answer_is_a_protocol_error_and_not_retried(server, stage):
 
 
 def test_the_total_budget_bounds_retries_and_waits(server):
-    stage = Download(timeout=10, total_timeout=25, retries=5, backoff=0.05, max_retry_after=30,
-                     allow_addresses=["127.0.0.1"], threads=2)
+    stage = Download(
+        timeout=10,
+        total_timeout=25,
+        retries=5,
+        backoff=0.05,
+        max_retry_after=30,
+        allow_addresses=["127.0.0.1"],
+        threads=2,
+    )
     stage.setup()
     virtual = VirtualTime()
     stage._fetcher.clock, stage._fetcher.sleep = virtual.clock, virtual.sleep
@@ -299,20 +367,34 @@ def test_real_photos_and_clip_art_download_at_their_sizes(server, stage):
 def test_images_that_cost_more_to_decode_than_their_header_says_cost_only_their_row(server, stage):
     from tests.images import animated_gif, jpeg_claiming, repeated_scans
 
-    urls = [server.add("frames.gif", animated_gif(6000)), server.url("/img/ok.jpg"),
-            server.add("scans.jpg", repeated_scans(2048, 5000)), server.add("liar.jpg", jpeg_claiming(9400, 9400)),
-            server.url("/img/ok.png")]
+    urls = [
+        server.add("frames.gif", animated_gif(6000)),
+        server.url("/img/ok.jpg"),
+        server.add("scans.jpg", repeated_scans(2048, 5000)),
+        server.add("liar.jpg", jpeg_claiming(9400, 9400)),
+        server.url("/img/ok.png"),
+    ]
     rows = run(stage, urls)
-    assert [r["_reject_reason"] for r in rows] == ["decompression_bomb", None, "decompression_bomb", "decode_error",
-                                                  None]
+    assert [r["_reject_reason"] for r in rows] == [
+        "decompression_bomb",
+        None,
+        "decompression_bomb",
+        "decode_error",
+        None,
+    ]
     assert "JPEG scans" in rows[2]["_reject_detail"] and "blocks" in rows[3]["_reject_detail"]
 
 
 def test_an_upscale_is_priced_by_the_image_it_would_make(server):
     from tests.images import png
 
-    stage = Download(resize_only_if_bigger=False, image_size=512, max_decode_bytes=50 * 1024**2,
-                     allow_addresses=["127.0.0.1"], threads=2)
+    stage = Download(
+        resize_only_if_bigger=False,
+        image_size=512,
+        max_decode_bytes=50 * 1024**2,
+        allow_addresses=["127.0.0.1"],
+        threads=2,
+    )
     stage.setup()
     [strip, photo] = run(stage, [server.add("strip.png", png(1, 1000)), server.url("/img/ok.jpg")])
     assert strip["_reject_reason"] == "decompression_bomb" and "512x512000" in strip["_reject_detail"]
@@ -332,8 +414,10 @@ def test_a_decode_that_runs_past_its_deadline_costs_only_its_row(server):
 
 def test_malformed_headers_and_redirects_get_their_true_reason(server, stage):
     assert reason(stage, server.url("/redirect?to=http://[::1")) == "bad_url"
-    rows = run(stage, [server.url("/headers/503/-?Retry-After=%C2%B2"),
-                       server.url("/headers/200/ok.jpg?Content-Length=%C2%B2")])
+    rows = run(
+        stage,
+        [server.url("/headers/503/-?Retry-After=%C2%B2"), server.url("/headers/200/ok.jpg?Content-Length=%C2%B2")],
+    )
     assert rows[0]["_reject_reason"] == "http_503"  # a non-ASCII digit is no Retry-After: retried as a 503
     assert server.requests["/headers/503/-?Retry-After=%C2%B2"] == RETRIES + 1
     assert rows[1]["_reject_reason"] is None  # an unreadable Content-Length is ignored, the body read to its end

@@ -23,15 +23,17 @@ register_column(SCORE, pa.float64(), "test: a score")
 
 def make_rows(n: int, *, bad: set[int] = frozenset()) -> pa.Table:
     """A shard of ``n`` rows with light columns, the heavy ``image`` and an unregistered binary."""
-    return pa.table({
-        UID: pa.array([f"u{i:03d}" for i in range(n)], pa.string()),
-        SOURCE_INDEX: pa.array(range(100, 100 + n), pa.int64()),
-        URL: pa.array([f"http://example.com/{i}.jpg" for i in range(n)], pa.string()),
-        CAPTION: pa.array([("bad " if i in bad else "") + f"caption number {i}" for i in range(n)], pa.string()),
-        IMAGE: pa.array([b"\x89PNG" + bytes([i % 256]) for i in range(n)], pa.binary()),
-        WIDTH: pa.array([10 * i for i in range(n)], pa.int32()),
-        "thumb": pa.array([b"t" * (i + 1) for i in range(n)], pa.large_binary()),
-    })
+    return pa.table(
+        {
+            UID: pa.array([f"u{i:03d}" for i in range(n)], pa.string()),
+            SOURCE_INDEX: pa.array(range(100, 100 + n), pa.int64()),
+            URL: pa.array([f"http://example.com/{i}.jpg" for i in range(n)], pa.string()),
+            CAPTION: pa.array([("bad " if i in bad else "") + f"caption number {i}" for i in range(n)], pa.string()),
+            IMAGE: pa.array([b"\x89PNG" + bytes([i % 256]) for i in range(n)], pa.binary()),
+            WIDTH: pa.array([10 * i for i in range(n)], pa.int32()),
+            "thumb": pa.array([b"t" * (i + 1) for i in range(n)], pa.large_binary()),
+        }
+    )
 
 
 def planned(stage: Stage, name: str | None = None, state: Any = None) -> PlannedStage:
@@ -43,6 +45,7 @@ def run(stage: Stage, rows: pa.Table, *, name: str | None = None, shard: int = 3
 
 
 # Test stages --------------------------------------------------------------------------------
+
 
 @dataclass
 class Recorder(Stage):
@@ -134,19 +137,22 @@ class RejectUidsInState(GlobalStage):
     def decide(self, batch: pa.Table, state: Any) -> pa.Table:
         self.states_seen.append(state)
         r = Rejections(batch.num_rows)
-        r.add(pc.is_in(batch[UID], value_set=pa.array(sorted(state["drop"]), pa.string())), "in_state",
-              state["why"])
+        r.add(pc.is_in(batch[UID], value_set=pa.array(sorted(state["drop"]), pa.string())), "in_state", state["why"])
         return r.attach(batch.select([]))
 
 
 # Batching and column isolation --------------------------------------------------------------
 
-@pytest.mark.parametrize(("n", "batch_size", "expected"), [
-    (10, 4, [4, 4, 2]),
-    (8, 4, [4, 4]),
-    (3, 1024, [3]),
-    (5, 1, [1, 1, 1, 1, 1]),
-])
+
+@pytest.mark.parametrize(
+    ("n", "batch_size", "expected"),
+    [
+        (10, 4, [4, 4, 2]),
+        (8, 4, [4, 4]),
+        (3, 1024, [3]),
+        (5, 1, [1, 1, 1, 1, 1]),
+    ],
+)
 def test_batches_have_exactly_batch_size_rows(n, batch_size, expected):
     stage = Recorder(resources=Resources(batch_size=batch_size))
     out = run(stage, make_rows(n))
@@ -162,6 +168,7 @@ def test_stage_receives_only_its_input_columns():
 
 
 # Merging ------------------------------------------------------------------------------------
+
 
 def test_new_and_replaced_columns_are_merged_in_place():
     rows = make_rows(5)
@@ -179,6 +186,7 @@ def test_new_and_replaced_columns_are_merged_in_place():
 
 
 # Rejects ------------------------------------------------------------------------------------
+
 
 def test_rejected_rows_leave_kept_table_and_become_reject_records():
     rows = make_rows(9, bad={1, 4, 8})
@@ -258,6 +266,7 @@ def test_reject_records_without_detail_column():
 
 # Empty shards -------------------------------------------------------------------------------
 
+
 def test_empty_shard_works_and_gets_output_columns():
     stage = Recorder(resources=Resources(batch_size=4))
     rows = make_rows(0)
@@ -279,15 +288,19 @@ def test_empty_shard_replaced_column_keeps_its_type():
 
 # Contract violations ------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("mode", "message"), [
-    ("drop_row", r"returned 3 rows for 4: stages never drop or add rows"),
-    ("add_row", r"returned 5 rows for 4"),
-    ("undeclared", r"undeclared column\(s\) \['sneaky'\]"),
-    ("missing", r"did not return declared column\(s\) \['test_chain_caption_words'\]"),
-    ("wrong_type", r"column 'test_chain_caption_words' as int64; schemas declare int32"),
-    ("not_table", r"returned dict, not a pyarrow.Table"),
-    ("record_batch", r"returned RecordBatch, not a pyarrow.Table"),
-])
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("drop_row", r"returned 3 rows for 4: stages never drop or add rows"),
+        ("add_row", r"returned 5 rows for 4"),
+        ("undeclared", r"undeclared column\(s\) \['sneaky'\]"),
+        ("missing", r"did not return declared column\(s\) \['test_chain_caption_words'\]"),
+        ("wrong_type", r"column 'test_chain_caption_words' as int64; schemas declare int32"),
+        ("not_table", r"returned dict, not a pyarrow.Table"),
+        ("record_batch", r"returned RecordBatch, not a pyarrow.Table"),
+    ],
+)
 def test_contract_violations_raise_stage_contract_error(mode, message):
     with pytest.raises(StageContractError, match=message) as info:
         run(Broken(mode=mode, resources=Resources(batch_size=4)), make_rows(6), name="the_broken_one")
@@ -301,6 +314,7 @@ def test_well_behaved_broken_stage_passes():
 
 
 # GlobalStage --------------------------------------------------------------------------------
+
 
 def test_global_stage_decide_receives_bound_state():
     stage = RejectUidsInState(resources=Resources(batch_size=2))

@@ -38,6 +38,7 @@ DEDUP = "curation.dedup:ExactDuplicates"
 
 # Stages used only by these tests ---------------------------------------------------------------
 
+
 @dataclass
 class SeededSample(Stage):
     """A stage with a ``seed`` field: the pipeline seed is injected unless the config sets one."""
@@ -92,12 +93,15 @@ class NotAStage:
 
 # Helpers ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def pool(tmp_path) -> str:
     path = tmp_path / "pool.csv"
     # uid and boxes: the columns shipped configs name (columns.uid, columns.keep).
-    path.write_text('url,caption,page,uid,boxes\nhttp://a.test/1.jpg,a red bicycle,p1,u1,[]\n'
-                    'http://a.test/2.jpg,two dogs,p2,u2,[]\n')
+    path.write_text(
+        "url,caption,page,uid,boxes\nhttp://a.test/1.jpg,a red bicycle,p1,u1,[]\n"
+        "http://a.test/2.jpg,two dogs,p2,u2,[]\n"
+    )
     return str(path)
 
 
@@ -124,6 +128,7 @@ def write_yaml(path: Path, data) -> Path:
 
 
 # Every shipped config --------------------------------------------------------------------------
+
 
 def test_configs_exist():
     assert CONFIGS, "no YAML config under configs/"
@@ -173,21 +178,41 @@ def test_demo_config_plan(demo_overrides):
     plan = build_plan(cfg)
     assert cfg.name == "demo" and cfg.shard_size == 500 and cfg.ray.num_cpus == 2
     # Each global stage opens a phase; Download ends its phase by itself.
-    assert plan.phase_names == ["00_input", "01_caption_length", "02_metaclip_match", "03_download",
-                                "04_image_size", "05_clip_embed", "06_clip_score_top_fraction",
-                                "07_brief_descriptions"]
+    assert plan.phase_names == [
+        "00_input",
+        "01_caption_length",
+        "02_metaclip_match",
+        "03_download",
+        "04_image_size",
+        "05_clip_embed",
+        "06_clip_score_top_fraction",
+        "07_brief_descriptions",
+    ]
     assert plan.phases[1].global_stage is plan.stages[3]  # exact duplicates
     assert plan.phases[2].global_stage is plan.stages[5]  # MetaCLIP balancing, before download
     assert plan.stages[6].stage.allow_addresses == ["127.0.0.1"]
-    assert [s.name for s in plan.stages[-6:]] == ["blip_preprocess", "blip_caption", "clip_caption_score",
-                                                  "capfilt_select", "instruct", "brief_descriptions"]
+    assert [s.name for s in plan.stages[-6:]] == [
+        "blip_preprocess",
+        "blip_caption",
+        "clip_caption_score",
+        "capfilt_select",
+        "instruct",
+        "brief_descriptions",
+    ]
     assert cfg.export.formats == ["webdataset", "parquet", "llava"]
 
 
 def test_an_explicit_checkpoint_false_keeps_download_in_its_phase(demo_overrides):
     cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", demo_overrides + ["stages.download.checkpoint=false"])
-    assert build_plan(cfg).phase_names == ["00_input", "01_caption_length", "02_metaclip_match", "03_image_size",
-                                           "04_clip_embed", "05_clip_score_top_fraction", "06_brief_descriptions"]
+    assert build_plan(cfg).phase_names == [
+        "00_input",
+        "01_caption_length",
+        "02_metaclip_match",
+        "03_image_size",
+        "04_clip_embed",
+        "05_clip_score_top_fraction",
+        "06_brief_descriptions",
+    ]
 
 
 def test_webdataset_export_without_images_is_refused_at_build_time(pool):
@@ -215,6 +240,7 @@ def test_text_pool_config_plan(pool):
 
 
 # load_config -----------------------------------------------------------------------------------
+
 
 def test_load_config_missing_file(tmp_path):
     path = tmp_path / "nope.yaml"
@@ -254,7 +280,9 @@ def test_load_config_defaults(tmp_path, pool):
 
 # Top-level validation --------------------------------------------------------------------------
 
-ALLOWED_TOP = "name, input, input_format, input_max_row_bytes, columns, output_dir, runner, shard_size, seed, ray, stages"
+ALLOWED_TOP = (
+    "name, input, input_format, input_max_row_bytes, columns, output_dir, runner, shard_size, seed, ray, stages"
+)
 
 
 def test_unknown_top_level_key(pool):
@@ -268,28 +296,37 @@ def test_unknown_top_level_key_in_yaml_file(tmp_path, pool):
         load_config(path)
 
 
-@pytest.mark.parametrize("section, key, allowed", [
-    ("columns", "urll", "url, caption, uid, keep"),
-    ("ray", "cpus", "address, num_cpus, num_gpus, object_store_memory, temp_dir"),
-])
+@pytest.mark.parametrize(
+    "section, key, allowed",
+    [
+        ("columns", "urll", "url, caption, uid, keep"),
+        ("ray", "cpus", "address, num_cpus, num_gpus, object_store_memory, temp_dir"),
+    ],
+)
 def test_unknown_nested_key_lists_that_sections_keys(pool, section, key, allowed):
     with pytest.raises(ValueError, match=re.escape(f"{section}.{key}: unknown key; allowed keys: {allowed}")):
         parse_config({**raw_config(pool), section: {key: 1}})
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("shard_size", "many", "shard_size: Input should be a valid integer, unable to parse string as an integer "
-                           "(got 'many')"),
-    ("shard_size", 0, "shard_size: Input should be greater than or equal to 1 (got 0)"),
-    ("runner", "rey", "runner: Input should be 'local' or 'ray' (got 'rey')"),
-    ("input_format", "xml", "input_format: Input should be 'auto', 'parquet', 'csv', 'tsv' or 'jsonl' (got 'xml')"),
-    ("input_max_row_bytes", 0, "input_max_row_bytes: Input should be greater than or equal to 1 (got 0)"),
-    ("seed", "abc", "seed: Input should be a valid integer"),
-    ("name", "has space", "name: String should match pattern"),
-    ("columns", {"keep": "page"}, "columns.keep: Input should be a valid list (got 'page')"),
-    ("ray", {"num_cpus": 0}, "ray.num_cpus: Input should be greater than or equal to 1 (got 0)"),
-    ("stages", {"stage": LENGTH}, "stages: Input should be a valid list"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        (
+            "shard_size",
+            "many",
+            "shard_size: Input should be a valid integer, unable to parse string as an integer (got 'many')",
+        ),
+        ("shard_size", 0, "shard_size: Input should be greater than or equal to 1 (got 0)"),
+        ("runner", "rey", "runner: Input should be 'local' or 'ray' (got 'rey')"),
+        ("input_format", "xml", "input_format: Input should be 'auto', 'parquet', 'csv', 'tsv' or 'jsonl' (got 'xml')"),
+        ("input_max_row_bytes", 0, "input_max_row_bytes: Input should be greater than or equal to 1 (got 0)"),
+        ("seed", "abc", "seed: Input should be a valid integer"),
+        ("name", "has space", "name: String should match pattern"),
+        ("columns", {"keep": "page"}, "columns.keep: Input should be a valid list (got 'page')"),
+        ("ray", {"num_cpus": 0}, "ray.num_cpus: Input should be greater than or equal to 1 (got 0)"),
+        ("stages", {"stage": LENGTH}, "stages: Input should be a valid list"),
+    ],
+)
 def test_wrong_type_names_key_and_allowed_values(pool, key, value, expected):
     with pytest.raises(ValueError, match=re.escape(expected)):
         parse_config({**raw_config(pool), key: value})
@@ -310,12 +347,15 @@ def test_every_problem_is_reported_on_its_own_line(pool):
     assert sorted(line.split(":")[0].strip() for line in lines[1:]) == ["colums", "runner", "shard_size"]
 
 
-@pytest.mark.parametrize("entry, expected", [
-    ({"stage": LENGTH, "name": "bad name"}, "stages.0.name: String should match pattern"),
-    ({"stage": LENGTH, "checkpoint": "maybe"}, "stages.0.checkpoint: Input should be a valid boolean"),
-    ({"name": "x"}, "stages.0.stage: required key is missing"),
-    ({"stage": LENGTH, "resources": [1]}, "stages.0.resources: Input should be a valid dictionary"),
-])
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ({"stage": LENGTH, "name": "bad name"}, "stages.0.name: String should match pattern"),
+        ({"stage": LENGTH, "checkpoint": "maybe"}, "stages.0.checkpoint: Input should be a valid boolean"),
+        ({"name": "x"}, "stages.0.stage: required key is missing"),
+        ({"stage": LENGTH, "resources": [1]}, "stages.0.resources: Input should be a valid dictionary"),
+    ],
+)
 def test_stage_entry_validation(pool, entry, expected):
     with pytest.raises(ValueError, match=re.escape(expected)):
         parse_config(raw_config(pool, entry))
@@ -323,9 +363,13 @@ def test_stage_entry_validation(pool, entry, expected):
 
 # Stages: parameters, resources, import paths ---------------------------------------------------
 
+
 def test_stage_parameters_are_passed(pool):
-    plan = plan_of(raw_config(pool, {"stage": LENGTH, "min_words": 3, "max_chars": None},
-                              {"stage": JUNK, "rules": ["empty_caption"]}))
+    plan = plan_of(
+        raw_config(
+            pool, {"stage": LENGTH, "min_words": 3, "max_chars": None}, {"stage": JUNK, "rules": ["empty_caption"]}
+        )
+    )
     length, junk = plan.stages[0].stage, plan.stages[1].stage
     assert (length.min_words, length.max_chars, length.min_chars) == (3, None, 5)
     assert junk.rules == ["empty_caption"]
@@ -333,39 +377,56 @@ def test_stage_parameters_are_passed(pool):
 
 
 def test_unknown_stage_parameter_lists_allowed(pool):
-    expected = ("stages[0] (curation.basic:CaptionLength): unknown parameter(s) ['min_word']; "
-                "allowed: ['max_chars', 'max_words', 'min_chars', 'min_words'], plus name, checkpoint, resources")
+    expected = (
+        "stages[0] (curation.basic:CaptionLength): unknown parameter(s) ['min_word']; "
+        "allowed: ['max_chars', 'max_words', 'min_chars', 'min_words'], plus name, checkpoint, resources"
+    )
     with pytest.raises(ValueError, match=re.escape(expected)):
         plan_of(raw_config(pool, {"stage": LENGTH, "min_word": 3}))
 
 
 def test_unknown_parameter_of_a_later_stage_names_its_index(pool):
-    expected = re.escape("stages[1] (curation.dedup:ExactDuplicates): "
-                         "unknown parameter(s) ['key']; allowed: ['against', 'keep', 'keys', 'normalize_text']")
+    expected = re.escape(
+        "stages[1] (curation.dedup:ExactDuplicates): "
+        "unknown parameter(s) ['key']; allowed: ['against', 'keep', 'keys', 'normalize_text']"
+    )
     with pytest.raises(ValueError, match=expected):
         plan_of(raw_config(pool, LENGTH, {"stage": DEDUP, "key": ["url"]}))
 
 
-@pytest.mark.parametrize("entry, expected", [
-    ({"stage": LENGTH, "min_words": "many"},
-     "min_words: Input should be a valid integer, unable to parse string as an integer (got 'many')"),
-    ({"stage": LENGTH, "min_words": 2.5}, "min_words: Input should be a valid integer, got a number with a "
-                                          "fractional part (got 2.5)"),
-    ({"stage": DEDUP, "keys": "url"}, "keys: Input should be a valid list (got 'url')"),
-    ({"stage": DEDUP, "normalize_text": "maybe"}, "normalize_text: Input should be a valid boolean"),
-])
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        (
+            {"stage": LENGTH, "min_words": "many"},
+            "min_words: Input should be a valid integer, unable to parse string as an integer (got 'many')",
+        ),
+        (
+            {"stage": LENGTH, "min_words": 2.5},
+            "min_words: Input should be a valid integer, got a number with a fractional part (got 2.5)",
+        ),
+        ({"stage": DEDUP, "keys": "url"}, "keys: Input should be a valid list (got 'url')"),
+        ({"stage": DEDUP, "normalize_text": "maybe"}, "normalize_text: Input should be a valid boolean"),
+    ],
+)
 def test_wrong_stage_parameter_type(pool, entry, expected):
     with pytest.raises(ValueError, match=re.escape(f"stages[0] ({entry['stage']}): invalid parameters:")) as info:
         plan_of(raw_config(pool, entry))
     assert expected in str(info.value)
 
 
-@pytest.mark.parametrize("entry, expected", [
-    ({"stage": LENGTH, "min_words": 5, "max_words": 2}, "min_words (5) is greater than max_words (2)"),
-    ({"stage": LENGTH, "min_chars": -1}, "min_chars must be >= 0 or null, got -1"),
-    ({"stage": JUNK, "rules": ["empty_caption", "nope"]}, "rules: unknown rule(s) ['nope']; allowed: ['empty_caption'"),
-    ({"stage": DEDUP, "keys": []}, "keys must name at least one column"),
-])
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ({"stage": LENGTH, "min_words": 5, "max_words": 2}, "min_words (5) is greater than max_words (2)"),
+        ({"stage": LENGTH, "min_chars": -1}, "min_chars must be >= 0 or null, got -1"),
+        (
+            {"stage": JUNK, "rules": ["empty_caption", "nope"]},
+            "rules: unknown rule(s) ['nope']; allowed: ['empty_caption'",
+        ),
+        ({"stage": DEDUP, "keys": []}, "keys must name at least one column"),
+    ],
+)
 def test_stage_own_checks_are_reported_with_the_stage(pool, entry, expected):
     with pytest.raises(ValueError, match=re.escape(f"stages[0] ({entry['stage']})")) as info:
         plan_of(raw_config(pool, entry))
@@ -373,8 +434,13 @@ def test_stage_own_checks_are_reported_with_the_stage(pool, entry, expected):
 
 
 def test_resources_overrides_keep_the_stage_defaults(pool):
-    plan = plan_of(raw_config(pool, {"stage": LENGTH, "resources": {"cpus": 2, "concurrency": 3}},
-                              {"stage": DEDUP, "resources": {"cpus": 0.5}}))
+    plan = plan_of(
+        raw_config(
+            pool,
+            {"stage": LENGTH, "resources": {"cpus": 2, "concurrency": 3}},
+            {"stage": DEDUP, "resources": {"cpus": 0.5}},
+        )
+    )
     assert plan.stages[0].stage.resources == Resources(cpus=2.0, gpus=0.0, batch_size=TEXT_BATCH, concurrency=3)
     # ExactDuplicates' own default batch size survives an override of another key.
     assert plan.stages[1].stage.resources == Resources(cpus=0.5, batch_size=65536)
@@ -382,20 +448,27 @@ def test_resources_overrides_keep_the_stage_defaults(pool):
 
 
 def test_unknown_resources_key(pool):
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             "stages[0] (curation.basic:CaptionLength): unknown resources key(s) ['gpu']; "
-            "allowed: ['cpus', 'gpus', 'batch_size', 'concurrency', 'memory']")):
+            "allowed: ['cpus', 'gpus', 'batch_size', 'concurrency', 'memory']"
+        ),
+    ):
         plan_of(raw_config(pool, {"stage": LENGTH, "resources": {"gpu": 1}}))
 
 
-@pytest.mark.parametrize("resources, expected", [
-    ({"cpus": 0}, "resources.cpus must be > 0"),
-    ({"gpus": -1}, "resources.gpus must be >= 0"),
-    ({"batch_size": 0}, "resources.batch_size must be >= 1"),
-    ({"concurrency": 0}, "resources.concurrency must be >= 1 or null"),
-    ({"memory": 0}, "resources.memory must be >= 1 (bytes) or null"),
-    ({"batch_size": "big"}, "batch_size: Input should be a valid integer"),
-])
+@pytest.mark.parametrize(
+    "resources, expected",
+    [
+        ({"cpus": 0}, "resources.cpus must be > 0"),
+        ({"gpus": -1}, "resources.gpus must be >= 0"),
+        ({"batch_size": 0}, "resources.batch_size must be >= 1"),
+        ({"concurrency": 0}, "resources.concurrency must be >= 1 or null"),
+        ({"memory": 0}, "resources.memory must be >= 1 (bytes) or null"),
+        ({"batch_size": "big"}, "batch_size: Input should be a valid integer"),
+    ],
+)
 def test_bad_resources_value(pool, resources, expected):
     prefix = re.escape("stages[0] (curation.basic:CaptionLength): invalid resources")
     with pytest.raises(ValueError, match=prefix) as info:
@@ -403,17 +476,20 @@ def test_bad_resources_value(pool, resources, expected):
     assert expected in str(info.value)
 
 
-@pytest.mark.parametrize("path, expected", [
-    ("curation.basic", "stage 'curation.basic' must be an import path of the form module:Class"),
-    ("curation.basic:", "must be an import path of the form module:Class"),
-    (":CaptionLength", "must be an import path of the form module:Class"),
-    ("curation.nope:Thing", "stage 'curation.nope:Thing': cannot import 'curation.nope'"),
-    ("curation.basic:CaptionLenght", "'CaptionLenght' is not a Stage class in 'curation.basic'"),
-    ("pipelines.stage:Resources", "'Resources' is not a Stage class in 'pipelines.stage'"),
-    ("pipelines.engine.config:load_config", "'load_config' is not a Stage class in 'pipelines.engine.config'"),
-    ("curation.basic:CONTROL_CHARACTERS", "'CONTROL_CHARACTERS' is not a Stage class"),
-    (f"{HERE}:NotAStage", "'NotAStage' is not a Stage class"),
-])
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("curation.basic", "stage 'curation.basic' must be an import path of the form module:Class"),
+        ("curation.basic:", "must be an import path of the form module:Class"),
+        (":CaptionLength", "must be an import path of the form module:Class"),
+        ("curation.nope:Thing", "stage 'curation.nope:Thing': cannot import 'curation.nope'"),
+        ("curation.basic:CaptionLenght", "'CaptionLenght' is not a Stage class in 'curation.basic'"),
+        ("pipelines.stage:Resources", "'Resources' is not a Stage class in 'pipelines.stage'"),
+        ("pipelines.engine.config:load_config", "'load_config' is not a Stage class in 'pipelines.engine.config'"),
+        ("curation.basic:CONTROL_CHARACTERS", "'CONTROL_CHARACTERS' is not a Stage class"),
+        (f"{HERE}:NotAStage", "'NotAStage' is not a Stage class"),
+    ],
+)
 def test_bad_stage_import_path(pool, path, expected):
     with pytest.raises(ValueError, match=re.escape(expected)):
         plan_of(raw_config(pool, path))
@@ -425,6 +501,7 @@ def test_stage_defined_outside_the_package_resolves():
 
 
 # Seed ------------------------------------------------------------------------------------------
+
 
 def test_pipeline_seed_is_injected_into_stages_with_a_seed_field(pool):
     plan = plan_of(raw_config(pool, LENGTH, f"{HERE}:SeededSample", seed=7))
@@ -453,13 +530,13 @@ def test_seed_injection_does_not_mutate_the_config(pool):
 def test_pipeline_seed_changes_the_hash_only_through_seeded_stages(pool):
     with_seeded = [plan_of(raw_config(pool, f"{HERE}:SeededSample", seed=s)) for s in (1, 2)]
     assert with_seeded[0].config_hash != with_seeded[1].config_hash
-    assert fingerprint_diff(with_seeded[0].fingerprint, with_seeded[1].fingerprint) == [
-        "stages.00.params.seed: 1 -> 2"]
+    assert fingerprint_diff(with_seeded[0].fingerprint, with_seeded[1].fingerprint) == ["stages.00.params.seed: 1 -> 2"]
     without = [plan_of(raw_config(pool, LENGTH, seed=s)) for s in (1, 2)]
     assert without[0].config_hash == without[1].config_hash
 
 
 # Overrides -------------------------------------------------------------------------------------
+
 
 def test_override_top_level_keys_with_yaml_types(pool):
     raw = raw_config(pool, LENGTH)
@@ -477,8 +554,9 @@ def test_override_nested_key_creates_the_section(pool):
     assert (cfg.columns.url, cfg.columns.caption, cfg.ray.num_cpus) == ("URL", "TEXT", 4)
 
 
-@pytest.mark.parametrize("override", ["stages.0.min_words=3", "stages.caption_length.min_words=3",
-                                      "stages.1.min_words=3"])
+@pytest.mark.parametrize(
+    "override", ["stages.0.min_words=3", "stages.caption_length.min_words=3", "stages.1.min_words=3"]
+)
 def test_override_stage_parameter_by_index_or_name(pool, override):
     raw = raw_config(pool, CHARS, LENGTH) if override.startswith("stages.1") else raw_config(pool, LENGTH, CHARS)
     plan = plan_of(apply_overrides(raw, [override]))
@@ -494,10 +572,18 @@ def test_override_stage_by_its_configured_name(pool):
 
 def test_override_yaml_values(pool):
     raw = raw_config(pool, LENGTH, DEDUP)
-    out = apply_overrides(raw, ["stages.caption_length.max_chars=null", "stages.0.checkpoint=true",
-                                "stages.exact_duplicates.keys=[url, caption]", "columns.keep=[page]",
-                                "stages.1.normalize_text=yes", "stages.0.resources.batch_size=64",
-                                "columns.uid="])
+    out = apply_overrides(
+        raw,
+        [
+            "stages.caption_length.max_chars=null",
+            "stages.0.checkpoint=true",
+            "stages.exact_duplicates.keys=[url, caption]",
+            "columns.keep=[page]",
+            "stages.1.normalize_text=yes",
+            "stages.0.resources.batch_size=64",
+            "columns.uid=",
+        ],
+    )
     assert out["stages"][0]["max_chars"] is None
     assert out["stages"][0]["checkpoint"] is True
     assert out["stages"][1]["keys"] == ["url", "caption"]
@@ -524,16 +610,22 @@ def test_overrides_through_load_config(tmp_path, pool):
     assert build_plan(cfg).stages[0].stage.min_words == 4
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("shard_size", "override 'shard_size' is not of the form key=value"),
-    ("=3", "override '=3' is not of the form key=value"),
-    ("stages.nope.min_words=3", "override 'stages.nope.min_words': no stage named 'nope'; "
-                                "stages are ['caption_length', 'exact_duplicates']"),
-    ("stages.5.min_words=3", "override 'stages.5.min_words': there are only 2 stages"),
-    ("stages.0=3", "override 'stages.0' must name a key inside a stage"),
-    ("name.x=1", "override 'name.x': 'name' is not a mapping"),
-    ("stages.0.min_words.x=1", "override 'stages.0.min_words.x': 'stages.0.min_words' is not a mapping"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("shard_size", "override 'shard_size' is not of the form key=value"),
+        ("=3", "override '=3' is not of the form key=value"),
+        (
+            "stages.nope.min_words=3",
+            "override 'stages.nope.min_words': no stage named 'nope'; "
+            "stages are ['caption_length', 'exact_duplicates']",
+        ),
+        ("stages.5.min_words=3", "override 'stages.5.min_words': there are only 2 stages"),
+        ("stages.0=3", "override 'stages.0' must name a key inside a stage"),
+        ("name.x=1", "override 'name.x': 'name' is not a mapping"),
+        ("stages.0.min_words.x=1", "override 'stages.0.min_words.x': 'stages.0.min_words' is not a mapping"),
+    ],
+)
 def test_malformed_overrides(pool, override, expected):
     raw = raw_config(pool, {"stage": LENGTH, "min_words": 2}, DEDUP)
     with pytest.raises(ValueError, match=re.escape(expected)):
@@ -547,9 +639,14 @@ def test_value_may_contain_equals_sign(pool):
 
 # Stage names and columns -----------------------------------------------------------------------
 
+
 def test_duplicate_stage_names_rejected(pool):
-    with pytest.raises(ValueError, match=re.escape("stage name 'caption_length' is taken (by another stage, or "
-                                                   "reserved); give it a distinct `name:`")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "stage name 'caption_length' is taken (by another stage, or reserved); give it a distinct `name:`"
+        ),
+    ):
         plan_of(raw_config(pool, LENGTH, CHARS, LENGTH))
     with pytest.raises(ValueError, match="stage name 'mine' is taken"):
         plan_of(raw_config(pool, {"stage": LENGTH, "name": "mine"}, {"stage": CHARS, "name": "mine"}))
@@ -579,8 +676,10 @@ def test_global_stage_compute_columns_are_checked(pool):
 
 
 def test_dedup_keys_must_exist(pool):
-    with pytest.raises(ValueError, match=re.escape("stage 'exact_duplicates' (curation.dedup:"
-                                                   "ExactDuplicates) reads column(s) ['page']")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("stage 'exact_duplicates' (curation.dedup:ExactDuplicates) reads column(s) ['page']"),
+    ):
         plan_of(raw_config(pool, {"stage": DEDUP, "keys": ["url", "page"]}))
     # A kept input column is available to every stage.
     plan = plan_of(raw_config(pool, {"stage": DEDUP, "keys": ["url", "page"]}, columns={"keep": ["page"]}))
@@ -598,11 +697,23 @@ def test_keep_columns_must_not_be_reserved(pool):
 
 
 def test_plan_source_spec_follows_the_config(pool):
-    plan = plan_of(raw_config(pool, LENGTH, input_format="csv",
-                              columns={"url": "url", "caption": "caption", "uid": None, "keep": ["page"]}))
+    plan = plan_of(
+        raw_config(
+            pool,
+            LENGTH,
+            input_format="csv",
+            columns={"url": "url", "caption": "caption", "uid": None, "keep": ["page"]},
+        )
+    )
     src = plan.source
     assert (src.path, src.format, src.url_column, src.caption_column, src.uid_column, src.keep_columns) == (
-        pool, "csv", "url", "caption", None, ("page",))
+        pool,
+        "csv",
+        "url",
+        "caption",
+        None,
+        ("page",),
+    )
 
 
 def test_missing_input_fails_at_build_time(tmp_path):
@@ -611,6 +722,7 @@ def test_missing_input_fails_at_build_time(tmp_path):
 
 
 # Phases ----------------------------------------------------------------------------------------
+
 
 def _phases(plan):
     return [(p.name, [s.name for s in p.stages]) for p in plan.phases]
@@ -629,10 +741,16 @@ def test_no_stages_means_only_the_input_phase(pool):
 
 
 def test_new_phase_before_every_global_stage_and_after_checkpoints(pool):
-    plan = plan_of(raw_config(
-        pool, CHARS, {"stage": JUNK, "checkpoint": True}, LENGTH, DEDUP,
-        {"stage": LENGTH, "name": "after_dedup"},
-    ))
+    plan = plan_of(
+        raw_config(
+            pool,
+            CHARS,
+            {"stage": JUNK, "checkpoint": True},
+            LENGTH,
+            DEDUP,
+            {"stage": LENGTH, "name": "after_dedup"},
+        )
+    )
     assert _phases(plan) == [
         ("01_junk_alt_text", ["caption_characters", "junk_alt_text"]),
         ("02_caption_length", ["caption_length"]),
@@ -648,11 +766,14 @@ def test_global_stage_first_opens_the_first_phase(pool):
 
 
 def test_consecutive_global_stages_and_global_checkpoint(pool):
-    plan = plan_of(raw_config(pool, DEDUP, {"stage": DEDUP, "name": "dedup_url", "keys": ["url"],
-                                            "checkpoint": True}, LENGTH))
-    assert _phases(plan) == [("01_exact_duplicates", ["exact_duplicates"]),
-                             ("02_dedup_url", ["dedup_url"]),
-                             ("03_caption_length", ["caption_length"])]
+    plan = plan_of(
+        raw_config(pool, DEDUP, {"stage": DEDUP, "name": "dedup_url", "keys": ["url"], "checkpoint": True}, LENGTH)
+    )
+    assert _phases(plan) == [
+        ("01_exact_duplicates", ["exact_duplicates"]),
+        ("02_dedup_url", ["dedup_url"]),
+        ("03_caption_length", ["caption_length"]),
+    ]
 
 
 def test_checkpoint_before_global_stage_makes_no_empty_phase(pool):
@@ -673,6 +794,7 @@ def test_phase_numbers_have_two_digits_past_nine(pool):
 
 # Config hash and fingerprint -------------------------------------------------------------------
 
+
 def _hash(raw: dict) -> str:
     return plan_of(raw).config_hash
 
@@ -683,27 +805,36 @@ def test_config_hash_is_deterministic(pool):
     assert re.fullmatch(r"[0-9a-f]{16}", _hash(raw))
 
 
-@pytest.mark.parametrize("overrides", [
-    ["runner=ray"], ["output_dir=/elsewhere/runs"], ["stages.0.resources.cpus=4"],
-    ["stages.1.resources.batch_size=10", "stages.1.resources.concurrency=2"], ["ray.num_cpus=8"],
-    ["ray.address=auto"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["runner=ray"],
+        ["output_dir=/elsewhere/runs"],
+        ["stages.0.resources.cpus=4"],
+        ["stages.1.resources.batch_size=10", "stages.1.resources.concurrency=2"],
+        ["ray.num_cpus=8"],
+        ["ray.address=auto"],
+    ],
+)
 def test_config_hash_ignores_where_and_how_fast(pool, overrides):
     raw = raw_config(pool, LENGTH, DEDUP)
     assert _hash(apply_overrides(raw, overrides)) == _hash(raw)
 
 
-@pytest.mark.parametrize("override, changed", [
-    ("stages.0.min_words=3", "stages.00.params.min_words: 2 -> 3"),
-    ("stages.1.keys=[url]", 'stages.01.params.keys: ["url", "caption"] -> ["url"]'),
-    ("stages.1.normalize_text=true", "stages.01.params.normalize_text: false -> true"),
-    ("stages.0.checkpoint=true", "stages.00.checkpoint: false -> true"),
-    ("stages.0.name=length", 'stages.00.name: "caption_length" -> "length"'),
-    ("shard_size=7", "shard_size: 10000 -> 7"),
-    ("columns.url=url", 'columns.url: "auto" -> "url"'),
-    ("input_format=csv", 'input.format: "auto" -> "csv"'),
-    ("input_max_row_bytes=65536", "input.max_row_bytes: 4194304 -> 65536"),
-])
+@pytest.mark.parametrize(
+    "override, changed",
+    [
+        ("stages.0.min_words=3", "stages.00.params.min_words: 2 -> 3"),
+        ("stages.1.keys=[url]", 'stages.01.params.keys: ["url", "caption"] -> ["url"]'),
+        ("stages.1.normalize_text=true", "stages.01.params.normalize_text: false -> true"),
+        ("stages.0.checkpoint=true", "stages.00.checkpoint: false -> true"),
+        ("stages.0.name=length", 'stages.00.name: "caption_length" -> "length"'),
+        ("shard_size=7", "shard_size: 10000 -> 7"),
+        ("columns.url=url", 'columns.url: "auto" -> "url"'),
+        ("input_format=csv", 'input.format: "auto" -> "csv"'),
+        ("input_max_row_bytes=65536", "input.max_row_bytes: 4194304 -> 65536"),
+    ],
+)
 def test_config_hash_changes_with_what_decides_the_rows(pool, override, changed):
     raw = raw_config(pool, LENGTH, DEDUP)
     old, new = plan_of(raw), plan_of(apply_overrides(raw, [override]))

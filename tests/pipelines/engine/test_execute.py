@@ -27,8 +27,13 @@ STAGES = [
 def config(tmp_path):
     pool = tmp_path / "pool.csv"
     write_demo_pool(str(pool), TEXT_ONLY_HOST, rows=3000, seed=1)
-    return {"name": "run", "input": str(pool), "output_dir": str(tmp_path / "runs"), "shard_size": 500,
-            "stages": STAGES}
+    return {
+        "name": "run",
+        "input": str(pool),
+        "output_dir": str(tmp_path / "runs"),
+        "shard_size": 500,
+        "stages": STAGES,
+    }
 
 
 def _run(raw, runner: Runner | None = None):
@@ -72,7 +77,7 @@ def test_progress_is_reported_when_each_phase_starts_and_after_each_shard(config
     plan = build_plan(parse_config(config))
     manifest = run_pipeline(plan, LocalRunner(), progress=lambda *call: calls.append(call))
     shards = manifest.phases[0].shards_total
-    assert calls[:shards + 2] == [("00_input", done, 0) for done in range(shards + 1)] + [("00_input", shards, shards)]
+    assert calls[: shards + 2] == [("00_input", done, 0) for done in range(shards + 1)] + [("00_input", shards, shards)]
     for phase in plan.phase_names[1:]:
         assert [c for c in calls if c[0] == phase] == [(phase, done, shards) for done in range(shards + 1)]
 
@@ -114,8 +119,7 @@ def test_changed_config_is_refused_with_the_changed_key_and_how_to_start_anew(co
 
 def test_runner_resources_and_location_are_not_a_config_change(config):
     _run(config)
-    rerun = {**config, "runner": "ray", "stages": [STAGES[0], {**STAGES[1], "resources": {"batch_size": 7}},
-                                                   STAGES[2]]}
+    rerun = {**config, "runner": "ray", "stages": [STAGES[0], {**STAGES[1], "resources": {"batch_size": 7}}, STAGES[2]]}
     runner = CountingRunner()  # the local one: a runner switch must not matter to the hash
     _run(rerun, runner)
     assert all(shards == [] for shards in runner.processed.values())
@@ -132,8 +136,10 @@ def test_a_ledger_entry_that_does_not_close_fails_the_run(config):
     rejected = sum(counts["rejected"].values())
     with pytest.raises(LedgerError) as error:
         _run(config)
-    assert str(error.value) == (f"phase '01_caption_length', shard 1, stage 'caption_length': {counts['rows_in']} "
-                                f"rows in but {counts['rows_kept']} kept + {rejected} rejected")
+    assert str(error.value) == (
+        f"phase '01_caption_length', shard 1, stage 'caption_length': {counts['rows_in']} "
+        f"rows in but {counts['rows_kept']} kept + {rejected} rejected"
+    )
     assert json.loads(open(os.path.join(plan.run_uri, "manifest.json")).read())["status"] == "failed"
 
 
@@ -142,9 +148,11 @@ def test_rows_rejected_for_an_internal_error_are_reported(config, caplog):
     plan, manifest = _run(config)
     assert manifest.stage_totals()["internal_error_on_index"].rejected == {"internal_error": 1}
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warning == ("stage 'internal_error_on_index' rejected 1 row(s) with internal_error: an error in vlmcurate "
-                       f"or a library, not in the data; the exceptions are in {plan.run_uri}/rejects/"
-                       "02_internal_error_on_index/ (column detail)")
+    assert warning == (
+        "stage 'internal_error_on_index' rejected 1 row(s) with internal_error: an error in vlmcurate "
+        f"or a library, not in the data; the exceptions are in {plan.run_uri}/rejects/"
+        "02_internal_error_on_index/ (column detail)"
+    )
 
 
 def test_a_shard_reading_rows_the_previous_phase_never_wrote_fails_the_run(config):

@@ -12,8 +12,13 @@ from pipelines.engine.ledger import LedgerError, check_phase, check_run, check_s
 from schemas.manifest import Manifest, ShardEntry, StageCounts
 
 
-def _shard(phase: str, shard: int, rows_in: int, stages: dict[str, tuple[int, int, dict[str, int]]],
-           rows_out: int | None = None) -> ShardEntry:
+def _shard(
+    phase: str,
+    shard: int,
+    rows_in: int,
+    stages: dict[str, tuple[int, int, dict[str, int]]],
+    rows_out: int | None = None,
+) -> ShardEntry:
     """An entry whose ``rows_out`` defaults to what its last stage kept (the shard's own input without stages)."""
     counts = {name: StageCounts(*c) for name, c in stages.items()}
     if rows_out is None:
@@ -23,8 +28,9 @@ def _shard(phase: str, shard: int, rows_in: int, stages: dict[str, tuple[int, in
 
 def _closed(phase: str = "01_filter", shard: int = 0) -> ShardEntry:
     """10 rows in: ``junk`` keeps 8 (2 rejected), ``length`` keeps 5 of those (3 rejected)."""
-    return _shard(phase, shard, 10, {"junk": (10, 8, {"url_caption": 2}),
-                                     "length": (8, 5, {"too_short": 1, "too_long": 2})})
+    return _shard(
+        phase, shard, 10, {"junk": (10, 8, {"url_caption": 2}), "length": (8, 5, {"too_short": 1, "too_long": 2})}
+    )
 
 
 def _raises(message: str):
@@ -32,6 +38,7 @@ def _raises(message: str):
 
 
 # check_shard ---------------------------------------------------------------------------------
+
 
 def test_a_shard_whose_stages_close_and_chain_passes():
     check_shard(_closed())
@@ -46,8 +53,12 @@ def test_a_stage_that_keeps_more_than_it_was_given_minus_its_rejects_does_not_cl
 
 def test_a_stage_that_loses_rows_does_not_close_even_where_the_chain_holds():
     # rows_in 8, kept 5, rejected 1: two rows vanished, though the stage after it reads its 5.
-    entry = _shard("01_filter", 0, 10, {"junk": (10, 8, {"url_caption": 2}), "length": (8, 5, {"too_short": 1}),
-                                        "words": (5, 5, {})})
+    entry = _shard(
+        "01_filter",
+        0,
+        10,
+        {"junk": (10, 8, {"url_caption": 2}), "length": (8, 5, {"too_short": 1}), "words": (5, 5, {})},
+    )
     with _raises("phase '01_filter', shard 0, stage 'length': 8 rows in but 5 kept + 1 rejected"):
         check_shard(entry)
 
@@ -76,6 +87,7 @@ def test_a_shard_without_stages_must_write_what_it_read():
 
 
 # check_phase ---------------------------------------------------------------------------------
+
 
 def _input(shard: int, rows_in: int, rows_out: int) -> ShardEntry:
     return _shard("00_input", shard, rows_in, {"read": (rows_in, rows_out, {"bad_url": rows_in - rows_out})})
@@ -106,10 +118,13 @@ def test_a_shard_reading_other_than_the_previous_phase_wrote_is_refused():
 
 # check_run -----------------------------------------------------------------------------------
 
+
 def _manifest(input_entries: dict[int, ShardEntry], filter_entries: dict[int, ShardEntry]) -> Manifest:
     manifest = Manifest(name="demo", config_hash="h", config={}, versions={}, created_at="t", updated_at="t")
-    manifest.phases = [summarise("00_input", ["read"], input_entries, len(input_entries)),
-                       summarise("01_filter", ["junk", "length"], filter_entries, len(filter_entries))]
+    manifest.phases = [
+        summarise("00_input", ["read"], input_entries, len(input_entries)),
+        summarise("01_filter", ["junk", "length"], filter_entries, len(filter_entries)),
+    ]
     return manifest
 
 

@@ -36,13 +36,26 @@ def _config(tmp_path, server, name="retry"):
             # 4 flaky urls fail 3 times: twice in the run (retries=1), then once more and succeed.
             path = f"/flaky/3/{i}.jpg" if i % 3 == 0 else (f"/status/404?{i}" if i % 3 == 1 else f"/img/{i}.jpg")
             writer.writerow([server.url(path), f"picture number {i} of a test"])
-    return {"name": name, "input": str(pool), "output_dir": str(tmp_path / "runs"), "shard_size": 4,
-            "stages": [{"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"], "retries": 1,
-                        "backoff": 0.01, "timeout": 2, "threads": 4, "image_size": 64},
-                       {"stage": "curation.basic:ImageSize", "min_side": 16},
-                       {"stage": "curation.dedup:ExactDuplicates", "name": "image_duplicates",
-                        "keys": ["sha256"]}],
-            "export": {"formats": ["webdataset"], "samples_per_shard": 5}}
+    return {
+        "name": name,
+        "input": str(pool),
+        "output_dir": str(tmp_path / "runs"),
+        "shard_size": 4,
+        "stages": [
+            {
+                "stage": "pipelines.download:Download",
+                "allow_addresses": ["127.0.0.1"],
+                "retries": 1,
+                "backoff": 0.01,
+                "timeout": 2,
+                "threads": 4,
+                "image_size": 64,
+            },
+            {"stage": "curation.basic:ImageSize", "min_side": 16},
+            {"stage": "curation.dedup:ExactDuplicates", "name": "image_duplicates", "keys": ["sha256"]},
+        ],
+        "export": {"formats": ["webdataset"], "samples_per_shard": 5},
+    }
 
 
 def test_transient_rejects_are_retried_and_merged_with_a_closed_ledger(tmp_path, server):

@@ -67,6 +67,7 @@ def test_aggregates_round_trip_and_rundir_pickles_small(tmp_path):
 
 # Other filesystems ---------------------------------------------------------------------------------
 
+
 def test_a_file_uri_is_the_local_directory_and_can_be_locked(tmp_path):
     rundir = RunDir(f"file://{tmp_path}/run")
     assert isinstance(rundir.fs, pafs.LocalFileSystem) and rundir.root == f"{tmp_path}/run"
@@ -100,8 +101,13 @@ def test_a_pipeline_writes_the_same_rows_to_memory_as_to_a_local_folder(tmp_path
     """The whole driver (shards, ledger, aggregates, export) on a run directory pyarrow cannot open itself."""
     pool = tmp_path / "pool.csv"
     lines = write_demo_pool(str(pool), TEXT_ONLY_HOST, rows=600, seed=4)
-    raw = {"name": "run", "input": str(pool), "shard_size": 150, "export": {"formats": ["parquet"]},
-           "stages": [{"stage": "curation.basic:JunkAltText"}, {"stage": "curation.dedup:ExactDuplicates"}]}
+    raw = {
+        "name": "run",
+        "input": str(pool),
+        "shard_size": 150,
+        "export": {"formats": ["parquet"]},
+        "stages": [{"stage": "curation.basic:JunkAltText"}, {"stage": "curation.dedup:ExactDuplicates"}],
+    }
     kept = {}
     for output in (str(tmp_path / "runs"), f"memory://vlmc-{uuid.uuid4().hex}/runs"):
         plan, manifest = run_pipeline_dict({**raw, "output_dir": output}, LocalRunner())

@@ -18,8 +18,13 @@ from tests.stages import CAPTION_WORDS, SETUP_CALLS
 
 
 def _config(tmp_path, pool, name, stages, shard_size=700):
-    return {"name": name, "input": str(pool), "output_dir": str(tmp_path / "runs"),
-            "shard_size": shard_size, "stages": stages}
+    return {
+        "name": name,
+        "input": str(pool),
+        "output_dir": str(tmp_path / "runs"),
+        "shard_size": shard_size,
+        "stages": stages,
+    }
 
 
 MIXED_STAGES = [
@@ -42,16 +47,16 @@ def pool(tmp_path_factory):
 def test_local_and_ray_runners_produce_identical_rows_and_rejects(tmp_path, pool, runner_factory):
     results = {}
     for kind in ("local", "ray"):
-        plan, manifest = run_pipeline_dict(_config(tmp_path, pool, f"mixed-{kind}", MIXED_STAGES),
-                                           runner_factory(kind))
+        plan, manifest = run_pipeline_dict(_config(tmp_path, pool, f"mixed-{kind}", MIXED_STAGES), runner_factory(kind))
         assert manifest.status == "complete"
         results[kind] = (read_phase(plan.run_uri, manifest.final_phase), read_rejects(plan.run_uri), manifest)
     (local_rows, local_rejects, local_m), (ray_rows, ray_rejects, ray_m) = results["local"], results["ray"]
     assert local_rows.num_rows > 0
     assert local_rows.equals(ray_rows)
     assert local_rejects.equals(ray_rejects)
-    assert {k: v.to_dict() for k, v in local_m.stage_totals().items()} == \
-        {k: v.to_dict() for k, v in ray_m.stage_totals().items()}
+    assert {k: v.to_dict() for k, v in local_m.stage_totals().items()} == {
+        k: v.to_dict() for k, v in ray_m.stage_totals().items()
+    }
     # Every reason the mixed pipeline can produce actually occurred, so the comparison covered them.
     reasons = set(local_rejects["reason"].to_pylist())
     assert {"malformed_row", "duplicate", "odd_words", "filename_caption"} <= reasons
@@ -61,16 +66,19 @@ def test_local_and_ray_runners_produce_identical_rows_and_rejects(tmp_path, pool
 @pytest.mark.parametrize("kind", ["local", "ray"])
 def test_setup_runs_once_per_worker(tmp_path, pool, runner_factory, kind):
     plan, manifest = run_pipeline_dict(
-        _config(tmp_path, pool, f"setup-{kind}", [{"stage": "tests.stages:CountSetup",
-                                                    "resources": {"batch_size": 64}}]),
-        runner_factory(kind))
+        _config(
+            tmp_path, pool, f"setup-{kind}", [{"stage": "tests.stages:CountSetup", "resources": {"batch_size": 64}}]
+        ),
+        runner_factory(kind),
+    )
     rows = read_phase(plan.run_uri, manifest.final_phase)
     assert pc.unique(rows[SETUP_CALLS]).to_pylist() == [1]
 
 
 @pytest.mark.parametrize("kind", ["local", "ray"])
-def test_gpu_request_falls_back_to_cpu_with_a_warning_where_there_is_no_gpu(tmp_path, pool, runner_factory, caplog,
-                                                                             kind):
+def test_gpu_request_falls_back_to_cpu_with_a_warning_where_there_is_no_gpu(
+    tmp_path, pool, runner_factory, caplog, kind
+):
     import os
 
     import torch
@@ -82,14 +90,15 @@ def test_gpu_request_falls_back_to_cpu_with_a_warning_where_there_is_no_gpu(tmp_
     assert manifest.status == "complete"
     cpus = 2 if kind == "ray" else os.cpu_count()  # the Ray node's CPUs, or the machine's
     [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
-    assert f"stage 'count_setup' asks for a GPU (resources.gpus 1) but this {'Ray cluster' if kind == 'ray' else 'machine'}" \
+    assert (
+        f"stage 'count_setup' asks for a GPU (resources.gpus 1) but this {'Ray cluster' if kind == 'ray' else 'machine'}"
         f" has none: its model runs on {cpus} CPU core(s)" in warning.getMessage()
+    )
 
 
 @pytest.mark.parametrize("kind", ["local", "ray"])
 def test_a_failing_stage_fails_the_run_and_never_marks_its_shard_done(tmp_path, pool, runner_factory, kind):
-    stages = [{"stage": "curation.basic:CaptionLength"},
-              {"stage": "tests.stages:FailOnIndex", "source_index": 4500}]
+    stages = [{"stage": "curation.basic:CaptionLength"}, {"stage": "tests.stages:FailOnIndex", "source_index": 4500}]
     with pytest.raises(Exception, match="boom on row 4500"):
         run_pipeline_dict(_config(tmp_path, pool, f"fail-{kind}", stages, shard_size=1000), runner_factory(kind))
     run_dir = tmp_path / "runs" / f"fail-{kind}"
@@ -109,12 +118,15 @@ def test_a_stage_that_kills_its_worker_fails_the_run_instead_of_retrying_forever
 
 def test_a_worker_that_dies_once_is_replaced_and_the_run_says_so(tmp_path, pool, runner_factory, caplog):
     stages = [{"stage": "tests.stages:DieOnce", "marker": str(tmp_path / "died")}]
-    plan, manifest = run_pipeline_dict(_config(tmp_path, pool, "die-once", stages, shard_size=5000),
-                                       runner_factory("ray"))
+    plan, manifest = run_pipeline_dict(
+        _config(tmp_path, pool, "die-once", stages, shard_size=5000), runner_factory("ray")
+    )
     assert manifest.status == "complete" and manifest.phases[-1].rows_out == manifest.phases[0].rows_out
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warning.startswith("1 Ray worker(s) died during phase 01_die_once and Ray ran their work again, "
-                              "restarting the actors of die_once (SYSTEM_ERROR: "), warning
+    assert warning.startswith(
+        "1 Ray worker(s) died during phase 01_die_once and Ray ran their work again, "
+        "restarting the actors of die_once (SYSTEM_ERROR: "
+    ), warning
 
 
 def test_placement_scales_cpu_requests_when_stateful_stages_do_not_fit(caplog):
@@ -140,8 +152,11 @@ def test_placement_scales_memory_requests_that_do_not_fit(caplog):
     from pipelines.stage import GiB, Resources
     from tests.stages import CountSetup, Slow
 
-    stages = [PlannedStage("a", CountSetup(resources=Resources(memory=3 * GiB))),
-              PlannedStage("b", Slow(resources=Resources(memory=2 * GiB))), PlannedStage("c", Slow())]
+    stages = [
+        PlannedStage("a", CountSetup(resources=Resources(memory=3 * GiB))),
+        PlannedStage("b", Slow(resources=Resources(memory=2 * GiB))),
+        PlannedStage("c", Slow()),
+    ]
     assert plan_placement(stages, cluster_cpus=8, has_gpu=False, cluster_memory=8 * GiB).memory_scale == 1.0
     tight = plan_placement(stages, cluster_cpus=8, has_gpu=False, cluster_memory=5 * GiB)
     assert tight.memory_scale == pytest.approx(0.8)  # 5 GiB declared, 80% of 5 GiB granted
@@ -151,8 +166,9 @@ def test_placement_scales_memory_requests_that_do_not_fit(caplog):
 def test_a_stage_declaring_more_memory_than_ray_has_still_runs(tmp_path, pool, runner_factory, caplog):
     caplog.set_level("INFO")
     stages = [{"stage": "tests.stages:CountSetup", "resources": {"memory": 2**50, "concurrency": 1}}]
-    plan, manifest = run_pipeline_dict(_config(tmp_path, pool, "memory", stages, shard_size=5000),
-                                       runner_factory("ray"))
+    plan, manifest = run_pipeline_dict(
+        _config(tmp_path, pool, "memory", stages, shard_size=5000), runner_factory("ray")
+    )
     assert manifest.status == "complete"
     assert "stages ['count_setup'] declare 1048576.0 GiB of memory" in caplog.text
 
@@ -211,8 +227,11 @@ def test_ray_steps_are_named_after_their_stages(ray_session):
         ds = _map(ds, planned, _apply_stage_batch, placement, label=planned.name)
     ds = _map(ds, stages[1], _compute_batch, placement, label="count_setup_compute", rundir=None, phase="p")
     plan = repr(ds)
-    assert plan.index("MapBatches(count_setup_compute)") < plan.index("MapBatches(count_setup)") \
+    assert (
+        plan.index("MapBatches(count_setup_compute)")
+        < plan.index("MapBatches(count_setup)")
         < plan.index("MapBatches(caption_length)")
+    )
 
 
 @dataclass

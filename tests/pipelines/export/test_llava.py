@@ -45,13 +45,23 @@ def assert_llava_file(path: Path, root: Path) -> list[dict]:
 
 
 def _instruction(uid: str, kind: str) -> dict:
-    return record(f"{uid}-{kind}", kind, [(f"What is shown in {uid}?", f"Picture {uid}."), ("More?", "No.")],
-                  model="grounded", prompt_version="grounded-1")
+    return record(
+        f"{uid}-{kind}",
+        kind,
+        [(f"What is shown in {uid}?", f"Picture {uid}."), ("More?", "No.")],
+        model="grounded",
+        prompt_version="grounded-1",
+    )
 
 
 def _brief(uid: str, n: int) -> dict:
-    return record(f"{uid}-brief-{n}", "brief", [("Describe briefly.", f"caption {n} of {uid}")],
-                  model="caption", prompt_version="brief-1")
+    return record(
+        f"{uid}-brief-{n}",
+        "brief",
+        [("Describe briefly.", f"caption {n} of {uid}")],
+        model="caption",
+        prompt_version="brief-1",
+    )
 
 
 def _rows() -> pa.Table:
@@ -62,16 +72,25 @@ def _rows() -> pa.Table:
     briefs = [None if n is None else [_brief(u, j) for j in range(n)] for u, n in zip(uids, [1, 1, 0, 0, 0, None, 2])]
     n = len(uids)
     images = [make_image(24, 16, "PNG" if i == 3 else "JPEG", seed=i) for i in range(n)]
-    return pa.table({"uid": uids, "caption": [f"caption {i}" for i in range(n)], "image": images,
-                     INSTRUCTIONS: pa.array(instructions, RECORDS), BRIEF_RECORDS: pa.array(briefs, RECORDS)})
+    return pa.table(
+        {
+            "uid": uids,
+            "caption": [f"caption {i}" for i in range(n)],
+            "image": images,
+            INSTRUCTIONS: pa.array(instructions, RECORDS),
+            BRIEF_RECORDS: pa.array(briefs, RECORDS),
+        }
+    )
 
 
 def _export(root: Path, rows: pa.Table, cuts: tuple[int, ...] = (0, 4)) -> Path:
     """Write ``rows`` as llava export shards starting at ``cuts``, then finish; return the llava folder."""
     rundir = RunDir(str(root))
     bounds = [*cuts, rows.num_rows]
-    counts = [(i, bounds[i + 1] - start, write_llava_shard(rundir, "export", i, rows.slice(start, bounds[i + 1] - start)))
-              for i, start in enumerate(cuts)]
+    counts = [
+        (i, bounds[i + 1] - start, write_llava_shard(rundir, "export", i, rows.slice(start, bounds[i + 1] - start)))
+        for i, start in enumerate(cuts)
+    ]
     finish_export(rundir, "export", {"formats": ["llava"], "phase": "01_x"}, counts)
     return root / "export" / "llava"
 
@@ -115,9 +134,11 @@ def test_merge_handles_empty_shards_and_only_one_stage(tmp_path):
     rows = _rows().drop_columns([BRIEF_RECORDS])
     empty = rows.slice(0, 0)
     rundir = RunDir(str(tmp_path))
-    counts = [(0, 0, write_llava_shard(rundir, "export", 0, empty)),
-              (1, 7, write_llava_shard(rundir, "export", 1, rows)),
-              (2, 0, write_llava_shard(rundir, "export", 2, empty))]
+    counts = [
+        (0, 0, write_llava_shard(rundir, "export", 0, empty)),
+        (1, 7, write_llava_shard(rundir, "export", 1, rows)),
+        (2, 0, write_llava_shard(rundir, "export", 2, empty)),
+    ]
     finish_export(rundir, "export", {"formats": ["llava"], "phase": "01_x"}, counts)
     folder = tmp_path / "export" / "llava"
     assert not (folder / "stage1.json").exists() and not (folder / "stage1").exists()
@@ -179,12 +200,18 @@ def test_pipeline_exports_llava_from_the_instruct_stages(tmp_path, runner_factor
                 caption = "" if i == 4 else f"A red bus number {i} parked on a street."
                 writer.writerow([server.add(f"{i}.jpg", make_image(48, 32, seed=i)), caption])
         for kind in ("local", "ray"):
-            config = {"name": "llava", "input": str(pool), "output_dir": str(tmp_path / kind), "shard_size": 4,
-                      "stages": [{"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"],
-                                  "threads": 2},
-                                 {"stage": "generators.instruct.stage:InstructGenerate"},
-                                 {"stage": "generators.instruct.stage:BriefDescriptions"}],
-                      "export": {"samples_per_shard": 3, "formats": ["llava"]}}
+            config = {
+                "name": "llava",
+                "input": str(pool),
+                "output_dir": str(tmp_path / kind),
+                "shard_size": 4,
+                "stages": [
+                    {"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"], "threads": 2},
+                    {"stage": "generators.instruct.stage:InstructGenerate"},
+                    {"stage": "generators.instruct.stage:BriefDescriptions"},
+                ],
+                "export": {"samples_per_shard": 3, "formats": ["llava"]},
+            }
             plan = build_plan(parse_config(config))
             runs[kind] = plan, run_pipeline(plan, runner_factory(kind))
     finally:

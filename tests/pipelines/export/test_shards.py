@@ -45,12 +45,15 @@ def webdataset_tar(rows: pa.Table) -> bytes:
 
 
 def _rows(n: int) -> pa.Table:
-    return pa.table({
-        "uid": [f"{i:032x}" for i in range(n)], "source_index": list(range(n)),
-        "caption": [f"a caption {i}" for i in range(n)],
-        "image": [make_image(40, 30, seed=i) for i in range(n)],
-        "score": [0.5, float("nan"), 1.0][:n] + [0.0] * max(0, n - 3),
-    })
+    return pa.table(
+        {
+            "uid": [f"{i:032x}" for i in range(n)],
+            "source_index": list(range(n)),
+            "caption": [f"a caption {i}" for i in range(n)],
+            "image": [make_image(40, 30, seed=i) for i in range(n)],
+            "score": [0.5, float("nan"), 1.0][:n] + [0.0] * max(0, n - 3),
+        }
+    )
 
 
 def test_tar_members_are_grouped_per_sample_with_fixed_metadata():
@@ -105,9 +108,14 @@ def exported(tmp_path_factory):
         writer.writerow(["url", "caption"])
         for i in range(23):
             writer.writerow([server.add(f"{i}.jpg", make_image(80, 60, seed=i)), f"a picture numbered {i}"])
-    config = {"name": "exp", "input": str(pool), "output_dir": str(tmp / "runs"), "shard_size": 6,
-              "stages": [{"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"], "threads": 4}],
-              "export": {"samples_per_shard": 10}}
+    config = {
+        "name": "exp",
+        "input": str(pool),
+        "output_dir": str(tmp / "runs"),
+        "shard_size": 6,
+        "stages": [{"stage": "pipelines.download:Download", "allow_addresses": ["127.0.0.1"], "threads": 4}],
+        "export": {"samples_per_shard": 10},
+    }
     plan = build_plan(parse_config(config))
     manifest = run_pipeline(plan, LocalRunner())
     yield config, plan, manifest, tmp / "runs" / "exp" / "export"
@@ -116,8 +124,11 @@ def exported(tmp_path_factory):
 
 def test_export_writes_uniform_tars_sizes_and_parquet(exported):
     _, plan, manifest, folder = exported
-    assert json.loads((folder / "webdataset" / "sizes.json").read_text()) == \
-        {"00000.tar": 10, "00001.tar": 10, "00002.tar": 3}
+    assert json.loads((folder / "webdataset" / "sizes.json").read_text()) == {
+        "00000.tar": 10,
+        "00001.tar": 10,
+        "00002.tar": 3,
+    }
     parquet = pa.concat_tables([pq.read_table(folder / "parquet" / f"{i:05d}.parquet") for i in range(3)])
     assert parquet.equals(read_phase(plan.run_uri, manifest.final_phase))  # every column, in order
     assert manifest.export["rows"] == 23 and manifest.export["shards"] == 3
@@ -129,9 +140,16 @@ def test_open_clip_reads_the_tars(exported):
     from torchvision import transforms
 
     _, _, _, folder = exported
-    args = Namespace(train_data=str(folder / "webdataset" / "{00000..00002}.tar"), train_num_samples=None,
-                     dataset_resampled=False, train_data_upsampling_factors=None, seed=0, batch_size=4,
-                     workers=0, world_size=1)
+    args = Namespace(
+        train_data=str(folder / "webdataset" / "{00000..00002}.tar"),
+        train_num_samples=None,
+        dataset_resampled=False,
+        train_data_upsampling_factors=None,
+        seed=0,
+        batch_size=4,
+        workers=0,
+        world_size=1,
+    )
     preprocess = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
     info = get_wds_dataset(args, preprocess, is_train=True, tokenizer=lambda text: torch.zeros(1, 77))
     images, texts = next(iter(info.dataloader))
@@ -148,9 +166,10 @@ def test_rerun_skips_the_export_and_new_settings_rewrite_it(exported, tmp_path):
     before = os.stat(tar).st_mtime_ns
     run_pipeline(build_plan(parse_config(config)), LocalRunner())
     assert os.stat(tar).st_mtime_ns == before
-    manifest = run_pipeline(build_plan(parse_config({**config, "export": {"samples_per_shard": 20,
-                                                                           "formats": ["webdataset"]}})),
-                            LocalRunner())
+    manifest = run_pipeline(
+        build_plan(parse_config({**config, "export": {"samples_per_shard": 20, "formats": ["webdataset"]}})),
+        LocalRunner(),
+    )
     assert sorted(os.listdir(folder / "webdataset")) == ["00000.tar", "00001.tar", "sizes.json"]
     assert not (folder / "parquet").exists()  # stale files of the old export are gone
     assert manifest.export["samples_per_shard"] == 20

@@ -33,8 +33,9 @@ def split(path: Path, dialect: Dialect, limit: int, chunk_bytes: int, fields: in
                     assert run.reason == "malformed_row"
                     items.append((int(re.search(r"line (\d+)", run.detail).group(1)), run.detail))
                     continue
-                items += [(int(batch.lines[k]), bytes(batch.data[batch.starts[k]:batch.stops[k]]))
-                          for k in range(*run)]
+                items += [
+                    (int(batch.lines[k]), bytes(batch.data[batch.starts[k] : batch.stops[k]])) for k in range(*run)
+                ]
     return header, items
 
 
@@ -67,8 +68,7 @@ def test_every_line_is_in_one_record_or_one_reject(tmp_path, dialect):
         covered = {1} if dialect is not JSONL else set()
         for chunk_bytes in (1, 3, 64):
             _, items = split(path, dialect, limit, chunk_bytes, fields=2)
-            spans = [(line, line + (1 if isinstance(item, str) else len(ends.findall(item))))
-                     for line, item in items]
+            spans = [(line, line + (1 if isinstance(item, str) else len(ends.findall(item)))) for line, item in items]
             assert all(a < b for a, b in spans)
             assert all(b <= c for (_, b), (c, _) in zip(spans, spans[1:])), (data, items)
             found = covered | {n for a, b in spans for n in range(a, b)}
@@ -82,11 +82,14 @@ def test_every_line_is_in_one_record_or_one_reject(tmp_path, dialect):
 def pyarrow_rows(data: bytes) -> int:
     """How many rows (valid or not) pyarrow reads from a whole csv file with a header h1,h2."""
     invalid = []
-    table = pacsv.read_csv(pa.py_buffer(data), read_options=pacsv.ReadOptions(block_size=MiB),
-                           parse_options=pacsv.ParseOptions(newlines_in_values=True,
-                                                            invalid_row_handler=lambda row: invalid.append(row)
-                                                            or "skip"),
-                           convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(["h1", "h2"], pa.binary())))
+    table = pacsv.read_csv(
+        pa.py_buffer(data),
+        read_options=pacsv.ReadOptions(block_size=MiB),
+        parse_options=pacsv.ParseOptions(
+            newlines_in_values=True, invalid_row_handler=lambda row: invalid.append(row) or "skip"
+        ),
+        convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(["h1", "h2"], pa.binary())),
+    )
     return table.num_rows + len(invalid)
 
 
@@ -111,10 +114,12 @@ def test_quoted_record_over_the_limit_costs_its_first_line(tmp_path):
     first, *middle, closing, last = items
     assert first[0] == 2 and first[1].startswith(
         "csv line 2: a quoted record over several lines, longer than the row limit of 100 bytes "
-        "(input_max_row_bytes) (an unterminated quote?): 'http://127.0.0.1/a,\"x'")
+        "(input_max_row_bytes) (an unterminated quote?): 'http://127.0.0.1/a,\"x'"
+    )
     assert middle == [(n, b"x\n") for n in range(3, 103)]  # read again, one record a line
-    assert closing[0] == 103 and closing[1].startswith("csv line 103: unterminated quote (still open at "
-                                                              "the end of the file)")
+    assert closing[0] == 103 and closing[1].startswith(
+        "csv line 103: unterminated quote (still open at the end of the file)"
+    )
     assert last == (104, b"http://127.0.0.1/b,ok\n")
 
 
@@ -172,23 +177,33 @@ def huge(fill: bytes):
 
 
 def read_in_child(path: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", _READ_IN_CHILD, str(path)], capture_output=True, text=True,
-                          cwd=REPO_ROOT, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_IN_CHILD, str(path)], capture_output=True, text=True, cwd=REPO_ROOT, check=True
+    )
     return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_huge_jsonl_line_is_rejected_in_bounded_memory(tmp_path):
-    path = gzip_file(tmp_path / "p.jsonl.gz", [b'{"url": "http://a.test/1", "caption": "one"}\n',
-                                              b'{"url": "http://a.test/2", "caption": "', *huge(b"x"), b'"}\n',
-                                              b'{"url": "http://a.test/3", "caption": "three"}\n'])
+    path = gzip_file(
+        tmp_path / "p.jsonl.gz",
+        [
+            b'{"url": "http://a.test/1", "caption": "one"}\n',
+            b'{"url": "http://a.test/2", "caption": "',
+            *huge(b"x"),
+            b'"}\n',
+            b'{"url": "http://a.test/3", "caption": "three"}\n',
+        ],
+    )
     result = read_in_child(path)
     assert (result["kept"], result["rejected"]) == (2, {"malformed_row": 1})
     assert result["peak_mib"] < PEAK_BOUND_MIB
 
 
 def test_huge_csv_field_is_rejected_in_bounded_memory(tmp_path):
-    path = gzip_file(tmp_path / "p.csv.gz", [b'url,caption\nhttp://a.test/1,one\nhttp://a.test/2,"', *huge(b"x"),
-                                             b'"\nhttp://a.test/3,three\n'])
+    path = gzip_file(
+        tmp_path / "p.csv.gz",
+        [b'url,caption\nhttp://a.test/1,one\nhttp://a.test/2,"', *huge(b"x"), b'"\nhttp://a.test/3,three\n'],
+    )
     result = read_in_child(path)
     assert (result["kept"], result["rejected"]) == (2, {"malformed_row": 1})
     assert result["peak_mib"] < PEAK_BOUND_MIB

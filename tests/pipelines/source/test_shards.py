@@ -36,6 +36,7 @@ GOOD = [
 
 # Helpers ---------------------------------------------------------------------------------------
 
+
 def read_all(spec: SourceSpec, shard_size: int = 1000):
     """Every shard of ``spec``; checks the per-shard invariants; returns (shards, kept, rejects)."""
     shards = list(read_shards(spec, shard_size))
@@ -79,8 +80,7 @@ def write_csv(path: Path, rows, header=("url", "caption"), sep=",") -> Path:
 
 
 def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records),
-                    encoding="utf-8")
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
     return path
 
 
@@ -95,9 +95,9 @@ def reasons_by_index(rejects: pa.Table) -> dict[int, str]:
 
 # Formats ---------------------------------------------------------------------------------------
 
+
 def test_reads_parquet(tmp_path):
-    path = write_parquet(tmp_path / "pool.parquet",
-                         {"url": [u for u, _ in GOOD], "caption": [c for _, c in GOOD]})
+    path = write_parquet(tmp_path / "pool.parquet", {"url": [u for u, _ in GOOD], "caption": [c for _, c in GOOD]})
     shards, kept, rejects = read_all(SourceSpec(str(path)))
     assert len(shards) == 1 and rejects is None
     assert kept["url"].to_pylist() == [u for u, _ in GOOD]
@@ -108,8 +108,11 @@ def test_reads_parquet(tmp_path):
 
 def test_reads_csv_with_quotes_and_embedded_newline(tmp_path):
     path = tmp_path / "pool.csv"
-    path.write_text('url,caption\nhttp://a.test/1.jpg,"a dog, a cat"\nhttp://a.test/2.jpg,"line one\nline two"\n'
-                    'http://a.test/3.jpg,plain words\n', encoding="utf-8")
+    path.write_text(
+        'url,caption\nhttp://a.test/1.jpg,"a dog, a cat"\nhttp://a.test/2.jpg,"line one\nline two"\n'
+        "http://a.test/3.jpg,plain words\n",
+        encoding="utf-8",
+    )
     _, kept, rejects = read_all(SourceSpec(str(path)))
     assert rejects is None
     assert kept["caption"].to_pylist() == ["a dog, a cat", "line one\nline two", "plain words"]
@@ -117,8 +120,9 @@ def test_reads_csv_with_quotes_and_embedded_newline(tmp_path):
 
 
 def test_reads_tsv_without_quote_processing(tmp_path):
-    path = write_csv(tmp_path / "pool.tsv", [("http://a.test/1.jpg", 'say "hi" there'), ("http://a.test/2.jpg", "b, c")],
-                     sep="\t")
+    path = write_csv(
+        tmp_path / "pool.tsv", [("http://a.test/1.jpg", 'say "hi" there'), ("http://a.test/2.jpg", "b, c")], sep="\t"
+    )
     _, kept, rejects = read_all(SourceSpec(str(path)))
     assert rejects is None
     assert kept["caption"].to_pylist() == ['say "hi" there', "b, c"]
@@ -126,8 +130,13 @@ def test_reads_tsv_without_quote_processing(tmp_path):
 
 def test_reads_jsonl_and_skips_blank_lines(tmp_path):
     path = tmp_path / "pool.jsonl"
-    path.write_text(json.dumps({"url": GOOD[0][0], "caption": GOOD[0][1]}) + "\n\n   \n"
-                    + json.dumps({"url": GOOD[1][0], "caption": GOOD[1][1]}) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps({"url": GOOD[0][0], "caption": GOOD[0][1]})
+        + "\n\n   \n"
+        + json.dumps({"url": GOOD[1][0], "caption": GOOD[1][1]})
+        + "\n",
+        encoding="utf-8",
+    )
     shards, kept, rejects = read_all(SourceSpec(str(path)))
     assert rejects is None
     assert shards[0].counts.rows_in == 2  # blank lines are not rows
@@ -158,6 +167,7 @@ def test_unknown_explicit_format_is_rejected(tmp_path):
 
 
 # Files, folders, globs, shards -----------------------------------------------------------------
+
 
 def _three_csv_files(folder: Path) -> list[list[tuple[str, str]]]:
     folder.mkdir(exist_ok=True)
@@ -233,10 +243,17 @@ def test_folder_with_mixed_formats(tmp_path):
 
 # Column detection ------------------------------------------------------------------------------
 
+
 def test_auto_detects_laion_columns_in_parquet(tmp_path):
-    path = write_parquet(tmp_path / "laion.parquet",
-                         {"SAMPLE_ID": [1, 2], "URL": ["http://l.test/1", "http://l.test/2"],
-                          "TEXT": ["laion one", "laion two"], "similarity": [0.3, 0.4]})
+    path = write_parquet(
+        tmp_path / "laion.parquet",
+        {
+            "SAMPLE_ID": [1, 2],
+            "URL": ["http://l.test/1", "http://l.test/2"],
+            "TEXT": ["laion one", "laion two"],
+            "similarity": [0.3, 0.4],
+        },
+    )
     _, kept, _ = read_all(SourceSpec(str(path)))
     assert kept["url"].to_pylist() == ["http://l.test/1", "http://l.test/2"]
     assert kept["caption"].to_pylist() == ["laion one", "laion two"]
@@ -255,16 +272,26 @@ def test_auto_detects_laion_columns_in_csv_and_jsonl(tmp_path):
 
 def test_auto_detection_prefers_earlier_candidates(tmp_path):
     # ``url`` wins over ``image_url``, ``caption`` over ``TEXT`` and ``title``.
-    path = write_parquet(tmp_path / "p.parquet",
-                         {"image_url": ["http://img.test/"], "url": ["http://page.test/"], "title": ["the title"],
-                          "TEXT": ["laion text"], "caption": ["the caption"]})
+    path = write_parquet(
+        tmp_path / "p.parquet",
+        {
+            "image_url": ["http://img.test/"],
+            "url": ["http://page.test/"],
+            "title": ["the title"],
+            "TEXT": ["laion text"],
+            "caption": ["the caption"],
+        },
+    )
     _, kept, _ = read_all(SourceSpec(str(path)))
     assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://page.test/", "caption": "the caption"}]
 
 
 def test_explicit_columns(tmp_path):
-    path = write_csv(tmp_path / "p.csv", [("http://page.test/", "http://img.test/", "alt words", "the title")],
-                     header=("url", "img_src", "alt", "title"))
+    path = write_csv(
+        tmp_path / "p.csv",
+        [("http://page.test/", "http://img.test/", "alt words", "the title")],
+        header=("url", "img_src", "alt", "title"),
+    )
     _, kept, _ = read_all(SourceSpec(str(path), url_column="img_src", caption_column="title"))
     assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://img.test/", "caption": "the title"}]
 
@@ -304,6 +331,7 @@ def test_missing_keep_or_uid_column_is_named(tmp_path):
 
 
 # uids ------------------------------------------------------------------------------------------
+
 
 def test_uids_are_stable_unique_and_independent_of_sharding(tmp_path):
     rows = [(f"http://x.test/{i % 3}", f"same caption {i % 3}") for i in range(9)]  # duplicates on purpose
@@ -349,15 +377,18 @@ def test_user_uid_column_is_used_as_is(tmp_path, fmt):
 
 
 def test_integer_uid_column_becomes_text(tmp_path):
-    path = write_parquet(tmp_path / "p.parquet", {"id": pa.array([7, 8], pa.int64()),
-                                                  "url": ["http://a.test/", "http://b.test/"], "caption": ["a a", "b b"]})
+    path = write_parquet(
+        tmp_path / "p.parquet",
+        {"id": pa.array([7, 8], pa.int64()), "url": ["http://a.test/", "http://b.test/"], "caption": ["a a", "b b"]},
+    )
     _, kept, _ = read_all(SourceSpec(str(path), uid_column="id"))
     assert kept["uid"].to_pylist() == ["7", "8"]
 
 
 def test_empty_user_uid_is_rejected(tmp_path):
-    path = write_parquet(tmp_path / "p.parquet", {"id": ["u1", "", "u3"],
-                                                  "url": [u for u, _ in GOOD], "caption": [c for _, c in GOOD]})
+    path = write_parquet(
+        tmp_path / "p.parquet", {"id": ["u1", "", "u3"], "url": [u for u, _ in GOOD], "caption": [c for _, c in GOOD]}
+    )
     _, kept, rejects = read_all(SourceSpec(str(path), uid_column="id"))
     assert kept["uid"].to_pylist() == ["u1", "u3"]
     assert reasons_by_index(rejects) == {1: "missing_uid"}
@@ -365,8 +396,9 @@ def test_empty_user_uid_is_rejected(tmp_path):
 
 
 def test_null_user_uid_is_rejected(tmp_path):
-    path = write_parquet(tmp_path / "p.parquet", {"id": ["u1", None, "u3"],
-                                                  "url": [u for u, _ in GOOD], "caption": [c for _, c in GOOD]})
+    path = write_parquet(
+        tmp_path / "p.parquet", {"id": ["u1", None, "u3"], "url": [u for u, _ in GOOD], "caption": [c for _, c in GOOD]}
+    )
     _, kept, rejects = read_all(SourceSpec(str(path), uid_column="id"))
     assert kept["uid"].to_pylist() == ["u1", "u3"]
     assert reasons_by_index(rejects) == {1: "missing_uid"}
@@ -375,8 +407,9 @@ def test_null_user_uid_is_rejected(tmp_path):
 
 
 def test_rows_with_empty_user_uid_get_distinct_reject_uids(tmp_path):
-    path = write_csv(tmp_path / "p.csv", [("u1", *GOOD[0]), ("", *GOOD[1]), ("", *GOOD[2])],
-                     header=("key", "url", "caption"))
+    path = write_csv(
+        tmp_path / "p.csv", [("u1", *GOOD[0]), ("", *GOOD[1]), ("", *GOOD[2])], header=("key", "url", "caption")
+    )
     _, kept, rejects = read_all(SourceSpec(str(path), uid_column="key"))
     assert kept["uid"].to_pylist() == ["u1"]
     assert rejects["reason"].to_pylist() == ["missing_uid", "missing_uid"]
@@ -387,12 +420,18 @@ def test_rows_with_empty_user_uid_get_distinct_reject_uids(tmp_path):
 
 # keep_columns ----------------------------------------------------------------------------------
 
+
 def test_keep_columns_carried_through_parquet_with_types(tmp_path):
-    path = write_parquet(tmp_path / "p.parquet", {
-        "URL": [u for u, _ in GOOD], "TEXT": [c for _, c in GOOD],
-        "similarity": pa.array([0.1, 0.2, 0.3], pa.float64()), "WIDTH": pa.array([10, 20, 30], pa.int32()),
-        "dropped": ["x", "y", "z"],
-    })
+    path = write_parquet(
+        tmp_path / "p.parquet",
+        {
+            "URL": [u for u, _ in GOOD],
+            "TEXT": [c for _, c in GOOD],
+            "similarity": pa.array([0.1, 0.2, 0.3], pa.float64()),
+            "WIDTH": pa.array([10, 20, 30], pa.int32()),
+            "dropped": ["x", "y", "z"],
+        },
+    )
     _, kept, _ = read_all(SourceSpec(str(path), keep_columns=("similarity", "WIDTH")))
     assert kept.column_names == [*BASE_COLUMNS, "similarity", "WIDTH"]
     assert kept["similarity"].to_pylist() == [0.1, 0.2, 0.3]
@@ -401,10 +440,18 @@ def test_keep_columns_carried_through_parquet_with_types(tmp_path):
 
 
 def test_keep_columns_carried_through_csv_and_jsonl(tmp_path):
-    csv = write_csv(tmp_path / "p.csv", [("http://a.test/", "a a", "p1"), ("http://b.test/", "b b", "p2")],
-                    header=("url", "caption", "page"))
-    jsonl = write_jsonl(tmp_path / "p.jsonl", [{"url": "http://a.test/", "caption": "a a", "meta": {"w": 1}},
-                                               {"url": "http://b.test/", "caption": "b b", "meta": {"w": 2}}])
+    csv = write_csv(
+        tmp_path / "p.csv",
+        [("http://a.test/", "a a", "p1"), ("http://b.test/", "b b", "p2")],
+        header=("url", "caption", "page"),
+    )
+    jsonl = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"url": "http://a.test/", "caption": "a a", "meta": {"w": 1}},
+            {"url": "http://b.test/", "caption": "b b", "meta": {"w": 2}},
+        ],
+    )
     _, kept_csv, _ = read_all(SourceSpec(str(csv), keep_columns=("page",)))
     _, kept_json, _ = read_all(SourceSpec(str(jsonl), keep_columns=("meta",)))
     assert kept_csv["page"].to_pylist() == ["p1", "p2"]
@@ -412,20 +459,28 @@ def test_keep_columns_carried_through_csv_and_jsonl(tmp_path):
 
 
 def test_keep_column_with_mixed_json_types_is_json_text(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"url": "http://a.test/", "caption": "a a", "extra": 1},
-                                              {"url": "http://b.test/", "caption": "b b", "extra": "two"},
-                                              {"url": "http://c.test/", "caption": "c c", "extra": [3]}])
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"url": "http://a.test/", "caption": "a a", "extra": 1},
+            {"url": "http://b.test/", "caption": "b b", "extra": "two"},
+            {"url": "http://c.test/", "caption": "c c", "extra": [3]},
+        ],
+    )
     _, kept, _ = read_all(SourceSpec(str(path), keep_columns=("extra",)))
     assert kept["extra"].to_pylist() == ["1", "two", "[3]"]  # strings as they are, other values as JSON
 
 
 def test_keep_columns_appear_in_reject_records(tmp_path):
-    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a.test/", "http://b.test/"], "caption": ["a a", None],
-                                                  "page": ["p1", "p2"]})
+    path = write_parquet(
+        tmp_path / "p.parquet",
+        {"url": ["http://a.test/", "http://b.test/"], "caption": ["a a", None], "page": ["p1", "p2"]},
+    )
     _, kept, rejects = read_all(SourceSpec(str(path), keep_columns=("page",)))
     assert kept["page"].to_pylist() == ["p1"]
     assert rejects.select(["reason", "url", "page"]).to_pylist() == [
-        {"reason": "missing_caption", "url": "http://b.test/", "page": "p2"}]
+        {"reason": "missing_caption", "url": "http://b.test/", "page": "p2"}
+    ]
 
 
 def test_keep_columns_must_not_clash_with_reserved_names():
@@ -443,6 +498,7 @@ def test_keep_column_types_may_differ_between_files(tmp_path):
 
 
 # Whole-file problems ---------------------------------------------------------------------------
+
 
 def test_missing_input_file(tmp_path):
     path = tmp_path / "nope.parquet"
@@ -479,8 +535,9 @@ def test_file_without_rows(tmp_path, kind):
         path = tmp_path / "p.csv"
         path.write_text("url,caption\n")
     elif kind == "parquet_zero_rows":
-        path = write_parquet(tmp_path / "p.parquet", {"url": pa.array([], pa.string()),
-                                                      "caption": pa.array([], pa.string())})
+        path = write_parquet(
+            tmp_path / "p.parquet", {"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}
+        )
     else:
         path = tmp_path / "p.jsonl"
         path.write_text("\n\n  \n")
@@ -513,8 +570,13 @@ def test_parquet_column_that_is_not_text(tmp_path, column):
 
 @pytest.mark.parametrize("text_type", [pa.large_string(), pa.binary(), pa.large_binary(), pa.string_view()])
 def test_parquet_text_types_are_accepted(tmp_path, text_type):
-    path = write_parquet(tmp_path / "p.parquet", {"url": pa.array(["http://a.test/", "http://b.test/"]).cast(text_type),
-                                                  "caption": pa.array(["a a", None]).cast(text_type)})
+    path = write_parquet(
+        tmp_path / "p.parquet",
+        {
+            "url": pa.array(["http://a.test/", "http://b.test/"]).cast(text_type),
+            "caption": pa.array(["a a", None]).cast(text_type),
+        },
+    )
     _, kept, rejects = read_all(SourceSpec(str(path)))
     assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://a.test/", "caption": "a a"}]
     assert reasons_by_index(rejects) == {1: "missing_caption"}
@@ -528,17 +590,22 @@ def test_parquet_all_null_caption_column_rejects_every_row(tmp_path):
 
 
 def test_parquet_dictionary_encoded_caption_is_text(tmp_path):
-    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a.test/", "http://b.test/"],
-                                                  "caption": pa.array(["a cat", "a cat"]).dictionary_encode()})
+    path = write_parquet(
+        tmp_path / "p.parquet",
+        {"url": ["http://a.test/", "http://b.test/"], "caption": pa.array(["a cat", "a cat"]).dictionary_encode()},
+    )
     _, kept, _ = read_all(SourceSpec(str(path)))
     assert kept["caption"].to_pylist() == ["a cat", "a cat"]
 
 
 # Row-level problems ----------------------------------------------------------------------------
 
+
 def test_csv_malformed_row_is_rejected_and_others_kept(tmp_path):
     path = tmp_path / "p.csv"
-    path.write_text("url,caption\nhttp://a.test/,one two\nhttp://b.test/,x,y\nhttp://c.test/,three four\nhttp://d.test/\n")
+    path.write_text(
+        "url,caption\nhttp://a.test/,one two\nhttp://b.test/,x,y\nhttp://c.test/,three four\nhttp://d.test/\n"
+    )
     shards, kept, rejects = read_all(SourceSpec(str(path)))
     assert shards[0].counts.rows_in == 4
     assert shards[0].counts.rejected == {"malformed_row": 2}
@@ -570,7 +637,10 @@ def test_csv_malformed_row_keeps_its_input_position(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("url,caption\nhttp://a.test/,one two\nhttp://b.test/,x,y\nhttp://c.test/,three four\n")
     _, kept, rejects = read_all(SourceSpec(str(path)))
-    assert dict(zip(kept["url"].to_pylist(), kept["source_index"].to_pylist())) == {"http://a.test/": 0, "http://c.test/": 2}
+    assert dict(zip(kept["url"].to_pylist(), kept["source_index"].to_pylist())) == {
+        "http://a.test/": 0,
+        "http://c.test/": 2,
+    }
     assert rejects["source_index"].to_pylist() == [1]
 
 
@@ -585,7 +655,9 @@ def test_csv_empty_url_is_missing_url(tmp_path):
 
 def test_csv_invalid_utf8_caption(tmp_path):
     path = tmp_path / "p.csv"
-    path.write_bytes(b"url,caption\nhttp://a.test/,fine words\nhttp://b.test/,bad \xff\xfe bytes\nhttp://c.test/,more words\n")
+    path.write_bytes(
+        b"url,caption\nhttp://a.test/,fine words\nhttp://b.test/,bad \xff\xfe bytes\nhttp://c.test/,more words\n"
+    )
     shards, kept, rejects = read_all(SourceSpec(str(path)))
     assert kept["url"].to_pylist() == ["http://a.test/", "http://c.test/"]
     assert reasons_by_index(rejects) == {1: "caption_not_utf8"}
@@ -607,7 +679,9 @@ def test_parquet_invalid_utf8_caption(tmp_path, as_string):
     caption = pa.array([b"good caption", b"bad \xff bytes", None], pa.binary())
     if as_string:
         caption = caption.view(pa.string())  # parquet does not validate UTF-8 on write or read
-    path = write_parquet(tmp_path / "p.parquet", {"url": ["http://a.test/", "http://b.test/", "http://c.test/"], "caption": caption})
+    path = write_parquet(
+        tmp_path / "p.parquet", {"url": ["http://a.test/", "http://b.test/", "http://c.test/"], "caption": caption}
+    )
     shards, kept, rejects = read_all(SourceSpec(str(path)))
     assert kept.select(["url", "caption"]).to_pylist() == [{"url": "http://a.test/", "caption": "good caption"}]
     assert reasons_by_index(rejects) == {1: "caption_not_utf8", 2: "missing_caption"}
@@ -615,17 +689,19 @@ def test_parquet_invalid_utf8_caption(tmp_path, as_string):
 
 
 def test_parquet_empty_url_and_null_caption(tmp_path):
-    path = write_parquet(tmp_path / "p.parquet", {
-        "url": ["http://a.test/", "", "http://c.test/", ""],
-        "caption": ["a a", "b b", None, None],
-    })
+    path = write_parquet(
+        tmp_path / "p.parquet",
+        {
+            "url": ["http://a.test/", "", "http://c.test/", ""],
+            "caption": ["a a", "b b", None, None],
+        },
+    )
     _, kept, rejects = read_all(SourceSpec(str(path)))
     assert kept["url"].to_pylist() == ["http://a.test/"]
     # A row with both problems is rejected once, for the first checked (the url).
     assert reasons_by_index(rejects) == {1: "missing_url", 2: "missing_caption", 3: "missing_url"}
     details = dict(zip(rejects["source_index"].to_pylist(), rejects["detail"].to_pylist()))
-    assert details == {1: "no value in column 'url'", 2: "no value in column 'caption'",
-                       3: "no value in column 'url'"}
+    assert details == {1: "no value in column 'url'", 2: "no value in column 'caption'", 3: "no value in column 'url'"}
 
 
 def test_parquet_null_url_is_missing_url(tmp_path):
@@ -643,28 +719,39 @@ def test_parquet_reject_details_name_the_input_column(tmp_path):
 
 
 def test_jsonl_bad_lines(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [
-        {"url": "http://a.test/", "caption": "good one"},          # 0 kept
-        "this is not json",                                   # 1 malformed_row
-        "[1, 2, 3]",                                          # 2 malformed_row (array)
-        '{"url": "http://d.test/", "caption": "truncated',         # 3 malformed_row
-        {"url": "http://e.test/", "caption": 42},                   # 4 caption_not_text
-        {"url": "http://f.test/", "caption": ["a", "list"]},        # 5 caption_not_text
-        {"url": None, "caption": "null url"},                 # 6 missing_url
-        {"caption": "no url key"},                            # 7 missing_url
-        {"url": "", "caption": "empty url"},                  # 8 missing_url
-        {"url": "http://j.test/", "caption": None},                 # 9 missing_caption
-        {"url": 17, "caption": "numeric url"},                # 10 url_not_text
-        '{"url": "http://l.test/", "caption": "lone \\ud800 surrogate"}',  # 11 caption_not_utf8
-        {"url": "http://m.test/", "caption": "good two"},           # 12 kept
-    ])
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"url": "http://a.test/", "caption": "good one"},  # 0 kept
+            "this is not json",  # 1 malformed_row
+            "[1, 2, 3]",  # 2 malformed_row (array)
+            '{"url": "http://d.test/", "caption": "truncated',  # 3 malformed_row
+            {"url": "http://e.test/", "caption": 42},  # 4 caption_not_text
+            {"url": "http://f.test/", "caption": ["a", "list"]},  # 5 caption_not_text
+            {"url": None, "caption": "null url"},  # 6 missing_url
+            {"caption": "no url key"},  # 7 missing_url
+            {"url": "", "caption": "empty url"},  # 8 missing_url
+            {"url": "http://j.test/", "caption": None},  # 9 missing_caption
+            {"url": 17, "caption": "numeric url"},  # 10 url_not_text
+            '{"url": "http://l.test/", "caption": "lone \\ud800 surrogate"}',  # 11 caption_not_utf8
+            {"url": "http://m.test/", "caption": "good two"},  # 12 kept
+        ],
+    )
     shards, kept, rejects = read_all(SourceSpec(str(path)))
     assert kept["url"].to_pylist() == ["http://a.test/", "http://m.test/"]
     assert kept["source_index"].to_pylist() == [0, 12]
     assert reasons_by_index(rejects) == {
-        1: "malformed_row", 2: "malformed_row", 3: "malformed_row", 4: "caption_not_text",
-        5: "caption_not_text", 6: "missing_url", 7: "missing_url", 8: "missing_url", 9: "missing_caption",
-        10: "url_not_text", 11: "caption_not_utf8",
+        1: "malformed_row",
+        2: "malformed_row",
+        3: "malformed_row",
+        4: "caption_not_text",
+        5: "caption_not_text",
+        6: "missing_url",
+        7: "missing_url",
+        8: "missing_url",
+        9: "missing_caption",
+        10: "url_not_text",
+        11: "caption_not_utf8",
     }
     details = dict(zip(rejects["source_index"].to_pylist(), rejects["detail"].to_pylist()))
     assert details[1].startswith("line 2: ") and "this is not json" in details[1]
@@ -677,7 +764,9 @@ def test_jsonl_bad_lines(tmp_path):
 
 def test_jsonl_invalid_utf8_line_is_malformed(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_bytes(b'{"url": "http://a.test/", "caption": "ok ok"}\n{"url": "http://b.test/", "caption": "bad \xff"}\n')
+    path.write_bytes(
+        b'{"url": "http://a.test/", "caption": "ok ok"}\n{"url": "http://b.test/", "caption": "bad \xff"}\n'
+    )
     _, kept, rejects = read_all(SourceSpec(str(path)))
     assert kept["url"].to_pylist() == ["http://a.test/"]
     assert reasons_by_index(rejects) == {1: "malformed_row"}
@@ -685,9 +774,14 @@ def test_jsonl_invalid_utf8_line_is_malformed(tmp_path):
 
 
 def test_jsonl_missing_user_uid(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "k1", "url": "http://a.test/", "caption": "a a"},
-                                              {"id": "", "url": "http://b.test/", "caption": "b b"},
-                                              {"id": None, "url": "http://c.test/", "caption": "c c"}])
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "k1", "url": "http://a.test/", "caption": "a a"},
+            {"id": "", "url": "http://b.test/", "caption": "b b"},
+            {"id": None, "url": "http://c.test/", "caption": "c c"},
+        ],
+    )
     _, kept, rejects = read_all(SourceSpec(str(path), uid_column="id"))
     assert kept["uid"].to_pylist() == ["k1"]
     assert reasons_by_index(rejects) == {1: "missing_uid", 2: "missing_uid"}
@@ -728,12 +822,16 @@ def test_counts_close_for_every_shard_of_a_messy_pool(tmp_path):
 
 # Hostile rows and damaged files: a bad row costs only that row --------------------------------
 
-@pytest.mark.parametrize("deep", ["[" * 100_000, '{"url": "http://b.test/", "caption": ' + "[" * 100_000],
-                         ids=["array", "inside_an_object"])
+
+@pytest.mark.parametrize(
+    "deep", ["[" * 100_000, '{"url": "http://b.test/", "caption": ' + "[" * 100_000], ids=["array", "inside_an_object"]
+)
 def test_jsonl_line_nested_too_deeply_is_malformed(tmp_path, deep):
     # The first line is also the first one the key probe meets.
-    path = write_jsonl(tmp_path / "p.jsonl", [deep, {"url": "http://a.test/", "caption": "a a"}, deep,
-                                              {"url": "http://c.test/", "caption": "c c"}])
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [deep, {"url": "http://a.test/", "caption": "a a"}, deep, {"url": "http://c.test/", "caption": "c c"}],
+    )
     _, kept, rejects = read_all(SourceSpec(str(path)))
     assert kept["url"].to_pylist() == ["http://a.test/", "http://c.test/"]
     assert reasons_by_index(rejects) == {0: "malformed_row", 2: "malformed_row"}
@@ -743,13 +841,18 @@ def test_jsonl_line_nested_too_deeply_is_malformed(tmp_path, deep):
 
 def test_jsonl_line_longer_than_max_row_bytes_is_malformed(tmp_path):
     long = json.dumps({"url": "http://b.test/", "caption": "x" * 5000})
-    path = write_jsonl(tmp_path / "p.jsonl", [{"url": "http://a.test/", "caption": "a a"}, long,
-                                              {"url": "http://c.test/", "caption": "c c"}])
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"url": "http://a.test/", "caption": "a a"}, long, {"url": "http://c.test/", "caption": "c c"}],
+    )
     _, kept, rejects = read_all(SourceSpec(str(path), max_row_bytes=1000))
     assert kept["url"].to_pylist() == ["http://a.test/", "http://c.test/"]
     assert reasons_by_index(rejects) == {1: "malformed_row"}
-    assert rejects["detail"][0].as_py().startswith(
-        "line 2: longer than the row limit of 1000 bytes (input_max_row_bytes): '{\"url\": \"http://b.test/\"")
+    assert (
+        rejects["detail"][0]
+        .as_py()
+        .startswith('line 2: longer than the row limit of 1000 bytes (input_max_row_bytes): \'{"url": "http://b.test/"')
+    )
 
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv"])
@@ -766,8 +869,15 @@ def test_delimited_record_longer_than_max_row_bytes_is_malformed(tmp_path, fmt):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("fmt", ["csv", "tsv"])
 def test_row_with_the_wrong_fields_and_bytes_that_are_not_utf8_is_malformed(tmp_path, fmt):
-    lines = [b"url,caption", b"http://a.test/,a a", b"http://z.test/,1,2", b"http://b.test/\xff,x,y", b"http://c.test/,c c",
-             b"\xff", b"http://d.test/,d d"]
+    lines = [
+        b"url,caption",
+        b"http://a.test/,a a",
+        b"http://z.test/,1,2",
+        b"http://b.test/\xff,x,y",
+        b"http://c.test/,c c",
+        b"\xff",
+        b"http://d.test/,d d",
+    ]
     path = tmp_path / f"p.{fmt}"
     path.write_bytes(b"".join(line.replace(b",", b"," if fmt == "csv" else b"\t") + b"\n" for line in lines))
     _, kept, rejects = read_all(SourceSpec(str(path)))
@@ -795,8 +905,9 @@ def test_csv_field_of_several_mib_is_kept_under_the_limit_and_rejected_over_it(t
 def _bytes_rows(fmt: str, rows: list[tuple[bytes, ...]], header: tuple[str, ...]) -> bytes:
     """csv/tsv bytes as they are, or jsonl where bytes that are not UTF-8 become lone surrogate escapes."""
     if fmt == "jsonl":
-        return "".join(json.dumps(dict(zip(header, (v.decode("utf-8", "surrogateescape") for v in row)))) + "\n"
-                       for row in rows).encode()
+        return "".join(
+            json.dumps(dict(zip(header, (v.decode("utf-8", "surrogateescape") for v in row)))) + "\n" for row in rows
+        ).encode()
     sep = b"," if fmt == "csv" else b"\t"
     return b"".join(sep.join(row) + b"\n" for row in [tuple(h.encode() for h in header), *rows])
 
@@ -804,15 +915,24 @@ def _bytes_rows(fmt: str, rows: list[tuple[bytes, ...]], header: tuple[str, ...]
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
 def test_uid_or_kept_value_that_is_not_utf8_costs_its_row(tmp_path, fmt):
     header = ("key", "url", "caption", "page")
-    rows = [(b"k1", b"http://a.test/", b"a a", b"p1"), (b"k\xff2", b"http://b.test/", b"b b", b"p2"),
-            (b"k3", b"http://c.test/", b"c c", b"p\xff3"), (b"k4", b"http://d.test/", b"d d", b"p4")]
+    rows = [
+        (b"k1", b"http://a.test/", b"a a", b"p1"),
+        (b"k\xff2", b"http://b.test/", b"b b", b"p2"),
+        (b"k3", b"http://c.test/", b"c c", b"p\xff3"),
+        (b"k4", b"http://d.test/", b"d d", b"p4"),
+    ]
     path = tmp_path / f"p.{fmt}"
     if fmt == "parquet":  # a binary uid column, and a string column that holds bytes (parquet checks neither)
         columns = dict(zip(header, zip(*rows)))
-        write_parquet(path, {"key": pa.array(columns["key"], pa.binary()),
-                             "url": [u.decode() for u in columns["url"]],
-                             "caption": [c.decode() for c in columns["caption"]],
-                             "page": pa.array(columns["page"], pa.binary()).view(pa.string())})
+        write_parquet(
+            path,
+            {
+                "key": pa.array(columns["key"], pa.binary()),
+                "url": [u.decode() for u in columns["url"]],
+                "caption": [c.decode() for c in columns["caption"]],
+                "page": pa.array(columns["page"], pa.binary()).view(pa.string()),
+            },
+        )
     else:
         path.write_bytes(_bytes_rows(fmt, rows, header))
     _, kept, rejects = read_all(SourceSpec(str(path), uid_column="key", keep_columns=("page",)))
@@ -822,8 +942,10 @@ def test_uid_or_kept_value_that_is_not_utf8_costs_its_row(tmp_path, fmt):
     details = rejects["detail"].to_pylist()
     assert details[0].startswith("'key' is not valid UTF-8") and details[1].startswith("'page' is not valid UTF-8")
     # The rest of a rejected row is recorded with it.
-    assert rejects.select(["url", "page"]).to_pylist() == [{"url": "http://b.test/", "page": "p2"},
-                                                           {"url": "http://c.test/", "page": None}]
+    assert rejects.select(["url", "page"]).to_pylist() == [
+        {"url": "http://b.test/", "page": "p2"},
+        {"url": "http://c.test/", "page": None},
+    ]
 
 
 def test_csv_unterminated_quote_costs_only_its_line(tmp_path):
@@ -838,18 +960,24 @@ def test_csv_unterminated_quote_costs_only_its_line(tmp_path):
     assert reasons_by_index(rejects) == {3: "malformed_row"}
     assert rejects["detail"].to_pylist() == [
         "csv line 5: unterminated quote (still open at the end of the file): 'http://x.test/stray,\"a quote never "
-        "closed'"]
+        "closed'"
+    ]
 
 
 def test_csv_stray_quotes_cost_only_their_lines(tmp_path):
     # Two stray quotes would join lines 2-4 into one record: its first line goes, the rest is read again.
     path = tmp_path / "p.csv"
-    path.write_text('url,caption\nhttp://a.test/,"stray one\nhttp://b.test/,b b\nhttp://c.test/,c "c\n'
-                    'http://d.test/,"one"\ntwo\nhttp://e.test/,e e\n')
+    path.write_text(
+        'url,caption\nhttp://a.test/,"stray one\nhttp://b.test/,b b\nhttp://c.test/,c "c\n'
+        'http://d.test/,"one"\ntwo\nhttp://e.test/,e e\n'
+    )
     _, kept, rejects = read_all(SourceSpec(str(path)))
     assert kept.select(["url", "caption"]).to_pylist() == [
-        {"url": "http://b.test/", "caption": "b b"}, {"url": "http://c.test/", "caption": 'c "c'},
-        {"url": "http://d.test/", "caption": "one"}, {"url": "http://e.test/", "caption": "e e"}]
+        {"url": "http://b.test/", "caption": "b b"},
+        {"url": "http://c.test/", "caption": 'c "c'},
+        {"url": "http://d.test/", "caption": "one"},
+        {"url": "http://e.test/", "caption": "e e"},
+    ]
     assert reasons_by_index(rejects) == {0: "malformed_row", 4: "malformed_row"}
     details = rejects["detail"].to_pylist()
     assert details[0].startswith("csv line 2: text after a closing quote in a record over 3 lines")
@@ -870,8 +998,10 @@ def test_csv_multiline_captions_from_a_csv_writer_are_kept(tmp_path):
 
 def test_csv_quote_inside_an_unquoted_field_is_text(tmp_path):
     path = tmp_path / "p.csv"
-    path.write_text('url,caption\nhttp://a.test/,a 12" record\nhttp://b.test/,say "hi" there\n'
-                    'http://c.test/,"quoted"tail\nhttp://d.test/,d d\n')
+    path.write_text(
+        'url,caption\nhttp://a.test/,a 12" record\nhttp://b.test/,say "hi" there\n'
+        'http://c.test/,"quoted"tail\nhttp://d.test/,d d\n'
+    )
     _, kept, rejects = read_all(SourceSpec(str(path)))
     assert rejects is None
     assert kept["caption"].to_pylist() == ['a 12" record', 'say "hi" there', "quotedtail", "d d"]
@@ -881,41 +1011,65 @@ def test_csv_quote_inside_an_unquoted_field_is_text(tmp_path):
 def test_delimited_lines_end_with_crlf_or_a_lone_cr(tmp_path, fmt):
     path = tmp_path / f"p.{fmt}"
     sep = b"," if fmt == "csv" else b"\t"
-    path.write_bytes(b"url" + sep + b"caption\r\nhttp://a.test/" + sep + b"a a\r\n\r\nhttp://b.test/" + sep +
-                     b"b b\rhttp://c.test/" + sep + b"c c")
+    path.write_bytes(
+        b"url"
+        + sep
+        + b"caption\r\nhttp://a.test/"
+        + sep
+        + b"a a\r\n\r\nhttp://b.test/"
+        + sep
+        + b"b b\rhttp://c.test/"
+        + sep
+        + b"c c"
+    )
     _, kept, rejects = read_all(SourceSpec(str(path)))
     assert rejects is None
     assert kept.select(["url", "caption"]).to_pylist() == [
-        {"url": f"http://{x}.test/", "caption": f"{x} {x}"} for x in "abc"]
+        {"url": f"http://{x}.test/", "caption": f"{x} {x}"} for x in "abc"
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
 def test_column_present_twice_is_named(tmp_path, fmt):
     path = tmp_path / f"p.{fmt}"
     if fmt == "parquet":
-        pq.write_table(pa.table([pa.array(["http://a.test/"]), pa.array(["a a"]), pa.array(["http://b.test/"])],
-                                names=["url", "caption", "url"]), path)
+        pq.write_table(
+            pa.table(
+                [pa.array(["http://a.test/"]), pa.array(["a a"]), pa.array(["http://b.test/"])],
+                names=["url", "caption", "url"],
+            ),
+            path,
+        )
     else:
         write_csv(path, [("http://a.test/", "a a", "http://b.test/")], header=("url", "caption", "url"))
     with pytest.raises(SourceError, match=re.escape(f"column 'url' appears 2 times in {str(path)!r}")):
         probe_source(SourceSpec(str(path)))
 
 
-@pytest.mark.parametrize("uid", [pa.array([{"a": 1}]), pa.array([[1]]),
-                                 pa.array([[("k", 1)]], pa.map_(pa.string(), pa.int64())), pa.array([1.5])],
-                         ids=["struct", "list", "map", "float"])
+@pytest.mark.parametrize(
+    "uid",
+    [pa.array([{"a": 1}]), pa.array([[1]]), pa.array([[("k", 1)]], pa.map_(pa.string(), pa.int64())), pa.array([1.5])],
+    ids=["struct", "list", "map", "float"],
+)
 def test_parquet_uid_column_that_is_neither_text_nor_integers_is_refused(tmp_path, uid):
     path = write_parquet(tmp_path / "p.parquet", {"id": uid, "url": ["http://a.test/"], "caption": ["a a"]})
     stored = pq.read_schema(path).field("id").type
-    with pytest.raises(SourceError, match=re.escape(f"columns.uid: column 'id' of {str(path)!r} has type {stored}; "
-                                                    f"a uid must be text or integers")):
+    with pytest.raises(
+        SourceError,
+        match=re.escape(f"columns.uid: column 'id' of {str(path)!r} has type {stored}; a uid must be text or integers"),
+    ):
         probe_source(SourceSpec(str(path), uid_column="id"))
 
 
-@pytest.mark.parametrize("header, why", [('url,"caption\n', "unterminated quote"),
-                                         ("url," + "c" * 2000 + "\n", "longer than the row limit of 1000 bytes"),
-                                         (b"\xffurl,caption\n", "can't decode byte 0xff")],
-                         ids=["open_quote", "too_long", "not_utf8"])
+@pytest.mark.parametrize(
+    "header, why",
+    [
+        ('url,"caption\n', "unterminated quote"),
+        ("url," + "c" * 2000 + "\n", "longer than the row limit of 1000 bytes"),
+        (b"\xffurl,caption\n", "can't decode byte 0xff"),
+    ],
+    ids=["open_quote", "too_long", "not_utf8"],
+)
 def test_csv_header_that_cannot_be_read_names_the_file(tmp_path, header, why):
     path = tmp_path / "p.csv"
     path.write_bytes((header if isinstance(header, bytes) else header.encode()) + b"http://a.test/,a a\n")
@@ -936,7 +1090,7 @@ def test_truncated_gzip_keeps_the_rows_before_and_rejects_the_rest_then_reads_on
     packed = gzip.compress(_text_pool(fmt, rows))
     (tmp_path / "pool").mkdir()
     damaged = tmp_path / "pool" / f"a.{fmt}.gz"
-    damaged.write_bytes(packed[:len(packed) // 2])
+    damaged.write_bytes(packed[: len(packed) // 2])
     after = [("http://y.test/1", "the next file")]
     (tmp_path / "pool" / f"b.{fmt}.gz").write_bytes(gzip.compress(_text_pool(fmt, after)))
     _, kept, rejects = read_all(SourceSpec(str(tmp_path / "pool")), shard_size=30_000)
@@ -962,23 +1116,28 @@ def test_corrupt_parquet_row_group_rejects_its_rows_then_reads_on(tmp_path):
     (tmp_path / "pool").mkdir()
     damaged = tmp_path / "pool" / "a.parquet"
     urls = [f"http://x.test/{i}" for i in range(300)]
-    pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(300)]}), damaged,
-                   row_group_size=100)
+    pq.write_table(
+        pa.table({"url": urls, "caption": [f"caption {i}" for i in range(300)]}), damaged, row_group_size=100
+    )
     column = pq.ParquetFile(damaged).metadata.row_group(1).column(0)
     start = column.dictionary_page_offset or column.data_page_offset
     raw = bytearray(damaged.read_bytes())
-    raw[start:start + column.total_compressed_size] = b"\xff" * column.total_compressed_size
+    raw[start : start + column.total_compressed_size] = b"\xff" * column.total_compressed_size
     damaged.write_bytes(bytes(raw))
     write_parquet(tmp_path / "pool" / "b.parquet", {"url": ["http://y.test/"], "caption": ["the next file"]})
     _, kept, rejects = read_all(SourceSpec(str(tmp_path / "pool")))
     assert kept["url"].to_pylist() == urls[:100] + urls[200:] + ["http://y.test/"]
     assert rejects["source_index"].to_pylist() == list(range(100, 200))
     assert set(rejects["reason"].to_pylist()) == {"unreadable_input"}
-    assert rejects["detail"][0].as_py().startswith(
-        f"input file {str(damaged)!r}, row group 1: 100 of its rows cannot be read: ")
+    assert (
+        rejects["detail"][0]
+        .as_py()
+        .startswith(f"input file {str(damaged)!r}, row group 1: 100 of its rows cannot be read: ")
+    )
 
 
 # A real pool -----------------------------------------------------------------------------------
+
 
 def test_laion_style_pool():
     path = shared_path("alttext", "laion_style_10000.parquet")
@@ -998,9 +1157,16 @@ def test_laion_style_pool():
 
 
 def test_repeated_user_uids_keep_the_first_and_reject_the_rest_with_a_reason(tmp_path):
-    path = write_csv(tmp_path / "p.csv", [("http://a.test/", "a a", "u1"), ("http://b.test/", "b b", "u2"),
-                                          ("http://c.test/", "c c", "u1"), ("http://d.test/", "d d", "u1")],
-                     header=("url", "caption", "id"))
+    path = write_csv(
+        tmp_path / "p.csv",
+        [
+            ("http://a.test/", "a a", "u1"),
+            ("http://b.test/", "b b", "u2"),
+            ("http://c.test/", "c c", "u1"),
+            ("http://d.test/", "d d", "u1"),
+        ],
+        header=("url", "caption", "id"),
+    )
     shards = list(read_shards(SourceSpec(str(path), uid_column="id"), 2))  # repeats cross shards
     kept = pa.concat_tables([s.rows for s in shards])
     rejects = pa.concat_tables([s.rejects for s in shards if s.rejects is not None])
@@ -1011,8 +1177,10 @@ def test_repeated_user_uids_keep_the_first_and_reject_the_rest_with_a_reason(tmp
 
 def test_kept_columns_have_one_schema_in_every_shard(tmp_path):
     rows = [{"url": f"http://x.test/{i}", "caption": "a b", "note": None} for i in range(70_000)]
-    rows += [{"url": "http://y.test/", "caption": "c d", "note": "late text"}, {"url": "http://z.test/", "caption": "e f",
-                                                                         "note": 5}]
+    rows += [
+        {"url": "http://y.test/", "caption": "c d", "note": "late text"},
+        {"url": "http://z.test/", "caption": "e f", "note": 5},
+    ]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     shards = list(read_shards(SourceSpec(str(path), keep_columns=("note",)), 30_000))
     assert len({s.rows.schema for s in shards}) == 1

@@ -13,6 +13,7 @@ from schemas.rejects import REJECT_DETAIL, REJECT_REASON
 
 # Resources -------------------------------------------------------------------------------------
 
+
 def test_resources_defaults_are_valid():
     r = Resources()
     assert (r.cpus, r.gpus, r.batch_size, r.concurrency) == (1.0, 0.0, 1024, None)
@@ -45,6 +46,7 @@ def test_resources_accepts_edge_values():
 
 
 # Rejections ------------------------------------------------------------------------------------
+
 
 def _attached(rejections: Rejections, n: int) -> tuple[list, list]:
     table = rejections.attach(pa.table({"x": list(range(n))}))
@@ -161,6 +163,7 @@ def test_rejections_of_zero_rows():
 
 
 # Stage.has_setup -------------------------------------------------------------------------------
+
 
 @dataclass
 class _Plain(Stage):

@@ -35,15 +35,18 @@ def test_an_upscale_counts_what_it_makes_against_both_limits():
     assert check_header(strip, DecodeLimits(), ResizeSettings(image_size=512))[1:] == (1, 1000)  # no upscale
 
 
-@pytest.mark.parametrize("mode, only_if_bigger, size, expected", [
-    ("keep_ratio", True, (2000, 1000), (1024, 512)),
-    ("keep_ratio", True, (400, 300), (400, 300)),
-    ("keep_ratio", False, (400, 300), (683, 512)),
-    ("center_crop", True, (1000, 2000), (512, 1024)),
-    ("keep_ratio_largest", True, (2000, 1000), (512, 256)),
-    ("border", False, (100, 50), (512, 512)),
-    ("no", False, (7000, 10), (7000, 10)),
-])
+@pytest.mark.parametrize(
+    "mode, only_if_bigger, size, expected",
+    [
+        ("keep_ratio", True, (2000, 1000), (1024, 512)),
+        ("keep_ratio", True, (400, 300), (400, 300)),
+        ("keep_ratio", False, (400, 300), (683, 512)),
+        ("center_crop", True, (1000, 2000), (512, 1024)),
+        ("keep_ratio_largest", True, (2000, 1000), (512, 256)),
+        ("border", False, (100, 50), (512, 512)),
+        ("no", False, (7000, 10), (7000, 10)),
+    ],
+)
 def test_the_resize_size_follows_img2dataset_modes(mode, only_if_bigger, size, expected):
     settings = ResizeSettings(image_size=512, resize_mode=mode, resize_only_if_bigger=only_if_bigger)
     assert settings.output_size(*size) == expected
