@@ -132,7 +132,7 @@ def test_a_worker_that_dies_once_is_replaced_and_the_run_says_so(tmp_path, pool,
 def test_placement_scales_cpu_requests_when_stateful_stages_do_not_fit(caplog):
     caplog.set_level("INFO")
     from pipelines.engine.chain import PlannedStage
-    from pipelines.engine.runner import plan_placement
+    from pipelines.engine.placement import plan_placement
     from tests.stages import CountSetup, Slow
 
     stages = [PlannedStage("a", CountSetup()), PlannedStage("b", Slow())]
@@ -148,7 +148,7 @@ def test_placement_scales_cpu_requests_when_stateful_stages_do_not_fit(caplog):
 def test_placement_scales_memory_requests_that_do_not_fit(caplog):
     caplog.set_level("INFO")
     from pipelines.engine.chain import PlannedStage
-    from pipelines.engine.runner import plan_placement
+    from pipelines.engine.placement import plan_placement
     from pipelines.stage import GiB, Resources
     from tests.stages import CountSetup, Slow
 
@@ -175,7 +175,7 @@ def test_a_stage_declaring_more_memory_than_ray_has_still_runs(tmp_path, pool, r
 
 def test_a_gpu_stage_on_a_cluster_without_gpus_is_granted_the_node_cpus():
     from pipelines.engine.chain import PlannedStage
-    from pipelines.engine.runner import plan_placement, with_cpus
+    from pipelines.engine.placement import plan_placement, with_cpus
     from pipelines.stage import Resources
     from tests.stages import CountSetup, Slow
 
@@ -217,7 +217,8 @@ def test_ray_steps_are_named_after_their_stages(ray_session):
 
     from curation.basic import CaptionLength
     from pipelines.engine.chain import PlannedStage
-    from pipelines.engine.runner import Placement, _apply_stage_batch, _compute_batch, _map
+    from pipelines.engine.placement import Placement
+    from pipelines.engine.runner import _apply_stage_batch, _compute_batch, _map
     from tests.stages import CountSetup
 
     stages = [PlannedStage("caption_length", CaptionLength()), PlannedStage("count_setup", CountSetup())]
