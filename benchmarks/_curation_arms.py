@@ -97,8 +97,8 @@ def run_curation(config, towers: FrozenTowerCache):
 
     import models.clip
     from pipelines.engine.execute import run_pipeline
-    from pipelines.engine.plan import build_plan
     from pipelines.engine.runner import make_runner
+    from pipelines.job import build_plan
 
     plan = build_plan(config)
     runner = make_runner(config.runner, config.ray)

@@ -122,8 +122,8 @@ def run_ours(pool: str, out: str, args: argparse.Namespace) -> dict:
     """Download (untimed), then the timed resume that runs preprocess+embed; the scored rows."""
     from pipelines.engine.config import parse_config
     from pipelines.engine.execute import run_pipeline
-    from pipelines.engine.plan import build_plan
     from pipelines.engine.runner import RayRunner
+    from pipelines.job import build_plan
 
     config = parse_config(pipeline_config(pool, out, args))
     plan = build_plan(config)

@@ -73,8 +73,8 @@ def run_img2dataset(pool: str, out: str, processes: int, threads: int) -> tuple[
 def run_ours(pool: str, out: str, processes: int, threads: int) -> tuple[float, int]:
     from pipelines.engine.config import parse_config
     from pipelines.engine.execute import run_pipeline
-    from pipelines.engine.plan import build_plan
     from pipelines.engine.runner import RayRunner
+    from pipelines.job import build_plan
 
     config = parse_config(
         {

@@ -19,6 +19,9 @@ UID = "uid"
 SOURCE_INDEX = "source_index"
 URL = "url"
 CAPTION = "caption"
+#: What public pools call these two columns (ours, LAION's ``URL``/``TEXT``, ...), in order of preference.
+URL_CANDIDATES = ("url", "URL", "image_url", "img_url")
+CAPTION_CANDIDATES = ("caption", "TEXT", "text", "alt_text", "alt", "title")
 
 # Image, written by the download stage.
 IMAGE = "image"

@@ -133,7 +133,7 @@ def run_pipeline_dict(raw: dict, runner) -> tuple:
     """Validate a config dict, build its plan and run it; return (plan, manifest)."""
     from pipelines.engine.config import parse_config
     from pipelines.engine.execute import run_pipeline
-    from pipelines.engine.plan import build_plan
+    from pipelines.job import build_plan
 
     plan = build_plan(parse_config(raw))
     return plan, run_pipeline(plan, runner)

@@ -26,8 +26,7 @@ from curation.dedup.clusters import (
     choose_survivors,
     connected_components,
 )
-from pipelines.engine.rundir import RunDir
-from pipelines.stage import GlobalStage, Rejections
+from pipelines.stage import GlobalStage, Rejections, RunFiles
 from schemas.columns import CAPTION, CLIP_SCORE, SOURCE_INDEX, UID
 
 #: Keys of the aggregate that hold the decision (per duplicate row); the others are facts.
@@ -62,7 +61,7 @@ class ClusterDedup(GlobalStage):
         """An earlier run is part of the decision: which one, and in what state."""
         identity = {}
         for run in self.against:
-            manifest = RunDir(run).read_manifest()
+            manifest = RunFiles(run).read_manifest()
             identity[run] = None if manifest is None else [manifest.config_hash, manifest.updated_at]
         return {"against": identity} if identity else {}
 
@@ -134,19 +133,20 @@ class ClusterDedup(GlobalStage):
     def _earlier_run(self, run: str) -> list[dict[str, Any]]:
         """The kept rows of a finished run as pinned partials: they always survive their cluster,
         so a row of this pool that duplicates one is rejected with that row's uid."""
-        rundir = RunDir(run)
-        manifest = rundir.read_manifest()
-        if manifest is None or manifest.status != "complete" or manifest.final_phase is None:
-            raise ValueError(f"against: {run!r} is not a completed run (no manifest.json with status complete)")
+        rundir = RunFiles(run)
+        try:
+            files = rundir.kept_files()
+        except ValueError as error:
+            raise ValueError(f"against: {error}") from None
         columns = [UID, *self.feature_columns]
         parts, seen = [], 0
-        for path in rundir.parquet_files(manifest.final_phase):
+        for path in files:
             table = rundir.read_table(path)
             missing = [c for c in columns if c not in table.column_names]
             if missing:
                 raise ValueError(
                     f"against: the kept rows of {run!r} have no {missing} column(s), which "
-                    f"{type(self).__name__} compares (its phase {manifest.final_phase} dropped them?)"
+                    f"{type(self).__name__} compares (a stage of that run dropped them?)"
                 )
             for batch in table.select(columns).to_batches(self.resources.batch_size):
                 batch = pa.Table.from_batches([batch])

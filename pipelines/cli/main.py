@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated
 
@@ -18,8 +21,8 @@ from pipelines.cli.progress_bars import PhaseBars, training_bars
 from pipelines.demo.server import DEFAULT_PORT
 from pipelines.engine.config import PipelineConfig, load_config, parse_config
 from pipelines.engine.execute import run_pipeline
-from pipelines.engine.plan import build_plan
 from pipelines.engine.runner import make_runner
+from pipelines.job import build_plan
 from schemas.manifest import Manifest
 
 app = typer.Typer(
@@ -27,11 +30,37 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Curate web image-text pools into training data for vision-language models.",
 )
-metadata_app = typer.Typer(add_completion=False, no_args_is_help=True, help="MetaCLIP metadata lists.")
-app.add_typer(metadata_app, name="metadata")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
-REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Entry point group of the commands that live with their domain (pyproject.toml names them).
+COMMANDS_GROUP = "vlmcurate.commands"
+
+
+def _guarded(command: Callable) -> Callable:
+    """``command`` with the errors a user can fix turned into a message and an exit code."""
+
+    @functools.wraps(command)
+    def guarded(*args, **kwargs):
+        with _errors():
+            return command(*args, **kwargs)
+
+    return guarded
+
+
+def mount_domain_commands(target: typer.Typer) -> list[str]:
+    """Add the commands of the ``vlmcurate.commands`` entry points (a Typer app becomes a command
+    group, a function one command), so the command line imports no domain package; their names."""
+    names = []
+    for entry in sorted(metadata.entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        command = entry.load()
+        if isinstance(command, typer.Typer):
+            for info in command.registered_commands:
+                info.callback = _guarded(info.callback)
+            target.add_typer(command, name=entry.name)
+        else:
+            target.command(entry.name)(_guarded(command))
+        names.append(entry.name)
+    return names
 
 
 @app.callback()
@@ -132,80 +161,6 @@ def retry_failed_command(
         console.print(ledger_table(manifest))
 
 
-@app.command("import-batch")
-def import_batch(
-    results: Annotated[list[Path], typer.Argument(metavar="RESULTS...", help="Batch API output / error JSONL files.")],
-    cache: Annotated[Path, typer.Option(help="The instruction stage's reply cache (its `cache` setting).")],
-    price_input: Annotated[float, typer.Option(help="USD per million prompt tokens, for the budget.")] = 0.0,
-    price_output: Annotated[float, typer.Option(help="USD per million completion tokens.")] = 0.0,
-) -> None:
-    """Store the replies of Batch API jobs you submitted yourself (`submit: false`); then run retry-failed."""
-    from generators.instruct.batch import import_result_files
-    from generators.instruct.cache import ReplyCache
-    from generators.instruct.chat import ChatSettings
-
-    with _errors():
-        settings = ChatSettings(model="unknown", price_input=price_input, price_output=price_output)
-        outcome = import_result_files(results, settings, ReplyCache(cache))
-        console.print(
-            f"{len(outcome.replies):,} replies stored in {cache}; {len(outcome.retry):,} to send again "
-            f"and {len(outcome.failed):,} failed (retry-failed sends both again)"
-        )
-
-
-@metadata_app.command("build")
-def metadata_build(
-    output: Annotated[Path, typer.Option(help="Where to write the list (.json: a JSON list; else one per line).")],
-    unigrams: Annotated[int, typer.Option(help="Most frequent English words to include (wordfreq).")] = 250_000,
-    wordnet: Annotated[bool, typer.Option(help="Include every WordNet 3.0 lemma name.")] = True,
-    bigrams_from: Annotated[
-        list[Path] | None,
-        typer.Option(
-            help="Caption files (parquet/csv/tsv/jsonl, or .txt one a line) to mine high-PMI bigrams from; repeatable."
-        ),
-    ] = None,
-    caption_column: Annotated[str, typer.Option(help="Caption column of those files.")] = "auto",
-    max_bigrams: Annotated[int, typer.Option(help="Most bigrams to add.")] = 100_000,
-    min_bigram_count: Annotated[int, typer.Option(help="Occurrences a bigram needs.")] = 5,
-    min_pmi: Annotated[float, typer.Option(help="Pointwise mutual information a bigram needs (bits).")] = 5.0,
-) -> None:
-    """Build a MetaCLIP-style metadata list offline (WordNet, wordfreq, optional corpus bigrams)."""
-    from curation.metaclip.build import METACLIP_COUNTS, build_metadata, write_metadata
-    from pipelines.source.readers import caption_texts
-
-    def captions():
-        for path in bigrams_from or []:
-            yield from caption_texts(str(path), caption_column)
-
-    with _errors():
-        entries, report = build_metadata(
-            unigrams=unigrams,
-            wordnet=wordnet,
-            bigram_captions=captions() if bigrams_from else None,
-            max_bigrams=max_bigrams,
-            min_bigram_count=min_bigram_count,
-            min_pmi=min_pmi,
-        )
-        write_metadata(entries, output)
-        table = Table(title=f"{len(entries):,} entries written to {output}")
-        for header in ("kind", "offered", "added", "in MetaCLIP's list"):
-            table.add_column(header, justify="left" if header == "kind" else "right")
-        for kind in ("wordnet", "unigrams", "bigrams", "wikipedia_titles"):
-            offered = report.offered.get(kind)
-            table.add_row(
-                kind,
-                f"{offered:,}"
-                if offered is not None
-                else "(no offline source)"
-                if kind == "wikipedia_titles"
-                else "(not asked for)",
-                f"{report.added.get(kind, 0):,}",
-                f"{METACLIP_COUNTS[kind]:,}",
-            )
-        table.add_row("total", "", f"{report.total:,}", f"{sum(METACLIP_COUNTS.values()):,}")
-        console.print(table)
-
-
 @app.command()
 def demo(
     overrides: Annotated[
@@ -235,7 +190,7 @@ def demo(
         output_dir.mkdir(parents=True, exist_ok=True)
         steps = Demo(DemoPaths.under(output_dir), models, lambda line: console.print(line, soft_wrap=True), _run)
         with log_to_file(output_dir / "demo.log"), training_bars():
-            steps.metadata()
+            steps.metadata(lambda path: _invoke(["metadata", "build", "--output", str(path)]))
             server = None if data else DemoImageServer(port)
             try:
                 pool = data or str(steps.pool(server.base, rows))
@@ -247,6 +202,11 @@ def demo(
             steps.vlm()
             steps.evaluate()
             steps.summary(manifest)
+
+
+def _invoke(args: list[str]) -> None:
+    """Run another ``vlmcurate`` command in this process."""
+    typer.main.get_command(app)(args, standalone_mode=False)
 
 
 def _run(cfg: PipelineConfig) -> Manifest:
@@ -304,6 +264,9 @@ def _num(value: float | None) -> str:
     if value is None:
         return ""
     return f"{value:,.0f}" if abs(value) >= 1000 or float(value).is_integer() else f"{value:,.3g}"
+
+
+mount_domain_commands(app)  # after the commands above, so they are listed first
 
 
 def main() -> None:

@@ -137,16 +137,14 @@ class Demo:
         self.steps.append((text, time.monotonic()))
         self.say(f"\n[bold]{len(self.steps)}. {text}[/] (at {time.monotonic() - self.started:.0f} s)")
 
-    def metadata(self) -> None:
+    def metadata(self, build: Callable[[Path], None]) -> None:
+        """The MetaCLIP list the curation matches against; ``build(path)`` writes it (the command
+        line hands in ``vlmcurate metadata build``, so the demo needs no import of curation)."""
         self.header("MetaCLIP metadata")
         if self.paths.metadata.exists():
             self.say(f"kept {self.paths.metadata}")
             return
-        from curation.metaclip.build import build_metadata, write_metadata
-
-        entries, _ = build_metadata()
-        write_metadata(entries, self.paths.metadata)
-        self.say(f"{len(entries):,} entries (WordNet, wordfreq) written to {self.paths.metadata}")
+        build(self.paths.metadata)
 
     def pool(self, base_url: str, rows: int) -> Path:
         from pipelines.demo.pool import write_demo_pool

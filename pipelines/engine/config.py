@@ -18,8 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from pipelines.engine.chain import PlannedStage
-from pipelines.source.text_records import DEFAULT_MAX_ROW_BYTES
 from pipelines.stage import GlobalStage, Resources, Stage
+
+#: Default of ``input_max_row_bytes``: the longest record (csv/tsv) or line (jsonl) read, in bytes.
+DEFAULT_MAX_ROW_BYTES = 4 << 20
 
 
 class ColumnsConfig(BaseModel):

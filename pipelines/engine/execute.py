@@ -1,9 +1,11 @@
 """The driver: runs a plan into its run directory, resumably, and keeps the manifest.
 
 Order of work: check the run directory (a changed config is refused), clear temporary files a
-killed run left, read the input into ``00_input`` shards, then for each phase compute the
+killed run left, read the plan's source into ``00_input`` shards, then for each phase compute the
 aggregate of its global stage (or reuse the saved one), process the shards that have no ledger
-entry yet, and check that the phase's ledger closes before the next phase starts.
+entry yet, and check that the phase's ledger closes before the next phase starts. Then the plan's
+finishers: the required ones (the export) as part of the run, the others (the card) after it is
+recorded complete.
 """
 
 from __future__ import annotations
@@ -15,21 +17,12 @@ import platform
 from collections.abc import Callable
 from importlib import metadata
 
-from pipelines.card.writer import CARD, write_card
 from pipelines.engine.ledger import LedgerError, check_phase, check_run, summarise
+from pipelines.engine.parts import FinishedRun
 from pipelines.engine.phase import PhaseTask, ShardIO
 from pipelines.engine.plan import INPUT_PHASE, Plan, fingerprint_diff
 from pipelines.engine.rundir import RunDir
 from pipelines.engine.runner import Runner
-from pipelines.export.shards import (
-    ExportJob,
-    export_done,
-    export_settings,
-    finish_export,
-    plan_export,
-    write_export_shard,
-)
-from pipelines.source.shards import READ_STAGE, read_shards
 from schemas.manifest import Manifest, PhaseSummary, ShardEntry
 from schemas.rejects import INTERNAL_ERROR
 
@@ -66,7 +59,7 @@ def run_pipeline(plan: Plan, runner: Runner, progress: Progress | None = None) -
         if removed:
             log.info("removed %d temporary file(s) left by an interrupted run", removed)
         try:
-            changed = _execute(plan, runner, rundir, manifest, progress)
+            finished = _execute(plan, runner, rundir, manifest, progress)
         except BaseException:
             manifest.status = "failed"
             _write(rundir, manifest)
@@ -77,21 +70,18 @@ def run_pipeline(plan: Plan, runner: Runner, progress: Progress | None = None) -
             log.info("removed %d temporary file(s) left by workers that died during the run", removed)
         manifest.status = "complete"
         _write(rundir, manifest)
-        if not changed and rundir.exists(rundir.path(CARD)):  # a rerun of a finished run: nothing to describe anew
-            return manifest
-        try:
-            write_card(rundir, manifest, plan.stages)
-        except Exception:  # the rows are complete and recorded; only their description failed
-            log.exception(
-                "could not write the dataset card of %s; `vlmcurate card %s` writes it again",
-                plan.run_uri,
-                plan.run_uri,
-            )
+        for finisher in plan.finishers:
+            if not finisher.required:
+                try:
+                    finisher.finish(finished)
+                except Exception:  # the rows are complete and recorded; only this output failed
+                    log.exception("could not write the %s of %s; %s", finisher.name, plan.run_uri, finisher.redo_hint)
     return manifest
 
 
-def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, progress: Progress | None) -> bool:
-    """Run what is left of the plan; whether anything was written (shards, an aggregate, the export)."""
+def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, progress: Progress | None) -> FinishedRun:
+    """Run what is left of the plan and its required finishers; the run as its other finishers see it
+    (``changed``: whether anything was written, shards, an aggregate or the export)."""
     shards, previous, changed = _ingest(plan, rundir, manifest, progress)
     input_phase = INPUT_PHASE
     for phase in plan.phases:
@@ -121,9 +111,12 @@ def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, pro
         _write(rundir, manifest)
         input_phase, previous = phase.name, entries
     check_run(manifest)
-    if plan.config.export is not None:
-        changed |= _export(plan, runner, rundir, manifest, input_phase, previous)
-    return changed
+    finished = FinishedRun(plan, runner, rundir, manifest, input_phase, previous, changed)
+    for finisher in plan.finishers:
+        if finisher.required:
+            finished.changed |= finisher.finish(finished)
+            _write(rundir, manifest)
+    return finished
 
 
 def _warn_internal_errors(summary: PhaseSummary, run_uri: str) -> None:
@@ -140,27 +133,6 @@ def _warn_internal_errors(summary: PhaseSummary, run_uri: str) -> None:
                 run_uri,
                 summary.name,
             )
-
-
-def _export(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, phase: str, entries) -> bool:
-    """Write the export unless it is there with these settings; whether it was written."""
-    options = plan.config.export
-    rows = sum(e.rows_out for e in entries.values())
-    settings = export_settings(options.formats, options.samples_per_shard, phase, rows)
-    written = not export_done(rundir, options.folder, settings)
-    if written:
-        rundir.remove_folder(options.folder)  # an export with other settings, or a partial one
-        shards = plan_export(entries, options.samples_per_shard)
-        job = ExportJob(rundir, phase, options.folder, tuple(options.formats))
-        counts = runner.map_tasks(write_export_shard, job, shards)
-        finish_export(rundir, options.folder, settings, counts)
-    manifest.export = {
-        **settings,
-        "folder": rundir.path(options.folder),
-        "shards": -(-rows // options.samples_per_shard),
-    }
-    _write(rundir, manifest)
-    return written
 
 
 def _open_manifest(rundir: RunDir, plan: Plan) -> Manifest:
@@ -201,8 +173,8 @@ def _open_manifest(rundir: RunDir, plan: Plan) -> Manifest:
 
 
 def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress | None):
-    """Read the input into ``00_input`` shards (skipping shards already written); the shard numbers,
-    their ledger entries, and whether the input was read."""
+    """Read the plan's source into ``00_input`` shards (skipping shards already written); the shard
+    numbers, their ledger entries, and whether the input was read."""
     summary = next((p for p in manifest.phases if p.name == INPUT_PHASE), None)
     done = rundir.shard_entries(INPUT_PHASE)
     read = summary is None or summary.shards_done != summary.shards_total or len(done) != summary.shards_total
@@ -210,7 +182,7 @@ def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress |
         if progress:
             progress(INPUT_PHASE, len(done), 0)
         total = 0
-        for shard in read_shards(plan.source, plan.config.shard_size):
+        for shard in plan.source.read_shards(plan.config.shard_size):
             total += 1
             if shard.shard in done:
                 continue
@@ -219,7 +191,7 @@ def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress |
                 shard=shard.shard,
                 rows_in=shard.counts.rows_in,
                 rows_out=shard.rows.num_rows,
-                stages={READ_STAGE: shard.counts},
+                stages={plan.source.stage_name: shard.counts},
             )
             rundir.write_shard(entry, shard.rows, shard.rejects)
             done[shard.shard] = entry
@@ -233,7 +205,7 @@ def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress |
         if progress:
             progress(INPUT_PHASE, len(done), total)
         check_phase(INPUT_PHASE, done, None)
-        _set_phase(manifest, summarise(INPUT_PHASE, [READ_STAGE], done, total), plan.phase_names)
+        _set_phase(manifest, summarise(INPUT_PHASE, [plan.source.stage_name], done, total), plan.phase_names)
         _write(rundir, manifest)
     return sorted(done), done, read
 

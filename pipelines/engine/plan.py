@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.engine.chain import PlannedStage
 from pipelines.engine.config import PipelineConfig, build_stage
-from pipelines.source.shards import READ_STAGE, SourceSpec, check_keep_columns, probe_source, resolve_files
-from schemas.columns import BASE_COLUMNS, BRIEF_RECORDS, IMAGE, INSTRUCTIONS, column_type, is_transient
+from pipelines.engine.parts import Finisher, PoolSource
+from schemas.columns import BASE_COLUMNS, column_type, is_transient
 
 INPUT_PHASE = "00_input"
 
@@ -40,10 +39,11 @@ class Plan:
     """Everything a runner needs to execute a pipeline, and the hash that identifies its output."""
 
     config: PipelineConfig
-    source: SourceSpec
+    source: PoolSource
     stages: list[PlannedStage]
     phases: list[Phase]
     fingerprint: dict[str, Any]
+    finishers: tuple[Finisher, ...] = field(default=())
 
     @property
     def config_hash(self) -> str:
@@ -58,44 +58,16 @@ class Plan:
         return [INPUT_PHASE] + [p.name for p in self.phases]
 
 
-def _check_export(formats: list[str], final_columns: list[str]) -> None:
-    """Fail before the run, not at its end, when an export format lacks the columns it needs."""
-    for name in ("webdataset", "llava"):
-        if name in formats and IMAGE not in final_columns:
-            raise ValueError(
-                f"export.formats includes {name}, which needs image bytes, but no stage writes the "
-                "image column: add a download stage (pipelines.download:Download) or export parquet only"
-            )
-    if "llava" in formats and not {INSTRUCTIONS, BRIEF_RECORDS} & set(final_columns):
-        raise ValueError(
-            "export.formats includes llava, which needs instruction records: add "
-            "generators.instruct:InstructGenerate (stage 2) and/or generators.instruct:BriefDescriptions "
-            "(stage 1)"
-        )
-
-
-def build_plan(config: PipelineConfig) -> Plan:
-    """Resolve and validate the stages, check their columns and split them into phases."""
-    keep = tuple(config.columns.keep)
-    check_keep_columns(keep)
-    source = SourceSpec(
-        path=config.input,
-        format=config.input_format,
-        url_column=config.columns.url,
-        caption_column=config.columns.caption,
-        uid_column=config.columns.uid,
-        keep_columns=keep,
-        max_row_bytes=config.input_max_row_bytes,
-    )
-    probe_source(source)
+def make_plan(config: PipelineConfig, source: PoolSource, finishers: tuple[Finisher, ...] = ()) -> Plan:
+    """Resolve and validate the stages, check their columns (and the finishers') and split them into phases."""
     stages = [build_stage(entry, i, config.seed) for i, entry in enumerate(config.stages)]
-    _check_names(stages)
-    final_columns = _check_columns(stages, available=list(BASE_COLUMNS) + list(keep))
-    if config.export is not None:
-        _check_export(config.export.formats, final_columns)
+    _check_names(stages, reserved=source.stage_name)
+    final_columns = _check_columns(stages, available=list(BASE_COLUMNS) + list(source.kept_columns))
+    for finisher in finishers:
+        finisher.check(final_columns)
     phases = _split_phases(stages)
     _check_transient_columns(phases)
-    return Plan(config, source, stages, phases, _fingerprint(config, source, stages))
+    return Plan(config, source, stages, phases, _fingerprint(config, source, stages), tuple(finishers))
 
 
 def config_hash(fingerprint: dict[str, Any]) -> str:
@@ -121,8 +93,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def _check_names(stages: list[PlannedStage]) -> None:
-    seen: set[str] = {READ_STAGE}  # the source's own line in the ledger
+def _check_names(stages: list[PlannedStage], reserved: str) -> None:
+    seen: set[str] = {reserved}  # the source's own line in the ledger
     for stage in stages:
         if stage.name in seen:
             raise ValueError(
@@ -182,14 +154,10 @@ def _split_phases(stages: list[PlannedStage]) -> list[Phase]:
     return [Phase(f"{i:02d}_{group[-1].name}", group) for i, group in enumerate(groups, start=1)]
 
 
-def _fingerprint(config: PipelineConfig, source: SourceSpec, stages: list[PlannedStage]) -> dict[str, Any]:
+def _fingerprint(config: PipelineConfig, source: PoolSource, stages: list[PlannedStage]) -> dict[str, Any]:
     """What determines the rows of a run (not where or how fast it runs)."""
     return {
-        "input": {
-            "files": _file_identities(source.path),
-            "format": source.format,
-            "max_row_bytes": source.max_row_bytes,
-        },
+        "input": source.fingerprint(),
         "columns": config.columns.model_dump(),
         "shard_size": config.shard_size,
         "stages": {
@@ -203,35 +171,3 @@ def _fingerprint(config: PipelineConfig, source: SourceSpec, stages: list[Planne
             for i, s in enumerate(stages)
         },
     }
-
-
-def _file_identities(path: str) -> list[dict[str, Any]]:
-    """Each input file by name, size and a hash of sampled content (not its path or mtime).
-
-    Copying, touching or re-syncing the same data keeps a run resumable; any change of size, or
-    of the sampled bytes (head, tail and eight blocks in between), is a change of input.
-    """
-    files = resolve_files(path)
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    return [
-        {
-            "file": os.path.relpath(os.path.abspath(f), root),
-            "size": os.path.getsize(f),
-            "sample_blake2b": _sampled_hash(f),
-        }
-        for f in files
-    ]
-
-
-def _sampled_hash(path: str, edge: int = 1 << 16, block: int = 1 << 12, blocks: int = 8) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        if size <= 2 * edge + blocks * block:
-            digest.update(f.read())
-        else:
-            offsets = [0] + [edge + i * (size - 2 * edge) // blocks for i in range(blocks)] + [size - edge]
-            for offset in offsets:
-                f.seek(offset)
-                digest.update(f.read(edge if offset in (0, size - edge) else block))
-    return digest.hexdigest()

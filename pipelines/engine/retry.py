@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.card.writer import CARD
 from pipelines.engine.chain import ShardState
 from pipelines.engine.execute import bind_saved_aggregate, run_pipeline
 from pipelines.engine.ledger import check_shard
@@ -112,8 +111,6 @@ def retry_failed(plan: Plan, runner: Runner) -> tuple[RetryReport, Manifest]:
                 {"retried_phase": phase.name, "attempted": dict(report.attempted), "recovered": report.recovered}
             )
             rundir.write_manifest(manifest)
-            if rundir.exists(rundir.path(CARD)):  # the retried rows change what the card says
-                rundir.fs.delete_file(rundir.path(CARD))
             break
     return report, run_pipeline(plan, runner)
 
@@ -179,8 +176,9 @@ def _invalidate_after(plan: Plan, rundir: RunDir, manifest: Manifest, index: int
             path = rundir.aggregate_path(phase.global_stage.name)
             if rundir.exists(path):
                 rundir.fs.delete_file(path)
-    if plan.config.export is not None:
-        rundir.remove_folder(plan.config.export.folder)
+    for finisher in plan.finishers:  # the export and the card describe the old rows
+        for output in finisher.outputs():
+            rundir.remove(output)
     kept = {p.name for p in later}
     manifest.phases = [p for p in manifest.phases if p.name not in kept]
     manifest.export = {}

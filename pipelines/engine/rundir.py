@@ -1,4 +1,4 @@
-"""The run directory on disk (local or any pyarrow filesystem): shards, rejects, ledger, manifest.
+"""The run directory as the engine writes it: shards, rejects, ledger, aggregates, manifest, lock.
 
 ``output_dir`` may be a local path, a ``file://`` URI or any URI pyarrow opens itself (``s3://``,
 ``gs://``, ``hdfs://``, ``abfs://``); other schemes go through fsspec when it has an implementation
@@ -6,17 +6,9 @@ installed for them (``memory://``, which only the process that wrote it can read
 ``az://``, ``sftp://`` with their fsspec packages). On a multi-node cluster it must be storage every
 node reaches: each worker writes the shards it finishes.
 
-Layout of ``<output_dir>/<run name>/``::
-
-    manifest.json                      config, hash, versions, phases, aggregates, ledger
-    <phase>/<shard:05d>.parquet        rows kept by the phase
-    <phase>/_ledger/<shard:05d>.json   the shard's ledger entry: the shard is done when it exists
-    rejects/<phase>/<shard:05d>.parquet  reject records of the phase
-    aggregates/<stage>.pkl             the state of a global stage, reused on resume
-    logs/vlmcurate.log                 what Ray and the libraries said (written by the command line)
-
-Every file is written under a hidden temporary name in its final folder and renamed into place,
-so a reader never sees a partial file; the ledger entry is written last.
+The layout and the reads are in :mod:`pipelines.stage.run_files`. Every file is written under a
+hidden temporary name in its final folder and renamed into place, so a reader never sees a
+partial file; the ledger entry is written last.
 """
 
 from __future__ import annotations
@@ -34,13 +26,30 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.stage.run_files import (
+    AGGREGATES_DIR,
+    LEDGER_DIR,
+    MANIFEST,
+    REJECTS_DIR,
+    TMP_MARK,
+    RunFiles,
+    open_filesystem,
+    shard_name,
+)
 from schemas.manifest import Manifest, ShardEntry
 
-MANIFEST = "manifest.json"
-LEDGER_DIR = "_ledger"
-REJECTS_DIR = "rejects"
-AGGREGATES_DIR = "aggregates"
-TMP_MARK = ".tmp-"
+__all__ = [
+    "AGGREGATES_DIR",
+    "LEDGER_DIR",
+    "MANIFEST",
+    "REJECTS_DIR",
+    "TMP_MARK",
+    "RunDir",
+    "RunDirInUse",
+    "open_filesystem",
+    "shard_name",
+]
+
 LOCK = ".lock"
 
 
@@ -48,41 +57,9 @@ class RunDirInUse(RuntimeError):
     """Another process holds the run directory."""
 
 
-def shard_name(shard: int) -> str:
-    return f"{shard:05d}"
-
-
-class RunDir:
-    """Paths and atomic I/O of one run directory. Picklable, so workers can write shards."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.fs, self.root = open_filesystem(uri)
-        self.root = self.root.rstrip("/")
-
-    def __reduce__(self):
-        return (RunDir, (self.uri,))
-
-    # Paths -------------------------------------------------------------------------------
-    def path(self, *parts: str) -> str:
-        return "/".join((self.root, *parts))
-
-    def uri_of(self, path: str) -> str:
-        """``path`` (from :meth:`path` or a listing) as a URI other libraries can open."""
-        scheme, sep, _ = self.uri.partition("://")
-        return f"{scheme}://{path}" if sep and scheme != "file" else path
-
-    def shard_path(self, phase: str, shard: int) -> str:
-        return self.path(phase, f"{shard_name(shard)}.parquet")
-
-    def ledger_path(self, phase: str, shard: int) -> str:
-        return self.path(phase, LEDGER_DIR, f"{shard_name(shard)}.json")
-
-    def rejects_path(self, phase: str, shard: int) -> str:
-        return self.path(REJECTS_DIR, phase, f"{shard_name(shard)}.parquet")
-
-    def aggregate_path(self, stage: str) -> str:
-        return self.path(AGGREGATES_DIR, f"{stage}.pkl")
+class RunDir(RunFiles):
+    """Atomic writes of one run directory, beside the reads of :class:`RunFiles`. Picklable, so
+    workers can write shards."""
 
     # Atomic writes -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -117,27 +94,6 @@ class RunDir:
         self.fs.create_dir(folder, recursive=True)
         return f"{folder}/.{name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
 
-    # Reads -------------------------------------------------------------------------------
-    def exists(self, path: str) -> bool:
-        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
-
-    def read_bytes(self, path: str) -> bytes:
-        with self.fs.open_input_stream(path) as f:
-            return f.read()
-
-    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(path, columns=columns, filesystem=self.fs)
-
-    def list_files(self, folder: str) -> list[pafs.FileInfo]:
-        selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
-        return [f for f in self.fs.get_file_info(selector) if f.type == pafs.FileType.File]
-
-    def parquet_files(self, folder: str) -> list[str]:
-        """The finished parquet files directly under ``folder`` (no temporaries), sorted."""
-        return sorted(
-            f.path for f in self.list_files(folder) if f.path.endswith(".parquet") and TMP_MARK not in f.base_name
-        )
-
     # Shards and ledger -------------------------------------------------------------------
     def write_shard(self, entry: ShardEntry, rows: pa.Table, rejects: pa.Table | None) -> None:
         """Write a finished shard: rows, then rejects, then the ledger entry that marks it done."""
@@ -149,22 +105,17 @@ class RunDir:
             self.fs.delete_file(rejects_path)
         self.write_bytes(self.ledger_path(entry.phase, entry.shard), entry.to_json().encode())
 
-    def shard_entry(self, phase: str, shard: int) -> ShardEntry:
-        return ShardEntry.from_json(self.read_bytes(self.ledger_path(phase, shard)).decode())
-
-    def shard_entries(self, phase: str) -> dict[int, ShardEntry]:
-        """Ledger entries of the finished shards of a phase, by shard number."""
-        entries = {}
-        for info in self.list_files(f"{phase}/{LEDGER_DIR}"):
-            if info.base_name.startswith(".") or not info.base_name.endswith(".json"):
-                continue
-            entry = ShardEntry.from_json(self.read_bytes(info.path).decode())
-            entries[entry.shard] = entry
-        return entries
-
     def remove_folder(self, folder: str) -> None:
         if self.fs.get_file_info(self.path(folder)).type == pafs.FileType.Directory:
             self.fs.delete_dir(self.path(folder))
+
+    def remove(self, relative: str) -> None:
+        """Delete a file or a folder of the run directory, if it is there."""
+        kind = self.fs.get_file_info(self.path(relative)).type
+        if kind == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(relative))
+        elif kind == pafs.FileType.File:
+            self.fs.delete_file(self.path(relative))
 
     def has_shard_entries(self) -> bool:
         """Whether any phase of this run has a finished shard."""
@@ -223,30 +174,3 @@ class RunDir:
 
     def write_manifest(self, manifest: Manifest) -> None:
         self.write_bytes(self.path(MANIFEST), manifest.to_json().encode())
-
-    def read_manifest(self) -> Manifest | None:
-        path = self.path(MANIFEST)
-        if not self.exists(path):
-            return None
-        return Manifest.from_json(self.read_bytes(path).decode())
-
-
-def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and path of ``uri``: pyarrow's own for paths and the schemes it knows, else fsspec's."""
-    location = uri if "://" in uri else os.path.abspath(uri)
-    try:
-        return pafs.FileSystem.from_uri(location)
-    except pa.ArrowInvalid as error:
-        if "Unrecognized filesystem type" not in str(error):
-            raise
-    try:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(location)
-    except (ImportError, ValueError) as error:  # unknown protocol, or its package is not installed
-        raise ValueError(
-            f"output_dir {uri!r}: neither pyarrow nor fsspec can open this scheme ({error}); use a "
-            f"local path, file://, s3://, gs://, hdfs://, abfs:// or install the fsspec "
-            f"implementation for it"
-        ) from None
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path

@@ -36,10 +36,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipelines.engine.config import DEFAULT_MAX_ROW_BYTES
 from pipelines.source import jsonl_rows
 from pipelines.source.text_records import (
     CSV,
-    DEFAULT_MAX_ROW_BYTES,
     JSONL,
     TSV,
     Dialect,
@@ -49,12 +49,10 @@ from pipelines.source.text_records import (
 )
 from pipelines.stage import Rejections
 from schemas import rejects as R
-from schemas.columns import CAPTION, UID, URL
+from schemas.columns import CAPTION, CAPTION_CANDIDATES, UID, URL, URL_CANDIDATES
 from schemas.rejects import REJECT_DETAIL, REJECT_REASON
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl")
-URL_CANDIDATES = ("url", "URL", "image_url", "img_url")
-CAPTION_CANDIDATES = ("caption", "TEXT", "text", "alt_text", "alt", "title")
 _EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
 _CHUNK_ROWS = 65536
 _STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view())
@@ -166,24 +164,6 @@ def read_file(path: str, fmt: str, spec: SourceSpec, kept: dict[str, pa.DataType
             yield from jsonl_rows.read_rows(reader, spec, url_col, caption_col, schema, _CHUNK_ROWS)
     else:
         yield from _read_delimited(path, fmt, spec, url_col, caption_col, schema)
-
-
-def caption_texts(path: str, column: str = "auto") -> list[str]:
-    """Just the captions of a file (any pool format, or .txt with one caption a line), for mining."""
-    import polars as pl
-
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
-    fmt = detect_format([path])
-    frame = {
-        "parquet": lambda: pl.read_parquet(path),
-        "jsonl": lambda: pl.read_ndjson(path),
-        "csv": lambda: pl.read_csv(path, infer_schema=False),
-        "tsv": lambda: pl.read_csv(path, separator="\t", quote_char=None, infer_schema=False),
-    }[fmt]()
-    name = _pick(frame.columns, column, CAPTION_CANDIDATES, "caption column", path)
-    return [text for text in frame[name].to_list() if isinstance(text, str)]
 
 
 def resolve_columns(names: list[str], spec: SourceSpec, path: str) -> tuple[str, str]:

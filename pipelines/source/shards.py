@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.engine.chain import split_rejected
+from pipelines.engine.parts import InputShard
 from pipelines.source.readers import (
     SourceError,
     SourceSpec,
@@ -32,12 +32,10 @@ from pipelines.source.readers import (
 )
 from schemas import rejects as R
 from schemas.columns import CAPTION, COLUMNS, SOURCE_INDEX, UID, URL
-from schemas.manifest import StageCounts
 from schemas.rejects import DETAIL, REASON, REJECT_DETAIL, REJECT_REASON, SHARD, STAGE
 
 __all__ = [
     "READ_STAGE",
-    "InputShard",
     "SourceError",
     "SourceSpec",
     "check_keep_columns",
@@ -47,16 +45,6 @@ __all__ = [
 ]
 
 READ_STAGE = "read"
-
-
-@dataclass
-class InputShard:
-    """One shard of the pool as read: kept rows, reject records and the ``read`` counts."""
-
-    shard: int
-    rows: pa.Table
-    rejects: pa.Table | None
-    counts: StageCounts
 
 
 def probe_source(spec: SourceSpec) -> None:

@@ -40,8 +40,6 @@ from schemas import rejects as R
 CHUNK_BYTES = 4 << 20
 _BATCH_ITEMS = 1 << 16  # records and rejects in one batch, whatever the lines are like
 _READ_BYTES = 1 << 16
-#: Default of ``max_row_bytes``: the longest record (csv/tsv) or line (jsonl) read, in bytes.
-DEFAULT_MAX_ROW_BYTES = 4 << 20
 #: The config key that sets ``max_row_bytes``, named in reject details.
 MAX_ROW_BYTES_KEY = "input_max_row_bytes"
 

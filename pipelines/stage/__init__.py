@@ -1,4 +1,5 @@
-"""The stage SDK: the contract every curation and generation step implements, and image decoding.
+"""The stage SDK: the contract every curation and generation step implements, image decoding, and
+read-only access to an earlier run.
 
 ``curation`` and ``generators`` import ``pipelines`` only through here.
 """
@@ -12,6 +13,17 @@ from pipelines.stage.contract import (
     Stage,
     default_resources,
 )
+from pipelines.stage.run_files import RunFiles
 from schemas.files import file_digest
 
-__all__ = ["Cutoff", "GiB", "GlobalStage", "Rejections", "Resources", "Stage", "default_resources", "file_digest"]
+__all__ = [
+    "Cutoff",
+    "GiB",
+    "GlobalStage",
+    "Rejections",
+    "Resources",
+    "RunFiles",
+    "Stage",
+    "default_resources",
+    "file_digest",
+]

@@ -16,7 +16,7 @@ from PIL import Image
 from curation.clip_score import ClipEmbed, ClipPreprocess, ClipScoreThreshold, ClipScoreTopFraction
 from models.clip import load_clip
 from pipelines.engine.config import parse_config
-from pipelines.engine.plan import build_plan
+from pipelines.job import build_plan
 from schemas.columns import CAPTION, CLIP_PIXELS, CLIP_SCORE, IMAGE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
 from schemas.rejects import REJECT_DETAIL, REJECT_REASON
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict, shared_path

@@ -333,7 +333,7 @@ def test_threshold_from_a_head_factor_caps_only_the_entries_far_above_the_mean(s
 
 def test_a_changed_metadata_file_is_a_changed_config(skewed_pool, runner_factory):
     from pipelines.engine.config import parse_config
-    from pipelines.engine.plan import build_plan
+    from pipelines.job import build_plan
 
     folder, metadata, pool = skewed_pool
     config = _balance_config(folder, metadata, pool, "identity", 5000)
@@ -351,7 +351,7 @@ def test_a_changed_metadata_file_is_a_changed_config(skewed_pool, runner_factory
 
 def test_bad_metadata_fails_when_the_pipeline_is_built(skewed_pool, tmp_path):
     from pipelines.engine.config import parse_config
-    from pipelines.engine.plan import build_plan
+    from pipelines.job import build_plan
 
     folder, metadata, pool = skewed_pool
     bad = tmp_path / "bad.json"

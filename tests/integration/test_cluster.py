@@ -29,8 +29,8 @@ import yaml
 from pipelines.demo.pool import write_demo_pool
 from pipelines.engine.config import load_config
 from pipelines.engine.execute import run_pipeline
-from pipelines.engine.plan import build_plan
 from pipelines.engine.runner import LocalRunner
+from pipelines.job import build_plan
 from tests.conftest import REPO_ROOT, TEXT_ONLY_HOST, free_port, read_phase, read_rejects
 
 BIN = Path(sys.executable).parent

@@ -9,8 +9,8 @@ import yaml
 
 from pipelines.engine.config import parse_config
 from pipelines.engine.execute import run_pipeline
-from pipelines.engine.plan import build_plan
 from pipelines.engine.runner import LocalRunner
+from pipelines.job import build_plan
 from tests.conftest import REPO_ROOT, read_phase
 from tests.http_server import ImageServer, make_image
 from tests.integration.killing import kill_after, run_command

@@ -96,3 +96,26 @@ def test_a_ledger_that_does_not_close_is_an_error_in_plain_words(tmp_path):
         "error: the ledger does not close: phase '01_caption_length', shard 1, stage 'caption_length'"
         in result.output.replace("\n", " ")
     )
+
+
+def test_domain_commands_are_mounted_from_their_entry_points():
+    from importlib import metadata
+
+    from pipelines.cli.main import COMMANDS_GROUP
+
+    entries = {e.name: e.value for e in metadata.entry_points(group=COMMANDS_GROUP)}
+    assert entries == {
+        "metadata": "curation.metaclip.command:app",
+        "import-batch": "generators.instruct.command:import_batch",
+    }
+    shown = CliRunner().invoke(app, ["--help"]).output
+    assert "metadata" in shown and "import-batch" in shown
+
+
+def test_a_mounted_command_turns_a_users_mistake_into_a_message(tmp_path):
+    captions = tmp_path / "captions.csv"
+    captions.write_text("url,words\nhttp://127.0.0.1/a.jpg,a cat\n")
+    result = CliRunner().invoke(
+        app, ["metadata", "build", "--output", str(tmp_path / "m.txt"), "--bigrams-from", str(captions)]
+    )
+    assert result.exit_code == 2 and "none of the usual caption columns" in result.output, result.output

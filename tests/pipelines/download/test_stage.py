@@ -216,7 +216,7 @@ def test_parameters_are_validated():
 def test_hostile_pool_through_both_runners_closes_the_ledger_with_identical_reasons(server, tmp_path, runner_factory):
     from pipelines.engine.config import parse_config
     from pipelines.engine.execute import run_pipeline
-    from pipelines.engine.plan import build_plan
+    from pipelines.job import build_plan
     from tests.conftest import read_phase, read_rejects
 
     expected = {

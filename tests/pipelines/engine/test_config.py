@@ -20,7 +20,8 @@ from pipelines.engine.config import (
     parse_config,
     resolve_stage_class,
 )
-from pipelines.engine.plan import INPUT_PHASE, build_plan, config_hash, fingerprint_diff
+from pipelines.engine.plan import INPUT_PHASE, config_hash, fingerprint_diff
+from pipelines.job import build_plan
 from pipelines.source.shards import SourceError, resolve_files
 from pipelines.stage import GlobalStage, Resources, Stage
 from schemas.columns import CAPTION, IMAGE, URL, WIDTH
@@ -593,7 +594,7 @@ def test_override_yaml_values(pool):
     plan = plan_of(out)
     assert plan.stages[0].stage.max_chars is None and plan.stages[0].checkpoint
     assert plan.stages[0].stage.resources.batch_size == 64
-    assert plan.source.keep_columns == ("page",)
+    assert plan.source.kept_columns == ("page",)
 
 
 def test_override_of_an_unknown_key_fails_validation(pool):
@@ -705,7 +706,7 @@ def test_plan_source_spec_follows_the_config(pool):
             columns={"url": "url", "caption": "caption", "uid": None, "keep": ["page"]},
         )
     )
-    src = plan.source
+    src = plan.source.spec
     assert (src.path, src.format, src.url_column, src.caption_column, src.uid_column, src.keep_columns) == (
         pool,
         "csv",

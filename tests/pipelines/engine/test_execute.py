@@ -11,8 +11,8 @@ from pipelines.demo.pool import write_demo_pool
 from pipelines.engine.config import parse_config
 from pipelines.engine.execute import ConfigChangedError, run_pipeline
 from pipelines.engine.ledger import LedgerError
-from pipelines.engine.plan import build_plan
 from pipelines.engine.runner import LocalRunner, Runner
+from pipelines.job import build_plan
 from schemas.manifest import StageCounts
 from tests.conftest import TEXT_ONLY_HOST, read_phase, read_rejects
 

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 from pipelines.cli.main import app
 from pipelines.engine.config import parse_config
 from pipelines.engine.execute import run_pipeline
-from pipelines.engine.plan import build_plan
 from pipelines.engine.retry import retry_failed
 from pipelines.engine.runner import LocalRunner
+from pipelines.job import build_plan
 from tests.conftest import read_phase, read_rejects
 from tests.http_server import ImageServer, make_image
 

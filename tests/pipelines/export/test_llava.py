@@ -13,11 +13,11 @@ import pytest
 from generators.instruct.responses import record
 from pipelines.engine.config import parse_config
 from pipelines.engine.execute import run_pipeline
-from pipelines.engine.plan import build_plan
 from pipelines.engine.rundir import RunDir
 from pipelines.export.keys import sample_key
 from pipelines.export.llava import finish_llava, write_llava_shard
 from pipelines.export.shards import finish_export
+from pipelines.job import build_plan
 from schemas.columns import BRIEF_RECORDS, INSTRUCTIONS
 from schemas.llava import RECORD_TYPE
 from tests.conftest import read_phase

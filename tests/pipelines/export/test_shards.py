@@ -17,10 +17,10 @@ import pytest
 
 from pipelines.engine.config import parse_config
 from pipelines.engine.execute import run_pipeline
-from pipelines.engine.plan import build_plan
 from pipelines.engine.runner import LocalRunner
 from pipelines.export.keys import image_extension, sample_key
 from pipelines.export.shards import plan_export, write_webdataset
+from pipelines.job import build_plan
 from schemas.manifest import ShardEntry, StageCounts
 from tests.conftest import read_phase
 from tests.http_server import ImageServer, make_image
