@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from curation.basic import (  # noqa: E402
-    _CONTROL,
-    _IMAGE_EXTENSIONS,
+    CONTROL_CHARACTERS,
     DEFAULT_GENERIC_CAPTIONS,
+    IMAGE_EXTENSIONS,
     CaptionCharacters,
     CaptionLength,
     JunkAltText,
@@ -36,9 +36,9 @@ from schemas.columns import CAPTION, SOURCE_INDEX, UID  # noqa: E402
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alttext", "laion_style_10000.parquet")
 
 # The same rules in Python's `re` (ASCII classes, as RE2's \w and \s are ASCII).
-CONTROL = re.compile(_CONTROL.replace("\\x{", "\\x").replace("}", "").replace("\\x00", "\\x00"))
+CONTROL = re.compile(CONTROL_CHARACTERS.replace("\\x{", "\\x").replace("}", "").replace("\\x00", "\\x00"))
 FILENAME = re.compile(
-    rf"\s*(?:[\w\-.()\[\]~+]+(?: [\w\-.()\[\]~+]+)*\.(?:{_IMAGE_EXTENSIONS})"
+    rf"\s*(?:[\w\-.()\[\]~+]+(?: [\w\-.()\[\]~+]+)*\.(?:{IMAGE_EXTENSIONS})"
     r"|(?:img|dsc[nf]?|pxl|dcim|image|photo|pic|screenshot|scan|untitled)[\s_\-]*\d+[\w\-]*)\s*",
     re.I | re.A,
 )

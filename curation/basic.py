@@ -37,12 +37,12 @@ BAD_ASPECT_RATIO = "bad_aspect_ratio"
 TEXT_BATCH = 16384
 
 # RE2 patterns (pyarrow.compute). C0 controls except tab, newline and carriage return; DEL; C1.
-_CONTROL = r"[\x{00}-\x{08}\x{0b}\x{0c}\x{0e}-\x{1f}\x{7f}-\x{9f}]"
+CONTROL_CHARACTERS = r"[\x{00}-\x{08}\x{0b}\x{0c}\x{0e}-\x{1f}\x{7f}-\x{9f}]"
 _CONTROL_STRICT = r"[\x{00}-\x{1f}\x{7f}-\x{9f}]"
-_IMAGE_EXTENSIONS = r"jpe?g|png|gif|webp|bmp|tiff?|svg|heic|heif|avif|jfif|ico"
+IMAGE_EXTENSIONS = r"jpe?g|png|gif|webp|bmp|tiff?|svg|heic|heif|avif|jfif|ico"
 _JUNK_PATTERNS = {
     FILENAME_CAPTION: (
-        rf"(?i)^\s*(?:[\w\-.()\[\]~+]+(?: [\w\-.()\[\]~+]+)*\.(?:{_IMAGE_EXTENSIONS})"
+        rf"(?i)^\s*(?:[\w\-.()\[\]~+]+(?: [\w\-.()\[\]~+]+)*\.(?:{IMAGE_EXTENSIONS})"
         r"|(?:img|dsc[nf]?|pxl|dcim|image|photo|pic|screenshot|scan|untitled)[\s_\-]*\d+[\w\-]*)\s*$"
     ),
     DIMENSIONS_CAPTION: r"(?i)^\s*\d{1,5}\s*[x×*]\s*\d{1,5}\s*(?:px|pixels?)?\s*$",
@@ -95,7 +95,7 @@ class CaptionCharacters(Stage):
     def __call__(self, batch: pa.Table) -> pa.Table:
         caption = batch[CAPTION]
         rejections = Rejections(batch.num_rows)
-        pattern = _CONTROL if self.allow_line_breaks else _CONTROL_STRICT
+        pattern = CONTROL_CHARACTERS if self.allow_line_breaks else _CONTROL_STRICT
         rejections.add(
             pc.match_substring_regex(caption, pattern), CONTROL_CHARACTERS, "caption holds control characters"
         )

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
+from generators.capfilt_card import selection_section
 from models.clip_inference import ClipInference
 from pipelines.stage import GiB, Rejections, Resources, Stage, default_resources
 from schemas.columns import (
@@ -29,7 +30,6 @@ from schemas.columns import (
     CAPTION,
     CAPTION_SCORES,
     CAPTION_SOURCE,
-    IMAGE,
     IMAGE_EMBEDDING,
     SELECTED_CAPTIONS,
     SYNTHETIC_CAPTIONS,
@@ -212,41 +212,4 @@ class CapFiltSelect(Stage):
         )
 
     def card_notes(self, view: Any) -> str | None:
-        import polars as pl
-
-        frame = view.kept([CAPTION_SOURCE])
-        if frame is None:
-            return None
-        counts = dict(frame.group_by(CAPTION_SOURCE).len().collect().iter_rows())
-        web, synthetic = counts.get("web", 0), counts.get("synthetic", 0)
-        lines = [
-            f"Of the {web + synthetic:,} rows kept to the end, **{synthetic:,}** "
-            f"({synthetic / max(web + synthetic, 1):.1%}) carry a synthetic caption in place of their web "
-            f"caption and {web:,} kept the web caption (threshold {self.threshold:g}, policy `{self.policy}`)."
-        ]
-        selected = view.kept([SELECTED_CAPTIONS]) if self.policy == "all" else None
-        if selected is not None:  # every passing caption goes on: say how many beyond the chosen one
-            extra = pl.col(SELECTED_CAPTIONS).list.len() - 1
-            rows, captions = (
-                selected.select((extra > 0).sum().alias("rows"), extra.clip(lower_bound=0).sum().alias("captions"))
-                .collect()
-                .row(0)
-            )
-            lines[0] += (
-                f" With policy `all`, {rows:,} kept rows also pass {captions:,} more captions on in "
-                f"`{SELECTED_CAPTIONS}`, beside the chosen one."
-            )
-        examples = view.kept([IMAGE, WEB_CAPTION, CAPTION, CAPTION_SCORES, CAPTION_SOURCE])
-        if examples is None:
-            return lines[0]
-        rows = examples.filter(pl.col(CAPTION_SOURCE) == "synthetic").head(4).collect().to_dicts()
-        if rows:
-            lines += ["", "| image | web caption (score) | replaced by (score) |", "|---|---|---|"]
-        for i, row in enumerate(rows):
-            image = view.image_link(f"example-{i}.jpg", row[IMAGE]) or "-"
-            scores = row[CAPTION_SCORES]
-            lines.append(
-                f"| {image} | {view.cell(row[WEB_CAPTION])} ({scores[0]:.3f}) | "
-                f"{view.cell(row[CAPTION])} ({max(scores[1:]):.3f}) |"
-            )
-        return "\n".join(lines)
+        return selection_section(view, self.threshold, self.policy)

@@ -248,9 +248,9 @@ def _gguf_llama_weights(path: Path, config: Any) -> dict[str, torch.Tensor]:
         values = values.reshape(info.shape).float()
         name, part = _llama_name(path, info.name)
         if part == "attn_q":
-            values = _unpermute_rotary(values, config.num_attention_heads)
+            values = unpermute_rotary(values, config.num_attention_heads)
         elif part == "attn_k":
-            values = _unpermute_rotary(values, config.num_key_value_heads)
+            values = unpermute_rotary(values, config.num_key_value_heads)
         weights[name] = values
     return weights
 
@@ -267,7 +267,7 @@ def _llama_name(path: Path, gguf_name: str) -> tuple[str, str]:
     raise ValueError(f"{path}: tensor {gguf_name!r} has no place in a transformers Llama")
 
 
-def _unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo llama.cpp's reordering of each head's query or key rows (it interleaves the two rotary halves)."""
     half = weight.shape[0] // heads // 2
     return weight.reshape(heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)

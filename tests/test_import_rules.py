@@ -79,3 +79,18 @@ def test_only_the_ray_runner_imports_ray_data():
                 if any(n == "ray.data" or n.startswith("ray.data.") for n in names):
                     importers.add(file.relative_to(REPO).as_posix())
     assert importers == {"pipelines/engine/runner.py"}
+
+
+def test_no_test_or_benchmark_imports_a_private_name_of_the_project():
+    """What a test reaches is the module's public surface: a private helper stays free to change."""
+    private = []
+    for folder in ("tests", "benchmarks"):
+        for file in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(file.read_text(), str(file))):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+                    private += [
+                        f"{file.relative_to(REPO)}: {node.module}.{a.name}"
+                        for a in node.names
+                        if a.name.startswith("_")
+                    ]
+    assert private == []

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.dedup.card import clusters_section
 from curation.dedup.clusters import (
     KEEP_FIRST,
     KEEP_HIGHEST_CLIP_SCORE,
@@ -181,17 +182,7 @@ class ClusterDedup(GlobalStage):
         return rejections.attach(batch.select([]))
 
     def card_notes(self, view: Any) -> str | None:
-        summary = view.summary
-        if not summary:
-            return None
-        sizes = ", ".join(
-            f"{n:,} of {size}" for size, n in sorted(summary["size_histogram"].items(), key=lambda item: int(item[0]))
-        )
-        return (
-            f"{summary['duplicate_rows']:,} of {summary['rows']:,} rows were duplicates in "
-            f"{summary['clusters']:,} clusters (survivor: `{self.keep}`); largest clusters: "
-            f"{', '.join(map(str, summary['largest'])) or 'none'}; clusters by size: {sizes or 'none'}."
-        )
+        return clusters_section(view, self.keep)
 
     def describe(self, state: dict[str, Any]) -> dict[str, Any]:
         facts = {k: v for k, v in state.items() if k not in _DECISION}

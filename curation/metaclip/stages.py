@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.metaclip.card import balance_section, top_entries_section
 from curation.metaclip.matching import EntryMatcher
 from curation.metaclip.metadata import load_metadata
 from pipelines.stage import GiB, GlobalStage, Rejections, Resources, Stage, default_resources, file_digest
@@ -72,6 +73,9 @@ class MetaclipMatch(Stage):
             pc.equal(pc.list_value_length(entries), 0), NO_METADATA_MATCH, "the caption matches no metadata entry"
         )
         return rejections.attach(pa.table({METACLIP_ENTRIES: entries}))
+
+    def card_notes(self, view: Any) -> str | None:
+        return top_entries_section(view, load_metadata(os.path.abspath(self.metadata)))
 
 
 @dataclass
@@ -163,6 +167,9 @@ class MetaclipBalance(GlobalStage):
             "matches": total,
             "tail_share": float(matched[matched < t].sum() / total) if total else 0.0,
         }
+
+    def card_notes(self, view: Any) -> str | None:
+        return balance_section(view, view.aggregate())
 
 
 def keep_probability(entries: pa.ChunkedArray | pa.ListArray, counts: np.ndarray, threshold: int) -> np.ndarray:

@@ -45,6 +45,7 @@ import pyarrow as pa
 
 from generators.instruct import grounded
 from generators.instruct.batch import BATCH_PENDING, BatchClient, BatchSettings
+from generators.instruct.card import records_section
 from generators.instruct.chat import BUDGET_EXHAUSTED, REQUEST_FAILED, ChatSettings, Failure
 from generators.instruct.context import BOX_FORMATS, Context, build_context
 from generators.instruct.prompts import RESPONSE_TYPES, load_prompt, phrasings, phrasings_version, pick
@@ -194,45 +195,7 @@ class InstructGenerate(Stage):
         )
 
     def card_notes(self, view: Any) -> str | None:
-        import polars as pl
-
-        frame = view.kept([INSTRUCTIONS, INSTRUCTION_FAILURES])
-        if frame is None:
-            return None
-        records = frame.select(pl.col(INSTRUCTIONS).explode().struct.unnest()).drop_nulls("response_type")
-        by_type = (
-            records.group_by("response_type")
-            .agg(
-                pl.len().alias("records"),
-                pl.col("conversations").list.len().mean().alias("turns"),
-                pl.col("prompt_tokens").sum().alias("prompt"),
-                pl.col("completion_tokens").sum().alias("completion"),
-            )
-            .sort("response_type")
-            .collect()
-        )
-        failures = (
-            frame.select(pl.col(INSTRUCTION_FAILURES).explode().struct.unnest())
-            .drop_nulls("reason")
-            .group_by("reason")
-            .len()
-            .sort("len", descending=True)
-            .collect()
-        )
-        lines = [
-            f"Backend `{self.backend}`. Records kept, by response type:",
-            "",
-            "| response type | records | turns per record | prompt tokens | completion tokens |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        lines += [
-            f"| {kind} | {n:,} | {turns:.1f} | {prompt or 0:,} | {completion or 0:,} |"
-            for kind, n, turns, prompt, completion in by_type.iter_rows()
-        ]
-        if failures.height:
-            listed = ", ".join(f"{reason} {n:,}" for reason, n in failures.iter_rows())
-            lines += ["", f"Response types that failed in rows kept for their others: {listed}."]
-        return "\n".join(lines)
+        return records_section(view, INSTRUCTIONS, f"Backend `{self.backend}`.")
 
     def _contexts(self, batch: pa.Table, rejections: Rejections) -> list[Context | None]:
         columns = {name: batch[name].to_pylist() for name in batch.column_names}
@@ -342,6 +305,9 @@ class BriefDescriptions(Stage):
 
     def identity(self) -> dict[str, Any]:
         return {"instructions": phrasings_version("brief")}
+
+    def card_notes(self, view: Any) -> str | None:
+        return records_section(view, BRIEF_RECORDS, "Brief descriptions, each answered by a caption of the row.")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rejections = Rejections(batch.num_rows)

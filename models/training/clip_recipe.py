@@ -75,20 +75,7 @@ class ClipTrainConfig(BaseModel):
     eval: EvalSettings | None = None
 
     def loop_config(self) -> LoopConfig:
-        return LoopConfig(
-            max_steps=self.max_steps,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            warmup_steps=self.warmup_steps,
-            min_lr_ratio=self.min_lr_ratio,
-            grad_accum=self.grad_accum,
-            grad_clip=self.grad_clip,
-            amp=self.amp,
-            save_every=self.save_every,
-            keep_checkpoints=self.keep_checkpoints,
-            eval_every=self.eval_every,
-            seed=self.seed,
-        )
+        return LoopConfig.from_settings(self)
 
 
 class ClipTask:

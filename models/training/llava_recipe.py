@@ -93,19 +93,7 @@ class VlmTrainConfig(BaseModel):
 
     def loop_config(self) -> LoopConfig:
         lr = self.lr if self.lr is not None else (1e-3 if self.stage == 1 else 2e-5)
-        return LoopConfig(
-            max_steps=self.max_steps,
-            lr=lr,
-            weight_decay=self.weight_decay,
-            warmup_steps=self.warmup_steps,
-            min_lr_ratio=self.min_lr_ratio,
-            grad_accum=self.grad_accum,
-            grad_clip=self.grad_clip,
-            amp=self.amp,
-            save_every=self.save_every,
-            keep_checkpoints=self.keep_checkpoints,
-            seed=self.seed,
-        )
+        return LoopConfig.from_settings(self, lr=lr)
 
     @property
     def records(self) -> list[int]:

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +50,12 @@ class LoopConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0
     seed: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> LoopConfig:
+        """The loop settings a recipe's config carries under the same names, with ``overrides``."""
+        names = [f.name for f in fields(cls) if hasattr(settings, f.name)]
+        return cls(**{**{name: getattr(settings, name) for name in names}, **overrides})
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.grad_accum < 1 or self.save_every < 1:

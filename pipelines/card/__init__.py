@@ -1,4 +1,4 @@
-"""The dataset card of a run directory: header, funnel, cutoffs, score plots, examples, topic sections."""
+"""The dataset card of a run directory: header, funnel, samples, cutoffs, each stage's own section, examples."""
 
 from pipelines.card.writer import CARD, write_card
 

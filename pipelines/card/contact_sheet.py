@@ -7,7 +7,7 @@ import textwrap
 
 import numpy as np
 
-from pipelines.card.figures import REJECTED_COLOUR, new_figure, to_png
+from pipelines.card.figures import PALETTE, new_figure, to_png
 
 COLUMNS = 4
 CAPTION_WIDTH = 34  # characters per line under a thumbnail
@@ -24,7 +24,7 @@ def contact_sheet_png(samples: list[tuple[bytes | None, str]]) -> bytes:
     for axes, (data, text) in zip(grid.flat, samples):
         pixels = _pixels(data)
         if pixels is None:
-            axes.text(0.5, 0.5, "image does not decode", ha="center", va="center", fontsize=8, color=REJECTED_COLOUR)
+            axes.text(0.5, 0.5, "image does not decode", ha="center", va="center", fontsize=8, color=PALETTE.dropped)
         else:
             axes.imshow(pixels)
         # The caption as the x label: below the image, and tight_layout makes room for it.

@@ -1,15 +1,54 @@
-"""Images of the dataset card: plots drawn with matplotlib's file-only Agg backend into PNG bytes, thumbnails."""
+"""Images of the dataset card: plots drawn with matplotlib's file-only Agg backend into PNG bytes,
+in one palette; thumbnails."""
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from pipelines.card.stats import KEPT, REJECTED_ELSEWHERE, REJECTED_HERE, Histogram
 from pipelines.stage import Cutoff
 
-KEPT_COLOUR, REJECTED_COLOUR = "#2b8a3e", "#c92a2a"  # shared by every card image
-_COLOURS = {KEPT: KEPT_COLOUR, REJECTED_HERE: REJECTED_COLOUR, REJECTED_ELSEWHERE: "#adb5bd"}
+
+@dataclass(frozen=True)
+class Palette:
+    """The colours of every card image, stages' plots included."""
+
+    kept: str = "#2b8a3e"
+    dropped: str = "#c92a2a"  # rejected (by this stage, where there is a choice)
+    elsewhere: str = "#adb5bd"  # rejected by another stage
+    before: str = "#868e96"  # a state before the stage acted
+    warn: str = "#f08c00"
+
+
+PALETTE = Palette()
+_COLOURS = {KEPT: PALETTE.kept, REJECTED_HERE: PALETTE.dropped, REJECTED_ELSEWHERE: PALETTE.elsewhere}
+
+
+def funnel_png(steps: list[tuple[str, int, int]]) -> bytes:
+    """Horizontal bars, one per stage in order: rows kept, with the rows it rejected beside them.
+    ``steps`` are ``(stage, rows in, rows kept)``."""
+    figure = new_figure(8, 0.9 + 0.36 * len(steps))
+    axes = figure.subplots()
+    y = np.arange(len(steps))
+    kept = np.array([s[2] for s in steps])
+    dropped = np.array([s[1] - s[2] for s in steps])
+    axes.barh(y, kept, color=PALETTE.kept, label="kept")
+    axes.barh(y, dropped, left=kept, color=PALETTE.dropped, alpha=0.7, label="rejected")
+    widest = max(int((kept + dropped).max()), 1)
+    for i, (_, rows_in, rows_kept) in enumerate(steps):
+        label = f"{rows_kept:,}" + (f"  (−{rows_in - rows_kept:,})" if rows_in > rows_kept else "")
+        axes.text(rows_in + widest * 0.01, i, label, va="center", fontsize=8)
+    axes.set_yticks(y, [s[0] for s in steps], fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlim(0, widest * 1.25)
+    axes.set_xlabel("rows")
+    axes.set_title("Funnel: rows kept after each stage", fontsize=10)
+    axes.legend(fontsize=8, loc="lower right")
+    return to_png(figure)
 
 
 def histogram_png(histogram: Histogram, cutoffs: list[Cutoff], title: str) -> bytes:
@@ -59,6 +98,26 @@ def new_figure(width: float, height: float) -> Any:
     figure = Figure(figsize=(width, height), dpi=110)
     FigureCanvasAgg(figure)
     return figure
+
+
+def log_ticks(axis: Any) -> None:
+    """Log-axis ticks as plain numbers (1, 10, 1,000), with 2 and 5 between decades too when
+    the axis spans fewer than three (else it would show one label or none)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = axis.get_view_interval()
+    subs = (1.0, 2.0, 5.0) if lo > 0 and hi / lo < 1000 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: compact(value)))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def compact(value: float) -> str:
+    """A tick label: 7, 150, 2k, 30M."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
 
 
 def to_png(figure: Any) -> bytes:

@@ -1,13 +1,13 @@
 """The dataset card: ``README.md`` in a run directory, written when a run completes.
 
 It shows where every row went (the ledger as a funnel: rows in, kept, rejected by reason, per
-stage, as a table and a plot), sample pairs, the topic sections of :mod:`pipelines.card.sections`
-(MetaCLIP entry frequency, duplicate clusters, CapFilt captions, instruction types) when the run
-has what they need, a histogram with the cutoff marked for every threshold a stage applied (the
-CLIP score, say), what produced the run (package versions, config hash) and where the export is.
-Statistics are polars scans (:mod:`pipelines.card.stats`, :mod:`pipelines.card.queries`); plots
-are PNGs written beside the card under ``card/``. ``vlmcurate card RUN`` writes it again for an
-existing run.
+stage, as a table and a plot), sample pairs, a histogram with the cutoff marked for every
+threshold a stage applied (the CLIP score, say), what each stage found (the section each stage
+writes itself through ``card_notes``: MetaCLIP's entry frequency, duplicate clusters, CapFilt's
+captions, instruction types, ...), examples of what each stage removed, what produced the run
+(package versions, config hash) and where the export is. Statistics are polars scans
+(:mod:`pipelines.card.stats`, :mod:`pipelines.card.queries`); plots are PNGs written beside the
+card under ``card/``. ``vlmcurate card RUN`` writes it again for an existing run.
 """
 
 from __future__ import annotations
@@ -15,23 +15,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from pipelines.card.figures import histogram_png
-from pipelines.card.queries import reject_examples
-from pipelines.card.sections import (
-    CardContext,
-    capfilt_section,
-    dedup_section,
-    instructions_section,
-    metaclip_section,
-    samples_section,
-)
+from pipelines.card.contact_sheet import contact_sheet_png
+from pipelines.card.figures import funnel_png, histogram_png, markdown_cell
+from pipelines.card.queries import reject_examples, sample_rows
 from pipelines.card.stats import KEPT, REJECTED_HERE, score_histogram, write_asset
-from pipelines.card.topic_charts import funnel_png
 from pipelines.card.view import CardView
 from pipelines.engine.chain import PlannedStage
 from pipelines.engine.rundir import RunDir
 from pipelines.stage import Cutoff
-from schemas.columns import CAPTION
+from schemas.columns import CAPTION, CAPTION_SOURCE, IMAGE, UID
 from schemas.manifest import Manifest
 from schemas.rejects import DETAIL, REASON
 
@@ -42,42 +34,70 @@ log = logging.getLogger(__name__)
 
 def write_card(rundir: RunDir, manifest: Manifest, stages: list[PlannedStage]) -> str:
     """Write the card of the run in ``rundir`` (and its plots); return the card's path."""
-    notes = {
-        p.name: p.stage.card_notes(CardView(rundir, manifest, p.name, manifest.aggregates.get(p.name))) for p in stages
-    }
-    ctx = CardContext(rundir, manifest, stages, {name: text for name, text in notes.items() if text})
     sections = [
         _header(manifest),
-        _guarded(_funnel, ctx),
-        _guarded(samples_section, ctx),
-        _guarded(metaclip_section, ctx),
+        _guarded("funnel", _funnel, rundir, manifest),
+        _guarded("samples", _samples, rundir, manifest),
     ]
     for planned in stages:
         cutoffs = planned.stage.cutoffs(manifest.aggregates.get(planned.name))
         for column in dict.fromkeys(c.column for c in cutoffs):
-            sections.append(
-                _cutoff_section(rundir, manifest, planned.name, column, [c for c in cutoffs if c.column == column])
-            )
+            chosen = [c for c in cutoffs if c.column == column]
+            sections.append(_guarded("cutoff", _cutoff_section, rundir, manifest, planned.name, column, chosen))
     sections += [
-        _guarded(section, ctx) for section in (dedup_section, capfilt_section, instructions_section, _removed_examples)
+        _stage_sections(rundir, manifest, stages),
+        _guarded("removed examples", _removed_examples, rundir, manifest),
+        _provenance(manifest),
     ]
-    if ctx.notes:
-        found = "\n\n".join(f"**{p.name}**: {ctx.notes[p.name]}" for p in stages if p.name in ctx.notes)
-        sections.append(f"## What the stages found\n\n{found}")
-    sections.append(_provenance(manifest))
     path = rundir.path(CARD)
     rundir.write_bytes(path, ("\n\n".join(s for s in sections if s) + "\n").encode())
     return path
 
 
-def _guarded(section: Callable[[CardContext], str | None], ctx: CardContext) -> str | None:
-    """A section, or a line saying it failed: one unreadable column must not cost the whole card."""
+def _guarded(name: str, section: Callable[..., str | None], *args) -> str | None:
+    """``section(*args)``, or a line saying it failed: one unreadable column must not cost the whole card."""
     try:
-        return section(ctx)
+        return section(*args)
     except Exception as e:
-        log.exception("dataset card of %s: %s failed", ctx.manifest.name, section.__name__)
-        name = section.__name__.strip("_").removesuffix("_section")
+        log.exception("dataset card of a run: the %s section failed", name)
         return f"*The card's {name} section could not be written: {e!r}.*"
+
+
+def _stage_sections(rundir: RunDir, manifest: Manifest, stages: list[PlannedStage]) -> str | None:
+    """Each stage's own section (``card_notes``), in pipeline order."""
+    parts = []
+    for planned in stages:
+        view = CardView(rundir, manifest, planned.name, manifest.aggregates.get(planned.name))
+        notes = _guarded(f"`{planned.name}`", planned.stage.card_notes, view)
+        if notes:
+            parts.append(f"### {planned.name}\n\n{notes}")
+    return "## What the stages found\n\n" + "\n\n".join(parts) if parts else None
+
+
+def _samples(rundir: RunDir, manifest: Manifest, count: int = 8) -> str | None:
+    """A contact sheet of kept images with their final captions (a table of captions for a run
+    without images)."""
+    rows = sample_rows(rundir, manifest, count)
+    if not rows:
+        return None
+    lines = [
+        "## Sample pairs",
+        "",
+        f"{len(rows)} rows kept to the end, from the first rows of shards spread over the final phase.",
+    ]
+    if IMAGE in rows[0]:
+        sheet = [
+            (row[IMAGE], ("[CapFilt] " if row.get(CAPTION_SOURCE) == "synthetic" else "") + (row[CAPTION] or ""))
+            for row in rows
+        ]
+        lines += ["", f"![sample pairs]({write_asset(rundir, 'samples.png', contact_sheet_png(sheet))})"]
+    source = CAPTION_SOURCE in rows[0]
+    lines += ["", "| uid | caption |" + (" caption from |" if source else ""), "|---|---|" + ("---|" if source else "")]
+    lines += [
+        f"| `{row[UID]}` | {markdown_cell(row[CAPTION])} |" + (f" {row[CAPTION_SOURCE]} |" if source else "")
+        for row in rows
+    ]
+    return "\n".join(lines)
 
 
 def _header(manifest: Manifest) -> str:
@@ -104,13 +124,13 @@ def _header(manifest: Manifest) -> str:
     return "\n".join(lines)
 
 
-def _funnel(ctx: CardContext) -> str:
+def _funnel(rundir: RunDir, manifest: Manifest) -> str:
     lines = ["## Funnel", ""]
-    steps = [(name, counts.rows_in, counts.rows_kept) for name, counts in ctx.manifest.stage_totals().items()]
+    steps = [(name, counts.rows_in, counts.rows_kept) for name, counts in manifest.stage_totals().items()]
     if steps:
-        lines += [f"![funnel]({write_asset(ctx.rundir, 'funnel.png', funnel_png(steps))})", ""]
+        lines += [f"![funnel]({write_asset(rundir, 'funnel.png', funnel_png(steps))})", ""]
     lines += ["| phase | stage | rows in | kept | rejected | reasons |", "|---|---|---:|---:|---:|---|"]
-    for phase in ctx.manifest.phases:
+    for phase in manifest.phases:
         for name in phase.stages:
             counts = phase.counts.get(name)
             if counts is None:
@@ -126,8 +146,8 @@ def _funnel(ctx: CardContext) -> str:
     return "\n".join(lines)
 
 
-def _removed_examples(ctx: CardContext) -> str | None:
-    examples = reject_examples(ctx.rundir, ctx.manifest)
+def _removed_examples(rundir: RunDir, manifest: Manifest) -> str | None:
+    examples = reject_examples(rundir, manifest)
     if not examples:
         return None
     lines = [

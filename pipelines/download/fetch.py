@@ -233,7 +233,7 @@ class Fetcher:
             return body
 
     # A hop: parse, resolve, check ------------------------------------------------------------
-    def _target(self, url: str, deadline: float) -> _Target:
+    def _target(self, url: str, deadline: float) -> Target:
         try:
             parts = urlsplit(url.strip())
             port = parts.port
@@ -250,10 +250,10 @@ class Fetcher:
             addresses = self._resolver.resolve(host, port, deadline)
         except ResolveError as e:
             raise FetchError(_RESOLVE_REASONS[e.kind], e.detail, transient=e.transient) from None
-        return _Target(parts.scheme, host, port, path, tuple(addresses))
+        return Target(parts.scheme, host, port, path, tuple(addresses))
 
     # A request over a fresh connection to a checked address ----------------------------------
-    def _request(self, target: _Target, deadline: float, bodies: BodyBudget | None) -> tuple[int, str, bytes]:
+    def _request(self, target: Target, deadline: float, bodies: BodyBudget | None) -> tuple[int, str, bytes]:
         sock = connection = response = None
         token = None
         try:
@@ -288,7 +288,7 @@ class Fetcher:
                     f"http_{status}",
                     f"{response.reason} from {target.host}",
                     transient=status in (408, 429) or status >= 500,
-                    retry_after=_retry_after(headers.get("Retry-After")),
+                    retry_after=retry_after_seconds(headers.get("Retry-After")),
                 )
             if self._opted_out(headers):
                 raise FetchError(OPT_OUT, f"X-Robots-Tag: {'; '.join(headers.get_all('X-Robots-Tag', []))}")
@@ -304,7 +304,7 @@ class Fetcher:
                 if closable is not None:
                     closable.close()
 
-    def _connect(self, target: _Target, deadline: float) -> socket.socket:
+    def _connect(self, target: Target, deadline: float) -> socket.socket:
         """A connection to the first checked address that answers."""
         error: OSError | None = None
         for address in target.addresses:
@@ -400,7 +400,7 @@ def _header_text(value: str) -> str:
         return value
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); None if it is neither."""
     seconds = _ascii_int(value)
     if seconds is not None or not value:
@@ -418,7 +418,9 @@ def _ascii_int(value: str | None) -> int | None:
 
 
 @dataclass(frozen=True)
-class _Target:
+class Target:
+    """A url taken apart, with the addresses its host resolved to that the policy allows."""
+
     scheme: str
     host: str
     port: int

@@ -197,7 +197,7 @@ class RayRunner(Runner):
         ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=len(shards))
         ds = _map_batches(ds, _load_shards, **io_args)
         for planned in task.stages:
-            ds = _map(ds, planned, _apply_stage_batch, placement, label=planned.name)
+            ds = map_stage(ds, planned, apply_stage_batch, placement, label=planned.name)
         ds = _map_batches(ds, _finish_shards, **io_args)
         for row in ds.iter_rows():
             yield ShardEntry.from_json(row["entry"])
@@ -211,7 +211,9 @@ class RayRunner(Runner):
         self._data_context()
         placement = self._placement([planned])
         ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=len(shards))
-        ds = _map(ds, planned, _compute_batch, placement, label=f"{planned.name}_compute", rundir=rundir, phase=phase)
+        ds = map_stage(
+            ds, planned, compute_batch, placement, label=f"{planned.name}_compute", rundir=rundir, phase=phase
+        )
         partials = {row["shard"]: pickle.loads(row["partial"]) for row in ds.iter_rows()}
         self._deaths.report(f"the compute pass of {planned.name}")
         return [partials[shard] for shard in shards]
@@ -251,11 +253,13 @@ class _StageActor:
         return self.fn(batch, self.planned, **self.kwargs)
 
 
-def _apply_stage_batch(batch: pa.Table, planned: PlannedStage) -> pa.Table:
+def apply_stage_batch(batch: pa.Table, planned: PlannedStage) -> pa.Table:
+    """One stage over a Ray Data batch of encoded shard states (the step each stage of a phase maps)."""
     return _encode([apply_stage(planned, state) for state in _decode(batch)])
 
 
-def _compute_batch(batch: pa.Table, planned: PlannedStage, rundir: RunDir, phase: str) -> pa.Table:
+def compute_batch(batch: pa.Table, planned: PlannedStage, rundir: RunDir, phase: str) -> pa.Table:
+    """A global stage's pickled ``compute`` partial of each shard in a Ray Data batch of shard numbers."""
     shards = batch["shard"].to_pylist()
     partials = [pickle.dumps(compute_partial(planned, rundir, phase, s), protocol=5) for s in shards]
     return pa.table({"shard": pa.array(shards, pa.int64()), "partial": pa.array(partials, pa.large_binary())})
@@ -278,7 +282,7 @@ def _map_batches(ds, fn, **args):
         return ds.map_batches(fn, **args)
 
 
-def _map(ds, planned: PlannedStage, fn, placement: Placement, label: str, **kwargs):
+def map_stage(ds, planned: PlannedStage, fn, placement: Placement, label: str, **kwargs):
     """``ds.map_batches`` running ``fn(batch, planned, **kwargs)`` with the stage's resources.
 
     The step is named ``label`` (Ray Data names an operator after its function or class), so the

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from pipelines.source.text_records import RecordBatch, RecordReader, Reject, preview
+from pipelines.source.text_chunk import preview
+from pipelines.source.text_records import RecordBatch, RecordReader, Reject
 from schemas import rejects as R
 from schemas.columns import CAPTION, UID, URL
 from schemas.rejects import REJECT_DETAIL, REJECT_REASON

@@ -38,15 +38,8 @@ import pyarrow.parquet as pq
 
 from pipelines.engine.config import DEFAULT_MAX_ROW_BYTES
 from pipelines.source import jsonl_rows
-from pipelines.source.text_records import (
-    CSV,
-    JSONL,
-    TSV,
-    Dialect,
-    RecordBatch,
-    RecordReader,
-    preview,
-)
+from pipelines.source.text_chunk import CSV, JSONL, TSV, Dialect, preview
+from pipelines.source.text_records import RecordBatch, RecordReader
 from pipelines.stage import Rejections
 from schemas import rejects as R
 from schemas.columns import CAPTION, CAPTION_CANDIDATES, UID, URL, URL_CANDIDATES

@@ -119,9 +119,10 @@ class Stage:
         return []
 
     def card_notes(self, view: Any) -> str | None:
-        """Markdown for the dataset card about what this stage found, or None. ``view`` is a
-        :class:`pipelines.card.view.CardView`: the stage's ``describe`` summary, lazy scans of the
-        rows kept to the end, and a place to write images."""
+        """The stage's own section of the dataset card (markdown, under a heading with its name), or
+        None. ``view`` is a :class:`pipelines.card.view.CardView`: the stage's ``describe`` summary,
+        counts and aggregate, lazy scans of the rows kept to the end and of every row it saw, and
+        the card's figures (``view.figure``, ``view.plot``) and images."""
         return None
 
     def is_transient(self, reason: str) -> bool:

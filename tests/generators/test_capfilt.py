@@ -110,21 +110,23 @@ def test_select_policies_and_the_no_caption_reject():
         CapFiltSelect(policy="longest")
 
 
-class _KeptRows:
-    """The card's view of a run's kept rows (``kept(columns)``), over one table."""
+def _view_of_kept(tmp_path, name: str, table: pa.Table):
+    """The card's view for stage ``name`` of a finished run whose kept rows are ``table``."""
+    from pipelines.card.view import CardView
+    from pipelines.engine.ledger import summarise
+    from pipelines.engine.rundir import RunDir
+    from schemas.manifest import Manifest, ShardEntry, StageCounts
 
-    def __init__(self, table: pa.Table):
-        self.table = table
-
-    def kept(self, columns):
-        import polars as pl
-
-        if not set(columns) <= set(self.table.column_names):
-            return None
-        return pl.from_arrow(self.table.select(columns)).lazy()
+    rundir = RunDir(str(tmp_path / name))
+    rows = table.num_rows
+    entry = ShardEntry(phase="01_x", shard=0, rows_in=rows, rows_out=rows, stages={name: StageCounts(rows, rows, {})})
+    rundir.write_shard(entry, table, None)
+    manifest = Manifest(name=name, config_hash="h", config={}, versions={}, created_at="t", updated_at="t")
+    manifest.phases = [summarise("01_x", [name], {0: entry}, 1)]
+    return CardView(rundir, manifest, name, None)
 
 
-def test_select_card_notes_count_the_extra_captions_policy_all_passes_on():
+def test_select_card_notes_count_the_extra_captions_policy_all_passes_on(tmp_path):
     from generators.capfilt_filter import CapFiltSelect
     from schemas.columns import CAPTION, CAPTION_SCORES
 
@@ -136,11 +138,11 @@ def test_select_card_notes_count_the_extra_captions_policy_all_passes_on():
         }
     )
     every = CapFiltSelect(policy="all")
-    notes = every.card_notes(_KeptRows(every(batch)))
+    notes = every.card_notes(_view_of_kept(tmp_path, "all", every(batch)))
     assert "**2** (66.7%) carry a synthetic caption" in notes  # policy all chooses the best-scoring caption
     assert "2 kept rows also pass 3 more captions on in `selected_captions`" in notes
     web_first = CapFiltSelect(policy="web_first")
-    assert "more captions" not in web_first.card_notes(_KeptRows(web_first(batch)))
+    assert "more captions" not in web_first.card_notes(_view_of_kept(tmp_path, "web_first", web_first(batch)))
 
 
 def test_capfilt_pipeline_scores_every_candidate_and_closes_its_ledger(tmp_path, runner_factory):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import causal_lm
-from models.causal_lm import _unpermute_rotary, load_causal_lm
+from models.causal_lm import load_causal_lm, unpermute_rotary
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -70,7 +70,7 @@ def test_rotary_rows_come_back_in_transformers_order():
     weight = torch.arange(heads * 2 * half * 5, dtype=torch.float32).reshape(heads * 2 * half, 5)
     # llama.cpp's conversion interleaves each head's two rotary halves
     converted = weight.reshape(heads, 2, half, 5).swapaxes(1, 2).reshape(weight.shape)
-    assert torch.equal(_unpermute_rotary(converted, heads), weight)
+    assert torch.equal(unpermute_rotary(converted, heads), weight)
 
 
 def test_packaged_smollm2_loads_and_answers():

@@ -150,3 +150,16 @@ def test_bad_configs_and_sources_fail_clearly(shards, tmp_path):
         resolve_shards([str(tmp_path / "nothing-*.tar")])
     with pytest.raises(FileNotFoundError, match="no .tar or .parquet"):
         resolve_shards([str(tmp_path)])
+
+
+def test_the_loop_takes_the_recipes_settings_by_name():
+    from models.training.clip_recipe import ClipTrainConfig
+    from models.training.llava_recipe import VlmTrainConfig
+    from models.training.loop import LoopConfig
+
+    clip = ClipTrainConfig(train_data=["x"], output_dir="o", max_steps=7, lr=0.5, eval_every=3, seed=4)
+    loop = clip.loop_config()
+    assert (loop.max_steps, loop.lr, loop.eval_every, loop.seed, loop.weight_decay) == (7, 0.5, 3, 4, 0.1)
+    assert loop.beta2 == LoopConfig(max_steps=1, lr=1.0).beta2  # what no recipe sets keeps the loop's default
+    vlm = VlmTrainConfig(train_data=["x"], output_dir="o", stage=2)
+    assert (vlm.loop_config().lr, vlm.loop_config().weight_decay) == (2e-5, 0.0)

@@ -1,7 +1,7 @@
-"""The dataset card's topic sections on a run with every kind of stage: MetaCLIP, a CLIP-score
-cutoff, dedup, CapFilt and instructions. Scripted stages stand in for the models (the selection,
-dedup, balance and instruction stages are the real ones), so every number is known and the
-card's statistics can be checked against the ledger and the parquet files."""
+"""The dataset card on a run with every kind of stage: MetaCLIP, a CLIP-score cutoff, dedup,
+CapFilt and instructions, each stage writing its own section. Scripted stages stand in for the
+models (the selection, dedup, balance and instruction stages are the real ones), so every number
+is known and the card's statistics can be checked against the ledger and the parquet files."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.card.queries import caption_sources, cluster_sizes, entry_frequency, instruction_types, sample_rows
+from curation.metaclip.card import EntryFrequency, kept_entry_counts
+from generators.capfilt_card import score_histograms
+from pipelines.card.queries import sample_rows
+from pipelines.card.view import CardView
 from pipelines.engine.rundir import RunDir
 from pipelines.stage import Stage
 from schemas.columns import CAPTION, CAPTION_SCORES, SOURCE_INDEX, SYNTHETIC_CAPTIONS
@@ -111,10 +114,14 @@ def _card(run: Path) -> str:
     return (run / "README.md").read_text()
 
 
-def _section(card: str, title: str) -> str:
-    start = card.index(f"\n## {title}\n")
-    end = card.find("\n## ", start + 1)
+def _section(card: str, title: str, level: str = "##") -> str:
+    start = card.index(f"\n{level} {title}\n")
+    end = min((i for i in (card.find("\n## ", start + 1), card.find("\n### ", start + 1)) if i > 0), default=-1)
     return card[start : end if end > 0 else None]
+
+
+def _view(run: Path, manifest, stage: str) -> CardView:
+    return CardView(RunDir(str(run)), manifest, stage, manifest.aggregates.get(stage))
 
 
 def _open_png(path: Path):
@@ -129,27 +136,32 @@ def _open_png(path: Path):
 def test_every_section_is_there_in_order_with_a_drawn_plot(full_run):
     run, _ = full_run
     card = _card(run)
-    titles = re.findall(r"^## (.+)$", card, flags=re.MULTILINE)
-    assert titles == [
+    assert re.findall(r"^## (.+)$", card, flags=re.MULTILINE) == [
         "Funnel",
         "Sample pairs",
-        "MetaCLIP entry frequency",
         "clip_score (clip_score_threshold)",
-        "Duplicates",
-        "Captions replaced by CapFilt",
-        "Instruction types",
+        "What the stages found",
         "What each stage removed: examples",
         "Provenance",
+    ]
+    assert re.findall(r"^### (.+)$", card, flags=re.MULTILINE) == [
+        "metaclip_match",
+        "metaclip_balance",
+        "exact_duplicates",
+        "capfilt_select",
+        "instruct",
+        "brief_descriptions",
     ]
     links = re.findall(r"!\[[^\]]*\]\((card/[^)]+\.png)\)", card)
     assert set(links) == {
         "card/funnel.png",
         "card/samples.png",
-        "card/metaclip-entry-frequency.png",
+        "card/metaclip_balance-entry-frequency.png",
         "card/clip_score_threshold-clip_score.png",
-        "card/dedup-cluster-sizes.png",
-        "card/capfilt-captions.png",
-        "card/instruction-types.png",
+        "card/exact_duplicates-cluster-sizes.png",
+        "card/capfilt_select-captions.png",
+        "card/instruct-instruction-types.png",
+        "card/brief_descriptions-instruction-types.png",
     }
     for link in links:
         pixels = _open_png(run / link)
@@ -160,8 +172,9 @@ def test_every_section_is_there_in_order_with_a_drawn_plot(full_run):
 
 def test_entry_frequency_is_the_balance_counts_before_and_the_kept_rows_after(full_run):
     run, manifest = full_run
-    rundir = RunDir(str(run))
-    frequency = entry_frequency(rundir, manifest, rundir.load_aggregate("metaclip_balance")[1])
+    view = _view(run, manifest, "metaclip_balance")
+    state = view.aggregate()
+    frequency = EntryFrequency(kept_entry_counts(view), state["counts"], state["threshold"])
     # Before: every row the balance stage saw, i.e. kept rows plus rows rejected by it or later.
     kept = read_phase(run, manifest.final_phase)
     rejects = read_rejects(run).to_pylist()
@@ -181,72 +194,75 @@ def test_entry_frequency_is_the_balance_counts_before_and_the_kept_rows_after(fu
     assert {e: int(n) for e, n in enumerate(frequency.after) if n} == after
     assert frequency.threshold == 15 == manifest.aggregates["metaclip_balance"]["threshold"]
     assert before[0] > 15 >= before[1]  # dog is a head entry, cat a tail one
-    text = _section(_card(run), "MetaCLIP entry frequency")
+    text = _section(_card(run), "metaclip_balance", "###")
     assert (
         f"{len(before):,} entries with {sum(before.values()):,} matches, the largest {max(before.values()):,}" in text
     )
     assert f"{len(after):,} entries with {sum(after.values()):,} matches" in text
     # Tail entries lose rows only to later stages; the head entry is sampled down.
     assert frequency.kept_share(head=True) < frequency.kept_share(head=False)
+    # The match stage names the entries the kept rows match most, by their metadata text.
+    top = _section(_card(run), "metaclip_match", "###")
+    names = ["dog", "cat", "sofa", "red"]  # the metadata file, in order
+    ranked = ", ".join(f"{names[e]} {n:,}" for e, n in sorted(after.items(), key=lambda item: (-item[1], item[0])))
+    assert f"the most matched: {ranked}." in top
 
 
 def test_cluster_sizes_match_the_duplicate_rejects_and_the_ledger(full_run):
     run, manifest = full_run
-    (found,) = cluster_sizes(manifest)
-    assert found.stage == "exact_duplicates"
+    summary = manifest.aggregates["exact_duplicates"]
+    clusters = {int(size): n for size, n in summary["size_histogram"].items()}
     details = [json.loads(r["detail"]) for r in read_rejects(run).to_pylist() if r["stage"] == "exact_duplicates"]
     by_size = Counter(d["cluster_size"] for d in details)
-    assert {size: n * (size - 1) for size, n in found.clusters.items()} == dict(by_size)
-    assert found.duplicate_rows == len(details) == manifest.stage_totals()["exact_duplicates"].rows_rejected
-    assert set(found.clusters) <= {2, 3}
-    text = _section(_card(run), "Duplicates")
-    assert f"**exact_duplicates**: {len(details)} of {found.rows}" in text  # the stage's notes sit here
-    assert _card(run).count("**exact_duplicates**") == 1  # its notes are said once, in this section
+    assert {size: n * (size - 1) for size, n in clusters.items()} == dict(by_size)
+    assert summary["duplicate_rows"] == len(details) == manifest.stage_totals()["exact_duplicates"].rows_rejected
+    assert set(clusters) <= {2, 3}
+    text = _section(_card(run), "exact_duplicates", "###")
+    assert f"{len(details)} of {summary['rows']} rows were duplicates" in text
+    assert "![duplicate clusters by size](card/exact_duplicates-cluster-sizes.png)" in text
 
 
 def test_capfilt_counts_come_from_the_columns_and_the_ledger(full_run):
     run, manifest = full_run
     kept = read_phase(run, manifest.final_phase).to_pylist()
-    sources = caption_sources(RunDir(str(run)), manifest, "capfilt_select")
-    assert (sources.web, sources.synthetic) == (
-        sum(r["caption_source"] == "web" for r in kept),
-        sum(r["caption_source"] == "synthetic" for r in kept),
-    )
-    assert sources.synthetic > 0 and sources.web > 0
+    web = sum(r["caption_source"] == "web" for r in kept)
+    synthetic = sum(r["caption_source"] == "synthetic" for r in kept)
+    assert synthetic > 0 and web > 0
     rejected = manifest.stage_totals()["capfilt_select"].rejected
-    assert sources.rejected == rejected["capfilt_no_caption"] > 0
+    assert rejected["capfilt_no_caption"] > 0
     # Scores of every row the filter scored: kept, rejected by it, or rejected after it.
     scored = [r["caption_scores"] for r in kept + read_rejects(run).to_pylist() if r.get("caption_scores")]
-    web, best = np.array([s[0] for s in scored]), np.array([max(s[1:]) for s in scored])
-    assert sources.edges[0] == pytest.approx(0.2) and sources.edges[-1] == pytest.approx(0.8)
-    assert sources.web_scores.tolist() == np.histogram(web, sources.edges)[0].tolist()
-    assert sources.best_synthetic_scores.tolist() == np.histogram(best, sources.edges)[0].tolist()
-    assert sources.examples
-    for example in sources.examples:
-        assert example["caption"].startswith("a synthetic photo") and "itm=0.2" in example["web_caption"]
-    text = _section(_card(run), "Captions replaced by CapFilt")
-    assert f"`capfilt_select` rejected {sources.rejected} rows (capfilt_no_caption {sources.rejected})." in text
-    # The stage's own notes (counts, examples with thumbnails) sit under the plot, said once.
-    assert f"**capfilt_select**: Of the {len(kept)} rows kept to the end, **{sources.synthetic}**" in text
-    assert text.count("carry a synthetic caption") == 1 and "capfilt_select-example-0.jpg" in text
-    assert "## What the stages found" not in _card(run)  # every stage's notes found their section
+    web_scores, best = np.array([s[0] for s in scored]), np.array([max(s[1:]) for s in scored])
+    edges, counts = score_histograms(_view(run, manifest, "capfilt_select"))
+    assert edges[0] == pytest.approx(0.2) and edges[-1] == pytest.approx(0.8)
+    assert counts["web"].tolist() == np.histogram(web_scores, edges)[0].tolist()
+    assert counts["synthetic"].tolist() == np.histogram(best, edges)[0].tolist()
+    text = _section(_card(run), "capfilt_select", "###")
+    assert f"Of the {len(kept)} rows kept to the end, **{synthetic}**" in text
+    n = rejected["capfilt_no_caption"]
+    assert f"The selection rejected {n} rows (capfilt_no_caption {n})." in text
+    examples = [line for line in text.splitlines() if "capfilt_select-example-" in line]
+    assert examples and all("a synthetic photo" in line and "itm=0.2" in line for line in examples)
 
 
 def test_instruction_types_count_the_records_and_the_rejects(full_run):
     run, manifest = full_run
     kept = read_phase(run, manifest.final_phase).to_pylist()
-    types = instruction_types(RunDir(str(run)), manifest, ["instruct", "brief_descriptions"])
-    expected = Counter(
-        r["response_type"] for row in kept for column in ("instructions", "brief_records") for r in row[column]
-    )
-    assert types.records == dict(sorted(expected.items()))
-    assert set(types.records) == {"brief", "conversation", "detailed", "reasoning"}
-    assert types.rows == len(kept)
-    assert types.rejected == {"no_caption": 1}  # row 9: its selected caption was only a chat marker
-    text = _section(_card(run), "Instruction types")
-    assert f"{sum(expected.values())} records in {len(kept)} kept rows" in text
-    assert "Rows rejected by the instruction stages: no_caption 1." in text
-    assert "| conversation |" in text  # InstructGenerate's own table follows the plot
+    totals = manifest.stage_totals()
+    for stage, column, kinds in (
+        ("instruct", "instructions", {"conversation", "detailed", "reasoning"}),
+        ("brief_descriptions", "brief_records", {"brief"}),
+    ):
+        expected = Counter(r["response_type"] for row in kept for r in row[column])
+        assert set(expected) == kinds
+        text = _section(_card(run), stage, "###")
+        listed = ", ".join(f"{kind} {n:,}" for kind, n in sorted(expected.items()))
+        assert f"{sum(expected.values())} records in {len(kept)} kept rows: {listed}." in text
+        for kind, n in expected.items():
+            assert f"| {kind} | {n:,} |" in text
+        dropped = ", ".join(f"{reason} {n:,}" for reason, n in totals[stage].rejected.items())
+        assert f"Rows rejected by the stage: {dropped or 'none'}." in text
+    assert totals["instruct"].rejected == {"no_caption": 1}  # row 9: its selected caption was only a chat marker
 
 
 def test_sample_pairs_are_kept_rows_with_their_final_captions(full_run):

@@ -171,11 +171,11 @@ def test_a_silent_tls_server_times_out_within_the_deadline():
 
 
 def test_the_next_checked_address_is_tried_when_one_refuses():
-    from pipelines.download.fetch import _Target
+    from pipelines.download.fetch import Target
 
     listener, port, accepted = silent_server("127.0.0.1")
     fetcher = Fetcher(FetchPolicy(allow_addresses=("127.0.0.0/8",)))
-    sock = fetcher._connect(_Target("http", "dual.test", port, "/", ("127.0.0.2", "127.0.0.1")), time.monotonic() + 30)
+    sock = fetcher._connect(Target("http", "dual.test", port, "/", ("127.0.0.2", "127.0.0.1")), time.monotonic() + 30)
     assert sock.getpeername() == ("127.0.0.1", port)
     sock.close()
     fetcher.close()
@@ -269,9 +269,9 @@ def test_an_allowed_ipv4_address_does_not_admit_ipv6_addresses_that_wrap_it(wrap
     ],
 )
 def test_retry_after_takes_ascii_seconds_or_an_http_date_and_nothing_else(value, seconds):
-    from pipelines.download.fetch import _retry_after
+    from pipelines.download.fetch import retry_after_seconds
 
-    assert _retry_after(value) == seconds
+    assert retry_after_seconds(value) == seconds
 
 
 def test_the_oldest_body_may_always_grow_and_the_others_wait_for_room():

@@ -16,7 +16,8 @@ import pyarrow.csv as pacsv
 import pytest
 
 from pipelines.source.shards import SourceSpec, read_shards
-from pipelines.source.text_records import CSV, JSONL, TSV, Dialect, RecordReader, Reject
+from pipelines.source.text_chunk import CSV, JSONL, TSV, Dialect
+from pipelines.source.text_records import RecordReader, Reject
 from tests.conftest import REPO_ROOT
 
 MiB = 1 << 20

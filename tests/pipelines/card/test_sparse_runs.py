@@ -1,5 +1,5 @@
-"""The dataset card on runs that lack stages or rows, with stages that write no notes, and its
-plotting helpers: sections appear only with their data, and nothing in them can sink the card."""
+"""The dataset card on runs that lack stages or rows, and with stages of the user's own: sections
+appear only with their data, and nothing in them can sink the card."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from generators.instruct.card import records_section
 from pipelines.card.contact_sheet import contact_sheet_png, wrap
-from pipelines.card.queries import EntryFrequency, instruction_types
-from pipelines.card.topic_charts import _log_spaced, cluster_bins, entry_frequency_png
 from pipelines.demo.pool import write_demo_pool
 from pipelines.engine.rundir import RunDir
 from pipelines.stage import Rejections, Stage
@@ -33,7 +32,7 @@ from schemas.columns import (
 from schemas.llava import FAILURE_TYPE, RECORD_TYPE
 from tests.conftest import TEXT_ONLY_HOST, read_phase, run_pipeline_dict
 
-HERE = "tests.pipelines.card.test_topic_charts"
+HERE = "tests.pipelines.card.test_sparse_runs"
 
 
 @dataclass
@@ -69,6 +68,9 @@ class ScriptedInstructions(Stage):
                 }
             )
         )
+
+    def card_notes(self, view):
+        return records_section(view, INSTRUCTIONS, "Scripted.")
 
 
 def _record(uid: str, kind: str) -> dict:
@@ -135,35 +137,23 @@ def test_instruction_failures_in_kept_rows_and_rejects_are_counted_apart(tmp_pat
         tmp_path, "instr", [{"stage": "curation.basic:JunkAltText"}, {"stage": f"{HERE}:ScriptedInstructions"}]
     )
     kept = read_phase(run, manifest.final_phase).to_pylist()
-    types = instruction_types(RunDir(str(run)), manifest, ["scripted_instructions"])
     odd = sum(r["source_index"] % 2 for r in kept)
-    assert types.records == {"conversation": len(kept), "detailed": len(kept), "reasoning": len(kept) - odd}
-    assert types.failed == {("reasoning", "llm_unparseable"): odd}
-    assert types.rejected == {"llm_off_task": manifest.stage_totals()["scripted_instructions"].rows_rejected}
-    assert types.rejected["llm_off_task"] > 0 and odd > 0
+    off_task = manifest.stage_totals()["scripted_instructions"].rejected["llm_off_task"]
+    assert off_task > 0 and odd > 0
     card = (run / "README.md").read_text()
-    assert f"Rows rejected by the instruction stages: llm_off_task {types.rejected['llm_off_task']:,}." in card
-    assert _is_png(run / "card" / "instruction-types.png")
+    assert (
+        f"conversation {len(kept):,}, detailed {len(kept):,}, reasoning {len(kept) - odd:,}. "
+        f"Rows rejected by the stage: llm_off_task {off_task:,}." in card
+    )
+    assert f"Response types that failed in rows kept for their others: llm_unparseable {odd:,}." in card
+    assert _is_png(run / "card" / "scripted_instructions-instruction-types.png")
     assert "Sample pairs" in _titles(run) and not (run / "card" / "samples.png").exists()  # no images
 
 
-def test_a_selector_without_notes_gets_the_cards_own_examples(tmp_path):
-    run, manifest = _run(
-        tmp_path, "select", [{"stage": "curation.basic:JunkAltText"}, {"stage": f"{HERE}:ScriptedSelect"}]
-    )
-    kept = read_phase(run, manifest.final_phase).to_pylist()
-    synthetic = sum(r["caption_source"] == "synthetic" for r in kept)
-    card = (run / "README.md").read_text()
-    section = card.split("## Captions replaced by CapFilt")[1].split("\n## ")[0]
-    assert (
-        f"{synthetic:,} of {len(kept):,} kept rows ({synthetic / len(kept):.1%}) carry a synthetic caption" in section
-    )
-    assert "`scripted_select` rejected 0 rows." in section
-    assert "| web caption | replaced by |" in section  # no scores in this run
-    examples = [line for line in section.splitlines() if re.search(r"\| a new caption \d+ \|$", line)]
-    assert len(examples) == 4
-    assert _is_png(run / "card" / "capfilt-captions.png")
-    table = card.split("## Sample pairs")[1].split("\n## ")[0]
+def test_a_stage_without_notes_has_no_section_and_its_columns_still_show(tmp_path):
+    run, _ = _run(tmp_path, "select", [{"stage": "curation.basic:JunkAltText"}, {"stage": f"{HERE}:ScriptedSelect"}])
+    assert _titles(run) == ["Funnel", "Sample pairs", "What each stage removed: examples", "Provenance"]
+    table = (run / "README.md").read_text().split("## Sample pairs")[1].split("\n## ")[0]
     assert "| uid | caption | caption from |" in table
 
 
@@ -179,26 +169,41 @@ def test_sections_without_their_stages_or_rows_are_left_out(tmp_path):
     assert _titles(run) == [
         "Funnel",
         "Sample pairs",
-        "MetaCLIP entry frequency",
+        "What the stages found",
         "What each stage removed: examples",
         "Provenance",
     ]
-    section = (run / "README.md").read_text().split("## MetaCLIP entry frequency")[1]
-    assert "among the rows kept. Kept to the end: " in section and "Before balancing" not in section
-    assert _is_png(run / "card" / "metaclip-entry-frequency.png")
+    section = (run / "README.md").read_text().split("### metaclip_match")[1].split("\n## ")[0]
+    assert "The rows kept to the end match " in section and "the most matched: " in section
+
+
+@dataclass
+class BrokenNotes(Stage):
+    """Writes nothing; its card section raises."""
+
+    name: ClassVar[str] = "broken_notes"
+    input_columns: ClassVar[tuple[str, ...]] = (CAPTION,)
+    output_columns: ClassVar[tuple[str, ...]] = ()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return batch.select([])
+
+    def card_notes(self, view):
+        raise RuntimeError("column went missing")
 
 
 def test_a_failing_section_is_reported_and_the_rest_written(tmp_path, monkeypatch):
-    import pipelines.card.sections
+    import pipelines.card.writer
 
     def broken(*args, **kwargs):
         raise RuntimeError("column went missing")
 
-    monkeypatch.setattr(pipelines.card.sections, "sample_rows", broken)
-    run, _ = _run(tmp_path, "broken", [{"stage": "curation.basic:JunkAltText"}])
+    monkeypatch.setattr(pipelines.card.writer, "sample_rows", broken)
+    run, _ = _run(tmp_path, "broken", [{"stage": "curation.basic:JunkAltText"}, {"stage": f"{HERE}:BrokenNotes"}])
     card = (run / "README.md").read_text()
     assert "*The card's samples section could not be written: RuntimeError('column went missing').*" in card
-    assert _titles(run) == ["Funnel", "What each stage removed: examples", "Provenance"]
+    assert "*The card's `broken_notes` section could not be written: RuntimeError('column went missing').*" in card
+    assert _titles(run) == ["Funnel", "What the stages found", "What each stage removed: examples", "Provenance"]
 
 
 def test_a_run_on_a_filesystem_polars_cannot_open_gets_the_same_card(tmp_path):
@@ -218,20 +223,15 @@ def test_a_run_on_a_filesystem_polars_cannot_open_gets_the_same_card(tmp_path):
         text = rundir.read_bytes(rundir.path("README.md")).decode()
         cards.append(re.sub(r"^(Status|Export).*$|`/[^`]*`", "", text, flags=re.MULTILINE))
     assert "could not be written" not in cards[0] and cards[0] == cards[1]
-    assert re.findall(r"^## (.+)$", cards[1], flags=re.MULTILINE) == [
+    assert re.findall(r"^#{2,3} (.+)$", cards[1], flags=re.MULTILINE) == [
         "Funnel",
         "Sample pairs",
-        "MetaCLIP entry frequency",
-        "Captions replaced by CapFilt",
-        "Instruction types",
+        "What the stages found",
+        "metaclip_match",
+        "scripted_instructions",
         "What each stage removed: examples",
         "Provenance",
     ]
-
-
-def test_cluster_bins_are_sizes_or_powers_of_two():
-    assert cluster_bins({2, 3, 7}) == [(2, 2), (3, 3), (7, 7)]
-    assert cluster_bins(set(range(2, 40))) == [(2, 2), (3, 4), (5, 8), (9, 16), (17, 32), (33, 64)]
 
 
 def test_captions_wrap_to_four_lines_with_an_ellipsis():
@@ -246,13 +246,3 @@ def test_contact_sheet_survives_an_undecodable_image():
     png = contact_sheet_png([(buffer.getvalue(), "a grey card"), (b"not an image", "broken"), (None, "none")])
     with Image.open(io.BytesIO(png)) as image:
         assert image.format == "PNG" and image.width > 500
-
-
-def test_entry_frequency_plot_draws_a_few_thousand_points_for_a_million_entries():
-    ranks = _log_spaced(1_000_000)
-    assert len(ranks) <= 2000 and ranks[0] == 0 and ranks[-1] == 999_999 and np.all(np.diff(ranks) > 0)
-    counts = np.random.default_rng(0).zipf(1.5, 1_000_000).astype(np.int64)
-    frequency = EntryFrequency(after=np.minimum(counts, 300), before=counts, threshold=300)
-    assert frequency.kept_share(head=False) == 1.0 and frequency.kept_share(head=True) < 1.0
-    with Image.open(io.BytesIO(entry_frequency_png(frequency))) as image:
-        assert image.format == "PNG"
