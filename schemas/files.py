@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+from typing import BinaryIO
 
 
 def file_digest(path: str) -> str:
-    """blake2b of a file's bytes: what a stage's ``identity`` reports for a file it reads."""
-    digest = hashlib.blake2b(digest_size=16)
+    """blake2b of a local file's bytes: what a model's ``identity`` reports for a checkpoint it reads."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        return stream_digest(f)
+
+
+def stream_digest(stream: BinaryIO) -> str:
+    """blake2b of the bytes a stream gives to its end (a file, or an object read from a store)."""
+    digest = hashlib.blake2b(digest_size=16)
+    while block := stream.read(1 << 20):
+        digest.update(block)
     return digest.hexdigest()

@@ -9,7 +9,8 @@ Every problem raises :class:`MetadataError` naming the file, the position and th
 from __future__ import annotations
 
 import json
-import os
+
+from pipelines.stage import storage
 
 
 class MetadataError(ValueError):
@@ -18,10 +19,12 @@ class MetadataError(ValueError):
 
 def load_metadata(path: str) -> list[str]:
     """The entries of a MetaCLIP metadata file, in file order (their position is their id)."""
-    if not os.path.exists(path):
-        raise MetadataError(f"metadata file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+    except storage.StorageError as error:
+        raise MetadataError(f"metadata file {error}") from None
+    except UnicodeDecodeError as error:
+        raise MetadataError(f"metadata file {path!r} is not UTF-8 text: {error}") from None
     if path.endswith(".json"):
         try:
             entries = json.loads(text)

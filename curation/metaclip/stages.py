@@ -18,7 +18,6 @@ that will be dropped) or after it.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,7 +28,7 @@ import pyarrow.compute as pc
 from curation.metaclip.card import balance_section, top_entries_section
 from curation.metaclip.matching import EntryMatcher
 from curation.metaclip.metadata import load_metadata
-from pipelines.stage import GiB, GlobalStage, Rejections, Resources, Stage, default_resources, file_digest
+from pipelines.stage import GiB, GlobalStage, Rejections, Resources, Stage, default_resources, file_digest, storage
 from schemas.columns import CAPTION, METACLIP_ENTRIES, UID
 
 NO_METADATA_MATCH = "no_metadata_match"
@@ -63,7 +62,7 @@ class MetaclipMatch(Stage):
 
     def setup(self) -> None:
         self._matcher = EntryMatcher(
-            load_metadata(os.path.abspath(self.metadata)), self.case_sensitive, self.extra_punctuation
+            load_metadata(storage.absolute(self.metadata)), self.case_sensitive, self.extra_punctuation
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -75,7 +74,7 @@ class MetaclipMatch(Stage):
         return rejections.attach(pa.table({METACLIP_ENTRIES: entries}))
 
     def card_notes(self, view: Any) -> str | None:
-        return top_entries_section(view, load_metadata(os.path.abspath(self.metadata)))
+        return top_entries_section(view, load_metadata(storage.absolute(self.metadata)))
 
 
 @dataclass

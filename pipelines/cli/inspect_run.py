@@ -6,11 +6,11 @@ columns involved, not a load of the run into memory.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import polars as pl
 
+from pipelines.card.stats import scan_files
 from pipelines.engine.rundir import RunDir
 from schemas.manifest import Manifest
 
@@ -37,8 +37,7 @@ def load_manifest(run: str) -> Manifest:
 
 def column_stats(run: str, phase: str) -> tuple[int, list[ColumnStats]]:
     """Row count and per-column statistics of a phase, computed lazily with polars."""
-    pattern = os.path.join(os.path.abspath(run), phase, "*.parquet")
-    frame = pl.scan_parquet(pattern)
+    frame = _scan(run, phase)
     schema = frame.collect_schema()
     exprs = [pl.len().alias("__rows")]
     for name, dtype in schema.items():
@@ -88,6 +87,14 @@ def _measure_name(dtype: pl.DataType) -> str:
 
 def list_value_counts(run: str, phase: str, column: str) -> dict[int, int]:
     """How many rows of a phase hold each value of a list column (e.g. MetaCLIP entry ids)."""
-    pattern = os.path.join(os.path.abspath(run), phase, "*.parquet")
-    counts = pl.scan_parquet(pattern).select(pl.col(column).explode().drop_nulls()).group_by(column).len().collect()
+    counts = _scan(run, phase).select(pl.col(column).explode().drop_nulls()).group_by(column).len().collect()
     return dict(zip(counts[column].to_list(), counts["len"].to_list()))
+
+
+def _scan(run: str, phase: str) -> pl.LazyFrame:
+    """A lazy scan of a phase's kept rows, wherever the run directory is."""
+    rundir = RunDir(run)
+    files = rundir.parquet_files(phase)
+    if not files:
+        raise ValueError(f"phase {phase!r} of {run!r} has no rows written")
+    return scan_files(rundir, files)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -23,6 +24,7 @@ from pipelines.engine.config import PipelineConfig, load_config, parse_config
 from pipelines.engine.execute import run_pipeline
 from pipelines.engine.runner import make_runner
 from pipelines.job import build_plan
+from pipelines.stage import storage
 from schemas.manifest import Manifest
 
 app = typer.Typer(
@@ -34,6 +36,7 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 #: Entry point group of the commands that live with their domain (pyproject.toml names them).
 COMMANDS_GROUP = "vlmcurate.commands"
+RUN_HELP = "A run directory (holds manifest.json): a path, or a URI such as s3://bucket/runs/name."
 
 
 def _guarded(command: Callable) -> Callable:
@@ -88,14 +91,16 @@ def run(
 
 @app.command()
 def inspect(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory (holds manifest.json).")],
+    run_dir: Annotated[
+        str, typer.Argument(metavar="RUN", help="A run directory (holds manifest.json): a path or a URI.")
+    ],
     phase: Annotated[str | None, typer.Option(help="Phase to describe (default: the last).")] = None,
 ) -> None:
     """Show a run's ledger and the column statistics of one of its phases."""
     from pipelines.cli.inspect_run import column_stats, load_manifest
 
     with _errors():
-        manifest = load_manifest(str(run_dir))
+        manifest = load_manifest(run_dir)
         console.print(ledger_table(manifest))
         phases = [p.name for p in manifest.phases]
         phase = phase or manifest.final_phase
@@ -103,7 +108,7 @@ def inspect(
             return
         if phase not in phases:
             raise ValueError(f"run {manifest.name} has no finished phase {phase!r}; its phases are {phases}")
-        rows, stats = column_stats(str(run_dir), phase)
+        rows, stats = column_stats(run_dir, phase)
         table = Table(title=f"{phase}: {rows:,} rows")
         for header in ("column", "type", "nulls", "min", "mean", "max", "of"):
             table.add_column(header, justify="left" if header in ("column", "type", "of") else "right")
@@ -114,7 +119,9 @@ def inspect(
 
 @app.command("card")
 def card(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory (holds manifest.json).")],
+    run_dir: Annotated[
+        str, typer.Argument(metavar="RUN", help="A run directory (holds manifest.json): a path or a URI.")
+    ],
 ) -> None:
     """Write a run's dataset card (README.md and its plots) again, from its files."""
     from pipelines.card.writer import write_card
@@ -122,14 +129,16 @@ def card(
     from pipelines.engine.rundir import RunDir
 
     with _errors():
-        manifest = load_manifest(str(run_dir))
-        plan = build_plan(parse_config({**manifest.config["pipeline"], "output_dir": str(run_dir.resolve().parent)}))
-        console.print(f"wrote {write_card(RunDir(str(run_dir)), manifest, plan.stages)}")
+        manifest = load_manifest(run_dir)
+        plan = build_plan(parse_config({**manifest.config["pipeline"], "output_dir": storage.parent(run_dir)}))
+        console.print(f"wrote {write_card(RunDir(run_dir), manifest, plan.stages)}")
 
 
 @app.command("retry-failed")
 def retry_failed_command(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run directory (holds manifest.json).")],
+    run_dir: Annotated[
+        str, typer.Argument(metavar="RUN", help="A run directory (holds manifest.json): a path or a URI.")
+    ],
     runner: Annotated[str | None, typer.Option(help="local or ray (default: as the run was made).")] = None,
 ) -> None:
     """Re-attempt the rows rejected for a transient reason (timeouts, 429, 5xx, ...) and rebuild the run."""
@@ -137,8 +146,8 @@ def retry_failed_command(
     from pipelines.engine.retry import retry_failed
 
     with _errors():
-        manifest = load_manifest(str(run_dir))
-        raw = {**manifest.config["pipeline"], "output_dir": str(run_dir.resolve().parent)}
+        manifest = load_manifest(run_dir)
+        raw = {**manifest.config["pipeline"], "output_dir": storage.parent(run_dir)}
         if runner:
             raw["runner"] = runner
         cfg = parse_config(raw)
@@ -190,7 +199,7 @@ def demo(
         output_dir.mkdir(parents=True, exist_ok=True)
         steps = Demo(DemoPaths.under(output_dir), models, lambda line: console.print(line, soft_wrap=True), _run)
         with log_to_file(output_dir / "demo.log"), training_bars():
-            steps.metadata(lambda path: _invoke(["metadata", "build", "--output", str(path)]))
+            steps.metadata(lambda path: run_command(["metadata", "build", "--output", str(path)]))
             server = None if data else DemoImageServer(port)
             try:
                 pool = data or str(steps.pool(server.base, rows))
@@ -204,9 +213,10 @@ def demo(
             steps.summary(manifest)
 
 
-def _invoke(args: list[str]) -> None:
-    """Run another ``vlmcurate`` command in this process."""
-    typer.main.get_command(app)(args, standalone_mode=False)
+def run_command(args: list[str]) -> None:
+    """Run another ``vlmcurate`` command in this process, its output on the terminal (not in a log)."""
+    with contextlib.redirect_stdout(console.file):
+        typer.main.get_command(app)(args, standalone_mode=False)
 
 
 def _run(cfg: PipelineConfig) -> Manifest:

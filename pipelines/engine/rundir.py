@@ -33,7 +33,6 @@ from pipelines.stage.run_files import (
     REJECTS_DIR,
     TMP_MARK,
     RunFiles,
-    open_filesystem,
     shard_name,
 )
 from schemas.manifest import Manifest, ShardEntry
@@ -46,7 +45,6 @@ __all__ = [
     "TMP_MARK",
     "RunDir",
     "RunDirInUse",
-    "open_filesystem",
     "shard_name",
 ]
 

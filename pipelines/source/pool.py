@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 from collections.abc import Iterator
 from typing import Any
 
 from pipelines.engine.parts import InputShard
 from pipelines.source.readers import SourceSpec, resolve_files
 from pipelines.source.shards import READ_STAGE, check_keep_columns, probe_source, read_shards
+from pipelines.stage import storage
 
 
 class PoolReader:
@@ -39,24 +41,27 @@ def file_identities(path: str) -> list[dict[str, Any]]:
     """Each input file by name, size and a hash of sampled content (not its path or mtime).
 
     Copying, touching or re-syncing the same data keeps a run resumable; any change of size, or
-    of the sampled bytes (head, tail and eight blocks in between), is a change of input.
+    of the sampled bytes (head, tail and eight blocks in between), is a change of input. A pool
+    on an object store is named relative to its common prefix, as a local one to its folder.
     """
     files = resolve_files(path)
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    return [
-        {
-            "file": os.path.relpath(os.path.abspath(f), root),
-            "size": os.path.getsize(f),
-            "sample_blake2b": _sampled_hash(f),
-        }
-        for f in files
-    ]
+    if storage.is_uri(path):
+        keys = [f.partition("://")[2] for f in files]
+        root = posixpath.commonpath([posixpath.dirname(k) for k in keys])
+        names = [posixpath.relpath(k, root) for k in keys]
+    else:
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        names = [os.path.relpath(os.path.abspath(f), root) for f in files]
+    identities = []
+    for name, file in zip(names, files):
+        size = storage.file_size(file)
+        identities.append({"file": name, "size": size, "sample_blake2b": _sampled_hash(file, size)})
+    return identities
 
 
-def _sampled_hash(path: str, edge: int = 1 << 16, block: int = 1 << 12, blocks: int = 8) -> str:
+def _sampled_hash(location: str, size: int, edge: int = 1 << 16, block: int = 1 << 12, blocks: int = 8) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with storage.open_input_file(location) as f:
         if size <= 2 * edge + blocks * block:
             digest.update(f.read())
         else:

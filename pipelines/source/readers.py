@@ -24,7 +24,6 @@ parquet they keep their type, unified over all input files, so every shard has o
 from __future__ import annotations
 
 import bisect
-import glob
 import os
 import re
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ from pipelines.engine.config import DEFAULT_MAX_ROW_BYTES
 from pipelines.source import jsonl_rows
 from pipelines.source.text_chunk import CSV, JSONL, TSV, Dialect, preview
 from pipelines.source.text_records import RecordBatch, RecordReader
-from pipelines.stage import Rejections
+from pipelines.stage import Rejections, storage
 from schemas import rejects as R
 from schemas.columns import CAPTION, CAPTION_CANDIDATES, UID, URL, URL_CANDIDATES
 from schemas.rejects import REJECT_DETAIL, REJECT_REASON
@@ -78,22 +77,26 @@ class SourceSpec:
 
 
 def resolve_files(path: str) -> list[str]:
-    """The input files named by a file path, a folder (its files) or a glob, sorted."""
-    if any(ch in path for ch in "*?["):
-        files = sorted(f for f in glob.glob(path) if os.path.isfile(f))
-        if not files:
-            raise SourceError(f"input glob {path!r} matches no file")
-        return files
-    if os.path.isdir(path):
-        files = sorted(
-            os.path.join(path, f)
-            for f in os.listdir(path)
-            if not f.startswith((".", "_")) and _format_of(f) is not None
-        )
-        if not files:
-            raise SourceError(f"input folder {path!r} holds no .parquet, .csv, .tsv or .jsonl file")
-        return files
-    if not os.path.exists(path):
+    """The input files named by a file path or URI, a folder (its files) or a glob, sorted."""
+    try:
+        if any(ch in path for ch in "*?["):
+            files = storage.glob(path)
+            if not files:
+                raise SourceError(f"input glob {path!r} matches no file")
+            return files
+        where = storage.kind(path)
+        if where == "folder":
+            files = [
+                f
+                for f in storage.list_folder(path)
+                if not f.rpartition("/")[2].startswith((".", "_")) and _format_of(f) is not None
+            ]
+            if not files:
+                raise SourceError(f"input folder {path!r} holds no .parquet, .csv, .tsv or .jsonl file")
+            return files
+    except storage.StorageError as error:
+        raise SourceError(f"input {error}") from None
+    if where == "missing":
         raise SourceError(f"input file {path!r} does not exist")
     return [path]
 
@@ -114,7 +117,11 @@ def detect_format(files: list[str], requested: str = "auto") -> str:
 
 def check_file(path: str, fmt: str, spec: SourceSpec) -> tuple[str, str]:
     """Resolve the url and caption columns of ``path`` and check what can be checked cheaply."""
-    if os.path.getsize(path) == 0:
+    try:
+        size = storage.file_size(path)
+    except storage.StorageError as error:
+        raise SourceError(f"input {error}") from None
+    if size == 0:
         raise SourceError(f"input file {path!r} is empty")
     if fmt == "parquet":
         schema = _parquet(path).schema_arrow
@@ -179,7 +186,7 @@ def resolve_columns(names: list[str], spec: SourceSpec, path: str) -> tuple[str,
 
 def _parquet(path: str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(storage.open_input_file(path) if storage.is_uri(path) else path)
     except (OSError, pa.ArrowException) as e:
         raise SourceError(f"input file {path!r} is not a readable parquet file: {e}") from None
 

@@ -49,13 +49,6 @@ READ_STAGE = "read"
 
 def probe_source(spec: SourceSpec) -> None:
     """Fail now, before anything is written, if the input cannot be read as configured."""
-    scheme, sep, _ = spec.path.partition("://")
-    if sep and scheme.isidentifier():
-        raise SourceError(
-            f"input {spec.path!r}: the pool is read by the driver from a local path (a file, folder or glob), not "
-            f"a {scheme}:// URI; use the plain path, or copy or mount the pool where the driver runs (on a cluster: "
-            f"the head node, e.g. a shared file system or a mounted bucket)"
-        )
     files = resolve_files(spec.path)
     fmt = detect_format(files, spec.format)
     for path in files if fmt == "parquet" else files[:1]:  # parquet: every footer is cheap to read

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.source.text_chunk import NO_POSITIONS, Chunk, Dialect, Rejected
+from pipelines.stage import storage
 from schemas import rejects as R
 
 CHUNK_BYTES = 4 << 20
@@ -97,7 +98,7 @@ class RecordReader:
         self.path, self.dialect, self.limit, self.chunk_bytes = path, dialect, max_row_bytes, chunk_bytes
         self.failure: Exception | None = None  # why the file could not be read to its end
         self.lines_read = 0  # line ends consumed so far
-        self._stream = pa.input_stream(path)
+        self._stream = storage.open_input_stream(path)
         self._carry = b""
         self._full = False  # the carry holds more than one unfinished record: split it before reading on
         self._done = False

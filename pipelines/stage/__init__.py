@@ -4,6 +4,7 @@ read-only access to an earlier run.
 ``curation`` and ``generators`` import ``pipelines`` only through here.
 """
 
+from pipelines.stage import storage
 from pipelines.stage.contract import (
     Cutoff,
     GiB,
@@ -14,7 +15,7 @@ from pipelines.stage.contract import (
     default_resources,
 )
 from pipelines.stage.run_files import RunFiles
-from schemas.files import file_digest
+from pipelines.stage.storage import file_digest
 
 __all__ = [
     "Cutoff",
@@ -26,4 +27,5 @@ __all__ = [
     "Stage",
     "default_resources",
     "file_digest",
+    "storage",
 ]

@@ -14,12 +14,11 @@ Layout of ``<output_dir>/<run name>/``::
 
 from __future__ import annotations
 
-import os
-
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.stage.storage import open_filesystem
 from schemas.manifest import Manifest, ShardEntry
 
 MANIFEST = "manifest.json"
@@ -111,24 +110,3 @@ class RunFiles:
         if manifest is None or manifest.status != "complete" or manifest.final_phase is None:
             raise ValueError(f"{self.uri!r} is not a completed run (no manifest.json with status complete)")
         return self.parquet_files(manifest.final_phase)
-
-
-def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and path of ``uri``: pyarrow's own for paths and the schemes it knows, else fsspec's."""
-    location = uri if "://" in uri else os.path.abspath(uri)
-    try:
-        return pafs.FileSystem.from_uri(location)
-    except pa.ArrowInvalid as error:
-        if "Unrecognized filesystem type" not in str(error):
-            raise
-    try:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(location)
-    except (ImportError, ValueError) as error:  # unknown protocol, or its package is not installed
-        raise ValueError(
-            f"output_dir {uri!r}: neither pyarrow nor fsspec can open this scheme ({error}); use a "
-            f"local path, file://, s3://, gs://, hdfs://, abfs:// or install the fsspec "
-            f"implementation for it"
-        ) from None
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path

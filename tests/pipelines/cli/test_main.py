@@ -119,3 +119,18 @@ def test_a_mounted_command_turns_a_users_mistake_into_a_message(tmp_path):
         app, ["metadata", "build", "--output", str(tmp_path / "m.txt"), "--bigrams-from", str(captions)]
     )
     assert result.exit_code == 2 and "none of the usual caption columns" in result.output, result.output
+
+
+def test_a_command_run_inside_the_log_still_speaks_to_the_terminal(tmp_path, capfd):
+    """The demo builds its metadata through `vlmcurate metadata build` while libraries log to a file:
+    the command's table is for the person at the terminal."""
+    from pipelines.cli.console import log_to_file
+    from pipelines.cli.main import run_command
+
+    output = tmp_path / "metadata.txt"
+    with log_to_file(tmp_path / "demo.log"):
+        run_command(["metadata", "build", "--output", str(output), "--unigrams", "50", "--no-wordnet"])
+    shown = " ".join(capfd.readouterr().out.split())  # the title wraps a long path
+    assert "50 entries written to" in shown and "unigrams │ 50 │ 50" in shown
+    assert "entries written to" not in (tmp_path / "demo.log").read_text()
+    assert len(output.read_text().splitlines()) == 50

@@ -123,5 +123,5 @@ def test_a_pipeline_writes_the_same_rows_to_memory_as_to_a_local_folder(tmp_path
 
 
 def test_a_scheme_no_filesystem_knows_is_a_config_error():
-    with pytest.raises(ValueError, match="output_dir 'nosuchfs://x/run'.*neither pyarrow nor fsspec"):
+    with pytest.raises(ValueError, match="nosuchfs://x/run: neither pyarrow nor fsspec"):
         RunDir("nosuchfs://x/run")
