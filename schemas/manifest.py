@@ -55,16 +55,22 @@ class ShardEntry:
     rows_out: int
     stages: dict[str, StageCounts]
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["stages"] = {name: c.to_dict() for name, c in self.stages.items()}
-        return json.dumps(d, indent=1)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardEntry:
+        stages = {name: StageCounts.from_dict(c) for name, c in d["stages"].items()}
+        return cls(d["phase"], int(d["shard"]), int(d["rows_in"]), int(d["rows_out"]), stages)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> ShardEntry:
-        d = json.loads(text)
-        stages = {name: StageCounts.from_dict(c) for name, c in d["stages"].items()}
-        return cls(d["phase"], int(d["shard"]), int(d["rows_in"]), int(d["rows_out"]), stages)
+        return cls.from_dict(json.loads(text))
 
 
 @dataclass

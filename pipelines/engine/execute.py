@@ -1,9 +1,10 @@
 """The driver: runs a plan into its run directory, resumably, and keeps the manifest.
 
-Order of work: check the run directory (a changed config is refused), clear temporary files a
-killed run left, read the plan's source into ``00_input`` shards, then for each phase compute the
+Order of work: check the run directory (a changed config is refused), read the plan's source into
+``00_input`` shards, then for each phase compute the
 aggregate of its global stage (or reuse the saved one), process the shards that have no ledger
-entry yet, and check that the phase's ledger closes before the next phase starts. Then the plan's
+entry yet, and check that the phase's ledger closes before the next phase starts (and, once per
+run, clear the temporary files of writers that were stopped). Then the plan's
 finishers: the required ones (the export) as part of the run, the others (the card) after it is
 recorded complete.
 """
@@ -21,7 +22,7 @@ from pipelines.engine.ledger import LedgerError, check_phase, check_run, summari
 from pipelines.engine.parts import FinishedRun
 from pipelines.engine.phase import PhaseTask, ShardIO
 from pipelines.engine.plan import INPUT_PHASE, Plan, fingerprint_diff
-from pipelines.engine.rundir import RunDir
+from pipelines.engine.rundir import PHASE_LEDGER, RunDir
 from pipelines.engine.runner import Runner
 from schemas.manifest import Manifest, PhaseSummary, ShardEntry
 from schemas.rejects import INTERNAL_ERROR
@@ -55,19 +56,18 @@ def run_pipeline(plan: Plan, runner: Runner, progress: Progress | None = None) -
     rundir = RunDir(plan.run_uri)
     with rundir.lock():
         manifest = _open_manifest(rundir, plan)
-        removed = rundir.remove_temporaries()
-        if removed:
-            log.info("removed %d temporary file(s) left by an interrupted run", removed)
         try:
             finished = _execute(plan, runner, rundir, manifest, progress)
         except BaseException:
             manifest.status = "failed"
             _write(rundir, manifest)
             raise
-        # A worker killed mid-write (Ray ran its batch again elsewhere) leaves its temporary file.
-        removed = rundir.remove_temporaries()
-        if removed:
-            log.info("removed %d temporary file(s) left by workers that died during the run", removed)
+        finally:
+            # One sweep a run: what writers killed mid-write left (a worker whose batch Ray ran again
+            # elsewhere, or an earlier run stopped by force; their names never clash with new files).
+            removed = rundir.remove_temporaries()
+            if removed:
+                log.info("removed %d temporary file(s) left by writers that were stopped", removed)
         manifest.status = "complete"
         _write(rundir, manifest)
         for finisher in plan.finishers:
@@ -97,13 +97,8 @@ def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, pro
             done[entry.shard] = entry
             if progress:
                 progress(phase.name, len(done), len(shards))
-        entries = rundir.shard_entries(phase.name)
-        missing = sorted(set(shards) - set(entries))
-        if missing:
-            raise LedgerError(
-                f"phase {phase.name!r} finished without shard(s) {missing[:10]}: their rows are "
-                f"unaccounted for (is output_dir on storage every worker writes to?)"
-            )
+        closed = not pending and rundir.exists(rundir.path(phase.name, PHASE_LEDGER))
+        entries = done if closed else _closed_ledger(rundir, phase.name, shards, done)
         check_phase(phase.name, entries, previous)
         summary = summarise(phase.name, [s.name for s in phase.stages], entries, len(shards))
         _warn_internal_errors(summary, plan.run_uri)
@@ -117,6 +112,21 @@ def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, pro
             finished.changed |= finisher.finish(finished)
             _write(rundir, manifest)
     return finished
+
+
+def _closed_ledger(rundir: RunDir, phase: str, shards: list[int], done: dict[int, ShardEntry]) -> dict[int, ShardEntry]:
+    """The phase's entries, once a listing shows every shard's entry on storage (a worker may have
+    written to a disk the driver does not see); written as the phase's one ledger file."""
+    listed = rundir.finished_shards(phase)
+    missing = sorted(set(shards) - listed)
+    if missing:
+        raise LedgerError(
+            f"phase {phase!r} finished without shard(s) {missing[:10]}: their rows are "
+            f"unaccounted for (is output_dir on storage every worker writes to?)"
+        )
+    entries = {shard: done.get(shard) or rundir.shard_entry(phase, shard) for shard in shards}
+    rundir.write_phase_ledger(phase, entries)
+    return entries
 
 
 def _warn_internal_errors(summary: PhaseSummary, run_uri: str) -> None:
@@ -205,6 +215,7 @@ def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress |
         if progress:
             progress(INPUT_PHASE, len(done), total)
         check_phase(INPUT_PHASE, done, None)
+        rundir.write_phase_ledger(INPUT_PHASE, done)
         _set_phase(manifest, summarise(INPUT_PHASE, [plan.source.stage_name], done, total), plan.phase_names)
         _write(rundir, manifest)
     return sorted(done), done, read

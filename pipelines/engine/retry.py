@@ -27,7 +27,7 @@ from pipelines.engine.execute import bind_saved_aggregate, run_pipeline
 from pipelines.engine.ledger import check_shard
 from pipelines.engine.phase import PhaseTask, ShardIO
 from pipelines.engine.plan import Phase, Plan
-from pipelines.engine.rundir import REJECTS_DIR, RunDir
+from pipelines.engine.rundir import PHASE_LEDGER, REJECTS_DIR, RunDir
 from pipelines.engine.runner import Runner
 from schemas.columns import SOURCE_INDEX, UID
 from schemas.manifest import Manifest, ShardEntry, StageCounts
@@ -98,6 +98,7 @@ def retry_failed(plan: Plan, runner: Runner) -> tuple[RetryReport, Manifest]:
                 continue
             report.phase = phase.name
             _invalidate_after(plan, rundir, manifest, index)  # before any shard changes
+            rundir.remove(f"{phase.name}/{PHASE_LEDGER}")  # its shards' entries change: closed again at the end
             manifest.history.append({"retry_started": phase.name})
             rundir.write_manifest(manifest)
             input_phase = plan.phase_names[index]  # phase_names starts with the input phase

@@ -16,9 +16,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
+import json
 import os
 import pickle
+import shutil
 import socket
+import tempfile
 import uuid
 from typing import Any
 
@@ -26,10 +29,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.engine.lease import LeaseHeld, lease
 from pipelines.stage.run_files import (
     AGGREGATES_DIR,
     LEDGER_DIR,
     MANIFEST,
+    PHASE_LEDGER,
     REJECTS_DIR,
     TMP_MARK,
     RunFiles,
@@ -41,6 +46,7 @@ __all__ = [
     "AGGREGATES_DIR",
     "LEDGER_DIR",
     "MANIFEST",
+    "PHASE_LEDGER",
     "REJECTS_DIR",
     "TMP_MARK",
     "RunDir",
@@ -49,6 +55,9 @@ __all__ = [
 ]
 
 LOCK = ".lock"
+#: A file bound for an object store is held in memory up to this size, then in a local temporary file.
+SPOOL_BYTES = 64 << 20
+COPY_BYTES = 8 << 20
 
 
 class RunDirInUse(RuntimeError):
@@ -60,12 +69,26 @@ class RunDir(RunFiles):
     workers can write shards."""
 
     # Atomic writes -----------------------------------------------------------------------
+    @property
+    def renames_atomically(self) -> bool:
+        """Whether files are written under a temporary name and renamed into place (a local or
+        distributed file system), rather than put whole in one request (an object store, where a
+        rename is a copy and a delete, and a single PUT is already all or nothing)."""
+        return isinstance(self.fs, (pafs.LocalFileSystem, pafs.HadoopFileSystem))
+
     @contextlib.contextmanager
     def open_output(self, path: str):
         """A stream that becomes ``path`` when the block ends without an error (nothing otherwise)."""
+        if not self.renames_atomically:
+            with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
+                yield spool
+                spool.seek(0)
+                with self.fs.open_output_stream(path, compression=None) as out:
+                    shutil.copyfileobj(spool, out, COPY_BYTES)
+            return
         tmp = self._tmp_name(path)
         try:
-            with self.fs.open_output_stream(tmp) as out:
+            with self.fs.open_output_stream(tmp, compression=None) as out:
                 yield out
         except BaseException:
             with contextlib.suppress(OSError):
@@ -103,6 +126,11 @@ class RunDir(RunFiles):
             self.fs.delete_file(rejects_path)
         self.write_bytes(self.ledger_path(entry.phase, entry.shard), entry.to_json().encode())
 
+    def write_phase_ledger(self, phase: str, entries: dict[int, ShardEntry]) -> None:
+        """Close a phase's ledger: every shard's entry in one file, read in one request from now on."""
+        shards = [entries[shard].to_dict() for shard in sorted(entries)]
+        self.write_bytes(self.path(phase, PHASE_LEDGER), json.dumps({"phase": phase, "shards": shards}).encode())
+
     def remove_folder(self, folder: str) -> None:
         if self.fs.get_file_info(self.path(folder)).type == pafs.FileType.Directory:
             self.fs.delete_dir(self.path(folder))
@@ -125,13 +153,18 @@ class RunDir(RunFiles):
 
     @contextlib.contextmanager
     def lock(self):
-        """Hold the run directory for one process at a time (local file systems only).
+        """Hold the run directory for one process at a time: a file lock on a local file system, a
+        renewed lease object elsewhere (:mod:`pipelines.engine.lease`).
 
         A second ``vlmcurate run`` on the same directory would redo the same shards and could
         delete the first one's temporary files; it fails at once instead.
         """
         if not isinstance(self.fs, pafs.LocalFileSystem):
-            yield
+            try:
+                with lease(self):
+                    yield
+            except LeaseHeld as held:
+                raise RunDirInUse(str(held)) from None
             return
         os.makedirs(self.root, exist_ok=True)
         with open(os.path.join(self.root, LOCK), "a+") as handle:
@@ -151,7 +184,10 @@ class RunDir(RunFiles):
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def remove_temporaries(self) -> int:
-        """Delete temporary files a killed run left behind; return how many."""
+        """Delete temporary files killed writers left behind; return how many (none on an object
+        store, where nothing is written under a temporary name)."""
+        if not self.renames_atomically:
+            return 0
         removed = 0
         selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
         for info in self.fs.get_file_info(selector):

@@ -14,6 +14,8 @@ Layout of ``<output_dir>/<run name>/``::
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -23,6 +25,8 @@ from schemas.manifest import Manifest, ShardEntry
 
 MANIFEST = "manifest.json"
 LEDGER_DIR = "_ledger"
+#: A finished phase's whole ledger in one file (one request to read, wherever the run lies).
+PHASE_LEDGER = "_ledger.json"
 REJECTS_DIR = "rejects"
 AGGREGATES_DIR = "aggregates"
 TMP_MARK = ".tmp-"
@@ -89,7 +93,12 @@ class RunFiles:
         return ShardEntry.from_json(self.read_bytes(self.ledger_path(phase, shard)).decode())
 
     def shard_entries(self, phase: str) -> dict[int, ShardEntry]:
-        """Ledger entries of the finished shards of a phase, by shard number."""
+        """Ledger entries of the finished shards of a phase, by shard number: from the phase's
+        ledger file once the phase has closed, else one read per finished shard."""
+        whole = self.path(phase, PHASE_LEDGER)
+        if self.exists(whole):
+            entries = [ShardEntry.from_dict(d) for d in json.loads(self.read_bytes(whole))["shards"]]
+            return {entry.shard: entry for entry in entries}
         entries = {}
         for info in self.list_files(f"{phase}/{LEDGER_DIR}"):
             if info.base_name.startswith(".") or not info.base_name.endswith(".json"):
@@ -97,6 +106,14 @@ class RunFiles:
             entry = ShardEntry.from_json(self.read_bytes(info.path).decode())
             entries[entry.shard] = entry
         return entries
+
+    def finished_shards(self, phase: str) -> set[int]:
+        """The shards of a phase with a ledger entry, from a listing alone (no entry is read)."""
+        return {
+            int(info.base_name.removesuffix(".json"))
+            for info in self.list_files(f"{phase}/{LEDGER_DIR}")
+            if not info.base_name.startswith(".") and info.base_name.endswith(".json")
+        }
 
     def read_manifest(self) -> Manifest | None:
         path = self.path(MANIFEST)

@@ -20,9 +20,11 @@ from tests.processes import descendants, process_title
 VLMCURATE = str(Path(sys.executable).parent / "vlmcurate")
 
 
-def finished_shards(run_dir: Path, phase: str) -> set[str]:
-    folder = run_dir / phase / "_ledger"
-    return {p.name for p in folder.glob("*.json")} if folder.exists() else set()
+def finished_shards(run_dir: Path | str, phase: str) -> set[str]:
+    """The ledger entries a phase has so far (a run directory on disk or at a URI)."""
+    from pipelines.stage import RunFiles
+
+    return {f"{shard:05d}.json" for shard in RunFiles(str(run_dir)).finished_shards(phase)}
 
 
 def run_command(config_path: Path) -> list[str]:
@@ -32,7 +34,7 @@ def run_command(config_path: Path) -> list[str]:
     return [VLMCURATE, "run", str(config_path), "ray.num_cpus=2", f"ray.temp_dir={ray_temp}"]
 
 
-def kill_after(command: list[str], run_dir: Path, phase: str, shards: int, log: Path, env=None) -> set[str]:
+def kill_after(command: list[str], run_dir: Path | str, phase: str, shards: int, log: Path, env=None) -> set[str]:
     """Start the run, SIGKILL it (and its Ray) once ``shards`` shards of ``phase`` are done."""
     with open(log, "w") as out:
         process = subprocess.Popen(

@@ -1,6 +1,6 @@
-"""The text-pool config with its pool and its run directory in a bucket (moto's S3 on loopback),
-under both runners: the kept rows, rejects and ledger equal those of a run on local disk; then
-``inspect`` and ``card`` on the run in the bucket."""
+"""Pools and run directories in a bucket (moto's S3 on loopback): the text-pool config under both
+runners gives the kept rows, rejects and ledger of a run on local disk, and ``inspect``, ``card`` and
+a resume work on the run in the bucket; a driver killed with SIGKILL mid-phase resumes there."""
 
 from __future__ import annotations
 
@@ -78,3 +78,42 @@ def test_text_pool_on_s3_equals_the_run_on_disk_under_both_runners(tmp_path):
         assert resumed.history and "resumed_at" in resumed.history[-1] and resumed.config_hash == manifest.config_hash
         card = _cli("card", f"{bucket}/runs-local/text-pool", env=s3.env)
         assert card.returncode == 0 and "README.md" in card.stdout, card.stdout + card.stderr
+
+
+def test_sigkill_mid_run_on_s3_then_resume_equals_the_run_on_disk(tmp_path):
+    """The driver and its Ray killed part-way through a phase; the rerun takes the run directory's
+    lease over (its holder is gone), redoes only the unfinished shards, and ends with the rows of an
+    uninterrupted run on local disk."""
+    import yaml
+
+    from pipelines.engine.runner import LocalRunner
+    from tests.conftest import run_pipeline_dict
+    from tests.integration.killing import finished_shards, kill_after, run_command
+    from tests.integration.test_resume_sigkill import SHARDS, _config
+
+    pool = tmp_path / "pool.csv"
+    write_demo_pool(str(pool), TEXT_ONLY_HOST, rows=SHARDS * 250 - 10, seed=7)
+    with s3_server() as s3:
+        bucket = s3.bucket("killed")
+        s3.put_file(f"{bucket}/pool.csv", str(pool))
+        config = {**_config(tmp_path, pool, "kill", seconds=0.4), "input": f"{bucket}/pool.csv"}
+        config["output_dir"] = f"{bucket}/runs"
+        config_path = tmp_path / "kill.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        command = run_command(config_path)
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        run_uri = f"{bucket}/runs/kill"
+        done_before = kill_after(command, run_uri, "01_slow", 3, tmp_path / "first.log", env=env)
+        assert 3 <= len(done_before) < SHARDS, "the kill must land part-way through the phase"
+        resumed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        run = RunFiles(run_uri)
+        manifest = run.read_manifest()
+        assert manifest.status == "complete" and len(finished_shards(run_uri, "01_slow")) == SHARDS
+        got = _phase(run, manifest.final_phase)
+    reference_plan, reference = run_pipeline_dict(
+        {**_config(tmp_path, pool, "reference", seconds=0), "runner": "local"}, LocalRunner()
+    )
+    expected = read_phase(reference_plan.run_uri, reference.final_phase)
+    assert len(set(got["uid"].to_pylist())) == got.num_rows  # no duplicate
+    assert got.equals(expected)  # no missing uid, same rows

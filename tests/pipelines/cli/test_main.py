@@ -85,6 +85,7 @@ def test_a_ledger_that_does_not_close_is_an_error_in_plain_words(tmp_path):
 
     config = _config_file(tmp_path)
     assert cli.invoke(app, ["run", str(config)]).exit_code == 0
+    (tmp_path / "runs" / "cli" / "01_caption_length" / "_ledger.json").unlink()  # as if it never closed
     path = tmp_path / "runs" / "cli" / "01_caption_length" / "_ledger" / "00001.json"
     entry = json.loads(path.read_text())
     entry["stages"]["caption_length"]["rows_kept"] -= 1  # a row neither kept nor rejected

@@ -93,8 +93,10 @@ def test_resume_redoes_only_unfinished_shards_and_gives_the_same_rows(config, tm
     plan, _ = _run(config)
     reference = read_phase(plan.run_uri, "02_exact_duplicates")
     phase = os.path.join(plan.run_uri, "01_caption_length")
-    # Shard 3 of phase 01 was "interrupted": no ledger entry, a stale temporary beside it.
+    # Shard 3 of phase 01 was "interrupted": no ledger entry (so the phase never closed its ledger),
+    # a stale temporary beside it.
     os.remove(os.path.join(phase, "_ledger", "00003.json"))
+    _reopen(plan, "01_caption_length")
     stale = os.path.join(phase, ".00003.parquet.tmp-deadbeef")
     open(stale, "wb").write(b"partial")
     untouched = os.path.join(phase, "00002.parquet")
@@ -125,8 +127,14 @@ def test_runner_resources_and_location_are_not_a_config_change(config):
     assert all(shards == [] for shards in runner.processed.values())
 
 
+def _reopen(plan, phase: str) -> None:
+    """As if the run had stopped before ``phase`` closed its ledger: its shards' own entries count."""
+    os.remove(os.path.join(plan.run_uri, phase, "_ledger.json"))
+
+
 def test_a_ledger_entry_that_does_not_close_fails_the_run(config):
     plan, _ = _run(config)
+    _reopen(plan, "01_caption_length")
     path = os.path.join(plan.run_uri, "01_caption_length", "_ledger", "00001.json")
     entry = json.loads(open(path).read())
     counts = entry["stages"]["caption_length"]
@@ -157,6 +165,7 @@ def test_rows_rejected_for_an_internal_error_are_reported(config, caplog):
 
 def test_a_shard_reading_rows_the_previous_phase_never_wrote_fails_the_run(config):
     plan, _ = _run(config)
+    _reopen(plan, "01_caption_length")
     path = os.path.join(plan.run_uri, "01_caption_length", "_ledger", "00001.json")
     entry = json.loads(open(path).read())
     entry["rows_in"] += 1  # claims a row the input phase never wrote
@@ -184,6 +193,7 @@ def test_global_aggregate_is_saved_and_reused_on_resume(config):
     path = os.path.join(plan.run_uri, "aggregates", "exact_duplicates.pkl")
     assert os.path.exists(path)
     os.remove(os.path.join(plan.run_uri, "02_exact_duplicates", "_ledger", "00000.json"))
+    _reopen(plan, "02_exact_duplicates")
     runner = CountingRunner()
     computed = []
     runner.compute_partials = lambda *args: computed.append(args) or []
@@ -225,3 +235,18 @@ def test_resume_is_recorded_in_the_manifest_history(config):
     _run(config)
     _, manifest = _run(config)
     assert len(manifest.history) == 1 and "resumed_at" in manifest.history[0]
+
+
+def test_a_closed_phase_is_read_from_its_one_ledger_file(config, monkeypatch):
+    from pipelines.engine.rundir import PHASE_LEDGER, RunDir
+
+    plan, manifest = _run(config)
+    rundir = RunDir(plan.run_uri)
+    for phase in plan.phase_names:
+        assert rundir.exists(rundir.path(phase, PHASE_LEDGER))
+    expected = rundir.shard_entries("01_caption_length")
+    reads = []
+    read_bytes = RunDir.read_bytes
+    monkeypatch.setattr(RunDir, "read_bytes", lambda self, path: reads.append(path) or read_bytes(self, path))
+    assert rundir.shard_entries("01_caption_length") == expected and len(expected) == 7
+    assert reads == [rundir.path("01_caption_length", PHASE_LEDGER)]  # one read, not one per shard

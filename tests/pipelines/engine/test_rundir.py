@@ -125,3 +125,15 @@ def test_a_pipeline_writes_the_same_rows_to_memory_as_to_a_local_folder(tmp_path
 def test_a_scheme_no_filesystem_knows_is_a_config_error():
     with pytest.raises(ValueError, match="nosuchfs://x/run: neither pyarrow nor fsspec"):
         RunDir("nosuchfs://x/run")
+
+
+def test_on_an_object_store_a_file_is_put_whole_or_not_at_all():
+    rundir = RunDir(f"memory://vlmc-{uuid.uuid4().hex}/run")
+    assert not rundir.renames_atomically and RunDir(".").renames_atomically
+    with pytest.raises(RuntimeError, match="stopped mid-write"):
+        with rundir.open_output(rundir.path("01_x", "00000.parquet")) as out:
+            out.write(b"half a file")
+            raise RuntimeError("stopped mid-write")
+    assert rundir.list_files("01_x") == []  # nothing, not a partial object
+    rundir.write_bytes(rundir.path("01_x", "00001.json"), b"{}")
+    assert [f.base_name for f in rundir.list_files("01_x")] == ["00001.json"]  # no temporary beside it
