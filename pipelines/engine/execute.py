@@ -18,6 +18,7 @@ import platform
 from collections.abc import Callable
 from importlib import metadata
 
+from pipelines.engine.ingest import read_input
 from pipelines.engine.ledger import LedgerError, check_phase, check_run, summarise
 from pipelines.engine.parts import FinishedRun
 from pipelines.engine.phase import PhaseTask, ShardIO
@@ -82,7 +83,7 @@ def run_pipeline(plan: Plan, runner: Runner, progress: Progress | None = None) -
 def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, progress: Progress | None) -> FinishedRun:
     """Run what is left of the plan and its required finishers; the run as its other finishers see it
     (``changed``: whether anything was written, shards, an aggregate or the export)."""
-    shards, previous, changed = _ingest(plan, rundir, manifest, progress)
+    shards, previous, changed = _ingest(plan, runner, rundir, manifest, progress)
     input_phase = INPUT_PHASE
     for phase in plan.phases:
         done = rundir.shard_entries(phase.name)
@@ -182,40 +183,17 @@ def _open_manifest(rundir: RunDir, plan: Plan) -> Manifest:
     return manifest
 
 
-def _ingest(plan: Plan, rundir: RunDir, manifest: Manifest, progress: Progress | None):
+def _ingest(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, progress: Progress | None):
     """Read the plan's source into ``00_input`` shards (skipping shards already written); the shard
     numbers, their ledger entries, and whether the input was read."""
     summary = next((p for p in manifest.phases if p.name == INPUT_PHASE), None)
     done = rundir.shard_entries(INPUT_PHASE)
     read = summary is None or summary.shards_done != summary.shards_total or len(done) != summary.shards_total
     if read:
-        if progress:
-            progress(INPUT_PHASE, len(done), 0)
-        total = 0
-        for shard in plan.source.read_shards(plan.config.shard_size):
-            total += 1
-            if shard.shard in done:
-                continue
-            entry = ShardEntry(
-                phase=INPUT_PHASE,
-                shard=shard.shard,
-                rows_in=shard.counts.rows_in,
-                rows_out=shard.rows.num_rows,
-                stages={plan.source.stage_name: shard.counts},
-            )
-            rundir.write_shard(entry, shard.rows, shard.rejects)
-            done[shard.shard] = entry
-            if progress:
-                progress(INPUT_PHASE, len(done), 0)
-        if len(done) != total:
-            raise LedgerError(
-                f"the input now gives {total} shards but {len(done)} were written earlier: the input "
-                f"changed under the run"
-            )
-        if progress:
-            progress(INPUT_PHASE, len(done), total)
-        check_phase(INPUT_PHASE, done, None)
-        rundir.write_phase_ledger(INPUT_PHASE, done)
+        report = (lambda finished, total: progress(INPUT_PHASE, finished, total)) if progress else (lambda *_: None)
+        report(len(done), 0)
+        total = read_input(plan, runner, rundir, done, report)
+        report(len(done), total)
         _set_phase(manifest, summarise(INPUT_PHASE, [plan.source.stage_name], done, total), plan.phase_names)
         _write(rundir, manifest)
     return sorted(done), done, read

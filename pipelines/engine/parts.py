@@ -47,6 +47,15 @@ class PoolSource(Protocol):
         """The pool as shards of ``shard_size`` input rows, numbered from 0 in input order."""
         ...
 
+    def plan_reads(self, shard_size: int) -> list[Any] | None:
+        """The same shards as reads a worker can do alone (each with its ``shard`` number), for
+        the runner to spread; None when the pool must be read in order (then ``read_shards``)."""
+        ...
+
+    def read(self, planned: Any) -> InputShard:
+        """One planned read, in a worker: the shard ``read_shards`` would give."""
+        ...
+
 
 @dataclass
 class FinishedRun:

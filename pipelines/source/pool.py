@@ -11,7 +11,15 @@ from typing import Any
 
 from pipelines.engine.parts import InputShard
 from pipelines.source.readers import SourceSpec, resolve_files
-from pipelines.source.shards import READ_STAGE, check_keep_columns, probe_source, read_shards
+from pipelines.source.shards import (
+    READ_STAGE,
+    ShardRead,
+    check_keep_columns,
+    plan_parquet_reads,
+    probe_source,
+    read_planned_shard,
+    read_shards,
+)
 from pipelines.stage import storage
 
 
@@ -35,6 +43,13 @@ class PoolReader:
 
     def read_shards(self, shard_size: int) -> Iterator[InputShard]:
         return read_shards(self.spec, shard_size)
+
+    def plan_reads(self, shard_size: int) -> list[ShardRead] | None:
+        """Parquet pools: the shards planned from the footers, for workers to read in parallel."""
+        return plan_parquet_reads(self.spec, shard_size)
+
+    def read(self, planned: ShardRead) -> InputShard:
+        return read_planned_shard(self.spec, planned)
 
 
 def file_identities(path: str) -> list[dict[str, Any]]:

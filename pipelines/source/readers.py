@@ -208,24 +208,47 @@ def _read_parquet(path: str, spec: SourceSpec, url_col: str, caption_col: str, s
     """Row group by row group; the rows of a group that cannot be read are ``unreadable_input``."""
     file = _parquet(path)
     for group in range(file.num_row_groups):
-        batches = file.iter_batches(
-            batch_size=_CHUNK_ROWS, row_groups=[group], columns=_wanted_columns(url_col, caption_col, spec)
-        )
-        read = 0
-        while True:
-            try:
-                batch = next(batches, None)
-            except (OSError, pa.ArrowException) as e:
-                lost = file.metadata.row_group(group).num_rows - read
-                detail = f"input file {path!r}, row group {group}: {lost} of its rows cannot be read: {e}"
-                for first in range(0, lost, _CHUNK_ROWS):
-                    n = min(_CHUNK_ROWS, lost - first)
-                    yield _reject_rows(schema, [R.UNREADABLE_INPUT] * n, [detail] * n)
-                break
-            if batch is None:
-                break
-            read += batch.num_rows
-            yield _normalise(pa.Table.from_batches([batch]), url_col, caption_col, spec, schema)
+        yield from _row_group(file, group, path, spec, url_col, caption_col, schema)
+
+
+def row_group_rows(path: str) -> list[int]:
+    """The rows of each row group of a parquet file, from its footer."""
+    metadata = _parquet(path).metadata
+    return [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]
+
+
+def read_parquet_rows(
+    path: str, group: int, start: int, length: int, spec: SourceSpec, kept: dict[str, pa.DataType]
+) -> pa.Table:
+    """Rows ``start`` to ``start + length`` of row group ``group`` of a parquet file, normalised as
+    :func:`read_file` gives them (rows that cannot be read as ``unreadable_input`` rejects)."""
+    url_col, caption_col = check_file(path, "parquet", spec)
+    schema = _schema(spec, kept)
+    chunks = list(_row_group(_parquet(path), group, path, spec, url_col, caption_col, schema))
+    return pa.concat_tables(chunks).slice(start, length) if chunks else schema.empty_table()
+
+
+def _row_group(
+    file: pq.ParquetFile, group: int, path: str, spec: SourceSpec, url_col: str, caption_col: str, schema: pa.Schema
+) -> Iterator[pa.Table]:
+    batches = file.iter_batches(
+        batch_size=_CHUNK_ROWS, row_groups=[group], columns=_wanted_columns(url_col, caption_col, spec)
+    )
+    read = 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, pa.ArrowException) as e:
+            lost = file.metadata.row_group(group).num_rows - read
+            detail = f"input file {path!r}, row group {group}: {lost} of its rows cannot be read: {e}"
+            for first in range(0, lost, _CHUNK_ROWS):
+                n = min(_CHUNK_ROWS, lost - first)
+                yield _reject_rows(schema, [R.UNREADABLE_INPUT] * n, [detail] * n)
+            return
+        if batch is None:
+            return
+        read += batch.num_rows
+        yield _normalise(pa.Table.from_batches([batch]), url_col, caption_col, spec, schema)
 
 
 def _records(path: str, dialect: Dialect, spec: SourceSpec) -> RecordReader:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -28,7 +29,9 @@ from pipelines.source.readers import (
     detect_format,
     keep_types,
     read_file,
+    read_parquet_rows,
     resolve_files,
+    row_group_rows,
 )
 from schemas import rejects as R
 from schemas.columns import CAPTION, COLUMNS, SOURCE_INDEX, UID, URL
@@ -79,6 +82,52 @@ def read_shards(spec: SourceSpec, shard_size: int) -> Iterator[InputShard]:
         yield _finish_shard(shard, pa.concat_tables(buffer), shard * shard_size, spec, uid_guard)
     elif shard == 0:
         raise SourceError(f"input {spec.path!r} holds no rows")
+
+
+@dataclass(frozen=True)
+class ShardRead:
+    """Where the rows of input shard ``shard`` lie: ``(file, row group, first row in it, rows)``
+    pieces of a parquet pool, and the types of its kept columns; a worker reads it alone."""
+
+    shard: int
+    first_index: int
+    pieces: tuple[tuple[str, int, int, int], ...]
+    kept: tuple[tuple[str, pa.DataType], ...]
+
+
+def plan_parquet_reads(spec: SourceSpec, shard_size: int) -> list[ShardRead] | None:
+    """The pool's shards planned from its parquet footers alone (the same cut as
+    :func:`read_shards`), or None when they must be read in order (text formats, whose rows are
+    known only by reading them; a pool-supplied uid, whose repeats need a pass over the pool)."""
+    files = resolve_files(spec.path)
+    if detect_format(files, spec.format) != "parquet" or spec.uid_column:
+        return None
+    kept = tuple(keep_types(files, "parquet", spec).items())
+    reads: list[ShardRead] = []
+    pieces: list[tuple[str, int, int, int]] = []
+    filled = 0
+    for path in files:
+        for group, rows in enumerate(row_group_rows(path)):
+            start = 0
+            while start < rows:
+                take = min(rows - start, shard_size - filled)
+                pieces.append((path, group, start, take))
+                start, filled = start + take, filled + take
+                if filled == shard_size:
+                    reads.append(ShardRead(len(reads), len(reads) * shard_size, tuple(pieces), kept))
+                    pieces, filled = [], 0
+    if pieces:
+        reads.append(ShardRead(len(reads), len(reads) * shard_size, tuple(pieces), kept))
+    if not reads:
+        raise SourceError(f"input {spec.path!r} holds no rows")
+    return reads
+
+
+def read_planned_shard(spec: SourceSpec, read: ShardRead) -> InputShard:
+    """One planned shard, read on its own: the rows :func:`read_shards` gives for it."""
+    kept = dict(read.kept)
+    tables = [read_parquet_rows(path, group, start, n, spec, kept) for path, group, start, n in read.pieces]
+    return _finish_shard(read.shard, pa.concat_tables(tables), read.first_index, spec, None)
 
 
 def check_keep_columns(keep: tuple[str, ...]) -> None:

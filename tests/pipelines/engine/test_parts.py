@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import namedtuple
 
 import pyarrow as pa
 import pytest
@@ -11,7 +12,7 @@ from pipelines.engine.config import parse_config
 from pipelines.engine.execute import run_pipeline
 from pipelines.engine.parts import FinishedRun, InputShard
 from pipelines.engine.plan import make_plan
-from pipelines.engine.rundir import RunDir
+from pipelines.engine.rundir import PHASE_LEDGER, RunDir
 from pipelines.engine.runner import LocalRunner
 from schemas.columns import CAPTION, SOURCE_INDEX, UID, URL
 from schemas.manifest import StageCounts
@@ -28,6 +29,9 @@ class ListSource:
 
     def fingerprint(self):
         return {"captions": self.captions}
+
+    def plan_reads(self, shard_size):
+        return None  # read in order, by the driver
 
     def read_shards(self, shard_size):
         for shard, start in enumerate(range(0, len(self.captions), shard_size)):
@@ -121,3 +125,37 @@ def test_a_stage_may_not_take_the_sources_ledger_name(tmp_path):
     )
     with pytest.raises(ValueError, match="stage name 'listed' is taken"):
         make_plan(config, ListSource(["a b"]))
+
+
+Read = namedtuple("Read", "shard start")
+
+
+class PlannedListSource(ListSource):
+    """The same rows, planned as one read per shard that a worker does alone."""
+
+    def plan_reads(self, shard_size):
+        return [Read(shard, start) for shard, start in enumerate(range(0, len(self.captions), shard_size))]
+
+    def read(self, planned):
+        return next(s for s in self.read_shards(3) if s.shard == planned.shard)
+
+
+def test_a_source_that_plans_its_reads_has_the_runner_read_them_and_resumes_the_rest(tmp_path):
+    config = _plan(tmp_path, ()).config
+    reads = []
+
+    class Counting(LocalRunner):
+        def map_tasks(self, fn, first, items):
+            reads.extend(items)
+            return super().map_tasks(fn, first, items)
+
+    plan = make_plan(config, PlannedListSource(["a dog", "x", "a red car", "two cats", "y"]))
+    manifest = run_pipeline(plan, Counting())
+    assert reads == [Read(0, 0), Read(1, 3)] and manifest.phases[0].counts["listed"].rows_in == 5
+    rundir = RunDir(plan.run_uri)
+    rundir.remove(f"00_input/{PHASE_LEDGER}")
+    rundir.remove("00_input/_ledger/00001.json")
+    rundir.remove("manifest.json")  # as if stopped while the input was read
+    reads.clear()
+    run_pipeline(plan, Counting())
+    assert reads == [Read(1, 3)]  # only the shard that was not written

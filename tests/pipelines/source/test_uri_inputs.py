@@ -59,6 +59,20 @@ def test_a_pool_on_s3_gives_the_rows_uids_and_rejects_it_gives_on_disk(pools, na
     assert file_identities(remote) == file_identities(local)  # a copy to the bucket is the same input
 
 
+def test_a_parquet_pool_in_a_bucket_is_planned_and_read_by_shard_as_on_disk(pools):
+    """What workers do with a parquet pool: plan from the footers, read shard by shard."""
+    from pipelines.source.shards import plan_parquet_reads, read_planned_shard
+
+    root, bucket = pools
+    shards = {}
+    for where, path in (("disk", str(root / "pool.parquet")), ("bucket", f"{bucket}/one/pool.parquet")):
+        spec = SourceSpec(path=path)
+        shards[where] = [read_planned_shard(spec, read).rows for read in plan_parquet_reads(spec, 500)]
+    assert len(shards["disk"]) == 3 and all(a.equals(b) for a, b in zip(shards["disk"], shards["bucket"]))
+    in_order = [rows for rows, _ in _shards(str(root / "pool.parquet"))]
+    assert [t.to_pylist() for t in shards["bucket"]] == in_order
+
+
 def test_folders_and_globs_list_the_bucket(pools, s3):
     root, bucket = pools
     for part in range(2):
