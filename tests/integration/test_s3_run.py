@@ -78,6 +78,24 @@ def test_text_pool_on_s3_equals_the_run_on_disk_under_both_runners(tmp_path):
         assert resumed.history and "resumed_at" in resumed.history[-1] and resumed.config_hash == manifest.config_hash
         card = _cli("card", f"{bucket}/runs-local/text-pool", env=s3.env)
         assert card.returncode == 0 and "README.md" in card.stdout, card.stdout + card.stderr
+        retry = _cli("retry-failed", f"{bucket}/runs-local/text-pool", env=s3.env)
+        assert retry.returncode == 0 and "nothing to retry" in retry.stdout, retry.stdout + retry.stderr
+        # The export of a run in the bucket is written there too.
+        exported = _cli(
+            "run",
+            "configs/text-pool.yaml",
+            f"input={bucket}/pools/pool.csv",
+            f"output_dir={bucket}/runs-export",
+            "export.formats=[parquet]",
+            "export.samples_per_shard=1000",
+            env=s3.env,
+        )
+        assert exported.returncode == 0, exported.stdout + exported.stderr
+        run = RunFiles(f"{bucket}/runs-export/text-pool")
+        files = run.parquet_files("export/parquet")
+        assert len(files) == -(-kept.num_rows // 1000)
+        rows = pa.concat_tables([run.read_table(f) for f in files]).sort_by("source_index")
+        assert rows.select(kept.column_names).equals(kept)
 
 
 def test_sigkill_mid_run_on_s3_then_resume_equals_the_run_on_disk(tmp_path):
