@@ -29,17 +29,16 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipelines.engine.config import DEFAULT_MAX_ROW_BYTES
 from pipelines.source import jsonl_rows
+from pipelines.source.row_values import interleave, is_text, normalise, reject_rows, value_type
 from pipelines.source.text_chunk import CSV, JSONL, TSV, Dialect, preview
 from pipelines.source.text_records import RecordBatch, RecordReader
-from pipelines.stage import Rejections, storage
+from pipelines.stage import storage
 from schemas import rejects as R
 from schemas.columns import CAPTION, CAPTION_CANDIDATES, UID, URL, URL_CANDIDATES
 from schemas.rejects import REJECT_DETAIL, REJECT_REASON
@@ -47,8 +46,6 @@ from schemas.rejects import REJECT_DETAIL, REJECT_REASON
 FORMATS = ("parquet", "csv", "tsv", "jsonl")
 _EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
 _CHUNK_ROWS = 65536
-_STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view())
-_TEXT_TYPES = (*_STRING_TYPES, pa.binary(), pa.large_binary(), pa.null())
 _DIALECTS = {"csv": CSV, "tsv": TSV}
 _PYARROW_INVALID_ROW = re.compile(r"Row #(\d+): Expected (\d+) columns, got (\d+)")
 
@@ -194,11 +191,11 @@ def _parquet(path: str) -> pq.ParquetFile:
 def _check_parquet_types(schema: pa.Schema, url_col: str, caption_col: str, spec: SourceSpec, path: str) -> None:
     for name, key in ((url_col, "columns.url"), (caption_col, "columns.caption")):
         type_ = schema.field(name).type
-        if not _is_text(type_):
+        if not is_text(type_):
             raise SourceError(f"{key}: column {name!r} of {path!r} has type {type_}; it must hold text")
     if spec.uid_column:
         type_ = schema.field(spec.uid_column).type
-        if not (_is_text(type_) or pa.types.is_integer(_value_type(type_))):
+        if not (is_text(type_) or pa.types.is_integer(value_type(type_))):
             raise SourceError(
                 f"columns.uid: column {spec.uid_column!r} of {path!r} has type {type_}; a uid must be text or integers"
             )
@@ -243,12 +240,12 @@ def _row_group(
             detail = f"input file {path!r}, row group {group}: {lost} of its rows cannot be read: {e}"
             for first in range(0, lost, _CHUNK_ROWS):
                 n = min(_CHUNK_ROWS, lost - first)
-                yield _reject_rows(schema, [R.UNREADABLE_INPUT] * n, [detail] * n)
+                yield reject_rows(schema, [R.UNREADABLE_INPUT] * n, [detail] * n)
             return
         if batch is None:
             return
         read += batch.num_rows
-        yield _normalise(pa.Table.from_batches([batch]), url_col, caption_col, spec, schema)
+        yield normalise(pa.Table.from_batches([batch]), url_col, caption_col, spec, schema)
 
 
 def _records(path: str, dialect: Dialect, spec: SourceSpec) -> RecordReader:
@@ -288,11 +285,11 @@ def _read_delimited(
         for batch in reader.batches(fields=len(names)):
             tables, invalid = _parse_records(batch, parse)
             rows = (
-                _normalise(pa.concat_tables(tables).rename_columns(wanted), url_col, caption_col, spec, schema)
+                normalise(pa.concat_tables(tables).rename_columns(wanted), url_col, caption_col, spec, schema)
                 if tables
                 else schema.empty_table()
             )
-            yield _interleave(rows, _batch_rejects(batch, invalid, reader.dialect.label), schema)
+            yield interleave(rows, _batch_rejects(batch, invalid, reader.dialect.label), schema)
 
 
 def _record_parser(fmt: str, names: list[str], wanted: list[str]):
@@ -300,7 +297,7 @@ def _record_parser(fmt: str, names: list[str], wanted: list[str]):
     ``(record index, why)`` in ``invalid`` for each record with the wrong number of fields."""
     # Columns by position: header names may repeat or be empty where they are not wanted.
     positions = [str(names.index(name)) for name in wanted]
-    # Text is read unchecked and checked per value in _normalise: bad UTF-8 costs only its row.
+    # Text is read unchecked and checked per value in normalise: bad UTF-8 costs only its row.
     convert = pacsv.ConvertOptions(
         include_columns=positions, column_types=dict.fromkeys(positions, pa.string()), check_utf8=False
     )
@@ -400,116 +397,3 @@ def _schema(spec: SourceSpec, kept: dict[str, pa.DataType]) -> pa.Schema:
         fields.append(pa.field(UID, pa.string()))
     fields += [pa.field(name, kept.get(name, pa.string())) for name in spec.keep_columns]
     return pa.schema(fields + [pa.field(REJECT_REASON, pa.string()), pa.field(REJECT_DETAIL, pa.string())])
-
-
-def _normalise(table: pa.Table, url_col: str, caption_col: str, spec: SourceSpec, schema: pa.Schema) -> pa.Table:
-    """Typed url/caption/uid/keep columns plus reject columns for rows that are unusable, as ``schema``."""
-    rejections = Rejections(table.num_rows)
-    url_values, caption_values = _decoded(table[url_col]), _decoded(table[caption_col])
-    url, bad_url = _as_utf8(url_values)
-    caption, bad_caption = _as_utf8(caption_values)
-    rejections.add(
-        pc.or_kleene(pc.is_null(url_values), _is_empty(url_values)), R.MISSING_URL, f"no value in column {url_col!r}"
-    )
-    rejections.add(bad_url, R.URL_NOT_UTF8, f"{url_col!r} is not valid UTF-8")
-    rejections.add(pc.is_null(caption_values), R.MISSING_CAPTION, f"no value in column {caption_col!r}")
-    rejections.add(bad_caption, R.CAPTION_NOT_UTF8, f"{caption_col!r} is not valid UTF-8")
-    columns = {URL: url, CAPTION: caption}
-    if spec.uid_column:
-        columns[UID] = _uid(table[spec.uid_column], spec.uid_column, rejections)
-    for name in spec.keep_columns:
-        columns[name] = _kept(table[name], name, rejections)
-    table = pa.table(columns)
-    if rejections.any:
-        return rejections.attach(table).cast(schema)
-    # Keep the schema fixed: the reject columns are always there.
-    return (
-        table.append_column(REJECT_REASON, pa.nulls(table.num_rows, pa.string()))
-        .append_column(REJECT_DETAIL, pa.nulls(table.num_rows, pa.string()))
-        .cast(schema)
-    )
-
-
-def _uid(column: pa.ChunkedArray, name: str, rejections: Rejections) -> pa.Array:
-    """The pool's uids as text (null where missing or not UTF-8), rejecting those rows."""
-    values = _decoded(column)
-    if _is_text(values.type):
-        uid, bad = _as_utf8(values)
-        empty = pc.or_kleene(pc.is_null(values), _is_empty(values))
-    else:  # integers: check_file allows no other type
-        uid, bad = values.cast(pa.string()), None
-        empty = pc.is_null(values)
-    rejections.add(empty, R.MISSING_UID, f"no value in column {name!r}")
-    if bad is not None:
-        rejections.add(bad, R.UID_NOT_UTF8, f"{name!r} is not valid UTF-8")
-    return pc.if_else(empty, pa.scalar(None, pa.string()), uid)
-
-
-def _kept(column: pa.ChunkedArray, name: str, rejections: Rejections) -> pa.ChunkedArray | pa.Array:
-    """A kept column as read; a text column's values that are not UTF-8 become null, rejecting their rows."""
-    if _value_type(column.type) not in _STRING_TYPES:
-        return column  # numbers, bytes and nested values are kept as they are
-    values, bad = _as_utf8(_decoded(column))
-    if not pc.any(bad).as_py():
-        return column
-    rejections.add(bad, R.KEPT_COLUMN_NOT_UTF8, f"{name!r} is not valid UTF-8")
-    return values
-
-
-def _value_type(type_: pa.DataType) -> pa.DataType:
-    return type_.value_type if pa.types.is_dictionary(type_) else type_
-
-
-def _is_text(type_: pa.DataType) -> bool:
-    return _value_type(type_) in _TEXT_TYPES
-
-
-def _is_empty(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    return pc.equal(pc.binary_length(column.cast(pa.binary())), 0)
-
-
-def _decoded(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """Dictionary-encoded columns (pandas categories) as plain values."""
-    if pa.types.is_dictionary(column.type):
-        return column.cast(column.type.value_type)
-    return column
-
-
-def _as_utf8(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
-    """The column as UTF-8 strings, and a mask of values that were not valid UTF-8 (now null)."""
-    binary = column.combine_chunks().cast(pa.binary())
-    try:
-        return binary.cast(pa.string()), pa.repeat(pa.scalar(False), len(binary))
-    except pa.ArrowInvalid:
-        values, bad = [], []
-        for value in binary.to_pylist():
-            try:
-                values.append(None if value is None else value.decode("utf-8"))
-                bad.append(False)
-            except UnicodeDecodeError:
-                values.append(None)
-                bad.append(True)
-        return pa.array(values, pa.string()), pa.array(bad, pa.bool_())
-
-
-def _reject_rows(schema: pa.Schema, reasons: list[str], details: list[str]) -> pa.Table:
-    """Rows of ``schema`` that hold nothing but a reject reason and detail."""
-    n = len(reasons)
-    columns = [pa.nulls(n, f.type) for f in schema if f.name not in (REJECT_REASON, REJECT_DETAIL)]
-    return pa.Table.from_arrays(
-        [*columns, pa.array(reasons, pa.string()), pa.array(details, pa.string())], schema=schema
-    )
-
-
-def _interleave(rows: pa.Table, rejects: list[tuple[int, str, str]], schema: pa.Schema) -> pa.Table:
-    """``rows`` with a reject row ``(position, reason, detail)`` placed at each position (ascending)."""
-    if not rejects:
-        return rows
-    total = rows.num_rows + len(rejects)
-    is_reject = np.zeros(total, dtype=bool)
-    is_reject[[position for position, _, _ in rejects]] = True
-    order = np.empty(total, dtype=np.int64)
-    order[is_reject] = rows.num_rows + np.arange(len(rejects))
-    order[~is_reject] = np.arange(rows.num_rows)
-    extra = _reject_rows(schema, [reason for _, reason, _ in rejects], [detail for _, _, detail in rejects])
-    return pa.concat_tables([rows, extra]).take(order)
