@@ -11,6 +11,7 @@ from typing import Any
 
 from pipelines.engine.parts import InputShard
 from pipelines.source.readers import SourceSpec, resolve_files
+from pipelines.source.row_hash import UID_SCHEME
 from pipelines.source.shards import (
     READ_STAGE,
     ShardRead,
@@ -39,6 +40,7 @@ class PoolReader:
             "files": file_identities(self.spec.path),
             "format": self.spec.format,
             "max_row_bytes": self.spec.max_row_bytes,
+            "uid_scheme": UID_SCHEME,
         }
 
     def read_shards(self, shard_size: int) -> Iterator[InputShard]:

@@ -221,31 +221,45 @@ def read_parquet_rows(
     :func:`read_file` gives them (rows that cannot be read as ``unreadable_input`` rejects)."""
     url_col, caption_col = check_file(path, "parquet", spec)
     schema = _schema(spec, kept)
-    chunks = list(_row_group(_parquet(path), group, path, spec, url_col, caption_col, schema))
-    return pa.concat_tables(chunks).slice(start, length) if chunks else schema.empty_table()
+    chunks = list(_row_group(_parquet(path), group, path, spec, url_col, caption_col, schema, start, start + length))
+    return pa.concat_tables(chunks) if chunks else schema.empty_table()
 
 
 def _row_group(
-    file: pq.ParquetFile, group: int, path: str, spec: SourceSpec, url_col: str, caption_col: str, schema: pa.Schema
+    file: pq.ParquetFile,
+    group: int,
+    path: str,
+    spec: SourceSpec,
+    url_col: str,
+    caption_col: str,
+    schema: pa.Schema,
+    start: int = 0,
+    stop: int | None = None,
 ) -> Iterator[pa.Table]:
+    """Rows ``start`` to ``stop`` of a row group, normalised. A row group is decoded from its start
+    (parquet has no row offsets within one), but no further than ``stop`` and only the window is normalised."""
+    group_rows = file.metadata.row_group(group).num_rows
+    stop = group_rows if stop is None else min(stop, group_rows)
     batches = file.iter_batches(
         batch_size=_CHUNK_ROWS, row_groups=[group], columns=_wanted_columns(url_col, caption_col, spec)
     )
     read = 0
-    while True:
+    while read < stop:
         try:
             batch = next(batches, None)
         except (OSError, pa.ArrowException) as e:
-            lost = file.metadata.row_group(group).num_rows - read
-            detail = f"input file {path!r}, row group {group}: {lost} of its rows cannot be read: {e}"
-            for first in range(0, lost, _CHUNK_ROWS):
-                n = min(_CHUNK_ROWS, lost - first)
+            first_lost = max(read, start)
+            detail = f"input file {path!r}, row group {group}: {group_rows - read} of its rows cannot be read: {e}"
+            for first in range(first_lost, stop, _CHUNK_ROWS):
+                n = min(_CHUNK_ROWS, stop - first)
                 yield reject_rows(schema, [R.UNREADABLE_INPUT] * n, [detail] * n)
             return
         if batch is None:
             return
+        window = batch.slice(max(start - read, 0), stop - max(start, read))
         read += batch.num_rows
-        yield normalise(pa.Table.from_batches([batch]), url_col, caption_col, spec, schema)
+        if window.num_rows:
+            yield normalise(pa.Table.from_batches([window]), url_col, caption_col, spec, schema)
 
 
 def _records(path: str, dialect: Dialect, spec: SourceSpec) -> RecordReader:

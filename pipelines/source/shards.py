@@ -11,7 +11,6 @@ fix.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from pipelines.source.readers import (
     resolve_files,
     row_group_rows,
 )
+from pipelines.source.row_hash import row_uids
 from schemas import rejects as R
 from schemas.columns import CAPTION, COLUMNS, SOURCE_INDEX, UID, URL
 from schemas.rejects import DETAIL, REASON, REJECT_DETAIL, REJECT_REASON, SHARD, STAGE
@@ -142,7 +142,7 @@ def _finish_shard(
     shard: int, table: pa.Table, first_index: int, spec: SourceSpec, uid_guard: _UidGuard | None
 ) -> InputShard:
     n = table.num_rows
-    index = pa.array(range(first_index, first_index + n), pa.int64())
+    index = pa.array(np.arange(first_index, first_index + n, dtype=np.int64))
     if spec.uid_column:
         uid = pc.coalesce(table[UID], _uids(index, pa.nulls(n, pa.string()), pa.nulls(n, pa.string())))
     else:
@@ -156,15 +156,13 @@ def _finish_shard(
 
 
 def _uids(index: pa.Array, url: pa.Array, caption: pa.Array) -> pa.Array:
-    """Stable 128-bit ids from each row's position, url and caption (same across runs and runners).
-
-    A rejected row without a url hashes its reject detail in the url's place.
-    """
+    """Stable 128-bit ids from each row's position, url and caption (same across runs and runners;
+    see :mod:`pipelines.source.row_hash`). A rejected row without a url hashes its reject detail
+    in the url's place."""
     keys = pc.binary_join_element_wise(
         pc.cast(index, pa.string()), pc.fill_null(url, ""), pc.fill_null(caption, ""), "\x1f"
     )
-    blake2b = hashlib.blake2b
-    return pa.array([blake2b(k, digest_size=16).hexdigest() for k in keys.cast(pa.binary()).to_pylist()], pa.string())
+    return row_uids(keys)
 
 
 def _uid_hashes(uid: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -188,6 +188,17 @@ def test_a_changed_input_under_a_run_is_detected(config, tmp_path):
         _run(config)
 
 
+def test_a_run_made_under_another_uid_scheme_is_not_resumed(config):
+    plan, _ = _run(config)
+    path = os.path.join(plan.run_uri, "manifest.json")
+    manifest = json.loads(open(path).read())
+    manifest["config_hash"] = "made-by-an-older-version"
+    del manifest["config"]["fingerprint"]["input"]["uid_scheme"]  # as runs made before the scheme was recorded
+    open(path, "w").write(json.dumps(manifest))
+    with pytest.raises(ConfigChangedError, match="input.uid_scheme"):
+        _run(config)
+
+
 def test_global_aggregate_is_saved_and_reused_on_resume(config):
     plan, _ = _run(config)
     path = os.path.join(plan.run_uri, "aggregates", "exact_duplicates.pkl")

@@ -41,6 +41,14 @@ def test_shards_cut_across_row_groups_and_files_read_alike(tmp_path):
     assert sum(n for read in planned for *_, n in read.pieces) == 463
 
 
+def test_shards_cut_inside_a_row_group_larger_than_a_read_batch(tmp_path):
+    rows = 140_000  # one row group, decoded in batches of 65,536: shards start and end inside batches
+    table = pa.table({"url": [f"http://x.test/{i}" for i in range(rows)], "caption": [f"c {i}" for i in range(rows)]})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=rows)
+    planned = _same_both_ways(SourceSpec(str(tmp_path / "a.parquet")), 50_000)
+    assert [read.pieces[0][2:] for read in planned] == [(0, 50_000), (50_000, 50_000), (100_000, 40_000)]
+
+
 def test_a_damaged_row_group_costs_its_rows_either_way(tmp_path):
     path = tmp_path / "a.parquet"
     pq.write_table(

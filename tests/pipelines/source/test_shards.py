@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import xxhash
 
 from pipelines.source.shards import (
     READ_STAGE,
@@ -344,6 +345,17 @@ def test_uids_are_stable_unique_and_independent_of_sharding(tmp_path):
     assert uids == second["uid"].to_pylist() == resharded["uid"].to_pylist()
     assert len(set(uids)) == len(uids) == 9  # identical rows still get distinct uids
     assert all(re.fullmatch(r"[0-9a-f]{32}", u) for u in uids)
+
+
+def test_uid_is_the_xxh3_128_of_position_url_and_caption(tmp_path):
+    path = write_csv(
+        tmp_path / "pool.csv", [("http://x.test/0", "first caption"), ("http://x.test/1", "ünïcode caption")]
+    )
+    _, kept, _ = read_all(SourceSpec(str(path)))
+    assert kept["uid"].to_pylist() == [
+        xxhash.xxh3_128_hexdigest(b"0\x1fhttp://x.test/0\x1ffirst caption"),
+        xxhash.xxh3_128_hexdigest("1\x1fhttp://x.test/1\x1fünïcode caption".encode()),
+    ]
 
 
 def test_uid_depends_on_content(tmp_path):
