@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,6 +30,26 @@ class S3:
         with self.fs.open_output_stream(uri.removeprefix("s3://"), compression=None) as out:  # bytes as given
             out.write(data)
         return uri
+
+    @contextlib.contextmanager
+    def authenticating(self) -> Iterator[None]:
+        """While inside, the server checks every request's credentials against its IAM users
+        (none: the test keys are refused); moto's own switch, ``/moto-api/reset-auth``."""
+
+        def switch(count: str) -> None:
+            request = urllib.request.Request(
+                f"{self.endpoint}/moto-api/reset-auth",
+                data=count.encode(),
+                headers={"Content-Type": "text/plain"},  # a form body would be parsed away
+                method="POST",
+            )
+            urllib.request.urlopen(request, timeout=10).close()
+
+        switch("0")
+        try:
+            yield
+        finally:
+            switch("inf")
 
     def put_file(self, uri: str, path: str) -> str:
         with open(path, "rb") as f:

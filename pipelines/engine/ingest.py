@@ -2,7 +2,9 @@
 
 A source that can plan its shards ahead (a parquet pool: from its footers) has them read by the
 runner's workers in parallel, each worker writing the shards it read; any other is read in order
-here. Either way a shard already written by an earlier attempt is not read again.
+here. Either way a shard already written by an earlier attempt is not read again. A pool that
+supplies its own uids then has their repeats rejected over the whole pool
+(:mod:`pipelines.engine.unique_key`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pipelines.engine.parts import InputShard, PoolSource
 from pipelines.engine.plan import INPUT_PHASE, Plan
 from pipelines.engine.rundir import RunDir
 from pipelines.engine.runner import Runner
+from pipelines.engine.unique_key import reject_repeated_keys
 from schemas.manifest import ShardEntry
 
 #: ``progress(shards_done, shards_total)``; the total is 0 while it is not known yet.
@@ -67,10 +70,13 @@ def read_input(plan: Plan, runner: Runner, rundir: RunDir, done: dict[int, Shard
         pending = [read for read in planned if read.shard not in done]
         for entry in runner.map_tasks(write_input_shard, InputJob(rundir, source), pending):
             done[entry.shard] = entry
+            progress(len(done), total)
     if len(done) != total:
         raise LedgerError(
             f"the input now gives {total} shards but {len(done)} were written earlier: the input changed under the run"
         )
+    if source.unique_column:
+        reject_repeated_keys(runner, rundir, done, source.stage_name, source.unique_column, shard_size)
     check_phase(INPUT_PHASE, done, None)
     rundir.write_phase_ledger(INPUT_PHASE, done)
     return total

@@ -38,6 +38,9 @@ class PoolSource(Protocol):
     stage_name: str
     #: Input columns the rows carry beside the registered ones (``columns.keep``).
     kept_columns: tuple[str, ...]
+    #: A column the pool supplies whose values must be unique (its own uid), or None: the engine
+    #: rejects each repeat after the first occurrence in input order, over the whole pool.
+    unique_column: str | None
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the pool's content (not where it lies): part of the config hash."""

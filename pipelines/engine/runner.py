@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from pipelines.engine.chain import PlannedStage, ShardState, apply_stage
 from pipelines.engine.config import RayConfig
+from pipelines.engine.keyed import KeyedReduce, sorted_by_key
 from pipelines.engine.phase import PhaseTask, ShardIO, compute_partial
 from pipelines.engine.placement import Placement, gpu_on_cpu, plan_placement, with_cpus
 from pipelines.engine.rundir import RunDir
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 #: Largest actor pool per stage on an autoscaling cluster when the stage sets no concurrency.
 AUTOSCALE_MAX_ACTORS = 64
 
+
+#: Most partitions of a keyed reduction's hash shuffle (one per input shard below it).
+MAX_KEY_PARTITIONS = 1024
 
 #: How often a crashed worker is restarted, or a failed task retried, before the phase fails.
 #: Finite on purpose: a stage that kills its worker on some input must fail the run, not loop.
@@ -55,8 +59,13 @@ class Runner(ABC):
         """``planned.stage.compute`` on each finished shard of ``phase``, in the order of ``shards``."""
 
     @abstractmethod
-    def map_tasks(self, fn: Callable[..., Any], first: Any, items: list[Any]) -> list[Any]:
-        """``[fn(first, item) for item in items]``, in parallel where the runner can."""
+    def map_tasks(self, fn: Callable[..., Any], first: Any, items: list[Any]) -> Iterator[Any]:
+        """``fn(first, item)`` for each item, in parallel where the runner can: each result as it
+        comes, in any order."""
+
+    @abstractmethod
+    def reduce_by_key(self, job: KeyedReduce) -> int:
+        """Run a keyed reduction (see :mod:`pipelines.engine.keyed`); the rows it wrote."""
 
     def close(self) -> None:
         """Release what the runner started."""
@@ -101,7 +110,14 @@ class LocalRunner(Runner):
         return [compute_partial(planned, rundir, phase, shard) for shard in shards]
 
     def map_tasks(self, fn, first, items):
-        return [fn(first, item) for item in items]
+        for item in items:
+            yield fn(first, item)
+
+    def reduce_by_key(self, job):
+        tables = [job.rundir.read_table(path, list(job.columns)) for path in job.input_paths()]
+        if not tables:
+            return 0
+        return job.reduce_and_write(sorted_by_key(pa.concat_tables(tables), job.key))
 
 
 class RayRunner(Runner):
@@ -220,15 +236,38 @@ class RayRunner(Runner):
 
     def map_tasks(self, fn, first, items):
         if not items:
-            return []
+            return
         import ray
 
         self.start()
         remote = ray.remote(max_retries=WORKER_RETRIES)(fn)
         first_ref = ray.put(first)
-        results = ray.get([remote.remote(first_ref, item) for item in items])
+        pending = [remote.remote(first_ref, item) for item in items]
+        while pending:
+            finished, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(finished[0])
         self._deaths.report(fn.__name__)
-        return results
+
+    def reduce_by_key(self, job):
+        if not job.shards:
+            return 0
+        import ray.data
+
+        self._data_context()
+        ds = ray.data.read_parquet(job.input_paths(), filesystem=job.rundir.fs).select_columns(list(job.columns))
+        # A hash shuffle: each output block holds every row of its keys, sorted by key.
+        ds = ds.repartition(min(len(job.shards), MAX_KEY_PARTITIONS), keys=[job.key], sort=True)
+        ds = _map_batches(
+            ds,
+            _reduce_partition,
+            batch_size=None,  # the whole block: a group of keys is never split
+            batch_format="pyarrow",
+            fn_kwargs={"job": job},
+            max_retries=WORKER_RETRIES,
+        )
+        written = sum(row["rows"] for row in ds.iter_rows())
+        self._deaths.report(f"the reduction into {job.out}")
+        return written
 
 
 def make_runner(kind: str, ray_config: RayConfig | None = None) -> Runner:
@@ -263,6 +302,10 @@ def compute_batch(batch: pa.Table, planned: PlannedStage, rundir: RunDir, phase:
     shards = batch["shard"].to_pylist()
     partials = [pickle.dumps(compute_partial(planned, rundir, phase, s), protocol=5) for s in shards]
     return pa.table({"shard": pa.array(shards, pa.int64()), "partial": pa.array(partials, pa.large_binary())})
+
+
+def _reduce_partition(batch: pa.Table, job: KeyedReduce) -> pa.Table:
+    return pa.table({"rows": pa.array([job.reduce_and_write(batch)], pa.int64())})
 
 
 def _load_shards(batch: pa.Table, io: ShardIO) -> pa.Table:

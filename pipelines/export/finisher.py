@@ -55,7 +55,7 @@ class ExportFinisher:
             rundir.remove_folder(options.folder)  # an export with other settings, or a partial one
             shards = plan_export(run.entries, options.samples_per_shard)
             job = ExportJob(rundir, run.phase, options.folder, tuple(options.formats))
-            counts = run.runner.map_tasks(write_export_shard, job, shards)
+            counts = list(run.runner.map_tasks(write_export_shard, job, shards))
             finish_export(rundir, options.folder, settings, counts)
         run.manifest.export = {
             **settings,

@@ -22,6 +22,7 @@ from pipelines.source.shards import (
     read_shards,
 )
 from pipelines.stage import storage
+from schemas.columns import UID
 
 
 class PoolReader:
@@ -34,6 +35,7 @@ class PoolReader:
         probe_source(spec)  # fail now, before anything is written
         self.spec = spec
         self.kept_columns = tuple(spec.keep_columns)
+        self.unique_column = UID if spec.uid_column else None
 
     def fingerprint(self) -> dict[str, Any]:
         return {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -28,6 +29,36 @@ _WILDCARDS = "*?["
 
 class StorageError(ValueError):
     """A location that cannot be used as given (its scheme, its form, or the store's answer)."""
+
+
+#: Words of a store's answer that mean it refused the credentials (S3, GCS, Azure, the Hub).
+_REFUSAL = re.compile(
+    r"access_?denied|invalid_?access_?key|signature_?does_?not_?match|expired_?token|forbidden|unauthori[sz]ed"
+    r"|unauthenticated|permission|\b40[13]\b",
+    re.IGNORECASE,
+)
+_CREDENTIALS = {
+    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the machine's role)",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS (or the machine's service account)",
+    "gcs": "GOOGLE_APPLICATION_CREDENTIALS (or the machine's service account)",
+    "abfs": "AZURE_STORAGE_ACCOUNT_KEY or a signed-in Azure identity",
+    "abfss": "AZURE_STORAGE_ACCOUNT_KEY or a signed-in Azure identity",
+    "hf": "HF_TOKEN",
+}
+
+
+def store_error(location: str, error: Exception) -> StorageError:
+    """The store's answer about ``location`` as a :class:`StorageError` naming it; a refusal of the
+    credentials says which variables the store's client reads them from."""
+    text = str(error)
+    scheme = location.partition("://")[0] if is_uri(location) else "file"
+    if scheme != "file" and _REFUSAL.search(text.replace(location, "")):
+        where = _CREDENTIALS.get(scheme, "the environment and the store's own configuration files")
+        return StorageError(
+            f"{location}: the store refused the credentials ({text.strip()}). Credentials come from "
+            f"{where}; never from the URI."
+        )
+    return StorageError(f"{location}: {text}")
 
 
 def is_uri(location: str) -> bool:
@@ -61,7 +92,7 @@ def open_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         try:
             return pafs.FileSystem.from_uri(location)
         except (pa.ArrowInvalid, OSError) as error:
-            raise StorageError(f"{location}: {error}") from None
+            raise store_error(location, error) from None
     try:
         import fsspec
 
@@ -122,7 +153,7 @@ def list_folder(location: str) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), allow_not_found=True))
     except OSError as error:
-        raise StorageError(f"{location}: {error}") from None
+        raise store_error(location, error) from None
     return sorted(relocate(location, path, i.path) for i in infos if i.type == pafs.FileType.File)
 
 
@@ -140,7 +171,7 @@ def glob(location: str) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     except OSError as error:
-        raise StorageError(f"{location}: {error}") from None
+        raise store_error(location, error) from None
     found = []
     for info in infos:
         parts = info.path.split("/")
@@ -156,7 +187,7 @@ def open_input_file(location: str) -> pa.NativeFile:
     try:
         return fs.open_input_file(path)
     except (OSError, pa.ArrowException) as error:
-        raise StorageError(f"{location}: {error}") from None
+        raise store_error(location, error) from None
 
 
 def open_input_stream(location: str) -> pa.NativeFile:
@@ -169,7 +200,7 @@ def open_input_stream(location: str) -> pa.NativeFile:
     except FileNotFoundError:
         raise StorageError(f"{location!r} does not exist") from None
     except (OSError, pa.ArrowException) as error:
-        raise StorageError(f"{location}: {error}") from None
+        raise store_error(location, error) from None
 
 
 def open_stored_bytes(location: str) -> pa.NativeFile:
@@ -180,7 +211,7 @@ def open_stored_bytes(location: str) -> pa.NativeFile:
     except FileNotFoundError:
         raise StorageError(f"{location!r} does not exist") from None
     except (OSError, pa.ArrowException) as error:
-        raise StorageError(f"{location}: {error}") from None
+        raise store_error(location, error) from None
 
 
 def read_bytes(location: str) -> bytes:
@@ -212,7 +243,7 @@ def _info(fs: pafs.FileSystem, path: str, location: str) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)
     except OSError as error:  # no such bucket, wrong credentials, an endpoint that does not answer
-        raise StorageError(f"{location}: {error}") from None
+        raise store_error(location, error) from None
 
 
 def _redacted(location: str) -> str:

@@ -135,3 +135,32 @@ def test_sigkill_mid_run_on_s3_then_resume_equals_the_run_on_disk(tmp_path):
     expected = read_phase(reference_plan.run_uri, reference.final_phase)
     assert len(set(got["uid"].to_pylist())) == got.num_rows  # no duplicate
     assert got.equals(expected)  # no missing uid, same rows
+
+
+def test_a_pool_with_its_own_uids_in_a_bucket_rejects_their_repeats_as_on_disk(tmp_path):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    csv = tmp_path / "pool.csv"
+    write_demo_pool(str(csv), TEXT_ONLY_HOST, rows=3000, seed=5)
+    table = pacsv.read_csv(csv, parse_options=pacsv.ParseOptions(invalid_row_handler=lambda row: "skip"))
+    keys = pa.array([f"id-{i % 2400}" for i in range(table.num_rows)])  # every row past 2,400 repeats one
+    pool = tmp_path / "pool.parquet"
+    pq.write_table(table.append_column("key", keys), pool, row_group_size=700)
+    args = ("configs/text-pool.yaml", "columns.uid=key", "shard_size=500", "ray.num_cpus=2")
+    local = _cli("run", *args, f"input={pool}", f"output_dir={tmp_path / 'local'}", env={})
+    assert local.returncode == 0, local.stdout + local.stderr
+    local_run = RunFiles(str(tmp_path / "local" / "text-pool"))
+    manifest = local_run.read_manifest()
+    read = manifest.phases[0].counts["read"]
+    assert read.rejected.get("duplicate_uid") == table.num_rows - 2400
+    with s3_server() as s3:
+        bucket = s3.bucket("uids")
+        s3.put_file(f"{bucket}/pool.parquet", str(pool))
+        done = _cli("run", *args, f"input={bucket}/pool.parquet", f"output_dir={bucket}/runs", "runner=ray", env=s3.env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        run = RunFiles(f"{bucket}/runs/text-pool")
+        remote = run.read_manifest()
+        assert remote.stage_totals() == manifest.stage_totals()
+        assert _phase(run, remote.final_phase).equals(_phase(local_run, manifest.final_phase))
+        assert _phase(run, f"{REJECTS_DIR}/00_input").equals(_phase(local_run, f"{REJECTS_DIR}/00_input"))

@@ -23,6 +23,7 @@ class ListSource:
 
     stage_name = "listed"
     kept_columns = ()
+    unique_column = None
 
     def __init__(self, captions: list[str]) -> None:
         self.captions = captions
@@ -150,8 +151,10 @@ def test_a_source_that_plans_its_reads_has_the_runner_read_them_and_resumes_the_
             return super().map_tasks(fn, first, items)
 
     plan = make_plan(config, PlannedListSource(["a dog", "x", "a red car", "two cats", "y"]))
-    manifest = run_pipeline(plan, Counting())
+    seen = []
+    manifest = run_pipeline(plan, Counting(), lambda phase, done, total: seen.append((phase, done, total)))
     assert reads == [Read(0, 0), Read(1, 3)] and manifest.phases[0].counts["listed"].rows_in == 5
+    assert [s for s in seen if s[0] == "00_input"][-3:] == [("00_input", 1, 2), ("00_input", 2, 2), ("00_input", 2, 2)]
     rundir = RunDir(plan.run_uri)
     rundir.remove(f"00_input/{PHASE_LEDGER}")
     rundir.remove("00_input/_ledger/00001.json")

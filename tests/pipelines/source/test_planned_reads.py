@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from pipelines.source.shards import SourceSpec, plan_parquet_reads, read_planned_shard, read_shards
 
@@ -70,14 +69,11 @@ def test_a_damaged_row_group_costs_its_rows_either_way(tmp_path):
     assert [r["source_index"] for r in rejected] == list(range(100, 200))
 
 
-@pytest.mark.parametrize("case", ["csv", "uid"])
-def test_pools_read_in_order_are_not_planned(tmp_path, case):
-    if case == "csv":
-        path = tmp_path / "p.csv"
-        path.write_text("url,caption\nhttp://x.test/a,a cat\n")
-        spec = SourceSpec(str(path))
-    else:  # a pool-supplied uid: its repeats are found in a pass over the whole pool
-        path = tmp_path / "p.parquet"
-        pq.write_table(pa.table({"url": ["http://x.test/a"], "caption": ["a cat"], "key": ["k"]}), path)
-        spec = SourceSpec(str(path), uid_column="key")
-    assert plan_parquet_reads(spec, 10) is None
+def test_text_pools_are_read_in_order_and_uid_pools_are_planned(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("url,caption\nhttp://x.test/a,a cat\n")
+    assert plan_parquet_reads(SourceSpec(str(path)), 10) is None
+    path = tmp_path / "p.parquet"  # its uids' repeats are found over the whole pool by the engine
+    pq.write_table(pa.table({"url": ["http://x.test/a"], "caption": ["a cat"], "key": ["k"]}), path)
+    spec = SourceSpec(str(path), uid_column="key")
+    assert [sum(n for *_, n in read.pieces) for read in _same_both_ways(spec, 10)] == [1]

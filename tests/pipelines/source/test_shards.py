@@ -1175,25 +1175,6 @@ def test_laion_style_pool():
     assert len(set(kept["uid"].to_pylist())) == kept.num_rows
 
 
-def test_repeated_user_uids_keep_the_first_and_reject_the_rest_with_a_reason(tmp_path):
-    path = write_csv(
-        tmp_path / "p.csv",
-        [
-            ("http://a.test/", "a a", "u1"),
-            ("http://b.test/", "b b", "u2"),
-            ("http://c.test/", "c c", "u1"),
-            ("http://d.test/", "d d", "u1"),
-        ],
-        header=("url", "caption", "id"),
-    )
-    shards = list(read_shards(SourceSpec(str(path), uid_column="id"), 2))  # repeats cross shards
-    kept = pa.concat_tables([s.rows for s in shards])
-    rejects = pa.concat_tables([s.rejects for s in shards if s.rejects is not None])
-    assert kept["uid"].to_pylist() == ["u1", "u2"] and kept["url"].to_pylist() == ["http://a.test/", "http://b.test/"]
-    assert rejects["reason"].to_pylist() == ["duplicate_uid", "duplicate_uid"]
-    assert rejects["detail"].to_pylist() == ["uid 'u1' first seen at input row 0"] * 2
-
-
 def test_kept_columns_have_one_schema_in_every_shard(tmp_path):
     rows = [{"url": f"http://x.test/{i}", "caption": "a b", "note": None} for i in range(70_000)]
     rows += [

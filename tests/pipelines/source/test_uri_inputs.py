@@ -116,3 +116,63 @@ def test_a_stage_reads_its_file_from_the_bucket(pools, s3, tmp_path):
     in_bucket.setup()
     table = pa.table({"caption": ["a dog", "a tree"]})
     assert in_bucket(table)["metaclip_entries"].to_pylist() == [[0], []]
+
+
+def test_wrong_credentials_are_named_with_the_uri_before_anything_is_written(pools, s3, tmp_path):
+    from pipelines.engine.config import parse_config
+    from pipelines.job import build_plan
+
+    _, bucket = pools
+    config = parse_config({"name": "x", "input": f"{bucket}/one/pool.parquet", "output_dir": str(tmp_path / "runs")})
+    with s3.authenticating():  # the test keys are unknown to the server's IAM: every request is refused
+        with pytest.raises(SourceError) as error:
+            build_plan(config)
+    message = str(error.value)
+    assert f"{bucket}/one/pool.parquet" in message
+    assert "credentials" in message and "AWS_ACCESS_KEY_ID" in message
+    assert not (tmp_path / "runs").exists()
+
+
+class _HubStandIn:
+    """An ``hf://`` filesystem for the test: the Hub cannot be reached offline, so the scheme is
+    served by fsspec's directory filesystem over a local folder (the Hub's paths, its files)."""
+
+    @staticmethod
+    def register(root: str):
+        import fsspec
+        from fsspec.implementations.dirfs import DirFileSystem
+        from fsspec.implementations.local import LocalFileSystem
+
+        class HubFolder(DirFileSystem):
+            protocol = "hf"
+
+            def __init__(self, **options):
+                super().__init__(path=root, fs=LocalFileSystem(), **options)
+
+            @classmethod
+            def _strip_protocol(cls, path):
+                return path.removeprefix("hf://") if isinstance(path, str) else path
+
+        fsspec.register_implementation("hf", HubFolder, clobber=True)
+
+
+def test_a_pool_on_the_hub_is_read_through_fsspec_as_on_disk(pools, tmp_path):
+    import fsspec
+
+    root, _ = pools
+    hub = tmp_path / "hub" / "datasets" / "vlmc" / "pool"
+    hub.mkdir(parents=True)
+    (hub / "pool.parquet").write_bytes((root / "pool.parquet").read_bytes())
+    try:
+        previous = fsspec.get_filesystem_class("hf")  # huggingface_hub's, where it is installed
+    except ImportError:
+        previous = None
+    _HubStandIn.register(str(tmp_path / "hub"))
+    try:
+        on_hub = _shards("hf://datasets/vlmc/pool/pool.parquet")
+        globbed = resolve_files("hf://datasets/vlmc/pool/*.parquet")
+    finally:
+        if previous is not None:
+            fsspec.register_implementation("hf", previous, clobber=True)
+    assert on_hub == _shards(str(root / "pool.parquet"))
+    assert globbed == ["hf://datasets/vlmc/pool/pool.parquet"]
