@@ -84,8 +84,7 @@ def run_stage(captions: list[str], stage: CaptionNearDuplicates):
             }
         )
         partials.append(stage.compute(batch))
-    state = stage.aggregate(partials)
-    return partials, state
+    return partials, stage.aggregate(partials)
 
 
 def caption_part(args) -> str:
@@ -108,7 +107,8 @@ def caption_part(args) -> str:
     )
 
     start = time.perf_counter()
-    partials, state = run_stage(captions, stage)
+    partials, decided = run_stage(captions, stage)
+    state = decided.summary
     ours = time.perf_counter() - start
     from curation.dedup.caption import concat_shingles
     from curation.dedup.minhash import candidate_pairs, jaccard
@@ -120,7 +120,7 @@ def caption_part(args) -> str:
     print(
         f"ours (stage compute + aggregate, with the exact Jaccard check and clusters): {ours:.2f} s, "
         f"{state['candidate_pairs']:,} candidate pairs, {state['verified_pairs']:,} at Jaccard >= {stage.threshold}, "
-        f"{state['clusters']:,} clusters, {len(state['duplicate_index']):,} rows rejected, "
+        f"{state['clusters']:,} clusters, {decided.rows.num_rows:,} rows rejected, "
         f"largest {state['largest'][:5]}"
     )
     if our_pairs != baseline_pairs:

@@ -116,11 +116,10 @@ def main() -> None:
     print("threshold | pairs found | precision | recall | " + " | ".join(TRANSFORMS))
     for threshold in (float(t) for t in args.thresholds.split(",")):
         stage = ImageNearDuplicates(threshold=threshold)
-        state = stage.aggregate([stage.compute(batch)])
-        labels = np.arange(len(bodies))
+        decided = stage.aggregate([stage.compute(batch)]).rows
         cluster_of = {}
         # Rows rejected point at their survivor; survivors are their own cluster root.
-        for index, survivor in zip(state["duplicate_index"].tolist(), state["survivor_uid"].tolist()):
+        for index, survivor in zip(decided["source_index"].to_pylist(), decided["survivor_uid"].to_pylist()):
             cluster_of[index] = int(survivor)
         labels = np.array([cluster_of.get(i, i) for i in range(len(bodies))])
         found = {(i, j) for i, j in itertools.combinations(range(len(bodies)), 2) if labels[i] == labels[j]}

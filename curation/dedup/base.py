@@ -4,8 +4,9 @@ A dedup stage is a global two-pass step. ``compute`` turns each shard into the d
 features (hashes, MinHash bands, embeddings) plus the row's uid, ``source_index`` and survivor
 preference; ``aggregate`` finds duplicate edges over the whole pool (subclasses: ``edges``),
 clusters them and picks one survivor per cluster; ``decide`` rejects every other row with the
-survivor's uid in the detail. The decision is stored by ``source_index`` (unique by
-construction) as sorted arrays, so workers look a batch up with one ``searchsorted``.
+survivor's uid in the detail. The decision is one row per duplicate (its ``source_index``, the
+survivor's uid, the cluster's size), returned as :class:`~pipelines.stage.ShardDecisions`: the
+runner writes it by shard, and each shard's ``decide`` reads only its own part.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ from curation.dedup.clusters import (
     choose_survivors,
     connected_components,
 )
-from pipelines.stage import GlobalStage, Rejections, RunFiles
+from pipelines.stage import GlobalStage, Rejections, RunFiles, ShardDecisions
 from schemas.columns import CAPTION, CLIP_SCORE, SOURCE_INDEX, UID
 
-#: Keys of the aggregate that hold the decision (per duplicate row); the others are facts.
-_DECISION = ("duplicate_index", "survivor_uid", "cluster_size")
+_SURVIVOR_UID, _CLUSTER_SIZE = "survivor_uid", "cluster_size"
 
 #: Largest clusters listed in the manifest (and on the dataset card).
 LARGEST_LISTED = 10
@@ -50,6 +50,7 @@ class ClusterDedup(GlobalStage):
     #: Reject reason of the rows that are not their cluster's survivor.
     reason: ClassVar[str] = "duplicate"
     input_columns: ClassVar[tuple[str, ...]] = (SOURCE_INDEX,)
+    decides_by_shard: ClassVar[bool] = True
 
     keep: str = KEEP_FIRST
     against: list[str] = field(default_factory=list)
@@ -102,7 +103,7 @@ class ClusterDedup(GlobalStage):
             return pc.utf8_length(pc.fill_null(batch[CAPTION], "")).to_numpy().astype(np.float64)
         return None
 
-    def aggregate(self, partials: list[dict[str, Any]]) -> dict[str, Any]:
+    def aggregate(self, partials: list[dict[str, Any]]) -> ShardDecisions:
         earlier = [part for run in self.against for part in self._earlier_run(run)]
         parts = list(partials) + earlier
         uid = np.concatenate([p["uid"] for p in parts] or [np.empty(0, dtype=object)])
@@ -119,10 +120,15 @@ class ClusterDedup(GlobalStage):
                 "earlier_rows": int(pinned.sum()),
                 "duplicates_of_earlier_runs": int((duplicate & pinned[clusters.survivor]).sum()),
             }
-        return {
-            "duplicate_index": index[duplicate][order],
-            "survivor_uid": uid[clusters.survivor[duplicate]][order],
-            "cluster_size": clusters.sizes[clusters.labels[duplicate]][order],
+        decided = pa.table(
+            {
+                SOURCE_INDEX: pa.array(index[duplicate][order], pa.int64()),
+                _SURVIVOR_UID: pa.array(uid[clusters.survivor[duplicate]][order].tolist(), pa.string()),
+                _CLUSTER_SIZE: pa.array(clusters.sizes[clusters.labels[duplicate]][order], pa.int64()),
+            }
+        )
+        summary = {
+            "duplicate_rows": decided.num_rows,
             "rows": int((~pinned).sum()),
             "edges": len(left),
             "clusters": int((clusters.sizes > 1).sum()),
@@ -130,6 +136,7 @@ class ClusterDedup(GlobalStage):
             "size_histogram": clusters.size_histogram(),
             **facts,
         }
+        return ShardDecisions(decided, summary)
 
     def _earlier_run(self, run: str) -> list[dict[str, Any]]:
         """The kept rows of a finished run as pinned partials: they always survive their cluster,
@@ -164,14 +171,16 @@ class ClusterDedup(GlobalStage):
                 seen += batch.num_rows
         return parts
 
-    def decide(self, batch: pa.Table, state: dict[str, Any]) -> pa.Table:
+    def decide(self, batch: pa.Table, decided: pa.Table | None) -> pa.Table:
+        """Reject the rows of ``batch`` that its shard's decided rows name (sorted by ``source_index``)."""
         rejections = Rejections(batch.num_rows)
-        found = state["duplicate_index"]
-        if len(found):
+        if decided is not None and decided.num_rows:
+            decided = decided.sort_by(SOURCE_INDEX)
+            found = decided[SOURCE_INDEX].to_numpy()
             index = batch[SOURCE_INDEX].to_numpy()
             at = np.minimum(np.searchsorted(found, index), len(found) - 1)
             hit = found[at] == index
-            survivor, size = state["survivor_uid"], state["cluster_size"]
+            survivor, size = decided[_SURVIVOR_UID].to_pylist(), decided[_CLUSTER_SIZE].to_numpy()
             details = [
                 json.dumps({"duplicate_of": survivor[a], "cluster_size": int(size[a]), "keep": self.keep})
                 if h
@@ -184,10 +193,8 @@ class ClusterDedup(GlobalStage):
     def card_notes(self, view: Any) -> str | None:
         return clusters_section(view, self.keep)
 
-    def describe(self, state: dict[str, Any]) -> dict[str, Any]:
-        facts = {k: v for k, v in state.items() if k not in _DECISION}
+    def describe(self, summary: dict[str, Any]) -> dict[str, Any]:
         return {
-            "duplicate_rows": len(state["duplicate_index"]),
             "keep": self.keep,
-            **{k: ({str(s): n for s, n in v.items()} if isinstance(v, dict) else v) for k, v in facts.items()},
+            **{k: ({str(s): n for s, n in v.items()} if isinstance(v, dict) else v) for k, v in summary.items()},
         }

@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.engine.keyed import decisions_folder, output_for_shard
 from pipelines.stage import GlobalStage, Stage
 from schemas.columns import UID, column_type, is_heavy
 from schemas.manifest import StageCounts
@@ -59,9 +60,16 @@ class PlannedStage:
             state["state"] = None
         return state
 
-    def process(self, batch: pa.Table) -> pa.Table:
+    def shard_state(self, shard: int) -> Any:
+        """What ``decide`` gets for the batches of one shard: the aggregate, or for a stage that
+        decides by shard the decided rows of that shard alone (None when it has none)."""
+        if not self.stage.decides_by_shard:
+            return self.state
+        return output_for_shard(self.state_source, decisions_folder(self.name), shard)
+
+    def process(self, batch: pa.Table, shard_state: Any = None) -> pa.Table:
         if isinstance(self.stage, GlobalStage):
-            return self.stage.decide(batch, self.state)
+            return self.stage.decide(batch, shard_state)
         return self.stage(batch)
 
 
@@ -89,9 +97,10 @@ def apply_stage(planned: PlannedStage, state: ShardState) -> ShardState:
     inputs = list(planned.stage.input_columns)
     outputs = []
     batch_size = planned.stage.resources.batch_size
+    shard_state = planned.shard_state(state.shard) if planned.is_global and num_rows else None
     for offset in range(0, num_rows, batch_size):
         batch = rows.slice(offset, batch_size)
-        result = planned.process(batch.select(inputs))
+        result = planned.process(batch.select(inputs), shard_state)
         _check_output(planned, batch, result)
         outputs.append(result)
     if outputs:

@@ -19,12 +19,14 @@ from collections.abc import Callable
 from importlib import metadata
 
 from pipelines.engine.ingest import read_input
+from pipelines.engine.keyed import decisions_folder, is_done, write_decisions
 from pipelines.engine.ledger import LedgerError, check_phase, check_run, summarise
 from pipelines.engine.parts import FinishedRun
 from pipelines.engine.phase import PhaseTask, ShardIO
 from pipelines.engine.plan import INPUT_PHASE, Plan, fingerprint_diff
 from pipelines.engine.rundir import PHASE_LEDGER, RunDir
 from pipelines.engine.runner import Runner
+from pipelines.stage import ShardDecisions
 from schemas.manifest import Manifest, PhaseSummary, ShardEntry
 from schemas.rejects import INTERNAL_ERROR
 
@@ -90,7 +92,9 @@ def _execute(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, pro
         if progress:
             progress(phase.name, len(done), len(shards))
         if phase.global_stage is not None:
-            changed |= _bind_aggregate(phase.global_stage, runner, rundir, input_phase, shards, manifest)
+            changed |= _bind_aggregate(
+                phase.global_stage, runner, rundir, input_phase, shards, plan.config.shard_size, manifest
+            )
         task = PhaseTask(ShardIO(rundir, input_phase, phase.name), phase.stages)
         pending = [s for s in shards if s not in done]
         changed |= bool(pending)
@@ -199,12 +203,20 @@ def _ingest(plan: Plan, runner: Runner, rundir: RunDir, manifest: Manifest, prog
     return sorted(done), done, read
 
 
-def _bind_aggregate(planned, runner: Runner, rundir: RunDir, phase: str, shards: list[int], manifest: Manifest) -> bool:
+def _bind_aggregate(
+    planned, runner: Runner, rundir: RunDir, phase: str, shards: list[int], shard_size: int, manifest: Manifest
+) -> bool:
     """Give a global stage its aggregate, computing it unless saved; whether it was computed."""
     computed = not bind_saved_aggregate(planned, rundir)
     if computed:
         partials = runner.compute_partials(planned, rundir, phase, shards)
-        rundir.save_aggregate(planned.name, planned.stage.aggregate(partials))
+        state = planned.stage.aggregate(partials)
+        if planned.stage.decides_by_shard:
+            if not isinstance(state, ShardDecisions):
+                raise TypeError(f"{planned.name}: decides_by_shard, but aggregate returned {type(state).__name__}")
+            write_decisions(rundir, planned.name, state.rows, shard_size)
+            state = state.summary
+        rundir.save_aggregate(planned.name, state)  # last: a saved aggregate is a finished one
         bind_saved_aggregate(planned, rundir)
     manifest.aggregates[planned.name] = planned.stage.describe(planned.state)
     _write(rundir, manifest)
@@ -212,8 +224,12 @@ def _bind_aggregate(planned, runner: Runner, rundir: RunDir, phase: str, shards:
 
 
 def bind_saved_aggregate(planned, rundir: RunDir) -> bool:
-    """Give a global stage its saved aggregate (workers load it from the run directory)."""
+    """Give a global stage its saved aggregate (workers load it from the run directory). A stage
+    that decides by shard needs its decisions too: without them (a run made before they were
+    written by shard) the aggregate counts as missing and is computed again."""
     found, state = rundir.load_aggregate(planned.name)
+    if found and planned.stage.decides_by_shard:
+        found = is_done(rundir, decisions_folder(planned.name))
     if found:
         planned.state = state
         planned.state_source = rundir

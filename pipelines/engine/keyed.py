@@ -21,9 +21,11 @@ import pyarrow.fs as pafs
 
 from pipelines.engine.rundir import RunDir
 from pipelines.stage.run_files import shard_name
+from schemas.columns import SOURCE_INDEX
 
 #: The column of a reduction's output that says which shard a row belongs to.
 SHARD_COLUMN = "shard"
+DECISIONS_DIR = "decisions"
 _DONE = "_done"
 
 
@@ -55,13 +57,34 @@ class KeyedReduce:
         if not emitted.num_rows:
             return 0
         name = hashlib.blake2b(str(group[self.key][0].as_py()).encode(), digest_size=8).hexdigest()
-        emitted = emitted.sort_by(SHARD_COLUMN)
-        shards = emitted[SHARD_COLUMN].to_numpy()
-        starts = np.flatnonzero(np.diff(shards, prepend=shards[0] - 1))
-        for start, end in zip(starts, [*starts[1:], len(shards)]):
-            part = emitted.slice(int(start), int(end - start)).drop_columns([SHARD_COLUMN])
-            self.rundir.write_table(self.rundir.path(self.out, shard_name(int(shards[start])), f"{name}.parquet"), part)
+        write_by_shard(self.rundir, self.out, emitted, name)
         return emitted.num_rows
+
+
+def write_by_shard(rundir: RunDir, out: str, rows: pa.Table, name: str) -> None:
+    """``rows`` under ``out``, one file ``<shard>/<name>.parquet`` per value of their shard column."""
+    if not rows.num_rows:
+        return
+    rows = rows.sort_by(SHARD_COLUMN)
+    shards = rows[SHARD_COLUMN].to_numpy()
+    starts = np.flatnonzero(np.diff(shards, prepend=shards[0] - 1))
+    for start, end in zip(starts, [*starts[1:], len(shards)]):
+        part = rows.slice(int(start), int(end - start)).drop_columns([SHARD_COLUMN])
+        rundir.write_table(rundir.path(out, shard_name(int(shards[start])), f"{name}.parquet"), part)
+
+
+def decisions_folder(stage: str) -> str:
+    """Where a global stage's :class:`~pipelines.stage.ShardDecisions` lie, by shard."""
+    return f"{DECISIONS_DIR}/{stage}"
+
+
+def write_decisions(rundir: RunDir, stage: str, rows: pa.Table, shard_size: int) -> None:
+    """A global stage's decided rows, partitioned by the shard their ``source_index`` lies in
+    (a shard of any phase holds the rows of input positions ``[shard * shard_size, ...)``)."""
+    rundir.remove_folder(decisions_folder(stage))  # those of an earlier aggregate
+    shard = pc.divide(rows[SOURCE_INDEX], pa.scalar(shard_size, rows.schema.field(SOURCE_INDEX).type))
+    write_by_shard(rundir, decisions_folder(stage), rows.append_column(SHARD_COLUMN, shard), "decided")
+    mark_done(rundir, decisions_folder(stage))
 
 
 def is_done(rundir: RunDir, out: str) -> bool:

@@ -11,6 +11,7 @@ from pipelines.stage.contract import (
     GlobalStage,
     Rejections,
     Resources,
+    ShardDecisions,
     Stage,
     default_resources,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "Rejections",
     "Resources",
     "RunFiles",
+    "ShardDecisions",
     "Stage",
     "default_resources",
     "file_digest",

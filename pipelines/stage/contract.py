@@ -13,7 +13,9 @@ sink and counts them in the ledger.
 
 Decisions that need the whole pool (entry counts, a global score cutoff, duplicate clusters)
 are a :class:`GlobalStage`: ``compute`` runs per shard on finished data, ``aggregate`` combines
-the partial results once, and ``decide`` maps every batch with the combined result.
+the partial results once, and ``decide`` maps every batch with the combined result. A decision
+about single rows (which rows are duplicates of which) is returned as :class:`ShardDecisions`:
+the runner writes its rows partitioned by shard, and each shard decides from its own part.
 
 Stages never import Ray: the same object runs in-process under ``LocalRunner`` and inside Ray
 Data workers under ``RayRunner``.
@@ -138,6 +140,20 @@ class Stage:
         return type(self).setup is not Stage.setup
 
 
+@dataclass(frozen=True)
+class ShardDecisions:
+    """What ``aggregate`` returns when the decision is about single rows: ``rows`` (one per decided
+    row, with its ``source_index`` and what ``decide`` needs about it) and a small ``summary``.
+
+    The runner writes ``rows`` partitioned by shard and keeps only ``summary`` as the stage's
+    state (``describe`` and the dataset card see it); ``decide`` receives the rows of its own
+    shard, or None where the shard has none. No worker holds the decisions of the whole pool.
+    """
+
+    rows: pa.Table
+    summary: Any
+
+
 @dataclass(kw_only=True)
 class GlobalStage(Stage):
     """A two-pass decision over the whole pool: compute per shard, aggregate, decide.
@@ -147,8 +163,12 @@ class GlobalStage(Stage):
     the global state (saved with the run, so a resumed run decides exactly as before);
     ``decide`` maps a batch of ``input_columns`` using that state, like ``__call__`` for an
     ordinary stage. ``describe`` turns the state into a JSON-friendly summary for the manifest
-    (a chosen cutoff, the number of clusters).
+    (a chosen cutoff, the number of clusters). A stage whose ``aggregate`` returns
+    :class:`ShardDecisions` sets ``decides_by_shard``.
     """
+
+    #: ``aggregate`` returns :class:`ShardDecisions`; ``decide`` gets its shard's rows of them.
+    decides_by_shard: ClassVar[bool] = False
 
     @property
     def compute_columns(self) -> tuple[str, ...]:

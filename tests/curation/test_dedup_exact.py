@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -94,6 +95,23 @@ def test_first_occurrence_survives_across_shards(tmp_path):
     counts = manifest.stage_totals()["exact_duplicates"]
     assert counts.rows_in == 8 and counts.rows_kept == 5 and counts.rejected == {DUPLICATE: 3}
     assert counts.closes
+
+
+def test_each_shard_decides_from_its_own_part_of_the_decision(tmp_path):
+    pool = write_pool(tmp_path, POOL)
+    plan, _ = run_pipeline_dict(config(tmp_path, pool), LocalRunner())
+    folder = Path(plan.run_uri, "decisions", "exact_duplicates")
+    parts = {p.parent.name: pq.read_table(p)["source_index"].to_pylist() for p in folder.glob("*/*.parquet")}
+    assert parts == {"00001": [2], "00002": [4], "00003": [6]}  # shards of two rows: no shard holds another's
+    saved = Path(plan.run_uri, "aggregates", "exact_duplicates.pkl")
+    assert saved.stat().st_size < 2000  # the summary alone: no row of the decision
+    # A run whose aggregate was saved before decisions were written by shard computes it again.
+    (folder / "_done").unlink()
+    (folder / "00003" / "decided.parquet").unlink()
+    shutil.rmtree(Path(plan.run_uri, "01_exact_duplicates"))
+    shutil.rmtree(Path(plan.run_uri, "rejects", "01_exact_duplicates"))
+    plan, _ = run_pipeline_dict(config(tmp_path, pool), LocalRunner())
+    assert duplicate_map(plan) == {2: 0, 4: 1, 6: 0} and (folder / "_done").exists()
 
 
 def test_describe_reports_counts(tmp_path):
@@ -249,8 +267,8 @@ def test_every_row_rejected_before_deduplication(tmp_path):
 
 
 def test_aggregate_of_empty_partials_list():
-    state = ExactDuplicates().aggregate([])
-    assert len(state["duplicate_index"]) == 0 and state["rows"] == 0 and state["clusters"] == 0
+    decided = ExactDuplicates().aggregate([])
+    assert decided.rows.num_rows == 0 and decided.summary["rows"] == 0 and decided.summary["clusters"] == 0
 
 
 def test_input_uids_shared_by_copies_keep_the_first(tmp_path):

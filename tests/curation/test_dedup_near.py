@@ -224,10 +224,10 @@ def _planted_pool(rows: int = 640, originals: int = 24, dim: int = 64):
 
 
 def _decision(stage, shards):
-    state = stage.aggregate([stage.compute(pa.Table.from_batches([shard])) for shard in shards])
-    return state, {
-        int(i): (str(s), int(n))
-        for i, s, n in zip(state["duplicate_index"], state["survivor_uid"], state["cluster_size"])
+    decided = stage.aggregate([stage.compute(pa.Table.from_batches([shard])) for shard in shards])
+    rows = decided.rows.to_pydict()
+    return decided.summary, {
+        int(i): (str(s), int(n)) for i, s, n in zip(rows["source_index"], rows["survivor_uid"], rows["cluster_size"])
     }
 
 
