@@ -25,6 +25,7 @@ from curation.dedup.clusters import (
     KEEP_HIGHEST_CLIP_SCORE,
     KEEP_LONGEST_CAPTION,
     KEEP_POLICIES,
+    Clusters,
     choose_survivors,
     connected_components,
 )
@@ -38,7 +39,7 @@ LARGEST_LISTED = 10
 
 
 @dataclass
-class ClusterDedup(GlobalStage):
+class DedupStage(GlobalStage):
     """Base of the dedup stages: ``keep`` says which row of a cluster survives (``first``: the
     earliest in the input; ``highest_clip_score``; ``longest_caption``; ties: the earliest).
 
@@ -67,12 +68,90 @@ class ClusterDedup(GlobalStage):
             identity[run] = None if manifest is None else [manifest.config_hash, manifest.updated_at]
         return {"against": identity} if identity else {}
 
-    # What subclasses provide -------------------------------------------------------------
     @property
     def feature_columns(self) -> tuple[str, ...]:
-        """Columns the detector reads in ``compute``."""
+        """Columns the detector reads."""
         raise NotImplementedError
 
+    @property
+    def compute_columns(self) -> tuple[str, ...]:
+        preference = {KEEP_FIRST: (), KEEP_HIGHEST_CLIP_SCORE: (CLIP_SCORE,), KEEP_LONGEST_CAPTION: (CAPTION,)}
+        return tuple(dict.fromkeys((UID, SOURCE_INDEX, *preference[self.keep], *self.feature_columns)))
+
+    def _preference(self, batch: pa.Table) -> np.ndarray | None:
+        """What ``keep`` prefers of each row (larger survives), or None for ``first``. The rows of
+        an earlier run may lack the column: they survive anyway, their preference is 0."""
+        column = {KEEP_HIGHEST_CLIP_SCORE: CLIP_SCORE, KEEP_LONGEST_CAPTION: CAPTION}.get(self.keep)
+        if column is None:
+            return None
+        if column not in batch.column_names:
+            return np.zeros(batch.num_rows)
+        if self.keep == KEEP_HIGHEST_CLIP_SCORE:
+            return batch[CLIP_SCORE].to_numpy(zero_copy_only=False).astype(np.float64)
+        return pc.utf8_length(pc.fill_null(batch[CAPTION], "")).to_numpy().astype(np.float64)
+
+    def decide(self, batch: pa.Table, decided: pa.Table | None) -> pa.Table:
+        """Reject the rows of ``batch`` that its shard's decided rows name."""
+        rejections = Rejections(batch.num_rows)
+        if decided is not None and decided.num_rows:
+            decided = decided.sort_by(SOURCE_INDEX)
+            found = decided[SOURCE_INDEX].to_numpy()
+            index = batch[SOURCE_INDEX].to_numpy()
+            at = np.minimum(np.searchsorted(found, index), len(found) - 1)
+            hit = found[at] == index
+            survivor, size = decided[_SURVIVOR_UID].to_pylist(), decided[_CLUSTER_SIZE].to_numpy()
+            details = [
+                json.dumps({"duplicate_of": survivor[a], "cluster_size": int(size[a]), "keep": self.keep})
+                if h
+                else None
+                for a, h in zip(at.tolist(), hit.tolist())
+            ]
+            rejections.add(pa.array(hit), self.reason, pa.array(details, pa.string()))
+        return rejections.attach(batch.select([]))
+
+    def card_notes(self, view: Any) -> str | None:
+        return clusters_section(view, self.keep)
+
+    def describe(self, summary: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "keep": self.keep,
+            **{k: ({str(s): n for s, n in v.items()} if isinstance(v, dict) else v) for k, v in summary.items()},
+        }
+
+
+def cluster_facts(clusters: Clusters, pinned: np.ndarray, duplicate: np.ndarray, against: bool) -> dict[str, Any]:
+    """What the manifest and the card tell of a dedup decision (of the whole pool, or of a part)."""
+    facts = {
+        "duplicate_rows": int(duplicate.sum()),
+        "rows": int((~pinned).sum()),
+        "clusters": int((clusters.sizes > 1).sum()),
+        "largest": clusters.largest(LARGEST_LISTED),
+        "size_histogram": clusters.size_histogram(),
+    }
+    if against:
+        facts["earlier_rows"] = int(pinned.sum())
+        facts["duplicates_of_earlier_runs"] = int((duplicate & pinned[clusters.survivor]).sum())
+    return facts
+
+
+def decided_rows(index: np.ndarray, uid: np.ndarray, clusters: Clusters, duplicate: np.ndarray) -> pa.Table:
+    """One row per duplicate, by ``source_index``: the survivor's uid and the cluster's size."""
+    order = np.argsort(index[duplicate])
+    return pa.table(
+        {
+            SOURCE_INDEX: pa.array(index[duplicate][order], pa.int64()),
+            _SURVIVOR_UID: pa.array(uid[clusters.survivor[duplicate]][order].tolist(), pa.string()),
+            _CLUSTER_SIZE: pa.array(clusters.sizes[clusters.labels[duplicate]][order], pa.int64()),
+        }
+    )
+
+
+@dataclass
+class ClusterDedup(DedupStage):
+    """A dedup stage whose detector finds duplicate pairs (edges) over the whole pool, gathered
+    by ``aggregate``: the clusters are the connected components of the edges."""
+
+    # What subclasses provide -------------------------------------------------------------
     def features(self, batch: pa.Table) -> dict[str, Any]:
         """The detector's per-shard features."""
         raise NotImplementedError
@@ -83,11 +162,6 @@ class ClusterDedup(GlobalStage):
         raise NotImplementedError
 
     # The two passes ----------------------------------------------------------------------
-    @property
-    def compute_columns(self) -> tuple[str, ...]:
-        preference = {KEEP_FIRST: (), KEEP_HIGHEST_CLIP_SCORE: (CLIP_SCORE,), KEEP_LONGEST_CAPTION: (CAPTION,)}
-        return tuple(dict.fromkeys((UID, SOURCE_INDEX, *preference[self.keep], *self.feature_columns)))
-
     def compute(self, batch: pa.Table) -> dict[str, Any]:
         return {
             "uid": np.asarray(batch[UID].to_pylist(), dtype=object),
@@ -95,13 +169,6 @@ class ClusterDedup(GlobalStage):
             "preference": self._preference(batch),
             "features": self.features(batch),
         }
-
-    def _preference(self, batch: pa.Table) -> np.ndarray | None:
-        if self.keep == KEEP_HIGHEST_CLIP_SCORE:
-            return batch[CLIP_SCORE].to_numpy(zero_copy_only=False).astype(np.float64)
-        if self.keep == KEEP_LONGEST_CAPTION:
-            return pc.utf8_length(pc.fill_null(batch[CAPTION], "")).to_numpy().astype(np.float64)
-        return None
 
     def aggregate(self, partials: list[dict[str, Any]]) -> ShardDecisions:
         earlier = [part for run in self.against for part in self._earlier_run(run)]
@@ -113,30 +180,8 @@ class ClusterDedup(GlobalStage):
         left, right, facts = self.edges([p["features"] for p in parts], len(index))
         clusters = choose_survivors(connected_components(len(index), left, right), index, preference, pinned)
         duplicate = clusters.duplicate & ~pinned
-        order = np.argsort(index[duplicate])
-        if self.against:
-            facts = {
-                **facts,
-                "earlier_rows": int(pinned.sum()),
-                "duplicates_of_earlier_runs": int((duplicate & pinned[clusters.survivor]).sum()),
-            }
-        decided = pa.table(
-            {
-                SOURCE_INDEX: pa.array(index[duplicate][order], pa.int64()),
-                _SURVIVOR_UID: pa.array(uid[clusters.survivor[duplicate]][order].tolist(), pa.string()),
-                _CLUSTER_SIZE: pa.array(clusters.sizes[clusters.labels[duplicate]][order], pa.int64()),
-            }
-        )
-        summary = {
-            "duplicate_rows": decided.num_rows,
-            "rows": int((~pinned).sum()),
-            "edges": len(left),
-            "clusters": int((clusters.sizes > 1).sum()),
-            "largest": clusters.largest(LARGEST_LISTED),
-            "size_histogram": clusters.size_histogram(),
-            **facts,
-        }
-        return ShardDecisions(decided, summary)
+        summary = {**cluster_facts(clusters, pinned, duplicate, bool(self.against)), "edges": len(left), **facts}
+        return ShardDecisions(decided_rows(index, uid, clusters, duplicate), summary)
 
     def _earlier_run(self, run: str) -> list[dict[str, Any]]:
         """The kept rows of a finished run as pinned partials: they always survive their cluster,
@@ -170,31 +215,3 @@ class ClusterDedup(GlobalStage):
                 )
                 seen += batch.num_rows
         return parts
-
-    def decide(self, batch: pa.Table, decided: pa.Table | None) -> pa.Table:
-        """Reject the rows of ``batch`` that its shard's decided rows name (sorted by ``source_index``)."""
-        rejections = Rejections(batch.num_rows)
-        if decided is not None and decided.num_rows:
-            decided = decided.sort_by(SOURCE_INDEX)
-            found = decided[SOURCE_INDEX].to_numpy()
-            index = batch[SOURCE_INDEX].to_numpy()
-            at = np.minimum(np.searchsorted(found, index), len(found) - 1)
-            hit = found[at] == index
-            survivor, size = decided[_SURVIVOR_UID].to_pylist(), decided[_CLUSTER_SIZE].to_numpy()
-            details = [
-                json.dumps({"duplicate_of": survivor[a], "cluster_size": int(size[a]), "keep": self.keep})
-                if h
-                else None
-                for a, h in zip(at.tolist(), hit.tolist())
-            ]
-            rejections.add(pa.array(hit), self.reason, pa.array(details, pa.string()))
-        return rejections.attach(batch.select([]))
-
-    def card_notes(self, view: Any) -> str | None:
-        return clusters_section(view, self.keep)
-
-    def describe(self, summary: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "keep": self.keep,
-            **{k: ({str(s): n for s, n in v.items()} if isinstance(v, dict) else v) for k, v in summary.items()},
-        }

@@ -17,16 +17,17 @@ import os
 import platform
 from collections.abc import Callable
 from importlib import metadata
+from typing import Any
 
 from pipelines.engine.ingest import read_input
-from pipelines.engine.keyed import decisions_folder, is_done, write_decisions
+from pipelines.engine.keyed import decide_by_key, decisions_folder, is_done, write_decisions
 from pipelines.engine.ledger import LedgerError, check_phase, check_run, summarise
 from pipelines.engine.parts import FinishedRun
 from pipelines.engine.phase import PhaseTask, ShardIO
 from pipelines.engine.plan import INPUT_PHASE, Plan, fingerprint_diff
 from pipelines.engine.rundir import PHASE_LEDGER, RunDir
 from pipelines.engine.runner import Runner
-from pipelines.stage import ShardDecisions
+from pipelines.stage import KeyedStage, ShardDecisions
 from schemas.manifest import Manifest, PhaseSummary, ShardEntry
 from schemas.rejects import INTERNAL_ERROR
 
@@ -209,18 +210,27 @@ def _bind_aggregate(
     """Give a global stage its aggregate, computing it unless saved; whether it was computed."""
     computed = not bind_saved_aggregate(planned, rundir)
     if computed:
-        partials = runner.compute_partials(planned, rundir, phase, shards)
-        state = planned.stage.aggregate(partials)
-        if planned.stage.decides_by_shard:
-            if not isinstance(state, ShardDecisions):
-                raise TypeError(f"{planned.name}: decides_by_shard, but aggregate returned {type(state).__name__}")
-            write_decisions(rundir, planned.name, state.rows, shard_size)
-            state = state.summary
+        if isinstance(planned.stage, KeyedStage):
+            state = decide_by_key(planned.stage, planned.name, runner, rundir, phase, shards, shard_size)
+        else:
+            state = _aggregate(planned, runner, rundir, phase, shards, shard_size)
         rundir.save_aggregate(planned.name, state)  # last: a saved aggregate is a finished one
         bind_saved_aggregate(planned, rundir)
     manifest.aggregates[planned.name] = planned.stage.describe(planned.state)
     _write(rundir, manifest)
     return computed
+
+
+def _aggregate(planned, runner: Runner, rundir: RunDir, phase: str, shards: list[int], shard_size: int) -> Any:
+    """A global stage's state from the partials of every shard; a stage that decides by shard
+    has its decided rows written by shard, and its summary is the state."""
+    state = planned.stage.aggregate(runner.compute_partials(planned, rundir, phase, shards))
+    if not planned.stage.decides_by_shard:
+        return state
+    if not isinstance(state, ShardDecisions):
+        raise TypeError(f"{planned.name}: decides_by_shard, but aggregate returned {type(state).__name__}")
+    write_decisions(rundir, planned.name, state.rows, shard_size)
+    return state.summary
 
 
 def bind_saved_aggregate(planned, rundir: RunDir) -> bool:

@@ -5,7 +5,7 @@ together, reduces each group of keys where it lies and writes what the reduction
 partitioned by shard, so each shard's later reader loads only its own part. The runner does the
 bringing together: ``LocalRunner`` sorts the whole input in its process (the reference for small
 pools); ``RayRunner`` hash-partitions it with Ray Data's ``repartition(keys=...)`` and reduces
-each partition in a task. The driver holds only the number of rows written.
+each partition in a task. The driver holds only the small facts each reduction returns.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +21,12 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipelines.engine.rundir import RunDir
+from pipelines.stage import KEY, PINNED, KeyedStage, RunFiles
 from pipelines.stage.run_files import shard_name
 from schemas.columns import SOURCE_INDEX
+
+if TYPE_CHECKING:
+    from pipelines.engine.runner import Runner
 
 #: The column of a reduction's output that says which shard a row belongs to.
 SHARD_COLUMN = "shard"
@@ -30,35 +35,103 @@ _DONE = "_done"
 
 
 @dataclass(frozen=True)
+class ReduceInput:
+    """Parquet files of one run directory that a keyed reduction reads (``columns`` of them);
+    ``pinned``: the kept rows of an earlier run, compared but never decided."""
+
+    uri: str
+    paths: tuple[str, ...]
+    columns: tuple[str, ...]
+    pinned: bool = False
+    run_number: int = 0  # tells pinned runs apart in their negative source_index
+
+    def files(self) -> RunFiles:
+        return RunFiles(self.uri)
+
+
+@dataclass(frozen=True)
 class KeyedReduce:
-    """``reduce`` over the rows of ``phase`` grouped by ``key``: it receives tables that hold every
-    row of each of their keys, sorted by key, and returns rows with a :data:`SHARD_COLUMN`; they
-    are written under the run's ``out`` folder, partitioned by shard."""
+    """``reduce`` over the rows of ``inputs`` grouped by ``key``.
+
+    Each input table is first turned into ``features`` (when given) and marked with
+    :data:`~pipelines.stage.PINNED`; ``reduce`` receives tables that hold every row of each of
+    their keys, sorted by key, and returns ``(rows with source_index, facts)``: the rows are
+    written under the run's ``out`` folder by shard (``source_index // shard_size``) and the
+    runner returns the facts of every call.
+    """
 
     rundir: RunDir
-    phase: str
-    shards: tuple[int, ...]
-    columns: tuple[str, ...]
+    inputs: tuple[ReduceInput, ...]
     key: str
-    reduce: Callable[[pa.Table], pa.Table]
+    reduce: Callable[[pa.Table], tuple[pa.Table, dict[str, Any]]]
     out: str
+    shard_size: int
+    features: Callable[[pa.Table], pa.Table] | None = None
 
-    def input_paths(self) -> list[str]:
-        return [self.rundir.shard_path(self.phase, shard) for shard in self.shards]
+    def prepare(self, table: pa.Table, source: ReduceInput) -> pa.Table:
+        """One input table as the reduction reads it: features, and whether its rows are pinned."""
+        rows = self.features(table) if self.features is not None else table
+        if source.pinned:  # negative, and apart per earlier run: never a shard's, never equal
+            index = pc.subtract(pa.scalar(-1 - (source.run_number << 40), pa.int64()), rows[SOURCE_INDEX])
+            rows = rows.set_column(rows.schema.get_field_index(SOURCE_INDEX), SOURCE_INDEX, index)
+        return rows.append_column(PINNED, pa.repeat(pa.scalar(source.pinned), rows.num_rows))
 
-    def reduce_and_write(self, group: pa.Table) -> int:
-        """Reduce one group of keys and write its output by shard; the rows written.
+    def reduce_and_write(self, group: pa.Table) -> dict[str, Any]:
+        """Reduce one group of keys and write its decided rows by shard; its facts.
 
         The files of a group are named after its first key, so a retried task overwrites its own.
         """
         if not group.num_rows:
-            return 0
-        emitted = self.reduce(group)
-        if not emitted.num_rows:
-            return 0
-        name = hashlib.blake2b(str(group[self.key][0].as_py()).encode(), digest_size=8).hexdigest()
-        write_by_shard(self.rundir, self.out, emitted, name)
-        return emitted.num_rows
+            return {}
+        decided, facts = self.reduce(group)
+        if decided.num_rows:
+            name = hashlib.blake2b(str(group[self.key][0].as_py()).encode(), digest_size=8).hexdigest()
+            write_by_shard(self.rundir, self.out, with_shard(decided, self.shard_size), name)
+        return facts
+
+
+def phase_input(rundir: RunDir, phase: str, shards: list[int], columns: tuple[str, ...]) -> ReduceInput:
+    """The finished shards of a phase of this run as a reduction's input."""
+    return ReduceInput(rundir.uri, tuple(rundir.shard_path(phase, shard) for shard in shards), columns)
+
+
+def decide_by_key(
+    stage: KeyedStage, name: str, runner: Runner, rundir: RunDir, phase: str, shards: list[int], shard_size: int
+) -> Any:
+    """A :class:`~pipelines.stage.KeyedStage`'s decision: its rows written by shard under
+    :func:`decisions_folder`, its facts summarised; the summary."""
+    folder = decisions_folder(name)
+    rundir.remove_folder(folder)  # those of an earlier, unfinished attempt
+    inputs = [phase_input(rundir, phase, shards, tuple(stage.compute_columns))]
+    for number, run in enumerate(stage.pinned_runs()):
+        inputs.append(_pinned_input(name, run, number, tuple(stage.pinned_columns)))
+    job = KeyedReduce(rundir, tuple(inputs), KEY, stage.reduce, folder, shard_size, stage.features)
+    summary = stage.summarise(runner.reduce_by_key(job))
+    mark_done(rundir, folder)
+    return summary
+
+
+def _pinned_input(stage: str, run: str, number: int, columns: tuple[str, ...]) -> ReduceInput:
+    files = RunFiles(run)
+    try:
+        paths = files.kept_files()
+    except ValueError as error:
+        raise ValueError(f"{stage}: earlier run {run!r}: {error}") from None
+    if paths:
+        missing = [c for c in columns if c not in files.read_schema(paths[0]).names]
+        if missing:
+            raise ValueError(
+                f"{stage}: the kept rows of the earlier run {run!r} have no {missing} column(s), which it compares "
+                "(a stage of that run dropped them?)"
+            )
+    return ReduceInput(run, tuple(paths), columns, pinned=True, run_number=number)
+
+
+def with_shard(rows: pa.Table, shard_size: int) -> pa.Table:
+    """``rows`` and the shard each lies in: a shard of any phase holds the rows of input positions
+    ``[shard * shard_size, (shard + 1) * shard_size)``."""
+    size = pa.scalar(shard_size, rows.schema.field(SOURCE_INDEX).type)
+    return rows.append_column(SHARD_COLUMN, pc.divide(rows[SOURCE_INDEX], size))
 
 
 def write_by_shard(rundir: RunDir, out: str, rows: pa.Table, name: str) -> None:
@@ -79,11 +152,9 @@ def decisions_folder(stage: str) -> str:
 
 
 def write_decisions(rundir: RunDir, stage: str, rows: pa.Table, shard_size: int) -> None:
-    """A global stage's decided rows, partitioned by the shard their ``source_index`` lies in
-    (a shard of any phase holds the rows of input positions ``[shard * shard_size, ...)``)."""
+    """A global stage's decided rows (from ``aggregate``), partitioned by shard."""
     rundir.remove_folder(decisions_folder(stage))  # those of an earlier aggregate
-    shard = pc.divide(rows[SOURCE_INDEX], pa.scalar(shard_size, rows.schema.field(SOURCE_INDEX).type))
-    write_by_shard(rundir, decisions_folder(stage), rows.append_column(SHARD_COLUMN, shard), "decided")
+    write_by_shard(rundir, decisions_folder(stage), with_shard(rows, shard_size), "decided")
     mark_done(rundir, decisions_folder(stage))
 
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from pipelines.engine.chain import PlannedStage, ShardState, apply_stage
 from pipelines.engine.config import RayConfig
-from pipelines.engine.keyed import KeyedReduce, sorted_by_key
+from pipelines.engine.keyed import KeyedReduce, ReduceInput, sorted_by_key
 from pipelines.engine.phase import PhaseTask, ShardIO, compute_partial
 from pipelines.engine.placement import Placement, gpu_on_cpu, plan_placement, with_cpus
 from pipelines.engine.rundir import RunDir
@@ -64,8 +64,8 @@ class Runner(ABC):
         comes, in any order."""
 
     @abstractmethod
-    def reduce_by_key(self, job: KeyedReduce) -> int:
-        """Run a keyed reduction (see :mod:`pipelines.engine.keyed`); the rows it wrote."""
+    def reduce_by_key(self, job: KeyedReduce) -> list[dict[str, Any]]:
+        """Run a keyed reduction (see :mod:`pipelines.engine.keyed`); the facts of its reductions."""
 
     def close(self) -> None:
         """Release what the runner started."""
@@ -114,10 +114,14 @@ class LocalRunner(Runner):
             yield fn(first, item)
 
     def reduce_by_key(self, job):
-        tables = [job.rundir.read_table(path, list(job.columns)) for path in job.input_paths()]
+        tables = [
+            job.prepare(source.files().read_table(path, list(source.columns)), source)
+            for source in job.inputs
+            for path in source.paths
+        ]
         if not tables:
-            return 0
-        return job.reduce_and_write(sorted_by_key(pa.concat_tables(tables), job.key))
+            return []
+        return [job.reduce_and_write(sorted_by_key(pa.concat_tables(tables, promote_options="default"), job.key))]
 
 
 class RayRunner(Runner):
@@ -249,14 +253,28 @@ class RayRunner(Runner):
         self._deaths.report(fn.__name__)
 
     def reduce_by_key(self, job):
-        if not job.shards:
-            return 0
+        sources = [source for source in job.inputs if source.paths]
+        if not sources:
+            return []
         import ray.data
 
         self._data_context()
-        ds = ray.data.read_parquet(job.input_paths(), filesystem=job.rundir.fs).select_columns(list(job.columns))
+        parts = [
+            _map_batches(
+                ray.data.read_parquet(list(source.paths), filesystem=source.files().fs).select_columns(
+                    list(source.columns)
+                ),
+                _prepare_rows,
+                batch_format="pyarrow",
+                fn_kwargs={"job": job, "source": source},
+                max_retries=WORKER_RETRIES,
+            )
+            for source in sources
+        ]
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         # A hash shuffle: each output block holds every row of its keys, sorted by key.
-        ds = ds.repartition(min(len(job.shards), MAX_KEY_PARTITIONS), keys=[job.key], sort=True)
+        files = sum(len(source.paths) for source in sources)
+        ds = ds.repartition(min(files, MAX_KEY_PARTITIONS), keys=[job.key], sort=True)
         ds = _map_batches(
             ds,
             _reduce_partition,
@@ -265,9 +283,9 @@ class RayRunner(Runner):
             fn_kwargs={"job": job},
             max_retries=WORKER_RETRIES,
         )
-        written = sum(row["rows"] for row in ds.iter_rows())
+        facts = [json.loads(row["facts"]) for row in ds.iter_rows()]
         self._deaths.report(f"the reduction into {job.out}")
-        return written
+        return facts
 
 
 def make_runner(kind: str, ray_config: RayConfig | None = None) -> Runner:
@@ -304,8 +322,12 @@ def compute_batch(batch: pa.Table, planned: PlannedStage, rundir: RunDir, phase:
     return pa.table({"shard": pa.array(shards, pa.int64()), "partial": pa.array(partials, pa.large_binary())})
 
 
+def _prepare_rows(batch: pa.Table, job: KeyedReduce, source: ReduceInput) -> pa.Table:
+    return job.prepare(batch, source)
+
+
 def _reduce_partition(batch: pa.Table, job: KeyedReduce) -> pa.Table:
-    return pa.table({"rows": pa.array([job.reduce_and_write(batch)], pa.int64())})
+    return pa.table({"facts": pa.array([json.dumps(job.reduce_and_write(batch))], pa.string())})
 
 
 def _load_shards(batch: pa.Table, io: ShardIO) -> pa.Table:

@@ -18,11 +18,11 @@ import pyarrow.compute as pc
 
 from pipelines.engine.chain import reject_records
 from pipelines.engine.keyed import (
-    SHARD_COLUMN,
     KeyedReduce,
     is_done,
     mark_done,
     output_for_shard,
+    phase_input,
     shards_with_output,
 )
 from pipelines.engine.ledger import LedgerError
@@ -40,13 +40,12 @@ _FIRST = "first_index"
 
 @dataclass(frozen=True)
 class KeyRepeats:
-    """The reduction: every row whose key was seen at an earlier ``source_index``, with the
-    shard it lies in and that first ``source_index``."""
+    """The reduction: every row whose key was seen at an earlier ``source_index``, with that
+    first ``source_index``; no facts."""
 
     key: str
-    shard_size: int
 
-    def __call__(self, group: pa.Table) -> pa.Table:
+    def __call__(self, group: pa.Table) -> tuple[pa.Table, dict]:
         table = group.sort_by([(self.key, "ascending"), (SOURCE_INDEX, "ascending")])
         keys = table[self.key].combine_chunks()
         repeat = np.zeros(table.num_rows, dtype=bool)
@@ -56,14 +55,7 @@ class KeyRepeats:
         index = table[SOURCE_INDEX].to_numpy()
         first = index[starts[np.cumsum(~repeat) - 1]]
         at = np.flatnonzero(repeat)
-        return pa.table(
-            {
-                SHARD_COLUMN: index[at] // self.shard_size,
-                SOURCE_INDEX: index[at],
-                _FIRST: first[at],
-                self.key: keys.take(at),
-            }
-        )
+        return pa.table({SOURCE_INDEX: index[at], _FIRST: first[at], self.key: keys.take(at)}), {}
 
 
 @dataclass(frozen=True)
@@ -82,16 +74,8 @@ def reject_repeated_keys(
     hold them (their new entries replace the old ones in ``entries``)."""
     if not is_done(rundir, REPEATS_FOLDER):
         rundir.remove_folder(REPEATS_FOLDER)  # a partial output of an interrupted attempt
-        job = KeyedReduce(
-            rundir,
-            INPUT_PHASE,
-            tuple(sorted(entries)),
-            (key, SOURCE_INDEX),
-            key,
-            KeyRepeats(key, shard_size),
-            REPEATS_FOLDER,
-        )
-        runner.reduce_by_key(job)
+        source = phase_input(rundir, INPUT_PHASE, sorted(entries), (key, SOURCE_INDEX))
+        runner.reduce_by_key(KeyedReduce(rundir, (source,), key, KeyRepeats(key), REPEATS_FOLDER, shard_size))
         mark_done(rundir, REPEATS_FOLDER)
     shards = [shard for shard in shards_with_output(rundir, REPEATS_FOLDER) if shard in entries]
     for entry in runner.map_tasks(reject_repeats, RepeatsJob(rundir, stage, key), [entries[s] for s in shards]):

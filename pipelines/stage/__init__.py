@@ -6,9 +6,12 @@ read-only access to an earlier run.
 
 from pipelines.stage import storage
 from pipelines.stage.contract import (
+    KEY,
+    PINNED,
     Cutoff,
     GiB,
     GlobalStage,
+    KeyedStage,
     Rejections,
     Resources,
     ShardDecisions,
@@ -22,6 +25,9 @@ __all__ = [
     "Cutoff",
     "GiB",
     "GlobalStage",
+    "KEY",
+    "KeyedStage",
+    "PINNED",
     "Rejections",
     "Resources",
     "RunFiles",

@@ -15,7 +15,8 @@ Decisions that need the whole pool (entry counts, a global score cutoff, duplica
 are a :class:`GlobalStage`: ``compute`` runs per shard on finished data, ``aggregate`` combines
 the partial results once, and ``decide`` maps every batch with the combined result. A decision
 about single rows (which rows are duplicates of which) is returned as :class:`ShardDecisions`:
-the runner writes its rows partitioned by shard, and each shard decides from its own part.
+the runner writes its rows partitioned by shard, and each shard decides from its own part. A
+:class:`KeyedStage` is decided key group by key group where the rows lie, without ``aggregate``.
 
 Stages never import Ray: the same object runs in-process under ``LocalRunner`` and inside Ray
 Data workers under ``RayRunner``.
@@ -188,6 +189,45 @@ class GlobalStage(Stage):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         raise TypeError(f"{type(self).__name__} is a GlobalStage: it runs as compute/aggregate/decide")
+
+
+#: The column of a :class:`KeyedStage`'s features that rows are grouped by (an integer).
+KEY = "key"
+#: The column the runner adds to features: True for the rows of earlier runs (``pinned_runs``).
+PINNED = "pinned"
+
+
+@dataclass(kw_only=True)
+class KeyedStage(GlobalStage):
+    """A whole-pool decision made key group by key group, with no row gathered in one process.
+
+    ``features`` turns a batch of ``compute_columns`` into one row per input row: :data:`KEY`, the
+    ``source_index`` and whatever ``reduce`` needs. The runner brings every row of a key together
+    (a hash shuffle under Ray) and calls ``reduce`` with tables holding whole keys, sorted by key;
+    ``reduce`` returns the decided rows (with their ``source_index``, written by shard as for
+    ``decides_by_shard``) and a small dict of facts, and ``summarise`` merges the facts of every
+    call into the stage's summary. The kept rows of the runs in ``pinned_runs`` join with
+    :data:`PINNED` true and negative ``source_index``: they are compared, never decided.
+    """
+
+    decides_by_shard: ClassVar[bool] = True
+
+    def pinned_runs(self) -> list[str]:
+        return []
+
+    @property
+    def pinned_columns(self) -> tuple[str, ...]:
+        """The columns read from the kept rows of ``pinned_runs`` (``features`` sees those)."""
+        return self.compute_columns
+
+    def features(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    def reduce(self, group: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
+        raise NotImplementedError
+
+    def summarise(self, facts: list[dict[str, Any]]) -> Any:
+        raise NotImplementedError
 
 
 class Rejections:

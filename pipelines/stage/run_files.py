@@ -79,6 +79,9 @@ class RunFiles:
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(path, columns=columns, filesystem=self.fs)
 
+    def read_schema(self, path: str) -> pa.Schema:
+        return pq.read_schema(path, filesystem=self.fs)
+
     def list_files(self, folder: str) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
         return [f for f in self.fs.get_file_info(selector) if f.type == pafs.FileType.File]

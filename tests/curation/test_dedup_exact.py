@@ -101,13 +101,15 @@ def test_each_shard_decides_from_its_own_part_of_the_decision(tmp_path):
     pool = write_pool(tmp_path, POOL)
     plan, _ = run_pipeline_dict(config(tmp_path, pool), LocalRunner())
     folder = Path(plan.run_uri, "decisions", "exact_duplicates")
-    parts = {p.parent.name: pq.read_table(p)["source_index"].to_pylist() for p in folder.glob("*/*.parquet")}
+    parts: dict[str, list[int]] = {}
+    for path in folder.glob("*/*.parquet"):
+        parts.setdefault(path.parent.name, []).extend(pq.read_table(path)["source_index"].to_pylist())
     assert parts == {"00001": [2], "00002": [4], "00003": [6]}  # shards of two rows: no shard holds another's
     saved = Path(plan.run_uri, "aggregates", "exact_duplicates.pkl")
     assert saved.stat().st_size < 2000  # the summary alone: no row of the decision
     # A run whose aggregate was saved before decisions were written by shard computes it again.
     (folder / "_done").unlink()
-    (folder / "00003" / "decided.parquet").unlink()
+    shutil.rmtree(folder / "00003")
     shutil.rmtree(Path(plan.run_uri, "01_exact_duplicates"))
     shutil.rmtree(Path(plan.run_uri, "rejects", "01_exact_duplicates"))
     plan, _ = run_pipeline_dict(config(tmp_path, pool), LocalRunner())
@@ -266,9 +268,9 @@ def test_every_row_rejected_before_deduplication(tmp_path):
     assert manifest.aggregates["exact_duplicates"]["duplicate_rows"] == 0
 
 
-def test_aggregate_of_empty_partials_list():
-    decided = ExactDuplicates().aggregate([])
-    assert decided.rows.num_rows == 0 and decided.summary["rows"] == 0 and decided.summary["clusters"] == 0
+def test_summary_of_partitions_without_rows():
+    summary = ExactDuplicates().summarise([{}, {}])  # partitions that held no rows
+    assert summary["rows"] == summary["clusters"] == summary["duplicate_rows"] == 0 and summary["largest"] == []
 
 
 def test_input_uids_shared_by_copies_keep_the_first(tmp_path):
@@ -282,3 +284,28 @@ def test_input_uids_shared_by_copies_keep_the_first(tmp_path):
     raw["columns"] = {"uid": "id"}
     plan, _ = run_pipeline_dict(raw, LocalRunner())
     assert kept_indices(plan) == [0, 1]
+
+
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_copies_of_an_earlier_runs_rows_are_rejected_naming_the_earlier_row(tmp_path, runner_factory, kind):
+    earlier_pool = write_pool(tmp_path, [POOL[0], POOL[1]], name="earlier.parquet")
+    earlier, _ = run_pipeline_dict(config(tmp_path, earlier_pool, name="earlier"), runner_factory(kind))
+    earlier_uids = dict(
+        zip(*[read_phase(earlier.run_uri, "01_exact_duplicates")[c].to_pylist() for c in ("url", "uid")])
+    )
+    pool = write_pool(tmp_path, POOL)
+    plan, manifest = run_pipeline_dict(
+        config(tmp_path, pool, name="later", against=[earlier.run_uri]), runner_factory(kind)
+    )
+    # Every copy of POOL[0] and POOL[1], the first ones included, duplicates the earlier run's row.
+    assert kept_indices(plan) == [3, 5, 7]
+    rejects = {r["source_index"]: json.loads(r["detail"]) for r in read_rejects(plan.run_uri).to_pylist()}
+    assert {i: d["duplicate_of"] for i, d in rejects.items()} == {
+        0: earlier_uids[POOL[0][0]],
+        1: earlier_uids[POOL[1][0]],
+        2: earlier_uids[POOL[0][0]],
+        4: earlier_uids[POOL[1][0]],
+        6: earlier_uids[POOL[0][0]],
+    }
+    summary = manifest.aggregates["exact_duplicates"]
+    assert summary["earlier_rows"] == 2 and summary["duplicates_of_earlier_runs"] == 5 and summary["rows"] == 8
