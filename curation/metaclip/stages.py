@@ -28,7 +28,18 @@ import pyarrow.compute as pc
 from curation.metaclip.card import balance_section, top_entries_section
 from curation.metaclip.matching import EntryMatcher
 from curation.metaclip.metadata import load_metadata
-from pipelines.stage import GiB, GlobalStage, Rejections, Resources, Stage, default_resources, file_digest, storage
+from pipelines.stage import (
+    COUNT,
+    KEY,
+    GiB,
+    Rejections,
+    Resources,
+    Stage,
+    SummedStage,
+    default_resources,
+    file_digest,
+    storage,
+)
 from schemas.columns import CAPTION, METACLIP_ENTRIES, UID
 
 NO_METADATA_MATCH = "no_metadata_match"
@@ -78,7 +89,7 @@ class MetaclipMatch(Stage):
 
 
 @dataclass
-class MetaclipBalance(GlobalStage):
+class MetaclipBalance(SummedStage):
     """Caps head entries at about ``threshold`` matches by sampling; keeps tail entries whole.
 
     Set exactly one of:
@@ -120,15 +131,17 @@ class MetaclipBalance(GlobalStage):
     def compute_columns(self) -> tuple[str, ...]:
         return (METACLIP_ENTRIES,)
 
-    def compute(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    def counts(self, batch: pa.Table) -> pa.Table:
+        """The matches of each entry in a batch."""
         ids = pc.list_flatten(batch[METACLIP_ENTRIES]).to_numpy(zero_copy_only=False)
-        return np.unique(ids, return_counts=True)
+        entries, n = np.unique(ids, return_counts=True)
+        return pa.table({KEY: pa.array(entries, pa.int64()), COUNT: pa.array(n, pa.int64())})
 
-    def aggregate(self, partials: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
-        size = max((int(ids.max()) + 1 for ids, _ in partials if len(ids)), default=0)
-        counts = np.zeros(size, np.int64)
-        for ids, n in partials:
-            np.add.at(counts, ids, n)
+    def from_counts(self, totals: pa.Table) -> dict[str, Any]:
+        """The matches of every entry over the pool (a dense vector by entry id) and ``t``."""
+        ids, n = totals[KEY].to_numpy(), totals[COUNT].to_numpy()
+        counts = np.zeros(int(ids.max()) + 1 if len(ids) else 0, np.int64)
+        counts[ids] = n
         if self.threshold is not None:
             t = self.threshold
         elif self.head_factor is not None:

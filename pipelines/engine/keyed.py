@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipelines.engine.rundir import RunDir
-from pipelines.stage import KEY, PINNED, KeyedStage, RunFiles
+from pipelines.stage import COUNT, KEY, PINNED, KeyedStage, RunFiles
 from pipelines.stage.run_files import shard_name
 from schemas.columns import SOURCE_INDEX
 
@@ -181,6 +181,16 @@ def output_for_shard(rundir: RunDir, out: str, shard: int) -> pa.Table | None:
     if not files:
         return None
     return pa.concat_tables([rundir.read_table(path) for path in files])
+
+
+def empty_counts() -> pa.Table:
+    return pa.table({KEY: pa.array([], pa.int64()), COUNT: pa.array([], pa.int64())})
+
+
+def summed_counts(counts: pa.Table) -> pa.Table:
+    """Rows of ``KEY`` and ``COUNT`` summed by key, sorted by key (whatever order they came in)."""
+    totals = counts.group_by(KEY).aggregate([(COUNT, "sum")]).rename_columns([KEY, COUNT])
+    return totals.sort_by(KEY)
 
 
 def sorted_by_key(table: pa.Table, key: str) -> pa.Table:

@@ -24,10 +24,11 @@ import pyarrow as pa
 
 from pipelines.engine.chain import PlannedStage, ShardState, apply_stage
 from pipelines.engine.config import RayConfig
-from pipelines.engine.keyed import KeyedReduce, ReduceInput, sorted_by_key
+from pipelines.engine.keyed import KeyedReduce, ReduceInput, empty_counts, sorted_by_key, summed_counts
 from pipelines.engine.phase import PhaseTask, ShardIO, compute_partial
 from pipelines.engine.placement import Placement, gpu_on_cpu, plan_placement, with_cpus
 from pipelines.engine.rundir import RunDir
+from pipelines.stage import COUNT, KEY
 from schemas.manifest import ShardEntry, StageCounts
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ class Runner(ABC):
     def map_tasks(self, fn: Callable[..., Any], first: Any, items: list[Any]) -> Iterator[Any]:
         """``fn(first, item)`` for each item, in parallel where the runner can: each result as it
         comes, in any order."""
+
+    @abstractmethod
+    def sum_by_key(self, source: ReduceInput, counts: Callable[[pa.Table], pa.Table]) -> pa.Table:
+        """``counts`` of every table of ``source`` (rows of ``KEY`` and ``COUNT``), summed by key."""
 
     @abstractmethod
     def reduce_by_key(self, job: KeyedReduce) -> list[dict[str, Any]]:
@@ -112,6 +117,10 @@ class LocalRunner(Runner):
     def map_tasks(self, fn, first, items):
         for item in items:
             yield fn(first, item)
+
+    def sum_by_key(self, source, counts):
+        tables = [counts(source.files().read_table(path, list(source.columns))) for path in source.paths]
+        return summed_counts(pa.concat_tables(tables) if tables else empty_counts())
 
     def reduce_by_key(self, job):
         tables = [
@@ -252,18 +261,28 @@ class RayRunner(Runner):
             yield ray.get(finished[0])
         self._deaths.report(fn.__name__)
 
+    def sum_by_key(self, source, counts):
+        if not source.paths:
+            return empty_counts()
+
+        self._data_context()
+        ds = _map_batches(
+            _read(source), _count_rows, batch_format="pyarrow", fn_kwargs={"counts": counts}, max_retries=WORKER_RETRIES
+        )
+        summed = ds.groupby(KEY).sum(COUNT).iter_batches(batch_format="pyarrow")
+        totals = [t.rename_columns([KEY, COUNT]) for t in summed if t.num_rows]  # Ray names it sum(count)
+        self._deaths.report("a sum by key")
+        return summed_counts(pa.concat_tables(totals) if totals else empty_counts())
+
     def reduce_by_key(self, job):
         sources = [source for source in job.inputs if source.paths]
         if not sources:
             return []
-        import ray.data
 
         self._data_context()
         parts = [
             _map_batches(
-                ray.data.read_parquet(list(source.paths), filesystem=source.files().fs).select_columns(
-                    list(source.columns)
-                ),
+                _read(source),
                 _prepare_rows,
                 batch_format="pyarrow",
                 fn_kwargs={"job": job, "source": source},
@@ -320,6 +339,17 @@ def compute_batch(batch: pa.Table, planned: PlannedStage, rundir: RunDir, phase:
     shards = batch["shard"].to_pylist()
     partials = [pickle.dumps(compute_partial(planned, rundir, phase, s), protocol=5) for s in shards]
     return pa.table({"shard": pa.array(shards, pa.int64()), "partial": pa.array(partials, pa.large_binary())})
+
+
+def _read(source: ReduceInput):
+    """The ``columns`` of a reduction's input files as a Ray dataset."""
+    import ray.data
+
+    return ray.data.read_parquet(list(source.paths), filesystem=source.files().fs).select_columns(list(source.columns))
+
+
+def _count_rows(batch: pa.Table, counts: Callable[[pa.Table], pa.Table]) -> pa.Table:
+    return counts(batch)
 
 
 def _prepare_rows(batch: pa.Table, job: KeyedReduce, source: ReduceInput) -> pa.Table:

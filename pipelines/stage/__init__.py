@@ -6,6 +6,7 @@ read-only access to an earlier run.
 
 from pipelines.stage import storage
 from pipelines.stage.contract import (
+    COUNT,
     KEY,
     PINNED,
     Cutoff,
@@ -16,12 +17,14 @@ from pipelines.stage.contract import (
     Resources,
     ShardDecisions,
     Stage,
+    SummedStage,
     default_resources,
 )
 from pipelines.stage.run_files import RunFiles
 from pipelines.stage.storage import file_digest
 
 __all__ = [
+    "COUNT",
     "Cutoff",
     "GiB",
     "GlobalStage",
@@ -33,6 +36,7 @@ __all__ = [
     "RunFiles",
     "ShardDecisions",
     "Stage",
+    "SummedStage",
     "default_resources",
     "file_digest",
     "storage",

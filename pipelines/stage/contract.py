@@ -195,6 +195,26 @@ class GlobalStage(Stage):
 KEY = "key"
 #: The column the runner adds to features: True for the rows of earlier runs (``pinned_runs``).
 PINNED = "pinned"
+#: The column of a :class:`SummedStage`'s counts summed by :data:`KEY`.
+COUNT = "count"
+
+
+@dataclass(kw_only=True)
+class SummedStage(GlobalStage):
+    """A whole-pool decision from counts summed by key (MetaCLIP's matches per entry).
+
+    ``counts`` turns a batch of ``compute_columns`` into rows of :data:`KEY` and :data:`COUNT`;
+    the runner sums them by key over the pool (Ray Data's ``groupby(...).sum(...)`` under Ray)
+    and ``from_counts`` makes the state from the totals, one row per key. The keys must be
+    bounded by something other than the pool (the entries of a metadata), as the totals reach
+    the driver.
+    """
+
+    def counts(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    def from_counts(self, totals: pa.Table) -> Any:
+        raise NotImplementedError
 
 
 @dataclass(kw_only=True)

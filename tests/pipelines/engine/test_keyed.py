@@ -3,12 +3,16 @@ reduced, and written by shard; the Ray runner's hash shuffle gives the local run
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from pipelines.engine.keyed import KeyedReduce, output_for_shard, phase_input, shards_with_output
 from pipelines.engine.rundir import RunDir
 from pipelines.engine.unique_key import KeyRepeats
+from pipelines.stage import COUNT, KEY
 from schemas.columns import SOURCE_INDEX, UID
 
 SHARD_SIZE = 50
@@ -65,3 +69,20 @@ def test_the_ray_runner_writes_what_the_local_runner_writes(tmp_path, runner_fac
         runner_factory(kind).reduce_by_key(job)
         outputs.append(_outputs(rundir, "out"))
     assert outputs[0] == outputs[1]
+
+
+def _counts_by_key(batch: pa.Table) -> pa.Table:
+    """Rows of each key in a batch (a SummedStage's ``counts``)."""
+    counted = batch.group_by(UID).aggregate([(SOURCE_INDEX, "count")])
+    return pa.table({KEY: pc.binary_length(counted[UID]).cast(pa.int64()), COUNT: counted[f"{SOURCE_INDEX}_count"]})
+
+
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_counts_are_summed_by_key_over_every_shard(tmp_path, runner_factory, kind):
+    rundir = RunDir(str(tmp_path / "run"))
+    _write_input(rundir)
+    totals = runner_factory(kind).sum_by_key(_input(rundir), _counts_by_key)
+    lengths = Counter(len(_key(i)) for i in range(SHARDS * SHARD_SIZE))  # the key here: a uid's length
+    assert totals.column_names == [KEY, COUNT]
+    assert dict(zip(totals[KEY].to_pylist(), totals[COUNT].to_pylist())) == dict(sorted(lengths.items()))
+    assert totals[KEY].to_pylist() == sorted(lengths)
