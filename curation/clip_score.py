@@ -24,8 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.rank_selection import Narrowing, counted, narrow, pass_keys, score_of
 from models.clip_inference import ClipInference, ClipModelRef
-from pipelines.stage import Cutoff, GiB, GlobalStage, Rejections, Resources, Stage, default_resources
+from pipelines.stage import COUNT, KEY, Cutoff, GiB, Rejections, Resources, Stage, SummedStage, default_resources
 from pipelines.stage.decode import DEFAULT_MAX_PIXELS, decode_to_pixels
 from schemas.columns import CAPTION, CLIP_PIXELS, CLIP_SCORE, IMAGE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
 from schemas.embeddings import float16_lists
@@ -164,12 +165,13 @@ class ClipScoreThreshold(Stage):
 
 
 @dataclass
-class ClipScoreTopFraction(GlobalStage):
+class ClipScoreTopFraction(SummedStage):
     """Keeps exactly the top ``fraction`` of scored rows of the whole pool (ties broken by uid).
 
-    Pass one collects every shard's scores (12 bytes a row plus the uid, on the driver); the
-    cutoff ``(score, uid)`` of the ``round(fraction * rows)``-th row in (score desc, uid asc)
-    order is recorded in the manifest. Pass two keeps the rows at or above it, on every
+    The cutoff ``(score, uid)`` of the ``round(fraction * rows)``-th row in (score desc, uid
+    asc) order is found by counting passes over the pool (:mod:`curation.rank_selection`: the
+    score's high bits, its low bits, then the tied uids), none of which gathers rows on the
+    driver, and is recorded in the manifest. ``decide`` keeps the rows at or above it, on every
     worker, so the result is identical under any runner or sharding.
     """
 
@@ -186,26 +188,31 @@ class ClipScoreTopFraction(GlobalStage):
     def compute_columns(self) -> tuple[str, ...]:
         return (UID, CLIP_SCORE)
 
-    def compute(self, batch: pa.Table) -> Any:
+    def counts(self, batch: pa.Table, state: Any) -> pa.Table:
         valid = batch.filter(pc.is_valid(batch[CLIP_SCORE]))
-        return (valid[CLIP_SCORE].to_numpy().astype(np.float32), np.asarray(valid[UID].to_pylist(), dtype=object))
+        where = None if state is None else state["narrowing"]
+        keys, n = counted(pass_keys(valid[CLIP_SCORE].to_numpy(zero_copy_only=False), valid[UID], where))
+        return pa.table({KEY: keys, COUNT: n})
 
-    def aggregate(self, partials: list[Any]) -> Any:
-        scores = np.concatenate([p[0] for p in partials]) if partials else np.zeros(0, np.float32)
-        uids = np.concatenate([p[1] for p in partials]) if partials else np.zeros(0, object)
-        keep = int(round(self.fraction * len(scores)))
-        state = {
-            "fraction": self.fraction,
-            "rows_scored": int(len(scores)),
-            "rows_kept": keep,
-            "cutoff_score": None,
-            "cutoff_uid": None,
-        }
-        if keep:
-            order = np.lexsort((uids, -scores))
-            last = order[keep - 1]
-            state.update(cutoff_score=float(scores[last]), cutoff_uid=str(uids[last]))
-        return state
+    def from_counts(self, totals: pa.Table, state: Any) -> tuple[Any, bool]:
+        keys, n = totals[KEY].to_numpy(), totals[COUNT].to_numpy()
+        if state is None:  # the first pass counts every scored row
+            keep = int(round(self.fraction * int(n.sum())))
+            result = {
+                "fraction": self.fraction,
+                "rows_scored": int(n.sum()),
+                "rows_kept": keep,
+                "cutoff_score": None,
+                "cutoff_uid": None,
+            }
+            if not keep:
+                return result, True
+            state = {**result, "narrowing": Narrowing(keep)}
+        where, uid = narrow(keys, n, state["narrowing"])
+        if uid is None:
+            return {**state, "narrowing": where}, False
+        result = {k: v for k, v in state.items() if k != "narrowing"}
+        return {**result, "cutoff_score": score_of(where.score_key), "cutoff_uid": uid}, True
 
     def decide(self, batch: pa.Table, state: Any) -> pa.Table:
         scores = batch[CLIP_SCORE]

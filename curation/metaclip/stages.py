@@ -131,14 +131,14 @@ class MetaclipBalance(SummedStage):
     def compute_columns(self) -> tuple[str, ...]:
         return (METACLIP_ENTRIES,)
 
-    def counts(self, batch: pa.Table) -> pa.Table:
+    def counts(self, batch: pa.Table, state: Any) -> pa.Table:
         """The matches of each entry in a batch."""
         ids = pc.list_flatten(batch[METACLIP_ENTRIES]).to_numpy(zero_copy_only=False)
         entries, n = np.unique(ids, return_counts=True)
         return pa.table({KEY: pa.array(entries, pa.int64()), COUNT: pa.array(n, pa.int64())})
 
-    def from_counts(self, totals: pa.Table) -> dict[str, Any]:
-        """The matches of every entry over the pool (a dense vector by entry id) and ``t``."""
+    def from_counts(self, totals: pa.Table, state: Any) -> tuple[dict[str, Any], bool]:
+        """The matches of every entry over the pool (a dense vector by entry id) and ``t``: one pass."""
         ids, n = totals[KEY].to_numpy(), totals[COUNT].to_numpy()
         counts = np.zeros(int(ids.max()) + 1 if len(ids) else 0, np.int64)
         counts[ids] = n
@@ -148,7 +148,7 @@ class MetaclipBalance(SummedStage):
             t = threshold_for_head_factor(counts, self.head_factor)
         else:
             t = threshold_for_tail_share(counts, self.tail_share)
-        return {"threshold": int(t), "counts": counts}
+        return {"threshold": int(t), "counts": counts}, True
 
     def decide(self, batch: pa.Table, state: dict[str, Any]) -> pa.Table:
         counts, t = state["counts"], state["threshold"]

@@ -20,7 +20,14 @@ from importlib import metadata
 from typing import Any
 
 from pipelines.engine.ingest import read_input
-from pipelines.engine.keyed import decide_by_key, decisions_folder, is_done, phase_input, write_decisions
+from pipelines.engine.keyed import (
+    count_passes,
+    decide_by_key,
+    decisions_folder,
+    is_done,
+    phase_input,
+    write_decisions,
+)
 from pipelines.engine.ledger import LedgerError, check_phase, check_run, summarise
 from pipelines.engine.parts import FinishedRun
 from pipelines.engine.phase import PhaseTask, ShardIO
@@ -214,7 +221,7 @@ def _bind_aggregate(
             state = decide_by_key(planned.stage, planned.name, runner, rundir, phase, shards, shard_size)
         elif isinstance(planned.stage, SummedStage):
             source = phase_input(rundir, phase, shards, tuple(planned.stage.compute_columns))
-            state = planned.stage.from_counts(runner.sum_by_key(source, planned.stage.counts))
+            state = count_passes(planned.stage, planned.name, runner, source)
         else:
             state = _aggregate(planned, runner, rundir, phase, shards, shard_size)
         rundir.save_aggregate(planned.name, state)  # last: a saved aggregate is a finished one

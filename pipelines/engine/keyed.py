@@ -10,6 +10,7 @@ each partition in a task. The driver holds only the small facts each reduction r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipelines.engine.rundir import RunDir
-from pipelines.stage import COUNT, KEY, PINNED, KeyedStage, RunFiles
+from pipelines.stage import COUNT, KEY, PINNED, KeyedStage, RunFiles, SummedStage
 from pipelines.stage.run_files import shard_name
 from schemas.columns import SOURCE_INDEX
 
@@ -181,6 +182,22 @@ def output_for_shard(rundir: RunDir, out: str, shard: int) -> pa.Table | None:
     if not files:
         return None
     return pa.concat_tables([rundir.read_table(path) for path in files])
+
+
+#: More counting passes than this is a stage that never finishes.
+MAX_COUNT_PASSES = 64
+
+
+def count_passes(stage: SummedStage, name: str, runner: Runner, source: ReduceInput) -> Any:
+    """A :class:`~pipelines.stage.SummedStage`'s state: its counts summed over ``source``, pass
+    after pass until it is done."""
+    state = None
+    for _ in range(MAX_COUNT_PASSES):
+        totals = runner.sum_by_key(source, functools.partial(stage.counts, state=state))
+        state, done = stage.from_counts(totals, state)
+        if done:
+            return state
+    raise RuntimeError(f"{name}: still not decided after {MAX_COUNT_PASSES} counting passes")
 
 
 def empty_counts() -> pa.Table:

@@ -201,19 +201,21 @@ COUNT = "count"
 
 @dataclass(kw_only=True)
 class SummedStage(GlobalStage):
-    """A whole-pool decision from counts summed by key (MetaCLIP's matches per entry).
+    """A whole-pool decision from counts summed by key (MetaCLIP's matches per entry; the rows
+    above a rank, narrowed down pass by pass).
 
-    ``counts`` turns a batch of ``compute_columns`` into rows of :data:`KEY` and :data:`COUNT`;
-    the runner sums them by key over the pool (Ray Data's ``groupby(...).sum(...)`` under Ray)
-    and ``from_counts`` makes the state from the totals, one row per key. The keys must be
-    bounded by something other than the pool (the entries of a metadata), as the totals reach
-    the driver.
+    ``counts(batch, state)`` turns a batch of ``compute_columns`` into rows of :data:`KEY` and
+    :data:`COUNT`; the runner sums them by key over the pool (Ray Data's ``groupby(...).sum(...)``
+    under Ray) and ``from_counts(totals, state)`` returns ``(state, done)`` from the totals, one
+    row per key, sorted by key. ``state`` is None on the first pass; a stage that is not done is
+    counted again with its new state. The keys of a pass must be bounded by something other than
+    the pool (the entries of a metadata, 65,536 buckets), as its totals reach the driver.
     """
 
-    def counts(self, batch: pa.Table) -> pa.Table:
+    def counts(self, batch: pa.Table, state: Any) -> pa.Table:
         raise NotImplementedError
 
-    def from_counts(self, totals: pa.Table) -> Any:
+    def from_counts(self, totals: pa.Table, state: Any) -> tuple[Any, bool]:
         raise NotImplementedError
 
 

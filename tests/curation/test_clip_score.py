@@ -16,6 +16,7 @@ from PIL import Image
 from curation.clip_score import ClipEmbed, ClipPreprocess, ClipScoreThreshold, ClipScoreTopFraction
 from models.clip import load_clip
 from pipelines.engine.config import parse_config
+from pipelines.engine.keyed import summed_counts
 from pipelines.job import build_plan
 from schemas.columns import CAPTION, CLIP_PIXELS, CLIP_SCORE, IMAGE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
 from schemas.rejects import REJECT_DETAIL, REJECT_REASON
@@ -128,16 +129,45 @@ def test_threshold_keeps_scores_at_or_above_it():
     assert out[REJECT_DETAIL][3].as_py() == "no clip_score"
 
 
+def _counting_passes(stage, shards: list[pa.Table]):
+    """A SummedStage's passes in this process, each shard counted apart and the counts summed."""
+    state, done = None, False
+    while not done:
+        totals = summed_counts(pa.concat_tables([stage.counts(shard, state) for shard in shards]))
+        state, done = stage.from_counts(totals, state)
+    return state
+
+
 def test_top_fraction_is_exact_with_ties_broken_by_uid():
     stage = ClipScoreTopFraction(fraction=0.5)
     scores = np.array([0.3, 0.5, 0.5, 0.5, 0.1, 0.2], np.float32)
     uids = ["a", "d", "b", "c", "e", "f"]
     table = pa.table({UID: uids, CLIP_SCORE: scores})
-    state = stage.aggregate([stage.compute(table.slice(0, 2)), stage.compute(table.slice(2))])
+    state = _counting_passes(stage, [table.slice(0, 2), table.slice(2)])
     assert state["rows_kept"] == 3 and state["cutoff_score"] == pytest.approx(0.5) and state["cutoff_uid"] == "d"
     out = stage.decide(table, state)
     kept = [u for u, r in zip(uids, out[REJECT_REASON].to_pylist()) if r is None]
     assert sorted(kept) == ["b", "c", "d"]
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.3, 0.5, 0.77, 1.0])
+def test_the_cutoff_is_the_row_a_full_sort_finds_whatever_the_ties(fraction):
+    rng = np.random.default_rng(7)
+    n = 5000
+    scores = rng.choice(np.array([0.25, 0.5, -0.0, 0.0, np.nan, 1e-30, -3.5], np.float32), n)
+    scores[:1000] = rng.random(1000).astype(np.float32)  # most rows tie, some do not
+    prefixes = ["", "abcdef", "abcdefghijkl", "ü"]  # uids sharing 6 and 12 bytes, multi-byte text
+    uids = [f"{prefixes[i % 4]}{rng.integers(0, 40)}" + ("x" * (i % 3)) + str(i) for i in range(n)]
+    table = pa.table({UID: uids, CLIP_SCORE: scores})
+    state = _counting_passes(ClipScoreTopFraction(fraction=fraction), [table.slice(i, 700) for i in range(0, n, 700)])
+    # The reference: every row in (score desc, NaN last, uid asc) order, the same cut.
+    rank = [(np.isnan(s), -(s + np.float32(0.0)) if not np.isnan(s) else 0.0, u.encode()) for s, u in zip(scores, uids)]
+    order = sorted(range(n), key=lambda i: rank[i])
+    keep = int(round(fraction * n))
+    last = order[keep - 1]
+    assert state["rows_kept"] == keep and state["rows_scored"] == n
+    assert state["cutoff_uid"] == uids[last]
+    assert state["cutoff_score"] == pytest.approx(float(scores[last]), nan_ok=True)
 
 
 @pytest.fixture(scope="module")
