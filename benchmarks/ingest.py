@@ -105,9 +105,10 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def run_child(pool: str, out: str, runner: str, cpus: int, shard_size: int) -> dict:
+def run_child(pool: str, out: str, runner: str, cpus: int, shard_size: int, script: str = __file__) -> dict:
+    """``script --child ...`` in a fresh process (its peak RSS its own); the JSON it printed last."""
     done = subprocess.run(
-        [sys.executable, __file__, "--child", pool, out, runner, str(cpus), str(shard_size)],
+        [sys.executable, script, "--child", pool, out, runner, str(cpus), str(shard_size)],
         capture_output=True,
         text=True,
         check=False,

@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.ingest import FILE_ROWS, ROW_GROUP, WORDS, peak_rss_mib  # noqa: E402
+from benchmarks.ingest import FILE_ROWS, ROW_GROUP, WORDS, peak_rss_mib, run_child  # noqa: E402
 
 DUPLICATE_SHARE = 0.10
 
@@ -105,18 +104,6 @@ def curate(pool: str, out: str, runner: str, cpus: int, shard_size: int) -> dict
     }
 
 
-def run_child(pool: str, out: str, runner: str, cpus: int, shard_size: int) -> dict:
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", pool, out, runner, str(cpus), str(shard_size)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        sys.exit(f"{runner} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         pool, out, runner, cpus, shard_size = sys.argv[2:7]
@@ -134,7 +121,7 @@ def main() -> None:
             pool = Path(tmp, "pool")
             write_pool(pool, rows)
             results = {
-                runner: run_child(str(pool), str(Path(tmp, runner)), runner, 2, args.shard_size)
+                runner: run_child(str(pool), str(Path(tmp, runner)), runner, 2, args.shard_size, __file__)
                 for runner in ("ray", "local")
             }
         if results["ray"]["kept"] != results["local"]["kept"]:

@@ -22,14 +22,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.engine.chain import PlannedStage, ShardState, apply_stage
+from pipelines.engine.chain import PlannedStage, apply_stage
 from pipelines.engine.config import RayConfig
 from pipelines.engine.keyed import KeyedReduce, ReduceInput, empty_counts, sorted_by_key, summed_counts
 from pipelines.engine.phase import PhaseTask, ShardIO, compute_partial
 from pipelines.engine.placement import Placement, gpu_on_cpu, plan_placement, with_cpus
 from pipelines.engine.rundir import RunDir
+from pipelines.engine.shard_codec import decode_states, encode_states
 from pipelines.stage import COUNT, KEY
-from schemas.manifest import ShardEntry, StageCounts
+from schemas.manifest import ShardEntry
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ def make_runner(kind: str, ray_config: RayConfig | None = None) -> Runner:
     raise ValueError(f"runner {kind!r} is not one of: local, ray")
 
 
-# Ray Data map functions. A row is a shard: its rows and rejects as Arrow IPC, its counts as JSON.
+# Ray Data map functions. A row is a shard (pipelines.engine.shard_codec).
 
 
 class _StageActor:
@@ -331,7 +332,7 @@ class _StageActor:
 
 def apply_stage_batch(batch: pa.Table, planned: PlannedStage) -> pa.Table:
     """One stage over a Ray Data batch of encoded shard states (the step each stage of a phase maps)."""
-    return _encode([apply_stage(planned, state) for state in _decode(batch)])
+    return encode_states([apply_stage(planned, state) for state in decode_states(batch)])
 
 
 def compute_batch(batch: pa.Table, planned: PlannedStage, rundir: RunDir, phase: str) -> pa.Table:
@@ -361,11 +362,11 @@ def _reduce_partition(batch: pa.Table, job: KeyedReduce) -> pa.Table:
 
 
 def _load_shards(batch: pa.Table, io: ShardIO) -> pa.Table:
-    return _encode([io.load(shard) for shard in batch["shard"].to_pylist()])
+    return encode_states([io.load(shard) for shard in batch["shard"].to_pylist()])
 
 
 def _finish_shards(batch: pa.Table, io: ShardIO) -> pa.Table:
-    entries = [io.finish(state) for state in _decode(batch)]
+    entries = [io.finish(state) for state in decode_states(batch)]
     return pa.table({"entry": pa.array([e.to_json() for e in entries], pa.string())})
 
 
@@ -494,44 +495,3 @@ class WorkerDeaths:
             name = match.group(1) if match else actor["ActorClassName"]
             counts[name] = counts.get(name, 0) + actor["NumRestarts"]
         return counts
-
-
-def _ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _from_ipc(scalar: pa.Scalar) -> pa.Table:
-    return pa.ipc.open_stream(scalar.as_buffer()).read_all()
-
-
-def _encode(states: list[ShardState]) -> pa.Table:
-    rejects = [s.rejects_table() for s in states]
-    return pa.table(
-        {
-            "shard": pa.array([s.shard for s in states], pa.int64()),
-            "rows_in": pa.array([s.rows_in for s in states], pa.int64()),
-            "rows": pa.array([_ipc(s.rows) for s in states], pa.large_binary()),
-            "rejects": pa.array([None if r is None else _ipc(r) for r in rejects], pa.large_binary()),
-            "counts": pa.array([json.dumps({k: c.to_dict() for k, c in s.counts.items()}) for s in states]),
-        }
-    )
-
-
-def _decode(batch: pa.Table) -> list[ShardState]:
-    states = []
-    for i in range(batch.num_rows):
-        rejects = batch["rejects"][i]
-        counts = json.loads(batch["counts"][i].as_py())
-        states.append(
-            ShardState(
-                shard=batch["shard"][i].as_py(),
-                rows=_from_ipc(batch["rows"][i]),
-                rows_in=batch["rows_in"][i].as_py(),
-                rejects=[] if not rejects.is_valid else [_from_ipc(rejects)],
-                counts={k: StageCounts.from_dict(v) for k, v in counts.items()},
-            )
-        )
-    return states
