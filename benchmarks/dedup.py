@@ -4,8 +4,9 @@
 (``../shared/data/flickr8k/all_captions_text_only.csv``). Baseline: the straightforward
 datasketch loop, per caption: normalise and shingle in Python, ``MinHash()`` and ``update`` per
 shingle, ``MinHashLSH.insert``; then ``query`` per caption for the candidate pairs. Ours: the
-``CaptionNearDuplicates`` stage's ``compute`` (shingles, signatures, band keys) and
-``aggregate`` (candidate pairs, exact Jaccard check, clusters, survivors), same parameters.
+``CaptionNearDuplicates`` stage's ``features`` (shingles, signatures, band keys), ``reduce``
+(candidate pairs, exact Jaccard check) and ``cluster`` (clusters, survivors), same parameters,
+in one process as the local runner runs them.
 Candidate pairs must be identical. Then recall at the threshold: exact Jaccard by brute force
 over a random sample of captions, against the stage's verified pairs within that sample.
 
@@ -29,12 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from curation.dedup import CaptionNearDuplicates  # noqa: E402
+from curation.dedup.minhash import candidate_pairs  # noqa: E402
 from curation.dedup.vectors import SearchSettings, similar_pairs, unit_rows  # noqa: E402
+from pipelines.stage import KEY, PINNED  # noqa: E402
 
 CAPTIONS = ROOT.parent / "shared" / "data" / "flickr8k" / "all_captions_text_only.csv"
 
@@ -71,8 +75,10 @@ def datasketch_loop(captions: list[str], stage: CaptionNearDuplicates) -> set[tu
 
 
 def run_stage(captions: list[str], stage: CaptionNearDuplicates):
-    """The stage's two passes over the pool in batches of its batch size; candidate and verified pairs."""
-    partials = []
+    """The stage as the local runner runs it: ``features`` of each batch of its batch size, one
+    ``reduce`` over all of them sorted by key, ``cluster`` of the edges; the features, the edges,
+    the decided rows and the summary."""
+    features = []
     size = stage.resources.batch_size
     for start in range(0, len(captions), size):
         chunk = captions[start : start + size]
@@ -83,8 +89,17 @@ def run_stage(captions: list[str], stage: CaptionNearDuplicates):
                 "caption": chunk,
             }
         )
-        partials.append(stage.compute(batch))
-    return partials, stage.aggregate(partials)
+        features.append(stage.features(batch))
+    table = pa.concat_tables(features)
+    table = table.append_column(PINNED, pa.repeat(pa.scalar(False), table.num_rows))
+    table = table.take(pc.sort_indices(table, [(KEY, "ascending"), ("source_index", "ascending")]))
+    edges, facts = stage.reduce(table)
+    decided, clustered = stage.cluster(edges)
+    return table, edges, decided, stage.summarise([facts, clustered])
+
+
+def pairs_of(left: np.ndarray, right: np.ndarray) -> set[tuple[int, int]]:
+    return {(min(i, j), max(i, j)) for i, j in zip(left.tolist(), right.tolist()) if i != j}
 
 
 def caption_part(args) -> str:
@@ -107,20 +122,15 @@ def caption_part(args) -> str:
     )
 
     start = time.perf_counter()
-    partials, decided = run_stage(captions, stage)
-    state = decided.summary
+    table, edges, decided, state = run_stage(captions, stage)
     ours = time.perf_counter() - start
-    from curation.dedup.caption import concat_shingles
-    from curation.dedup.minhash import candidate_pairs, jaccard
-
-    keys = np.concatenate([p["features"]["keys"] for p in partials])
-    shingles = concat_shingles([p["features"]["shingles"] for p in partials])
-    left, right, _ = candidate_pairs(keys, shingles.counts > 0, stage.max_bucket)
-    our_pairs = set(zip(left.tolist(), right.tolist()))
+    left, right, _ = candidate_pairs(table[KEY].to_numpy()[:, None], table["band"].to_numpy() >= 0, stage.max_bucket)
+    index = table["source_index"].to_numpy()
+    our_pairs = pairs_of(index[left], index[right])
     print(
-        f"ours (stage compute + aggregate, with the exact Jaccard check and clusters): {ours:.2f} s, "
-        f"{state['candidate_pairs']:,} candidate pairs, {state['verified_pairs']:,} at Jaccard >= {stage.threshold}, "
-        f"{state['clusters']:,} clusters, {decided.rows.num_rows:,} rows rejected, "
+        f"ours (stage features + reduce + cluster, with the exact Jaccard check and clusters): {ours:.2f} s, "
+        f"{state['candidate_pairs']:,} candidate pairs over the bands, {state['verified_pairs']:,} at Jaccard >= "
+        f"{stage.threshold}, {state['clusters']:,} clusters, {decided.num_rows:,} rows rejected, "
         f"largest {state['largest'][:5]}"
     )
     if our_pairs != baseline_pairs:
@@ -130,8 +140,7 @@ def caption_part(args) -> str:
         )
     print("candidate pairs: identical")
 
-    match = jaccard(shingles, left, right) >= stage.threshold
-    verified = set(zip(left[match].tolist(), right[match].tolist()))
+    verified = pairs_of(edges["left_source_index"].to_numpy(), edges["right_source_index"].to_numpy())
     sample = sorted(random.Random(0).sample(range(len(captions)), min(args.sample, len(captions))))
     sets = {i: python_shingles(captions[i], stage.shingle_size) for i in sample}
     truth = {

@@ -17,9 +17,9 @@ with ``f0`` the measured null density and ``pi0`` the share of mismatched pairs:
   mismatched pairs pass, whatever the clean rows cost.
 
 A clean pool gets ``pi0`` near 0 and loses (almost) nothing; a pool that is half noise gets a
-high cutoff. The per-shard partials are two fixed-size histograms, so the driver's memory does
-not grow with the pool. The summary records the estimated noise share, the cutoff and the
-expected share of mismatched pairs among the kept rows.
+high cutoff. Each shard's two histograms are summed bin by bin (a sum by key on the cluster), so
+the driver holds 2 x 4,000 counts whatever the pool's size. The summary records the estimated
+noise share, the cutoff and the expected share of mismatched pairs among the kept rows.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.stage import Cutoff, GlobalStage, Rejections
+from pipelines.stage import COUNT, KEY, Cutoff, Rejections, SummedStage
 from schemas.columns import CLIP_SCORE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
 from schemas.embeddings import embedding_matrix
 
@@ -42,7 +42,7 @@ SAME_IMAGE = 0.95  # null pairs whose two images are this close are skipped: the
 
 
 @dataclass
-class ClipScoreNullCut(GlobalStage):
+class ClipScoreNullCut(SummedStage):
     """Keeps rows whose ``clip_score`` beats what mismatched pairs of the same pool score.
 
     ``max_local_fdr`` (default) or ``null_quantile``: set exactly one. ``seed`` fixes which
@@ -68,20 +68,24 @@ class ClipScoreNullCut(GlobalStage):
     def compute_columns(self) -> tuple[str, ...]:
         return (UID, CLIP_SCORE, IMAGE_EMBEDDING, TEXT_EMBEDDING)
 
-    def compute(self, batch: pa.Table) -> Any:
+    def counts(self, batch: pa.Table, state: Any) -> pa.Table:
+        """One shard's pool and null histograms as counts: bins of the pool's scores under keys
+        0..BINS-1, of the null's under BINS..2*BINS-1 (empty bins left out)."""
         scored = batch.filter(pc.is_valid(batch[CLIP_SCORE]))
         scores = scored[CLIP_SCORE].to_numpy().astype(np.float64)
         embedded = scored.filter(pc.and_(pc.is_valid(scored[IMAGE_EMBEDDING]), pc.is_valid(scored[TEXT_EMBEDDING])))
         first = embedded[UID][0].as_py() if embedded.num_rows else ""
         images = embedding_matrix(embedded, None).astype(np.float32)
         texts = embedding_matrix(embedded, images.shape[1], TEXT_EMBEDDING).astype(np.float32)
-        null = null_scores(images, texts, f"{self.seed}:{first}")
-        return histogram(scores), histogram(null)
+        both = np.concatenate([histogram(scores), histogram(null_scores(images, texts, f"{self.seed}:{first}"))])
+        keys = np.flatnonzero(both)
+        return pa.table({KEY: pa.array(keys, pa.int64()), COUNT: pa.array(both[keys], pa.int64())})
 
-    def aggregate(self, partials: list[Any]) -> Any:
-        pool = sum((p[0] for p in partials), np.zeros(BINS, np.int64))
-        null = sum((p[1] for p in partials), np.zeros(BINS, np.int64))
-        return calibrate(pool, null, max_local_fdr=self.max_local_fdr, null_quantile=self.null_quantile)
+    def from_counts(self, totals: pa.Table, state: Any) -> tuple[Any, bool]:
+        both = np.zeros(2 * BINS, np.int64)
+        both[totals[KEY].to_numpy()] = totals[COUNT].to_numpy()
+        pool, null = both[:BINS], both[BINS:]
+        return calibrate(pool, null, max_local_fdr=self.max_local_fdr, null_quantile=self.null_quantile), True
 
     def decide(self, batch: pa.Table, state: Any) -> pa.Table:
         scores = batch[CLIP_SCORE]

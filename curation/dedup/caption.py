@@ -1,10 +1,14 @@
 """Near-duplicate captions: MinHash LSH candidates, verified by exact Jaccard, clustered.
 
-``compute`` shingles each shard's captions, computes datasketch-identical MinHash signatures
-and keeps their LSH band keys and the shingle hashes (about 4 bytes a shingle, so a 12-word
-caption costs ~50 bytes plus 8 per band on the driver). ``aggregate`` pairs rows that share a
-band key, keeps the pairs whose exact Jaccard similarity of shingle sets reaches ``threshold``,
-and clusters them. Captions with no shingle (empty after normalisation) are never paired.
+``features`` shingles the captions, computes datasketch-identical MinHash signatures and emits
+one row per (caption, LSH band): the band's key, the caption's shingle hashes (about 4 bytes a
+shingle) and what the survivor policy needs. The runner brings each key's rows together (a hash
+shuffle under Ray); ``reduce`` pairs the rows that share a key, keeps the pairs whose exact
+Jaccard similarity of shingle sets reaches ``threshold`` and returns them as edges; one task
+clusters the edges of the whole pool. Captions with no shingle (empty after normalisation) are
+never paired. A pool's shuffle carries ``bands`` copies of each caption's shingles (16 at the
+default threshold: about 1.3 KB a row for a 12-word caption), spilled to disk by Ray Data where
+they do not fit its object store.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from curation.dedup.base import ClusterDedup
+from curation.dedup.linked import PREFERENCE, LinkedDedup, edge_rows
 from curation.dedup.minhash import (
     SHINGLE_KINDS,
     MinHasher,
@@ -25,16 +30,20 @@ from curation.dedup.minhash import (
     caption_series,
     jaccard,
     lsh_params,
+    mix64,
     shingle,
 )
-from pipelines.stage import Resources, default_resources
-from schemas.columns import CAPTION
+from pipelines.stage import KEY, PINNED, Resources, default_resources
+from schemas.columns import CAPTION, SOURCE_INDEX, UID
 
 NEAR_DUPLICATE_CAPTION = "near_duplicate_caption"
+_BAND, _SHINGLES = "band", "shingles"
+#: The band of the one feature row of a caption without shingles (counted, never paired).
+_NO_SHINGLES = -1
 
 
 @dataclass
-class CaptionNearDuplicates(ClusterDedup):
+class CaptionNearDuplicates(LinkedDedup):
     """Rejects rows whose caption is a near-duplicate (Jaccard >= ``threshold`` over word or
     character ``shingle_size``-grams) of a surviving row's caption.
 
@@ -84,36 +93,53 @@ class CaptionNearDuplicates(ClusterDedup):
     def feature_columns(self) -> tuple[str, ...]:
         return (CAPTION,)
 
-    def features(self, batch: pa.Table) -> dict[str, Any]:
+    def features(self, batch: pa.Table) -> pa.Table:
         shingles = shingle(caption_series(batch[CAPTION]), self.shingle_kind, self.shingle_size)
-        signatures = MinHasher(self.num_perm, self.seed).signatures(shingles)
-        return {"keys": band_keys(signatures, self.bands, self.rows_per_band), "shingles": shingles}
-
-    def edges(self, features: list[dict[str, Any]], num_rows: int):
-        keys = np.concatenate([f["keys"] for f in features] or [np.zeros((0, self.bands), np.uint64)])
-        shingles = concat_shingles([f["shingles"] for f in features])
-        left, right, capped = candidate_pairs(keys, shingles.counts > 0, self.max_bucket)
-        similarity = jaccard(shingles, left, right)
-        match = similarity >= self.threshold
-        return (
-            left[match],
-            right[match],
+        keys = band_keys(MinHasher(self.num_perm, self.seed).signatures(shingles), self.bands, self.rows_per_band)
+        has = shingles.counts > 0
+        # Each caption with shingles once per band; one without, once, under a key of its own.
+        rows = np.concatenate([np.repeat(np.flatnonzero(has), self.bands), np.flatnonzero(~has)])
+        index = batch[SOURCE_INDEX].to_numpy().astype(np.int64)
+        key = np.concatenate([keys[has].ravel(), mix64(index[~has].astype(np.uint64))])
+        band = np.concatenate([np.tile(np.arange(self.bands), int(has.sum())), np.full((~has).sum(), _NO_SHINGLES)])
+        hashes = pa.ListArray.from_arrays(pa.array(shingles.offsets, pa.int32()), pa.array(shingles.hashes))
+        taken = pa.array(rows, pa.int64())
+        return pa.table(
             {
-                "candidate_pairs": len(left),
-                "verified_pairs": int(match.sum()),
-                "capped_buckets": capped,
-                "bands": self.bands,
-                "rows_per_band": self.rows_per_band,
-                "rows_without_shingles": int((shingles.counts == 0).sum()),
-            },
+                KEY: pa.array(key.view(np.int64)),
+                _BAND: pa.array(band, pa.int16()),
+                SOURCE_INDEX: pa.array(index[rows], pa.int64()),
+                UID: batch[UID].take(taken),
+                PREFERENCE: self.preference_column(batch).take(taken),
+                _SHINGLES: hashes.take(taken),
+            }
         )
 
+    def reduce(self, group: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
+        # By key, then input order: a bucket too large to pair in full pairs its earliest row.
+        group = group.take(pc.sort_indices(group, [(KEY, "ascending"), (SOURCE_INDEX, "ascending")]))
+        band = group[_BAND].to_numpy()
+        counted = band <= 0  # each caption once: band 0, or its only row
+        pinned = group[PINNED].to_numpy(zero_copy_only=False)
+        eligible = band != _NO_SHINGLES
+        left, right, capped = candidate_pairs(group[KEY].to_numpy()[:, None], eligible, self.max_bucket)
+        lists = group[_SHINGLES].combine_chunks()
+        offsets = lists.offsets.to_numpy().astype(np.int64)
+        shingles = Shingles(offsets - offsets[0], lists.values.to_numpy()[offsets[0] : offsets[-1]])
+        match = jaccard(shingles, left, right) >= self.threshold
+        facts = {
+            "rows": int((counted & ~pinned).sum()),
+            "earlier_rows": int((counted & pinned).sum()),
+            "rows_without_shingles": int(((band == _NO_SHINGLES) & ~pinned).sum()),
+            "candidate_pairs": len(left),
+            "verified_pairs": int(match.sum()),
+            "capped_buckets": capped,
+        }
+        return edge_rows(group, left[match], right[match]), facts
 
-def concat_shingles(parts: list[Shingles]) -> Shingles:
-    """The shingles of several batches, rows in order."""
-    if not parts:
-        return Shingles(np.zeros(1, np.int64), np.zeros(0, np.uint32))
-    offsets = [parts[0].offsets]
-    for part in parts[1:]:
-        offsets.append(part.offsets[1:] + offsets[-1][-1])
-    return Shingles(np.concatenate(offsets), np.concatenate([p.hashes for p in parts]))
+    @property
+    def summed_facts(self) -> tuple[str, ...]:
+        return ("rows_without_shingles", "candidate_pairs", "verified_pairs", "capped_buckets")
+
+    def summarise(self, facts: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**super().summarise(facts), "bands": self.bands, "rows_per_band": self.rows_per_band}

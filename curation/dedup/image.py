@@ -18,8 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation.dedup.base import ClusterDedup
-from curation.dedup.caption import concat_shingles
-from curation.dedup.minhash import SHINGLE_KINDS, caption_series, jaccard, shingle
+from curation.dedup.minhash import SHINGLE_KINDS, caption_series, concat_shingles, jaccard, shingle
 from curation.dedup.vectors import SearchSettings, similar_pairs, unit_rows
 from pipelines.stage import Resources, default_resources
 from schemas.columns import CAPTION, IMAGE_EMBEDDING

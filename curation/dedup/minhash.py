@@ -178,12 +178,13 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     for band in range(bands):
         h = np.full(len(signatures), np.uint64(0x9E3779B97F4A7C15 ^ band), dtype=np.uint64)
         for value in signatures[:, band * rows : (band + 1) * rows].T:
-            h = _mix64(h ^ value.astype(np.uint64))
+            h = mix64(h ^ value.astype(np.uint64))
         keys[:, band] = h
     return keys
 
 
-def _mix64(h: np.ndarray) -> np.ndarray:
+def mix64(h: np.ndarray) -> np.ndarray:
+    """A 64-bit finalizer (MurmurHash3's fmix64 constants): well spread keys from any integers."""
     h = h ^ (h >> np.uint64(33))
     h = h * np.uint64(0xFF51AFD7ED558CCD)
     h = h ^ (h >> np.uint64(33))
@@ -248,3 +249,13 @@ def _gather(shingles: Shingles, rows: np.ndarray) -> np.ndarray:
     starts = np.repeat(shingles.offsets[rows], counts)
     within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     return shingles.hashes[starts + within]
+
+
+def concat_shingles(parts: list[Shingles]) -> Shingles:
+    """The shingles of several batches, rows in order."""
+    if not parts:
+        return Shingles(np.zeros(1, np.int64), np.zeros(0, np.uint32))
+    offsets = [parts[0].offsets]
+    for part in parts[1:]:
+        offsets.append(part.offsets[1:] + offsets[-1][-1])
+    return Shingles(np.concatenate(offsets), np.concatenate([p.hashes for p in parts]))

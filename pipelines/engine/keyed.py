@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipelines.engine.rundir import RunDir
-from pipelines.stage import COUNT, KEY, PINNED, KeyedStage, RunFiles, SummedStage
+from pipelines.stage import COUNT, KEY, PINNED, KeyedStage, LinkedStage, RunFiles, SummedStage
 from pipelines.stage.run_files import shard_name
 from schemas.columns import SOURCE_INDEX
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 #: The column of a reduction's output that says which shard a row belongs to.
 SHARD_COLUMN = "shard"
 DECISIONS_DIR = "decisions"
+EDGES_DIR = "edges"
 _DONE = "_done"
 
 
@@ -68,6 +69,7 @@ class KeyedReduce:
     out: str
     shard_size: int
     features: Callable[[pa.Table], pa.Table] | None = None
+    by_shard: bool = True  # False: one file per group of keys directly under ``out`` (edges)
 
     def prepare(self, table: pa.Table, source: ReduceInput) -> pa.Table:
         """One input table as the reduction reads it: features, and whether its rows are pinned."""
@@ -87,8 +89,38 @@ class KeyedReduce:
         decided, facts = self.reduce(group)
         if decided.num_rows:
             name = hashlib.blake2b(str(group[self.key][0].as_py()).encode(), digest_size=8).hexdigest()
-            write_by_shard(self.rundir, self.out, with_shard(decided, self.shard_size), name)
+            if self.by_shard:
+                write_by_shard(self.rundir, self.out, with_shard(decided, self.shard_size), name)
+            else:
+                self.rundir.write_table(self.rundir.path(self.out, f"{name}.parquet"), decided)
         return facts
+
+
+@dataclass(frozen=True)
+class EdgeClustering:
+    """A :class:`~pipelines.stage.LinkedStage`'s ``cluster`` over every edge file under ``edges``,
+    its decided rows written by shard under ``out``."""
+
+    rundir: RunDir
+    edges: str
+    cluster: Callable[[pa.Table], tuple[pa.Table, dict[str, Any]]]
+    out: str
+    shard_size: int
+
+    def memory(self) -> int:
+        """What the task that clusters needs: the edges decoded (parquet of integers and uids
+        grows about fourfold in memory), the graph and the labels; at least 256 MiB."""
+        stored = sum(f.size or 0 for f in self.rundir.list_files(self.edges))
+        return max(256 << 20, 16 * stored)
+
+
+def cluster_edges(job: EdgeClustering) -> dict[str, Any]:
+    """Read every edge, cluster them, write the decided rows by shard; the cluster's facts."""
+    tables = [job.rundir.read_table(path) for path in job.rundir.parquet_files(job.edges)]
+    edges = pa.concat_tables(tables) if tables else pa.table({})
+    decided, facts = job.cluster(edges)
+    write_by_shard(job.rundir, job.out, with_shard(decided, job.shard_size), "clusters")
+    return facts
 
 
 def phase_input(rundir: RunDir, phase: str, shards: list[int], columns: tuple[str, ...]) -> ReduceInput:
@@ -100,15 +132,26 @@ def decide_by_key(
     stage: KeyedStage, name: str, runner: Runner, rundir: RunDir, phase: str, shards: list[int], shard_size: int
 ) -> Any:
     """A :class:`~pipelines.stage.KeyedStage`'s decision: its rows written by shard under
-    :func:`decisions_folder`, its facts summarised; the summary."""
+    :func:`decisions_folder`, its facts summarised; the summary. A
+    :class:`~pipelines.stage.LinkedStage`'s reductions write edges instead, which one task then
+    clusters into the decided rows."""
     folder = decisions_folder(name)
-    rundir.remove_folder(folder)  # those of an earlier, unfinished attempt
+    linked = isinstance(stage, LinkedStage)
+    out = f"{EDGES_DIR}/{name}" if linked else folder
+    for stale in {folder, out}:  # those of an earlier, unfinished attempt
+        rundir.remove_folder(stale)
     inputs = [phase_input(rundir, phase, shards, tuple(stage.compute_columns))]
     for number, run in enumerate(stage.pinned_runs()):
         inputs.append(_pinned_input(name, run, number, tuple(stage.pinned_columns)))
-    job = KeyedReduce(rundir, tuple(inputs), KEY, stage.reduce, folder, shard_size, stage.features)
-    summary = stage.summarise(runner.reduce_by_key(job))
+    job = KeyedReduce(rundir, tuple(inputs), KEY, stage.reduce, out, shard_size, stage.features, by_shard=not linked)
+    facts = runner.reduce_by_key(job)
+    if linked:
+        clustering = EdgeClustering(rundir, out, stage.cluster, folder, shard_size)
+        facts.append(runner.run_task(cluster_edges, clustering, memory=clustering.memory()))
+    summary = stage.summarise(facts)
     mark_done(rundir, folder)
+    if linked:
+        rundir.remove_folder(out)
     return summary
 
 
@@ -198,6 +241,11 @@ def count_passes(stage: SummedStage, name: str, runner: Runner, source: ReduceIn
         if done:
             return state
     raise RuntimeError(f"{name}: still not decided after {MAX_COUNT_PASSES} counting passes")
+
+
+def count_file(source: ReduceInput, path: str, counts: Callable[[pa.Table], pa.Table]) -> pa.Table:
+    """A :class:`~pipelines.stage.SummedStage`'s counts of one whole file of ``source``."""
+    return counts(source.files().read_table(path, list(source.columns)))
 
 
 def empty_counts() -> pa.Table:

@@ -24,7 +24,14 @@ import pyarrow as pa
 
 from pipelines.engine.chain import PlannedStage, apply_stage
 from pipelines.engine.config import RayConfig
-from pipelines.engine.keyed import KeyedReduce, ReduceInput, empty_counts, sorted_by_key, summed_counts
+from pipelines.engine.keyed import (
+    KeyedReduce,
+    ReduceInput,
+    count_file,
+    empty_counts,
+    sorted_by_key,
+    summed_counts,
+)
 from pipelines.engine.phase import PhaseTask, ShardIO, compute_partial
 from pipelines.engine.placement import Placement, gpu_on_cpu, plan_placement, with_cpus
 from pipelines.engine.rundir import RunDir
@@ -68,6 +75,10 @@ class Runner(ABC):
     @abstractmethod
     def sum_by_key(self, source: ReduceInput, counts: Callable[[pa.Table], pa.Table]) -> pa.Table:
         """``counts`` of every table of ``source`` (rows of ``KEY`` and ``COUNT``), summed by key."""
+
+    @abstractmethod
+    def run_task(self, fn: Callable[[Any], Any], arg: Any, memory: int) -> Any:
+        """``fn(arg)`` in one task that may hold ``memory`` bytes; its result."""
 
     @abstractmethod
     def reduce_by_key(self, job: KeyedReduce) -> list[dict[str, Any]]:
@@ -120,8 +131,11 @@ class LocalRunner(Runner):
             yield fn(first, item)
 
     def sum_by_key(self, source, counts):
-        tables = [counts(source.files().read_table(path, list(source.columns))) for path in source.paths]
+        tables = [count_file(source, path, counts) for path in source.paths]
         return summed_counts(pa.concat_tables(tables) if tables else empty_counts())
+
+    def run_task(self, fn, arg, memory):
+        return fn(arg)
 
     def reduce_by_key(self, job):
         tables = [
@@ -266,14 +280,38 @@ class RayRunner(Runner):
         if not source.paths:
             return empty_counts()
 
+        import ray.data
+
         self._data_context()
+        # A task per file, so that a stage counts whole shards (as under the local runner), never
+        # blocks that Ray Data cut or merged: a count drawn from a shard's rows stays the same.
+        paths = ray.data.from_items([{"path": path} for path in source.paths], override_num_blocks=len(source.paths))
         ds = _map_batches(
-            _read(source), _count_rows, batch_format="pyarrow", fn_kwargs={"counts": counts}, max_retries=WORKER_RETRIES
+            paths,
+            _count_files,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs={"counts": counts, "source": source},
+            max_retries=WORKER_RETRIES,
         )
         summed = ds.groupby(KEY).sum(COUNT).iter_batches(batch_format="pyarrow")
         totals = [t.rename_columns([KEY, COUNT]) for t in summed if t.num_rows]  # Ray names it sum(count)
         self._deaths.report("a sum by key")
         return summed_counts(pa.concat_tables(totals) if totals else empty_counts())
+
+    def run_task(self, fn, arg, memory):
+        import ray
+
+        self.start()
+        # Never more than the largest node has, or Ray would wait for one forever.
+        largest = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]), default=0)
+        options: dict[str, Any] = {"max_retries": WORKER_RETRIES}
+        if min(memory, largest) >= 1:
+            options["memory"] = int(min(memory, largest))
+        remote = ray.remote(**options)(fn)
+        result = ray.get(remote.remote(arg))
+        self._deaths.report(fn.__name__)
+        return result
 
     def reduce_by_key(self, job):
         sources = [source for source in job.inputs if source.paths]
@@ -349,8 +387,8 @@ def _read(source: ReduceInput):
     return ray.data.read_parquet(list(source.paths), filesystem=source.files().fs).select_columns(list(source.columns))
 
 
-def _count_rows(batch: pa.Table, counts: Callable[[pa.Table], pa.Table]) -> pa.Table:
-    return counts(batch)
+def _count_files(batch: pa.Table, counts: Callable[[pa.Table], pa.Table], source: ReduceInput) -> pa.Table:
+    return pa.concat_tables([count_file(source, path, counts) for path in batch["path"].to_pylist()])
 
 
 def _prepare_rows(batch: pa.Table, job: KeyedReduce, source: ReduceInput) -> pa.Table:

@@ -204,7 +204,7 @@ class SummedStage(GlobalStage):
     """A whole-pool decision from counts summed by key (MetaCLIP's matches per entry; the rows
     above a rank, narrowed down pass by pass).
 
-    ``counts(batch, state)`` turns a batch of ``compute_columns`` into rows of :data:`KEY` and
+    ``counts(batch, state)`` turns one whole shard's ``compute_columns`` into rows of :data:`KEY` and
     :data:`COUNT`; the runner sums them by key over the pool (Ray Data's ``groupby(...).sum(...)``
     under Ray) and ``from_counts(totals, state)`` returns ``(state, done)`` from the totals, one
     row per key, sorted by key. ``state`` is None on the first pass; a stage that is not done is
@@ -249,6 +249,20 @@ class KeyedStage(GlobalStage):
         raise NotImplementedError
 
     def summarise(self, facts: list[dict[str, Any]]) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class LinkedStage(KeyedStage):
+    """A :class:`KeyedStage` whose ``reduce`` finds links between rows (verified duplicate pairs)
+    rather than decisions: the rows it returns are edges, one per pair, with whatever
+    ``cluster`` needs about both ends. The runner gathers the edges of the whole pool, and only
+    those, in one task sized by their bytes; ``cluster(edges)`` returns the decided rows (with
+    their ``source_index``, written by shard) and its facts. ``summarise`` receives the facts of
+    every ``reduce`` and, last, those of ``cluster``. Rows in no edge never reach ``cluster``.
+    """
+
+    def cluster(self, edges: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
         raise NotImplementedError
 
 

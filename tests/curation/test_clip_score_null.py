@@ -8,7 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from curation.clip_score_null import ClipScoreNullCut, calibrate, histogram, null_scores
+from curation.clip_score_null import BINS, ClipScoreNullCut, calibrate, histogram, null_scores
+from pipelines.engine.keyed import summed_counts
+from pipelines.stage import COUNT, KEY
 from schemas.columns import CLIP_SCORE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
 from schemas.rejects import REJECT_REASON
 
@@ -107,7 +109,9 @@ def _table(rows: int, noise: float, seed: int = 3) -> tuple[pa.Table, np.ndarray
 def test_stage_rejects_the_mismatched_rows_of_a_pool():
     table, is_noise = _table(4_000, noise=0.25)
     stage = ClipScoreNullCut()
-    state = stage.aggregate([stage.compute(table.slice(i, 1000)) for i in range(0, 4_000, 1000)])
+    counts = pa.concat_tables([stage.counts(table.slice(i, 1000), None) for i in range(0, 4_000, 1000)])
+    state, done = stage.from_counts(summed_counts(counts), None)
+    assert done
     assert state["noise_share"] == pytest.approx(0.25, abs=0.05)
     rejected = np.array([r is not None for r in stage.decide(table, state)[REJECT_REASON].to_pylist()])
     assert rejected[is_noise].mean() > 0.9 and rejected[~is_noise].mean() < 0.1
@@ -118,8 +122,10 @@ def test_a_scored_row_without_embeddings_leaves_the_null_to_the_others():
     table, _ = _table(200, noise=0.0)
     holes = pa.array([None] + table[IMAGE_EMBEDDING].to_pylist()[1:], table.schema.field(IMAGE_EMBEDDING).type)
     damaged = table.set_column(table.schema.get_field_index(IMAGE_EMBEDDING), IMAGE_EMBEDDING, holes)
-    pool, null = ClipScoreNullCut().compute(damaged)
-    assert pool.sum() == 200 and null.sum() == pytest.approx(199, abs=3)  # a few same-image pairs skipped
+    counts = ClipScoreNullCut().counts(damaged, None).to_pydict()
+    pool = sum(c for k, c in zip(counts[KEY], counts[COUNT]) if k < BINS)
+    null = sum(c for k, c in zip(counts[KEY], counts[COUNT]) if k >= BINS)
+    assert pool == 200 and null == pytest.approx(199, abs=3)  # a few same-image pairs skipped
 
 
 def test_settings_are_checked():

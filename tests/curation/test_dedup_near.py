@@ -81,6 +81,30 @@ def test_caption_clusters_are_identical_under_both_runners(tmp_path, runner_fact
     assert results[0] == results[1]
 
 
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_captions_are_deduplicated_against_an_earlier_runs_kept_rows(tmp_path, runner_factory, kind):
+    stage = {"stage": "curation.dedup:CaptionNearDuplicates", "threshold": 0.7}
+    earlier, _ = _run(tmp_path, f"earlier-{kind}", CHAIN[:2], [stage], runner_factory("local"))
+    kept_earlier = read_phase(earlier.run_uri, earlier.phase_names[-1])
+    later = [{**stage, "keep": "longest_caption", "against": [earlier.run_uri]}]
+    plan, manifest = _run(
+        tmp_path, f"later-{kind}", CHAIN[2:] + ["two cats sleep on a red sofa"], later, runner_factory(kind)
+    )
+    kept, rejected = _outcome(plan, "caption_near_duplicates")
+    # Rows 0 and 2 (the dusk dogs) join the earlier dawn dog's cluster, which it survives although
+    # row 2's caption is longer; the new sofa cat copies the earlier cat. Empty row 1 stays.
+    assert kept == {1, 3}
+    survivor = dict(zip(kept_earlier["caption"].to_pylist(), kept_earlier["uid"].to_pylist()))
+    assert {i: s for i, (s, _) in rejected.items()} == {
+        0: survivor[CHAIN[0]],
+        2: survivor[CHAIN[0]],
+        4: survivor[CHAIN[1]],
+    }
+    summary = manifest.aggregates["caption_near_duplicates"]
+    assert summary["rows"] == 5 and summary["earlier_rows"] == 2 and summary["duplicates_of_earlier_runs"] == 3
+    assert summary["size_histogram"] == {"2": 1, "3": 1}
+
+
 def test_single_row_and_empty_caption_pools(tmp_path, runner_factory):
     stage = {"stage": "curation.dedup:CaptionNearDuplicates"}
     for name, captions in (("one", ["a single caption"]), ("blank", ["", ""])):
