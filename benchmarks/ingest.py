@@ -105,10 +105,12 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def run_child(pool: str, out: str, runner: str, cpus: int, shard_size: int, script: str = __file__) -> dict:
+def run_child(
+    pool: str, out: str, runner: str, cpus: int, shard_size: int, script: str = __file__, *extra: str
+) -> dict:
     """``script --child ...`` in a fresh process (its peak RSS its own); the JSON it printed last."""
     done = subprocess.run(
-        [sys.executable, script, "--child", pool, out, runner, str(cpus), str(shard_size)],
+        [sys.executable, script, "--child", pool, out, runner, str(cpus), str(shard_size), *extra],
         capture_output=True,
         text=True,
         check=False,

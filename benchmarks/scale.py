@@ -1,14 +1,21 @@
-"""Driver memory of whole-pool decisions as the pool grows: exact duplicates at 1M and 10M rows.
+"""Driver memory of every whole-pool decision as the pool grows: all global stages at 1M and 10M rows.
 
-A LAION-like parquet pool (urls of 40 to 140 characters, captions of 2 to 40 words) in which
-10% of the rows repeat the url and caption of an earlier row is curated by ``ExactDuplicates``
-alone, under the Ray runner on 2 CPUs (ours) and under the local runner (everything in one
-process, the reference: its kept uids must be the same). Each run is a child process, so its
-peak RSS (VmHWM) is the driver's own; CPU seconds are the machine's (driver and Ray workers),
-from ``/proc/stat``. The other global stages (MetaCLIP balancing, the CLIP-score cuts, the
-near-duplicate stages) still aggregate on the driver and are not measured here yet.
+A LAION-like parquet pool is curated by every kind of whole-pool decision in one run:
+``ExactDuplicates`` (a keyed reduction), ``MetaclipMatch`` + ``MetaclipBalance`` (a sum by
+key), ``CaptionNearDuplicates`` (LSH buckets reduced into edges, clustered in one task),
+``SyntheticClip`` (a stand-in for CLIP: :mod:`benchmarks.scale_stages`), ``ClipScoreNullCut``
+(whole shards counted), ``ClipScoreTopFraction`` (counting passes) and ``ImageNearDuplicates``
+(k-means cells). The pool: captions of 4 to 16 words drawn from a Zipf law over 20,000
+pseudo-words; 10% of the rows repeat the url and caption of an earlier row, 5% take an earlier
+row's caption with one word changed (near-duplicate captions), 5% an earlier row's image
+slightly changed (near-duplicate images), and one pair in five is mismatched.
 
-    .venv/bin/python benchmarks/scale.py [--rows 1000000,10000000] [--shard-size 100000]
+Ours: the Ray runner on a 2-node Ray cluster started on this machine (``ray.cluster_utils``, one
+CPU a node). The reference: the local runner (everything in one process), at the smallest size
+only, whose kept uids must be the same. Each run is a child process, so its peak RSS (VmHWM) is
+the driver's own; CPU seconds are the machine's (driver, nodes and workers), from ``/proc/stat``.
+
+    .venv/bin/python benchmarks/scale.py [--rows 1000000,10000000] [--shard-size 100000] [--dim 32]
 """
 
 from __future__ import annotations
@@ -27,31 +34,75 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from benchmarks.ingest import FILE_ROWS, ROW_GROUP, WORDS, peak_rss_mib, run_child  # noqa: E402
+from benchmarks.ingest import FILE_ROWS, ROW_GROUP, peak_rss_mib, run_child  # noqa: E402
 
-DUPLICATE_SHARE = 0.10
+EXACT_SHARE, CAPTION_COPY_SHARE, IMAGE_COPY_SHARE = 0.10, 0.05, 0.05
+VOCABULARY = 20_000
+#: MetaCLIP's threshold for 400M pairs was 20,000: one in 20,000 rows.
+METACLIP_ROWS_PER_THRESHOLD = 20_000
 
 
-def write_pool(folder: Path, rows: int, seed: int = 0) -> None:
-    """Files of up to 1M rows; a tenth of the rows copy the url and caption of an earlier row."""
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64 of each value: a well spread, reproducible 64-bit draw."""
+    h = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def vocabulary() -> np.ndarray:
+    """20,000 distinct pseudo-words of 2 to 4 syllables, most frequent first."""
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    rng = np.random.default_rng(7)
+    words: dict[str, None] = {}
+    while len(words) < VOCABULARY:
+        words["".join(rng.choice(syllables, rng.integers(2, 5)))] = None
+    return np.array(list(words))
+
+
+def captions(caption_ids: np.ndarray, edits: np.ndarray, words: np.ndarray) -> pa.Array:
+    """Caption ``caption_ids[i]`` (4 to 16 Zipf-drawn words, a function of the id), its first word
+    replaced by one drawn from ``edits[i]`` where that is not negative."""
+    cdf = np.cumsum(1.0 / (np.arange(len(words)) + 10.0))
+    cdf /= cdf[-1]
+    lengths = (4 + _mix(caption_ids * 7 + 1) % np.uint64(13)).astype(np.int64)
+    row = np.repeat(np.arange(len(caption_ids)), lengths)
+    position = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    draw = _mix(caption_ids[row] * 64 + position).astype(np.float64) / 2.0**64
+    edited = (position == 0) & (edits[row] >= 0)
+    draw[edited] = _mix(edits[row][edited] * 64 + 63).astype(np.float64) / 2.0**64
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int32)
+    lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(words[np.searchsorted(cdf, draw)]))
+    return pc.binary_join(lists, " ")
+
+
+def write_pool(folder: Path, rows: int, seed: int = 0) -> Path:
+    """The pool's parquet files (1M rows each) and, beside them, the MetaCLIP metadata; its path."""
     rng = np.random.default_rng(seed)
+    words = vocabulary()
     folder.mkdir(parents=True, exist_ok=True)
     for part, start in enumerate(range(0, rows, FILE_ROWS)):
         n = min(FILE_ROWS, rows - start)
         ids = np.arange(start, start + n)
-        copies = rng.random(n) < DUPLICATE_SHARE
-        ids[copies] = rng.integers(0, np.maximum(ids[copies], 1))  # an earlier row (of any file)
-        id_text = pa.array(ids.astype(str))
-        pads = pa.array(np.array(["x" * k for k in range(100)])[ids % 100])
-        url = pc.binary_join_element_wise("https://img.example.com/", pads, "/", id_text, ".jpg", "")
-        caption = pc.binary_join_element_wise(
-            pa.array(WORDS[ids % len(WORDS)]), pa.array(WORDS[(ids // 7) % len(WORDS)]), "photo", id_text, " "
+        earlier = rng.integers(0, np.maximum(ids, 1))
+        kind = np.searchsorted(np.cumsum([EXACT_SHARE, CAPTION_COPY_SHARE, IMAGE_COPY_SHARE]), rng.random(n))
+        exact, caption_copy, image_copy = kind == 0, kind == 1, kind == 2
+        image_ids = np.where(exact | image_copy, earlier, ids)
+        caption_ids = np.where(exact | caption_copy, earlier, ids)
+        edits = np.where(caption_copy, ids, -1)
+        pads = pa.array(np.array(["x" * k for k in range(100)])[image_ids % 100])
+        suffix = pa.array(np.where(image_copy, np.char.add("?copy=", ids.astype(str)), ""))
+        url = pc.binary_join_element_wise(
+            "https://img.example.com/", pads, "/", pa.array(image_ids.astype(str)), ".jpg", suffix, ""
         )
-        pq.write_table(
-            pa.table({"url": url, "caption": caption}), folder / f"part-{part:05d}.parquet", row_group_size=ROW_GROUP
-        )
+        table = pa.table({"url": url, "caption": captions(caption_ids, edits, words)})
+        pq.write_table(table, folder / f"part-{part:05d}.parquet", row_group_size=ROW_GROUP)
+    metadata = folder.parent / "metadata.json"
+    metadata.write_text(json.dumps(words[::10].tolist()))  # 2,000 entries from head to tail
+    return metadata
 
 
 def busy_cpu_seconds() -> float:
@@ -61,13 +112,42 @@ def busy_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def curate(pool: str, out: str, runner: str, cpus: int, shard_size: int) -> dict:
-    """One run of ExactDuplicates over the pool, in this process: its figures."""
+def stages(metadata: str, rows: int, dim: int) -> list[dict]:
+    return [
+        {"stage": "curation.dedup:ExactDuplicates"},
+        {"stage": "curation.metaclip:MetaclipMatch", "metadata": metadata, "case_sensitive": False},
+        {
+            "stage": "curation.metaclip:MetaclipBalance",
+            "threshold": max(1, rows // METACLIP_ROWS_PER_THRESHOLD),
+            "tail_share": None,
+        },
+        {"stage": "curation.dedup:CaptionNearDuplicates"},
+        {"stage": "benchmarks.scale_stages:SyntheticClip", "dim": dim},
+        {"stage": "curation.clip_score_null:ClipScoreNullCut"},
+        {"stage": "curation.clip_score:ClipScoreTopFraction", "fraction": 0.9},
+        {"stage": "curation.dedup:ImageNearDuplicates"},
+    ]
+
+
+def curate(pool: str, out: str, runner: str, cpus: int, shard_size: int, dim: int) -> dict:
+    """One run of every global stage over the pool, driven from this process: its figures."""
     from pipelines.engine.config import parse_config
     from pipelines.engine.execute import run_pipeline
     from pipelines.engine.runner import make_runner
     from pipelines.job import build_plan
 
+    cluster = None
+    ray_config: dict = {"num_cpus": cpus}
+    if runner == "ray":
+        from ray.cluster_utils import Cluster
+
+        os.environ["PYTHONPATH"] = str(ROOT)  # the nodes' workers import benchmarks.scale_stages
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        for _ in range(cpus - 1):
+            cluster.add_node(num_cpus=1)
+        ray_config = {"address": cluster.address}
+    metadata = str(Path(pool).parent / "metadata.json")
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in Path(pool).glob("*.parquet"))
     config = parse_config(
         {
             "name": "scale",
@@ -75,8 +155,8 @@ def curate(pool: str, out: str, runner: str, cpus: int, shard_size: int) -> dict
             "output_dir": out,
             "runner": runner,
             "shard_size": shard_size,
-            "ray": {"num_cpus": cpus},
-            "stages": [{"stage": "curation.dedup:ExactDuplicates"}],
+            "ray": ray_config,
+            "stages": stages(metadata, rows, dim),
         }
     )
     engine = make_runner(runner, config.ray)
@@ -88,57 +168,66 @@ def curate(pool: str, out: str, runner: str, cpus: int, shard_size: int) -> dict
         manifest = run_pipeline(plan, engine)
     finally:
         engine.close()
+        if cluster is not None:
+            cluster.shutdown()
     seconds, cpu_seconds = time.perf_counter() - start, busy_cpu_seconds() - cpu
     peak = peak_rss_mib()
     digest = hashlib.blake2b(digest_size=16)
     for path in sorted((Path(out) / "scale" / manifest.final_phase).glob("*.parquet")):
         digest.update(pq.read_table(path, columns=["uid"])["uid"].to_numpy(zero_copy_only=False).astype(str).tobytes())
-    rows = manifest.phases[0].counts["read"].rows_in
+    totals = manifest.stage_totals()
     return {
         "rows": rows,
         "seconds": seconds,
         "cpu_seconds_per_row": cpu_seconds / rows,
         "peak_rss_mib": peak,
-        "duplicates": manifest.aggregates["exact_duplicates"]["duplicate_rows"],
+        "rejected": {name: sum(t.rejected.values()) for name, t in totals.items() if t.rejected},
+        "kept_rows": manifest.phases[-1].rows_out,
         "kept": digest.hexdigest(),
     }
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        pool, out, runner, cpus, shard_size = sys.argv[2:7]
-        print(json.dumps(curate(pool, out, runner, int(cpus), int(shard_size))))
+        pool, out, runner, cpus, shard_size, dim = sys.argv[2:8]
+        print(json.dumps(curate(pool, out, runner, int(cpus), int(shard_size), int(dim))))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1000000,10000000", help="pool sizes, comma-separated")
     parser.add_argument("--shard-size", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=32, help="embedding width of the CLIP stand-in")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     sizes = [int(s) for s in args.rows.split(",")]
-    driver = {}
+    figures = {}
     for rows in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             pool = Path(tmp, "pool")
             write_pool(pool, rows)
+            runners = ("ray", "local") if rows == min(sizes) else ("ray",)
             results = {
-                runner: run_child(str(pool), str(Path(tmp, runner)), runner, 2, args.shard_size, __file__)
-                for runner in ("ray", "local")
+                runner: run_child(
+                    str(pool), str(Path(tmp, runner)), runner, 2, args.shard_size, __file__, str(args.dim)
+                )
+                for runner in runners
             }
-        if results["ray"]["kept"] != results["local"]["kept"]:
+        if "local" in results and results["ray"]["kept"] != results["local"]["kept"]:
             sys.exit(f"{rows:,} rows: the Ray runner kept other rows than the local runner")
         for runner, r in results.items():
             print(
-                f"{rows:>12,} rows  {runner:5s}  {r['seconds']:7.1f} s  {rows / r['seconds']:>10,.0f} rows/s  "
-                f"{r['cpu_seconds_per_row'] * 1e6:6.2f} CPU-us/row  driver peak RSS {r['peak_rss_mib']:7,.0f} MiB  "
-                f"{r['duplicates']:,} duplicates"
+                f"{rows:>12,} rows  {runner:5s}  {r['seconds']:7.1f} s  {rows / r['seconds']:>9,.0f} rows/s  "
+                f"{r['cpu_seconds_per_row'] * 1e6:6.1f} CPU-us/row  driver peak RSS {r['peak_rss_mib']:7,.0f} MiB  "
+                f"{r['kept_rows']:,} kept"
             )
-        driver[rows] = results["ray"]["peak_rss_mib"]
-    print("the Ray and local runners kept the same rows at every size")
+        print(f"{'':>12}  rejected by stage: {json.dumps(results['ray']['rejected'])}")
+        figures[rows] = results["ray"]
+    print("the Ray and local runners kept the same rows at the smallest size")
     if len(sizes) > 1:
-        small, large = min(sizes), max(sizes)
-        ratio = driver[large] / driver[small]
-        ours, baseline = driver[large], driver[small]
-        print(f"result: scale_driver_memory ours={ours:.0f} baseline={baseline:.0f} ratio={ratio:.2f} MiB")
+        small, large = figures[min(sizes)], figures[max(sizes)]
+        cpu_ratio = large["cpu_seconds_per_row"] / small["cpu_seconds_per_row"]
+        print(f"CPU-seconds per row, largest over smallest pool: {cpu_ratio:.2f}")
+        ours, baseline = large["peak_rss_mib"], small["peak_rss_mib"]
+        print(f"result: scale_driver_memory ours={ours:.0f} baseline={baseline:.0f} ratio={ours / baseline:.2f} MiB")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from schemas.columns import IMAGE_EMBEDDING, UID
 def float16_lists(matrix: np.ndarray) -> pa.Array:
     """A (rows, dim) matrix as an Arrow list<float16> column, one list a row, without a copy per row."""
     rows, dim = matrix.shape
-    offsets = pa.array(np.arange(0, (rows + 1) * dim, dim, dtype=np.int32))
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * np.int32(dim))
     return pa.ListArray.from_arrays(offsets, pa.array(matrix.astype(np.float16).ravel()))
 
 

@@ -11,7 +11,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.stage import Rejections, Stage
-from schemas.columns import CAPTION, CLIP_SCORE, IMAGE, IMAGE_EMBEDDING, SOURCE_INDEX, register_column
+from schemas.columns import (
+    CAPTION,
+    CLIP_SCORE,
+    IMAGE,
+    IMAGE_EMBEDDING,
+    SOURCE_INDEX,
+    TEXT_EMBEDDING,
+    register_column,
+)
 from schemas.rejects import INTERNAL_ERROR
 
 SETUP_CALLS = register_column("test_setup_calls", pa.int32(), "tests: times setup ran in this worker").name
@@ -222,3 +230,77 @@ class EmbedByGroup(Stage):
         return pa.table(
             {IMAGE_EMBEDDING: pa.array(vectors, pa.list_(pa.float16())), CLIP_SCORE: pa.array(scores, pa.float32())}
         )
+
+
+@dataclass
+class EmbedPairs(Stage):
+    """Writes ``image_embedding``, ``text_embedding`` and ``clip_score`` for any text pool, standing
+    in for CLIP: a row's image is a direction drawn from its caption (equal captions, equal
+    images), its text that direction plus noise drawn from its ``source_index``, or, every
+    ``mismatch_every``-th row, another caption's direction; the score is their cosine."""
+
+    name: ClassVar[str] = "embed_pairs"
+    input_columns: ClassVar[tuple[str, ...]] = (SOURCE_INDEX, CAPTION)
+    output_columns: ClassVar[tuple[str, ...]] = (IMAGE_EMBEDDING, TEXT_EMBEDDING, CLIP_SCORE)
+    dim: int = 16
+    mismatch_every: int = 4
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import zlib
+
+        import numpy as np
+
+        images, texts, scores = [], [], []
+        for index, caption in zip(batch[SOURCE_INDEX].to_pylist(), batch[CAPTION].to_pylist()):
+            image = np.random.default_rng(zlib.crc32(caption.encode())).normal(size=self.dim)
+            image /= np.linalg.norm(image)
+            noise = np.random.default_rng(index)
+            if index % self.mismatch_every == 0:
+                text = noise.normal(size=self.dim)
+            else:
+                text = image + noise.normal(0, 0.6 / np.sqrt(self.dim), self.dim)
+            text /= np.linalg.norm(text)
+            images.append(image.astype(np.float16).tolist())
+            texts.append(text.astype(np.float16).tolist())
+            scores.append(float(image @ text))
+        vectors = pa.list_(pa.float16())
+        return pa.table(
+            {
+                IMAGE_EMBEDDING: pa.array(images, vectors),
+                TEXT_EMBEDDING: pa.array(texts, vectors),
+                CLIP_SCORE: pa.array(scores, pa.float32()),
+            }
+        )
+
+
+def planted_vectors(rows: int = 640, originals: int = 24, dim: int = 64):
+    """``rows`` random unit directions (pairwise cosines near 0) of which ``originals`` get 1 to 3
+    copies with a little noise (cosine > 0.99), shuffled: the vectors (float16) and, for each,
+    the row it was planted from."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vectors = list(rng.normal(size=(rows, dim)))
+    group = list(range(rows))
+    for k, original in enumerate(rng.choice(rows, originals, replace=False)):
+        for _ in range(1 + k % 3):
+            vectors.append(vectors[original] + rng.normal(0, 0.05, dim))
+            group.append(int(original))
+    order = rng.permutation(len(vectors))
+    matrix = np.stack([vectors[i] for i in order])
+    return (matrix / np.linalg.norm(matrix, axis=1, keepdims=True)).astype(np.float16), [group[i] for i in order]
+
+
+@dataclass
+class PlantedEmbeddings(Stage):
+    """Writes ``image_embedding``: row ``source_index`` of :func:`planted_vectors`."""
+
+    name: ClassVar[str] = "planted_embeddings"
+    input_columns: ClassVar[tuple[str, ...]] = (SOURCE_INDEX,)
+    output_columns: ClassVar[tuple[str, ...]] = (IMAGE_EMBEDDING,)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from schemas.embeddings import float16_lists
+
+        vectors, _ = planted_vectors()
+        return pa.table({IMAGE_EMBEDDING: float16_lists(vectors[batch[SOURCE_INDEX].to_numpy()])})

@@ -1,12 +1,11 @@
 """What every dedup stage shares: the survivor policy, the decision, and its summary.
 
-A dedup stage is a global two-pass step. ``compute`` turns each shard into the detector's
-features (hashes, MinHash bands, embeddings) plus the row's uid, ``source_index`` and survivor
-preference; ``aggregate`` finds duplicate edges over the whole pool (subclasses: ``edges``),
-clusters them and picks one survivor per cluster; ``decide`` rejects every other row with the
-survivor's uid in the detail. The decision is one row per duplicate (its ``source_index``, the
-survivor's uid, the cluster's size), returned as :class:`~pipelines.stage.ShardDecisions`: the
-runner writes it by shard, and each shard's ``decide`` reads only its own part.
+A dedup stage is a keyed whole-pool step (:class:`~pipelines.stage.KeyedStage`): its features
+(hashes, MinHash bands, embeddings by k-means cell) carry each row's uid, ``source_index`` and
+survivor preference to where its key's rows meet; clusters get one survivor each, and ``decide``
+rejects every other row with the survivor's uid in the detail. The decision is one row per
+duplicate (its ``source_index``, the survivor's uid, the cluster's size), written by shard, so
+each shard's ``decide`` reads only its own part.
 """
 
 from __future__ import annotations
@@ -26,10 +25,8 @@ from curation.dedup.clusters import (
     KEEP_LONGEST_CAPTION,
     KEEP_POLICIES,
     Clusters,
-    choose_survivors,
-    connected_components,
 )
-from pipelines.stage import GlobalStage, Rejections, RunFiles, ShardDecisions
+from pipelines.stage import KeyedStage, Rejections, RunFiles
 from schemas.columns import CAPTION, CLIP_SCORE, SOURCE_INDEX, UID
 
 _SURVIVOR_UID, _CLUSTER_SIZE = "survivor_uid", "cluster_size"
@@ -39,7 +36,7 @@ LARGEST_LISTED = 10
 
 
 @dataclass
-class DedupStage(GlobalStage):
+class DedupStage(KeyedStage):
     """Base of the dedup stages: ``keep`` says which row of a cluster survives (``first``: the
     earliest in the input; ``highest_clip_score``; ``longest_caption``; ties: the earliest).
 
@@ -51,7 +48,6 @@ class DedupStage(GlobalStage):
     #: Reject reason of the rows that are not their cluster's survivor.
     reason: ClassVar[str] = "duplicate"
     input_columns: ClassVar[tuple[str, ...]] = (SOURCE_INDEX,)
-    decides_by_shard: ClassVar[bool] = True
 
     keep: str = KEEP_FIRST
     against: list[str] = field(default_factory=list)
@@ -59,6 +55,15 @@ class DedupStage(GlobalStage):
     def __post_init__(self) -> None:
         if self.keep not in KEEP_POLICIES:
             raise ValueError(f"keep must be one of {KEEP_POLICIES}, got {self.keep!r}")
+
+    def pinned_runs(self) -> list[str]:
+        return list(self.against)
+
+    @property
+    def pinned_columns(self) -> tuple[str, ...]:
+        """The columns read from the kept rows of the ``against`` runs (no survivor preference:
+        those rows survive anyway)."""
+        return (UID, SOURCE_INDEX, *self.feature_columns)
 
     def identity(self) -> dict[str, Any]:
         """An earlier run is part of the decision: which one, and in what state."""
@@ -144,74 +149,3 @@ def decided_rows(index: np.ndarray, uid: np.ndarray, clusters: Clusters, duplica
             _CLUSTER_SIZE: pa.array(clusters.sizes[clusters.labels[duplicate]][order], pa.int64()),
         }
     )
-
-
-@dataclass
-class ClusterDedup(DedupStage):
-    """A dedup stage whose detector finds duplicate pairs (edges) over the whole pool, gathered
-    by ``aggregate``: the clusters are the connected components of the edges."""
-
-    # What subclasses provide -------------------------------------------------------------
-    def features(self, batch: pa.Table) -> dict[str, Any]:
-        """The detector's per-shard features."""
-        raise NotImplementedError
-
-    def edges(self, features: list[dict[str, Any]], num_rows: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Duplicate pairs as row numbers in the concatenation of the shards' partials, in order,
-        and facts about the search for the manifest."""
-        raise NotImplementedError
-
-    # The two passes ----------------------------------------------------------------------
-    def compute(self, batch: pa.Table) -> dict[str, Any]:
-        return {
-            "uid": np.asarray(batch[UID].to_pylist(), dtype=object),
-            "index": batch[SOURCE_INDEX].to_numpy().astype(np.int64),
-            "preference": self._preference(batch),
-            "features": self.features(batch),
-        }
-
-    def aggregate(self, partials: list[dict[str, Any]]) -> ShardDecisions:
-        earlier = [part for run in self.against for part in self._earlier_run(run)]
-        parts = list(partials) + earlier
-        uid = np.concatenate([p["uid"] for p in parts] or [np.empty(0, dtype=object)])
-        index = np.concatenate([p["index"] for p in parts] or [np.empty(0, dtype=np.int64)])
-        pinned = np.concatenate([np.full(len(p["index"]), "pinned" in p) for p in parts] or [np.empty(0, bool)])
-        preference = None if self.keep == KEEP_FIRST else np.concatenate([p["preference"] for p in parts])
-        left, right, facts = self.edges([p["features"] for p in parts], len(index))
-        clusters = choose_survivors(connected_components(len(index), left, right), index, preference, pinned)
-        duplicate = clusters.duplicate & ~pinned
-        summary = {**cluster_facts(clusters, pinned, duplicate, bool(self.against)), "edges": len(left), **facts}
-        return ShardDecisions(decided_rows(index, uid, clusters, duplicate), summary)
-
-    def _earlier_run(self, run: str) -> list[dict[str, Any]]:
-        """The kept rows of a finished run as pinned partials: they always survive their cluster,
-        so a row of this pool that duplicates one is rejected with that row's uid."""
-        rundir = RunFiles(run)
-        try:
-            files = rundir.kept_files()
-        except ValueError as error:
-            raise ValueError(f"against: {error}") from None
-        columns = [UID, *self.feature_columns]
-        parts, seen = [], 0
-        for path in files:
-            table = rundir.read_table(path)
-            missing = [c for c in columns if c not in table.column_names]
-            if missing:
-                raise ValueError(
-                    f"against: the kept rows of {run!r} have no {missing} column(s), which "
-                    f"{type(self).__name__} compares (a stage of that run dropped them?)"
-                )
-            for batch in table.select(columns).to_batches(self.resources.batch_size):
-                batch = pa.Table.from_batches([batch])
-                # Negative positions: never confused with this pool's source_index.
-                parts.append(
-                    {
-                        "uid": np.asarray(batch[UID].to_pylist(), dtype=object),
-                        "index": -1 - np.arange(seen, seen + batch.num_rows, dtype=np.int64),
-                        "preference": np.zeros(batch.num_rows),
-                        "features": self.features(batch),
-                        "pinned": True,
-                    }
-                )
-                seen += batch.num_rows
-        return parts

@@ -93,7 +93,7 @@ class CaptionNearDuplicates(LinkedDedup):
     def feature_columns(self) -> tuple[str, ...]:
         return (CAPTION,)
 
-    def features(self, batch: pa.Table) -> pa.Table:
+    def features(self, batch: pa.Table, model: Any = None) -> pa.Table:
         shingles = shingle(caption_series(batch[CAPTION]), self.shingle_kind, self.shingle_size)
         keys = band_keys(MinHasher(self.num_perm, self.seed).signatures(shingles), self.bands, self.rows_per_band)
         has = shingles.counts > 0

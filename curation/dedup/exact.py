@@ -19,7 +19,7 @@ import pyarrow as pa
 from curation.dedup.base import LARGEST_LISTED, DedupStage, cluster_facts, decided_rows
 from curation.dedup.clusters import choose_survivors
 from curation.dedup.minhash import normalise
-from pipelines.stage import KEY, PINNED, KeyedStage, Resources, default_resources
+from pipelines.stage import KEY, PINNED, Resources, default_resources
 from schemas.columns import CAPTION, SOURCE_INDEX, UID, URL
 
 DUPLICATE = "duplicate"
@@ -28,7 +28,7 @@ _SECOND_HASH, _PREFERENCE = "h2", "preference"
 
 
 @dataclass
-class ExactDuplicates(DedupStage, KeyedStage):
+class ExactDuplicates(DedupStage):
     """Rejects every row whose ``keys`` equal another row's; ``keep`` picks the survivor.
 
     ``normalize_text`` compares captions lower-cased, punctuation and runs of white space
@@ -51,14 +51,7 @@ class ExactDuplicates(DedupStage, KeyedStage):
     def feature_columns(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.keys))
 
-    def pinned_runs(self) -> list[str]:
-        return list(self.against)
-
-    @property
-    def pinned_columns(self) -> tuple[str, ...]:
-        return (UID, SOURCE_INDEX, *self.feature_columns)
-
-    def features(self, batch: pa.Table) -> pa.Table:
+    def features(self, batch: pa.Table, model: Any = None) -> pa.Table:
         frame = pl.from_arrow(batch.select(list(self.feature_columns)))
         if isinstance(frame, pl.Series):
             frame = frame.to_frame()

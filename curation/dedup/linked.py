@@ -18,10 +18,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curation.dedup.base import LARGEST_LISTED, DedupStage, cluster_facts, decided_rows
 from curation.dedup.clusters import choose_survivors, connected_components
-from pipelines.stage import PINNED, LinkedStage
+from pipelines.stage import KEY, PINNED, LinkedStage
+from pipelines.stage.sampling import systematic_sample
 from schemas.columns import SOURCE_INDEX, UID
 
 #: The column of a dedup stage's features with each row's survivor preference (null: ``first``).
@@ -50,13 +52,6 @@ class LinkedDedup(DedupStage, LinkedStage):
     :func:`edge_rows`, facts counting their ``rows`` and ``earlier_rows``), and may add facts
     of their own to :meth:`summarise` through ``summed_facts``.
     """
-
-    def pinned_runs(self) -> list[str]:
-        return list(self.against)
-
-    @property
-    def pinned_columns(self) -> tuple[str, ...]:
-        return (UID, SOURCE_INDEX, *self.feature_columns)
 
     def preference_column(self, batch: pa.Table) -> pa.Array:
         preference = self._preference(batch)
@@ -108,3 +103,18 @@ class LinkedDedup(DedupStage, LinkedStage):
     def summed_facts(self) -> tuple[str, ...]:
         """The subclass's own facts of each reduction, summed into the summary."""
         return ()
+
+
+def decide_in_process(stage: LinkedDedup, table: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table, dict[str, Any]]:
+    """The stage's decision over one in-memory table of its ``compute_columns``, as the local
+    runner makes it over a run (for benchmarks and checks on pools that are not a run): the fit
+    on the same sample, the features, one ``reduce`` over every key, ``cluster``. Returns the
+    features, the edges and the decided rows, and the summary."""
+    wanted = stage.sample_size(table.num_rows)
+    model = stage.fit(systematic_sample(table, wanted / table.num_rows), table.num_rows) if wanted else None
+    features = stage.features(table, model)
+    features = features.append_column(PINNED, pa.repeat(pa.scalar(False), features.num_rows))
+    features = features.take(pc.sort_indices(features, [(KEY, "ascending")]))
+    edges, facts = stage.reduce(features)
+    decided, clustered = stage.cluster(edges)
+    return features, edges, decided, stage.summarise([facts, clustered])

@@ -1,39 +1,18 @@
-"""Nearest neighbours of unit vectors with faiss: exact for small pools, IVF for large ones.
+"""Nearest neighbours of unit vectors with faiss: exact search within a cell, k-means cells.
 
-Inner product of L2-normalised vectors is their cosine. ``exact`` (``IndexFlatIP``) compares
-every pair; ``ivf`` (``IndexIVFFlat``, ``nlist`` ~ 4 sqrt(n) clusters trained on a seeded
-sample, ``nprobe`` of them searched per query) trades a measured recall for speed
-(``benchmarks/dedup.py`` reports both). A GPU is used when faiss was installed with GPU
-support (the ``gpu`` extra) and one is visible.
+Inner product of L2-normalised vectors is their cosine. :func:`similar_pairs` compares every
+vector of a set with every other (``IndexFlatIP``) and keeps each one's ``neighbours`` nearest;
+:func:`kmeans_cells` and :func:`nearest_cells` split a large pool into cells SemDeDup-style, so
+that the exact search runs cell by cell. A GPU is used when faiss was installed with GPU support
+(the ``gpu`` extra) and one is visible.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 
-INDEX_KINDS = ("auto", "exact", "ivf")
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """How neighbours are searched; see the module docstring."""
-
-    index: str = "auto"
-    exact_max_rows: int = 50_000
-    neighbours: int = 16
-    nprobe: int = 16
-    nlist: int | None = None
-    seed: int = 0
-    use_gpu: bool = True
-
-    def __post_init__(self) -> None:
-        if self.index not in INDEX_KINDS:
-            raise ValueError(f"index must be one of {INDEX_KINDS}, got {self.index!r}")
-        if self.neighbours < 2:
-            raise ValueError(f"neighbours must be >= 2 (a row finds itself first), got {self.neighbours}")
+#: k-means iterations; faiss's default of 25 gains nothing measurable for cells that only group.
+KMEANS_ITERATIONS = 20
 
 
 def unit_rows(matrix: np.ndarray) -> np.ndarray:
@@ -43,46 +22,52 @@ def unit_rows(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.maximum(norms, 1e-12)
 
 
-def similar_pairs(
-    vectors: np.ndarray, threshold: float, settings: SearchSettings, queries: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Pairs ``(q, v)`` with cosine >= ``threshold`` among each query's ``neighbours`` nearest
-    vectors; with no ``queries`` the vectors query themselves and each pair comes once (q < v).
-    Returns the pairs and what was searched (index kind, nlist, nprobe, device)."""
+def gpu_visible() -> bool:
     import faiss
 
-    self_search = queries is None
-    queries = vectors if self_search else queries
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def similar_pairs(vectors: np.ndarray, threshold: float, neighbours: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)``, ``i < j``, each once, with cosine >= ``threshold`` among each vector's
+    ``neighbours`` nearest (itself included), by exact search."""
+    import faiss
+
     n, dim = vectors.shape
-    facts = {"faiss_index": "exact", "device": "cpu"}
-    if n == 0 or len(queries) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), facts
-    use_ivf = settings.index == "ivf" or (settings.index == "auto" and n > settings.exact_max_rows)
-    if use_ivf:
-        nlist = settings.nlist or max(1, int(4 * math.sqrt(n)))
-        nlist = min(nlist, n)
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(settings.seed).permutation(n)[: max(nlist * 64, 10_000)]
-        index.cp.seed = settings.seed
-        index.train(vectors[np.sort(sample)])
-        index.nprobe = min(settings.nprobe, nlist)
-        facts = {"faiss_index": "ivf", "nlist": nlist, "nprobe": index.nprobe, "device": "cpu"}
-    else:
-        index = faiss.IndexFlatIP(dim)
-    if settings.use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    index = faiss.IndexFlatIP(dim)
+    if gpu_visible():
         index = faiss.index_cpu_to_all_gpus(index)
-        facts["device"] = "gpu"
     index.add(vectors)
-    k = min(settings.neighbours, n)
-    similarity, neighbour = index.search(queries, k)
-    query = np.repeat(np.arange(len(queries)), k)
+    k = min(neighbours, n)
+    similarity, neighbour = index.search(vectors, k)
+    query = np.repeat(np.arange(n), k)
     neighbour, similarity = neighbour.ravel(), similarity.ravel()
-    keep = (neighbour >= 0) & (similarity >= threshold)
-    if self_search:
-        keep &= neighbour != query
+    keep = (neighbour >= 0) & (similarity >= threshold) & (neighbour != query)
+    if not keep.any():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     left, right = query[keep], neighbour[keep].astype(np.int64)
-    if self_search and len(left):
-        pairs = np.unique(np.stack([np.minimum(left, right), np.maximum(left, right)], axis=1), axis=0)
-        left, right = pairs[:, 0], pairs[:, 1]
-    return left.astype(np.int64), right, facts
+    pairs = np.unique(np.stack([np.minimum(left, right), np.maximum(left, right)], axis=1), axis=0)
+    return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+
+
+def kmeans_cells(vectors: np.ndarray, cells: int, seed: int) -> np.ndarray:
+    """``cells`` spherical k-means centroids (unit rows, float32) of ``vectors``, seeded."""
+    import faiss
+
+    kmeans = faiss.Kmeans(
+        vectors.shape[1], cells, niter=KMEANS_ITERATIONS, seed=seed, spherical=True, gpu=gpu_visible(), verbose=False
+    )
+    kmeans.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    return unit_rows(kmeans.centroids)
+
+
+def nearest_cells(vectors: np.ndarray, centroids: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` nearest centroids of each vector by cosine, nearest first: (rows, count)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    _, cells = index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(count, len(centroids)))
+    return cells.astype(np.int64)

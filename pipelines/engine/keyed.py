@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 from pipelines.engine.rundir import RunDir
 from pipelines.stage import COUNT, KEY, PINNED, KeyedStage, LinkedStage, RunFiles, SummedStage
 from pipelines.stage.run_files import shard_name
+from pipelines.stage.sampling import systematic_sample
 from schemas.columns import SOURCE_INDEX
 
 if TYPE_CHECKING:
@@ -143,7 +144,9 @@ def decide_by_key(
     inputs = [phase_input(rundir, phase, shards, tuple(stage.compute_columns))]
     for number, run in enumerate(stage.pinned_runs()):
         inputs.append(_pinned_input(name, run, number, tuple(stage.pinned_columns)))
-    job = KeyedReduce(rundir, tuple(inputs), KEY, stage.reduce, out, shard_size, stage.features, by_shard=not linked)
+    model = _fit(stage, runner, rundir, phase, shards, inputs[0])
+    features = functools.partial(stage.features, model=model)
+    job = KeyedReduce(rundir, tuple(inputs), KEY, stage.reduce, out, shard_size, features, by_shard=not linked)
     facts = runner.reduce_by_key(job)
     if linked:
         clustering = EdgeClustering(rundir, out, stage.cluster, folder, shard_size)
@@ -153,6 +156,33 @@ def decide_by_key(
     if linked:
         rundir.remove_folder(out)
     return summary
+
+
+def _fit(stage: KeyedStage, runner: Runner, rundir: RunDir, phase: str, shards: list[int], source: ReduceInput) -> Any:
+    """What the stage learns from a sample of the pool before its features are made (None when
+    it asks for no sample). The sample is read by tasks, one per file, and fit in one task."""
+    entries = rundir.shard_entries(phase)
+    rows = sum(entries[shard].rows_out for shard in shards)
+    wanted = stage.sample_size(rows) if rows else 0
+    if not wanted:
+        return None
+    parts = list(runner.map_tasks(sample_file, Sampling(source, wanted / rows), list(source.paths)))
+    sample = pa.concat_tables([part for part in parts if part.num_rows] or parts)
+    sample = sample.take(pc.sort_indices(sample, [(SOURCE_INDEX, "ascending")]))  # in input order, whatever came first
+    return runner.run_task(functools.partial(stage.fit, rows=rows), sample, memory=(256 << 20) + 4 * sample.nbytes)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A sample of ``share`` of the rows of ``source``'s files."""
+
+    source: ReduceInput
+    share: float
+
+
+def sample_file(sampling: Sampling, path: str) -> pa.Table:
+    table = sampling.source.files().read_table(path, list(sampling.source.columns))
+    return systematic_sample(table, sampling.share)
 
 
 def _pinned_input(stage: str, run: str, number: int, columns: tuple[str, ...]) -> ReduceInput:

@@ -38,7 +38,11 @@ def with_cpus(planned: PlannedStage, cpus: float) -> PlannedStage:
 
 
 def plan_placement(
-    stages: list[PlannedStage], cluster_cpus: float, has_gpu: bool, cluster_memory: float | None = None
+    stages: list[PlannedStage],
+    cluster_cpus: float,
+    has_gpu: bool,
+    cluster_memory: float | None = None,
+    node_cpus: float | None = None,
 ) -> Placement:
     """Fit a phase on a fixed cluster: actor pools never take the CPUs the tasks need.
 
@@ -47,7 +51,9 @@ def plan_placement(
     task's worth of CPUs (the largest task request, at least 1) stays free. When even one actor
     per stateful stage plus that reserve exceeds the cluster (two model stages on a 2-CPU
     laptop), every CPU request of the phase is scaled down by the same factor, with a warning:
-    the steps then share cores instead of waiting for each other forever.
+    the steps then share cores instead of waiting for each other forever. On a cluster of
+    several nodes the same must hold on its smallest node (``node_cpus``): actors placed one per
+    node could otherwise leave each node a fraction of a CPU too small for any task.
 
     A stage that asks for a GPU on a cluster without one runs its model on CPU threads, and is
     then the phase's bottleneck: it is granted the whole node's CPUs (at least what it asked),
@@ -67,7 +73,8 @@ def plan_placement(
     actors = [p for p in stages if p.stateful]
     reserve = max([1.0] + [cpus(p) for p in stages if not p.stateful])
     needed = sum(cpus(p) for p in actors)
-    scale = min(1.0, cluster_cpus / (needed + reserve)) if actors else 1.0
+    room = min(cluster_cpus, node_cpus) if node_cpus else cluster_cpus
+    scale = min(1.0, room / (needed + reserve)) if actors else 1.0
     if scale < 1.0:
         log.info(
             "stages %s need %g CPU(s) as actors plus %g for the other steps, more than the %g this Ray "

@@ -48,6 +48,9 @@ AUTOSCALE_MAX_ACTORS = 64
 #: Most partitions of a keyed reduction's hash shuffle (one per input shard below it).
 MAX_KEY_PARTITIONS = 1024
 
+#: Most partitions of a sum by key (Ray Data's default of 200 is for keys that grow with the pool).
+MAX_SUM_PARTITIONS = 16
+
 #: How often a crashed worker is restarted, or a failed task retried, before the phase fails.
 #: Finite on purpose: a stage that kills its worker on some input must fail the run, not loop.
 WORKER_RETRIES = 3
@@ -216,13 +219,19 @@ class RayRunner(Runner):
         import ray
 
         resources = ray.cluster_resources()
-        if self.config.address:  # an autoscaling cluster: ask, and let Ray provide
+        cpus = resources.get("CPU", 0)
+        node_cpus = min((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0, key=_or_inf)
+        fixed = plan_placement(stages, cpus or 1, resources.get("GPU", 0) > 0, resources.get("memory"), node_cpus)
+        # A cluster joined by address may autoscale: ask, and let Ray provide; unless what it has
+        # now cannot hold one actor of each stage and a task on a node, which would hang a
+        # cluster that does not grow.
+        if self.config.address and (not cpus or fixed.cpu_scale == 1.0):
             return Placement(
                 True,
                 1.0,
                 {p.name: (1, p.stage.resources.concurrency or AUTOSCALE_MAX_ACTORS) for p in stages if p.stateful},
             )
-        return plan_placement(stages, resources.get("CPU", 1), resources.get("GPU", 0) > 0, resources.get("memory"))
+        return fixed
 
     def run_phase(self, task: PhaseTask, shards: list[int]) -> Iterator[ShardEntry]:
         if not shards:
@@ -294,7 +303,9 @@ class RayRunner(Runner):
             fn_kwargs={"counts": counts, "source": source},
             max_retries=WORKER_RETRIES,
         )
-        summed = ds.groupby(KEY).sum(COUNT).iter_batches(batch_format="pyarrow")
+        # The keys of a pass are few (bounded by the stage, not the pool): a few partitions do.
+        partitions = min(len(source.paths), MAX_SUM_PARTITIONS)
+        summed = ds.groupby(KEY, num_partitions=partitions).sum(COUNT).iter_batches(batch_format="pyarrow")
         totals = [t.rename_columns([KEY, COUNT]) for t in summed if t.num_rows]  # Ray names it sum(count)
         self._deaths.report("a sum by key")
         return summed_counts(pa.concat_tables(totals) if totals else empty_counts())
@@ -308,9 +319,8 @@ class RayRunner(Runner):
         options: dict[str, Any] = {"max_retries": WORKER_RETRIES}
         if min(memory, largest) >= 1:
             options["memory"] = int(min(memory, largest))
-        remote = ray.remote(**options)(fn)
-        result = ray.get(remote.remote(arg))
-        self._deaths.report(fn.__name__)
+        result = ray.get(ray.remote(**options)(_call).remote(fn, arg))
+        self._deaths.report(getattr(fn, "__name__", "a task"))
         return result
 
     def reduce_by_key(self, job):
@@ -385,6 +395,15 @@ def _read(source: ReduceInput):
     import ray.data
 
     return ray.data.read_parquet(list(source.paths), filesystem=source.files().fs).select_columns(list(source.columns))
+
+
+def _or_inf(cpus: float) -> float:
+    """Nodes without CPUs (a head that only drives) never hold a task: they do not count."""
+    return cpus or float("inf")
+
+
+def _call(fn: Callable[[Any], Any], arg: Any) -> Any:
+    return fn(arg)
 
 
 def _count_files(batch: pa.Table, counts: Callable[[pa.Table], pa.Table], source: ReduceInput) -> pa.Table:

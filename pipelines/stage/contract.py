@@ -223,14 +223,26 @@ class SummedStage(GlobalStage):
 class KeyedStage(GlobalStage):
     """A whole-pool decision made key group by key group, with no row gathered in one process.
 
-    ``features`` turns a batch of ``compute_columns`` into one row per input row: :data:`KEY`, the
-    ``source_index`` and whatever ``reduce`` needs. The runner brings every row of a key together
-    (a hash shuffle under Ray) and calls ``reduce`` with tables holding whole keys, sorted by key;
-    ``reduce`` returns the decided rows (with their ``source_index``, written by shard as for
-    ``decides_by_shard``) and a small dict of facts, and ``summarise`` merges the facts of every
-    call into the stage's summary. The kept rows of the runs in ``pinned_runs`` join with
-    :data:`PINNED` true and negative ``source_index``: they are compared, never decided.
+    ``features`` turns a batch of ``compute_columns`` into rows (one or more per input row) of
+    :data:`KEY`, the ``source_index`` and whatever ``reduce`` needs. The runner brings every row
+    of a key together (a hash shuffle under Ray) and calls ``reduce`` with tables holding whole
+    keys, sorted by key; ``reduce`` returns the decided rows (with their ``source_index``, written
+    by shard as for ``decides_by_shard``) and a small dict of facts, and ``summarise`` merges the
+    facts of every call into the stage's summary. The kept rows of the runs in ``pinned_runs``
+    join with :data:`PINNED` true and negative ``source_index``: they are compared, never decided.
+
+    A stage whose keys must be learnt from the pool first (k-means cells) asks for a sample:
+    ``sample_size(rows)`` of the pool's ``rows`` (every n-th row by ``source_index``:
+    :func:`pipelines.stage.sampling.systematic_sample`) reach ``fit(sample, rows)`` in one task,
+    and what it returns is the ``model`` argument of ``features`` (None where nothing was fit).
     """
+
+    def sample_size(self, rows: int) -> int:
+        """How many of the pool's ``rows`` ``fit`` should see; 0 (the default): nothing to fit."""
+        return 0
+
+    def fit(self, sample: pa.Table, rows: int) -> Any:
+        raise NotImplementedError
 
     decides_by_shard: ClassVar[bool] = True
 
@@ -242,7 +254,7 @@ class KeyedStage(GlobalStage):
         """The columns read from the kept rows of ``pinned_runs`` (``features`` sees those)."""
         return self.compute_columns
 
-    def features(self, batch: pa.Table) -> pa.Table:
+    def features(self, batch: pa.Table, model: Any = None) -> pa.Table:
         raise NotImplementedError
 
     def reduce(self, group: pa.Table) -> tuple[pa.Table, dict[str, Any]]:

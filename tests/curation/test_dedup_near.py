@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from curation.dedup import CaptionNearDuplicates, ImageNearDuplicates
+from curation.dedup.linked import decide_in_process
 from schemas.columns import IMAGE_EMBEDDING, SOURCE_INDEX, UID
+from schemas.embeddings import float16_lists
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict
+from tests.stages import planted_vectors
 
 EMBED = {"stage": "tests.stages:EmbedByGroup"}
 
@@ -136,7 +138,7 @@ def test_image_duplicates_keep_the_highest_clip_score_under_both_runners(tmp_pat
     assert kept == {1, 2, 3}
     assert {i: s for i, (s, _) in rejected.items()} == {0: 2, 4: 2, 5: 1}
     summary = manifest.aggregates["image_near_duplicates"]
-    assert summary["faiss_index"] == "exact" and summary["largest"] == [3, 2]
+    assert summary["search"] == "exact" and summary["largest"] == [3, 2]
     card = (Path(plan.run_uri) / "README.md").read_text()
     section = card.split("\n### image_near_duplicates\n")[1]
     assert (
@@ -218,27 +220,15 @@ def test_a_later_pool_is_deduplicated_against_an_earlier_runs_kept_rows(tmp_path
         )
 
 
-def _planted_pool(rows: int = 640, originals: int = 24, dim: int = 64):
-    """``rows`` random directions (pairwise cosines near 0) of which ``originals`` get 1 to 3
-    copies with a little noise (cosine > 0.99), shuffled. Returns the shards of the pool (64 rows
-    each, as the stage's ``compute`` reads them) and the planted clusters as sets of source_index."""
-    rng = np.random.default_rng(0)
-    vectors = list(rng.normal(size=(rows, dim)))
-    group = list(range(rows))
-    for k, original in enumerate(rng.choice(rows, originals, replace=False)):
-        for _ in range(1 + k % 3):
-            vectors.append(vectors[original] + rng.normal(0, 0.05, dim))
-            group.append(int(original))
-    order = rng.permutation(len(vectors))
-    vectors, group = [vectors[i] for i in order], [group[i] for i in order]
-    embeddings = pa.array(
-        [(v / np.linalg.norm(v)).astype(np.float16).tolist() for v in vectors], pa.list_(pa.float16())
-    )
+def _planted_pool():
+    """The pool of :func:`tests.stages.planted_vectors` in shards of 64 rows, and the planted
+    clusters as sets of source_index."""
+    vectors, group = planted_vectors()
     table = pa.table(
         {
             UID: [f"row{i}" for i in range(len(vectors))],
             SOURCE_INDEX: list(range(len(vectors))),
-            IMAGE_EMBEDDING: embeddings,
+            IMAGE_EMBEDDING: float16_lists(vectors),
         }
     )
     members: dict[int, set[int]] = {}
@@ -248,22 +238,49 @@ def _planted_pool(rows: int = 640, originals: int = 24, dim: int = 64):
 
 
 def _decision(stage, shards):
-    decided = stage.aggregate([stage.compute(pa.Table.from_batches([shard])) for shard in shards])
-    rows = decided.rows.to_pydict()
-    return decided.summary, {
+    _, _, decided, summary = decide_in_process(stage, pa.Table.from_batches(shards))
+    rows = decided.to_pydict()
+    return summary, {
         int(i): (str(s), int(n)) for i, s, n in zip(rows["source_index"], rows["survivor_uid"], rows["cluster_size"])
     }
 
 
-def test_the_ivf_index_picked_by_pool_size_finds_the_exact_searchs_planted_clusters():
+def test_k_means_cells_picked_by_pool_size_find_the_exact_searchs_planted_clusters():
     shards, planted = _planted_pool()
     rows = sum(len(s) for s in shards)
     exact_state, exact = _decision(ImageNearDuplicates(threshold=0.95, index="exact"), shards)
-    # exact_max_rows below the pool size: "auto" switches to IVF, which searches 4 of its 16 lists per query.
-    ivf_state, ivf = _decision(ImageNearDuplicates(threshold=0.95, exact_max_rows=rows - 1, nlist=16, nprobe=4), shards)
-    assert exact_state["faiss_index"] == "exact"
-    assert (ivf_state["faiss_index"], ivf_state["nlist"], ivf_state["nprobe"]) == ("ivf", 16, 4)
+    # exact_max_rows below the pool size: "auto" cuts the pool into cells of about 64 rows, each
+    # row searched in its 2 nearest.
+    stage = ImageNearDuplicates(threshold=0.95, exact_max_rows=rows - 1, rows_per_cell=64)
+    cells_state, cells = _decision(stage, shards)
+    assert exact_state["search"] == "exact" and exact_state["cells"] == 1
+    assert cells_state["search"] == "cells" and cells_state["cells"] == 10 and cells_state["largest_cell"] < rows / 2
     expected = {i: (f"row{min(cluster)}", len(cluster)) for cluster in planted for i in cluster - {min(cluster)}}
     assert len(planted) == 24 and len(expected) == 48
-    assert exact == expected and ivf == expected
-    assert ivf_state["clusters"] == exact_state["clusters"] == 24 and ivf_state["edges"] == exact_state["edges"]
+    assert exact == expected and cells == expected
+    assert cells_state["clusters"] == exact_state["clusters"] == 24 and cells_state["edges"] == exact_state["edges"]
+
+
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_a_pool_searched_in_cells_decides_as_the_exact_search_does(tmp_path, runner_factory, kind):
+    shards, planted = _planted_pool()
+    path = tmp_path / "planted.parquet"
+    urls = [f"http://img.test/{i}.jpg" for i in range(sum(len(s) for s in shards))]
+    pq.write_table(pa.table({"url": urls, "caption": urls}), path)
+    outcomes = []
+    for index in ("exact", "cells"):
+        stage = {"stage": "curation.dedup:ImageNearDuplicates", "threshold": 0.95, "index": index, "rows_per_cell": 64}
+        raw = {
+            "name": f"cells-{kind}-{index}",
+            "input": str(path),
+            "output_dir": str(tmp_path / "runs"),
+            "shard_size": 100,
+            "stages": [{"stage": "tests.stages:PlantedEmbeddings"}, stage],
+        }
+        plan, manifest = run_pipeline_dict(raw, runner_factory(kind))
+        outcomes.append(_outcome(plan, "image_near_duplicates"))
+        summary = manifest.aggregates["image_near_duplicates"]
+        assert summary["search"] == index and summary["clusters"] == 24
+    assert outcomes[0] == outcomes[1]
+    kept, rejected = outcomes[1]
+    assert {min(cluster) for cluster in planted} <= kept and len(rejected) == 48

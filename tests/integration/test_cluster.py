@@ -5,7 +5,9 @@ dashboard and its job server, then ``ray start --address`` for a second node; on
 object stores, their own temp dir and ports), submits ``vlmcurate run`` to it the way the README
 says (``ray job submit --working-dir . -- vlmcurate run ...``), and checks that the job's kept
 rows, rejects and ledger equal those of a local run on the same input, and that both nodes ran
-its tasks. The cluster is stopped through the ``ray start --block`` processes this test started
+its tasks. The config is the text pool's followed by every kind of whole-pool decision (exact
+and caption near-duplicates, MetaCLIP balancing, the null-calibrated and top-fraction CLIP
+cuts), so each is shown to decide the same on two nodes as in one process. The cluster is stopped through the ``ray start --block`` processes this test started
 (never a global ``ray stop``: other Rays run on this machine).
 """
 
@@ -27,6 +29,7 @@ import pytest
 import yaml
 
 from pipelines.demo.pool import write_demo_pool
+from pipelines.demo.scenes import COLORS, SHAPES
 from pipelines.engine.config import load_config
 from pipelines.engine.execute import run_pipeline
 from pipelines.engine.runner import LocalRunner
@@ -222,13 +225,37 @@ def _job_nodes(dashboard: str, job_id: str, timeout: float = 20) -> set[str]:
         time.sleep(1)
 
 
-def _local_run(pool: Path, output: Path):
-    """configs/text-pool.yaml on the pool with the local runner, in this process."""
-    config = load_config(
-        REPO_ROOT / "configs" / "text-pool.yaml",
-        [f"input={pool}", f"output_dir={output}", "shard_size=400", "runner=local"],
-    )
-    plan = build_plan(config)
+#: The whole-pool decisions whose kept rows must not depend on the runner or the nodes.
+GLOBAL_STAGES = [
+    {"stage": "tests.stages:EmbedPairs"},
+    {"stage": "curation.metaclip:MetaclipMatch", "metadata": None},  # the test's metadata file
+    {"stage": "curation.metaclip:MetaclipBalance", "threshold": 60, "tail_share": None},
+    {"stage": "curation.dedup:CaptionNearDuplicates", "threshold": 0.9, "keep": "longest_caption"},
+    {"stage": "curation.clip_score_null:ClipScoreNullCut"},
+    {"stage": "curation.clip_score:ClipScoreTopFraction", "fraction": 0.8},
+]
+
+
+def _config(tmp_path: Path) -> Path:
+    """configs/text-pool.yaml followed by every kind of whole-pool decision: MetaCLIP balancing
+    (a sum by key), caption near-duplicates (a keyed reduction into edges, clustered in a task), the
+    null-calibrated cut (whole shards counted) and the top fraction (counting passes)."""
+    metadata = tmp_path / "metadata.json"
+    metadata.write_text(json.dumps(list(SHAPES) + list(COLORS)))
+    with open(REPO_ROOT / "configs" / "text-pool.yaml") as f:
+        config = yaml.safe_load(f)
+    stages = copy.deepcopy(GLOBAL_STAGES)
+    stages[1]["metadata"] = str(metadata)
+    config["stages"] += stages
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _local_run(config: Path, pool: Path, output: Path):
+    """The config on the pool with the local runner, in this process."""
+    overrides = [f"input={pool}", f"output_dir={output}", "shard_size=400", "runner=local"]
+    plan = build_plan(load_config(config, overrides))
     return plan, run_pipeline(plan, LocalRunner())
 
 
@@ -238,7 +265,11 @@ def test_a_pipeline_submitted_as_a_ray_job_to_a_two_node_cluster_keeps_the_rows_
 
     pool = tmp_path / "pool.csv"
     lines = write_demo_pool(str(pool), TEXT_ONLY_HOST, rows=1200, seed=5)
-    local_plan, local = _local_run(pool, tmp_path / "local")
+    config = _config(tmp_path)
+    local_plan, local = _local_run(config, pool, tmp_path / "local")
+    totals = local.stage_totals()
+    for stage in ("metaclip_balance", "caption_near_duplicates", "clip_score_null_cut", "clip_score_top_fraction"):
+        assert sum(totals[stage].rejected.values()) > 0, f"{stage} decided nothing on this pool"
 
     cluster = LocalCluster()
     try:
@@ -259,7 +290,7 @@ def test_a_pipeline_submitted_as_a_ray_job_to_a_two_node_cluster_keeps_the_rows_
             "--",
             "vlmcurate",
             "run",
-            "configs/text-pool.yaml",
+            str(config),
             f"input={pool}",
             f"output_dir=file://{tmp_path / 'job'}",
             "shard_size=400",

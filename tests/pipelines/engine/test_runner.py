@@ -143,6 +143,11 @@ def test_placement_scales_cpu_requests_when_stateful_stages_do_not_fit(caplog):
     roomy = plan_placement(stages, cluster_cpus=8, has_gpu=False)
     assert roomy.cpu_scale == 1.0
     assert roomy.pools == {"a": (1, 6), "b": (1, 6)}  # 8 - 1 reserved - 1 for the other pool
+    # Two nodes of one CPU: an actor on each at 2/3 would leave each node 1/3, too little for a
+    # task at 2/3; everything must fit on one node.
+    nodes = plan_placement(stages, cluster_cpus=2, has_gpu=False, node_cpus=1)
+    assert nodes.cpu_scale == pytest.approx(1 / 3)
+    assert plan_placement(stages, cluster_cpus=16, has_gpu=False, node_cpus=8).cpu_scale == 1.0
 
 
 def test_placement_scales_memory_requests_that_do_not_fit(caplog):
