@@ -27,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,50 @@ def stages(metadata: str, rows: int, dim: int) -> list[dict]:
     ]
 
 
+def time_steps(engine) -> dict[str, float]:
+    """Wall seconds the runner spends on each phase and on each whole-pool pass, by name, as it
+    goes (its methods wrapped in place)."""
+    seconds: dict[str, float] = defaultdict(float)
+    run_phase, sum_by_key, reduce_by_key, run_task = (
+        engine.run_phase,
+        engine.sum_by_key,
+        engine.reduce_by_key,
+        engine.run_task,
+    )
+
+    def timed(name: str, start: float) -> None:
+        seconds[name] += time.perf_counter() - start
+
+    def phase(task, shards):
+        start = time.perf_counter()
+        yield from run_phase(task, shards)
+        timed(f"phase {task.name}", start)
+
+    def summed(source, counts):
+        start = time.perf_counter()
+        try:
+            return sum_by_key(source, counts)
+        finally:
+            timed(f"sums of {counts.func.__self__.name}", start)
+
+    def reduced(job):
+        start = time.perf_counter()
+        try:
+            return reduce_by_key(job)
+        finally:
+            timed(f"reduction into {job.out}", start)
+
+    def task(fn, arg, memory):
+        start = time.perf_counter()
+        try:
+            return run_task(fn, arg, memory)
+        finally:
+            timed(f"task {getattr(fn, '__name__', None) or fn.func.__name__}", start)
+
+    engine.run_phase, engine.sum_by_key, engine.reduce_by_key, engine.run_task = phase, summed, reduced, task
+    return seconds
+
+
 def curate(pool: str, out: str, runner: str, cpus: int, shard_size: int, dim: int) -> dict:
     """One run of every global stage over the pool, driven from this process: its figures."""
     from pipelines.engine.config import parse_config
@@ -162,6 +207,7 @@ def curate(pool: str, out: str, runner: str, cpus: int, shard_size: int, dim: in
     engine = make_runner(runner, config.ray)
     if runner == "ray":
         engine.start()
+    seconds_by_step = time_steps(engine)
     plan = build_plan(config)
     start, cpu = time.perf_counter(), busy_cpu_seconds()
     try:
@@ -183,6 +229,7 @@ def curate(pool: str, out: str, runner: str, cpus: int, shard_size: int, dim: in
         "peak_rss_mib": peak,
         "rejected": {name: sum(t.rejected.values()) for name, t in totals.items() if t.rejected},
         "kept_rows": manifest.phases[-1].rows_out,
+        "seconds_by_step": dict(seconds_by_step),
         "kept": digest.hexdigest(),
     }
 
@@ -220,6 +267,8 @@ def main() -> None:
                 f"{r['kept_rows']:,} kept"
             )
         print(f"{'':>12}  rejected by stage: {json.dumps(results['ray']['rejected'])}")
+        steps = results["ray"]["seconds_by_step"]
+        print(f"{'':>12}  seconds by step (ray): " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))
         figures[rows] = results["ray"]
     print("the Ray and local runners kept the same rows at the smallest size")
     if len(sizes) > 1:

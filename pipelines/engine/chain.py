@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.engine.keyed import decisions_folder, output_for_shard
-from pipelines.stage import GlobalStage, Stage
+from pipelines.stage import GlobalStage, KeyedStage, Stage
 from schemas.columns import UID, column_type, is_heavy
 from schemas.manifest import StageCounts
 from schemas.rejects import DETAIL, REASON, REJECT_DETAIL, REJECT_REASON, REJECT_SCHEMA, SHARD, STAGE
@@ -63,7 +63,7 @@ class PlannedStage:
     def shard_state(self, shard: int) -> Any:
         """What ``decide`` gets for the batches of one shard: the aggregate, or for a stage that
         decides by shard the decided rows of that shard alone (None when it has none)."""
-        if not self.stage.decides_by_shard:
+        if not isinstance(self.stage, KeyedStage):
             return self.state
         return output_for_shard(self.state_source, decisions_folder(self.name), shard)
 

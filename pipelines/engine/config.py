@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from pipelines.engine.chain import PlannedStage
-from pipelines.stage import GlobalStage, Resources, Stage
+from pipelines.stage import GlobalStage, KeyedStage, LinkedStage, Resources, Stage, SummedStage
 
 #: Default of ``input_max_row_bytes``: the longest record (csv/tsv) or line (jsonl) read, in bytes.
 DEFAULT_MAX_ROW_BYTES = 4 << 20
@@ -178,9 +178,17 @@ def resolve_stage_class(path: str) -> type[Stage]:
             f"importable: installed, in the current directory or on PYTHONPATH)"
         ) from None
     cls = getattr(module, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Stage)) or cls in (Stage, GlobalStage):
+    if not (isinstance(cls, type) and issubclass(cls, Stage)) or cls in BASE_CLASSES:
         raise ValueError(f"stage {path!r}: {class_name!r} is not a Stage class in {module_name!r}")
+    if issubclass(cls, GlobalStage) and not issubclass(cls, (KeyedStage, SummedStage)):
+        raise ValueError(
+            f"stage {path!r}: a GlobalStage subclasses KeyedStage or SummedStage, which say how the pool is read"
+        )
     return cls
+
+
+#: The contract's own classes: configs name their subclasses.
+BASE_CLASSES = (Stage, GlobalStage, KeyedStage, LinkedStage, SummedStage)
 
 
 def stage_parameters(cls: type[Stage]) -> dict[str, dataclasses.Field]:

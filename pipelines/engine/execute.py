@@ -17,7 +17,6 @@ import os
 import platform
 from collections.abc import Callable
 from importlib import metadata
-from typing import Any
 
 from pipelines.engine.ingest import read_input
 from pipelines.engine.keyed import (
@@ -26,7 +25,6 @@ from pipelines.engine.keyed import (
     decisions_folder,
     is_done,
     phase_input,
-    write_decisions,
 )
 from pipelines.engine.ledger import LedgerError, check_phase, check_run, summarise
 from pipelines.engine.parts import FinishedRun
@@ -34,7 +32,7 @@ from pipelines.engine.phase import PhaseTask, ShardIO
 from pipelines.engine.plan import INPUT_PHASE, Plan, fingerprint_diff
 from pipelines.engine.rundir import PHASE_LEDGER, RunDir
 from pipelines.engine.runner import Runner
-from pipelines.stage import KeyedStage, ShardDecisions, SummedStage
+from pipelines.stage import KeyedStage, SummedStage
 from schemas.manifest import Manifest, PhaseSummary, ShardEntry
 from schemas.rejects import INTERNAL_ERROR
 
@@ -223,7 +221,7 @@ def _bind_aggregate(
             source = phase_input(rundir, phase, shards, tuple(planned.stage.compute_columns))
             state = count_passes(planned.stage, planned.name, runner, source)
         else:
-            state = _aggregate(planned, runner, rundir, phase, shards, shard_size)
+            raise TypeError(f"{planned.name}: a GlobalStage is decided as a KeyedStage or a SummedStage")
         rundir.save_aggregate(planned.name, state)  # last: a saved aggregate is a finished one
         bind_saved_aggregate(planned, rundir)
     manifest.aggregates[planned.name] = planned.stage.describe(planned.state)
@@ -231,24 +229,12 @@ def _bind_aggregate(
     return computed
 
 
-def _aggregate(planned, runner: Runner, rundir: RunDir, phase: str, shards: list[int], shard_size: int) -> Any:
-    """A global stage's state from the partials of every shard; a stage that decides by shard
-    has its decided rows written by shard, and its summary is the state."""
-    state = planned.stage.aggregate(runner.compute_partials(planned, rundir, phase, shards))
-    if not planned.stage.decides_by_shard:
-        return state
-    if not isinstance(state, ShardDecisions):
-        raise TypeError(f"{planned.name}: decides_by_shard, but aggregate returned {type(state).__name__}")
-    write_decisions(rundir, planned.name, state.rows, shard_size)
-    return state.summary
-
-
 def bind_saved_aggregate(planned, rundir: RunDir) -> bool:
-    """Give a global stage its saved aggregate (workers load it from the run directory). A stage
-    that decides by shard needs its decisions too: without them (a run made before they were
-    written by shard) the aggregate counts as missing and is computed again."""
+    """Give a global stage its saved aggregate (workers load it from the run directory). A keyed
+    stage needs its decisions by shard too: without them (a run stopped while they were written,
+    or made before they were) the aggregate counts as missing and is computed again."""
     found, state = rundir.load_aggregate(planned.name)
-    if found and planned.stage.decides_by_shard:
+    if found and isinstance(planned.stage, KeyedStage):
         found = is_done(rundir, decisions_folder(planned.name))
     if found:
         planned.state = state

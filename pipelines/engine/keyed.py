@@ -221,15 +221,8 @@ def write_by_shard(rundir: RunDir, out: str, rows: pa.Table, name: str) -> None:
 
 
 def decisions_folder(stage: str) -> str:
-    """Where a global stage's :class:`~pipelines.stage.ShardDecisions` lie, by shard."""
+    """Where a keyed stage's decided rows lie, by shard."""
     return f"{DECISIONS_DIR}/{stage}"
-
-
-def write_decisions(rundir: RunDir, stage: str, rows: pa.Table, shard_size: int) -> None:
-    """A global stage's decided rows (from ``aggregate``), partitioned by shard."""
-    rundir.remove_folder(decisions_folder(stage))  # those of an earlier aggregate
-    write_by_shard(rundir, decisions_folder(stage), with_shard(rows, shard_size), "decided")
-    mark_done(rundir, decisions_folder(stage))
 
 
 def is_done(rundir: RunDir, out: str) -> bool:

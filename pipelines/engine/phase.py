@@ -9,7 +9,6 @@ write tasks without the stages or their state. Both runners call ``load``,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from pipelines.engine.chain import PlannedStage, ShardState
 from pipelines.engine.ledger import check_shard
@@ -50,9 +49,3 @@ class PhaseTask:
     @property
     def name(self) -> str:
         return self.io.name
-
-
-def compute_partial(planned: PlannedStage, rundir: RunDir, phase: str, shard: int) -> Any:
-    """The ``compute`` pass of a global stage on one finished shard (only the columns it needs)."""
-    columns = list(planned.stage.compute_columns)
-    return planned.stage.compute(rundir.read_table(rundir.shard_path(phase, shard), columns=columns))

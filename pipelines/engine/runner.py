@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import re
 import warnings
 from abc import ABC, abstractmethod
@@ -32,9 +31,8 @@ from pipelines.engine.keyed import (
     sorted_by_key,
     summed_counts,
 )
-from pipelines.engine.phase import PhaseTask, ShardIO, compute_partial
+from pipelines.engine.phase import PhaseTask, ShardIO
 from pipelines.engine.placement import Placement, gpu_on_cpu, plan_placement, with_cpus
-from pipelines.engine.rundir import RunDir
 from pipelines.engine.shard_codec import decode_states, encode_states
 from pipelines.stage import COUNT, KEY
 from schemas.manifest import ShardEntry
@@ -60,15 +58,12 @@ IDLE_WORKER_KEEP_MS = 600_000
 
 
 class Runner(ABC):
-    """Executes phases over shards and the ``compute`` pass of global stages."""
+    """Executes phases over shards, and the passes over the whole pool that global stages need
+    (sums by key, keyed reductions, tasks)."""
 
     @abstractmethod
     def run_phase(self, task: PhaseTask, shards: list[int]) -> Iterator[ShardEntry]:
         """Process and write each shard; yield its ledger entry as soon as it is written."""
-
-    @abstractmethod
-    def compute_partials(self, planned: PlannedStage, rundir: RunDir, phase: str, shards: list[int]) -> list[Any]:
-        """``planned.stage.compute`` on each finished shard of ``phase``, in the order of ``shards``."""
 
     @abstractmethod
     def map_tasks(self, fn: Callable[..., Any], first: Any, items: list[Any]) -> Iterator[Any]:
@@ -123,11 +118,6 @@ class LocalRunner(Runner):
             for planned in stages:
                 state = apply_stage(planned, state)
             yield task.io.finish(state)
-
-    def compute_partials(self, planned, rundir, phase, shards):
-        if shards:
-            planned = self._setup(planned)
-        return [compute_partial(planned, rundir, phase, shard) for shard in shards]
 
     def map_tasks(self, fn, first, items):
         for item in items:
@@ -256,21 +246,6 @@ class RayRunner(Runner):
             yield ShardEntry.from_json(row["entry"])
         self._deaths.report(f"phase {task.io.name}")
 
-    def compute_partials(self, planned, rundir, phase, shards):
-        if not shards:
-            return []
-        import ray.data
-
-        self._data_context()
-        placement = self._placement([planned])
-        ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=len(shards))
-        ds = map_stage(
-            ds, planned, compute_batch, placement, label=f"{planned.name}_compute", rundir=rundir, phase=phase
-        )
-        partials = {row["shard"]: pickle.loads(row["partial"]) for row in ds.iter_rows()}
-        self._deaths.report(f"the compute pass of {planned.name}")
-        return [partials[shard] for shard in shards]
-
     def map_tasks(self, fn, first, items):
         if not items:
             return
@@ -381,13 +356,6 @@ class _StageActor:
 def apply_stage_batch(batch: pa.Table, planned: PlannedStage) -> pa.Table:
     """One stage over a Ray Data batch of encoded shard states (the step each stage of a phase maps)."""
     return encode_states([apply_stage(planned, state) for state in decode_states(batch)])
-
-
-def compute_batch(batch: pa.Table, planned: PlannedStage, rundir: RunDir, phase: str) -> pa.Table:
-    """A global stage's pickled ``compute`` partial of each shard in a Ray Data batch of shard numbers."""
-    shards = batch["shard"].to_pylist()
-    partials = [pickle.dumps(compute_partial(planned, rundir, phase, s), protocol=5) for s in shards]
-    return pa.table({"shard": pa.array(shards, pa.int64()), "partial": pa.array(partials, pa.large_binary())})
 
 
 def _read(source: ReduceInput):

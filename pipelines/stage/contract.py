@@ -12,11 +12,11 @@ ones to drop with a reason (:class:`Rejections`). The runner moves those rows to
 sink and counts them in the ledger.
 
 Decisions that need the whole pool (entry counts, a global score cutoff, duplicate clusters)
-are a :class:`GlobalStage`: ``compute`` runs per shard on finished data, ``aggregate`` combines
-the partial results once, and ``decide`` maps every batch with the combined result. A decision
-about single rows (which rows are duplicates of which) is returned as :class:`ShardDecisions`:
-the runner writes its rows partitioned by shard, and each shard decides from its own part. A
-:class:`KeyedStage` is decided key group by key group where the rows lie, without ``aggregate``.
+are a :class:`GlobalStage`, in one of two forms, neither of which gathers rows in one process:
+a :class:`SummedStage` counts rows by key, summed over the pool (MetaCLIP's entries, score
+histograms); a :class:`KeyedStage` brings the rows of each key together and decides them there
+(duplicates), writing its decisions by shard; a :class:`LinkedStage` is a keyed stage whose
+reductions find edges, clustered in one task. ``decide`` then maps every batch with the result.
 
 Stages never import Ray: the same object runs in-process under ``LocalRunner`` and inside Ray
 Data workers under ``RayRunner``.
@@ -141,45 +141,20 @@ class Stage:
         return type(self).setup is not Stage.setup
 
 
-@dataclass(frozen=True)
-class ShardDecisions:
-    """What ``aggregate`` returns when the decision is about single rows: ``rows`` (one per decided
-    row, with its ``source_index`` and what ``decide`` needs about it) and a small ``summary``.
-
-    The runner writes ``rows`` partitioned by shard and keeps only ``summary`` as the stage's
-    state (``describe`` and the dataset card see it); ``decide`` receives the rows of its own
-    shard, or None where the shard has none. No worker holds the decisions of the whole pool.
-    """
-
-    rows: pa.Table
-    summary: Any
-
-
 @dataclass(kw_only=True)
 class GlobalStage(Stage):
-    """A two-pass decision over the whole pool: compute per shard, aggregate, decide.
+    """A decision over the whole pool, then applied batch by batch: subclass :class:`SummedStage`
+    or :class:`KeyedStage`, which say how the pool is read.
 
-    ``compute`` sees the ``compute_columns`` of one finished shard and returns a small partial
-    result; ``aggregate`` receives the partial results of all shards in shard order and returns
-    the global state (saved with the run, so a resumed run decides exactly as before);
-    ``decide`` maps a batch of ``input_columns`` using that state, like ``__call__`` for an
-    ordinary stage. ``describe`` turns the state into a JSON-friendly summary for the manifest
-    (a chosen cutoff, the number of clusters). A stage whose ``aggregate`` returns
-    :class:`ShardDecisions` sets ``decides_by_shard``.
+    Its state (saved with the run, so a resumed run decides exactly as before) comes from the
+    pool's ``compute_columns``; ``decide`` maps a batch of ``input_columns`` using it, like
+    ``__call__`` for an ordinary stage. ``describe`` turns the state into a JSON-friendly
+    summary for the manifest (a chosen cutoff, the number of clusters).
     """
-
-    #: ``aggregate`` returns :class:`ShardDecisions`; ``decide`` gets its shard's rows of them.
-    decides_by_shard: ClassVar[bool] = False
 
     @property
     def compute_columns(self) -> tuple[str, ...]:
         return self.input_columns
-
-    def compute(self, batch: pa.Table) -> Any:
-        raise NotImplementedError
-
-    def aggregate(self, partials: list[Any]) -> Any:
-        raise NotImplementedError
 
     def decide(self, batch: pa.Table, state: Any) -> pa.Table:
         raise NotImplementedError
@@ -188,7 +163,7 @@ class GlobalStage(Stage):
         return {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        raise TypeError(f"{type(self).__name__} is a GlobalStage: it runs as compute/aggregate/decide")
+        raise TypeError(f"{type(self).__name__} is a GlobalStage: the runner decides it over the pool, then decide")
 
 
 #: The column of a :class:`KeyedStage`'s features that rows are grouped by (an integer).
@@ -226,10 +201,12 @@ class KeyedStage(GlobalStage):
     ``features`` turns a batch of ``compute_columns`` into rows (one or more per input row) of
     :data:`KEY`, the ``source_index`` and whatever ``reduce`` needs. The runner brings every row
     of a key together (a hash shuffle under Ray) and calls ``reduce`` with tables holding whole
-    keys, sorted by key; ``reduce`` returns the decided rows (with their ``source_index``, written
-    by shard as for ``decides_by_shard``) and a small dict of facts, and ``summarise`` merges the
-    facts of every call into the stage's summary. The kept rows of the runs in ``pinned_runs``
-    join with :data:`PINNED` true and negative ``source_index``: they are compared, never decided.
+    keys, sorted by key; ``reduce`` returns the decided rows (with their ``source_index``) and a
+    small dict of facts, and ``summarise`` merges the facts of every call into the stage's
+    summary, its state. The decided rows are written by shard: each shard's ``decide`` receives
+    only its own (None where it has none), so no worker holds the decisions of the whole pool.
+    The kept rows of the runs in ``pinned_runs`` join with :data:`PINNED` true and negative
+    ``source_index``: they are compared, never decided.
 
     A stage whose keys must be learnt from the pool first (k-means cells) asks for a sample:
     ``sample_size(rows)`` of the pool's ``rows`` (every n-th row by ``source_index``:
@@ -243,8 +220,6 @@ class KeyedStage(GlobalStage):
 
     def fit(self, sample: pa.Table, rows: int) -> Any:
         raise NotImplementedError
-
-    decides_by_shard: ClassVar[bool] = True
 
     def pinned_runs(self) -> list[str]:
         return []

@@ -23,7 +23,7 @@ from pipelines.engine.config import (
 from pipelines.engine.plan import INPUT_PHASE, config_hash, fingerprint_diff
 from pipelines.job import build_plan
 from pipelines.source.shards import SourceError, resolve_files
-from pipelines.stage import GlobalStage, Resources, Stage
+from pipelines.stage import GlobalStage, Resources, Stage, SummedStage
 from schemas.columns import CAPTION, IMAGE, URL, WIDTH
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -77,8 +77,8 @@ class WritesUnregistered(Stage):
 
 
 @dataclass
-class GlobalOverWidth(GlobalStage):
-    """A global stage whose compute pass needs a column its decide pass does not."""
+class GlobalOverWidth(SummedStage):
+    """A global stage whose counting pass needs a column its decide pass does not."""
 
     name: ClassVar[str] = "global_over_width"
     input_columns: ClassVar[tuple[str, ...]] = ("uid",)
@@ -86,6 +86,13 @@ class GlobalOverWidth(GlobalStage):
     @property
     def compute_columns(self) -> tuple[str, ...]:
         return ("uid", WIDTH)
+
+
+@dataclass
+class BareGlobal(GlobalStage):
+    """A global stage that says nothing of how the pool is read."""
+
+    name: ClassVar[str] = "bare_global"
 
 
 class NotAStage:
@@ -489,6 +496,8 @@ def test_bad_resources_value(pool, resources, expected):
         ("pipelines.engine.config:load_config", "'load_config' is not a Stage class in 'pipelines.engine.config'"),
         ("curation.basic:CONTROL_CHARACTERS", "'CONTROL_CHARACTERS' is not a Stage class"),
         (f"{HERE}:NotAStage", "'NotAStage' is not a Stage class"),
+        ("pipelines.stage:KeyedStage", "'KeyedStage' is not a Stage class in 'pipelines.stage'"),
+        (f"{HERE}:BareGlobal", "a GlobalStage subclasses KeyedStage or SummedStage"),
     ],
 )
 def test_bad_stage_import_path(pool, path, expected):

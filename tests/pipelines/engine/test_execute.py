@@ -207,7 +207,7 @@ def test_global_aggregate_is_saved_and_reused_on_resume(config):
     _reopen(plan, "02_exact_duplicates")
     runner = CountingRunner()
     computed = []
-    runner.compute_partials = lambda *args: computed.append(args) or []
+    runner.reduce_by_key = lambda *args: computed.append(args) or []
     _run(config, runner)
     assert computed == []  # the saved decision was used, not recomputed
     assert runner.processed["02_exact_duplicates"] == [0]
