@@ -35,7 +35,7 @@ class SyntheticClip(Stage):
     dim: int = 32
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        parts = pc.extract_regex(batch[URL], r"/(?P<id>\d+)\.jpg(\?copy=(?P<copy>\d+))?")
+        parts = pc.extract_regex(batch[URL], r"/(?P<id>\d+)\.jpg(?:\?copy=(?P<copy>\d+))?")
         ids = pc.cast(pc.struct_field(parts, "id"), pa.float64()).to_numpy(zero_copy_only=False)
         copy = pc.fill_null(pc.not_equal(pc.struct_field(parts, "copy"), ""), False).to_numpy(zero_copy_only=False)
         index = batch[SOURCE_INDEX].to_numpy().astype(np.float64)
