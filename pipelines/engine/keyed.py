@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -283,3 +284,17 @@ def summed_counts(counts: pa.Table) -> pa.Table:
 
 def sorted_by_key(table: pa.Table, key: str) -> pa.Table:
     return table.take(pc.sort_indices(table, [(key, "ascending")]))
+
+
+def count_files(batch: pa.Table, counts: Callable[[pa.Table], pa.Table], source: ReduceInput) -> pa.Table:
+    """A Ray Data batch of file paths: the counts of each whole file."""
+    return pa.concat_tables([count_file(source, path, counts) for path in batch["path"].to_pylist()])
+
+
+def prepare_rows(batch: pa.Table, job: KeyedReduce, source: ReduceInput) -> pa.Table:
+    return job.prepare(batch, source)
+
+
+def reduce_partition(batch: pa.Table, job: KeyedReduce) -> pa.Table:
+    """One hash partition of a keyed reduction, reduced and written; its facts as a JSON row."""
+    return pa.table({"facts": pa.array([json.dumps(job.reduce_and_write(batch))], pa.string())})

@@ -27,13 +27,16 @@ from pipelines.engine.keyed import (
     KeyedReduce,
     ReduceInput,
     count_file,
+    count_files,
     empty_counts,
+    prepare_rows,
+    reduce_partition,
     sorted_by_key,
     summed_counts,
 )
-from pipelines.engine.phase import PhaseTask, ShardIO
+from pipelines.engine.phase import PhaseTask
 from pipelines.engine.placement import Placement, gpu_on_cpu, plan_placement, with_cpus
-from pipelines.engine.shard_codec import decode_states, encode_states
+from pipelines.engine.shard_codec import apply_stage_batch, finish_shards, load_shards
 from pipelines.stage import COUNT, KEY
 from schemas.manifest import ShardEntry
 
@@ -238,10 +241,10 @@ class RayRunner(Runner):
             max_retries=WORKER_RETRIES,
         )
         ds = ray.data.from_items([{"shard": shard} for shard in shards], override_num_blocks=len(shards))
-        ds = _map_batches(ds, _load_shards, **io_args)
+        ds = _map_batches(ds, load_shards, **io_args)
         for planned in task.stages:
             ds = map_stage(ds, planned, apply_stage_batch, placement, label=planned.name)
-        ds = _map_batches(ds, _finish_shards, **io_args)
+        ds = _map_batches(ds, finish_shards, **io_args)
         for row in ds.iter_rows():
             yield ShardEntry.from_json(row["entry"])
         self._deaths.report(f"phase {task.io.name}")
@@ -272,7 +275,7 @@ class RayRunner(Runner):
         paths = ray.data.from_items([{"path": path} for path in source.paths], override_num_blocks=len(source.paths))
         ds = _map_batches(
             paths,
-            _count_files,
+            count_files,
             batch_size=1,
             batch_format="pyarrow",
             fn_kwargs={"counts": counts, "source": source},
@@ -307,7 +310,7 @@ class RayRunner(Runner):
         parts = [
             _map_batches(
                 _read(source),
-                _prepare_rows,
+                prepare_rows,
                 batch_format="pyarrow",
                 fn_kwargs={"job": job, "source": source},
                 max_retries=WORKER_RETRIES,
@@ -320,7 +323,7 @@ class RayRunner(Runner):
         ds = ds.repartition(min(files, MAX_KEY_PARTITIONS), keys=[job.key], sort=True)
         ds = _map_batches(
             ds,
-            _reduce_partition,
+            reduce_partition,
             batch_size=None,  # the whole block: a group of keys is never split
             batch_format="pyarrow",
             fn_kwargs={"job": job},
@@ -353,11 +356,6 @@ class _StageActor:
         return self.fn(batch, self.planned, **self.kwargs)
 
 
-def apply_stage_batch(batch: pa.Table, planned: PlannedStage) -> pa.Table:
-    """One stage over a Ray Data batch of encoded shard states (the step each stage of a phase maps)."""
-    return encode_states([apply_stage(planned, state) for state in decode_states(batch)])
-
-
 def _read(source: ReduceInput):
     """The ``columns`` of a reduction's input files as a Ray dataset."""
     import ray.data
@@ -372,27 +370,6 @@ def _or_inf(cpus: float) -> float:
 
 def _call(fn: Callable[[Any], Any], arg: Any) -> Any:
     return fn(arg)
-
-
-def _count_files(batch: pa.Table, counts: Callable[[pa.Table], pa.Table], source: ReduceInput) -> pa.Table:
-    return pa.concat_tables([count_file(source, path, counts) for path in batch["path"].to_pylist()])
-
-
-def _prepare_rows(batch: pa.Table, job: KeyedReduce, source: ReduceInput) -> pa.Table:
-    return job.prepare(batch, source)
-
-
-def _reduce_partition(batch: pa.Table, job: KeyedReduce) -> pa.Table:
-    return pa.table({"facts": pa.array([json.dumps(job.reduce_and_write(batch))], pa.string())})
-
-
-def _load_shards(batch: pa.Table, io: ShardIO) -> pa.Table:
-    return encode_states([io.load(shard) for shard in batch["shard"].to_pylist()])
-
-
-def _finish_shards(batch: pa.Table, io: ShardIO) -> pa.Table:
-    entries = [io.finish(state) for state in decode_states(batch)]
-    return pa.table({"entry": pa.array([e.to_json() for e in entries], pa.string())})
 
 
 def _map_batches(ds, fn, **args):

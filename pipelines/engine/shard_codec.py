@@ -7,7 +7,8 @@ import json
 
 import pyarrow as pa
 
-from pipelines.engine.chain import ShardState
+from pipelines.engine.chain import PlannedStage, ShardState, apply_stage
+from pipelines.engine.phase import ShardIO
 from schemas.manifest import StageCounts
 
 
@@ -50,3 +51,19 @@ def decode_states(batch: pa.Table) -> list[ShardState]:
             )
         )
     return states
+
+
+def load_shards(batch: pa.Table, io: ShardIO) -> pa.Table:
+    """A Ray Data batch of shard numbers: each shard read, as rows in flight."""
+    return encode_states([io.load(shard) for shard in batch["shard"].to_pylist()])
+
+
+def finish_shards(batch: pa.Table, io: ShardIO) -> pa.Table:
+    """Shards in flight written and checked: their ledger entries as JSON rows."""
+    entries = [io.finish(state) for state in decode_states(batch)]
+    return pa.table({"entry": pa.array([e.to_json() for e in entries], pa.string())})
+
+
+def apply_stage_batch(batch: pa.Table, planned: PlannedStage) -> pa.Table:
+    """One stage over a Ray Data batch of encoded shard states (the step each stage of a phase maps)."""
+    return encode_states([apply_stage(planned, state) for state in decode_states(batch)])

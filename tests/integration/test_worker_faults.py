@@ -23,7 +23,7 @@ ROWS = 1200
 SHARD_SIZE = 150  # 8 shards: the kills land on early batches, later ones show the replacements at work
 KEY_ENV = "VLMCURATE_TEST_KEY"
 #: Killed in this order, each the first time a worker is seen running it.
-TARGETS = [running_title("clip_embed"), running_title("instruct"), "ray::MapBatches(_finish_shards)"]
+TARGETS = [running_title("clip_embed"), running_title("instruct"), "ray::MapBatches(finish_shards)"]
 
 
 def _config(tmp_path, pool, name: str, chat: FakeChatServer) -> dict:

@@ -223,7 +223,8 @@ def test_ray_steps_are_named_after_their_stages(ray_session):
     from curation.basic import CaptionLength
     from pipelines.engine.chain import PlannedStage
     from pipelines.engine.placement import Placement
-    from pipelines.engine.runner import apply_stage_batch, map_stage
+    from pipelines.engine.runner import map_stage
+    from pipelines.engine.shard_codec import apply_stage_batch
     from tests.stages import CountSetup
 
     stages = [PlannedStage("caption_length", CaptionLength()), PlannedStage("count_setup", CountSetup())]
