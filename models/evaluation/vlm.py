@@ -4,14 +4,15 @@
 conversations (captions as stage-1 records, with the template the tokenizer carries), the number
 that says whether a training stage generalises. :func:`generate_captions` asks the model for a
 caption of each image, greedily, with the same template's prompt. :func:`evaluate_captions` puts
-both together with BLEU-4 and CIDEr-D against the references; :func:`evaluate_probe` runs the
+both together with BLEU-4 and CIDEr-D against the references (and CHAIR where the images' objects
+are known: n-gram scores reward a caption's template whatever objects it names); :func:`evaluate_probe` runs the
 POPE-style yes/no probe. ``vlmcurate eval vlm`` prints what they return. Images that cannot be
 read are listed with their reason, never dropped silently.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from models.evaluation.caption_metrics import bleu4, cider_d
+from models.evaluation.chair import chair_scores
 from models.evaluation.datasets import CaptionedImageSet, Skipped
 from models.evaluation.pope import SETTINGS, BoxedImageSet, probe_questions, probe_scores
 from models.llava import LlavaBundle, pixels
@@ -101,9 +103,20 @@ def generate_captions(
 
 
 def evaluate_captions(
-    bundle: LlavaBundle, images: CaptionedImageSet, *, instruction: str = "", show: int = 5, max_new_tokens: int = 30
+    bundle: LlavaBundle,
+    images: CaptionedImageSet,
+    *,
+    instruction: str = "",
+    show: int = 5,
+    max_new_tokens: int = 30,
+    objects: Mapping[str, frozenset[str]] | None = None,
+    vocabulary: Iterable[str] | None = None,
 ) -> dict[str, Any]:
-    """Held-out caption loss over every reference, and BLEU-4 / CIDEr-D of a generated caption per image."""
+    """Held-out caption loss over every reference, and BLEU-4 / CIDEr-D of a generated caption per image.
+
+    With ``objects`` (each image's object names, by image name, e.g. a :class:`BoxedImageSet`'s),
+    ``"objects"`` holds the CHAIR scores (:mod:`models.evaluation.chair`) of the captions of those
+    images, against ``vocabulary`` (the full label set, if known)."""
     readable, kept, skipped = _readable(bundle, images.images, images.images_dir, images.skipped)
     references, names = [images.captions[i] for i in kept], [images.images[i] for i in kept]
     if not readable:
@@ -112,12 +125,14 @@ def evaluate_captions(
         bundle, [(data, caption_turns(text)) for data, texts in zip(readable, references) for text in texts]
     )
     generated = generate_captions(bundle, readable, instruction=instruction, max_new_tokens=max_new_tokens)
+    boxed = [(text, objects[name]) for name, text in zip(names, generated) if name in objects] if objects else []
     return {
         "images": len(readable),
         "references": sum(len(r) for r in references),
         "caption_loss": loss,
         "bleu4": bleu4(generated, references),
         "cider_d": cider_d(generated, references),
+        **({"objects": chair_scores(*zip(*boxed), vocabulary)} if boxed else {}),
         "examples": [
             {"image": name, "generated": text, "references": refs}
             for name, text, refs in list(zip(names, generated, references))[:show]

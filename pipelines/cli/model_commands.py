@@ -129,7 +129,7 @@ def eval_vlm(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     output: Annotated[Path | None, typer.Option(help="Also write the result as JSON here.")] = None,
 ) -> None:
-    """Held-out caption loss, generated captions with BLEU-4 / CIDEr-D, and the object-presence probe."""
+    """Held-out caption loss, generated captions with BLEU-4 / CIDEr-D (CHAIR too with --probe), the object probe."""
     import torch
 
     from models.evaluation import CaptionedImageSet
@@ -149,22 +149,22 @@ def eval_vlm(
         if template is not None or model is not None:
             prepare_tokenizer(bundle.tokenizer, template or "plain")
         result: dict = {"checkpoint": checkpoint, "model": bundle.config.vision + " + " + bundle.config.language_model}
+        boxed = BoxedImageSet(probe, probe_images, limit=probe_limit) if probe is not None else None
         if captions is not None:
             result["captions"] = evaluate_captions(
                 bundle,
                 CaptionedImageSet(captions, images, split=split, limit=limit),
                 instruction=instruction,
                 show=show,
+                objects=dict(zip(boxed.images, boxed.objects)) if boxed is not None else None,
             )
             for example in result["captions"]["examples"]:
                 console.print(
                     f"{example['image']}: [bold]{example['generated']!r}[/bold] "
                     f"(reference: {example['references'][0]!r})"
                 )
-        if probe is not None:
-            result["probe"] = evaluate_probe(
-                bundle, BoxedImageSet(probe, probe_images, limit=probe_limit), per_image=per_image
-            )
+        if boxed is not None:
+            result["probe"] = evaluate_probe(bundle, boxed, per_image=per_image)
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(result, indent=2, default=str))

@@ -219,14 +219,28 @@ class Demo:
         self.header("evaluation on fresh scenes")
         settings = self.models.eval
         write_scene_eval_set(self.paths.heldout, HELDOUT_FIRST_SCENE, settings.heldout_images)
+        from pipelines.demo.scenes import object_names
+
         bundle = load_trained_vlm(self.paths.stage2)
-        captions = evaluate_captions(bundle, CaptionedImageSet(self.paths.heldout / "captions.jsonl"), show=3)
-        probe = evaluate_probe(bundle, BoxedImageSet(self.paths.heldout / "probe.jsonl"), per_image=settings.per_image)
+        boxed = BoxedImageSet(self.paths.heldout / "probe.jsonl")
+        captions = evaluate_captions(
+            bundle,
+            CaptionedImageSet(self.paths.heldout / "captions.jsonl"),
+            show=3,
+            objects=dict(zip(boxed.images, boxed.objects)),
+            vocabulary=object_names(),
+        )
+        probe = evaluate_probe(bundle, boxed, per_image=settings.per_image)
         result = {"model": str(self.paths.stage2), "captions": captions, "probe": probe}
         self.paths.evaluation.write_text(json.dumps(result, indent=2))
         self.say(
             f"caption loss {captions['caption_loss']:.3f} nats/token, BLEU-4 {captions['bleu4']:.3f}, "
             f"CIDEr-D {captions['cider_d']:.3f} on {captions['images']} images"
+        )
+        named = captions["objects"]
+        self.say(
+            f"objects the captions name: {named['object_recall']:.0%} of those in the scenes; "
+            f"{named['chair_i']:.0%} of those named are not there (CHAIR_i)"
         )
         for example in captions["examples"]:
             self.say(f"  generated {example['generated']!r}; true {example['references'][0]!r}")

@@ -94,6 +94,17 @@ def test_caption_evaluation_reports_loss_metrics_examples_and_unreadable_images(
     assert [e["image"] for e in result["examples"]] == ["a.jpg"]
     assert result["examples"][0]["references"] == ["a red kite", "a kite in the sky"]
     assert [s["item"] for s in result["skipped"]] == ["broken.jpg"]
+    assert "objects" not in result
+
+
+def test_caption_evaluation_scores_the_objects_named_in_captions_of_images_with_known_objects(tmp_path):
+    bundle = load_llava("tiny-vit-llama")
+    prepare_tokenizer(bundle.tokenizer, "plain")
+    rows = [{"image": "a.jpg", "captions": ["a kite"]}, {"image": "b.jpg", "captions": ["a cat"]}]
+    jsonl = _write_set(tmp_path, rows, {"a.jpg": make_image(40, 40, seed=0), "b.jpg": make_image(40, 40, seed=1)})
+    objects = {"a.jpg": frozenset({"kite"}), "missing.jpg": frozenset({"cat"})}
+    result = evaluate_captions(bundle, CaptionedImageSet(jsonl), show=0, max_new_tokens=4, objects=objects)
+    assert result["objects"]["captions"] == 1  # only a.jpg is both evaluated and boxed
 
 
 def test_probe_evaluation_scores_every_setting_on_balanced_questions(tmp_path):
