@@ -35,7 +35,8 @@ class ColumnsConfig(BaseModel):
 
 
 class RayConfig(BaseModel):
-    """How the Ray runner reaches a cluster; with no ``address`` it starts a local Ray."""
+    """How the Ray runner reaches a cluster: ``address``, else ``RAY_ADDRESS`` from the environment
+    (as ``ray job submit`` sets it), else a new local Ray, never one left running on the machine."""
 
     model_config = ConfigDict(extra="forbid")
     address: str | None = None
@@ -46,6 +47,11 @@ class RayConfig(BaseModel):
     #: Workers' output (their warnings, tracebacks, Ray's lines) reaches the driver: its log file, or
     #: the terminal with ``-v``. Without it, it stays in Ray's session folder.
     log_to_driver: bool = True
+
+    @property
+    def cluster_address(self) -> str | None:
+        """The cluster to join, or None to start a local Ray."""
+        return self.address or os.environ.get("RAY_ADDRESS") or None
 
 
 class ExportConfig(BaseModel):

@@ -170,16 +170,18 @@ class RayRunner(Runner):
         import ray
 
         common = dict(include_dashboard=False, log_to_driver=self.config.log_to_driver, configure_logging=False)
-        if self.config.address:
-            ray.init(address=self.config.address, **common)
+        if address := self.config.cluster_address:
+            ray.init(address=address, **common)
         else:
             # Workers inherit the driver's environment: make stage modules beside the user importable.
             paths = [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
             os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-            # Ray kills idle workers beyond num_cpus after 1 s by default, so each shard's
-            # short write task would start (and import the project in) a fresh process on the
-            # cores a model actor is using; keep them for the phase instead.
+            # "local": not the last cluster started here (its address file outlives a crash). Ray
+            # kills idle workers beyond num_cpus after 1 s by default, so each shard's short write
+            # task would start (and import the project in) a fresh process on the cores a model
+            # actor is using; keep them for the phase instead.
             ray.init(
+                address="local",
                 num_cpus=self.config.num_cpus,
                 num_gpus=self.config.num_gpus,
                 object_store_memory=self.config.object_store_memory,
@@ -218,7 +220,7 @@ class RayRunner(Runner):
         # A cluster joined by address may autoscale: ask, and let Ray provide; unless what it has
         # now cannot hold one actor of each stage and a task on a node, which would hang a
         # cluster that does not grow.
-        if self.config.address and (not cpus or fixed.cpu_scale == 1.0):
+        if self.config.cluster_address and (not cpus or fixed.cpu_scale == 1.0):
             return Placement(
                 True,
                 1.0,

@@ -257,3 +257,54 @@ def test_a_completed_run_holds_no_temporary_file_of_a_worker_that_died_mid_write
     plan, manifest = run_pipeline_dict(_config(tmp_path, pool, "temporaries", stages, shard_size=5000), LocalRunner())
     assert manifest.status == "complete"
     assert not [p.name for p in Path(plan.run_uri).rglob("*") if ".tmp-" in p.name]
+
+
+_START_LOCAL_RAY = """
+import ray
+from pipelines.engine.config import RayConfig
+from pipelines.engine.runner import RayRunner
+runner = RayRunner(RayConfig(num_cpus=1, object_store_memory=80 * 1024 * 1024))
+runner.start()
+print("CPUs", ray.cluster_resources()["CPU"])
+runner.close()
+"""
+
+
+def test_a_ray_runner_without_address_starts_its_own_ray_despite_a_stale_cluster_address_file():
+    """Ray would join the last cluster started on the machine (``ray_current_cluster`` outlives a
+    crash) and refuse ``num_cpus`` there; the runner starts a new local Ray instead."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.conftest import REPO_ROOT
+
+    temp_dir = tempfile.mkdtemp(prefix="vlmc-stale-", dir="/tmp")  # short: Ray's socket paths
+    try:
+        (Path(temp_dir) / "ray").mkdir()
+        (Path(temp_dir) / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nobody listens
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": temp_dir}
+        done = subprocess.run(
+            [sys.executable, "-c", _START_LOCAL_RAY],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "CPUs 1.0" in done.stdout
+
+
+def test_the_cluster_to_join_is_the_configured_address_else_ray_address_from_the_environment(monkeypatch):
+    from pipelines.engine.config import RayConfig
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert RayConfig().cluster_address is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # as `ray job submit` sets it for the job
+    assert RayConfig().cluster_address == "10.0.0.1:6379"
+    assert RayConfig(address="auto").cluster_address == "auto"
