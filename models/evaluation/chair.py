@@ -19,9 +19,17 @@ from models.evaluation.caption_metrics import words
 def named_objects(caption: str, vocabulary: Iterable[str]) -> set[str]:
     """The vocabulary's names that ``caption`` mentions as whole words (longest names first, so a
     "red circle" is not also counted as a "circle"; a plural "s" or "es" counts as the name)."""
+    return _found(caption, _longest_first(vocabulary))
+
+
+def _longest_first(vocabulary: Iterable[str]) -> list[str]:
+    return sorted({" ".join(words(v)) for v in vocabulary if words(v)}, key=len, reverse=True)
+
+
+def _found(caption: str, names: list[str]) -> set[str]:
     text = " ".join(words(caption))
     found: set[str] = set()
-    for name in sorted({" ".join(words(v)) for v in vocabulary if words(v)}, key=len, reverse=True):
+    for name in names:
         pattern = rf"\b{re.escape(name)}(?:e?s)?\b"
         if re.search(pattern, text):
             found.add(name)
@@ -39,8 +47,8 @@ def chair_scores(
     if len(captions) != len(objects) or not captions:
         raise ValueError(f"{len(captions)} captions for {len(objects)} object sets (need equal, non-zero)")
     truth = [{" ".join(words(o)) for o in image} for image in objects]
-    names = set(vocabulary) if vocabulary is not None else set().union(*truth)
-    mentioned = [named_objects(caption, names) for caption in captions]
+    names = _longest_first(vocabulary if vocabulary is not None else set().union(*truth))
+    mentioned = [_found(caption, names) for caption in captions]
     named = sum(len(m) for m in mentioned)
     hallucinated = [m - t for m, t in zip(mentioned, truth)]
     present = sum(len(t) for t in truth)

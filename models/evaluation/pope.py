@@ -66,6 +66,9 @@ class BoxedImageSet:
     def __len__(self) -> int:
         return len(self.images)
 
+    def objects_by_image(self) -> dict[str, frozenset[str]]:
+        return dict(zip(self.images, self.objects))
+
     def read(self, index: int) -> bytes:
         return (self.images_dir / self.images[index]).read_bytes()
 

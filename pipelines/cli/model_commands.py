@@ -156,7 +156,7 @@ def eval_vlm(
                 CaptionedImageSet(captions, images, split=split, limit=limit),
                 instruction=instruction,
                 show=show,
-                objects=dict(zip(boxed.images, boxed.objects)) if boxed is not None else None,
+                objects=boxed.objects_by_image() if boxed is not None else None,
             )
             for example in result["captions"]["examples"]:
                 console.print(

@@ -227,7 +227,7 @@ class Demo:
             bundle,
             CaptionedImageSet(self.paths.heldout / "captions.jsonl"),
             show=3,
-            objects=dict(zip(boxed.images, boxed.objects)),
+            objects=boxed.objects_by_image(),
             vocabulary=object_names(),
         )
         probe = evaluate_probe(bundle, boxed, per_image=settings.per_image)

@@ -176,10 +176,9 @@ class RayRunner(Runner):
             # Workers inherit the driver's environment: make stage modules beside the user importable.
             paths = [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
             os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-            # "local": not the last cluster started here (its address file outlives a crash). Ray
-            # kills idle workers beyond num_cpus after 1 s by default, so each shard's short write
-            # task would start (and import the project in) a fresh process on the cores a model
-            # actor is using; keep them for the phase instead.
+            # "local": never the last cluster started here (see RayConfig). Ray kills idle workers
+            # beyond num_cpus after 1 s, so each shard's short write task would start (and import
+            # the project in) a fresh process on the cores a model actor uses; keep them instead.
             ray.init(
                 address="local",
                 num_cpus=self.config.num_cpus,
