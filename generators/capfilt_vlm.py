@@ -66,12 +66,12 @@ class VlmCaption(Stage):
         import torch
 
         from models.inference import inference_device
-        from models.llava import load_llava
+        from models.llava import image_input, load_llava
         from models.llava_text import encode_prompt
         from models.training.vlm_checkpoint import load_trained_vlm
         from schemas.llava import HUMAN, IMAGE_TOKEN
 
-        self._torch = torch
+        self._torch, self._image_input = torch, image_input
         self._device, _ = inference_device(self.device, "fp32")
         if self.weights is not None:
             self._bundle = load_trained_vlm(self.weights, device=self._device)
@@ -117,7 +117,7 @@ class VlmCaption(Stage):
                     raise ImageRejected("not_an_image", "no image bytes")
                 check_header(body, DecodeLimits(max_pixels=self.max_pixels))
                 with Image.open(io.BytesIO(body)) as image:
-                    tensors.append(self._bundle.preprocess(image.convert("RGB")))
+                    tensors.append(self._image_input(self._bundle, image))
             except ImageRejected as e:
                 failures.append((i, e.reason, e.detail))
                 tensors.append(None)

@@ -12,6 +12,10 @@
   LM reads k² times fewer tokens per image and nothing is averaged away (a 7 x 7 map: 16 tokens).
   The tower is frozen and stays in eval mode.
 - ``projector``: ``mlp2x_gelu`` (Linear, GELU, Linear, as LLaVA-1.5) or ``linear``.
+- ``image_aspect_ratio``: ``pad`` (the default, as LLaVA-1.5) centres a wide or tall image on a
+  square of the tower's mean colour before the tower's transform, so what lies near its edges is
+  seen; ``crop`` leaves the tower's own resize and centre crop, which cuts a 4:3 image's sides by
+  an eighth each (LLaVA-1). A checkpoint saved before the setting existed was trained with ``crop``.
 - ``language_model``: any name :func:`models.causal_lm.load_causal_lm` takes
   (``packaged:smollm2-135m``, ``config:tiny-llama``, a hub id or folder).
 
@@ -35,6 +39,7 @@ from torch import nn
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "llava"
 PROJECTORS = ("mlp2x_gelu", "linear")
+ASPECT_RATIO_MODES = ("pad", "crop")
 
 
 @dataclass
@@ -48,6 +53,7 @@ class LlavaConfig:
     vision_layer: int = -2
     merge_tokens: int | None = None
     projector: str = "mlp2x_gelu"
+    image_aspect_ratio: str = "pad"
     chat_template: str | None = None
     max_length: int = 2048
     init_seed: int = 0
@@ -55,6 +61,8 @@ class LlavaConfig:
     def __post_init__(self) -> None:
         if self.projector not in PROJECTORS:
             raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
+        if self.image_aspect_ratio not in ASPECT_RATIO_MODES:
+            raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIO_MODES}, got {self.image_aspect_ratio!r}")
         if self.merge_tokens is not None and self.merge_tokens < 1:
             raise ValueError(f"merge_tokens must be a positive block side, got {self.merge_tokens}")
 
@@ -221,9 +229,30 @@ def load_llava(
 
 
 def pixels(bundle: LlavaBundle, images: Sequence[bytes]) -> torch.Tensor:
-    """Encoded images as the model's input batch (its tower's eval transform)."""
+    """Encoded images as the model's input batch: padded to a square first where the config says
+    ``pad``, then the tower's eval transform."""
     tensors = []
     for data in images:
         with Image.open(io.BytesIO(data)) as image:
-            tensors.append(bundle.preprocess(image.convert("RGB")))
+            tensors.append(image_input(bundle, image))
     return torch.stack(tensors)
+
+
+def image_input(bundle: LlavaBundle, image: Image.Image) -> torch.Tensor:
+    """One decoded image as the tower's input: RGB, padded to a square where the config says ``pad``."""
+    rgb = image.convert("RGB")
+    if bundle.config.image_aspect_ratio == "pad":
+        rgb = pad_to_square(rgb, bundle.spec.mean)
+    return bundle.preprocess(rgb)
+
+
+def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
+    """``image`` centred on a square of its longer side, filled with the tower's mean colour (which
+    normalises to zero), as LLaVA-1.5's ``expand2square``."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), tuple(round(255 * m) for m in mean))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square

@@ -29,7 +29,7 @@ class NotExportable(ValueError):
 
 def export_hf(bundle: LlavaBundle, folder: str | Path) -> Path:
     """Write ``bundle`` as a transformers Llava model and processor under ``folder``."""
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessor, LlavaProcessor
 
     model = bundle.model
     if not model.vision.is_vit:
@@ -67,9 +67,10 @@ def export_hf(bundle: LlavaBundle, folder: str | Path) -> Path:
     if spec.resize_mode != "shortest" or spec.interpolation != "bicubic":
         raise NotExportable(
             f"the tower's transform ({spec.resize_mode}, {spec.interpolation}) is not CLIP's "
-            "shortest-side bicubic resize and centre crop, which CLIPImageProcessor does"
+            "shortest-side bicubic resize and centre crop, which LlavaImageProcessor does"
         )
-    image_processor = CLIPImageProcessor(
+    image_processor = LlavaImageProcessor(
+        do_pad=bundle.config.image_aspect_ratio == "pad",  # to a square of the mean colour, as pixels() does
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         image_mean=list(spec.mean),

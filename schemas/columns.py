@@ -48,6 +48,7 @@ CAPTION_SOURCE = "caption_source"
 WEB_CAPTION = "web_caption"
 SELECTED_CAPTIONS = "selected_captions"
 # Instruction generation
+ABSENT_OBJECTS = "absent_objects"
 INSTRUCTIONS = "instructions"
 INSTRUCTION_FAILURES = "instruction_failures"
 BRIEF_RECORDS = "brief_records"
@@ -107,6 +108,11 @@ _COLUMNS = (
     Column(CAPTION_SOURCE, pa.string(), "where the selected caption came from: web or synthetic"),
     Column(WEB_CAPTION, pa.string(), "the caption the pool came with, kept when CapFilt selects another"),
     Column(SELECTED_CAPTIONS, pa.list_(pa.string()), "every candidate caption that passed the CapFilt filter"),
+    Column(
+        ABSENT_OBJECTS,
+        pa.list_(pa.string()),
+        "objects the row's boxes do not hold, for its presence questions, drawn as often as the pool holds them",
+    ),
     Column(
         INSTRUCTIONS,
         pa.list_(RECORD_TYPE),

@@ -74,6 +74,7 @@ DEMO_SMALL = [
     "clip.save_every=20",
     "vlm_stage1.max_steps=2",
     "vlm_stage1.batch_size=2",
+    "vlm_stage1.projector_warmup.epochs=2",
     "vlm_stage2.max_steps=2",
     "vlm_stage2.batch_size=1",
     "eval.heldout_images=3",

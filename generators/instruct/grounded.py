@@ -11,6 +11,11 @@ Every answer states only those facts. The conversation's questions come in an or
 the row, so no answer is learnt from its position, with the presence questions first: every other
 answer names objects that are there (and the questions about counts and places name only those),
 so after them "is there ...?" could be answered from the conversation without looking.
+
+The ``presence`` response type holds the presence questions alone, each asking for a yes or a no
+and answered with that word (LLaVA-1.5 formats its short-answer VQA data so): a short record that
+teaches looking for an object at a fraction of a conversation's tokens. It is built from the boxes
+whichever backend writes the other types, as a model could add nothing to it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from generators.instruct.context import Box, Context
 
 GROUNDED_MODEL = "grounded"
 GROUNDED_VERSION = "grounded-2"
+#: The response type of short yes/no presence records, always built from the boxes (no model asked).
+PRESENCE = "presence"
+SHORT_ANSWER = "Answer yes or no."
 _IRREGULAR = {
     "person": "people",
     "mouse": "mice",
@@ -85,16 +93,31 @@ def with_article(noun: str) -> str:
 
 
 def presence_pairs(
-    boxes: list[Box], vocabulary: Sequence[str], rng: random.Random, most: int = 3
+    boxes: list[Box],
+    vocabulary: Sequence[str],
+    rng: random.Random,
+    most: int = 3,
+    drawn: bool = False,
+    short: bool = False,
 ) -> list[tuple[str, str]]:
-    """Is there ...? for up to ``most`` objects in ``boxes`` (yes) and as many of ``vocabulary``,
-    drawn at random, that are not (no)."""
+    """Is there ...? for up to ``most`` objects in ``boxes`` (yes) and as many of ``vocabulary``
+    that are not (no): drawn at random, or the first of them where ``drawn`` says they were drawn
+    already (:class:`~generators.instruct.absent.AbsentObjects`). ``short``: the question asks for
+    a yes or a no and the answer is that word, as LLaVA-1.5 formats its short-answer data."""
     present = sorted({b.category for b in boxes})
-    absent = sorted(set(vocabulary) - set(present))
+    if drawn:
+        absent = [name for name in dict.fromkeys(vocabulary) if name not in present]
+    else:
+        absent = sorted(set(vocabulary) - set(present))
     asked = min(most, len(present), len(absent))
     questions = [(name, True) for name in rng.sample(present, asked)]
-    questions += [(name, False) for name in rng.sample(absent, asked)]
+    questions += [(name, False) for name in (absent[:asked] if drawn else rng.sample(absent, asked))]
     rng.shuffle(questions)
+    if short:
+        return [
+            (f"Is there {with_article(name)} in the image? {SHORT_ANSWER}", "Yes." if there else "No.")
+            for name, there in questions
+        ]
     return [
         (
             f"Is there {with_article(name)} in the image?",
@@ -104,8 +127,11 @@ def presence_pairs(
     ]
 
 
-def conversation_pairs(context: Context, vocabulary: Sequence[str] = (), seed: str = "") -> list[tuple[str, str]]:
-    """The conversation's question-answer pairs; ``vocabulary`` names the objects absence is asked about."""
+def conversation_pairs(
+    context: Context, vocabulary: Sequence[str] = (), seed: str = "", drawn: bool = False
+) -> list[tuple[str, str]]:
+    """The conversation's question-answer pairs; ``vocabulary`` names the objects absence is asked
+    about (``drawn``: the row's own, already drawn, see :func:`presence_pairs`)."""
     pairs = [("What does this image show?", _sentence(context.captions[0]))]
     boxes = context.boxes
     if not boxes:
@@ -134,7 +160,7 @@ def conversation_pairs(context: Context, vocabulary: Sequence[str] = (), seed: s
             )
         )
     rng.shuffle(pairs)
-    return presence_pairs(boxes, vocabulary, rng) + pairs
+    return presence_pairs(boxes, vocabulary, rng, drawn=drawn) + pairs
 
 
 def detailed_pairs(context: Context, question: str) -> list[tuple[str, str]]:

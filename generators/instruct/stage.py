@@ -1,11 +1,14 @@
 """Instruction stages: LLaVA-style records for each image, and stage-1 brief-description records.
 
 :class:`InstructGenerate` writes, per row, one record for each of ``response_types``
-(``conversation``, ``detailed``, ``reasoning``), from the row's captions (``caption_columns``,
-e.g. CapFilt's ``selected_captions``) and, where the pool has them, object boxes
-(``boxes_column``). ``absent_objects`` (a list of object names, or a text file with one a line:
-the label set of the boxes, e.g. COCO's 80) lets the grounded backend ask whether an object is
-there when it is not, as well as when it is. ``backend``:
+(``conversation``, ``detailed``, ``reasoning``, and ``presence``: short yes/no records always
+built from the boxes), from the row's captions (``caption_columns``, e.g. CapFilt's
+``selected_captions``) and, where the pool has them, object boxes (``boxes_column``).
+``absent_objects`` (a list of object names, or a text file with one a line: the label set of the
+boxes, e.g. COCO's 80) lets the grounded backend ask whether an object is there when it is not,
+as well as when it is; ``absent_column`` takes each row's absent objects from a column instead
+(:class:`~generators.instruct.absent.AbsentObjects` draws them as often as the pool holds each
+object). ``backend``:
 
 - ``grounded`` (default): no model; questions and answers derived from captions and boxes
   (:mod:`generators.instruct.grounded`), correct by construction;
@@ -38,12 +41,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import pyarrow as pa
 
 from generators.instruct import grounded
+from generators.instruct.absent import object_vocabulary
 from generators.instruct.batch import BATCH_PENDING, BatchClient, BatchSettings
 from generators.instruct.card import records_section
 from generators.instruct.chat import BUDGET_EXHAUSTED, REQUEST_FAILED, ChatSettings, Failure
@@ -70,9 +75,12 @@ from schemas.columns import (
 from schemas.llava import FAILURE_TYPE, RECORD_TYPE, conversation_problem
 
 BACKENDS = ("grounded", "openai", "openai-batch", "local")
+#: What ``response_types`` may name: the types a backend writes, and the grounded presence records.
+ALL_RESPONSE_TYPES = (*RESPONSE_TYPES, grounded.PRESENCE)
 ENDPOINT_BACKENDS = ("openai", "openai-batch")
 NO_CAPTION = "no_caption"
 BAD_BOXES = "bad_boxes"
+NO_OBJECTS = "no_objects"
 LOCAL_BACKEND_MEMORY = int(2.5 * GiB)
 
 
@@ -88,6 +96,7 @@ class InstructGenerate(Stage):
     caption_columns: list[str] = field(default_factory=lambda: [CAPTION])
     boxes_column: str | None = None
     absent_objects: list[str] | str | None = None
+    absent_column: str | None = None
     box_format: str = "xyxy_normalized"
     max_caption_chars: int = 300
     max_turn_chars: int = 4000
@@ -101,16 +110,28 @@ class InstructGenerate(Stage):
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        unknown = sorted(set(self.response_types) - set(RESPONSE_TYPES))
+        unknown = sorted(set(self.response_types) - set(ALL_RESPONSE_TYPES))
         if unknown or not self.response_types:
             raise ValueError(
-                f"response_types must be a non-empty subset of {RESPONSE_TYPES}, got {self.response_types}"
+                f"response_types must be a non-empty subset of {ALL_RESPONSE_TYPES}, got {self.response_types}"
             )
         if self.box_format not in BOX_FORMATS:
             raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {self.box_format!r}")
         if not self.caption_columns:
             raise ValueError("caption_columns must name at least one column")
-        self._vocabulary = _object_names(self.absent_objects)
+        self._vocabulary = object_vocabulary(self.absent_objects, "absent_objects")
+        if self.absent_column and (self.absent_objects is not None or not self.boxes_column):
+            raise ValueError(
+                "absent_column names the absent objects of each row (AbsentObjects writes it): "
+                "it needs boxes_column and replaces absent_objects"
+            )
+        if grounded.PRESENCE in self.response_types and not (
+            self.boxes_column and (self._vocabulary or self.absent_column)
+        ):
+            raise ValueError(
+                "response type presence asks whether objects are there: it needs boxes_column and "
+                "absent_objects or absent_column"
+            )
         if self.backend in ENDPOINT_BACKENDS:
             _settings("endpoint", ChatSettings, self.endpoint)
         if self.backend == "openai-batch":
@@ -126,13 +147,16 @@ class InstructGenerate(Stage):
     def input_columns(self) -> tuple[str, ...]:  # type: ignore[override]
         boxes = (self.boxes_column,) if self.boxes_column else ()
         size = (ORIGINAL_WIDTH, ORIGINAL_HEIGHT) if self.boxes_column and self.box_format == "xywh_pixels" else ()
-        return tuple(dict.fromkeys((UID, *self.caption_columns, *boxes, *size)))
+        absent = (self.absent_column,) if self.absent_column else ()
+        return tuple(dict.fromkeys((UID, *self.caption_columns, *boxes, *size, *absent)))
 
     def identity(self) -> dict[str, Any]:
-        versions = {t: load_prompt(t).version for t in self.response_types}
+        versions = {t: load_prompt(t).version for t in self.response_types if t != grounded.PRESENCE}
         identity = {"prompts": versions, "detailed_questions": phrasings_version("detailed_questions")}
-        if self.backend == "grounded":
+        if self.backend == "grounded" or grounded.PRESENCE in self.response_types:
             identity |= {"grounded": grounded.GROUNDED_VERSION, "absent_objects": self._vocabulary}
+            if self.absent_column:
+                identity["absent_column"] = self.absent_column
         return identity
 
     def is_transient(self, reason: str) -> bool:
@@ -168,7 +192,13 @@ class InstructGenerate(Stage):
         jobs = [
             (row, kind) for row, context in enumerate(contexts) if context is not None for kind in self.response_types
         ]
-        outcomes = self._grounded(jobs, contexts, uids) if self._chat is None else self._ask(jobs, contexts, uids)
+        absent = batch[self.absent_column].to_pylist() if self.absent_column else None
+        asked = [job for job in jobs if self._chat is not None and job[1] != grounded.PRESENCE]
+        built = [job for job in jobs if self._chat is None or job[1] == grounded.PRESENCE]
+        by_job = dict(zip(built, self._grounded(built, contexts, uids, absent)))
+        if asked:
+            by_job |= dict(zip(asked, self._ask(asked, contexts, uids)))
+        outcomes = [by_job[job] for job in jobs]
         records: list[list[dict]] = [[] for _ in uids]
         failures: list[list[dict]] = [[] for _ in uids]
         for (row, kind), outcome in zip(jobs, outcomes):
@@ -226,12 +256,25 @@ class InstructGenerate(Stage):
         rejections.add_each(failed)
         return contexts
 
-    def _grounded(self, jobs: list[tuple[int, str]], contexts: list[Context | None], uids: list[str]) -> list[Any]:
-        outcomes = []
+    def _grounded(
+        self,
+        jobs: list[tuple[int, str]],
+        contexts: list[Context | None],
+        uids: list[str],
+        absent: list[list[str] | None] | None,
+    ) -> list[Any]:
+        outcomes: list[Any] = []
         for row, kind in jobs:
             context = contexts[row]
-            if kind == "conversation":
-                pairs = grounded.conversation_pairs(context, self._vocabulary, seed=uids[row])
+            vocabulary, drawn = (self._vocabulary, False) if absent is None else (absent[row] or [], True)
+            if kind == grounded.PRESENCE:
+                rng = random.Random(f"{uids[row]}-{kind}")
+                pairs = grounded.presence_pairs(context.boxes, vocabulary, rng, drawn=drawn, short=True)
+                if not pairs:
+                    outcomes.append(Failure(NO_OBJECTS, "no object to ask about: no boxes, or none absent"))
+                    continue
+            elif kind == "conversation":
+                pairs = grounded.conversation_pairs(context, vocabulary, seed=uids[row], drawn=drawn)
             elif kind == "detailed":
                 pairs = grounded.detailed_pairs(context, pick(phrasings("detailed_questions"), uids[row]))
             else:
@@ -341,22 +384,6 @@ def _settings(name: str, kind: type, values: dict[str, Any]) -> None:
         kind(**values)
     except TypeError as e:
         raise ValueError(f"{name}: {e} (fields: {sorted(kind.__dataclass_fields__)})") from None
-
-
-def _object_names(value: list[str] | str | None) -> list[str]:
-    """``absent_objects`` as a sorted list of distinct names (a string names a text file, one a line)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        try:
-            with open(value, encoding="utf-8") as f:
-                value = f.read().splitlines()
-        except OSError as e:
-            raise ValueError(f"absent_objects: cannot read {value!r}: {e}") from None
-    names = sorted({name.strip() for name in value if isinstance(name, str) and name.strip()})
-    if not names:
-        raise ValueError("absent_objects names no object")
-    return names
 
 
 def _as_list(value: Any) -> list[str]:

@@ -12,7 +12,7 @@ caption. The epoch order is fixed by the seed and the epoch (see
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from models.training.shards import iter_shard, resolve_shards
 from schemas.llava import caption_turns
 
 STAGE_FOLDERS = {1: "stage1", 2: "stage2"}
+BRIEF = "brief"  # the response type of stage-1 records
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class VlmSample:
     id: str
     image: bytes
     turns: list[dict[str, str]]
+    response_type: str | None = None  # the export's ``meta.response_type`` (brief, conversation, ...)
 
 
 def llava_folder(source: str | Path) -> Path | None:
@@ -61,12 +63,18 @@ def resolve_vlm_shards(sources: list[str], record_sets: list[int]) -> list[Path]
     return files
 
 
-def iter_vlm_file(path: Path) -> Iterator[VlmSample]:
-    """The samples of one file: a LLaVA record list, or an image-caption shard as stage-1 records."""
+def iter_vlm_file(path: Path, response_types: Collection[str] | None = None) -> Iterator[VlmSample]:
+    """The samples of one file: a LLaVA record list, or an image-caption shard as stage-1 records
+    (response type ``brief``). With ``response_types``, only records of those types (from each
+    record's ``meta.response_type``; a record without one is of none) are read, images included."""
     if path.suffix != ".json":
-        for sample in iter_shard(path):
-            yield VlmSample(sample.key, sample.image, caption_turns(sample.caption))
+        if response_types is None or BRIEF in response_types:
+            for sample in iter_shard(path):
+                yield VlmSample(sample.key, sample.image, caption_turns(sample.caption), BRIEF)
         return
     root = path.parent.parent
     for record in json.loads(path.read_text(encoding="utf-8")):
-        yield VlmSample(str(record["id"]), (root / record["image"]).read_bytes(), record["conversations"])
+        kind = (record.get("meta") or {}).get("response_type")
+        if response_types is not None and kind not in response_types:
+            continue
+        yield VlmSample(str(record["id"]), (root / record["image"]).read_bytes(), record["conversations"], kind)

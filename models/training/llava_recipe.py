@@ -3,12 +3,16 @@
 - **Stage 1** (projector pretraining): the vision tower and the LM are frozen, only the projector
   learns, on caption records (``stage1`` of a LLaVA export, or image-caption shards), by default
   with the ``plain`` template (the image, then the caption). LLaVA: LR 1e-3, batch 256, 1 epoch.
+  ``projector_warmup`` first trains the projector alone to map each image onto the words of its
+  caption (:mod:`models.training.projector_warmup`), where a short stage 1 would not teach it to see.
 - **Stage 2** (instruction tuning): the projector and the LM learn (or LoRA adapters on the LM,
   through peft), on ``stage2`` records with the tokenizer's chat template, starting from the
   stage-1 checkpoint. LLaVA: LR 2e-5, batch 128; LoRA r=128, alpha=256. ``record_sets: [1, 2]``
   mixes the brief-description records in, with their instructions and the chat template, as
   LLaVA-1.5 mixes captioning data into its instructions (so "describe briefly" is answered in a
-  sentence, not with a detailed description).
+  sentence, not with a detailed description). ``response_types`` trains on records of those types
+  only (each record's ``meta.response_type`` in the export: ``brief``, ``conversation``,
+  ``presence``, ...), as a LLaVA data mix is chosen by type.
 
 Only assistant turns are supervised, with labels from token offsets (:mod:`models.llava_text`).
 A record that cannot be encoded (roles out of order, ``<image>`` missing or twice, too long, an
@@ -30,12 +34,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.llava import LlavaBundle, load_llava, pixels
 from models.llava_text import EncodeError, collate, encode_conversation, prepare_tokenizer
 from models.training.llava_data import VlmSample, iter_vlm_file, resolve_vlm_shards
 from models.training.loop import LoopConfig, TrainLoop
+from models.training.projector_warmup import ProjectorWarmup, warm_projector
 from models.training.shards import epoch_samples
 from models.training.vlm_checkpoint import (
     apply_checkpoint,
@@ -68,6 +73,7 @@ class VlmTrainConfig(BaseModel):
     model: str | dict[str, Any] = "lit-smollm2"
     stage: Literal[1, 2] = 1
     record_sets: list[Literal[1, 2]] | None = Field(default=None, min_length=1)
+    response_types: list[str] | None = Field(default=None, min_length=1)
     init_checkpoint: str | None = None
     train_data: list[str] = Field(min_length=1)
     output_dir: str
@@ -86,10 +92,17 @@ class VlmTrainConfig(BaseModel):
     train_lm: bool | None = None
     lora: LoraSettings | None = None
     gradient_checkpointing: bool = False
+    projector_warmup: ProjectorWarmup | None = None
     shuffle_buffer: int = Field(default=1000, ge=0)
     length_grouping: int = Field(default=16, ge=0)
     device: str = "auto"
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _warmup_in_stage_1(self) -> VlmTrainConfig:
+        if self.projector_warmup is not None and self.stage != 1:
+            raise ValueError("projector_warmup is a stage-1 setting: stage 2 starts from stage 1's projector")
+        return self
 
     def loop_config(self) -> LoopConfig:
         lr = self.lr if self.lr is not None else (1e-3 if self.stage == 1 else 2e-5)
@@ -206,7 +219,7 @@ class VlmTask:
             rank=self.rank,
             world_size=self.world_size,
             shuffle_buffer=self.config.shuffle_buffer,
-            reader=iter_vlm_file,
+            reader=self.read_file,
         ):
             try:
                 encoded = encode_conversation(
@@ -216,13 +229,18 @@ class VlmTask:
                     image_tokens=self.model.image_tokens,
                     max_length=self.bundle.config.max_length,
                 )
-                pixels = self._pixels(sample)
+                pixels = self.pixels_of(sample)
             except EncodeError as e:
                 self._reject(sample, e.reason, str(e), epoch)
                 continue
             yield pixels, encoded
 
-    def _pixels(self, sample: VlmSample) -> torch.Tensor:
+    def read_file(self, path: Path) -> Iterator[VlmSample]:
+        """The samples of one file that this stage trains on (``response_types``, where set)."""
+        return iter_vlm_file(path, self.config.response_types)
+
+    def pixels_of(self, sample: VlmSample) -> torch.Tensor:
+        """The sample's image as the tower's input; :class:`EncodeError` where it does not decode."""
         try:
             return pixels(self.bundle, [sample.image])[0]
         except (OSError, ValueError) as e:
@@ -255,9 +273,11 @@ def train_vlm(
         is_main=rank == 0,
         extra_state=task.checkpoint_extras(),
     )
-    loop.resume()
+    warmup = None
+    if not loop.resume() and config.projector_warmup is not None:
+        warmup = warm_projector(task, config.projector_warmup)
     metrics = loop.fit()
-    return {**metrics, "rejected": dict(task.rejected)}
+    return {**metrics, "rejected": dict(task.rejected), **({"projector_warmup": warmup} if warmup else {})}
 
 
 def _device(name: str) -> torch.device:

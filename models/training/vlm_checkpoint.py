@@ -89,7 +89,9 @@ def apply_checkpoint(bundle: LlavaBundle, saved: dict[str, Any]) -> None:
 def saved_config(saved: dict[str, Any]) -> LlavaConfig:
     if "vlm" not in saved:
         raise ValueError("not a VLM checkpoint (no 'vlm' entry): was it written by `vlmcurate train vlm`?")
-    return LlavaConfig.load({k: v for k, v in saved["vlm"].items() if k not in DESCRIBED_ONLY})
+    values = {k: v for k, v in saved["vlm"].items() if k not in DESCRIBED_ONLY}
+    values.setdefault("image_aspect_ratio", "crop")  # saved before the setting existed: trained cropped
+    return LlavaConfig.load(values)
 
 
 def load_trained_vlm(path: str | Path, *, device: str | torch.device = "cpu") -> LlavaBundle:

@@ -188,6 +188,14 @@ def demo(
         ),
     ] = None,
     boxes_column: Annotated[str | None, typer.Option(help="With --data: the column of object boxes, if any.")] = None,
+    long: Annotated[
+        bool,
+        typer.Option(
+            "--long",
+            help="The VLM budget of configs/demo-models.yaml's long section: the one that passes "
+            "the object probe (about 45 min on 2 cores instead of 15).",
+        ),
+    ] = False,
 ) -> None:
     """The whole mission offline on embedded defaults: pool, curation (configs/demo.yaml), the LiT
     CLIP, VLM stages 1 and 2 and their evaluation (configs/demo-models.yaml)."""
@@ -195,9 +203,11 @@ def demo(
     from pipelines.demo.server import DemoImageServer
 
     with _errors():
-        models = load_demo_models(overrides or [])
+        models = load_demo_models(overrides or [], long=long)
         output_dir.mkdir(parents=True, exist_ok=True)
-        steps = Demo(DemoPaths.under(output_dir), models, lambda line: console.print(line, soft_wrap=True), _run)
+        steps = Demo(
+            DemoPaths.under(output_dir, long=long), models, lambda line: console.print(line, soft_wrap=True), _run
+        )
         with log_to_file(output_dir / "demo.log"), training_bars():
             steps.metadata(lambda path: run_command(["metadata", "build", "--output", str(path)]))
             server = None if data else DemoImageServer(port)

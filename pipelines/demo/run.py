@@ -48,6 +48,7 @@ class DemoModels(BaseModel):
     vlm_stage1: dict[str, Any]
     vlm_stage2: dict[str, Any]
     eval: DemoEval = Field(default_factory=DemoEval)
+    long: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     def clip_config(self, train_data: Path, output_dir: Path) -> Any:
         from models.training.clip_recipe import ClipTrainConfig
@@ -72,9 +73,14 @@ def _validated(config_class: type[BaseModel], section: dict[str, Any], name: str
         raise ValueError(f"{MODELS_CONFIG.name}, section {name}:\n{detail}") from None
 
 
-def load_demo_models(overrides: list[str]) -> DemoModels:
-    """The model config with ``key=value`` overrides, every section checked now (not after curation)."""
-    raw = apply_overrides(yaml.safe_load(MODELS_CONFIG.read_text()), overrides)
+def load_demo_models(overrides: list[str], long: bool = False) -> DemoModels:
+    """The model config with ``key=value`` overrides, every section checked now (not after curation);
+    ``long``: with the keys of its ``long`` section set first (``vlmcurate demo --long``)."""
+    raw = yaml.safe_load(MODELS_CONFIG.read_text())
+    if long:
+        for section, values in raw.get("long", {}).items():
+            raw[section] = {**raw.get(section, {}), **values}
+    raw = apply_overrides(raw, overrides)
     try:
         models = DemoModels.model_validate(raw)
     except ValidationError as e:
@@ -103,7 +109,10 @@ class DemoPaths:
     evaluation: Path
 
     @classmethod
-    def under(cls, root: Path) -> DemoPaths:
+    def under(cls, root: Path, long: bool = False) -> DemoPaths:
+        """The paths under ``root``; ``long`` gives the models and their evaluation folders of their
+        own, so the two budgets never resume each other's checkpoints (the curation is shared)."""
+        vlm = "demo-vlm-long" if long else "demo-vlm"
         return cls(
             root,
             metadata=root / "demo-metadata.json",
@@ -112,10 +121,10 @@ class DemoPaths:
             lit_clip=root / "lit-clip",
             bootstrap=root / "demo-bootstrap",
             run=root / "demo",
-            stage1=root / "demo-vlm-stage1",
-            stage2=root / "demo-vlm-stage2",
+            stage1=root / f"{vlm}-stage1",
+            stage2=root / f"{vlm}-stage2",
             heldout=root / "demo-heldout",
-            evaluation=root / "demo-eval.json",
+            evaluation=root / ("demo-eval-long.json" if long else "demo-eval.json"),
         )
 
 
@@ -187,14 +196,16 @@ class Demo:
             overrides += [
                 f"columns.keep={keep}",
                 f"stages.instruct.boxes_column={boxes_column or 'null'}",
-                "stages.instruct.absent_objects=null",
+                "stages.instruct.absent_column=null",
+                "stages.instruct.response_types=[conversation]",  # no object list: no presence questions
+                "stages.absent_objects.vocabulary=null",
                 "stages.download.allow_addresses=[]",
             ]
         else:
             from pipelines.demo.scenes import object_names
 
             self.paths.objects.write_text("\n".join(object_names()) + "\n")
-            overrides.append(f"stages.instruct.absent_objects={self.paths.objects}")
+            overrides.append(f"stages.absent_objects.vocabulary={self.paths.objects}")
         return self.curate(load_config(PIPELINE_CONFIG, overrides))
 
     def vlm(self) -> None:

@@ -39,6 +39,7 @@ def test_demo_runs_the_whole_chain_on_ray(demo_run):
         "image_near_duplicates",
         "blip_caption",
         "capfilt_select",
+        "absent_objects",
         "instruct",
         "brief_descriptions",
     ):

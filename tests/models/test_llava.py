@@ -98,3 +98,25 @@ def test_configs_are_checked():
         LlavaConfig.load({"vision": "tiny-vit", "language_model": "config:tiny-llama", "projector": "qformer"})
     with pytest.raises(ValueError, match="fields"):
         LlavaConfig.load({"vision": "tiny-vit", "language_model": "config:tiny-llama", "layers": 3})
+    with pytest.raises(ValueError, match="image_aspect_ratio must be"):
+        LlavaConfig.load({"vision": "tiny-vit", "language_model": "config:tiny-llama", "image_aspect_ratio": "fit"})
+
+
+def test_a_wide_image_is_padded_to_a_square_of_the_mean_colour_so_its_sides_are_seen():
+    import io
+
+    from PIL import Image
+
+    wide = Image.new("RGB", (64, 32), (250, 10, 10))
+    for x in range(4):  # a dark band at each side edge: the part a centre crop cuts away
+        for y in range(32):
+            wide.putpixel((x, y), (0, 0, 0))
+            wide.putpixel((63 - x, y), (0, 0, 0))
+    data = io.BytesIO()
+    wide.save(data, format="PNG")
+    padded = load_llava("tiny-vit-llama")
+    cropped = load_llava({**LlavaConfig.load("tiny-vit-llama").__dict__, "image_aspect_ratio": "crop"})
+    square = pixels(padded, [data.getvalue()])[0]  # (3, 32, 32)
+    assert square[:, :6, :].abs().max() < 0.05  # the band above the image: the mean colour, normalised to 0
+    assert square[0, 16, 0] < square[0, 16, 16] - 1  # the dark left edge is in the input
+    assert pixels(cropped, [data.getvalue()])[0][0, :, 0].min() > square[0, 16, 0] + 1  # cropped away

@@ -34,7 +34,10 @@ def test_the_exported_folder_loads_in_transformers_and_gives_our_logits(tmp_path
     )
     assert inputs["input_ids"].tolist() == ids.tolist()  # the processor expands <image> as we do
     ours_pixels = pixels(bundle, [image_bytes])
-    assert torch.allclose(inputs["pixel_values"], ours_pixels, atol=2e-2)  # PIL vs torchvision resize
+    # Both pad the 48 x 40 image to a square of the mean colour; PIL's and torchvision's resizes
+    # differ a little, most at the edge between the image and the padding.
+    difference = (inputs["pixel_values"] - ours_pixels).abs()
+    assert difference.mean() < 5e-3 and difference.max() < 5e-2
     with torch.no_grad():
         ours = model(ours_pixels, ids, torch.ones_like(ids)).logits
         theirs = hf(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=ours_pixels).logits

@@ -194,3 +194,19 @@ def test_a_resumed_run_continues_the_uninterrupted_loss_curve(tmp_path):
     (parts / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     train_vlm(_config(tmp_path, data, max_steps=6, batch_size=2, output_dir=str(parts)))
     assert _losses(str(parts)) == pytest.approx(_losses(str(whole)), abs=1e-6)
+
+
+def test_response_types_choose_the_records_a_stage_trains_on(tmp_path):
+    folder = write_llava_export(tmp_path)
+    records = json.loads((folder / "stage2" / "00000.json").read_text())
+    for i, record in enumerate(records):
+        record["meta"] = {"response_type": "presence" if i % 2 else "conversation"}
+    (folder / "stage2" / "00000.json").write_text(json.dumps(records))
+    config = _config(tmp_path, folder, stage=2, record_sets=[1, 2], response_types=["presence", "brief"])
+    task = VlmTask(config, torch.device("cpu"))
+    read = [(s.id, s.response_type) for path in task.files for s in task.read_file(path)]
+    assert [kind for _, kind in read] == ["presence", "presence"]  # this export's stage-1 records name no type
+    assert {i for i, _ in read} == {"img1-conversation", "img3-conversation"}
+    none = _config(tmp_path, folder, stage=2, response_types=["detailed"], output_dir=str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="yields no batch"):
+        train_vlm(none)

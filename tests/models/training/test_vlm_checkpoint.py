@@ -103,3 +103,14 @@ def test_a_checkpoint_of_another_model_is_refused_with_a_reason(tmp_path):
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):
         load_trained_vlm(tmp_path)
+
+
+def test_a_checkpoint_from_before_image_aspect_ratio_loads_as_trained_with_crop(tmp_path):
+    config = _config(tmp_path, write_llava_export(tmp_path), max_steps=1)
+    train_vlm(config)
+    assert load_trained_vlm(config.output_dir).config.image_aspect_ratio == "pad"
+    path = sorted((tmp_path / "out" / "checkpoints").glob("*.pt"))[-1]
+    saved = torch.load(path, weights_only=False)
+    del saved["vlm"]["image_aspect_ratio"]
+    torch.save(saved, path)
+    assert load_trained_vlm(config.output_dir).config.image_aspect_ratio == "crop"

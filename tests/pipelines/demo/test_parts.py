@@ -77,3 +77,41 @@ def test_model_config_errors_name_the_section_and_key():
         load_demo_models(["clip.batch_size=1"])
     with pytest.raises(ValueError, match="eval"):
         load_demo_models(["eval.heldout_images=0"])
+
+
+@pytest.mark.parametrize("own_data", [False, True])
+def test_the_instruction_stages_of_the_generated_and_of_an_own_pool_build(tmp_path, own_data):
+    from pipelines.demo.run import Demo, DemoPaths
+    from pipelines.engine.config import build_stage
+
+    paths = DemoPaths.under(tmp_path)
+    configs = []
+    demo = Demo(paths, load_demo_models([]), lambda line: None, configs.append)
+    demo.curation("pool.csv", "local", own_data=own_data, boxes_column="boxes" if own_data else None)
+    (cfg,) = configs
+    stages = {
+        entry.stage.rpartition(":")[2]: build_stage(entry, index, 0)
+        for index, entry in enumerate(cfg.stages)
+        if entry.stage.startswith("generators.instruct")
+    }
+    absent, instruct = stages["AbsentObjects"].stage, stages["InstructGenerate"].stage
+    if own_data:  # no object list for a pool of one's own: no presence questions
+        assert absent.identity() == {"vocabulary": []} and instruct.absent_column is None
+        assert instruct.response_types == ["conversation"]
+    else:  # the scenes' objects: presence records, absent objects as often as present ones
+        assert absent.identity()["vocabulary"][:2] == ["black circle", "black cross"]
+        assert instruct.absent_column == "absent_objects" in absent.output_columns
+        assert instruct.response_types == ["presence", "conversation"]
+
+
+def test_the_long_budget_sets_its_keys_first_and_trains_into_folders_of_its_own(tmp_path):
+    from pipelines.demo.run import DemoPaths
+
+    short, long = load_demo_models([]), load_demo_models(["vlm_stage2.max_steps=7"], long=True)
+    assert long.vlm_stage1["max_steps"] > short.vlm_stage1["max_steps"]
+    assert long.vlm_stage2["max_steps"] == 7 and long.vlm_stage2["response_types"] == ["brief", "presence"]
+    assert long.vlm_stage2["lora"] == short.vlm_stage2["lora"]  # keys the long section leaves alone stay
+    assert "response_types" not in short.vlm_stage2
+    paths, long_paths = DemoPaths.under(tmp_path), DemoPaths.under(tmp_path, long=True)
+    assert long_paths.run == paths.run and long_paths.stage1 != paths.stage1
+    assert long_paths.evaluation != paths.evaluation

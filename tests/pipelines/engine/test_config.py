@@ -157,6 +157,10 @@ def test_every_config_loads_and_builds_a_plan(path, pool, tmp_path):
             metadata = tmp_path / "metadata.json"
             metadata.write_text('["dog", "hot dog", "car"]')
             overrides.append(f"stages.{index}.metadata={metadata}")
+        if isinstance(stage.get("vocabulary"), str) and not os.path.exists(stage["vocabulary"]):
+            objects = tmp_path / "objects.txt"  # an object list the demo writes: use a small one
+            objects.write_text("red circle\nblue square\n")
+            overrides.append(f"stages.{index}.vocabulary={objects}")
         if str(stage.get("model", "")).startswith("Salesforce/"):
             overrides.append(f"stages.{index}.model=config:blip-tiny")  # a hub checkpoint: no network here
         if "weights" in stage and not os.path.exists(stage["weights"]):
@@ -177,8 +181,14 @@ def test_every_config_loads_and_builds_a_plan(path, pool, tmp_path):
 def demo_overrides(pool, tmp_path):
     metadata = tmp_path / "demo-metadata.json"  # written by `vlmcurate demo` itself
     metadata.write_text('["circle", "square", "red circle"]')
+    objects = tmp_path / "demo-objects.txt"
+    objects.write_text("red circle\nblue square\n")
     untrained = [f"stages.{name}.weights=null" for name in ("clip_preprocess", "clip_embed", "clip_caption_score")]
-    return [f"input={pool}", f"stages.metaclip_match.metadata={metadata}"] + untrained
+    return [
+        f"input={pool}",
+        f"stages.metaclip_match.metadata={metadata}",
+        f"stages.absent_objects.vocabulary={objects}",
+    ] + untrained
 
 
 def test_demo_config_plan(demo_overrides):
@@ -194,16 +204,18 @@ def test_demo_config_plan(demo_overrides):
         "04_image_size",
         "05_clip_embed",
         "06_clip_score_top_fraction",
-        "07_brief_descriptions",
+        "07_capfilt_select",
+        "08_brief_descriptions",
     ]
     assert plan.phases[1].global_stage is plan.stages[3]  # exact duplicates
     assert plan.phases[2].global_stage is plan.stages[5]  # MetaCLIP balancing, before download
     assert plan.stages[6].stage.allow_addresses == ["127.0.0.1"]
-    assert [s.name for s in plan.stages[-6:]] == [
+    assert [s.name for s in plan.stages[-7:]] == [
         "blip_preprocess",
         "blip_caption",
         "clip_caption_score",
         "capfilt_select",
+        "absent_objects",
         "instruct",
         "brief_descriptions",
     ]
@@ -219,7 +231,8 @@ def test_an_explicit_checkpoint_false_keeps_download_in_its_phase(demo_overrides
         "03_image_size",
         "04_clip_embed",
         "05_clip_score_top_fraction",
-        "06_brief_descriptions",
+        "06_capfilt_select",
+        "07_brief_descriptions",
     ]
 
 
