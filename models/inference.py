@@ -14,6 +14,25 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+#: /proc/cpuinfo flags of CPUs that multiply bf16 natively (x86 AVX512-BF16 or AMX, Arm's BF16 extension).
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 in hardware, where bf16 autocast trains about 1.5x faster
+    than fp32; elsewhere oneDNN emulates it and fp32 is the faster choice. Read from Linux's
+    ``/proc/cpuinfo``; False where that is absent (another OS: the safe answer)."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() in ("flags", "Features"):
+                    return bool(_NATIVE_BF16_FLAGS & set(value.split()))
+    except OSError:
+        pass
+    return False
+
+
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")

@@ -24,7 +24,7 @@ from models.evaluation.chair import chair_scores
 from models.evaluation.datasets import CaptionedImageSet, Skipped
 from models.evaluation.pope import SETTINGS, BoxedImageSet, probe_questions, probe_scores
 from models.llava import LlavaBundle, pixels
-from models.llava_text import collate, encode_conversation, encode_prompt
+from models.llava_text import IGNORE_INDEX, collate, encode_conversation, encode_prompt
 from schemas.llava import HUMAN, IMAGE_TOKEN, caption_turns
 
 
@@ -51,14 +51,14 @@ def caption_loss(
             for _, turns in chunk
         ]
         batch = {k: v.to(device) for k, v in collate(encoded, bundle.tokenizer.pad_token_id).items()}
-        logits = model(
-            pixels(bundle, [image for image, _ in chunk]).to(device), batch["input_ids"], batch["attention_mask"]
-        ).logits.float()
-        targets = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum"
-        )
-        total, tokens = total + float(nll), tokens + int((targets != -100).sum())
+        mean_nll = model(
+            pixels(bundle, [image for image, _ in chunk]).to(device),
+            batch["input_ids"],
+            batch["attention_mask"],
+            labels=batch["labels"],
+        ).loss
+        supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total, tokens = total + float(mean_nll) * supervised, tokens + supervised
     model.train(was_training)
     return total / max(tokens, 1)
 

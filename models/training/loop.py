@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from models.checkpoint_files import latest_checkpoint
+from models.inference import cpu_has_native_bf16
 from models.training import progress
 from models.training.checkpoint import restore_rng, rng_state, save_checkpoint
 from models.training.schedule import warmup_cosine
@@ -115,7 +116,7 @@ class TrainLoop:
             ),
         )
         self.step = self.epoch = self.position = 0
-        amp = config.amp if config.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
+        amp = config.amp if config.amp != "auto" else ("bf16" if _native_bf16(device) else "off")
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else nullcontext
 
     def resume(self) -> bool:
@@ -246,3 +247,8 @@ def _average_gradients(params: list[torch.nn.Parameter]) -> None:
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """``amp: auto``'s choice: bf16 autocast on a GPU, and on a CPU that multiplies bf16 natively."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from curation.clip_score_null import BINS, ClipScoreNullCut, calibrate, histogram, null_scores
+from curation.clip_score_null import BINS, ClipScoreNullCut, calibrate, histogram, null_scores, storey_noise_share
 from pipelines.engine.keyed import summed_counts
 from pipelines.stage import COUNT, KEY
 from schemas.columns import CLIP_SCORE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
@@ -34,6 +34,20 @@ def test_noise_share_is_estimated_and_the_cut_keeps_matched_rows(noise):
     assert kept[is_noise].mean() < 0.03  # mismatched ones do not
     assert state["rows_kept_expected"] == int(kept.sum())
     assert state["mismatched_kept_share"] < 0.02
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_noise_share_is_counted_in_a_null_tail_that_matched_pairs_rarely_reach(seed):
+    """Matched pairs that overlap the null's upper half inflate the estimate at the null's median
+    (0.31-0.33 here for a true 0.25); the bootstrap picks a lower tail of the null."""
+    rng = np.random.default_rng(seed)
+    is_noise = rng.random(20_000) < 0.25
+    scores = np.where(is_noise, rng.normal(0.10, 0.03, 20_000), rng.normal(0.15, 0.03, 20_000))
+    null = rng.normal(0.10, 0.03, 20_000)
+    at_median = 2 * (scores < np.median(null)).mean()
+    share, tail = storey_noise_share(histogram(scores), histogram(null), seed=seed)
+    assert at_median > 0.3 and share == pytest.approx(0.25, abs=0.025) and tail < 0.5
+    assert calibrate(histogram(scores), histogram(null), seed=seed)["noise_share"] == pytest.approx(share, abs=1e-4)
 
 
 def test_a_clean_pool_loses_almost_nothing():

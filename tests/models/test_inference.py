@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from models.inference import cpu_threads, inference_device, normalised_pixels
+from models.inference import cpu_has_native_bf16, cpu_threads, inference_device, normalised_pixels
 from pipelines.stage import Resources
 
 
@@ -89,3 +89,22 @@ def test_pixels_are_normalised_channels_last_and_the_wrong_geometry_is_named():
     assert torch.allclose(batch[0, :, 0, 0], torch.tensor([1.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match=r"px \(Stage\) hold 11 bytes, not 12 \(2x2 RGB\)"):
         normalised_pixels([pixel[:-1]], 2, [0.0] * 3, [1.0] * 3, torch.device("cpu"), "px (Stage)")
+
+
+@pytest.mark.parametrize(
+    ("line", "native"),
+    [
+        ("flags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni", True),  # AMD Zen 4, Intel Cooper Lake
+        ("flags\t\t: fpu sse avx2 amx_bf16 amx_tile", True),  # Intel Sapphire Rapids
+        ("Features\t: fp asimd bf16 i8mm", True),  # Arm v8.6 (Graviton 3)
+        ("flags\t\t: fpu sse avx2 avx512f avx512bw", False),  # AVX-512 without bf16: emulated, slower
+    ],
+)
+def test_native_bf16_is_read_from_the_cpus_flags(tmp_path, line, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: x\n{line}\n\nprocessor\t: 1\n{line}\n")
+    assert cpu_has_native_bf16(str(cpuinfo)) is native
+
+
+def test_no_cpuinfo_means_no_native_bf16(tmp_path):
+    assert cpu_has_native_bf16(str(tmp_path / "absent")) is False

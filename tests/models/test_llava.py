@@ -41,7 +41,10 @@ def test_visual_tokens_fill_exactly_the_image_slots(name, tokens, vit):
     projected = model.projector(model.vision(batch["pixels"]))
     assert torch.allclose(embeds[slots].view(2, tokens, -1), projected)
     out = model(batch["pixels"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-    assert torch.isfinite(out.loss)
+    logits = model(batch["pixels"], batch["input_ids"], batch["attention_mask"]).logits  # every position
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100)
+    assert torch.isfinite(out.loss) and torch.allclose(out.loss, full, rtol=1e-5)  # the head ran on fewer positions
+    assert out.logits.shape[1] < logits.shape[1]
 
 
 @pytest.mark.parametrize("name", ["tiny-vit-llama", "tiny-effnet-llama"])

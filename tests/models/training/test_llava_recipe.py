@@ -74,7 +74,7 @@ def write_llava_export(root: Path, bad: bool = False) -> Path:
     return folder
 
 
-def _config(tmp_path: Path, data: Path, **overrides) -> VlmTrainConfig:
+def vlm_config(tmp_path: Path, data: Path, **overrides) -> VlmTrainConfig:
     values = {
         "model": "tiny-vit-llama",
         "train_data": [str(data)],
@@ -96,7 +96,7 @@ def _losses(output_dir: str) -> list[float]:
 
 
 def test_stage_one_trains_only_the_projector_and_lowers_the_loss(tmp_path):
-    config = _config(tmp_path, write_llava_export(tmp_path), lr=1e-2)
+    config = vlm_config(tmp_path, write_llava_export(tmp_path), lr=1e-2)
     task = VlmTask(config, torch.device("cpu"))
     trainable = {name.split(".")[0] for name, p in task.model.named_parameters() if p.requires_grad}
     assert trainable == {"projector"}
@@ -109,9 +109,9 @@ def test_stage_one_trains_only_the_projector_and_lowers_the_loss(tmp_path):
 
 def test_stage_two_starts_from_stage_one_and_trains_the_language_model(tmp_path):
     data = write_llava_export(tmp_path)
-    stage1 = _config(tmp_path, data, max_steps=2, output_dir=str(tmp_path / "s1"))
+    stage1 = vlm_config(tmp_path, data, max_steps=2, output_dir=str(tmp_path / "s1"))
     train_vlm(stage1)
-    stage2 = _config(tmp_path, data, stage=2, init_checkpoint=str(tmp_path / "s1"), output_dir=str(tmp_path / "s2"))
+    stage2 = vlm_config(tmp_path, data, stage=2, init_checkpoint=str(tmp_path / "s1"), output_dir=str(tmp_path / "s2"))
     task = VlmTask(stage2, torch.device("cpu"))
     trained = torch.load(sorted((tmp_path / "s1" / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
     assert torch.equal(task.model.projector[0].weight, trained["projector.0.weight"])
@@ -123,7 +123,7 @@ def test_stage_two_starts_from_stage_one_and_trains_the_language_model(tmp_path)
 
 
 def test_lora_trains_adapters_and_the_projector_only(tmp_path):
-    config = _config(
+    config = vlm_config(
         tmp_path,
         write_llava_export(tmp_path),
         stage=2,
@@ -141,7 +141,7 @@ def test_stage_two_reads_the_record_sets_it_names(tmp_path):
     data = write_llava_export(tmp_path)
     ids = {}
     for sets in (None, [1, 2]):
-        config = _config(tmp_path, data, stage=2, record_sets=sets)
+        config = vlm_config(tmp_path, data, stage=2, record_sets=sets)
         ids[str(sets)] = {
             sample.id.rsplit("-", 1)[1]
             for sample in epoch_samples(
@@ -150,14 +150,14 @@ def test_stage_two_reads_the_record_sets_it_names(tmp_path):
         }
     assert ids["None"] == {"conversation"} and ids["[1, 2]"] == {"brief", "conversation"}
     with pytest.raises(ValueError):
-        _config(tmp_path, data, stage=2, record_sets=[])
+        vlm_config(tmp_path, data, stage=2, record_sets=[])
 
 
 def test_length_grouping_puts_samples_of_like_length_in_one_batch(tmp_path):
     data = write_llava_export(tmp_path)  # brief records are shorter than conversations
     lengths = {}
     for grouping in (0, 4):
-        config = _config(
+        config = vlm_config(
             tmp_path, data, stage=2, record_sets=[1, 2], length_grouping=grouping, shuffle_buffer=8, seed=3
         )
         lengths[grouping] = [
@@ -172,7 +172,7 @@ def test_length_grouping_puts_samples_of_like_length_in_one_batch(tmp_path):
 
 
 def test_records_that_cannot_be_encoded_are_counted_and_written_with_their_reason(tmp_path):
-    config = _config(tmp_path, write_llava_export(tmp_path, bad=True), stage=2, max_steps=1)
+    config = vlm_config(tmp_path, write_llava_export(tmp_path, bad=True), stage=2, max_steps=1)
     metrics = train_vlm(config)
     rejected = [json.loads(line) for line in (Path(config.output_dir) / "rejected.jsonl").read_text().splitlines()]
     assert {r["id"]: r["reason"] for r in rejected} == {
@@ -186,13 +186,13 @@ def test_records_that_cannot_be_encoded_are_counted_and_written_with_their_reaso
 def test_a_resumed_run_continues_the_uninterrupted_loss_curve(tmp_path):
     data = write_llava_export(tmp_path)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    train_vlm(_config(tmp_path, data, max_steps=6, batch_size=2, output_dir=str(whole)))
-    train_vlm(_config(tmp_path, data, max_steps=6, batch_size=2, save_every=3, output_dir=str(parts)))
+    train_vlm(vlm_config(tmp_path, data, max_steps=6, batch_size=2, output_dir=str(whole)))
+    train_vlm(vlm_config(tmp_path, data, max_steps=6, batch_size=2, save_every=3, output_dir=str(parts)))
     # Drop what came after step 3, as if the run had been killed there; the second epoch starts at step 3.
     (parts / "checkpoints" / "step-00000006.pt").unlink()
     lines = (parts / "metrics.jsonl").read_text().splitlines()[:3]
     (parts / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    train_vlm(_config(tmp_path, data, max_steps=6, batch_size=2, output_dir=str(parts)))
+    train_vlm(vlm_config(tmp_path, data, max_steps=6, batch_size=2, output_dir=str(parts)))
     assert _losses(str(parts)) == pytest.approx(_losses(str(whole)), abs=1e-6)
 
 
@@ -202,11 +202,11 @@ def test_response_types_choose_the_records_a_stage_trains_on(tmp_path):
     for i, record in enumerate(records):
         record["meta"] = {"response_type": "presence" if i % 2 else "conversation"}
     (folder / "stage2" / "00000.json").write_text(json.dumps(records))
-    config = _config(tmp_path, folder, stage=2, record_sets=[1, 2], response_types=["presence", "brief"])
+    config = vlm_config(tmp_path, folder, stage=2, record_sets=[1, 2], response_types=["presence", "brief"])
     task = VlmTask(config, torch.device("cpu"))
     read = [(s.id, s.response_type) for path in task.files for s in task.read_file(path)]
     assert [kind for _, kind in read] == ["presence", "presence"]  # this export's stage-1 records name no type
     assert {i for i, _ in read} == {"img1-conversation", "img3-conversation"}
-    none = _config(tmp_path, folder, stage=2, response_types=["detailed"], output_dir=str(tmp_path / "none"))
+    none = vlm_config(tmp_path, folder, stage=2, response_types=["detailed"], output_dir=str(tmp_path / "none"))
     with pytest.raises(ValueError, match="yields no batch"):
         train_vlm(none)

@@ -9,22 +9,11 @@ from pydantic import ValidationError
 from models.training import progress
 from models.training.llava_recipe import VlmTask, VlmTrainConfig, train_vlm
 from models.training.projector_warmup import ProjectorWarmup, warm_projector
-from tests.models.training.test_llava_recipe import write_llava_export
+from tests.models.training.test_llava_recipe import vlm_config, write_llava_export
 
 
 def _config(tmp_path, **overrides) -> VlmTrainConfig:
-    values = {
-        "model": "tiny-vit-llama",
-        "train_data": [str(write_llava_export(tmp_path))],
-        "output_dir": str(tmp_path / "out"),
-        "batch_size": 2,
-        "max_steps": 2,
-        "shuffle_buffer": 0,
-        "device": "cpu",
-        "amp": "off",
-        "save_every": 100,
-    } | overrides
-    return VlmTrainConfig(**values)
+    return vlm_config(tmp_path, write_llava_export(tmp_path), **{"batch_size": 2, "max_steps": 2} | overrides)
 
 
 def test_the_warm_start_lowers_its_loss_and_trains_the_projector_alone(tmp_path):

@@ -9,7 +9,7 @@ from models.llava import load_llava
 from models.training.llava_recipe import VlmTask, train_vlm
 from models.training.loop import TrainLoop
 from models.training.vlm_checkpoint import load_trained_vlm, read_checkpoint
-from tests.models.training.test_llava_recipe import _config, write_llava_export
+from tests.models.training.test_llava_recipe import vlm_config, write_llava_export
 
 
 def _train_in_process(config) -> VlmTask:
@@ -33,7 +33,7 @@ def _logits(model, seed: int = 0) -> torch.Tensor:
 
 
 def test_stage_one_checkpoint_holds_the_projector_and_reloads_the_trained_model(tmp_path):
-    config = _config(tmp_path, write_llava_export(tmp_path), max_steps=3)
+    config = vlm_config(tmp_path, write_llava_export(tmp_path), max_steps=3)
     task = _train_in_process(config)
     saved = read_checkpoint(config.output_dir)
     assert saved["model"] and all(name.startswith("projector.") for name in saved["model"])
@@ -45,7 +45,7 @@ def test_stage_one_checkpoint_holds_the_projector_and_reloads_the_trained_model(
 
 
 def test_lora_checkpoint_loads_with_the_adapters_merged_into_the_language_model(tmp_path):
-    config = _config(
+    config = vlm_config(
         tmp_path,
         write_llava_export(tmp_path),
         stage=2,
@@ -63,7 +63,7 @@ def test_lora_checkpoint_loads_with_the_adapters_merged_into_the_language_model(
 
 def test_stage_two_starts_from_the_merged_weights_of_a_lora_checkpoint(tmp_path):
     data = write_llava_export(tmp_path)
-    lora = _config(
+    lora = vlm_config(
         tmp_path,
         data,
         stage=2,
@@ -73,7 +73,7 @@ def test_stage_two_starts_from_the_merged_weights_of_a_lora_checkpoint(tmp_path)
         lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
     )
     train_vlm(lora)
-    follow_up = _config(
+    follow_up = vlm_config(
         tmp_path, data, stage=2, max_steps=1, init_checkpoint=str(tmp_path / "lora"), output_dir=str(tmp_path / "full")
     )
     start = VlmTask(follow_up, torch.device("cpu")).model.state_dict()
@@ -87,8 +87,8 @@ def test_stage_two_starts_from_the_merged_weights_of_a_lora_checkpoint(tmp_path)
 
 def test_a_checkpoint_of_another_model_is_refused_with_a_reason(tmp_path):
     data = write_llava_export(tmp_path)
-    train_vlm(_config(tmp_path, data, max_steps=1, output_dir=str(tmp_path / "vit")))
-    other = _config(
+    train_vlm(vlm_config(tmp_path, data, max_steps=1, output_dir=str(tmp_path / "vit")))
+    other = vlm_config(
         tmp_path,
         data,
         model="tiny-effnet-llama",
@@ -106,7 +106,7 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_a_checkpoint_from_before_image_aspect_ratio_loads_as_trained_with_crop(tmp_path):
-    config = _config(tmp_path, write_llava_export(tmp_path), max_steps=1)
+    config = vlm_config(tmp_path, write_llava_export(tmp_path), max_steps=1)
     train_vlm(config)
     assert load_trained_vlm(config.output_dir).config.image_aspect_ratio == "pad"
     path = sorted((tmp_path / "out" / "checkpoints").glob("*.pt"))[-1]
