@@ -193,7 +193,7 @@ def demo(
         typer.Option(
             "--long",
             help="The VLM budget of configs/demo-models.yaml's long section: the one that passes "
-            "the object probe (about 45 min on 2 cores instead of 15).",
+            "the object probe (about 35 min on 2 cores instead of 14).",
         ),
     ] = False,
 ) -> None:
