@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks._real_pairs import FrozenTowerCache, write_shards
+from schemas.columns import KEEP_PROBABILITY
 
 DOWNLOAD = "pipelines.download:Download"
 GROUP_OF = {
@@ -117,12 +118,19 @@ def _parquets(folder: Path, columns: list[str]) -> pa.Table | None:
 
 
 def account(run: Path, manifest, kind_of: dict[str, str]) -> tuple[dict[str, Counter], dict[str, list[float]]]:
-    """Per kind of row: rows in the pool, rows kept, rows rejected by stage; the CLIP scores of each kind."""
+    """Per kind of row: rows in the pool, rows kept, rows an epoch draws on average (``per_epoch``: the
+    sum of the kept rows' keep probabilities), rows rejected by stage; the CLIP scores of each kind."""
     table: dict[str, Counter] = defaultdict(Counter)
     for kind in kind_of.values():
         table[kind]["pool"] += 1
-    for uid in _parquets(run / manifest.final_phase, ["uid"])["uid"].to_pylist():
+    final = sorted((run / manifest.final_phase).glob("*.parquet"))
+    weighted = bool(final) and KEEP_PROBABILITY in pq.read_schema(final[0]).names
+    kept_rows = _parquets(run / manifest.final_phase, ["uid", KEEP_PROBABILITY] if weighted else ["uid"])
+    uids = kept_rows["uid"].to_pylist() if kept_rows is not None else []
+    chances = kept_rows[KEEP_PROBABILITY].to_pylist() if weighted else [1.0] * len(uids)
+    for uid, chance in zip(uids, chances):
         table[kind_of[uid]]["kept"] += 1
+        table[kind_of[uid]]["per_epoch"] += chance
     for phase in sorted((run / "rejects").glob("*")):  # no folder where nothing was rejected
         rejects = _parquets(phase, ["uid", "stage"])
         if rejects is None:
@@ -139,9 +147,18 @@ def account(run: Path, manifest, kind_of: dict[str, str]) -> tuple[dict[str, Cou
 
 
 def kept(table: dict[str, Counter]) -> dict[str, int]:
-    """Rows kept in all, of the clean rows and of the noise rows."""
+    """Rows kept in all, of the clean rows and of the noise rows, and the same per epoch (rounded)."""
     rows = sum(c["kept"] for c in table.values())
-    return {"rows": rows, "clean": table["clean"]["kept"], "noise": rows - table["clean"]["kept"]}
+    per_epoch = round(sum(c["per_epoch"] for c in table.values()))
+    clean_per_epoch = round(table["clean"]["per_epoch"])
+    return {
+        "rows": rows,
+        "clean": table["clean"]["kept"],
+        "noise": rows - table["clean"]["kept"],
+        "per_epoch": per_epoch,
+        "clean_per_epoch": clean_per_epoch,
+        "noise_per_epoch": per_epoch - clean_per_epoch,
+    }
 
 
 def write_oracle(run: Path, manifest, kind_of: dict[str, str], folder: Path, per_shard: int) -> None:

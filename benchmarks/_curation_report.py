@@ -50,10 +50,10 @@ def print_where(table: dict[str, Counter], manifest, kinds: list[str]) -> None:
     short = {
         s: s.replace("caption_", "").replace("_duplicates", "_dup").replace("clip_score_", "clip_")[:12] for s in stages
     }
-    print(f"{'kind':<16}{'pool':>6}{'kept':>6}" + "".join(f"{short[s]:>13}" for s in stages))
+    print(f"{'kind':<16}{'pool':>6}{'kept':>6}{'/epoch':>7}" + "".join(f"{short[s]:>13}" for s in stages))
     for kind in kinds:
         c = table[kind]
-        print(f"{kind:<16}{c['pool']:>6}{c['kept']:>6}" + "".join(f"{c[s]:>13}" for s in stages))
+        print(f"{kind:<16}{c['pool']:>6}{c['kept']:>6}{c['per_epoch']:>7.0f}" + "".join(f"{c[s]:>13}" for s in stages))
 
 
 def print_score_auc(scores: dict[str, list[float]]) -> None:
@@ -81,11 +81,12 @@ def print_summary(
 
 
 def print_ablation(results: dict[str, list[dict]], counts: dict[str, dict[str, int]], default: str) -> None:
-    """Per arm: rows, clean rows and noise rows kept; each metric's mean and its difference from ``default``."""
+    """Per arm: rows, clean rows and noise rows kept (per epoch where rows carry keep probabilities);
+    each metric's mean and its difference from ``default``."""
     reference = means(results[default])
-    print(f"{'arm':<30}{'rows':>7}{'clean':>7}{'noise':>7}" + "".join(f"{k:>16}" for k in METRICS))
+    print(f"{'arm':<30}{'rows':>7}{'clean':>7}{'noise':>7}{'/epoch':>7}" + "".join(f"{k:>16}" for k in METRICS))
     for arm, arm_results in results.items():
         values = means(arm_results)
         cells = "".join(f"{values[k]:>8.3f} {values[k] - reference[k]:+.3f}" for k in METRICS)
         c = counts[arm]
-        print(f"{arm:<30}{c['rows']:>7,}{c['clean']:>7,}{c['noise']:>7,}{cells}")
+        print(f"{arm:<30}{c['rows']:>7,}{c['clean']:>7,}{c['noise']:>7,}{c['per_epoch']:>7,}{cells}")

@@ -297,10 +297,12 @@ def print_pool(args: argparse.Namespace, pool, kinds: Counter) -> None:
 
 def print_curated(runs: dict, accounts: dict, counts: dict, kinds: Counter) -> None:
     """The exports' sizes, the curated run's stages and where each kind of row went."""
+    curated = counts["curated"]
     print(
-        f"\nraw export: {counts['raw']['rows']:,} rows; curated export: {counts['curated']['rows']:,} rows "
-        f"({counts['curated']['rows'] / counts['raw']['rows']:.1%} of raw); oracle: {counts['oracle']['rows']:,} "
-        f"rows (the raw export's clean rows)"
+        f"\nraw export: {counts['raw']['rows']:,} rows; curated export: {curated['rows']:,} rows "
+        f"({curated['rows'] / counts['raw']['rows']:.1%} of raw; an epoch draws {curated['per_epoch']:,} of them, "
+        f"{curated['clean_per_epoch']:,} clean); oracle: {counts['oracle']['rows']:,} rows (the raw export's "
+        "clean rows)"
     )
     print_stages(runs["curated"][1])
     print("\nwhere each kind of row went (curated run; rows rejected per stage):")
@@ -378,7 +380,9 @@ def main() -> None:
     accounts = {arm: account(run, manifest, kind_of) for arm, (run, manifest) in runs.items()}
     counts = {arm: kept(table) for arm, (table, _) in accounts.items()}
     write_oracle(*runs["raw"], kind_of, work / "oracle", curated.export.samples_per_shard)
-    counts["oracle"] = {"rows": counts["raw"]["clean"], "clean": counts["raw"]["clean"], "noise": 0}
+    clean = counts["raw"]["clean"]
+    counts["oracle"] = {"rows": clean, "clean": clean, "noise": 0}
+    counts["oracle"] |= {"per_epoch": clean, "clean_per_epoch": clean, "noise_per_epoch": 0}
     data = {"raw": runs["raw"][0], "curated": runs["curated"][0], "oracle": work / "oracle"}
     data |= {arm: run for arm, (run, _) in runs.items() if arm not in data}
     print_curated(runs, accounts, counts, kinds)
@@ -386,7 +390,7 @@ def main() -> None:
     # Equal steps on every arm, several seeds; evaluation with the locked towers encoded once.
     print(
         f"\ntraining: {args.steps} steps of {args.batch_size} per arm and seed; epochs: "
-        + ", ".join(f"{arm} {args.steps * args.batch_size / counts[arm]['rows']:.1f}" for arm in data)
+        + ", ".join(f"{arm} {args.steps * args.batch_size / max(counts[arm]['per_epoch'], 1):.1f}" for arm in data)
     )
     from models.clip import load_clip
 

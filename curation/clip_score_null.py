@@ -21,6 +21,14 @@ with ``f0`` the measured null density and ``pi0`` the share of mismatched pairs:
   Or, with ``null_quantile`` set, the ``q``-quantile of the null: at most ``1 - q`` of the
   mismatched pairs pass, whatever the clean rows cost.
 
+With ``online: true`` the stage weighs instead of cutting: each row keeps the probability that
+its pair is matched, ``1 - lfdr(s)`` made non-decreasing in the score (isotonic regression), as
+its ``keep_probability`` (multiplied into any earlier stage's, e.g. online MetaCLIP balancing),
+and the bundled trainers draw each epoch's rows from it. Summed over rows, a gradient weighted
+by that probability is the expected gradient of the matched rows alone, where a hard cut drops
+every matched pair the model scores low (the rarer concepts, on a weak score model) and keeps
+every mismatched pair it scores high. Rows below ``min_match_probability`` are still rejected.
+
 A clean pool gets ``pi0`` near 0 and loses (almost) nothing; a pool that is half noise gets a
 high cutoff. Each shard's two histograms are summed bin by bin (a sum by key on the cluster), so
 the driver holds 2 x 4,000 counts whatever the pool's size. The summary records the estimated
@@ -36,9 +44,10 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from scipy.optimize import isotonic_regression
 
 from pipelines.stage import COUNT, KEY, Cutoff, Rejections, SummedStage
-from schemas.columns import CLIP_SCORE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
+from schemas.columns import CLIP_SCORE, IMAGE_EMBEDDING, KEEP_PROBABILITY, TEXT_EMBEDDING, UID
 from schemas.embeddings import embedding_matrix
 
 BELOW_NULL_CUT = "clip_score_below_null_cut"
@@ -53,7 +62,9 @@ class ClipScoreNullCut(SummedStage):
     """Keeps rows whose ``clip_score`` beats what mismatched pairs of the same pool score.
 
     ``max_local_fdr`` (default) or ``null_quantile``: set exactly one. ``seed`` fixes which
-    captions each shard's images are paired with for the null.
+    captions each shard's images are paired with for the null. ``online``: keep each row with its
+    match probability as ``keep_probability`` instead of cutting (rows below
+    ``min_match_probability`` are rejected).
     """
 
     name: ClassVar[str] = "clip_score_null_cut"
@@ -62,11 +73,15 @@ class ClipScoreNullCut(SummedStage):
     max_local_fdr: float | None = 0.5
     null_quantile: float | None = None
     seed: int = 0
+    online: bool = False
+    min_match_probability: float = 0.05
 
     def __post_init__(self) -> None:
         if (self.max_local_fdr is None) == (self.null_quantile is None):
             raise ValueError("set exactly one of max_local_fdr and null_quantile (the other to null)")
-        for key in ("max_local_fdr", "null_quantile"):
+        if self.online and self.null_quantile is not None:
+            raise ValueError("online weighs rows by their local fdr: use it with max_local_fdr, not null_quantile")
+        for key in ("max_local_fdr", "null_quantile", "min_match_probability"):
             value = getattr(self, key)
             if value is not None and not 0.0 < value < 1.0:
                 raise ValueError(f"{key} must be between 0 and 1, got {value}")
@@ -74,6 +89,10 @@ class ClipScoreNullCut(SummedStage):
     @property
     def compute_columns(self) -> tuple[str, ...]:
         return (UID, CLIP_SCORE, IMAGE_EMBEDDING, TEXT_EMBEDDING)
+
+    @property
+    def output_columns(self) -> tuple[str, ...]:
+        return (KEEP_PROBABILITY,) if self.online else ()
 
     def counts(self, batch: pa.Table, state: Any) -> pa.Table:
         """One shard's pool and null histograms as counts: bins of the pool's scores under keys
@@ -93,13 +112,27 @@ class ClipScoreNullCut(SummedStage):
         both[totals[KEY].to_numpy()] = totals[COUNT].to_numpy()
         pool, null = both[:BINS], both[BINS:]
         state = calibrate(
-            pool, null, max_local_fdr=self.max_local_fdr, null_quantile=self.null_quantile, seed=self.seed
+            pool,
+            null,
+            max_local_fdr=self.max_local_fdr,
+            null_quantile=self.null_quantile,
+            seed=self.seed,
+            min_match_probability=self.min_match_probability if self.online else None,
         )
         return state, True
 
     def decide(self, batch: pa.Table, state: Any) -> pa.Table:
         scores = batch[CLIP_SCORE]
         rejections = Rejections(batch.num_rows)
+        if self.online:
+            chance = score_probability(scores, state.get("match_probability"))
+            rejections.add(
+                pa.array(chance < self.min_match_probability),
+                BELOW_NULL_CUT,
+                f"match probability below {self.min_match_probability:g} "
+                f"(estimated noise share {state['noise_share']:.1%})",
+            )
+            return rejections.attach(pa.table({KEEP_PROBABILITY: pa.array(chance, pa.float32())}))
         cutoff = state["cutoff"]
         below = pc.fill_null(pc.less(scores, pa.scalar(cutoff, pa.float32())), True)
         rejections.add(
@@ -111,13 +144,23 @@ class ClipScoreNullCut(SummedStage):
         return rejections.attach(batch.select([]))
 
     def describe(self, state: Any) -> dict[str, Any]:
-        return dict(state)
+        return {k: v for k, v in state.items() if k != "match_probability"}
 
     def card_notes(self, view: Any) -> str | None:
         summary = view.summary
         if not summary or not summary.get("null_pairs"):
             return None
         kept_share = summary.get("mismatched_kept_share")
+        if summary.get("rule") == "online" and kept_share is not None:
+            return (
+                f"Estimated share of mismatched pairs among the {summary['rows_scored']:,} scored rows: "
+                f"**{summary['noise_share']:.1%}** (the same model scored {summary['null_pairs']:,} pairs of "
+                f"captions shuffled within shards: median {summary['null_median']:.3f}). Online: every row "
+                f"keeps its match probability as its keep probability; {summary['rows_kept_expected']:,} rows "
+                f"have one of at least {self.min_match_probability:g} (score {summary['cutoff']:.4f} and up), "
+                f"an epoch draws about {summary['rows_per_epoch_expected']:,} of them, and about "
+                f"{kept_share:.1%} of those may still be mismatched (all rows: {summary['noise_share']:.1%})."
+            )
         return (
             f"Estimated share of mismatched pairs among the {summary['rows_scored']:,} scored rows: "
             f"**{summary['noise_share']:.1%}** (the same model scored {summary['null_pairs']:,} pairs of "
@@ -132,11 +175,12 @@ class ClipScoreNullCut(SummedStage):
     def cutoffs(self, summary: Any) -> list[Cutoff]:
         if not summary or summary.get("cutoff") is None:
             return []
-        rule = (
-            f"null {self.null_quantile:.0%} quantile"
-            if self.null_quantile is not None
-            else f"local fdr < {self.max_local_fdr:g}"
-        )
+        if self.online:
+            rule = f"match probability >= {self.min_match_probability:g}"
+        elif self.null_quantile is not None:
+            rule = f"null {self.null_quantile:.0%} quantile"
+        else:
+            rule = f"local fdr < {self.max_local_fdr:g}"
         return [Cutoff(CLIP_SCORE, summary["cutoff"], f"null-calibrated cutoff ({rule})")]
 
 
@@ -156,10 +200,14 @@ def null_scores(images: np.ndarray, texts: np.ndarray, seed: str) -> np.ndarray:
     return scores[~same_image]
 
 
+def score_bins(scores: np.ndarray) -> np.ndarray:
+    """The bin of each score among :data:`BINS` equal bins over [-1, 1] (values outside are clipped)."""
+    return np.clip(((np.asarray(scores, np.float64) + 1.0) / 2.0 * BINS).astype(np.int64), 0, BINS - 1)
+
+
 def histogram(scores: np.ndarray) -> np.ndarray:
-    """Counts of ``scores`` in :data:`BINS` equal bins over [-1, 1] (values outside are clipped)."""
-    index = np.clip(((np.asarray(scores) + 1.0) / 2.0 * BINS).astype(np.int64), 0, BINS - 1)
-    return np.bincount(index, minlength=BINS).astype(np.int64)
+    """Counts of ``scores`` in the :func:`score_bins`."""
+    return np.bincount(score_bins(scores), minlength=BINS).astype(np.int64)
 
 
 def calibrate(
@@ -169,12 +217,18 @@ def calibrate(
     max_local_fdr: float | None = 0.5,
     null_quantile: float | None = None,
     seed: int = 0,
+    min_match_probability: float | None = None,
 ) -> dict[str, Any]:
-    """The cutoff and the evidence behind it, from the pool's and the null's score histograms."""
+    """The cutoff and the evidence behind it, from the pool's and the null's score histograms.
+
+    With ``min_match_probability`` (online weighing) the state also holds each bin's match
+    probability, the cutoff is where it reaches that minimum, and the expectations are per epoch.
+    """
     rows, null_rows = int(pool.sum()), int(null.sum())
     edges = np.linspace(-1.0, 1.0, BINS + 1)
+    online = min_match_probability is not None
     state: dict[str, Any] = {
-        "rule": "null_quantile" if null_quantile is not None else "local_fdr",
+        "rule": "online" if online else "null_quantile" if null_quantile is not None else "local_fdr",
         "rows_scored": rows,
         "null_pairs": null_rows,
         "noise_share": 0.0,
@@ -185,10 +239,22 @@ def calibrate(
     null_cdf = np.cumsum(null) / null_rows
     median_bin = int(np.searchsorted(null_cdf, 0.5))
     noise_share, tail = storey_noise_share(pool, null, seed)
-    if null_quantile is not None:
+    lfdr = noise_share * _density(null) / np.maximum(_density(pool), 1e-12)
+    extra: dict[str, Any] = {}
+    if online:
+        chance = match_probability(pool, lfdr)
+        cutoff_bin = int(np.searchsorted(chance, min_match_probability))
+        weights = np.where(np.arange(BINS) >= cutoff_bin, chance, 0.0)
+        per_epoch = float((pool * weights).sum())
+        mismatched = noise_share * rows * float((null * weights).sum() / null_rows)
+        extra = {
+            "match_probability": chance,
+            "rows_per_epoch_expected": int(round(per_epoch)),
+            "mismatched_kept_share": round(min(1.0, mismatched / per_epoch), 4) if per_epoch else None,
+        }
+    elif null_quantile is not None:
         cutoff_bin = int(np.searchsorted(null_cdf, null_quantile)) + 1
     else:
-        lfdr = noise_share * _density(null) / np.maximum(_density(pool), 1e-12)
         crossing = np.flatnonzero((lfdr >= max_local_fdr) & (pool > 0))
         cutoff_bin = int(crossing[-1]) + 1 if len(crossing) else int(np.flatnonzero(pool)[0])
     cutoff_bin = min(cutoff_bin, BINS)
@@ -203,7 +269,27 @@ def calibrate(
         "null_share_above_cutoff": round(null_above, 4),
         "rows_kept_expected": kept,
         "mismatched_kept_share": round(min(1.0, noise_share * rows * null_above / kept), 4) if kept else None,
+        **extra,
     }
+
+
+def match_probability(pool: np.ndarray, lfdr: np.ndarray) -> np.ndarray:
+    """Per bin, the chance that a pair scoring there is matched: ``1 - lfdr`` (at least 0), made
+    non-decreasing in the score by isotonic regression weighted by the pool's rows, so noise in
+    the density estimates never ranks a lower score above a higher one; bins without pool rows
+    take the value of their populated neighbours."""
+    filled = np.flatnonzero(pool)
+    if not len(filled):
+        return np.ones(BINS)
+    raw = 1.0 - np.minimum(lfdr[filled], 1.0)
+    fitted = isotonic_regression(raw, weights=pool[filled].astype(np.float64), increasing=True).x
+    return np.clip(np.interp(np.arange(BINS), filled, fitted), 0.0, 1.0)
+
+
+def score_probability(scores: pa.ChunkedArray | pa.Array, chance: np.ndarray) -> np.ndarray:
+    """Each score's match probability from the per-bin table (0 for a missing score)."""
+    values = pc.fill_null(scores, np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
+    return np.where(np.isnan(values), 0.0, chance[score_bins(np.nan_to_num(values))])
 
 
 def storey_noise_share(pool: np.ndarray, null: np.ndarray, seed: int = 0) -> tuple[float, float]:

@@ -34,6 +34,7 @@ SOURCE_SHA256 = "source_sha256"
 
 # Curation signals.
 METACLIP_ENTRIES = "metaclip_entries"
+KEEP_PROBABILITY = "keep_probability"
 CLIP_PIXELS = "clip_pixels"
 IMAGE_EMBEDDING = "image_embedding"
 TEXT_EMBEDDING = "text_embedding"
@@ -66,6 +67,9 @@ class Column:
     #: Lives only inside a phase (a decoded image handed from a CPU stage to a model stage): it
     #: is never written to the run, so its reader must sit in the same phase as its writer.
     transient: bool = False
+    #: A later stage's value multiplies the row's value instead of replacing it (probabilities
+    #: that several stages weight a row by).
+    multiplies: bool = False
 
 
 _COLUMNS = (
@@ -81,6 +85,13 @@ _COLUMNS = (
     Column(SHA256, pa.string(), "hex sha256 of the stored image bytes"),
     Column(SOURCE_SHA256, pa.string(), "hex sha256 of the image bytes as downloaded (img2dataset's compute_hash)"),
     Column(METACLIP_ENTRIES, pa.list_(pa.int32()), "ids (metadata positions) of the MetaCLIP entries matched"),
+    Column(
+        KEEP_PROBABILITY,
+        pa.float32(),
+        "the chance that a training epoch uses the row (online balancing, match probability); the bundled "
+        "trainers draw each epoch",
+        multiplies=True,
+    ),
     Column(
         CLIP_PIXELS,
         pa.binary(),
@@ -173,6 +184,11 @@ def is_heavy(name: str) -> bool:
 def is_transient(name: str) -> bool:
     column = COLUMNS.get(name)
     return column is not None and column.transient
+
+
+def multiplies(name: str) -> bool:
+    column = COLUMNS.get(name)
+    return column is not None and column.multiplies
 
 
 def sample_schema(names: tuple[str, ...] | list[str] = BASE_COLUMNS) -> pa.Schema:

@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from schemas.columns import METACLIP_ENTRIES
+from schemas.columns import KEEP_PROBABILITY, METACLIP_ENTRIES
 
 #: Most points drawn per rank-frequency curve (log-spaced ranks beyond that).
 MAX_POINTS = 2000
+KEPT_ONLINE = "Kept to the end, expected per epoch"
 
 
 @dataclass
@@ -43,16 +44,23 @@ class EntryFrequency:
 
 def kept_entry_counts(view: Any) -> np.ndarray | None:
     """Matches per entry id among the rows kept to the end (a caption counts once per entry it
-    matches); None when the kept rows have no entries column."""
-    kept = view.kept([METACLIP_ENTRIES])
+    matches), or with online balancing the matches an epoch is expected to use (each row weighted
+    by its keep probability); None when the kept rows have no entries column."""
+    online = KEEP_PROBABILITY in view.kept_columns()
+    kept = view.kept([METACLIP_ENTRIES, KEEP_PROBABILITY] if online else [METACLIP_ENTRIES])
     if kept is None:
         return None
+    weight = pl.col(KEEP_PROBABILITY).cast(pl.Float64) if online else pl.lit(1.0)
     counts = view.collect(
-        kept.select(pl.col(METACLIP_ENTRIES).explode().drop_nulls().alias("entry")).group_by("entry").len()
+        kept.select(pl.col(METACLIP_ENTRIES).alias("entry"), weight.alias("weight"))
+        .explode("entry")
+        .drop_nulls("entry")
+        .group_by("entry")
+        .agg(pl.col("weight").sum())
     )
-    ids, n = counts["entry"].to_numpy().astype(np.int64), counts["len"].to_numpy().astype(np.int64)
-    after = np.zeros(int(ids.max()) + 1 if len(ids) else 0, np.int64)
-    after[ids] = n
+    ids, n = counts["entry"].to_numpy().astype(np.int64), counts["weight"].to_numpy()
+    after = np.zeros(int(ids.max()) + 1 if len(ids) else 0, np.float64 if online else np.int64)
+    after[ids] = n if online else np.rint(n).astype(np.int64)
     return after
 
 
@@ -60,6 +68,7 @@ def balance_section(view: Any, state: Any) -> str | None:
     """The balance stage's section from its aggregate (``counts`` per entry id, ``threshold``)."""
     if not (isinstance(state, dict) and isinstance(state.get("counts"), np.ndarray)):
         return None
+    online = KEEP_PROBABILITY in view.kept_columns()
     after = kept_entry_counts(view)
     threshold = state.get("threshold")
     frequency = EntryFrequency(
@@ -69,14 +78,14 @@ def balance_section(view: Any, state: Any) -> str | None:
     )
     if not (frequency.after.any() or frequency.before.any()):
         return None
-    link = view.plot("entry-frequency.png", entry_frequency_figure(view, frequency), "MetaCLIP entry frequency")
-    return f"{link}\n\n{balance_text(frequency)}"
+    link = view.plot("entry-frequency.png", entry_frequency_figure(view, frequency, online), "MetaCLIP entry frequency")
+    return f"{link}\n\n{balance_text(frequency, online)}"
 
 
-def balance_text(frequency: EntryFrequency) -> str:
+def balance_text(frequency: EntryFrequency, online: bool = False) -> str:
     after = EntryFrequency.ranked(frequency.after)
     kept = (
-        f"Kept to the end: {len(after):,} entries with {int(after.sum()):,} matches"
+        f"{KEPT_ONLINE if online else 'Kept to the end'}: {len(after):,} entries with {int(after.sum()):,} matches"
         f"{f', the largest {int(after[0]):,}' if len(after) else ''}."
     )
     before = EntryFrequency.ranked(frequency.before)
@@ -94,7 +103,12 @@ def balance_text(frequency: EntryFrequency) -> str:
         if head is not None:
             text += f" Head entries kept {head:.1%} of their matches"
             text += f", tail entries {tail:.1%}." if tail is not None else "."
-        text += " Balancing keeps about t of a head entry and all of a tail entry; later stages drop rows of both."
+        text += (
+            " Online balancing: every row is kept with its keep probability, and each epoch of the bundled"
+            " trainers uses about t of a head entry (a new draw every epoch) and all of a tail entry."
+            if online
+            else " Balancing keeps about t of a head entry and all of a tail entry; later stages drop rows of both."
+        )
     return text
 
 
@@ -111,15 +125,15 @@ def top_entries_section(view: Any, entries: list[str], count: int = 10) -> str |
     )
 
 
-def entry_frequency_figure(view: Any, frequency: EntryFrequency) -> Any:
-    """Rank-frequency of MetaCLIP entries on log-log axes, before balancing and among kept rows,
-    with the balancing threshold ``t`` marked."""
+def entry_frequency_figure(view: Any, frequency: EntryFrequency, online: bool = False) -> Any:
+    """Rank-frequency of MetaCLIP entries on log-log axes, before balancing and among kept rows
+    (expected per epoch with online balancing), with the balancing threshold ``t`` marked."""
     figure = view.figure(7, 4)
     axes = figure.subplots()
     colours = view.colours
     curves = [
         ("before balancing", frequency.before, colours.before),
-        ("kept to the end", frequency.after, colours.kept),
+        (KEPT_ONLINE.lower() if online else "kept to the end", frequency.after, colours.kept),
     ]
     for label, counts, colour in curves:
         ranked = EntryFrequency.ranked(counts)

@@ -11,6 +11,12 @@ for 2.5B), derived from the pool's own counts (``head_factor``: an entry is a he
 that many times the mean matches of a matched entry) or from a target tail share; the chosen
 ``t`` is recorded in the manifest.
 
+With ``online: true`` the balance stage drops nothing: it writes each row's keep probability
+(``keep_probability``) and the bundled trainers draw each epoch's subset from it, a new draw every
+epoch (MetaCLIP's online balancing in the data loader). Each epoch is as balanced as the offline
+subset, but a training run that sees the pool for several epochs sees every head row at some
+point instead of the same ``t`` each time; offline is for exports that train elsewhere.
+
 Both stages need only the caption (and uid): they run before download (to save fetching rows
 that will be dropped) or after it.
 """
@@ -40,7 +46,7 @@ from pipelines.stage import (
     file_digest,
     storage,
 )
-from schemas.columns import CAPTION, METACLIP_ENTRIES, UID
+from schemas.columns import CAPTION, KEEP_PROBABILITY, METACLIP_ENTRIES, UID
 
 NO_METADATA_MATCH = "no_metadata_match"
 SAMPLED_OUT = "metaclip_sampled_out"
@@ -103,6 +109,9 @@ class MetaclipBalance(SummedStage):
     - ``tail_share``: the smallest ``t`` for which entries with fewer than ``t`` matches hold at
       least that share of all matches. On a small pool most entries have a handful of matches,
       so this ``t`` is tiny and balancing drops rows of every common word.
+
+    ``online``: keep every row that has a chance (``keep_probability`` > 0) and write the
+    probability instead of drawing once; the bundled trainers draw a new subset each epoch.
     """
 
     name: ClassVar[str] = "metaclip_balance"
@@ -112,6 +121,7 @@ class MetaclipBalance(SummedStage):
     head_factor: float | None = None
     tail_share: float | None = None
     seed: int = 0
+    online: bool = False
     resources: Resources = default_resources(batch_size=65536)
 
     def __post_init__(self) -> None:
@@ -130,6 +140,10 @@ class MetaclipBalance(SummedStage):
     @property
     def compute_columns(self) -> tuple[str, ...]:
         return (METACLIP_ENTRIES,)
+
+    @property
+    def output_columns(self) -> tuple[str, ...]:
+        return (KEEP_PROBABILITY,) if self.online else ()
 
     def counts(self, batch: pa.Table, state: Any) -> pa.Table:
         """The matches of each entry in a batch."""
@@ -153,8 +167,11 @@ class MetaclipBalance(SummedStage):
     def decide(self, batch: pa.Table, state: dict[str, Any]) -> pa.Table:
         counts, t = state["counts"], state["threshold"]
         probability = keep_probability(batch[METACLIP_ENTRIES], counts, t)
-        draws = uniform_draws(self.seed, batch[UID])
         rejections = Rejections(batch.num_rows)
+        if self.online:
+            rejections.add(pa.array(probability <= 0), SAMPLED_OUT, "keep probability 0 (no entry matched)")
+            return rejections.attach(pa.table({KEEP_PROBABILITY: pa.array(probability, pa.float32())}))
+        draws = uniform_draws(self.seed, batch[UID])
         rejections.add(
             pa.array(draws >= probability),
             SAMPLED_OUT,
@@ -178,6 +195,7 @@ class MetaclipBalance(SummedStage):
             "head_entries": int((matched > t).sum()),
             "matches": total,
             "tail_share": float(matched[matched < t].sum() / total) if total else 0.0,
+            "online": self.online,
         }
 
     def card_notes(self, view: Any) -> str | None:

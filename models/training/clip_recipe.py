@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.clip import ClipBundle, load_clip
 from models.training.loop import LoopConfig, TrainLoop
-from models.training.shards import Sample, epoch_samples, resolve_shards
+from models.training.shards import Sample, epoch_samples, in_epoch, resolve_shards
 
 log = logging.getLogger("vlmcurate.train")
 
@@ -230,24 +230,27 @@ class ClipTask:
             "files": [(str(f), f.stat().st_size) for f in self.files],
             "rank": self.rank,
             "world_size": self.world_size,
+            "columns": ["image", "text", "keys", "keep_probability"],
         }
         if path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=False)
             if saved["fingerprint"] == fingerprint:
                 return saved["features"]
-        image_parts, text_parts = [], []
+        image_parts, text_parts, keys, chances = [], [], [], []
         samples = epoch_samples(
-            self.files, seed=0, epoch=0, rank=self.rank, world_size=self.world_size, shuffle_buffer=0
+            self.files, seed=0, epoch=0, rank=self.rank, world_size=self.world_size, shuffle_buffer=0, every_sample=True
         )
         model = self.model.eval()
         with ThreadPoolExecutor(self.config.decode_threads) as pool, torch.inference_mode():
             for group in _groups(samples, 64):
                 decoded = list(pool.map(lambda s: self._decode(s, self.bundle.preprocess), group))
-                kept = [(image, s.caption) for image, s in zip(decoded, group) if image is not None]
+                kept = [(image, s) for image, s in zip(decoded, group) if image is not None]
                 if not kept:
                     continue
+                keys += [s.key for _, s in kept]
+                chances += [s.keep_probability for _, s in kept]
                 images = torch.stack([image for image, _ in kept]).to(self.device)
-                tokens = self.bundle.tokenizer([caption for _, caption in kept]).to(self.device)
+                tokens = self.bundle.tokenizer([s.caption for _, s in kept]).to(self.device)
                 image_parts.append(model.visual.trunk(images).float().cpu())
                 mask = (tokens != model.text.config.pad_token_id).long()
                 text_parts.append(
@@ -255,16 +258,24 @@ class ClipTask:
                 )
         if not image_parts:
             raise ValueError(f"no decodable sample in {len(self.files)} training shard(s)")
-        features = {"image": torch.cat(image_parts), "text": torch.cat(text_parts)}
+        features = {
+            "image": torch.cat(image_parts),
+            "text": torch.cat(text_parts),
+            "keys": keys,
+            "keep_probability": torch.tensor(chances, dtype=torch.float64),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"fingerprint": fingerprint, "features": features}, path)
         log.info("cached frozen-tower features of %d samples in %s", len(features["image"]), path)
         return features
 
     def _cached_batches(self, epoch: int, skip: int) -> Iterator[Any]:
-        count = len(self.cache["image"])
+        """The cached samples of this epoch (:func:`in_epoch`) in an order fixed by seed and epoch."""
+        chances = self.cache["keep_probability"].numpy()
+        members = np.flatnonzero(in_epoch(self.config.seed, epoch, self.cache["keys"], chances))
+        count = len(members)
         size = self.config.batch_size // self.world_size
-        order = np.random.default_rng([self.config.seed, epoch, self.rank]).permutation(count)
+        order = members[np.random.default_rng([self.config.seed, epoch, self.rank]).permutation(count)]
         for index in range(skip, count // size):
             rows = torch.from_numpy(order[index * size : (index + 1) * size])
             yield self.cache["image"][rows].to(self.device), self.cache["text"][rows].to(self.device)

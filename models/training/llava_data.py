@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.training.shards import iter_shard, resolve_shards
+from schemas.columns import KEEP_PROBABILITY
 from schemas.llava import caption_turns
 
 STAGE_FOLDERS = {1: "stage1", 2: "stage2"}
@@ -31,6 +32,7 @@ class VlmSample:
     image: bytes
     turns: list[dict[str, str]]
     response_type: str | None = None  # the export's ``meta.response_type`` (brief, conversation, ...)
+    keep_probability: float = 1.0  # the export's ``meta.keep_probability`` (online MetaCLIP balancing)
 
 
 def llava_folder(source: str | Path) -> Path | None:
@@ -70,11 +72,13 @@ def iter_vlm_file(path: Path, response_types: Collection[str] | None = None) -> 
     if path.suffix != ".json":
         if response_types is None or BRIEF in response_types:
             for sample in iter_shard(path):
-                yield VlmSample(sample.key, sample.image, caption_turns(sample.caption), BRIEF)
+                yield VlmSample(sample.key, sample.image, caption_turns(sample.caption), BRIEF, sample.keep_probability)
         return
     root = path.parent.parent
     for record in json.loads(path.read_text(encoding="utf-8")):
-        kind = (record.get("meta") or {}).get("response_type")
+        meta = record.get("meta") or {}
+        kind = meta.get("response_type")
         if response_types is not None and kind not in response_types:
             continue
-        yield VlmSample(str(record["id"]), (root / record["image"]).read_bytes(), record["conversations"], kind)
+        image = (root / record["image"]).read_bytes()
+        yield VlmSample(str(record["id"]), image, record["conversations"], kind, float(meta.get(KEEP_PROBABILITY, 1.0)))

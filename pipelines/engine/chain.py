@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from pipelines.engine.keyed import decisions_folder, output_for_shard
 from pipelines.stage import GlobalStage, KeyedStage, Stage
-from schemas.columns import UID, column_type, is_heavy
+from schemas.columns import UID, column_type, is_heavy, multiplies
 from schemas.manifest import StageCounts
 from schemas.rejects import DETAIL, REASON, REJECT_DETAIL, REJECT_REASON, REJECT_SCHEMA, SHARD, STAGE
 
@@ -192,10 +192,14 @@ def _empty_output(planned: PlannedStage) -> pa.Table:
 
 
 def _merge(rows: pa.Table, result: pa.Table) -> pa.Table:
+    """``rows`` with ``result``'s columns set; a column that multiplies (a keep probability that
+    several stages weight) takes the product with the value the row already has."""
     for name in result.column_names:
         column = result[name]
         index = rows.schema.get_field_index(name)
         if index >= 0:
+            if multiplies(name):
+                column = pc.multiply(pc.fill_null(rows[name], 1.0), pc.fill_null(column, 1.0))
             rows = rows.set_column(index, name, column)
         else:
             rows = rows.append_column(name, column)

@@ -9,7 +9,8 @@ Under ``<export folder>/llava/``:
 - ``stage1/NNNNN.json`` and ``stage2/NNNNN.json``: per export shard, a JSON list of the shard's
   records in row order: stage 1 from ``brief_records`` (projector pretraining), stage 2 from
   ``instructions`` (instruction tuning). Each is :func:`schemas.llava.llava_json`, its ``image``
-  the path relative to ``llava/`` (pass that folder as LLaVA's ``--image_folder``).
+  the path relative to ``llava/`` (pass that folder as LLaVA's ``--image_folder``); a row with a
+  ``keep_probability`` below 1 (online balancing) has it under ``meta`` for the bundled trainer.
 - ``stage1.json`` and ``stage2.json``: the single lists LLaVA reads, written after every shard
   by copying the per-shard files' bodies one after another (no more than a chunk in memory).
 - ``counts.json``: how many images and records of each stage were written, in total and per shard.
@@ -34,7 +35,7 @@ import pyarrow.parquet as pq
 
 from pipelines.engine.rundir import RunDir
 from pipelines.export.keys import image_extension, sample_key
-from schemas.columns import BRIEF_RECORDS, IMAGE, INSTRUCTIONS, UID
+from schemas.columns import BRIEF_RECORDS, IMAGE, INSTRUCTIONS, KEEP_PROBABILITY, UID
 from schemas.llava import conversation_problem, llava_json
 
 LLAVA = "llava"
@@ -69,15 +70,18 @@ def write_llava_shard(rundir: RunDir, folder: str, index: int, rows: pa.Table) -
     stages = llava_stages(rows.schema)
     name = f"{index:05d}"
     uids = rows[UID].to_pylist()
+    chances = rows[KEEP_PROBABILITY].to_pylist() if KEEP_PROBABILITY in rows.column_names else [None] * len(uids)
     records = {stage: _lists(rows[column].to_pylist()) for stage, column in stages}
     needed = [any(records[stage][i] for stage, _ in stages) for i in range(rows.num_rows)]
     images = _image_paths(name, uids, rows[IMAGE], needed)
     files = {}
     for stage, column in stages:
         lines = []
-        for uid, row_records in zip(uids, records[stage]):
+        for uid, chance, row_records in zip(uids, chances, records[stage]):
             for record in row_records:
                 converted = llava_json(record, image=images[uid][0])
+                if chance is not None and chance < 1:  # online balancing: the trainer draws each epoch
+                    converted["meta"][KEEP_PROBABILITY] = round(float(chance), 6)
                 _check(converted, uid, column)
                 lines.append(json.dumps(converted, ensure_ascii=False).encode("utf-8"))
         files[stage] = (_HEAD + b",\n".join(lines) + _TAIL if lines else _EMPTY, len(lines))

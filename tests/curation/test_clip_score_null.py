@@ -11,7 +11,7 @@ import pytest
 from curation.clip_score_null import BINS, ClipScoreNullCut, calibrate, histogram, null_scores, storey_noise_share
 from pipelines.engine.keyed import summed_counts
 from pipelines.stage import COUNT, KEY
-from schemas.columns import CLIP_SCORE, IMAGE_EMBEDDING, TEXT_EMBEDDING, UID
+from schemas.columns import CLIP_SCORE, IMAGE_EMBEDDING, KEEP_PROBABILITY, TEXT_EMBEDDING, UID
 from schemas.rejects import REJECT_REASON
 
 
@@ -132,6 +132,39 @@ def test_stage_rejects_the_mismatched_rows_of_a_pool():
     assert stage.cutoffs(stage.describe(state))[0].value == state["cutoff"]
 
 
+def test_online_weighs_each_row_by_its_match_probability():
+    """Overlapping groups: the weights are the posterior of being matched, so the weighted matched
+    rows are what the true posterior gives, and a matched row a hard cut would drop still counts."""
+    rng = np.random.default_rng(5)
+    rows, noise = 20_000, 0.3
+    is_noise = rng.random(rows) < noise
+    scores = np.where(is_noise, rng.normal(0.10, 0.04, rows), rng.normal(0.20, 0.05, rows))
+    null = rng.normal(0.10, 0.04, rows)
+    state = calibrate(histogram(scores), histogram(null), min_match_probability=0.05)
+    chance = state["match_probability"]
+    assert np.all(np.diff(chance) >= 0) and chance[0] < 0.05 and chance[-1] == pytest.approx(1.0)
+    table = pa.table({CLIP_SCORE: pa.array(scores.astype(np.float32))})
+    stage = ClipScoreNullCut(online=True)
+    decided = stage.decide(table, state)
+    weights = decided[KEEP_PROBABILITY].to_numpy()
+    rejected = np.array([r is not None for r in decided[REJECT_REASON].to_pylist()])
+    assert np.all(weights[rejected] < 0.05) and np.all(weights[~rejected] >= 0.05)
+    # the weighted matched rows and the weighted total agree with the truth within a few percent
+    true_posterior = (1 - noise) * _normal(scores, 0.20, 0.05)
+    true_posterior /= true_posterior + noise * _normal(scores, 0.10, 0.04)
+    assert abs(weights[~is_noise].sum() - true_posterior[~is_noise].sum()) < 0.05 * (~is_noise).sum()
+    below = scores < calibrate(histogram(scores), histogram(null))["cutoff"]
+    assert weights[below & ~is_noise].mean() > 0.2  # matched rows a hard cut drops still count
+    assert state["mismatched_kept_share"] < noise / 2
+    assert state["rows_per_epoch_expected"] == pytest.approx(weights[~rejected].sum(), rel=0.01)
+    notes = stage.card_notes(SimpleNamespace(summary=stage.describe(state)))
+    assert "Online" in notes and "match_probability" not in stage.describe(state)
+
+
+def _normal(x: np.ndarray, mean: float, sd: float) -> np.ndarray:
+    return np.exp(-0.5 * ((x - mean) / sd) ** 2) / sd
+
+
 def test_a_scored_row_without_embeddings_leaves_the_null_to_the_others():
     table, _ = _table(200, noise=0.0)
     holes = pa.array([None] + table[IMAGE_EMBEDDING].to_pylist()[1:], table.schema.field(IMAGE_EMBEDDING).type)
@@ -147,6 +180,8 @@ def test_settings_are_checked():
         ClipScoreNullCut(max_local_fdr=0.5, null_quantile=0.9)
     with pytest.raises(ValueError, match="between 0 and 1"):
         ClipScoreNullCut(max_local_fdr=1.5)
+    with pytest.raises(ValueError, match="online weighs rows"):
+        ClipScoreNullCut(max_local_fdr=None, null_quantile=0.9, online=True)
 
 
 def test_card_notes_state_the_noise_share_and_the_cutoff():

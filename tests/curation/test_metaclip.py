@@ -6,6 +6,7 @@ import json
 import math
 import random
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.metaclip.build import build_metadata, pmi_bigrams, wordnet_lemmas
+from curation.metaclip.card import kept_entry_counts
 from curation.metaclip.matching import EntryMatcher
 from curation.metaclip.metadata import MetadataError, load_metadata
 from curation.metaclip.stages import (
@@ -22,6 +24,8 @@ from curation.metaclip.stages import (
     threshold_for_tail_share,
     uniform_draws,
 )
+from pipelines.card.view import CardView
+from pipelines.engine.rundir import RunDir
 from tests.conftest import read_phase, read_rejects, run_pipeline_dict, shared_path
 
 PUNCTUATION, WHITESPACE = ",.;:?!`", "\t\n\r"
@@ -304,6 +308,33 @@ def test_balancing_caps_head_entries_near_t_and_keeps_the_tail(skewed_pool, runn
     reasons = Counter(rejects["reason"].to_pylist())
     assert reasons["no_metadata_match"] == 50
     assert reasons["metaclip_sampled_out"] == sum(SKEW.values()) - len(captions)
+
+
+def test_online_balancing_keeps_every_row_with_the_probability_offline_draws_from(skewed_pool, runner_factory):
+    folder, metadata, pool = skewed_pool
+    plan, manifest = run_pipeline_dict(
+        _balance_config(folder, metadata, pool, "online", 1000, online=True), runner_factory("local")
+    )
+    kept = read_phase(plan.run_uri, manifest.final_phase)
+    assert kept.num_rows == sum(SKEW.values())  # nothing sampled out; only the 50 unmatched rows rejected
+    assert Counter(read_rejects(plan.run_uri)["reason"].to_pylist()) == {"no_metadata_match": 50}
+    chance = dict(zip(kept["caption"].to_pylist(), kept["keep_probability"].to_pylist()))
+    for entry, n in SKEW.items():
+        expected = min(1.0, 200 / n)
+        assert {round(p, 6) for c, p in chance.items() if c.split()[3] == entry} == {round(expected, 6)}
+    assert manifest.aggregates["metaclip_balance"]["online"] is True
+    card = (Path(plan.run_uri) / "README.md").read_text()
+    assert "Kept to the end, expected per epoch" in card and "a new draw every epoch" in card
+    view = CardView(RunDir(plan.run_uri), manifest, "metaclip_balance", manifest.aggregates["metaclip_balance"])
+    per_epoch = kept_entry_counts(view)
+    assert per_epoch[0] == pytest.approx(200, rel=1e-4) and per_epoch[list(SKEW).index("theta")] == pytest.approx(3)
+    # an offline run keeps about the expected number of each head entry's rows
+    expected_rows = sum(chance.values())
+    offline_plan, offline = run_pipeline_dict(
+        _balance_config(folder, metadata, pool, "offline", 1000), runner_factory("local")
+    )
+    offline_rows = read_phase(offline_plan.run_uri, offline.final_phase).num_rows
+    assert abs(offline_rows - expected_rows) < 4 * math.sqrt(expected_rows)
 
 
 def test_threshold_from_a_tail_share_is_recorded(skewed_pool, runner_factory):

@@ -115,6 +115,31 @@ def test_locked_packaged_towers_train_heads_on_cached_features(shards, tmp_path)
     assert changed == {"visual.head.proj.weight", "text.proj.weight", "logit_scale"}  # towers untouched
 
 
+def test_cached_features_draw_each_epoch_from_the_keep_probability(tmp_path):
+    from models.training.clip_recipe import ClipTask
+    from models.training.shards import in_epoch
+
+    rows = _rows(48).append_column("keep_probability", pa.array([1.0, 0.5] * 24, pa.float32()))
+    (tmp_path / "data").mkdir()
+    pq.write_table(rows, tmp_path / "data" / "00000.parquet")
+    config = _config(
+        tmp_path,
+        tmp_path / "out",
+        model="tiny-effnet-minilm",
+        train_data=[str(tmp_path / "data")],
+        lock_image=True,
+        lock_text=True,
+        batch_size=4,
+    )
+    task = ClipTask(config, torch.device("cpu"))
+    keys, chances = task.cache["keys"], task.cache["keep_probability"].numpy()
+    assert len(keys) == 47 and "u005" not in keys  # the undecodable sample is not cached
+    for epoch in range(3):
+        members = int(in_epoch(config.seed, epoch, keys, chances).sum())
+        assert 24 <= members < 47
+        assert sum(1 for _ in task.batches(epoch, 0)) == members // 4
+
+
 def test_checkpoints_load_back_with_their_architecture_and_preprocessing(shards, tmp_path):
     train_clip(_config(shards, tmp_path, max_steps=2))
     bundle = load_clip(checkpoint=str(tmp_path))

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.engine.chain import PlannedStage, ShardState, StageContractError, apply_stage, reject_records
 from pipelines.stage import GlobalStage, Rejections, Resources, Stage
-from schemas.columns import CAPTION, IMAGE, SOURCE_INDEX, UID, URL, WIDTH, register_column
+from schemas.columns import CAPTION, IMAGE, KEEP_PROBABILITY, SOURCE_INDEX, UID, URL, WIDTH, register_column
 from schemas.manifest import StageCounts
 from schemas.rejects import DETAIL, REASON, REJECT_DETAIL, REJECT_REASON, SHARD, STAGE
 
@@ -183,6 +183,26 @@ def test_new_and_replaced_columns_are_merged_in_place():
         assert kept[name].equals(rows[name])
     assert out.rejects == []
     assert out.counts["upper_caption"].closes
+
+
+@dataclass
+class HalfChance(Stage):
+    """Weighs every row by one half."""
+
+    name: ClassVar[str] = "half_chance"
+    output_columns: ClassVar[tuple[str, ...]] = (KEEP_PROBABILITY,)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.table({KEEP_PROBABILITY: pa.array([0.5] * batch.num_rows, pa.float32())})
+
+
+def test_a_keep_probability_multiplies_the_one_the_row_has():
+    rows = make_rows(3)
+    once = run(HalfChance(), rows).rows
+    twice = run(HalfChance(), once).rows
+    assert once[KEEP_PROBABILITY].to_pylist() == [0.5] * 3
+    assert twice[KEEP_PROBABILITY].to_pylist() == [0.25] * 3
+    assert twice.schema.field(KEEP_PROBABILITY).type == pa.float32()
 
 
 # Rejects ------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pipelines.export.keys import sample_key
 from pipelines.export.llava import finish_llava, write_llava_shard
 from pipelines.export.shards import finish_export
 from pipelines.job import build_plan
-from schemas.columns import BRIEF_RECORDS, INSTRUCTIONS
+from schemas.columns import BRIEF_RECORDS, INSTRUCTIONS, KEEP_PROBABILITY
 from schemas.llava import RECORD_TYPE
 from tests.conftest import read_phase
 from tests.http_server import ImageServer, make_image
@@ -128,6 +128,20 @@ def test_stage_files_hold_every_record_and_merge_the_shards(tmp_path):
     counts = json.loads((folder / "counts.json").read_text())
     assert {k: counts[k] for k in ("images", "stage1", "stage2")} == {"images": 6, "stage1": 4, "stage2": 7}
     assert counts["shards"]["00001"] == {"images": 3, "stage1": 2, "stage2": 4}
+
+
+def test_keep_probabilities_reach_the_vlm_trainer_through_meta(tmp_path):
+    from models.training.llava_data import iter_vlm_file
+
+    rows = _rows()
+    chances = [1.0, 0.5, 1.0, 0.25, 1.0, 1.0, 0.125]
+    rows = rows.append_column(KEEP_PROBABILITY, pa.array(chances, pa.float32()))
+    folder = _export(tmp_path, rows)
+    by_id = {s.id: s.keep_probability for f in sorted((folder / "stage2").glob("*.json")) for s in iter_vlm_file(f)}
+    expected = {r["id"]: p for rs, p in zip(rows[INSTRUCTIONS].to_pylist(), chances) for r in rs or []}
+    assert by_id == expected
+    merged = json.loads((folder / "stage2.json").read_text())
+    assert all(("keep_probability" in r["meta"]) == (expected[r["id"]] < 1) for r in merged)
 
 
 def test_merge_handles_empty_shards_and_only_one_stage(tmp_path):
