@@ -173,8 +173,8 @@ class ClipScoreNullCut(SummedStage):
         )
 
     def cutoffs(self, summary: Any) -> list[Cutoff]:
-        if not summary or summary.get("cutoff") is None:
-            return []
+        if not summary or summary.get("cutoff") is None or summary["cutoff"] <= -1.0:
+            return []  # no cut (online weighing that rejected nothing, or nothing scored)
         if self.online:
             rule = f"match probability >= {self.min_match_probability:g}"
         elif self.null_quantile is not None:

@@ -193,7 +193,10 @@ class TrainLoop:
                     break
                 self.epoch, self.position = self.epoch + 1, 0
                 stream = self.task.batches(self.epoch, 0)
-        raise ValueError("the training data yields no batch: is it empty, or smaller than one batch?")
+        raise ValueError(
+            "the training data yields no batch: is it empty, or smaller than one batch (with keep "
+            "probabilities, an epoch draws only their sum of rows)?"
+        )
 
     def save(self) -> None:
         if not self.is_main:

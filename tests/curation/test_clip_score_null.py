@@ -159,6 +159,9 @@ def test_online_weighs_each_row_by_its_match_probability():
     assert state["rows_per_epoch_expected"] == pytest.approx(weights[~rejected].sum(), rel=0.01)
     notes = stage.card_notes(SimpleNamespace(summary=stage.describe(state)))
     assert "Online" in notes and "match_probability" not in stage.describe(state)
+    assert stage.cutoffs(stage.describe(state))[0].value == state["cutoff"] > -1.0
+    everything = {**stage.describe(state), "cutoff": -1.0}  # weighing that rejects nothing draws no cut line
+    assert stage.cutoffs(everything) == []
 
 
 def _normal(x: np.ndarray, mean: float, sd: float) -> np.ndarray:
